@@ -1,0 +1,46 @@
+# One-command set-up and jobs. Every target installs what it needs into .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8501
+STAMP := $(VENV)/.installed
+
+.PHONY: app test test-fast demo lint default-checkpoint ablation bench chromium clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[app,test]"
+	touch $(STAMP)
+
+## Start the Streamlit app on the embedded default checkpoint.
+app: $(STAMP)
+	$(BIN)/streamlit run app/streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true
+
+## Chromium for the browser test (Debian package; Playwright drives /usr/bin/chromium).
+chromium:
+	@command -v /usr/bin/chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+## The whole test suite, slow and browser tests included.
+test: $(STAMP) chromium
+	$(BIN)/ruff check mcloss app tests benchmarks
+	$(BIN)/python -m pytest -q
+
+## Fast tests only.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check mcloss app tests benchmarks
+
+## Export heatmaps for the shipped sample gallery (CLI demo).
+demo: $(STAMP)
+	$(BIN)/mcloss export --input checkpoints/samples/images --out runs/demo-export --target pred
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/mcloss bench --device cpu --json runs/bench-cpu.json
+
+clean:
+	rm -rf runs/tmp .pytest_cache

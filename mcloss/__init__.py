@@ -1,0 +1,35 @@
+"""mcloss: train and explain fine-grained classifiers with the Mutual-Channel Loss."""
+
+from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from .device import resolve_device
+from .groups import normalize_groups, split_channels
+from .io import ImageLoadError, load_image
+from .loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss
+from .model import FCHead, MCModel, build_model
+from .transforms import EvalTransform, Geometry, TrainTransform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "EvalTransform",
+    "FCHead",
+    "Geometry",
+    "ImageLoadError",
+    "MCLoss",
+    "MCLossOutput",
+    "MCModel",
+    "TrainTransform",
+    "build_model",
+    "ccmp",
+    "draw_channel_mask",
+    "load_checkpoint",
+    "load_image",
+    "mutual_channel_loss",
+    "normalize_groups",
+    "read_metadata",
+    "resolve_device",
+    "save_checkpoint",
+    "split_channels",
+    "__version__",
+]

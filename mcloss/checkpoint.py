@@ -1,0 +1,127 @@
+"""Safe checkpoints: weights in safetensors, everything else as JSON metadata. Nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_bytes
+
+from .io import atomic_write_bytes
+from .model import MCModel, build_model
+from .transforms import EvalTransform
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "CheckpointError", "FORMAT"]
+
+FORMAT = "mcloss/1"
+_REQUIRED = ("format", "config", "class_names", "transform", "card")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+def save_checkpoint(model: MCModel, path: str | os.PathLike, *, half: bool = False) -> None:
+    """Write the model's weights and metadata atomically as safetensors.
+
+    Args:
+        model: the model; its config, class names, transform and card go into the metadata.
+        path: destination ``*.safetensors``.
+        half: store floating-point weights as float16 (halves the file; loaded back as float32).
+    """
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().to("cpu").contiguous()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(model.config),
+        "class_names": json.dumps(model.class_names),
+        "transform": json.dumps(model.transform.to_dict()),
+        "card": json.dumps(model.card),
+    }
+    atomic_write_bytes(path, save_bytes(state, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Return the decoded metadata of an mcloss checkpoint (config, class_names, transform, card)."""
+    label = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{label}: no such checkpoint file")
+    if p.stat().st_size < 8:
+        raise CheckpointError(f"{label}: empty or truncated file, not a safetensors checkpoint")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{label}: not a valid safetensors file ({_short(exc)})") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{label}: not an mcloss checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise CheckpointError(f"{label}: metadata lacks {', '.join(missing)}")
+    try:
+        return {k: json.loads(raw[k]) for k in _REQUIRED if k != "format"}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{label}: corrupt metadata ({exc.msg})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> MCModel:
+    """Load an mcloss checkpoint into an MCModel in eval mode, without network access or unpickling.
+
+    Raises:
+        CheckpointError: missing, empty, corrupt, foreign or mismatched file.
+    """
+    label = str(path)
+    meta = read_metadata(path)
+    config = meta["config"]
+    try:
+        model = build_model(
+            config["backbone"],
+            int(config["num_classes"]),
+            xi=config["xi"],
+            class_names=meta["class_names"],
+            img_size=int(config["img_size"]),
+            pretrained=None,
+            transform=EvalTransform.from_dict(meta["transform"]),
+            head_grid=config["head_grid"],
+            card=meta["card"],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{label}: metadata does not describe a buildable model ({_short(exc)})") from None
+    if model.groups != list(config["groups"]):
+        raise CheckpointError(f"{label}: channel groups in metadata do not match the architecture")
+    model.config.update({k: v for k, v in config.items() if k not in model.config})
+    expected = model.state_dict()
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            unexpected = sorted(keys - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{label}: weights do not match {config['backbone']} "
+                    f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})"
+                )
+            for key in keys:
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[key].shape:
+                    raise CheckpointError(
+                        f"{label}: weight {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+                    )
+                state[key] = tensor.to(expected[key].dtype)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{label}: corrupt weights ({_short(exc)})") from None
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

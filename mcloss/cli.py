@@ -1,0 +1,49 @@
+"""The ``mcloss`` command: one subcommand per job, each with its own ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "COMMANDS"]
+
+#: subcommand → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("mcloss.synth", "write a synthetic fine-grained parts dataset in CUB layout"),
+    "train": ("mcloss.train", "train an MC-Loss (or CE) model"),
+    "eval": ("mcloss.evaluate", "top-1/top-5 of both heads on a test split"),
+    "export": ("mcloss.export", "batch-export channel maps and Grad-CAM for images"),
+    "parts": ("mcloss.parts", "part-localization and faithfulness metrics"),
+    "bench": ("mcloss.bench", "throughput benchmark of the explainability paths"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mcloss COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'mcloss COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to a subcommand; returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        from . import __version__
+
+        print(f"mcloss {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"mcloss: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Atomic file writes and safe image decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "ImageLoadError",
+    "load_image",
+    "MAX_IMAGE_PIXELS",
+]
+
+#: Images with more pixels than this are refused as decompression bombs (PIL's default × 2 ≈ 179 MP).
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, else removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+class ImageLoadError(ValueError):
+    """An input could not be decoded as an image; the message names the file and the reason."""
+
+
+def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image to 8-bit RGB with its EXIF orientation applied.
+
+    Handles palette, RGBA/LA (composited on white), CMYK, 16-bit and float modes, and takes the first
+    frame of multi-page TIFF/GIF files.
+
+    Raises:
+        ImageLoadError: unreadable, empty, corrupt, truncated, not an image, or too many pixels.
+    """
+    label = name or str(getattr(source, "name", source))
+    try:
+        if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
+            raise ImageLoadError(f"{label}: empty file")
+        with Image.open(source) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    f"{label}: image too large ({width}×{height} = {width * height / 1e6:.0f} MP, "
+                    f"limit {max_pixels / 1e6:.0f} MP)"
+                )
+            img.seek(0)
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(f"{label}: file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(f"{label}: is a directory") from None
+    except PermissionError:
+        raise ImageLoadError(f"{label}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{label}: not a recognized image format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{label}: decompression bomb refused ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if img.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
+        return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")

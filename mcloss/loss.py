@@ -1,0 +1,177 @@
+"""The Mutual-Channel Loss: discriminality (L_dis) and diversity (L_div) components."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .groups import default_drop, group_index, normalize_groups
+
+__all__ = [
+    "ccmp",
+    "draw_channel_mask",
+    "mutual_channel_loss",
+    "MCLoss",
+    "MCLossOutput",
+    "RECIPE_WEIGHTS",
+]
+
+#: (α, β) of the official recipes: total = CE + α·L_dis + β·L_div.
+RECIPE_WEIGHTS: dict[str, tuple[float, float]] = {
+    "official-scratch": (1.5, 20.0),
+    "official-pretrained": (0.0005, 0.005),
+}
+
+
+def ccmp(features: torch.Tensor, groups: int | Sequence[int]) -> torch.Tensor:
+    """Cross-channel max pooling: [B, K, *S] → [B, C, *S], the maximum over each class's channels."""
+    k = features.shape[1]
+    sizes = normalize_groups(groups, k)
+    if len(set(sizes)) == 1:
+        return features.unflatten(1, (len(sizes), sizes[0])).amax(dim=2)
+    index = group_index(sizes, features.device)  # [C, ξmax], padded with K
+    pad = features.new_full((features.shape[0], 1, *features.shape[2:]), float("-inf"))
+    padded = torch.cat([features, pad], dim=1)
+    gathered = padded[:, index.flatten()].unflatten(1, index.shape)
+    return gathered.amax(dim=2)
+
+
+def draw_channel_mask(
+    groups: int | Sequence[int],
+    num_channels: int | None = None,
+    *,
+    drop: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw the 0/1 channel-wise attention mask [K]: in every group, ``drop`` random channels are zeroed.
+
+    Args:
+        groups: ξ or per-class group sizes.
+        num_channels: K, needed when ``groups`` is an int.
+        drop: channels dropped per group; None follows the official rule (1 of 3, 4 of 10/11).
+            Always capped so that at least one channel per group survives.
+        generator: optional torch RNG for reproducible masks.
+        device: where the mask lives.
+    """
+    sizes = torch.as_tensor(normalize_groups(groups, num_channels), dtype=torch.long)
+    k = int(sizes.sum())
+    group_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    if drop is None:
+        unique, inverse = sizes.unique(return_inverse=True)
+        drops = torch.tensor([default_drop(s) for s in unique.tolist()], dtype=torch.long)[inverse]
+    else:
+        drops = torch.minimum(torch.full_like(sizes, max(0, int(drop))), sizes - 1)
+    keys = torch.rand(k, generator=generator)
+    order = torch.argsort(group_of.to(keys.dtype) + keys)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(k) - starts[group_of[order]]
+    mask = torch.empty(k)
+    mask[order] = (rank >= drops[group_of[order]]).float()
+    return mask.to(device) if device is not None else mask
+
+
+def mutual_channel_loss(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    groups: int | Sequence[int],
+    *,
+    mask: torch.Tensor | None = None,
+    drop: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute the MC-Loss components with the official semantics.
+
+    Args:
+        features: F, [B, K, H, W] (H ≠ W allowed), after the last ReLU.
+        targets: [B] class indices.
+        groups: ξ (K = ξ·C) or a list of per-class group sizes.
+        mask: 0/1 channel mask, [K] (shared by the batch) or [B, K]; drawn officially when None.
+        drop: channels dropped per group when the mask is drawn (None: official rule).
+        generator: RNG for the drawn mask.
+
+    Returns:
+        ``(dis, div)``: the cross-entropy of the masked CCMP+GAP logits (official ``loss_1``) and
+        ``1 − mean_{b,c}(Σ_hw CCMP(softmax_hw F) / ξ_c)`` (official ``loss_2``).
+    """
+    if features.dim() != 4:
+        raise ValueError(f"features must be [B, K, H, W], got shape {tuple(features.shape)}")
+    b, k = features.shape[:2]
+    sizes = normalize_groups(groups, k)
+    if mask is None:
+        mask = draw_channel_mask(sizes, drop=drop, generator=generator)
+    mask = mask.to(device=features.device, dtype=features.dtype)
+    if mask.shape not in ((k,), (b, k)):
+        raise ValueError(f"mask must be [K]={k} or [B, K]=({b}, {k}), got {tuple(mask.shape)}")
+    mask = mask.view(1, k, 1, 1) if mask.dim() == 1 else mask.view(b, k, 1, 1)
+
+    dis_logits = ccmp(features * mask, sizes).mean(dim=(2, 3))
+    dis = F.cross_entropy(dis_logits, targets)
+
+    attention = torch.softmax(features.flatten(2), dim=2)
+    spread = ccmp(attention, sizes).sum(dim=2)  # [B, C], each in [1, ξ_c]
+    xi = torch.as_tensor(sizes, dtype=spread.dtype, device=spread.device)
+    div = 1.0 - (spread / xi).mean()
+    return dis, div
+
+
+class MCLossOutput(NamedTuple):
+    """The total loss and its parts (all scalars)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    dis: torch.Tensor
+    div: torch.Tensor
+
+
+class MCLoss(nn.Module):
+    """CE(head logits) + α·L_dis + β·L_div, as the official training scripts combine them.
+
+    Set ``alpha = beta = 0`` for a CE-only baseline on the same model; the MC terms are then still
+    reported but carry no gradient weight.
+    """
+
+    def __init__(
+        self,
+        groups: int | Sequence[int],
+        alpha: float = 1.5,
+        beta: float = 20.0,
+        *,
+        drop: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.groups = groups if isinstance(groups, int) else list(groups)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.drop = drop
+
+    @classmethod
+    def from_recipe(cls, recipe: str, groups: int | Sequence[int], **kwargs) -> MCLoss:
+        """Build the loss with an official recipe's weights ("official-scratch" or "official-pretrained")."""
+        if recipe not in RECIPE_WEIGHTS:
+            raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPE_WEIGHTS)}")
+        alpha, beta = RECIPE_WEIGHTS[recipe]
+        return cls(groups, alpha, beta, **kwargs)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MCLossOutput:
+        ce = F.cross_entropy(logits, targets)
+        dis, div = mutual_channel_loss(
+            features.float(), targets, self.groups, mask=mask, drop=self.drop, generator=generator
+        )
+        total = ce + self.alpha * dis + self.beta * div
+        return MCLossOutput(total, ce, dis, div)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, drop={self.drop}"

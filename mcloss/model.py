@@ -1,0 +1,305 @@
+"""MCModel: a torchvision backbone whose last feature map F carries one channel group per class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from .groups import normalize_groups, split_channels
+from .loss import ccmp
+from .transforms import EvalTransform
+
+__all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "ModelConfig"]
+
+ModelConfig = dict[str, Any]
+
+
+class FCHead(nn.Module):
+    """The official prediction head: max-pool to a grid, BN, Linear→512, BN, ELU, Linear→classes."""
+
+    def __init__(self, channels: int, num_classes: int, grid: Sequence[int], hidden: int = 512) -> None:
+        super().__init__()
+        gh, gw = grid
+        self.pool = nn.AdaptiveMaxPool2d((gh, gw))
+        self.classifier = nn.Sequential(
+            nn.BatchNorm1d(channels * gh * gw),
+            nn.Linear(channels * gh * gw, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ELU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(features), 1))
+
+
+class _Features(nn.Sequential):
+    """The backbone trunk; its output is F (this module is ``MCModel.feature_layer``)."""
+
+
+class MCModel(nn.Module):
+    """A classifier with class-aligned channel groups.
+
+    Attributes:
+        features: the trunk producing F [B, K, h, w] (also exposed as ``feature_layer``).
+        head: the official FC head (mixes every channel).
+        groups: channels per class, consecutive.
+        class_names: one name per class (0-based).
+        transform: the eval transform (PIL RGB image → normalized tensor).
+        card: provenance and metrics.
+        config: everything needed to rebuild the architecture (stored in checkpoints).
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        head: nn.Module,
+        groups: Sequence[int],
+        class_names: Sequence[str],
+        transform: EvalTransform,
+        config: ModelConfig,
+        card: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.groups = list(groups)
+        if len(class_names) != len(self.groups):
+            raise ValueError(f"{len(class_names)} class names for {len(self.groups)} channel groups")
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.config = dict(config)
+        self.card = dict(card or {})
+
+    @property
+    def feature_layer(self) -> nn.Module:
+        """The module whose output is F."""
+        return self.features
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_channels(self) -> int:
+        return sum(self.groups)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """F [B, K, h, w], after the last ReLU."""
+        return self.features(x)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits of the official FC head from F."""
+        return self.head(features)
+
+    def mc_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class-aligned logits: CCMP over each group, then global average pooling (unmasked F)."""
+        return ccmp(features, self.groups).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the official FC head."""
+        return self.head(self.forward_features(x))
+
+    def group_slice(self, cls: int) -> slice:
+        """The channel slice of class ``cls``."""
+        if not 0 <= cls < self.num_classes:
+            raise IndexError(f"class index {cls} out of range [0, {self.num_classes})")
+        start = sum(self.groups[:cls])
+        return slice(start, start + self.groups[cls])
+
+    def class_index(self, cls: int | str) -> int:
+        """Resolve a class given by 0-based index, numeric string or name."""
+        if isinstance(cls, int):
+            self.group_slice(cls)
+            return cls
+        if cls in self.class_names:
+            return self.class_names.index(cls)
+        if cls.strip().lstrip("-").isdigit():
+            return self.class_index(int(cls))
+        raise KeyError(f"unknown class {cls!r}")
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def _resnet_layer4(block: type[nn.Module], inplanes: int, width: int, blocks: int, stride: int) -> nn.Sequential:
+    """A ResNet stage whose output has ``width`` channels."""
+    expansion = block.expansion
+    planes = width // expansion
+    if planes * expansion != width:
+        raise ValueError(f"{block.__name__} stage width {width} is not a multiple of {expansion}")
+    downsample = None
+    if stride != 1 or inplanes != width:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(width)
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(width, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def _resnet_trunk(net: tv_resnet.ResNet, layer4: nn.Module) -> _Features:
+    return _Features(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, layer4)
+
+
+def _vgg_trunk(net: nn.Module, channels: int) -> _Features:
+    """VGG16 with conv4_3 and conv5_3 widened to K and the last pool removed (the official layout)."""
+    layers = list(net.features.children())[:-1]
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    c43, c51, c53 = convs[9], convs[10], convs[12]
+    for idx in (c43, c53):
+        old = layers[idx]
+        layers[idx] = nn.Conv2d(old.in_channels, channels, 3, padding=1)
+    old = layers[c51]
+    layers[c51] = nn.Conv2d(channels, old.out_channels, 3, padding=1)
+    for i in range(len(layers)):
+        if isinstance(layers[i], nn.ReLU):
+            layers[i] = nn.ReLU(inplace=False) if i == len(layers) - 1 else nn.ReLU(inplace=True)
+        if isinstance(layers[i], nn.BatchNorm2d) and i - 1 in (c43, c53):
+            layers[i] = nn.BatchNorm2d(channels)
+    return _Features(*layers)
+
+
+def _generic_trunk(net: nn.Module) -> nn.Module:
+    """The part of a torchvision classifier that produces its last spatial feature map."""
+    if hasattr(net, "features") and isinstance(net.features, nn.Module):
+        return net.features
+    children = list(net.named_children())
+    cut = next((i for i, (name, _) in enumerate(children) if name in ("avgpool", "fc", "classifier", "head")), None)
+    if cut is None or cut == 0:
+        raise ValueError(f"cannot find the last feature map of {type(net).__name__}")
+    return nn.Sequential(*[m for _, m in children[:cut]])
+
+
+def load_backbone_weights(name: str, pretrained: str | None) -> nn.Module:
+    """Build a torchvision classifier, with weights by torchvision enum name or from a local file."""
+    if pretrained is None or pretrained.lower() in ("", "none"):
+        return torchvision.models.get_model(name, weights=None)
+    path = Path(pretrained)
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"{pretrained}: weights file not found")
+        net = torchvision.models.get_model(name, weights=None)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if len(missing) > len(state) or not state:
+            raise ValueError(f"{pretrained}: not {name} weights ({len(missing)} missing keys)")
+        return net
+    try:
+        weights = torchvision.models.get_model_weights(name)[pretrained]
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"unknown weights {pretrained!r} for {name}") from exc
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as exc:
+        raise RuntimeError(
+            f"cannot fetch {name} weights {pretrained} (offline?): {exc.__class__.__name__}; "
+            "download them elsewhere and pass --pretrained /path/to/weights.pth"
+        ) from exc
+
+
+def build_model(
+    backbone: str,
+    num_classes: int,
+    *,
+    xi: int | None = 3,
+    class_names: Sequence[str] | None = None,
+    img_size: int = 224,
+    pretrained: str | None = None,
+    transform: EvalTransform | None = None,
+    head_grid: Sequence[int] | None = None,
+    card: dict | None = None,
+) -> MCModel:
+    """Build an MCModel.
+
+    Args:
+        backbone: vgg16, resnet18/34 (layer4 widened to K, stride 1), resnet50 (from scratch: layer4 to K
+            planes, stride 1; pretrained: its own 2048 channels with the official uneven split), or any
+            torchvision classifier name (its last feature map, then a 1×1 conv + ReLU to K).
+        num_classes: C.
+        xi: channels per class; None splits the backbone's native width (K = 2048 for resnet50) unevenly.
+        class_names: names (default "class_000", ...).
+        img_size: input side, used to size the head's pooling grid.
+        pretrained: torchvision weights name (e.g. IMAGENET1K_V1) or a local weights file.
+        transform: eval transform (default: the official scratch transform at ``img_size``).
+        head_grid: the FC head's max-pool grid (default: half the feature map, like the official 14→7).
+        card: provenance and metrics.
+    """
+    name = backbone.lower()
+    net = load_backbone_weights(name, pretrained)
+    if xi is None:
+        sizes = split_channels(_probe_channels(_native_trunk(net), img_size), num_classes)
+    else:
+        sizes = normalize_groups(int(xi), int(xi) * num_classes)
+    k = sum(sizes)
+
+    if name.startswith("vgg16"):
+        trunk = _vgg_trunk(net, k)
+    elif isinstance(net, tv_resnet.ResNet):
+        if xi is None:
+            trunk = _resnet_trunk(net, net.layer4)
+        else:
+            inplanes = net.layer4[0].conv1.in_channels
+            layer4 = _resnet_layer4(type(net.layer4[0]), inplanes, k, len(net.layer4), stride=1)
+            trunk = _resnet_trunk(net, layer4)
+    elif xi is None:
+        trunk = _Features(_generic_trunk(net))
+    else:
+        base = _generic_trunk(net)
+        trunk = _Features(base, nn.Conv2d(_probe_channels(base, img_size), k, kernel_size=1), nn.ReLU())
+
+    fh, fw = _probe_hw(trunk, img_size)
+    grid = tuple(head_grid) if head_grid else (max(1, fh // 2), max(1, fw // 2))
+    head = FCHead(k, len(sizes), grid)
+    names = list(class_names) if class_names is not None else [f"class_{i:03d}" for i in range(len(sizes))]
+    config: ModelConfig = {
+        "backbone": name,
+        "num_classes": len(sizes),
+        "xi": xi,
+        "groups": sizes,
+        "img_size": img_size,
+        "head_grid": list(grid),
+        "feature_hw": [fh, fw],
+        "pretrained": pretrained,
+    }
+    tf = transform or EvalTransform.for_recipe("official-scratch", img_size)
+    return MCModel(trunk, head, sizes, names, tf, config, card)
+
+
+def _native_trunk(net: nn.Module) -> nn.Module:
+    if isinstance(net, tv_resnet.ResNet):
+        return _resnet_trunk(net, net.layer4)
+    return _generic_trunk(net)
+
+
+@torch.no_grad()
+def _probe(module: nn.Module, img_size: int) -> torch.Size:
+    """Output shape for one zero image, leaving the module's train/eval mode as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        return module(torch.zeros(1, 3, img_size, img_size)).shape
+    finally:
+        module.train(was_training)
+
+
+def _probe_channels(module: nn.Module, img_size: int) -> int:
+    return int(_probe(module, img_size)[1])
+
+
+def _probe_hw(module: nn.Module, img_size: int) -> tuple[int, int]:
+    shape = _probe(module, img_size)
+    return int(shape[2]), int(shape[3])
