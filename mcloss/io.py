@@ -82,7 +82,12 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
     Raises:
         ImageLoadError: unreadable, empty, corrupt, truncated, not an image, or too many pixels.
     """
-    label = name or str(getattr(source, "name", source))
+    if name is not None:
+        label = name
+    elif isinstance(source, (str, os.PathLike)):
+        label = os.fspath(source)
+    else:
+        label = str(getattr(source, "name", "<upload>"))
     try:
         if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
             raise ImageLoadError(f"{label}: empty file")
@@ -107,9 +112,16 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
     except UnidentifiedImageError:
         raise ImageLoadError(f"{label}: not a recognized image format") from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{label}: decompression bomb refused ({exc})") from None
+        raise ImageLoadError(
+            f"{label}: image too large, refused as a possible decompression bomb ({_first_line(exc)})"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"{label}: corrupt or truncated image ({exc})") from None
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

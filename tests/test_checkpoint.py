@@ -1,0 +1,126 @@
+"""Checkpoints: round trip, metadata, and refusal of bad or malicious files."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mcloss import CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint
+from mcloss.transforms import EvalTransform
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(
+        "resnet18", 3, xi=3, img_size=64, class_names=["ant", "bee", "cat"],
+        transform=EvalTransform(72, (64, 64)), card={"seed": 5, "command": "mcloss train ..."},
+    )
+    # give BN running stats non-default values, so they must round-trip too
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(4, 3, 64, 64))
+    return m.eval()
+
+
+def test_round_trip(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    assert not loaded.training
+    assert loaded.class_names == ["ant", "bee", "cat"] and loaded.groups == [3, 3, 3]
+    assert loaded.transform == model.transform and loaded.card == model.card
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(loaded.forward_features(x), model.forward_features(x))
+    meta = read_metadata(path)
+    assert meta["config"]["backbone"] == "resnet18" and meta["card"]["seed"] == 5
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp file left behind
+
+
+def test_half_precision_storage(tmp_path, model):
+    full, half = tmp_path / "f.safetensors", tmp_path / "h.safetensors"
+    save_checkpoint(model, full)
+    save_checkpoint(model, half, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half)
+    assert loaded.features[0].weight.dtype == torch.float32
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "empty or truncated"), (b"\x00" * 3, "empty or truncated"), (b"garbage" * 50, "not a valid safetensors")],
+)
+def test_corrupt_files(tmp_path, content, reason):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_checkpoint(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_and_mismatch(tmp_path, model):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not an mcloss checkpoint"):
+        load_checkpoint(foreign)
+    # metadata claiming another architecture than the weights
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    config["num_classes"], config["groups"] = 4, [3, 3, 3, 3]
+    meta["config"], meta["class_names"] = json.dumps(config), json.dumps(list("abcd"))
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(state, str(wrong), metadata=meta)
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(wrong)
+    meta["config"] = "{not json"
+    save_file(state, str(wrong), metadata=meta)
+    with pytest.raises(CheckpointError, match="corrupt metadata"):
+        load_checkpoint(wrong)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    evil_pt = tmp_path / "evil.pt"
+    evil_pt.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil_pt)
+    assert not marker.exists()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors")

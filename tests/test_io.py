@@ -1,0 +1,98 @@
+"""Safe image decoding and atomic writes."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mcloss.io import ImageLoadError, atomic_path, atomic_write_json, load_image
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    cases = {
+        "rgba.png": rgb.convert("RGBA"),
+        "pal.png": rgb.convert("P"),
+        "gray.png": rgb.convert("L"),
+        "cmyk.jpg": rgb.convert("CMYK"),
+        "sixteen.png": Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100),
+        "bw.bmp": rgb.convert("1"),
+        "w.webp": rgb,
+    }
+    for name, img in cases.items():
+        out = load_image(_save(img, tmp_path / name))
+        assert out.mode == "RGB" and out.size == (30, 20), name
+    sixteen = np.asarray(load_image(tmp_path / "sixteen.png"))
+    assert sixteen[0, 0, 0] == 0 and sixteen[-1, -1, 0] == round(59900 / 65535 * 255)
+
+
+def test_transparent_pixels_composite_on_white(tmp_path):
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert load_image(_save(img, tmp_path / "t.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_multiframe_takes_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "a.tiff", save_all=True, append_images=frames[1:])
+    assert load_image(tmp_path / "a.gif").getpixel((0, 0))[0] > 200
+    assert load_image(tmp_path / "a.tiff").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    img.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    out = load_image(tmp_path / "r.jpg")
+    assert out.size == (20, 40)
+    arr = np.asarray(out).sum(-1)
+    assert arr[0, -1] > arr[-1, 0]  # the white corner moved to the top right
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "empty file"), (b"hello, not an image", "not a recognized image"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "not a recognized|corrupt")],
+)
+def test_bad_files(tmp_path, content, reason):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError, match=reason) as err:
+        load_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_jpeg(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[:300])
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        load_image(path)
+
+
+def test_decompression_bomb_refused(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 MP, a few KB on disk
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_image(path)
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_image(path, max_pixels=1000)
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text().strip().startswith("{") and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

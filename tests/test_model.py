@@ -1,0 +1,104 @@
+"""MCModel layouts, interface and weight loading."""
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from mcloss import build_model, ccmp
+from mcloss.model import load_backbone_weights
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("resnet18", 4, xi=3, img_size=64, class_names=list("abcd")).eval()
+
+
+def test_interface(tiny):
+    x = torch.randn(2, 3, 64, 64)
+    feats = tiny.forward_features(x)
+    assert feats.shape == (2, 12, 4, 4)  # layer4 at stride 1: 64 / 16
+    assert (feats >= 0).all()  # after the last ReLU
+    logits = tiny(x)
+    assert type(logits) is torch.Tensor and logits.shape == (2, 4)
+    torch.testing.assert_close(logits, tiny.head_logits(feats))
+    torch.testing.assert_close(tiny.mc_logits(feats), ccmp(feats, 3).mean(dim=(2, 3)))
+    assert tiny.feature_layer is tiny.features
+    assert tiny.groups == [3, 3, 3, 3] and tiny.class_names == list("abcd")
+    assert tiny.group_slice(2) == slice(6, 9)
+    assert tiny.class_index("c") == 2 and tiny.class_index(1) == 1 and tiny.class_index("3") == 3
+    with pytest.raises(KeyError):
+        tiny.class_index("zebra")
+    with pytest.raises(IndexError):
+        tiny.group_slice(4)
+
+
+def test_feature_layer_output_is_F(tiny):
+    seen = {}
+    handle = tiny.feature_layer.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    try:
+        x = torch.randn(1, 3, 64, 64)
+        feats = tiny.forward_features(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen["out"], feats)
+
+
+def test_official_vgg16_layout():
+    model = build_model("vgg16", 5, xi=3, img_size=224)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert convs[9].out_channels == 15 and convs[10].in_channels == 15 and convs[12].out_channels == 15
+    assert not isinstance(list(model.features)[-1], torch.nn.MaxPool2d)
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(1, 3, 224, 224)).shape == (1, 15, 14, 14)
+    assert model.config["head_grid"] == [7, 7]  # the official 14 → 7 max-pool before the FC head
+
+
+def test_resnet_scratch_layer4_widened_stride1():
+    model = build_model("resnet18", 10, xi=3, img_size=224)
+    assert model.config["feature_hw"] == [14, 14]
+    assert model.features[-1][0].conv1.stride == (1, 1)
+    assert model.num_channels == 30
+
+
+def test_resnet50_pretrained_layout_uneven_split():
+    model = build_model("resnet50", 200, xi=None, img_size=448)
+    assert sum(model.groups) == 2048
+    assert model.groups.count(10) == 152 and model.groups.count(11) == 48
+    assert model.config["feature_hw"] == [14, 14]
+
+
+def test_generic_torchvision_backbone_gets_1x1_conv():
+    model = build_model("mobilenet_v3_small", 6, xi=2, img_size=96)
+    assert isinstance(model.features[-2], torch.nn.Conv2d) and model.features[-2].out_channels == 12
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(1, 3, 96, 96)).shape[1] == 12
+
+
+def test_local_weights_file(tmp_path):
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18()
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    model = build_model("resnet18", 3, xi=3, img_size=64, pretrained=str(path))
+    torch.testing.assert_close(model.features[0].weight, ref.conv1.weight)  # stem kept
+    torch.testing.assert_close(model.features[6][0].conv1.weight, ref.layer3[0].conv1.weight)
+    pth = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), pth)
+    torch.testing.assert_close(load_backbone_weights("resnet18", str(pth)).conv1.weight, ref.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_backbone_weights("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_offline_weights_give_clear_error(monkeypatch):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="offline.*--pretrained /path"):
+        load_backbone_weights("resnet18", "IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="unknown weights"):
+        load_backbone_weights("resnet18", "NOT_A_WEIGHT")
