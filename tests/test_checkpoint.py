@@ -86,7 +86,7 @@ def test_foreign_safetensors_and_mismatch(tmp_path, model):
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     config = json.loads(meta["config"])
     config["num_classes"], config["groups"] = 4, [3, 3, 3, 3]
     meta["config"], meta["class_names"] = json.dumps(config), json.dumps(list("abcd"))

@@ -1,0 +1,452 @@
+"""mcloss channel explorer: what each class's channel group sees, next to Grad-CAM.
+
+Run: ``streamlit run app/streamlit_app.py``. ``MCLOSS_CHECKPOINT`` overrides the default checkpoint
+(``checkpoints/default.safetensors``), ``MCLOSS_SAMPLES`` the gallery folder (``checkpoints/samples``).
+
+The model is loaded once per checkpoint (``st.cache_resource``) and every call into it holds that
+model's lock, so concurrent sessions are safe. Explanations are cached (``st.cache_data``) by image bytes,
+checkpoint and classes: display controls re-render from the cached maps without running the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+import torch
+
+_APP_DIR = str(Path(__file__).resolve().parent)
+if _APP_DIR not in sys.path:
+    sys.path.insert(0, _APP_DIR)
+
+import view  # noqa: E402
+
+from mcloss import maps, render  # noqa: E402
+from mcloss.checkpoint import CheckpointError  # noqa: E402
+from mcloss.device import resolve_device  # noqa: E402
+from mcloss.io import ImageLoadError, atomic_write_bytes  # noqa: E402
+
+log = logging.getLogger("mcloss.app")
+
+UPLOAD_CHOICE = "Upload a checkpoint…"
+TOPK = 5
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _load_model(key: str, path: str, label: str) -> view.LoadedModel:
+    """Load and validate a checkpoint once per process (``key`` changes when the file does)."""
+    return view.load_model(path, label, key, resolve_device("auto"))
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def _uploaded_checkpoint(data: bytes, name: str) -> tuple[str, str]:
+    """Store uploaded checkpoint bytes under the temp dir by content hash; returns (key, path)."""
+    digest = hashlib.sha256(data).hexdigest()
+    path = Path(tempfile.gettempdir()) / "mcloss-app" / f"{digest}.safetensors"
+    if not path.is_file():
+        atomic_write_bytes(path, data)
+    return f"sha256:{digest}", str(path)
+
+
+def sidebar_model() -> view.LoadedModel | None:
+    """Model section: choose, load and describe a checkpoint; errors go to st.error."""
+    st.sidebar.subheader("Model")
+    default = view.default_checkpoint()
+    choices = [str(p) for p in view.list_checkpoints(default)] + [UPLOAD_CHOICE]
+
+    def label(c: str) -> str:
+        if c == UPLOAD_CHOICE:
+            return c
+        name = Path(c).name
+        return f"{name} (default)" if c == str(default) else name
+
+    choice = st.sidebar.selectbox("Checkpoint", choices, format_func=label, key="checkpoint")
+    try:
+        if choice == UPLOAD_CHOICE:
+            up = st.sidebar.file_uploader("Checkpoint file (.safetensors)", type=["safetensors"], key="ckpt_upload")
+            if up is None:
+                st.sidebar.info("Upload an mcloss `.safetensors` checkpoint.")
+                return None
+            key, path = _uploaded_checkpoint(up.getvalue(), up.name)
+            shown = up.name
+        else:
+            p = Path(choice)
+            if not p.is_file():
+                raise CheckpointError(
+                    f"{p}: no such checkpoint file (train one with `mcloss train`, set MCLOSS_CHECKPOINT, "
+                    "or upload one)"
+                )
+            key, path, shown = _file_key(p), str(p), p.name
+        with st.spinner(f"Loading {shown}…"):
+            loaded = _load_model(key, path, shown)
+    except CheckpointError as exc:
+        st.sidebar.error(f"Checkpoint not usable: {exc}")
+        return None
+    except Exception as exc:
+        log.exception("checkpoint load failed")
+        st.sidebar.error(f"Could not load the checkpoint: {type(exc).__name__}: {_first_line(exc)}")
+        return None
+    m = loaded.model
+    xi = sorted(set(m.groups))
+    feat = m.config.get("feature_hw") or ["?", "?"]
+    st.sidebar.caption(
+        f"{m.config['backbone']} · {m.num_classes} classes · ξ = {'/'.join(map(str, xi))} · "
+        f"input {m.config['img_size']} px · maps {feat[0]}×{feat[1]}"
+    )
+    return loaded
+
+
+def device_caption(device: torch.device) -> str:
+    """The device in words."""
+    if device.type == "cuda":
+        return f"CUDA · {torch.cuda.get_device_name(device)}"
+    return f"CPU · {torch.get_num_threads()} threads"
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def _on_upload() -> None:
+    """File-uploader callback: keep the bytes (the app reads ``st.session_state['upload']``)."""
+    f = st.session_state.get("uploader")
+    st.session_state["upload"] = None if f is None else {"name": f.name, "data": f.getvalue()}
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _gallery(folder: str, mtime_ns: int) -> view.Gallery:
+    return view.load_gallery(Path(folder))
+
+
+def sidebar_input() -> dict | None:
+    """Input section: a gallery sample or an upload, as {"name", "data", "sample"}."""
+    st.sidebar.subheader("Image")
+    gallery, gallery_error = None, None
+    folder = view.samples_dir()
+    index = folder / "index.json"
+    if index.is_file():
+        try:
+            gallery = _gallery(str(folder), index.stat().st_mtime_ns)
+        except view.GalleryError as exc:
+            gallery_error = str(exc)
+    sources = (["Gallery"] if gallery else []) + ["Upload"]
+    source = st.sidebar.segmented_control("Source", sources, default=sources[0], key="source", required=True)
+    if gallery_error:
+        st.sidebar.warning(f"Gallery unavailable: {gallery_error}")
+    if source == "Gallery" and gallery:
+        i = st.sidebar.selectbox(
+            "Sample (with ground-truth parts)",
+            range(len(gallery.samples)),
+            format_func=lambda j: gallery.samples[j].title,
+            key="sample",
+        )
+        sample = gallery.samples[i]
+        return {"name": sample.path.name, "data": sample.path.read_bytes(), "sample": sample, "gallery": gallery}
+    st.sidebar.file_uploader(
+        "Image",
+        type=list(view.IMAGE_TYPES),
+        key="uploader",
+        on_change=_on_upload,
+        max_upload_size=view.MAX_UPLOAD_MB,
+        label_visibility="collapsed",
+    )
+    st.sidebar.caption(
+        f"PNG, JPEG, WebP, BMP, TIFF, GIF (first frame) · up to {view.MAX_UPLOAD_MB} MB and "
+        f"{view.MAX_PIXELS // 1_000_000} MP · shown downscaled to {view.DISPLAY_MAX_SIDE} px"
+    )
+    up = st.session_state.get("upload")
+    return None if up is None else {"name": up["name"], "data": up["data"], "sample": None, "gallery": None}
+
+
+def sidebar_controls() -> tuple[view.Style, dict]:
+    """Display controls (re-render only) and extra-map options (part of the explanation's cache key)."""
+    st.sidebar.subheader("Display")
+    colormap = st.sidebar.selectbox("Colormap", view.COLORMAPS, key="colormap")
+    alpha = st.sidebar.slider("Heatmap opacity (alpha)", 0.0, 1.0, 0.5, 0.05, key="alpha")
+    scale = st.sidebar.segmented_control(
+        "Scale", ["per map", "shared group"], default="per map", key="scale", required=True,
+        help="shared group: one maximum for the class's channels, so their strengths compare",
+    )
+    upsampling = st.sidebar.segmented_control(
+        "Upsampling", ["bilinear", "nearest"], default="bilinear", key="upsampling", required=True,
+        help="nearest shows the raw feature cells",
+    )
+    peaks = st.sidebar.toggle("Peak markers", value=True, key="peaks")
+    with st.sidebar.expander("More maps"):
+        channel_gradcam = st.toggle("Per-channel Grad-CAM", value=False, key="channel_gradcam")
+        guided = st.toggle("Guided Grad-CAM (slower)", value=False, key="guided")
+        method = st.radio(
+            "Grad-CAM engine", ["fused", "captum"], key="method", horizontal=True,
+            help="fused: gradients of the same forward pass; captum: Captum LayerGradCam (the reference)",
+        )
+        radius = st.number_input(
+            "Part hit radius (× image size)", 0.01, 1.0, view.HIT_RADIUS, 0.01, key="radius",
+            help="a channel peak hits a ground-truth part within this fraction of max(width, height)",
+        )
+    style = view.Style(
+        colormap=colormap,
+        alpha=float(alpha),
+        shared_scale=scale == "shared group",
+        peaks=bool(peaks),
+        nearest=upsampling == "nearest",
+    )
+    return style, {"channel_gradcam": channel_gradcam, "guided": guided, "method": method, "radius": float(radius)}
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _decoded(digest: str, name: str, _data: bytes):
+    """Decoded image and its display copy (shared read-only)."""
+    image = view.decode_image(_data, name)
+    return image, view.display_image(image)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _explain(
+    model_key: str, digest: str, targets: tuple, method: str, channel_gradcam: bool, guided: bool,
+    _loaded: view.LoadedModel, _image,
+) -> tuple[maps.Explanation, float]:
+    """One explanation, cached by checkpoint, image bytes, classes and map options, with its seconds."""
+    return view.explain_locked(
+        _loaded, _image, targets, method=method, channel_gradcam=channel_gradcam, guided=guided
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+def show_tiles(tiles: list[view.Tile], ncols: int | None = None) -> None:
+    """A row of images with captions."""
+    cols = st.columns(ncols or len(tiles), gap="small")
+    for col, t in zip(cols, tiles, strict=False):
+        col.image(t.image, caption=t.caption, width="stretch", alt=t.alt)
+
+
+def prediction_panel(expl: maps.Explanation, class_names: list[str], base, title: str, label: int | None) -> None:
+    """Original image beside the top-k of both heads and their agreement."""
+    left, right = st.columns([4, 7], gap="large")
+    left.image(base, caption=title, width="stretch", alt="input image")
+    with right:
+        agree, sentence = view.agreement(expl, class_names)
+        (st.success if agree else st.warning)(sentence, icon="✅" if agree else "⚖️")
+        if label is not None:
+            ok = expl.prediction == label
+            st.markdown(
+                f"Ground truth: **{class_names[label]}** — FC head {'correct' if ok else 'wrong'}"
+                f" · MC head {'correct' if expl.prediction_mc == label else 'wrong'}"
+            )
+        df = pd.DataFrame(view.topk_rows(expl, class_names, TOPK))
+        order = list(dict.fromkeys(df["class"]))
+        bars = (
+            alt.Chart(df)
+            .mark_bar(cornerRadiusEnd=2)
+            .encode(
+                x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), title="probability"),
+                y=alt.Y("class:N", sort=order, title=None, axis=alt.Axis(labelLimit=220)),
+                yOffset=alt.YOffset("head:N", sort=["FC head", "MC head"]),
+                color=alt.Color(
+                    "head:N",
+                    scale=alt.Scale(domain=["FC head", "MC head"], range=["#4c78a8", "#f58518"]),
+                    legend=alt.Legend(orient="top", title=None),
+                ),
+                tooltip=["class", "head", alt.Tooltip("probability:Q", format=".3f")],
+            )
+        )
+        text = bars.mark_text(align="left", dx=3, fontSize=11).encode(
+            text=alt.Text("probability:Q", format=".2f"), color=alt.value("#333")
+        )
+        st.altair_chart((bars + text).properties(height=46 * len(order)), width="stretch")
+
+
+def group_view(
+    expl: maps.Explanation,
+    group: maps.GroupMaps,
+    base,
+    style: view.Style,
+    sample: view.Sample | None,
+    part_names: tuple[str, ...] | None,
+    options: dict,
+    heading: str,
+) -> list[view.Tile]:
+    """One class's channel group: overlays, CCMP, parts, Grad-CAM, and ground-truth hits."""
+    st.markdown(heading, unsafe_allow_html=True)
+    parts = None
+    if sample is not None and part_names is not None:
+        parts, radius_px = view.channel_parts(group, sample.keypoints, part_names, expl.image_size, options["radius"])
+    tiles = view.group_tiles(base, expl, group, style, parts=parts)
+    show_tiles(tiles)
+    extra = view.channel_gradcam_tiles(base, expl, group, style)
+    if extra:
+        show_tiles(extra, ncols=len(tiles))
+    if parts is not None:
+        hits = sum(p.hit for p in parts)
+        distinct = len({p.part for p in parts if p.hit})
+        st.caption(
+            f"{hits}/{len(parts)} channel peaks on a ground-truth part (within {radius_px:.0f} px = "
+            f"{options['radius']:.2f} × image size) · {distinct} distinct parts"
+        )
+    return tiles + extra
+
+
+def downloads(
+    source_name: str, base, expl: maps.Explanation, groups: list[maps.GroupMaps], tiles: dict,
+    class_names: list[str], style: view.Style, label: int | None,
+) -> None:
+    """Montage PNG and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
+    stem = Path(source_name).stem
+    gi = expl.groups.index(groups[0])
+
+    def montage_png() -> bytes:
+        pic = render.explanation_montage(
+            base, expl, gi, class_names=class_names, colormap=style.colormap, alpha=style.alpha,
+            shared_scale=style.shared_scale, peaks=style.peaks, height=view.TILE_HEIGHT,
+        )
+        return view.png_bytes(pic)
+
+    def bundle() -> bytes:
+        return view.export_zip(source_name, base, expl, groups, class_names, style, tiles, label=label, topk=TOPK)
+
+    row = st.container(horizontal=True)
+    row.download_button(
+        "Montage (PNG)", montage_png, file_name=f"{stem}_montage.png", mime="image/png",
+        icon=":material/image:", on_click="ignore", key="dl_montage",
+    )
+    row.download_button(
+        "Everything (ZIP)", bundle, file_name=f"{stem}_mcloss.zip", mime="application/zip",
+        icon=":material/folder_zip:", on_click="ignore", key="dl_zip",
+        help="every overlay (PNG), plus the montage, raw maps (NPZ) and JSON exactly as `mcloss export` writes them",
+    )
+
+
+def explain_and_show(loaded: view.LoadedModel, source: dict, style: view.Style, options: dict) -> None:
+    """The whole pipeline for one input; every failure becomes one st.error sentence."""
+    t_start = time.perf_counter()
+    data, name = source["data"], source["name"]
+    digest = hashlib.sha256(data).hexdigest()
+    image, base = _decoded(digest, name, data)
+    model = loaded.model
+    names = list(model.class_names)
+    opts = (options["method"], options["channel_gradcam"], options["guided"])
+    top = min(2, model.num_classes)
+    expl, secs = _explain(loaded.key, digest, (f"top{top}",), *opts, _loaded=loaded, _image=image)
+    sample: view.Sample | None = source.get("sample")
+    gallery: view.Gallery | None = source.get("gallery")
+    label = None
+    if sample is not None and sample.class_name in names:
+        label = names.index(sample.class_name)
+
+    shown = base
+    if sample is not None and gallery is not None:
+        k = base.shape[1] / expl.image_size[0]
+        kps = sample.keypoints
+        shown = view.draw_keypoints(base, kps[:, :2] * k, kps[:, 2] > 0, gallery.part_names)
+    w, h = expl.image_size
+    prediction_panel(expl, names, shown, f"{name} · {w}×{h} px", label)
+    if sample is not None and label is None:
+        st.caption(f"Ground truth {sample.class_name!r} is not a class of this checkpoint.")
+
+    st.divider()
+    order = [int(i) for i in (-expl.probs_fc).argsort(kind="stable")]
+    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    can_compare = model.num_classes >= 2
+    target = c1.selectbox(
+        "Class whose channel group to show (sorted by FC probability; type to search)",
+        order,
+        format_func=lambda c: f"{names[c]}  ·  FC {expl.probs_fc[c]:.2f} · MC {expl.probs_mc[c]:.2f}",
+        key=f"target_{digest[:16]}_{loaded.key[-16:]}",
+        disabled=can_compare and bool(st.session_state.get("compare")),
+    )
+    compare = c2.toggle("Compare the top-2 classes", value=False, key="compare", disabled=not can_compare)
+    if compare and can_compare:
+        groups = expl.groups[:2]
+    else:
+        match = [g for g in expl.groups if g.target == target]
+        if match:
+            groups = match
+        else:
+            one, s2 = _explain(loaded.key, digest, (int(target),), *opts, _loaded=loaded, _image=image)
+            groups, secs = one.groups, secs + s2
+    all_tiles = {}
+    for rank, g in enumerate(groups):
+        role = "prediction" if g.target == expl.prediction else ("runner-up" if compare and rank else "selected")
+        heading = (
+            f"#### {g.name} <span style='color:#888;font-size:0.8em'>— {role} · FC {g.prob:.2f} · "
+            f"MC {g.prob_mc:.2f} · channels {_channel_range(model, g.target)}</span>"
+        )
+        all_tiles[g.name] = group_view(
+            expl, g, base, style, sample, gallery.part_names if gallery else None, options, heading
+        )
+    st.divider()
+    downloads(name, base, expl, groups, all_tiles, names, style, label)
+    st.caption(
+        f"model {secs:.2f} s (cached until the image, checkpoint, class or map options change) · "
+        f"page {time.perf_counter() - t_start:.2f} s · {device_caption(loaded.device)}"
+    )
+
+
+def _channel_range(model, cls: int) -> str:
+    sl = model.group_slice(cls)
+    return f"{sl.start}–{sl.stop - 1}"
+
+
+# --------------------------------------------------------------------------------------------- main
+
+_CSS = """<style>
+[data-testid="stMainBlockContainer"] {padding-top: 3.2rem; padding-bottom: 2rem;}
+[data-testid="stImageCaption"] {font-size: 0.8rem;}
+</style>"""
+
+
+def main() -> None:
+    """The app; any failure not handled below ends as one st.error sentence."""
+    st.set_page_config(page_title="mcloss · channel explorer", page_icon="🔬", layout="wide")
+    try:
+        _page()
+    except Exception as exc:  # the last guard: a sentence, never a traceback
+        log.exception("the app failed")
+        st.error(f"Something went wrong: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _page() -> None:
+    """Sidebar (model, device, input, controls), then the prediction panel and the group view."""
+    st.html(_CSS)
+    st.sidebar.title("mcloss explorer")
+    st.sidebar.caption("What each class's channel group sees (Mutual-Channel Loss), next to Grad-CAM.")
+    loaded = sidebar_model()
+    st.sidebar.caption(f"Device: {device_caption(resolve_device('auto'))}")
+    source = sidebar_input()
+    style, options = sidebar_controls()
+
+    if loaded is None:
+        st.info("Choose a usable checkpoint in the sidebar to start.")
+        return
+    if source is None:
+        st.info("Upload an image or pick a gallery sample in the sidebar.")
+        return
+    try:
+        explain_and_show(loaded, source, style, options)
+    except ImageLoadError as exc:
+        st.error(f"Cannot read the image: {exc}")
+    except Exception as exc:
+        log.exception("explaining %s failed", source.get("name"))
+        st.error(f"Could not explain {source.get('name')}: {type(exc).__name__}: {_first_line(exc)}")
+
+
+main()

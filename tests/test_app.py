@@ -1,0 +1,535 @@
+"""The Streamlit app, driven headlessly by streamlit's AppTest, plus its UI glue (app/view.py).
+
+Uploads are injected the way the file uploader's callback stores them: ``session_state["upload"] =
+{"name", "data"}`` with ``session_state["source"] = "Upload"``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import mcloss
+from mcloss import maps, metrics
+from mcloss.io import ImageLoadError
+from mcloss.transforms import Geometry
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "app" / "streamlit_app.py")
+sys.path.insert(0, str(REPO / "app"))
+
+import view  # noqa: E402
+
+CLASSES = ["Red_Crown", "Green_Wing", "Blue_Tail", "Plain"]
+PARTS = ["crown", "wing", "tail"]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def _picture(seed: int, size: tuple[int, int] = (96, 72)) -> tuple[np.ndarray, list[list[float]]]:
+    """An RGB picture with three coloured squares ('parts'); the third keypoint is invisible."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = (200 + rng.integers(0, 40, (h, w, 3))).astype(np.uint8)
+    parts = []
+    for k, colour in enumerate([(200, 30, 30), (30, 160, 50), (30, 50, 200)]):
+        x, y = int(rng.integers(8, w - 8)), int(rng.integers(8, h - 8))
+        img[y - 5 : y + 5, x - 5 : x + 5] = colour
+        parts.append([x + 0.5, y + 0.5, 0.0 if k == 2 else 1.0])
+    return img, parts
+
+
+def _encode(img: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
+    pil = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    buf = io.BytesIO()
+    pil.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = mcloss.build_model("resnet18", len(CLASSES), xi=3, img_size=64, class_names=CLASSES)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    mcloss.save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("samples")
+    samples = []
+    for i in range(2):
+        img, parts = _picture(i)
+        Image.fromarray(img).save(folder / f"bird_{i}.png")
+        samples.append({"file": f"bird_{i}.png", "label": i, "class_name": CLASSES[i], "parts": parts})
+    (folder / "index.json").write_text(json.dumps({"part_names": PARTS, "samples": samples}))
+    return folder
+
+
+@pytest.fixture
+def env(monkeypatch, checkpoint, gallery_dir):
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(checkpoint))
+    monkeypatch.setenv("MCLOSS_SAMPLES", str(gallery_dir))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def explain_calls(monkeypatch) -> list:
+    """Every call into the model (``mcloss.maps.explain``), with its targets."""
+    calls = []
+    real = maps.explain
+
+    def counting(model, images, targets="pred", **kw):
+        calls.append(targets)
+        return real(model, images, targets, **kw)
+
+    monkeypatch.setattr(maps, "explain", counting)
+    return calls
+
+
+def run_app(**state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for img in at.get("image") for c in img.captions]
+
+
+def image_urls(at: AppTest) -> list[str]:
+    return [u for img in at.get("image") for u in img.value]
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def upload(name: str, data: bytes) -> dict:
+    return {"source": "Upload", "upload": {"name": name, "data": data}}
+
+
+# ------------------------------------------------------------------------------------------ app runs
+
+
+def test_gallery_sample_renders_with_ground_truth(env, checkpoint, gallery_dir):
+    at = run_app()
+    assert_clean(at)
+    assert not at.error
+    model = mcloss.load_checkpoint(checkpoint)
+    image = mcloss.load_image(gallery_dir / "bird_0.png")
+    expl = maps.explain(model, [image], [["top2"]])[0]
+    pred = expl.prediction
+    group = expl.groups[0]
+    assert group.target == pred
+
+    caps = captions(at)
+    # original | 3 channels | CCMP | parts | Grad-CAM
+    assert len(caps) == 7, caps
+    assert caps[0] == "bird_0.png · 96×72 px"
+    assert caps[4].startswith("CCMP")
+    assert caps[5].startswith("parts")
+    assert caps[6] == f"Grad-CAM (FC head) · p {group.prob:.2f}"
+    # per-channel peak values and nearest ground-truth part, as mcloss.metrics defines them
+    kps = np.array(json.loads((gallery_dir / "index.json").read_text())["samples"][0]["parts"])
+    part, dist = metrics.nearest_keypoints(group.peaks_xy, kps)
+    radius = metrics.hit_radius(96, 72, view.HIT_RADIUS)
+    for i in range(3):
+        assert caps[1 + i].startswith(f"channel {i + 1}/3 · peak {group.peak_values[i]:.3g} · {PARTS[part[i]]} ")
+        assert ("hit" if dist[i] <= radius else "miss") in caps[1 + i]
+        assert f"({dist[i]:.0f} px)" in caps[1 + i]
+    hits = int((dist <= radius).sum())
+    assert any(c.value.startswith(f"{hits}/3 channel peaks on a ground-truth part") for c in at.caption)
+    # the class selector defaults to the prediction; the agreement of both heads is stated
+    target = at.selectbox(key=[s.key for s in at.selectbox if s.key.startswith("target_")][0])
+    assert target.value == pred
+    agree = expl.prediction == expl.prediction_mc
+    box = at.success if agree else at.warning
+    assert len(box) == 1 and CLASSES[pred] in box[0].value
+    assert any(f"Ground truth: **{CLASSES[0]}**" in m.value for m in at.markdown)
+
+
+def test_controls_rerender_without_running_the_model(env, explain_calls):
+    at = run_app()
+    assert_clean(at)
+    n = len(explain_calls)
+    assert n >= 1 and explain_calls[-1] == [["top2"]]
+    urls = image_urls(at)
+
+    at.selectbox(key="colormap").set_value("viridis").run()
+    urls_viridis = image_urls(at)
+    assert urls_viridis[1:] != urls[1:]  # the overlays were re-rendered...
+    assert urls_viridis[0] == urls[0]  # ...the original was not
+    at.slider(key="alpha").set_value(0.8).run()
+    at.session_state["scale"] = "shared group"
+    at.run()
+    at.session_state["upsampling"] = "nearest"
+    at.run()
+    at.toggle(key="peaks").set_value(False).run()
+    at.toggle(key="compare").set_value(True).run()  # the top-2 groups are already computed
+    assert_clean(at)
+    assert not at.error
+    assert len(captions(at)) == 1 + 2 * 6
+    assert len(explain_calls) == n, explain_calls[n:]
+    assert len(set(image_urls(at)[1:]) & set(urls_viridis[1:])) == 0
+
+    # a class outside the top 2 runs the model once for that class; coming back to it is cached
+    at.toggle(key="compare").set_value(False).run()
+    sel = at.selectbox(key=[s.key for s in at.selectbox if s.key.startswith("target_")][0])
+    pred = sel.value
+    cls = CLASSES.index(sel.options[-1].split("  ·")[0])  # the least probable class
+    sel.set_value(cls).run()
+    assert_clean(at)
+    assert len(explain_calls) == n + 1 and explain_calls[-1] == [[cls]]
+    assert at.markdown[-1].value.startswith(f"#### {CLASSES[cls]} ") or any(
+        m.value.startswith(f"#### {CLASSES[cls]} ") for m in at.markdown
+    )
+    at.selectbox(key=sel.key).set_value(pred).run()
+    at.selectbox(key=sel.key).set_value(cls).run()
+    assert_clean(at)
+    assert len(explain_calls) == n + 1
+
+
+def test_extra_maps_per_channel_and_guided_gradcam(env, explain_calls):
+    at = run_app()
+    n = len(explain_calls)
+    at.session_state["channel_gradcam"] = True
+    at.session_state["guided"] = True
+    at.run()
+    assert_clean(at)
+    assert not at.error
+    assert len(explain_calls) == n + 1
+    caps = captions(at)
+    assert caps[7] == "Guided Grad-CAM (signed)"
+    assert caps[8:11] == [f"Grad-CAM · channel {i}" for i in (1, 2, 3)]
+    at.session_state["method"] = "captum"
+    at.run()
+    assert_clean(at)
+    assert len(explain_calls) == n + 2 and len(captions(at)) == 11
+
+
+BROKEN = {
+    "empty.png": (b"", "empty file"),
+    "notes.png": (b"this is a text file, not a picture\n", "not a recognized image format"),
+    "truncated.png": (None, "corrupt or truncated"),
+    "garbled.jpg": (None, "corrupt or truncated"),
+    "bomb.png": (None, "image too large"),
+}
+
+
+def _broken_bytes(name: str) -> bytes:
+    data, _ = BROKEN[name]
+    if data is not None:
+        return data
+    img, _ = _picture(3)
+    if name == "truncated.png":
+        return _encode(img, "PNG")[:150]
+    if name == "garbled.jpg":
+        raw = bytearray(_encode(img, "JPEG"))
+        raw[200:] = bytes(len(raw) - 200)  # header intact, scan data destroyed
+        return bytes(raw[: len(raw) // 2])
+    # 9000×9000 (81 MP) declared, a few kB on disk: refused before decoding
+    return _encode(Image.new("1", (9000, 9000)), "PNG")
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_upload_shows_one_error_and_the_app_recovers(env, name):
+    at = run_app(**upload(name, _broken_bytes(name)))
+    assert_clean(at)
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert message.startswith(f"Cannot read the image: {name}: ")
+    assert BROKEN[name][1] in message
+    assert "\n" not in message and "Traceback" not in message
+    assert not at.get("image")
+
+    img, _ = _picture(5)
+    at.session_state["upload"] = {"name": "good.png", "data": _encode(img, "PNG")}
+    at.run()
+    assert_clean(at)
+    assert not at.error
+    assert captions(at)[0] == "good.png · 96×72 px"
+    assert len(captions(at)) == 7
+
+
+def test_unexpected_failure_is_one_sentence_and_next_input_works(env, monkeypatch):
+    real = view.group_tiles
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nmore detail that must not show")
+
+    monkeypatch.setattr(view, "group_tiles", broken)
+    at = run_app()
+    assert_clean(at)
+    assert [e.value for e in at.error] == ["Could not explain bird_0.png: RuntimeError: boom"]
+    monkeypatch.setattr(view, "group_tiles", real)
+    at.run()
+    assert not at.error and len(captions(at)) == 7
+
+
+def test_exif_rotated_photo_is_shown_upright(env):
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:10, :10] = (255, 0, 0)  # red at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    at = run_app(**upload("phone.jpg", _encode(img, "JPEG", exif=exif, quality=95)))
+    assert_clean(at)
+    assert not at.error
+    assert captions(at)[0] == "phone.jpg · 40×80 px"
+
+
+def test_bad_checkpoint_shows_error(env, monkeypatch, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(bad))
+    at = run_app()
+    assert_clean(at)
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1
+    assert errors[0].startswith("Checkpoint not usable: ") and "broken.safetensors" in errors[0]
+    assert "safetensors" in errors[0].split("broken.safetensors", 1)[1]
+    assert any("Choose a usable checkpoint" in i.value for i in at.info)
+    assert not at.get("image")
+
+
+def test_missing_checkpoint_names_the_path(env, monkeypatch, tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(missing))
+    at = run_app()
+    assert_clean(at)
+    errors = [e.value for e in at.sidebar.error]
+    assert len(errors) == 1 and str(missing) in errors[0] and "no such checkpoint" in errors[0]
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def _cmyk() -> bytes:
+    return _encode(Image.new("CMYK", (30, 20), (0, 255, 255, 0)), "JPEG", quality=95)
+
+
+def _rgba() -> bytes:
+    a = np.zeros((20, 30, 4), np.uint8)
+    a[..., 0] = 255
+    a[:, 15:, 3] = 255  # left half fully transparent
+    return _encode(Image.fromarray(a, "RGBA"), "PNG")
+
+
+def _gray16() -> bytes:
+    a = np.zeros((20, 30), np.uint16)
+    a[:, 15:] = 65535
+    return _encode(Image.fromarray(a), "PNG")
+
+
+def _palette() -> bytes:
+    p = Image.new("P", (30, 20), 0)
+    p.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+    return _encode(p, "PNG")
+
+
+def _gif() -> bytes:
+    frames = [Image.new("RGB", (30, 20), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _lossless(fmt: str, **kw) -> bytes:
+    return _encode(Image.new("RGB", (30, 20), (10, 200, 30)), fmt, **kw)
+
+
+GOOD = {
+    "cmyk.jpg": (_cmyk, lambda a: np.abs(a.astype(int) - (255, 0, 0)).max() <= 3),
+    "rgba.png": (_rgba, lambda a: (a[:, :15] == 255).all() and (a[:, 15:] == (255, 0, 0)).all()),
+    "gray16.png": (_gray16, lambda a: (a[:, :15] == 0).all() and (a[:, 15:] == 255).all()),
+    "palette.png": (_palette, lambda a: (a == (0, 0, 255)).all()),
+    "anim.gif": (_gif, lambda a: (a == (255, 0, 0)).all()),
+    "pic.tiff": (lambda: _lossless("TIFF"), lambda a: (a == (10, 200, 30)).all()),
+    "pic.webp": (lambda: _lossless("WEBP", lossless=True), lambda a: (a == (10, 200, 30)).all()),
+    "pic.bmp": (lambda: _lossless("BMP"), lambda a: (a == (10, 200, 30)).all()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_decode_modes_and_formats_to_rgb(name):
+    make, check = GOOD[name]
+    img = view.decode_image(make(), name)
+    assert img.mode == "RGB" and img.size == (30, 20)
+    assert check(np.asarray(img))
+
+
+def test_decode_exif_rotation():
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:10, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = np.asarray(view.decode_image(_encode(img, "JPEG", exif=exif, quality=95), "phone.jpg"))
+    assert out.shape == (80, 40, 3)
+    # 90° clockwise: the stored top-left corner is now the top-right one
+    assert out[:8, -8:, 0].mean() > 200 and out[:8, :8, 0].mean() < 50
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_decode_broken_raises_one_line(name):
+    with pytest.raises(ImageLoadError) as info:
+        view.decode_image(_broken_bytes(name), name)
+    text = str(info.value)
+    assert text.startswith(f"{name}: ") and BROKEN[name][1] in text and "\n" not in text
+
+
+def test_display_image_downscales_huge_inputs():
+    big = Image.new("RGB", (3000, 1000), (1, 2, 3))
+    arr = view.display_image(big)
+    assert arr.shape == (341, 1024, 3) and (arr == (1, 2, 3)).all()
+    small = Image.new("RGB", (300, 100))
+    assert view.display_image(small).shape == (100, 300, 3)
+
+
+# ------------------------------------------------------------------------------------------ view glue
+
+
+def _explanation(geo: Geometry, channels: np.ndarray) -> maps.Explanation:
+    peaks, values = maps.channel_peaks(channels)
+    fh, fw = channels.shape[1:]
+    gm = maps.GroupMaps(
+        target=0, name="a", channels=channels, ccmp=channels.max(0), peaks_feature=peaks,
+        peaks_xy=geo.feature_to_original(peaks, (fh, fw)), peak_values=values,
+    )
+    return maps.Explanation(geo.original, geo, (fh, fw), np.array([1.0]), np.array([1.0]), [gm])
+
+
+def test_nearest_upsampling_shows_raw_cells():
+    m = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    geo = Geometry(original=(8, 8), resized=(8, 8), crop=(0, 0, 8, 8))
+    expl = _explanation(geo, m[None])
+    out = view.map_to_view(m, expl, (8, 8), nearest=True)
+    np.testing.assert_array_equal(out, np.kron(m, np.ones((4, 4), np.float32)))
+    # bilinear blends neighbouring cells
+    assert len(np.unique(view.map_to_view(m, expl, (8, 8), nearest=False))) > 4
+    # with a crop: outside it is 0, inside the cells land on the cropped part
+    geo = Geometry(original=(12, 8), resized=(12, 8), crop=(2, 0, 8, 8))
+    out = view.map_to_view(m, _explanation(geo, m[None]), (12, 8), nearest=True)
+    expected = np.zeros((8, 12), np.float32)
+    expected[:, 2:10] = np.kron(m, np.ones((4, 4), np.float32))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_channel_parts_follow_metrics():
+    geo = Geometry(original=(100, 100), resized=(100, 100), crop=(0, 0, 100, 100))
+    ch = np.zeros((3, 10, 10), np.float32)
+    ch[0, 1, 1] = 1  # peak cell centre (15, 15)
+    ch[1, 8, 8] = 1  # (85, 85)
+    ch[2, 1, 8] = 1  # (85, 15)
+    group = _explanation(geo, ch).groups[0]
+    kps = np.array([[20.0, 15.0, 1], [85.0, 60.0, 1], [85.0, 15.0, 0]])
+    rows, radius_px = view.channel_parts(group, kps, ["head", "tail", "wing"], (100, 100), radius=0.12)
+    assert radius_px == pytest.approx(12.0)
+    assert [(r.part, r.hit) for r in rows] == [("head", True), ("tail", False), ("tail", False)]
+    assert [r.distance for r in rows] == pytest.approx([5.0, 25.0, 45.0])
+
+
+def _expl_with_probs(fc, mc) -> maps.Explanation:
+    geo = Geometry(original=(8, 8), resized=(8, 8), crop=(0, 0, 8, 8))
+    e = _explanation(geo, np.ones((3, 2, 2), np.float32))
+    e.probs_fc, e.probs_mc = np.array(fc), np.array(mc)
+    return e
+
+
+def test_topk_rows_and_agreement():
+    names = ["a", "b", "c", "d"]
+    e = _expl_with_probs([0.1, 0.6, 0.25, 0.05], [0.5, 0.3, 0.1, 0.1])
+    rows = view.topk_rows(e, names, k=2)
+    assert [(r["class"], r["head"]) for r in rows] == [
+        ("b", "FC head"), ("b", "MC head"), ("c", "FC head"), ("c", "MC head"), ("a", "FC head"), ("a", "MC head"),
+    ]
+    assert rows[1]["probability"] == pytest.approx(0.3)
+    agree, text = view.agreement(e, names)
+    assert not agree and "FC → **b** (0.60)" in text and "MC → **a** (0.50)" in text
+    agree, text = view.agreement(_expl_with_probs([0.1, 0.9], [0.2, 0.8]), ["x", "y"])
+    assert agree and "**y**" in text
+
+
+def test_gallery_index_errors(tmp_path):
+    with pytest.raises(view.GalleryError, match="no gallery index"):
+        view.load_gallery(tmp_path)
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(view.GalleryError, match="malformed gallery index"):
+        view.load_gallery(tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    entry = {"file": "a.png", "label": 0, "class_name": "x", "parts": [[1, 1, 1]]}
+    (tmp_path / "index.json").write_text(json.dumps({"part_names": ["p", "q"], "samples": [entry]}))
+    with pytest.raises(view.GalleryError, match="1 keypoints for 2 part names"):
+        view.load_gallery(tmp_path)
+    entry = {"file": "gone.png", "label": 0, "class_name": "x", "parts": [[1, 1, 1]]}
+    (tmp_path / "index.json").write_text(json.dumps({"part_names": ["p"], "samples": [entry]}))
+    with pytest.raises(view.GalleryError, match="'gone.png' is missing"):
+        view.load_gallery(tmp_path)
+
+
+def test_export_zip_holds_overlays_and_export_outputs(checkpoint):
+    model = mcloss.load_checkpoint(checkpoint)
+    img, _ = _picture(1)
+    image = Image.fromarray(img)
+    expl = maps.explain(model, [image], [["top2"]])[0]
+    groups = expl.groups[1:2]  # the runner-up, as when the user picked it
+    style = view.Style(colormap="viridis")
+    tiles = {groups[0].name: view.group_tiles(img, expl, groups[0], style)}
+    data = view.export_zip("x.png", img, expl, groups, CLASSES, style, tiles, label=2)
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    names = set(zf.namelist())
+    assert {"export/x.png.png", "export/x.png.npz", "export/x.png.json"} <= names
+    slug = groups[0].name
+    assert {f"overlays/{slug}_ch{i}.png" for i in (1, 2, 3)} | {f"overlays/{slug}_gradcam.png"} <= names
+    record = json.loads(zf.read("export/x.png.json"))
+    assert record["target"]["index"] == groups[0].target
+    assert record["label"] == {"index": 2, "name": CLASSES[2]}
+    arrays = np.load(io.BytesIO(zf.read("export/x.png.npz")))
+    np.testing.assert_array_equal(arrays["channels"], groups[0].channels)
+    np.testing.assert_array_equal(arrays["gradcam"], groups[0].gradcam)
+    overlay = np.asarray(Image.open(io.BytesIO(zf.read(f"overlays/{slug}_ch1.png"))))
+    np.testing.assert_array_equal(overlay, tiles[slug][0].image)
+
+
+def test_concurrent_explanations_are_serialized(checkpoint):
+    """Without the lock, interleaved calls leave parameters frozen (or fail in BatchNorm): checked here."""
+    model = mcloss.load_checkpoint(checkpoint)
+    loaded = view.LoadedModel(model, threading.Lock(), torch.device("cpu"), "k", "tiny", 0.0)
+    images = [Image.fromarray(_picture(i)[0]) for i in range(4)]
+    expected = [view.explain_locked(loaded, im, ["top2"])[0] for im in images]
+    results: list = [None] * len(images)
+
+    def work(i: int) -> None:
+        for _ in range(2):
+            results[i] = view.explain_locked(loaded, images[i], ["top2"])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_allclose(got.probs_fc, want.probs_fc, rtol=1e-5, atol=1e-7)
+        for g, w in zip(got.groups, want.groups, strict=True):
+            assert g.target == w.target
+            np.testing.assert_allclose(g.gradcam, w.gradcam, rtol=1e-4, atol=1e-7)
+    # the shared model is left as loaded: eval mode, parameters still trainable
+    assert not model.training
+    assert all(p.requires_grad for p in model.parameters())

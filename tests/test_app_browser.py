@@ -1,0 +1,247 @@
+"""The Streamlit app in a real browser: a real server, headless Chromium, real uploads.
+
+Needs Chromium at /usr/bin/chromium (Debian package ``chromium``) and the ``playwright`` pip package; the
+test fails with a clear message when either is missing. Screenshots go to ``test-artifacts/``. The
+upload → overlays time is printed (run with ``-s`` to see it), never asserted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mcloss
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "default.safetensors"
+DEFAULT_SAMPLES = REPO / "checkpoints" / "samples"
+TIMEOUT_MS = 120_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bird(seed: int, size: int = 160) -> tuple[np.ndarray, list[list[float]]]:
+    """A simple synthetic picture with three 'parts' at known places."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 235, np.uint8)
+    img += rng.integers(0, 20, img.shape, dtype=np.uint8)
+    parts = []
+    for k, colour in enumerate([(200, 40, 40), (40, 160, 60), (40, 60, 200)]):
+        x, y = int(rng.integers(20, size - 20)), int(rng.integers(20, size - 20))
+        img[y - 10 : y + 10, x - 10 : x + 10] = colour
+        parts.append([x + 0.5, y + 0.5, 1.0 if k < 2 else 0.0])
+    return img, parts
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for the server: MCLOSS_CHECKPOINT / MCLOSS_SAMPLES if set, else the shipped default
+    checkpoint and gallery when present, else tiny ones built here."""
+    env = dict(os.environ)
+    tmp = tmp_path_factory.mktemp("browser")
+    if env.get("MCLOSS_CHECKPOINT"):
+        pass
+    elif DEFAULT_CHECKPOINT.is_file():
+        env["MCLOSS_CHECKPOINT"] = str(DEFAULT_CHECKPOINT)
+    else:
+        model = mcloss.build_model(
+            "resnet18", 4, xi=3, img_size=64, class_names=["Red_Crown", "Green_Wing", "Blue_Tail", "Plain"]
+        )
+        path = tmp / "tiny.safetensors"
+        mcloss.save_checkpoint(model, path)
+        env["MCLOSS_CHECKPOINT"] = str(path)
+    if env.get("MCLOSS_SAMPLES"):
+        pass
+    elif (DEFAULT_SAMPLES / "index.json").is_file():
+        env["MCLOSS_SAMPLES"] = str(DEFAULT_SAMPLES)
+    else:
+        folder = tmp / "samples"
+        folder.mkdir()
+        samples = []
+        for i in range(2):
+            img, parts = _bird(i)
+            Image.fromarray(img).save(folder / f"bird_{i}.png")
+            samples.append({"file": f"bird_{i}.png", "label": i, "class_name": f"class {i}", "parts": parts})
+        (folder / "index.json").write_text(json.dumps({"part_names": ["crown", "wing", "tail"], "samples": samples}))
+        env["MCLOSS_SAMPLES"] = str(folder)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(app_env):
+    """``streamlit run`` on a free local port; always terminated."""
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "streamlit_server.log"
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(REPO / "app" / "streamlit_app.py"),
+        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=app_env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"streamlit exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"streamlit not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (Debian: apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright pip package is not installed (pip install playwright)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            pg = browser.new_page(viewport={"width": 1600, "height": 1100})
+            pg.set_default_timeout(TIMEOUT_MS)
+            pg.goto(server)
+            yield pg
+        finally:
+            browser.close()
+
+
+def _png(img: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _no_traceback(pg) -> None:
+    text = pg.inner_text("body")
+    assert "Traceback" not in text, text[:2000]
+    assert pg.locator('[data-testid="stException"]').count() == 0
+
+
+def _wait_overlays(pg) -> None:
+    pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="visible")
+    pg.locator('img[alt^="channel 1 of"]').first.wait_for(state="visible")
+    pg.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+
+
+def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
+    pg = page
+    # 1. the gallery sample renders first, with its ground-truth parts
+    _wait_overlays(pg)
+    _no_traceback(pg)
+    pg.screenshot(path=str(ARTIFACTS / "app_gallery.png"), full_page=True)
+    assert pg.get_by_text("channel peaks on a ground-truth part").count() >= 1
+
+    # 2. switch to upload and upload an image; time until the overlays show
+    pg.locator('[data-testid="stSidebar"]').get_by_role("radio", name="Upload", exact=True).click()
+    pg.get_by_text("Upload an image or pick a gallery sample").wait_for()
+    assert pg.locator('img[alt^="Grad-CAM of"]').count() == 0
+    img, _ = _bird(7, size=240)
+    good = tmp_path / "upload_bird.jpg"
+    good.write_bytes(_png(img, "JPEG"))
+    file_input = pg.locator('[data-testid="stSidebar"] input[type=file]')
+    t0 = time.perf_counter()
+    file_input.set_input_files(str(good))
+    pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="visible")
+    pg.locator('img[alt^="channel 1 of"]').first.wait_for(state="visible")
+    elapsed = time.perf_counter() - t0
+    page_line = pg.get_by_text("page ").last.inner_text()
+    print(f"\nupload -> overlays visible: {elapsed:.2f} s in the browser; app says: {page_line}")
+    _wait_overlays(pg)
+    _no_traceback(pg)
+    channels = pg.locator('img[alt^="channel "]').count()
+    assert channels >= 3
+    # original + ξ channels + CCMP + parts + Grad-CAM, all as st.image elements
+    assert pg.locator('[data-testid="stImage"]').count() >= channels + 4
+    assert pg.locator('img[alt^="CCMP of"]').count() == 1
+    assert pg.locator('img[alt^="part composite of"]').count() == 1
+    assert pg.get_by_text("upload_bird.jpg").count() >= 1
+    pg.screenshot(path=str(ARTIFACTS / "app_upload.png"), full_page=True)
+
+    # 3. a broken file: one clean error sentence, no traceback
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(_png(img)[:200])
+    file_input.set_input_files(str(broken))
+    alert = pg.locator('[data-testid="stAlert"]').filter(has_text="Cannot read the image")
+    alert.wait_for(state="visible")
+    assert "broken.png" in alert.inner_text()
+    assert "corrupt or truncated" in alert.inner_text()
+    _no_traceback(pg)
+    assert pg.locator('img[alt^="Grad-CAM of"]').count() == 0
+    pg.screenshot(path=str(ARTIFACTS / "app_error.png"), full_page=True)
+
+    # 4. a good file again: the overlays come back
+    good2 = tmp_path / "second_bird.png"
+    good2.write_bytes(_png(_bird(8, size=200)[0]))
+    file_input.set_input_files(str(good2))
+    pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="visible")
+    _wait_overlays(pg)
+    assert pg.locator('[data-testid="stAlert"]').filter(has_text="Cannot read the image").count() == 0
+    assert pg.get_by_text("second_bird.png").count() >= 1
+    _no_traceback(pg)
+    pg.screenshot(path=str(ARTIFACTS / "app_recovered.png"), full_page=True)
+
+    # 5. an uploaded checkpoint: a broken one gets a sidebar error, a good one works
+    sidebar = pg.locator('[data-testid="stSidebar"]')
+    sidebar.locator('[data-testid="stSelectbox"]').first.click()
+    pg.get_by_role("option", name="Upload a checkpoint…").click()
+    ckpt_input = sidebar.locator('[data-testid="stFileUploader"]').filter(has_text="Checkpoint file").locator(
+        "input[type=file]"
+    )
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"not a checkpoint at all")
+    ckpt_input.set_input_files(str(fake))
+    ck_alert = sidebar.locator('[data-testid="stAlert"]').filter(has_text="Checkpoint not usable")
+    ck_alert.wait_for(state="visible")
+    assert "fake.safetensors" in ck_alert.inner_text()
+    _no_traceback(pg)
+    ckpt_input.set_input_files(app_env["MCLOSS_CHECKPOINT"])
+    ck_alert.wait_for(state="detached")
+    _wait_overlays(pg)
+    _no_traceback(pg)
+    assert pg.get_by_text("second_bird.png").count() >= 1

@@ -1,0 +1,26 @@
+"""Benchmark CLI: runs the requested paths on a tiny model and reports images/s and ratios."""
+
+from __future__ import annotations
+
+import json
+
+from mcloss.bench import main
+
+
+def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b.json"
+    code = main(["--backbone", "resnet18", "--img-size", "32", "--classes", "2", "--device", "cpu", "--json", str(out),
+                 "--batch-size", "2", "--repeats", "2", "--warmup", "0",
+                 "--paths", "forward_only,channel_maps,captum_gradcam,channel_maps_and_gradcam"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report["paths"]) == {"forward_only", "channel_maps", "captum_gradcam", "channel_maps_and_gradcam"}
+    assert all(len(p["times_s"]) == 2 and p["images_per_s"] > 0 for p in report["paths"].values())
+    r = report["ratios"]["channel_maps / forward_only"]
+    want = report["paths"]["channel_maps"]["images_per_s"] / report["paths"]["forward_only"]["images_per_s"]
+    assert abs(r["ratio"] - want) < 1e-9 and "channel_maps_and_gradcam / pytorch_grad_cam" not in report["ratios"]
+    assert "images/s" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert main(["--json", "x.json"]) == 2
+    assert "default.safetensors" in capsys.readouterr().err
+    assert main(["--backbone", "resnet18", "--json", "x.json", "--paths", "nope"]) == 2

@@ -1,0 +1,254 @@
+"""Batch export: outputs, broken inputs, mirroring, collisions, escapes, resume after SIGKILL, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mcloss
+from mcloss.cli import main as cli_main
+from mcloss.export import collect_inputs, find_cub_label, main, sanitize_component
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = mcloss.build_model("resnet18", 4, xi=3, img_size=64, class_names=["ant", "bee", "cat", "dog"])
+    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
+    mcloss.save_checkpoint(model.eval(), path)
+    return path
+
+
+def _rgb(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _write_good_images(root: Path) -> dict[str, tuple[int, int]]:
+    """Every decodable mode, with the (width, height) expected after EXIF."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sub" / "deeper").mkdir(parents=True)
+    sizes = {}
+    _rgb(80, 50, 1).save(root / "a.jpg")
+    sizes["a.jpg"] = (80, 50)
+    _rgb(40, 60, 2).save(root / "a.png")  # same stem as a.jpg
+    sizes["a.png"] = (40, 60)
+    rgba = np.zeros((30, 50, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :25, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    sizes["rgba.png"] = (50, 30)
+    _rgb(45, 45, 3).convert("P").save(root / "palette.png")
+    sizes["palette.png"] = (45, 45)
+    Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(root / "deep16.png")
+    sizes["deep16.png"] = (64, 48)
+    _rgb(50, 70, 4).convert("CMYK").save(root / "sub" / "cmyk.jpg")
+    sizes["sub/cmyk.jpg"] = (50, 70)
+    frames = [_rgb(36, 52, s) for s in (5, 6)]
+    frames[0].save(root / "sub" / "multi.tiff", save_all=True, append_images=frames[1:])
+    sizes["sub/multi.tiff"] = (36, 52)
+    frames[0].save(root / "sub" / "deeper" / "anim.gif", save_all=True, append_images=frames[1:])
+    sizes["sub/deeper/anim.gif"] = (36, 52)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: a 90×40 file is shown 40×90
+    _rgb(90, 40, 7).save(root / "sub" / "rotated.jpg", exif=exif)
+    sizes["sub/rotated.jpg"] = (40, 90)
+    return sizes
+
+
+def _write_bad_images(root: Path) -> list[str]:
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.png").write_text("this is not an image")
+    buf = (root / "a.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(buf[: len(buf) // 3])
+    Image.new("1", (20000, 10000)).save(root / "sub" / "bomb.png")  # 200 MP in a small file
+    return ["empty.jpg", "text.png", "truncated.jpg", "sub/bomb.png"]
+
+
+def _check_image_outputs(base: Path, size: tuple[int, int], xi: int = 3) -> dict:
+    rec = json.loads(base.with_name(base.name + ".json").read_text())
+    assert rec["image_size"] == list(size)
+    with np.load(base.with_name(base.name + ".npz")) as z:
+        assert z["channels"].shape == (xi, 4, 4) and z["channels"].dtype == np.float32
+        assert z["gradcam"].shape == (4, 4) and (z["gradcam"] >= 0).all()
+        assert z["probs"].shape == (4,) and abs(float(z["probs"].sum()) - 1) < 1e-5
+        assert z["probs_mc"].shape == (4,) and int(z["target"]) == rec["target"]["index"]
+        assert rec["prediction"]["index"] == int(np.argmax(z["probs"]))
+    png = np.asarray(Image.open(base.with_name(base.name + ".png")))
+    assert png.ndim == 3 and png.shape[2] == 3 and png.dtype == np.uint8
+    assert rec["target"]["index"] == rec["prediction"]["index"]
+    assert [c["channel"] for c in rec["channels"]] == list(range(xi))
+    for c in rec["channels"]:
+        x, y = c["peak_xy"]
+        assert 0 <= x < size[0] and 0 <= y < size[1]
+    assert len(rec["gradcam"]["peak_xy"]) == 2 and len(rec["topk"]) == 4
+    return rec
+
+
+def test_folder_of_good_and_broken_files(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in"
+    sizes = _write_good_images(src)
+    bad = _write_bad_images(src)
+    missing = str(tmp_path / "nowhere.jpg")
+    out = tmp_path / "out"
+    code = main(
+        ["--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out), "--workers", "2",
+         "--batch-size", "3", "--tile-height", "48", "--no-progress"]
+    )
+    assert code == 1
+    for rel, size in sizes.items():
+        _check_image_outputs(out / "in" / rel, size)
+    with open(out / "errors.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["file"]).relative_to(src).as_posix() for r in rows) == sorted(bad)
+    reasons = {Path(r["file"]).name: r["reason"] for r in rows}
+    assert "empty" in reasons["empty.jpg"] and "not a recognized image" in reasons["text.png"]
+    assert "too large" in reasons["bomb.png"] and "truncated" in reasons["truncated.jpg"]
+    for rel in bad:
+        assert not list((out / "in" / rel).parent.glob(Path(rel).name + ".*"))
+    with open(out / "index.csv") as f:
+        index = list(csv.DictReader(f))
+    assert len(index) == len(sizes)
+    assert all((out / o).is_file() for row in index for o in row["outputs"].split(";"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": len(sizes) + len(bad), "ok": len(sizes), "failed": len(bad), "skipped": 0}
+    assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["versions"]["captum"]
+    assert manifest["options"]["tile_height"] == 48
+    # the rerun skips everything finished and still reports the broken files
+    code = main(["--checkpoint", str(checkpoint), "--input", str(src), missing, "--out", str(out), "--workers", "0",
+                 "--no-progress"])
+    assert code == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["ok"] == 0 and manifest["counts"]["failed"] == len(bad) + 1
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_topk_targets_and_extra_maps(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    _rgb(70, 40).save(src / "x.png")
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(checkpoint), "--input", str(src / "x.png"), "--out", str(out), "--target", "top2",
+                 "--maps", "channels,gradcam,channel_gradcam,guided", "--workers", "0", "--no-progress",
+                 "--shared-scale", "--colormap", "viridis", "--alpha", "0.3"])
+    assert code == 0
+    rec = json.loads((out / "x.png.json").read_text())
+    assert [t["rank"] for t in rec["targets"]] == [1, 2]
+    assert [t["index"] for t in rec["targets"]] == [t["index"] for t in rec["topk"][:2]]
+    assert rec["outputs"] == ["x.png.png", "x.png.r2.png", "x.png.npz", "x.png.json"]
+    with np.load(out / "x.png.npz") as z:
+        assert z["channel_gradcam_r2"].shape == (3, 4, 4) and z["guided"].shape == (64, 64)
+        assert z["targets"].tolist() == [t["index"] for t in rec["targets"]]
+    assert (out / "x.png.r2.png").is_file()
+    code = main(["--checkpoint", str(checkpoint), "--input", str(src / "x.png"), "--out", str(tmp_path / "o2"),
+                 "--target", "cat", "--workers", "0", "--no-progress", "--method", "captum"])
+    assert code == 0 and json.loads((tmp_path / "o2" / "x.png.json").read_text())["target"]["name"] == "cat"
+
+
+def test_label_target_from_cub_layout(tmp_path, checkpoint):
+    root = tmp_path / "cub"
+    (root / "images" / "001.Ant").mkdir(parents=True)
+    (root / "images" / "003.Cat").mkdir(parents=True)
+    _rgb(50, 40, 1).save(root / "images" / "001.Ant" / "one.jpg")
+    _rgb(50, 40, 2).save(root / "images" / "003.Cat" / "two.jpg")
+    (root / "images.txt").write_text("1 001.Ant/one.jpg\n2 003.Cat/two.jpg\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 3\n")
+    assert find_cub_label(root / "images" / "003.Cat" / "two.jpg") == 2
+    assert find_cub_label(tmp_path / "elsewhere.jpg") is None
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(root / "images"), "--out", str(out),
+                 "--target", "label", "--workers", "0", "--no-progress"]) == 0
+    assert json.loads((out / "images" / "001.Ant" / "one.jpg.json").read_text())["target"]["name"] == "ant"
+    rec = json.loads((out / "images" / "003.Cat" / "two.jpg.json").read_text())
+    assert rec["target"]["name"] == "cat" and rec["label"] == {"index": 2, "name": "cat"}
+    stray = tmp_path / "stray.jpg"
+    _rgb(30, 30).save(stray)
+    assert main(["--checkpoint", str(checkpoint), "--input", str(stray), "--out", str(out), "--target", "label",
+                 "--workers", "0", "--no-progress"]) == 1
+    assert "no label" in (out / "errors.csv").read_text()
+
+
+def test_names_stay_inside_out_and_do_not_collide(tmp_path, checkpoint, monkeypatch):
+    for d in ("d1/imgs", "d2/imgs", "work"):
+        (tmp_path / d).mkdir(parents=True)
+    _rgb(30, 30, 1).save(tmp_path / "d1" / "imgs" / "p.png")
+    _rgb(30, 30, 2).save(tmp_path / "d2" / "imgs" / "p.png")
+    _rgb(30, 30, 3).save(tmp_path / "..hidden.png")
+    monkeypatch.chdir(tmp_path / "work")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    inputs = ["../d1/imgs", "../d2/imgs", str(tmp_path / "..hidden.png"), "../d1/imgs/p.png"]
+    keys = [f.key for f in collect_inputs(inputs)]
+    assert keys == ["imgs/p.png", "imgs/p.png~2", "hidden.png"]  # the repeated file is exported once
+    assert main(["--checkpoint", str(checkpoint), "--input", *inputs, "--out", "o", "--workers", "0",
+                 "--no-progress"]) == 0
+    out = tmp_path / "work" / "o"
+    for key in keys:
+        assert (out / (key + ".json")).is_file()
+    a = json.loads((out / "imgs" / "p.png.json").read_text())["file"]
+    b = json.loads((out / "imgs" / "p.png~2.json").read_text())["file"]
+    assert {a, b} == {"../d1/imgs/p.png", "../d2/imgs/p.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sanitize_component("..") == "_" and sanitize_component("a/../b") == "a_.._b"
+    assert "/" not in sanitize_component("x\\..\\y") and sanitize_component(".env") == "env"
+
+
+def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _rgb(30, 20).save(tmp_path / "i.png")
+    assert cli_main(["export", "--input", "i.png", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/default.safetensors" in err and "not found" in err
+    base = ["export", "--checkpoint", str(checkpoint), "--input", "i.png", "--out", "o", "--workers", "0"]
+    assert cli_main([*base, "--maps", "channels,xray"]) == 2
+    assert "xray" in capsys.readouterr().err
+    assert cli_main([*base, "--target", "zebra"]) == 2
+    assert "zebra" in capsys.readouterr().err
+    assert cli_main([*base, "--shard", "2/2"]) == 2
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage!" * 4)
+    assert cli_main(["export", "--checkpoint", "bad.safetensors", "--input", "i.png", "--out", "o"]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    assert cli_main([*base, "--shard", "0/2", "--no-progress"]) == 0
+    assert (tmp_path / "o" / "manifest.shard-0-of-2.json").is_file() and (tmp_path / "o" / "i.png.json").is_file()
+    assert cli_main([*base, "--shard", "1/2", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.shard-1-of-2.json").read_text())["counts"]["inputs"] == 0
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_ends_complete(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 16
+    for i in range(n):
+        _rgb(60 + i, 50, i).save(src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mcloss", "export", "--checkpoint", str(checkpoint), "--input", str(src),
+           "--out", str(out), "--batch-size", "1", "--workers", "0", "--no-progress", "--tile-height", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(out.glob("in/*.json"))) < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("in/img*.json")))
+    assert 3 <= done < n, "the run must be killed mid-way"
+    assert not (out / "manifest.json").exists()
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["skipped"] == done and manifest["counts"]["ok"] == n - done
+    for i in range(n):
+        _check_image_outputs(out / "in" / f"img{i:02d}.png", (60 + i, 50))
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]

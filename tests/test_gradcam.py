@@ -1,0 +1,163 @@
+"""Fused Grad-CAM equals Captum; hooks, train/eval mode and requires_grad are always restored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mcloss
+from mcloss.gradcam import (
+    HOOK_DICTS,
+    captum_channel_gradcam,
+    captum_gradcam,
+    captum_guided_gradcam,
+    model_guard,
+)
+from mcloss.maps import explain
+
+
+def _model(classes: int = 6) -> mcloss.MCModel:
+    torch.manual_seed(0)
+    model = mcloss.build_model("resnet18", classes, xi=3, img_size=64).eval()
+    # make the FC head's BN statistics non-trivial so gradients differ per class
+    with torch.no_grad():
+        for m in model.head.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _images(n: int, w: int = 64, h: int = 64) -> list[Image.Image]:
+    rng = np.random.default_rng(n)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _no_hooks(model: torch.nn.Module) -> bool:
+    return all(not getattr(m, name, {}) for m in model.modules() for name in HOOK_DICTS)
+
+
+def _assert_rel(a: np.ndarray, b: np.ndarray) -> None:
+    scale = max(float(np.abs(b).max()), 1e-12)
+    assert float(np.abs(a - b).max()) <= 1e-5 * scale, (np.abs(a - b).max(), scale)
+
+
+def test_fused_equals_captum_batch_with_different_targets():
+    model = _model()
+    images = _images(3, 80, 60)
+    targets = [0, 4, "class_002"]
+    fused = explain(model, images, targets, method="fused", channel_gradcam=True)
+    ref = explain(model, images, targets, method="captum", channel_gradcam=True)
+    x = torch.stack([model.transform(im) for im in images])
+    direct = captum_gradcam(model, x, [0, 4, 2]).numpy()
+    per_channel = captum_channel_gradcam(model, x, [0, 4, 2]).numpy()
+    for b, (f, r) in enumerate(zip(fused, ref, strict=True)):
+        gf, gr = f.groups[0], r.groups[0]
+        assert gf.target == gr.target == [0, 4, 2][b]
+        assert gr.gradcam.max() > 0  # a real, non-empty reference
+        _assert_rel(gf.gradcam, gr.gradcam)
+        _assert_rel(gf.gradcam, direct[b])
+        _assert_rel(gf.channel_gradcam, gr.channel_gradcam)
+        _assert_rel(gf.channel_gradcam, per_channel[b, model.group_slice(gf.target)])
+        np.testing.assert_allclose(gf.gradcam_peak_xy, gr.gradcam_peak_xy)
+    # different targets give different maps (the target is really used)
+    other = explain(model, images[:1], 1, method="fused")[0].groups[0].gradcam
+    assert np.abs(other - fused[0].groups[0].gradcam).max() > 1e-4
+
+
+def test_fused_equals_captum_for_topk_and_matches_logit_gradient():
+    model = _model()
+    images = _images(2)
+    fused = explain(model, images, "top3")
+    x = torch.stack([model.transform(im) for im in images])
+    for r in range(3):
+        targets = [e.groups[r].target for e in fused]
+        ref = captum_gradcam(model, x, targets).numpy()
+        for b, e in enumerate(fused):
+            _assert_rel(e.groups[r].gradcam, ref[b])
+    # by hand: ReLU(Σ_k mean(dlogit/dF_k) · F_k) for image 0's best class
+    f = model.forward_features(x[:1]).detach().requires_grad_(True)
+    t = fused[0].groups[0].target
+    (g,) = torch.autograd.grad(model.head_logits(f)[0, t], f)
+    want = torch.relu((g.mean((2, 3), keepdim=True) * f).sum(1))[0].detach().numpy()
+    _assert_rel(fused[0].groups[0].gradcam, want)
+
+
+def test_no_parameter_gradients_and_state_restored():
+    model = _model()
+    model.train()
+    model.features[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    for method in ("fused", "captum"):
+        explain(model, _images(2), "pred", method=method, channel_gradcam=True, guided=(method == "captum"))
+        assert model.training and all(m.training for m in model.modules())
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
+        assert _no_hooks(model)
+
+
+def test_eval_mode_is_used_inside_and_running_stats_untouched():
+    model = _model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    explain(model, _images(2), "pred", method="fused")
+    explain(model, _images(2), "pred", method="captum")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("call", ["captum", "channel", "guided", "explain_captum", "explain_fused"])
+def test_hooks_removed_and_state_restored_after_exception(call, monkeypatch):
+    model = _model()
+    model.train()
+    model.head.classifier[1].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    x = torch.stack([model.transform(im) for im in _images(2)])
+    real_forward = model.head.forward
+
+    def exploding(features):
+        # the feature-layer hook of Captum has fired by now
+        if call.startswith("explain_fused") or model.feature_layer._forward_hooks:
+            raise RuntimeError("boom")
+        return real_forward(features)
+
+    monkeypatch.setattr(model.head, "forward", exploding)
+    with pytest.raises(RuntimeError, match="boom"):
+        if call == "captum":
+            captum_gradcam(model, x, [0, 1])
+        elif call == "channel":
+            captum_channel_gradcam(model, x, 0)
+        elif call == "guided":
+            captum_guided_gradcam(model, x, [1, 0])
+        else:
+            explain(model, _images(2), "pred", method=call.split("_")[1], guided=True)
+    assert not model.feature_layer._forward_hooks
+    assert _no_hooks(model)
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_guided_gradcam_shape_and_sign():
+    model = _model()
+    (e,) = explain(model, _images(1, 72, 48), 3, method="fused", guided=True)
+    g = e.groups[0]
+    assert g.guided.shape == (64, 64) and g.guided.dtype == np.float32
+    assert (g.guided < 0).any() or (g.guided > 0).any()
+    x = model.transform(_images(1, 72, 48)[0])[None]
+    np.testing.assert_allclose(g.guided, captum_guided_gradcam(model, x, 3)[0].sum(0).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_model_guard_removes_only_hooks_added_inside():
+    model = _model()
+    keep = model.feature_layer.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError), model_guard(model):
+        model.feature_layer.register_forward_hook(lambda *a: None)
+        model.head.register_full_backward_hook(lambda *a: None)
+        model.features[0].register_forward_pre_hook(lambda *a: None)
+        raise ValueError("inside")
+    assert list(model.feature_layer._forward_hooks) == [keep.id]
+    assert not model.head._backward_hooks and not model.features[0]._forward_pre_hooks
+    keep.remove()
+    assert _no_hooks(model)

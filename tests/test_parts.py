@@ -1,0 +1,367 @@
+"""`mcloss parts`: maps planted on known keypoints give known scores; the CLI writes every output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mcloss import metrics as M
+from mcloss import parts as P
+from mcloss.checkpoint import save_checkpoint
+from mcloss.data import CUBDataset
+from mcloss.loss import ccmp
+from mcloss.maps import explain
+from mcloss.model import MCModel, build_model
+from mcloss.transforms import EvalTransform
+
+# Original images are 64×48 (W×H), resized to a 32×32 input; F is 8×8, so feature cell (i, j) covers
+# original pixels x ∈ [8i, 8i+8), y ∈ [6j, 6j+6) and its centre is (8i + 4, 6j + 3).
+W0, H0, CELL_W, CELL_H = 64, 48, 8, 6
+PART_NAMES = ["red", "green", "blue"]
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+# one-hot colours are picked by ReLU(2·x_c − Σx); white by ReLU(Σx − 2) (the input is in [0, 1])
+FILTERS = {
+    "red": ([2.0, -1.0, -1.0], 0.0),
+    "green": ([-1.0, 2.0, -1.0], 0.0),
+    "blue": ([-1.0, -1.0, 2.0], 0.0),
+    "white": ([1.0, 1.0, 1.0], -2.0),
+}
+DECOY_CELL = (0, 0)  # the white square: far from every part cell below
+
+
+class CCMPHead(nn.Module):
+    """Logits = scale × CCMP-GAP: the class whose colours cover most area wins."""
+
+    def __init__(self, groups: list[int], scale: float = 50.0) -> None:
+        super().__init__()
+        self.groups = groups
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * ccmp(features, self.groups).mean(dim=(2, 3))
+
+
+def planted_model(assign: list[list[str]]) -> MCModel:
+    """An MCModel whose channel (c, j) fires exactly on the colour ``assign[c][j]`` (a part or the decoy)."""
+    groups = [len(a) for a in assign]
+    conv = nn.Conv2d(3, sum(groups), 1)
+    with torch.no_grad():
+        for k, colour in enumerate(c for a in assign for c in a):
+            conv.weight[k, :, 0, 0] = torch.tensor(FILTERS[colour][0])
+            conv.bias[k] = FILTERS[colour][1]
+    features = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(4))
+    transform = EvalTransform((32, 32), None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    names = [f"class_{i}" for i in range(len(assign))]
+    return MCModel(features, CCMPHead(groups), groups, names, transform, {"backbone": "planted"}).eval()
+
+
+def cell_centre(cell: tuple[int, int]) -> tuple[float, float]:
+    return (cell[0] * CELL_W + CELL_W / 2, cell[1] * CELL_H + CELL_H / 2)
+
+
+def paint(cells: dict[str, tuple[int, int]]) -> Image.Image:
+    """A black 64×48 image with each colour filling its feature cell, plus the white decoy."""
+    img = np.zeros((H0, W0, 3), np.uint8)
+    for colour, (i, j) in {**cells, "white": DECOY_CELL}.items():
+        img[j * CELL_H : (j + 1) * CELL_H, i * CELL_W : (i + 1) * CELL_W] = COLOURS[colour]
+    return Image.fromarray(img)
+
+
+def part_layouts(n: int, seed: int = 0) -> list[dict[str, tuple[int, int]]]:
+    """n random placements of the three parts on distinct cells, ≥ 3 cells apart and away from the decoy."""
+    rng = np.random.default_rng(seed)
+    layouts = []
+    while len(layouts) < n:
+        cells = [tuple(int(v) for v in rng.integers(1, 7, size=2)) for _ in PART_NAMES]
+        pts = cells + [DECOY_CELL]
+        if all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 3 for i, a in enumerate(pts) for b in pts[i + 1 :]):
+            layouts.append(dict(zip(PART_NAMES, cells, strict=True)))
+    return layouts
+
+
+def write_cub(root: Path, layouts, labels, class_names, invisible: dict[int, list[int]] | None = None) -> Path:
+    """A tiny CUB_200_2011-layout directory (all images in the test split) with part keypoints."""
+    invisible = invisible or {}
+    (root / "parts").mkdir(parents=True)
+    images, cls_lines, split, locs, boxes = [], [], [], [], []
+    for n, (cells, label) in enumerate(zip(layouts, labels, strict=True), start=1):
+        rel = f"{label + 1:03d}.{class_names[label]}/img_{n:04d}.png"
+        (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        paint(cells).save(root / "images" / rel)
+        images.append(f"{n} {rel}")
+        cls_lines.append(f"{n} {label + 1}")
+        split.append(f"{n} 0")
+        boxes.append(f"{n} 0.0 0.0 {W0}.0 {H0}.0")
+        for p, name in enumerate(PART_NAMES):
+            x, y = cell_centre(cells[name])
+            vis = 0 if p in invisible.get(n - 1, []) else 1
+            locs.append(f"{n} {p + 1} {x} {y} {vis}")  # invisible parts keep their true place
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(cls_lines) + "\n")
+    (root / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    (root / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
+    (root / "classes.txt").write_text("".join(f"{i + 1} {i + 1:03d}.{c}\n" for i, c in enumerate(class_names)))
+    (root / "parts" / "parts.txt").write_text("".join(f"{i + 1} {p}\n" for i, p in enumerate(PART_NAMES)))
+    (root / "parts" / "part_locs.txt").write_text("\n".join(locs) + "\n")
+    return root
+
+
+def dataset(tmp_path: Path, assign, n: int = 6, labels=None, invisible=None, seed: int = 0):
+    labels = labels or [0] * n
+    root = write_cub(tmp_path / "cub", part_layouts(n, seed), labels, [f"class_{i}" for i in range(len(assign))], invisible)
+    return CUBDataset(root, "test", with_parts=True)
+
+
+# ----------------------------------------------------------------------------------------- localization
+
+
+def test_planted_peaks_land_exactly_on_keypoints(tmp_path):
+    ds = dataset(tmp_path, [["red", "green", "blue"], ["white"] * 3], n=2)
+    model = planted_model([["red", "green", "blue"], ["white"] * 3])
+    rec = ds.records[0]
+    img = Image.open(rec.path).convert("RGB")
+    ex = explain(model, [img], [0], gradcam=True)[0]
+    np.testing.assert_allclose(ex.groups[0].peaks_xy, rec.parts[:, :2])
+
+
+def test_channels_on_distinct_parts_hit_every_part(tmp_path):
+    assign = [["red", "green", "blue"], ["white", "white", "white"]]
+    ds = dataset(tmp_path, assign, n=6)
+    result = P.run_parts(planted_model(assign), ds, faithfulness=False)
+    s = result.summary
+    assert s == P.evaluate_parts(planted_model(assign), ds, faithfulness=False)
+    ch = s["methods"]["channels"]
+    assert ch["hit_rate"] == 1.0 and ch["peaks"] == 18
+    row = result.per_image[0]
+    assert row["channel_parts"] == "red;green;blue" and row["channel_distances"] == "0;0;0"
+    assert row["channel_hits"] == 3 and row["channel_distinct"] == 3 and row["radius_px"] == pytest.approx(0.12 * 64)
+    assert ch["distinct_parts"] == 3.0
+    assert ch["overlap"] == 0.0  # the three channels' top-10 % masks are disjoint
+    assert s["channel_part_matrix"] == [[6, 0, 0], [0, 6, 0], [0, 0, 6]]
+    assert s["channel_part_hits"] == [[6, 0, 0], [0, 6, 0], [0, 0, 6]]
+    assert s["channel_part_matrix_normalized"] == [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]
+    assert ch["part_histogram"] == [6, 6, 6]
+    assert s["methods"]["gradcam"]["hit_rate"] == 1.0  # its peak is on one of the three parts
+    assert s["images"] == s["scored_images"] == 6
+    assert s["top1_fc"] == 1.0 and s["top1_mc"] == 1.0
+    assert s["methods"]["random"]["hit_rate"] < 1.0
+
+
+def test_channels_on_one_part_hit_one_distinct_part(tmp_path):
+    assign = [["green", "green", "green"], ["white", "white", "white"]]
+    s = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), faithfulness=False)
+    ch = s["methods"]["channels"]
+    assert ch["hit_rate"] == 1.0
+    assert ch["distinct_parts"] == 1.0
+    assert ch["overlap"] == 1.0  # identical channels, identical masks
+    assert s["channel_part_matrix"] == [[0, 4, 0]] * 3
+
+
+def test_peaks_far_from_parts_never_hit(tmp_path):
+    assign = [["white", "white", "white"], ["red", "green", "blue"]]
+    s = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), faithfulness=False)
+    ch = s["methods"]["channels"]
+    assert ch["hit_rate"] == 0.0 and ch["distinct_parts"] == 0.0
+    assert s["channel_part_hits"] == [[0, 0, 0]] * 3
+    assert np.asarray(s["channel_part_matrix"]).sum() == 12  # nearest parts are still counted
+    assert s["methods"]["gradcam"]["hit_rate"] == 0.0
+
+
+def test_the_true_class_group_is_scored(tmp_path):
+    # class 0 watches the decoy, class 1 the parts: images of class 1 must score 1.0, of class 0 zero
+    assign = [["white", "white", "white"], ["red", "green", "blue"]]
+    model = planted_model(assign)
+    s1 = P.evaluate_parts(model, dataset(tmp_path / "a", assign, n=3, labels=[1, 1, 1]), faithfulness=False)
+    s0 = P.evaluate_parts(model, dataset(tmp_path / "b", assign, n=3, labels=[0, 0, 0]), faithfulness=False)
+    assert s1["methods"]["channels"]["hit_rate"] == 1.0 and s1["methods"]["channels"]["distinct_parts"] == 3.0
+    assert s0["methods"]["channels"]["hit_rate"] == 0.0
+
+
+def test_invisible_parts_are_ignored(tmp_path):
+    # the blue part is marked invisible in every image: the blue channel's peak sits on it but is a miss
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    ds = dataset(tmp_path, assign, n=4, invisible={i: [2] for i in range(4)})
+    s = P.evaluate_parts(planted_model(assign), ds, faithfulness=False)
+    ch = s["methods"]["channels"]
+    assert ch["hit_rate"] == pytest.approx(2 / 3)
+    assert ch["distinct_parts"] == 2.0
+    assert [row[2] for row in s["channel_part_matrix"]] == [0, 0, 0]  # nothing is ever nearest to blue
+    assert s["channel_part_hits"] == [[4, 0, 0], [0, 4, 0], [0, 0, 0]]
+
+
+def test_images_without_visible_parts_count_for_accuracy_only(tmp_path):
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    ds = dataset(tmp_path, assign, n=3, invisible={0: [0, 1, 2]})
+    result = P.run_parts(planted_model(assign), ds, faithfulness=False)
+    assert result.summary["images"] == 3 and result.summary["scored_images"] == 2
+    assert result.summary["methods"]["channels"]["peaks"] == 6
+    assert result.per_image[0]["visible_parts"] == 0 and "channel_hits" not in result.per_image[0]
+
+
+def test_dead_channel_has_no_peak(tmp_path):
+    # a "yellow" channel sees nothing in these images: zero everywhere, so it is a miss, not a corner hit
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    model = planted_model(assign)
+    with torch.no_grad():
+        model.features[0].weight[2] = 0.0
+        model.features[0].bias[2] = 0.0
+    s = P.evaluate_parts(model, dataset(tmp_path, assign, n=3), faithfulness=False)
+    assert s["methods"]["channels"]["hit_rate"] == pytest.approx(2 / 3)
+    assert s["channel_part_matrix"][2] == [0, 0, 0]
+
+
+def test_random_baseline_is_seeded_and_near_chance(tmp_path):
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    ds = dataset(tmp_path, assign, n=40)
+    model = planted_model(assign)
+    a = P.run_parts(model, ds, faithfulness=False, seed=3)
+    b = P.run_parts(model, ds, faithfulness=False, seed=3)
+    c = P.run_parts(model, ds, faithfulness=False, seed=4)
+    col = [(r["random_hits"], r["random_distinct"]) for r in a.per_image]
+    assert col == [(r["random_hits"], r["random_distinct"]) for r in b.per_image]
+    assert col != [(r["random_hits"], r["random_distinct"]) for r in c.per_image]
+    # chance: three discs of radius 0.12 × 64 px (disjoint, inside the 64×48 image) cover 3π·7.68²/3072
+    chance = 3 * math.pi * (0.12 * 64) ** 2 / (W0 * H0)
+    assert a.summary["methods"]["random"]["hit_rate"] == pytest.approx(chance, abs=0.1)
+
+
+def test_radius_and_size_reference(tmp_path):
+    # peaks are exact, so any radius hits; the rule is reported and the pixel radius follows it
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    ds = dataset(tmp_path, assign, n=2)
+    r = P.run_parts(planted_model(assign), ds, faithfulness=False, radius=0.1, size_reference="diagonal")
+    assert r.per_image[0]["radius_px"] == pytest.approx(0.1 * math.hypot(W0, H0))
+    assert "diagonal" in r.summary["hit_radius"]
+    with pytest.raises(ValueError, match="size reference"):
+        P.run_parts(planted_model(assign), ds, size_reference="min")
+
+
+# ----------------------------------------------------------------------------------------- faithfulness
+
+
+def test_curve_endpoints_are_the_image_and_the_baseline(tmp_path):
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    ds = dataset(tmp_path, assign, n=1)
+    model = planted_model(assign)
+    img = Image.open(ds.records[0].path).convert("RGB")
+    ex = explain(model, [img], [0])[0]
+    x = model.transform(img)
+    maps = [ex.groups[0].ccmp, np.zeros((8, 8))]
+    for baseline in P.BASELINES:
+        deletion, insertion = P.perturbation_curves(model, x, 0, maps, steps=8, baseline=baseline, rng=np.random.default_rng(0))
+        assert deletion.shape == insertion.shape == (2, 9)
+        np.testing.assert_allclose(deletion[:, 0], ex.probs_fc[0], rtol=1e-5)
+        np.testing.assert_allclose(insertion[:, -1], ex.probs_fc[0], rtol=1e-5)
+        with torch.no_grad():
+            p_base = torch.softmax(model(P.baseline_input(x, baseline)[None]), 1)[0, 0].item()
+        np.testing.assert_allclose(deletion[:, -1], p_base, rtol=1e-5)
+        np.testing.assert_allclose(insertion[:, 0], p_base, rtol=1e-5)
+
+
+def test_baselines():
+    x = torch.full((3, 20, 30), 0.7)
+    assert torch.equal(P.baseline_input(x, "mean"), torch.zeros_like(x))
+    torch.testing.assert_close(P.baseline_input(x, "blur"), x)  # blurring a constant changes nothing
+    y = torch.zeros(3, 20, 30)
+    y[:, 10, 15] = 1.0
+    blurred = P.baseline_input(y, "blur")
+    assert blurred[0, 10, 15] < 0.5 and blurred.sum().item() == pytest.approx(3.0, rel=1e-4)
+    with pytest.raises(ValueError, match="baseline"):
+        P.baseline_input(x, "noise")
+
+
+def test_ccmp_map_is_more_faithful_than_random(tmp_path):
+    # the head reads only the coloured cells, which the CCMP map ranks first
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    r = P.run_parts(planted_model(assign), dataset(tmp_path, assign, n=4), steps=8, baseline="mean")
+    m = r.summary["methods"]
+    assert m["channels"]["deletion_auc"] < m["random"]["deletion_auc"] - 0.1
+    assert m["channels"]["insertion_auc"] > m["random"]["insertion_auc"] + 0.1
+    deletion, insertion = r.curves["channels"]
+    assert deletion.shape == insertion.shape == (4, 9)
+    row = r.per_image[0]
+    assert row["deletion_auc_channels"] == pytest.approx(M.trapezoid_auc(deletion[0]))
+    assert r.summary["curves"]["fractions"] == M.step_fractions(8).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, xi=3, class_names=["class_0", "class_1"], img_size=32)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+def test_cli_writes_every_output(tmp_path, tiny_checkpoint, capsys):
+    root = write_cub(tmp_path / "cub", part_layouts(3), [0, 1, 0], ["class_0", "class_1"])
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--steps", "4",
+            "--device", "cpu", "--seed", "5"]  # fmt: skip
+    assert P.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| channels (CCMP) |" in printed and "| random |" in printed and "top-1 FC head" in printed
+    for name in P.OUTPUT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp*"))
+    with (out / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["image_id"]) for r in rows] == [1, 2, 3]
+    assert all(0.0 <= float(r["deletion_auc_channels"]) <= 1.0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 3 and summary["part_names"] == PART_NAMES
+    assert np.asarray(summary["channel_part_matrix"]).shape == (3, 3)
+    with (out / "summary.csv").open() as f:
+        assert [r["method"] for r in csv.DictReader(f)] == list(P.METHODS)
+    table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 5 and table[1] == "|---|---|---|---|---|---|---|"
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["channels (CCMP)", "Grad-CAM", "random"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["seed"] == 5 and config["steps"] == 4 and config["radius"] == 0.12
+    assert Image.open(out / "channel_part_matrix.png").size[0] > 100
+    # a second run into the same directory is refused unless asked, and leaves the first intact
+    before = (out / "summary.json").read_bytes()
+    assert P.main(argv) == 2
+    assert "already holds a parts run" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_cli_bad_inputs_fail_with_one_line(tmp_path, tiny_checkpoint, capsys):
+    root = write_cub(tmp_path / "cub", part_layouts(1), [0], ["class_0", "class_1"])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert P.main(["--checkpoint", str(bad), "--data", str(root), "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1
+    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and len(err.splitlines()) == 1
+    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--radius", "0", "--out", str(tmp_path / "o4")]) == 2
+    assert capsys.readouterr().err.strip() == "mcloss parts: radius must be > 0, got 0.0"
+    other = write_cub(tmp_path / "other", part_layouts(1), [0], ["sparrow", "finch"])
+    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(other), "--out", str(tmp_path / "o3")]) == 2
+    assert "do not match" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "summary.json").exists()
+
+
+def test_cli_skips_a_corrupt_image(tmp_path, tiny_checkpoint, capsys):
+    root = write_cub(tmp_path / "cub", part_layouts(2), [0, 1], ["class_0", "class_1"])
+    victim = sorted((root / "images").rglob("*.png"))[0]
+    victim.write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--no-faithfulness"]) == 0
+    assert victim.name in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 1 and summary["skipped_images"][0]["path"].endswith(victim.name)
+    assert summary["methods"]["channels"]["deletion_auc"] is None

@@ -1,0 +1,264 @@
+"""mcloss synth: CUB layout, annotations, determinism, class design, colour-histogram blindness, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mcloss import synth
+from mcloss.synth import (
+    CLASS_PARTS,
+    PART_NAMES,
+    SynthError,
+    class_definitions,
+    generate_dataset,
+    instance_rng,
+    render_bird,
+)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    generate_dataset(out, classes=4, per_class=6, size=64, seed=3)
+    return out
+
+
+def test_layout_files_and_counts_are_consistent(small):
+    names = ["images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt",
+             "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt", "synth.json"]
+    for name in names:
+        assert (small / name).is_file(), name
+    images = _rows(small / "images.txt")
+    classes = _rows(small / "classes.txt")
+    labels = _rows(small / "image_class_labels.txt")
+    split = _rows(small / "train_test_split.txt")
+    boxes = _rows(small / "bounding_boxes.txt")
+    assert [int(r[0]) for r in images] == list(range(1, 25))
+    assert [int(r[0]) for r in classes] == [1, 2, 3, 4]
+    assert classes[0][1] == "001.Common_Bird"
+    folders = {r[1] for r in classes}
+    for (iid, rel), (lid, cid) in zip(images, labels, strict=True):
+        assert iid == lid
+        folder = rel.split("/")[0]
+        assert folder in folders and folder == classes[int(cid) - 1][1]
+        assert (small / "images" / rel).is_file()
+        assert cv2.imread(str(small / "images" / rel)).shape == (64, 64, 3)
+    # 50/50 per class: 3 train and 3 test of each class
+    per_class = {}
+    for (_, cid), (_, is_train) in zip(labels, split, strict=True):
+        per_class.setdefault(cid, []).append(int(is_train))
+    assert all(sorted(v) == [0, 0, 0, 1, 1, 1] for v in per_class.values())
+    assert len(boxes) == 24 and all(len(r) == 5 for r in boxes)
+    assert [r[1] for r in _rows(small / "parts" / "parts.txt")] == list(PART_NAMES)
+    assert len(_rows(small / "parts" / "part_locs.txt")) == 24 * len(PART_NAMES)
+    meta = json.loads((small / "synth.json").read_text())
+    assert (meta["classes"], meta["per_class"], meta["size"], meta["seed"]) == (4, 6, 64, 3)
+    assert [c["name"] for c in meta["class_definitions"]] == [r[1][4:] for r in classes]
+
+
+def test_keypoints_lie_inside_box_and_image_when_visible(small):
+    boxes = {int(r[0]): [float(v) for v in r[1:]] for r in _rows(small / "bounding_boxes.txt")}
+    visible_count = 0
+    for iid, _pid, x, y, vis in ([int(r[0]), int(r[1]), float(r[2]), float(r[3]), int(r[4])]
+                                 for r in _rows(small / "parts" / "part_locs.txt")):
+        bx, by, bw, bh = boxes[iid]
+        assert min(bx, by) >= 0 and bx + bw <= 64 and by + bh <= 64 and bw > 0 and bh > 0
+        if vis:
+            visible_count += 1
+            assert 0 <= x < 64 and 0 <= y < 64
+            assert bx - 1 <= x <= bx + bw + 1 and by - 1 <= y <= by + bh + 1
+        else:
+            assert (x, y) == (0.0, 0.0)
+    assert visible_count > 0.8 * 24 * len(PART_NAMES)
+
+
+def test_at_least_five_parts_and_parts_are_drawn_at_their_keypoints():
+    assert len(PART_NAMES) >= 5 and len(CLASS_PARTS) >= 5
+    # the head's colour is a class attribute: at a visible head keypoint the pixel is close to that hue
+    birds = class_definitions(12)
+    hits, total = 0, 0
+    for i in range(40):
+        bird = birds[i % 12]
+        out = render_bird(bird, 160, instance_rng(11, i))
+        x, y, vis = out.parts[PART_NAMES.index("head")]
+        if not vis:
+            continue
+        total += 1
+        pixel = out.image[int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3].reshape(-1, 3).mean(0)
+        ref = np.array(synth.COLOURS[bird.attributes["head"]["colour"]], float)
+        hits += int(np.linalg.norm(pixel - ref) < 90)
+    assert total >= 30 and hits >= 0.8 * total
+
+
+def test_same_seed_gives_identical_bytes_and_new_seed_new_images_same_classes(tmp_path, small):
+    again = tmp_path / "again"
+    generate_dataset(again, classes=4, per_class=6, size=64, seed=3, workers=2)
+    first, second = _tree(small), _tree(again)
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+
+    other = tmp_path / "other"
+    generate_dataset(other, classes=4, per_class=6, size=64, seed=4)
+    third = _tree(other)
+    assert third["classes.txt"] == first["classes.txt"]
+    meta, meta_other = json.loads(first["synth.json"]), json.loads(third["synth.json"])
+    assert meta_other["class_definitions"] == meta["class_definitions"] and meta_other["seed"] == 4
+    images = [k for k in first if k.endswith(".jpg")]
+    assert sum(first[k] != third[k] for k in images) == len(images)
+
+
+def test_cli_and_library_write_identical_files(tmp_path, small):
+    out = tmp_path / "cli" / "ds"
+    assert synth.main(["--out", str(out), "--classes", "4", "--per-class", "6", "--size", "64", "--seed", "3"]) == 0
+    assert _tree(out) == _tree(small)
+
+
+def _differing_parts(a: synth.BirdClass, b: synth.BirdClass) -> int:
+    return sum(a.attributes[p] != b.attributes[p] for p in CLASS_PARTS)
+
+
+@pytest.mark.parametrize("n", [2, 12, 30, 139, 200])
+def test_classes_are_distinct_and_most_pairs_differ_in_one_or_two_parts(n):
+    birds = class_definitions(n)
+    assert len({b.name for b in birds}) == n
+    dists = [_differing_parts(a, b) for a, b in itertools.combinations(birds, 2)]
+    assert min(dists) >= 1
+    close = sum(d <= 2 for d in dists) / len(dists)
+    assert close >= (1.0 if n <= 139 else 0.5)
+    for bird in birds:
+        for part in CLASS_PARTS:
+            for attr, value in bird.attributes[part].items():
+                assert value in synth.ATTRIBUTES[part][attr]
+
+
+def test_classes_depend_only_on_the_count():
+    assert class_definitions(30)[:12] == class_definitions(12)
+    assert class_definitions(12) == class_definitions(12)
+    # changes are spread over all attribute parts, not piled on one
+    changed = [p for b in class_definitions(13) for p in b.changed]
+    assert set(changed) == set(CLASS_PARTS)
+
+
+def _histograms(paths: list[Path]) -> dict[str, np.ndarray]:
+    rgb, hs = [], []
+    for path in paths:
+        img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        q = (img // 32).astype(np.int64)
+        rgb.append(np.bincount((q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2]).ravel(), minlength=512))
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hs.append(cv2.calcHist([hsv], [0, 1], None, [18, 4], [0, 180, 0, 256]).ravel())
+    return {name: np.stack(h).astype(np.float64) / np.stack(h).sum(1, keepdims=True)
+            for name, h in (("rgb", rgb), ("hue-sat", hs))}
+
+
+def test_global_colour_histograms_do_not_separate_classes(tmp_path):
+    n = 12
+    out = tmp_path / "hist"
+    generate_dataset(out, classes=n, per_class=20, size=96, seed=0)
+    images = {int(r[0]): out / "images" / r[1] for r in _rows(out / "images.txt")}
+    labels = np.array([int(r[1]) - 1 for r in _rows(out / "image_class_labels.txt")])
+    train = np.array([r[1] == "1" for r in _rows(out / "train_test_split.txt")])
+    feats = _histograms([images[i] for i in sorted(images)])
+    for name, x in feats.items():
+        centroids = np.stack([x[train & (labels == c)].mean(0) for c in range(n)])
+        dist = ((x[~train][:, None, :] - centroids[None]) ** 2).sum(-1)
+        accuracy = float((dist.argmin(1) == labels[~train]).mean())
+        assert accuracy <= 2.0 / n, f"{name}: nearest-centroid accuracy {accuracy:.3f} > 2 × chance"
+    # sanity of the probe itself: the same histograms do separate classes that differ in global colour
+    shifted = feats["rgb"].copy()
+    shifted[np.arange(len(labels)), labels * 40] += 0.2
+    centroids = np.stack([shifted[train & (labels == c)].mean(0) for c in range(n)])
+    dist = ((shifted[~train][:, None, :] - centroids[None]) ** 2).sum(-1)
+    assert (dist.argmin(1) == labels[~train]).mean() > 0.9
+
+
+def test_cli_writes_and_reports(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert synth.main(["--out", str(out), "--classes", "2", "--per-class", "4", "--size", "48", "--seed", "1",
+                       "--test-fraction", "0.25"]) == 0
+    assert "wrote 8 images (6 train / 2 test)" in capsys.readouterr().out
+    assert sorted(r[1] for r in _rows(out / "train_test_split.txt")) == ["0", "0"] + ["1"] * 6
+    # a previous synth output may be overwritten in place
+    assert synth.main(["--out", str(out), "--classes", "3", "--per-class", "2", "--size", "48"]) == 0
+    assert len(_rows(out / "images.txt")) == 6
+    assert not [p for p in tmp_path.iterdir() if p.name != "cli"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--classes", "1", "--per-class", "2"], "--classes must be"),
+        (["--classes", "3", "--per-class", "0"], "--per-class must be"),
+        (["--classes", "3", "--per-class", "1"], "cannot be split"),
+        (["--classes", "3", "--per-class", "2", "--size", "8"], "--size must be"),
+        (["--classes", "3", "--per-class", "2", "--seed", "-1"], "--seed must be"),
+        (["--classes", "3", "--per-class", "2", "--test-fraction", "1.5"], "--test-fraction must be"),
+        (["--classes", "99999", "--per-class", "2"], "--classes must be between 2 and"),
+        (["--classes", "three", "--per-class", "2"], "invalid int value"),
+    ],
+)
+def test_cli_rejects_bad_arguments_clearly(tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    assert synth.main(["--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refuses_foreign_non_empty_directory(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert synth.main(["--out", str(out), "--classes", "2", "--per-class", "2", "--size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "not a previous 'mcloss synth' output" in err
+    assert (out / "thesis.tex").read_text() == "precious" and len(list(out.iterdir())) == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SynthError, match="exists and is not a directory"):
+        generate_dataset(tmp_path / "file", 2, 2, 48, 0)
+    assert synth.main(["--out", str(tmp_path / "file" / "sub"), "--classes", "2", "--per-class", "2"]) == 2
+    assert f"{tmp_path / 'file'} is not a directory" in capsys.readouterr().err
+
+
+def test_failure_midway_leaves_previous_output_and_no_temporaries(tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    generate_dataset(out, 2, 2, 48, 0)
+    before = _tree(out)
+    calls = []
+
+    def broken(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return original(job)
+
+    original = synth._render_job
+    monkeypatch.setattr(synth, "_render_job", broken)
+    with pytest.raises(OSError, match="disk full"):
+        generate_dataset(out, 2, 4, 48, 1)
+    assert _tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_render_is_deterministic_and_annotations_match_pose():
+    bird = class_definitions(5)[4]
+    a = render_bird(bird, 128, instance_rng(7, 3))
+    b = render_bird(bird, 128, instance_rng(7, 3))
+    c = render_bird(bird, 128, instance_rng(7, 4))
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.parts, b.parts) and a.bbox == b.bbox
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.dtype == np.uint8 and a.image.shape == (128, 128, 3)
+    assert a.parts.shape == (len(PART_NAMES), 3)

@@ -1,0 +1,487 @@
+"""Training and evaluation: end to end, exact resume, Ctrl-C, loss variants, DDP, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+import mcloss.train as train_mod
+from mcloss.checkpoint import load_checkpoint, read_metadata
+from mcloss.cli import main as cli_main
+from mcloss.evaluate import evaluate
+from mcloss.model import build_model
+from mcloss.run_dir import METRIC_COLUMNS, load_resume_state, read_metrics
+from mcloss.synth import generate_dataset
+from mcloss.train import (
+    RECIPES,
+    TrainError,
+    _milestones,
+    _param_groups,
+    _pretrained_parameter_names,
+    config_for_resume,
+    make_config,
+    train,
+)
+
+CLASSES, PER_CLASS, SIZE, SYNTH_SEED = 3, 6, 32, 0
+TINY = {"backbone": "resnet18", "xi": 2, "batch_size": 4, "img_size": 32, "lr": 0.01, "workers": 0, "device": "cpu", "seed": 1}
+TINY_ARGS = ["--backbone", "resnet18", "--xi", "2", "--batch-size", "4", "--img-size", "32", "--lr", "0.01",
+             "--workers", "0", "--device", "cpu", "--seed", "1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two intra-op threads on a shared 2-core machine are far slower than one for these tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "birds"
+    generate_dataset(root, CLASSES, PER_CLASS, SIZE, SYNTH_SEED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_data, tmp_path_factory) -> Path:
+    """A completed 2-epoch run (read-only for tests: copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("runs") / "done"
+    torch.set_num_threads(1)
+    summary = train(make_config(data=str(synth_data), out=str(out), epochs=2, **TINY))
+    assert summary["status"] == "complete"
+    return out
+
+
+def _temp_files(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_synth_train_resume_eval(tmp_path, capsys):
+    data, out, report = tmp_path / "birds", tmp_path / "run", tmp_path / "eval.json"
+    assert cli_main(["synth", "--out", str(data), "--classes", "3", "--per-class", "6", "--size", "32", "--seed", "0"]) == 0
+    assert cli_main(["train", "--data", str(data), "--epochs", "2", "--out", str(out), *TINY_ARGS]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1, 2]
+    assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 0
+
+    for name in ("metrics.csv", "curves.png", "config.json", "best.safetensors", "last.safetensors", "resume.pt"):
+        assert (out / name).is_file(), name
+    assert _temp_files(out) == []
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.split(",") == list(METRIC_COLUMNS)
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run = json.loads((out / "config.json").read_text())
+    assert run["command"].startswith("mcloss train --data")
+    assert run["config"]["epochs"] == 3 and run["config"]["seed"] == 1
+    assert run["data_root"] == str(data.resolve())
+    assert [r["from_epoch"] for r in run["resumes"]] == [2]
+    assert run["resumes"][0]["command"] == f"mcloss train --out {out} --resume --epochs 3"
+    assert {"torch", "torchvision", "mcloss", "python"} <= set(run["versions"])
+
+    last = load_checkpoint(out / "last.safetensors")
+    card = last.card
+    assert card["epoch"] == 3 and card["epochs"] == 3 and card["seed"] == 1
+    assert card["data_root"] == str(data.resolve())
+    assert card["command"] == f"mcloss train --out {out} --resume --epochs 3"
+    assert card["dataset"] == {"classes": 3, "per_class": 6, "size": 32, "seed": 0}
+    assert card["metrics"]["epoch"] == 3
+    assert card["metrics"]["test_acc_fc"] == pytest.approx(rows[2]["test_acc_fc"], abs=1e-8)
+    assert last.class_names == run["class_names"] and len(last.class_names) == 3
+
+    best_card = read_metadata(out / "best.safetensors")["card"]
+    best_acc = max(r["test_acc_fc"] for r in rows)
+    first_best = next(r for r in rows if r["test_acc_fc"] == best_acc)
+    assert best_card["epoch"] == first_best["epoch"]
+
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data), "--device", "cpu",
+                     "--workers", "0", "--json", str(report)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "FC" in printed and "MC" in printed and "top-1" in printed
+    result = json.loads(report.read_text())
+    assert result["n"] == CLASSES * PER_CLASS // 2 and result["topk"] == 3
+    # The run's own test metrics of the last epoch are reproduced exactly by a separate evaluation.
+    assert result["fc"]["top1"] == pytest.approx(rows[2]["test_acc_fc"], abs=1e-8)
+    assert result["mc"]["top1"] == pytest.approx(rows[2]["test_acc_mc"], abs=1e-8)
+    assert result["loss"] == pytest.approx(rows[2]["test_loss"], rel=1e-5)
+    assert result["fc"]["top3"] == 1.0 and result["mc"]["top3"] == 1.0  # top-k over all 3 classes
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_is_exact(synth_data, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    a = train(make_config(data=str(synth_data), out=str(straight), epochs=3, **TINY))
+    assert a["status"] == "complete" and a["epochs_completed"] == 3
+
+    def stop_in_epoch_3(epoch, index):
+        if epoch == 3 and index == 1:
+            raise KeyboardInterrupt
+
+    b = train(make_config(data=str(synth_data), out=str(stopped), epochs=3, **TINY), on_batch_end=stop_in_epoch_3)
+    assert b["status"] == "interrupted" and b["epochs_completed"] == 2
+    assert [r["epoch"] for r in read_metrics(stopped / "metrics.csv")] == [1, 2]
+    assert load_resume_state(stopped / "resume.pt")["epoch"] == 2
+    assert read_metadata(stopped / "last.safetensors")["card"]["epoch"] == 2
+
+    c = train(config_for_resume(stopped, {"command": "resume"}))
+    assert c["status"] == "complete" and c["epochs_completed"] == 3
+    wa, wc = _state(straight / "last.safetensors"), _state(stopped / "last.safetensors")
+    assert wa.keys() == wc.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wc[key]), key
+    rows_a, rows_c = read_metrics(straight / "metrics.csv"), read_metrics(stopped / "metrics.csv")
+    assert [r["epoch"] for r in rows_c] == [1, 2, 3]
+    for ra, rc in zip(rows_a, rows_c, strict=True):
+        assert {k: v for k, v in ra.items() if k != "time_s"} == {k: v for k, v in rc.items() if k != "time_s"}
+    sa, sc = load_resume_state(straight / "resume.pt"), load_resume_state(stopped / "resume.pt")
+    for key, value in sa["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], sc["optimizer"]["state"][key]["momentum_buffer"])
+    assert sa["scheduler"]["last_epoch"] == sc["scheduler"]["last_epoch"] == 3
+
+
+def test_resume_state_loads_without_unpickling(finished_run):
+    state = torch.load(finished_run / "resume.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["epochs"] == 2
+    assert {"optimizer", "scheduler", "rng", "best_acc", "best_epoch", "run_id"} <= set(state)
+    rng = state["rng"][0]
+    assert isinstance(rng["torch"], torch.Tensor) and isinstance(rng["python"]["state"], torch.Tensor)
+    assert state["run_id"] == json.loads((finished_run / "config.json").read_text())["run_id"]
+
+
+def test_resume_of_a_finished_run_does_nothing(finished_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    before = (out / "metrics.csv").read_text()
+    assert cli_main(["train", "--out", str(out), "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.csv").read_text() == before
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+
+
+def test_ctrl_c_keeps_the_last_completed_epoch(synth_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = train_mod._Run._train_epoch
+
+    def interrupted_in_epoch_2(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_mod._Run, "_train_epoch", interrupted_in_epoch_2)
+    rc = cli_main(["train", "--data", str(synth_data), "--epochs", "3", "--out", str(out), *TINY_ARGS])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "interrupted; kept epoch 1" in err and "--resume" in err
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1]
+    assert load_resume_state(out / "resume.pt")["epoch"] == 1
+    assert read_metadata(out / "last.safetensors")["card"]["epoch"] == 1
+    assert _temp_files(out) == []
+
+    monkeypatch.setattr(train_mod._Run, "_train_epoch", original)
+    assert cli_main(["train", "--out", str(out), "--resume"]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
+
+
+def test_ctrl_c_before_the_first_epoch_leaves_nothing(synth_data, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def stop(epoch, index):
+        raise KeyboardInterrupt
+
+    summary = train(make_config(data=str(synth_data), out=str(out), epochs=2, **TINY), on_batch_end=stop)
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] == 0
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_saving_is_deferred_until_the_epoch_is_written(synth_data, tmp_path, monkeypatch, signum):
+    out = tmp_path / "run"
+    real_save = train_mod.save_checkpoint
+    sent = []
+
+    def save_and_get_signalled(model, path, **kwargs):
+        if model.card["epoch"] == 2 and not sent:
+            sent.append(path)
+            os.kill(os.getpid(), signum)  # arrives in the middle of writing epoch 2
+        real_save(model, path, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_and_get_signalled)
+    summary = train(make_config(data=str(synth_data), out=str(out), epochs=3, **TINY))
+    assert sent and summary["status"] == "interrupted" and summary["epochs_completed"] == 2
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1, 2]
+    assert load_resume_state(out / "resume.pt")["epoch"] == 2
+    assert read_metadata(out / "last.safetensors")["card"]["epoch"] == 2
+    assert _temp_files(out) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+# ----------------------------------------------------------------------------------- recipes and losses
+
+
+def test_loss_variants_set_the_weights():
+    ce = make_config(data="d", out="o", backbone="resnet18", loss="ce")
+    assert (ce.alpha, ce.beta) == (0.0, 0.0)
+    dis = make_config(data="d", out="o", backbone="resnet18", loss="dis")
+    assert (dis.alpha, dis.beta) == (1.5, 0.0)
+    dis_pre = make_config("official-pretrained", data="d", out="o", loss="dis")
+    assert (dis_pre.alpha, dis_pre.beta) == (0.0005, 0.0)
+    mc = make_config(data="d", out="o", backbone="resnet18", alpha=2.0)
+    assert (mc.alpha, mc.beta) == (2.0, 20.0)
+    with pytest.raises(TrainError, match="--loss ce"):
+        make_config(data="d", out="o", backbone="resnet18", loss="ce", alpha=1.0)
+    with pytest.raises(TrainError, match="--loss dis"):
+        make_config(data="d", out="o", backbone="resnet18", loss="dis", beta=1.0)
+
+
+def test_official_recipes():
+    scratch = make_config(data="d", out="o", backbone="vgg16")
+    assert (scratch.lr, scratch.momentum, scratch.weight_decay, scratch.batch_size) == (0.1, 0.9, 5e-4, 32)
+    assert (scratch.alpha, scratch.beta, scratch.xi, scratch.normalization, scratch.schedule) == (1.5, 20.0, 3, "half", "step")
+    assert _milestones(300) == [150, 225] and _milestones(4) == [2, 3] and _milestones(100) == [50, 75]
+    pre = make_config("official-pretrained", data="d", out="o")
+    assert (pre.backbone, pre.pretrained, pre.xi, pre.img_size, pre.batch_size) == ("resnet50", "IMAGENET1K_V1", None, 448, 64)
+    assert (pre.lr, pre.backbone_lr_factor, pre.schedule, pre.normalization) == (0.05, 0.1, "cosine", "imagenet")
+    assert (pre.alpha, pre.beta) == (0.0005, 0.005)
+    overridden = make_config("official-pretrained", data="d", out="o", lr=0.01, xi="auto", epochs=5)
+    assert (overridden.lr, overridden.xi, overridden.epochs) == (0.01, None, 5)
+    assert set(RECIPES) == {"official-scratch", "official-pretrained"}
+    with pytest.raises(TrainError, match="--backbone is required"):
+        make_config(data="d", out="o")
+
+
+def test_cli_picks_the_pretrained_recipe_with_pretrained_weights(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        return {"status": "complete", "rank": 0, "best_epoch": 0}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert train_mod.main(["--data", "d", "--out", str(tmp_path / "o"), "--pretrained", "IMAGENET1K_V1", "--epochs", "7"]) == 0
+    config = seen["config"]
+    assert (config.recipe, config.backbone, config.xi, config.epochs, config.lr) == ("official-pretrained", "resnet50", None, 7, 0.05)
+
+
+@pytest.mark.parametrize(("loss", "alpha", "beta"), [("ce", 0.0, 0.0), ("dis", 1.5, 0.0)])
+def test_loss_variant_runs_train_with_those_weights(synth_data, tmp_path, loss, alpha, beta):
+    out = tmp_path / loss
+    summary = train(make_config(data=str(synth_data), out=str(out), epochs=1, loss=loss, **TINY))
+    row = summary["last"]
+    assert row["train_loss"] == pytest.approx(row["train_ce"] + alpha * row["train_dis"] + beta * row["train_div"], rel=1e-6)
+    assert row["train_dis"] > 0 and row["train_div"] > 0  # the MC terms are still measured
+    card = read_metadata(out / "last.safetensors")["card"]
+    assert (card["loss"], card["alpha"], card["beta"]) == (loss, alpha, beta)
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert (saved["alpha"], saved["beta"]) == (alpha, beta)
+
+
+def test_pretrained_backbone_gets_a_tenth_of_the_lr(tmp_path):
+    weights = tmp_path / "resnet18.safetensors"  # stands in for downloaded ImageNet weights
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}, str(weights))
+
+    native = build_model("resnet18", 4, xi=None, img_size=32, pretrained=str(weights))
+    names = _pretrained_parameter_names(native, "resnet18", str(weights))
+    assert names == {f"features.{n}" for n, _ in native.features.named_parameters()}
+
+    widened = build_model("resnet18", 4, xi=2, img_size=32, pretrained=str(weights))
+    names = _pretrained_parameter_names(widened, "resnet18", str(weights))
+    trunk = {f"features.{n}" for n, _ in widened.features.named_parameters()}
+    assert names == {n for n in trunk if not n.startswith("features.7.")}  # layer4 is new (widened to K)
+
+    config = make_config("official-pretrained", data="d", out="o", backbone="resnet18", pretrained=str(weights), xi=2)
+    groups = _param_groups(widened, config, names)
+    assert [g["name"] for g in groups] == ["head", "backbone"]
+    assert groups[0]["lr"] == 0.05 and groups[1]["lr"] == pytest.approx(0.005)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in widened.named_parameters() if n in names}
+
+
+# -------------------------------------------------------------------------------------------- refusals
+
+
+def test_resume_refuses_a_missing_directory(tmp_path, capsys):
+    assert cli_main(["train", "--out", str(tmp_path / "nope"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "does not exist" in err
+
+
+def test_resume_refuses_a_foreign_directory(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hello")
+    assert cli_main(["train", "--out", str(foreign), "--resume"]) == 2
+    assert "not an mcloss training run (no config.json)" in capsys.readouterr().err
+    (foreign / "config.json").write_text(json.dumps({"lr": 0.1}))
+    assert cli_main(["train", "--out", str(foreign), "--resume"]) == 2
+    assert "not an mcloss training run" in capsys.readouterr().err
+
+
+def test_new_run_refuses_an_out_dir_with_another_run(finished_run, synth_data, capsys):
+    before = (finished_run / "metrics.csv").read_text()
+    rc = cli_main(["train", "--data", str(synth_data), "--epochs", "1", "--out", str(finished_run), *TINY_ARGS])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(finished_run) in err and "already holds a training run" in err and "--resume" in err
+    assert (finished_run / "metrics.csv").read_text() == before
+
+
+def test_resume_refuses_a_changed_configuration(finished_run, capsys):
+    assert cli_main(["train", "--out", str(finished_run), "--resume", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 differs from the run's 0.01" in err
+
+
+def test_resume_refuses_mismatched_or_unsafe_state(finished_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    (out / "resume.pt").unlink()
+    assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
+    assert "no resume.pt" in capsys.readouterr().err
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"format": "mcloss-resume/1", "payload": Exploit()}, out / "resume.pt")
+    assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
+    assert "corrupt or unsafe resume state" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+    shutil.copy(finished_run / "resume.pt", out / "resume.pt")
+    state = load_resume_state(out / "resume.pt")
+    state["epoch"] = 1
+    del state["format"]
+    train_mod.save_resume_state(out / "resume.pt", state)
+    assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
+    assert "is from epoch 2 but resume.pt from epoch 1" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_both_heads_exactly():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 6, xi=2, img_size=32).eval()
+    images, labels = torch.randn(10, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    model.train()
+    result = evaluate(model, loader, "cpu")
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        fc, mc = model.head_logits(feats), model.mc_logits(feats)
+    assert result["n"] == 10 and result["topk"] == 5
+    assert result["fc_top1"] == ((fc.argmax(1) == labels).sum().item()) / 10
+    assert result["mc_top1"] == ((mc.argmax(1) == labels).sum().item()) / 10
+    assert result["fc_top5"] == (fc.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 10
+    assert result["mc_top5"] == (mc.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 10
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(fc, labels).item(), rel=1e-6)
+
+
+def test_eval_cli_refuses_bad_checkpoints_and_other_datasets(finished_run, synth_data, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert cli_main(["eval", "--checkpoint", str(bad), "--data", str(synth_data), "--device", "cpu"]) == 2
+    assert str(bad) in capsys.readouterr().err
+    other = tmp_path / "other"
+    generate_dataset(other, 4, 2, 32, 0)
+    rc = cli_main(["eval", "--checkpoint", str(finished_run / "last.safetensors"), "--data", str(other),
+                   "--device", "cpu", "--workers", "0"])  # fmt: skip
+    assert rc == 2
+    assert "do not match the checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+import torchvision
+from safetensors.torch import save_file
+from mcloss.train import make_config, train
+
+out, data, dump = sys.argv[1], sys.argv[2], sys.argv[3]
+rank = int(os.environ["RANK"])
+
+def dump_weights(epoch, row, model):
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(dump, f"rank{rank}_epoch{epoch}.safetensors"))
+
+config = make_config(data=data, out=out, epochs=2, backbone="resnet18", xi=2, batch_size=4, img_size=32, lr=0.01,
+                     workers=0, device="cpu", seed=3, command="ddp test")
+summary = train(config, on_epoch_end=dump_weights)
+with open(os.path.join(dump, f"summary{rank}.json"), "w") as f:
+    json.dump({k: v for k, v in summary.items() if k != "metrics"}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks(synth_data, tmp_path):
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(out), str(synth_data), str(dump)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1/2") == 1  # only rank 0 reports and writes
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.safetensors", "config.json", "curves.png", "last.safetensors", "metrics.csv", "resume.pt"]
+    )
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    run = json.loads((out / "config.json").read_text())
+    assert run["world_size"] == 2
+    for epoch in (1, 2):
+        w0 = load_file(str(dump / f"rank0_epoch{epoch}.safetensors"))
+        w1 = load_file(str(dump / f"rank1_epoch{epoch}.safetensors"))
+        for key in w0:
+            assert torch.equal(w0[key], w1[key]), (epoch, key)
+    last = _state(out / "last.safetensors")
+    for key, value in load_file(str(dump / "rank1_epoch2.safetensors")).items():
+        assert torch.equal(last[key], value), key
+    s0, s1 = (json.loads((dump / f"summary{r}.json").read_text()) for r in (0, 1))
+    assert s0["run_id"] == s1["run_id"] == run["run_id"]
+    assert s0["last"]["test_acc_fc"] == s1["last"]["test_acc_fc"] and s0["last"]["train_loss"] == s1["last"]["train_loss"]
+    # Test metrics are reduced over both ranks' shards: they equal one evaluation of the whole test split.
+    model = load_checkpoint(out / "last.safetensors")
+    from mcloss.data import build_datasets
+
+    _, test_ds, _ = build_datasets(str(synth_data), "auto", model.transform, model.transform)
+    result = evaluate(model, DataLoader(test_ds, batch_size=8), "cpu")
+    assert result["n"] == len(test_ds) == 9
+    assert result["fc_top1"] == pytest.approx(rows[-1]["test_acc_fc"], abs=1e-8)
+    assert result["mc_top1"] == pytest.approx(rows[-1]["test_acc_mc"], abs=1e-8)
