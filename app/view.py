@@ -280,21 +280,31 @@ def map_to_view(map_hw: np.ndarray, explanation: Explanation, size: tuple[int, i
 
 
 def draw_keypoints(
-    image: np.ndarray, keypoints_xy: np.ndarray, visible: np.ndarray, names: Sequence[str]
+    image: np.ndarray, keypoints_xy: np.ndarray, visible: np.ndarray, names: Sequence[str], *, min_side: int = 640
 ) -> np.ndarray:
-    """Ground-truth keypoints as small white-ringed dots with their part name; returns a new image."""
-    out = np.ascontiguousarray(image).copy()
-    r = max(3, min(out.shape[:2]) // 90)
-    scale = max(0.33, min(out.shape[:2]) / 900.0)
-    for (x, y), vis, name in zip(np.asarray(keypoints_xy, dtype=np.float64), visible, names, strict=True):
+    """Ground-truth keypoints as white-ringed dots with their part name, on a new image.
+
+    Images shorter than ``min_side`` are first enlarged by an integer factor (bicubic) so the labels stay
+    legible; ``keypoints_xy`` are in the pixels of ``image``.
+    """
+    out = np.ascontiguousarray(image)
+    factor = max(1, int(np.ceil(min_side / max(1, min(out.shape[:2])))))
+    if factor > 1:
+        out = cv2.resize(out, (out.shape[1] * factor, out.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
+    else:
+        out = out.copy()
+    r = max(4, min(out.shape[:2]) // 100)
+    scale = max(0.45, min(out.shape[:2]) / 800.0)
+    pts = (np.asarray(keypoints_xy, dtype=np.float64) + 0.5) * factor - 0.5
+    for (x, y), vis, name in zip(pts, visible, names, strict=True):
         if not vis:
             continue
         p = (int(round(x)), int(round(y)))
         cv2.circle(out, p, r + 2, (255, 255, 255), -1, cv2.LINE_AA)
         cv2.circle(out, p, r, (20, 20, 20), -1, cv2.LINE_AA)
-        org = (p[0] + r + 4, p[1] + r)
-        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 2, cv2.LINE_AA)
-        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 1, cv2.LINE_AA)
+        org = (p[0] + r + 5, p[1] + r // 2 + 4)
+        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 5, cv2.LINE_AA)
+        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
     return out
 
 

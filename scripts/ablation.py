@@ -26,8 +26,8 @@ from mcloss.render import explanation_tiles, montage
 from mcloss.synth import generate_dataset, is_synth_output
 from mcloss.train import main as train_main
 
-DATA = {"classes": 10, "per_class": 60, "size": 128, "seed": 0, "test_fraction": 1 / 3}
-FRESH = {"classes": 10, "per_class": 10, "size": 128, "seed": 1, "test_fraction": 1.0}
+DATA = {"classes": 10, "per_class": 45, "size": 128, "seed": 0, "test_fraction": 0.33}
+FRESH = {"classes": 10, "per_class": 8, "size": 128, "seed": 1, "test_fraction": 1.0}
 ROWS = {
     "ce": ("CE only (same grouped model)", ["--loss", "ce"]),
     "dis": ("CE + L_dis", ["--loss", "dis"]),
@@ -163,7 +163,7 @@ def report(results: list[dict], seeds: list[int], epochs: int, figure_name: str)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/ablation")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--docs", default="docs")

@@ -83,11 +83,13 @@ def gallery_dir(tmp_path_factory) -> Path:
 def env(monkeypatch, checkpoint, gallery_dir):
     monkeypatch.setenv("MCLOSS_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("MCLOSS_SAMPLES", str(gallery_dir))
+    threads = torch.get_num_threads()  # the app sets its own (MCLOSS_APP_THREADS); restore for other tests
     st.cache_data.clear()
     st.cache_resource.clear()
     yield
     st.cache_data.clear()
     st.cache_resource.clear()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -294,6 +296,16 @@ def test_exif_rotated_photo_is_shown_upright(env):
     assert_clean(at)
     assert not at.error
     assert captions(at)[0] == "phone.jpg · 40×80 px"
+
+
+def test_inference_threads_follow_the_environment(env, monkeypatch):
+    # torch's thread count is per OS thread here: read it where the script runs, in the device caption
+    monkeypatch.setenv("MCLOSS_APP_THREADS", "1")
+    at = run_app()
+    assert "Device: CPU · 1 thread" in [c.value for c in at.sidebar.caption]
+    monkeypatch.setenv("MCLOSS_APP_THREADS", "2")
+    at.run()
+    assert "Device: CPU · 2 threads" in [c.value for c in at.sidebar.caption]
 
 
 def test_bad_checkpoint_shows_error(env, monkeypatch, tmp_path):
@@ -533,3 +545,13 @@ def test_concurrent_explanations_are_serialized(checkpoint):
     # the shared model is left as loaded: eval mode, parameters still trainable
     assert not model.training
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_checkpoint_choices_list_default_first(tmp_path):
+    for name in ("b.safetensors", "a.safetensors", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    default = tmp_path / "default.safetensors"  # missing: still offered, so the UI can say so
+    assert view.list_checkpoints(default, tmp_path) == [default, tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    assert view.list_checkpoints(tmp_path / "b.safetensors", tmp_path) == [
+        tmp_path / "b.safetensors", tmp_path / "a.safetensors",
+    ]

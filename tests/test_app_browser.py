@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def page(server):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            pg = browser.new_page(viewport={"width": 1600, "height": 1100})
+            pg = browser.new_page(viewport={"width": 1600, "height": 1100}, accept_downloads=True)
             pg.set_default_timeout(TIMEOUT_MS)
             pg.goto(server)
             yield pg
@@ -218,13 +219,32 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     # 4. a good file again: the overlays come back
     good2 = tmp_path / "second_bird.png"
     good2.write_bytes(_png(_bird(8, size=200)[0]))
+    t0 = time.perf_counter()
     file_input.set_input_files(str(good2))
+    pg.get_by_text("second_bird.png").first.wait_for()
     pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="visible")
+    print(f"replacing the file -> overlays visible: {time.perf_counter() - t0:.2f} s in the browser")
     _wait_overlays(pg)
     assert pg.locator('[data-testid="stAlert"]').filter(has_text="Cannot read the image").count() == 0
     assert pg.get_by_text("second_bird.png").count() >= 1
     _no_traceback(pg)
     pg.screenshot(path=str(ARTIFACTS / "app_recovered.png"), full_page=True)
+
+    # downloads: the montage PNG and the ZIP (built on click)
+    with pg.expect_download() as dl:
+        pg.get_by_role("button", name="Montage (PNG)").click()
+    montage = Path(dl.value.path()).read_bytes()
+    assert dl.value.suggested_filename == "second_bird_montage.png"
+    assert montage.startswith(b"\x89PNG") and Image.open(io.BytesIO(montage)).size[0] > 1000
+    with pg.expect_download() as dl:
+        pg.get_by_role("button", name="Everything (ZIP)").click()
+    with zipfile.ZipFile(Path(dl.value.path())) as zf:
+        names = set(zf.namelist())
+        record = json.loads(zf.read("export/second_bird.png.json"))
+    assert {"export/second_bird.png.png", "export/second_bird.png.npz"} <= names
+    assert any(n.startswith("overlays/") and n.endswith("_gradcam.png") for n in names)
+    assert record["file"] == "second_bird.png" and record["image_size"] == [200, 200]
+    _no_traceback(pg)
 
     # 5. an uploaded checkpoint: a broken one gets a sidebar error, a good one works
     sidebar = pg.locator('[data-testid="stSidebar"]')
