@@ -34,6 +34,8 @@ from mcloss.checkpoint import CheckpointError  # noqa: E402
 from mcloss.device import resolve_device  # noqa: E402
 from mcloss.io import ImageLoadError, atomic_write_bytes  # noqa: E402
 
+__all__ = ["main"]
+
 log = logging.getLogger("mcloss.app")
 
 UPLOAD_CHOICE = "Upload a checkpoint…"

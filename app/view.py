@@ -285,7 +285,8 @@ def draw_keypoints(
     """Ground-truth keypoints as white-ringed dots with their part name, on a new image.
 
     Images shorter than ``min_side`` are first enlarged by an integer factor (bicubic) so the labels stay
-    legible; ``keypoints_xy`` are in the pixels of ``image``.
+    legible; ``keypoints_xy`` are in the pixels of ``image`` (pixel i covers [i, i+1)); each dot is drawn
+    on the pixel containing its point, as :func:`mcloss.render.draw_peaks` does.
     """
     out = np.ascontiguousarray(image)
     factor = max(1, int(np.ceil(min_side / max(1, min(out.shape[:2])))))
@@ -295,11 +296,11 @@ def draw_keypoints(
         out = out.copy()
     r = max(4, min(out.shape[:2]) // 100)
     scale = max(0.45, min(out.shape[:2]) / 800.0)
-    pts = (np.asarray(keypoints_xy, dtype=np.float64) + 0.5) * factor - 0.5
+    pts = np.asarray(keypoints_xy, dtype=np.float64).reshape(-1, 2) * factor
     for (x, y), vis, name in zip(pts, visible, names, strict=True):
         if not vis:
             continue
-        p = (int(round(x)), int(round(y)))
+        p = (int(np.floor(x)), int(np.floor(y)))
         cv2.circle(out, p, r + 2, (255, 255, 255), -1, cv2.LINE_AA)
         cv2.circle(out, p, r, (20, 20, 20), -1, cv2.LINE_AA)
         org = (p[0] + r + 5, p[1] + r // 2 + 4)

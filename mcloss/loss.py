@@ -67,7 +67,8 @@ def draw_channel_mask(
     else:
         drops = torch.minimum(torch.full_like(sizes, max(0, int(drop))), sizes - 1)
     keys = torch.rand(k, generator=generator)
-    order = torch.argsort(group_of.to(keys.dtype) + keys)
+    # sort by (group, key); float64 keeps group + key exact (in float32, 199 + 0.99999994 rounds to 200)
+    order = torch.argsort(group_of.double() + keys.double())
     starts = torch.cumsum(sizes, 0) - sizes
     rank = torch.arange(k) - starts[group_of[order]]
     mask = torch.empty(k)

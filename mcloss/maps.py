@@ -211,15 +211,8 @@ def resolve_targets(
     labels = list(labels) if labels is not None else [None] * batch
     if len(labels) != batch:
         raise ValueError(f"{len(labels)} labels for {batch} images")
-    if isinstance(spec, (str, int, np.integer)):
-        per_image: list = [spec] * batch
-    else:
-        spec = list(spec)
-        if len(spec) != batch:
-            raise ValueError(f"{len(spec)} per-image targets for {batch} images")
-        per_image = spec
     out = []
-    for b, item in enumerate(per_image):
+    for b, item in enumerate(_per_image(spec, batch)):
         items = [item] if isinstance(item, (str, int, np.integer)) else list(item)
         resolved: list[int] = []
         for one in items:
@@ -290,6 +283,7 @@ def explain(
 
 
 def _per_image(targets: TargetSpec | Sequence[TargetSpec], batch: int) -> list:
+    """One target spec per image: a single spec is repeated, a list must have one entry per image."""
     if isinstance(targets, (str, int, np.integer)):
         return [targets] * batch
     targets = list(targets)
@@ -354,7 +348,7 @@ def explain_tensor(
         with torch.no_grad():
             probs_fc = torch.softmax(logits, dim=1).cpu().numpy()
             probs_mc = torch.softmax(model.mc_logits(feats.detach()), dim=1).float().cpu().numpy()
-        per_image = resolve_targets(model, _per_image(targets, batch), probs_fc, probs_mc, labels)
+        per_image = resolve_targets(model, targets, probs_fc, probs_mc, labels)
         depth = max(len(t) for t in per_image)
 
         cams: list[torch.Tensor | None] = [None] * depth  # per rank: [B, h, w]

@@ -186,17 +186,7 @@ def load_backbone_weights(name: str, pretrained: str | None) -> nn.Module:
         if not path.is_file():
             raise FileNotFoundError(f"{pretrained}: weights file not found")
         net = torchvision.models.get_model(name, weights=None)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if len(missing) > len(state) or not state:
-            raise ValueError(f"{pretrained}: not {name} weights ({len(missing)} missing keys)")
+        _load_weights_file(net, path, name)
         return net
     try:
         weights = torchvision.models.get_model_weights(name)[pretrained]
@@ -209,6 +199,47 @@ def load_backbone_weights(name: str, pretrained: str | None) -> nn.Module:
             f"cannot fetch {name} weights {pretrained} (offline?): {exc.__class__.__name__}; "
             "download them elsewhere and pass --pretrained /path/to/weights.pth"
         ) from exc
+
+
+#: Parameter-name prefixes of torchvision classifier heads; MCModel replaces the head, so these may differ.
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
+
+
+def _load_weights_file(net: nn.Module, path: Path, name: str) -> None:
+    """Load a local state dict (safetensors, or .pth read with ``weights_only=True``) into ``net``.
+
+    Every trunk tensor must be present with its shape; the classifier head may differ or be absent.
+
+    Raises:
+        ValueError: the file cannot be read or does not hold ``name`` weights (message names the file).
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated file, or a pickle with code (refused by weights_only)
+        kind = "safetensors" if path.suffix == ".safetensors" else "weights-only PyTorch"
+        raise ValueError(f"{path}: not a readable {kind} weights file ({type(exc).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    own = net.state_dict()
+    trunk = [k for k in own if not k.startswith(_CLASSIFIER_PREFIXES) and not k.endswith("num_batches_tracked")]
+    missing = [k for k in trunk if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(_CLASSIFIER_PREFIXES)]
+    misshaped = [k for k in trunk if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or misshaped:
+        example = (missing or unexpected or misshaped)[0]
+        raise ValueError(
+            f"{path}: not {name} weights ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped tensors; e.g. {example!r})"
+        )
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    net.load_state_dict(usable, strict=False)
 
 
 def build_model(

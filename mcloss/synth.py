@@ -480,13 +480,16 @@ def _pose_matrix(unit: float, angle: float, mirror: bool) -> np.ndarray:
     return unit * np.array([[ca * m, -sa], [sa * m, ca]])
 
 
-def render_bird(bird: BirdClass, size: int, rng: np.random.Generator) -> RenderedBird:
-    """Render one random instance of ``bird`` as a ``size`` × ``size`` RGB image with its annotations."""
+def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_scale: float = 1.0) -> RenderedBird:
+    """Render one random instance of ``bird`` as a ``size`` × ``size`` RGB image with its annotations.
+
+    ``object_scale`` multiplies the bird's size relative to the image (1.0: about 40 % of the side).
+    """
     img = _background(rng, size)
     shapes = _bird_shapes(bird.attributes)
 
-    # pose: scale 0.7-1.3, rotation ±30°, mirror, position keeping the bird (mostly) in the image
-    unit = 0.85 * size * float(rng.uniform(0.7, 1.3))
+    # pose: scale 0.7-1.3 (× object_scale), rotation ±30°, mirror, position keeping the bird (mostly) in the image
+    unit = 0.85 * size * object_scale * float(rng.uniform(0.7, 1.3))
     angle = math.radians(float(rng.uniform(-30.0, 30.0)))
     mirror = bool(rng.random() < 0.5)
     a = _pose_matrix(unit, angle, mirror)
@@ -580,11 +583,11 @@ def encode_jpeg(rgb: np.ndarray, quality: int = _JPEG_QUALITY) -> bytes:
     return buf.tobytes()
 
 
-def _render_job(job: tuple[int, int, int, dict, str, str, int]) -> tuple[list[float], list[list[float]]]:
+def _render_job(job: tuple[int, int, int, dict, str, str, int, float]) -> tuple[list[float], list[list[float]]]:
     """Worker: render image ``index`` and write it; returns (bbox, parts)."""
-    index, seed, size, attrs, name, path, quality = job
+    index, seed, size, attrs, name, path, quality, object_scale = job
     bird = BirdClass(name, attrs)
-    rendered = render_bird(bird, size, instance_rng(seed, index))
+    rendered = render_bird(bird, size, instance_rng(seed, index), object_scale)
     Path(path).write_bytes(encode_jpeg(rendered.image, quality))
     return list(rendered.bbox), rendered.parts.tolist()
 
@@ -641,6 +644,7 @@ def generate_dataset(
     test_fraction: float = 0.5,
     jpeg_quality: int = _JPEG_QUALITY,
     workers: int = 1,
+    object_scale: float = 1.0,
 ) -> dict:
     """Write a synthetic CUB-layout dataset to ``out``; returns a summary (counts, time, images/s).
 
@@ -664,6 +668,8 @@ def generate_dataset(
         raise SynthError(f"--jpeg-quality must be between 1 and 100, got {jpeg_quality}")
     if int(workers) < 1:
         raise SynthError(f"--workers must be >= 1, got {workers}")
+    if not 0.25 <= float(object_scale) <= 2.5:
+        raise SynthError(f"--object-scale must be between 0.25 and 2.5, got {object_scale}")
     birds = class_definitions(int(classes))
     n_train, n_test = _split_counts(int(per_class), float(test_fraction))
     out = Path(out)
@@ -680,7 +686,7 @@ def generate_dataset(
             for k in range(per_class):
                 index = c * per_class + k
                 rel = f"{folder}/{bird.name}_{index + 1:05d}.jpg"
-                jobs.append((index, int(seed), int(size), bird.attributes, bird.name, str(tmp / "images" / rel), int(jpeg_quality)))
+                jobs.append((index, int(seed), int(size), bird.attributes, bird.name, str(tmp / "images" / rel), int(jpeg_quality), float(object_scale)))
                 lines["images"].append(f"{index + 1} {rel}")
                 lines["labels"].append(f"{index + 1} {c + 1}")
                 lines["split"].append(f"{index + 1} {1 if k < n_train else 0}")
@@ -717,8 +723,10 @@ def generate_dataset(
             "seed": int(seed),
             "test_fraction": float(test_fraction),
             "jpeg_quality": int(jpeg_quality),
+            "object_scale": float(object_scale),
             "command": f"mcloss synth --out DIR --classes {classes} --per-class {per_class} --size {size} "
-            f"--seed {seed} --test-fraction {float(test_fraction)} --jpeg-quality {jpeg_quality}",
+            f"--seed {seed} --test-fraction {float(test_fraction)} --jpeg-quality {jpeg_quality}"
+            + (f" --object-scale {float(object_scale)}" if float(object_scale) != 1.0 else ""),
             "split": {"train_per_class": n_train, "test_per_class": n_test},
             "parts": list(PART_NAMES),
             "class_parts": list(CLASS_PARTS),
@@ -782,6 +790,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.5, help="share of each class in the test split (default 0.5)")
     p.add_argument("--jpeg-quality", type=int, default=_JPEG_QUALITY, help=f"JPEG quality (default {_JPEG_QUALITY})")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1; output is identical)")
+    p.add_argument("--object-scale", type=float, default=1.0, help="bird size relative to the image (default 1.0)")
     return p
 
 
@@ -796,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = generate_dataset(
             args.out, args.classes, args.per_class, args.size, args.seed,
             test_fraction=args.test_fraction, jpeg_quality=args.jpeg_quality, workers=args.workers,
+            object_scale=args.object_scale,
         )
     except (SynthError, OSError) as exc:
         print(f"mcloss synth: error: {exc}", file=sys.stderr)

@@ -64,6 +64,7 @@ __all__ = [
 DATASETS = ("auto", "cub", "imagefolder", "aircraft", "cars", "flowers")
 LOSSES = ("mc", "ce", "dis")
 SCHEDULES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 #: The official recipes (GUIDE §1). Explicit settings override them.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -136,6 +137,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"
+    optimizer: str = "sgd"
     backbone_lr_factor: float = 1.0
     recipe: str = "official-scratch"
     normalization: str = "half"
@@ -153,6 +155,7 @@ class TrainConfig:
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
             (self.normalization in NORMALIZATIONS, f"--normalization must be one of {', '.join(NORMALIZATIONS)}"),
             (self.xi is None or self.xi >= 1, "--xi must be >= 1 (or 'auto')"),
@@ -304,6 +307,13 @@ def _param_groups(model: MCModel, config: TrainConfig, backbone_names: set[str])
     if backbone:
         groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_factor, "name": "backbone"})
     return groups
+
+
+def _optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the official recipes), or AdamW (faster from scratch on small CPU budgets)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def _milestones(epochs: int) -> list[int]:
@@ -499,9 +509,7 @@ class _Run:
         else:
             self.net = step
 
-        self.optimizer = torch.optim.SGD(
-            _param_groups(model, cfg, backbone_names), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = _optimizer(_param_groups(model, cfg, backbone_names), cfg)
         self.best_acc, self.best_epoch, start = -1.0, 0, 0
         if state is not None:
             start = int(state["epoch"])
@@ -847,6 +855,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--schedule", choices=SCHEDULES, help="step: /10 at 50%% and 75%% of the epochs; cosine")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (official, with --momentum) or adamw")
     g.add_argument("--backbone-lr-factor", type=float, help="pretrained backbone lr = lr × this (pretrained recipe 0.1)")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), help="half (0.5/0.5) or imagenet")
     g = p.add_argument_group("run")

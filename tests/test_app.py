@@ -555,3 +555,13 @@ def test_checkpoint_choices_list_default_first(tmp_path):
     assert view.list_checkpoints(tmp_path / "b.safetensors", tmp_path) == [
         tmp_path / "b.safetensors", tmp_path / "a.safetensors",
     ]
+
+
+def test_keypoint_dots_sit_on_the_pixel_containing_the_point():
+    img = np.zeros((10, 12, 3), np.uint8)
+    for factor, min_side in ((1, 10), (4, 40)):
+        # the dot's dark core (radius r, colour (20, 20, 20)) is centred on pixel floor(x·factor)
+        out = view.draw_keypoints(img, np.array([[3.2, 5.9]]), np.array([True]), [""], min_side=min_side)
+        assert out.shape == (10 * factor, 12 * factor, 3)
+        ys, xs = np.nonzero((out == 20).all(-1))
+        assert (round(xs.mean()), round(ys.mean())) == (int(3.2 * factor), int(5.9 * factor))

@@ -91,13 +91,34 @@ def test_local_weights_file(tmp_path):
         load_backbone_weights("resnet18", str(tmp_path / "missing.pth"))
 
 
+def test_wrong_or_broken_weights_file_is_refused(tmp_path):
+    r34 = tmp_path / "r34.safetensors"  # same first-block shapes as resnet18, extra blocks
+    save_file({k: v.contiguous() for k, v in torchvision.models.resnet34().state_dict().items()}, str(r34))
+    with pytest.raises(ValueError, match=r"r34\.safetensors: not resnet18 weights \(0 missing, 96 unexpected"):
+        load_backbone_weights("resnet18", str(r34))
+    r50 = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), r50)
+    with pytest.raises(ValueError, match=r"r50\.pth: not resnet18 weights .* [1-9]\d* mis-shaped"):
+        load_backbone_weights("resnet18", str(r50))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable weights-only PyTorch weights file"):
+        load_backbone_weights("resnet18", str(junk))
+    # a fine-tuned classifier (other class count, wrapped in {"state_dict": ...}) gives its trunk
+    tuned = torchvision.models.resnet18(num_classes=7)
+    torch.save({"state_dict": tuned.state_dict()}, tmp_path / "tuned.pth")
+    net = load_backbone_weights("resnet18", str(tmp_path / "tuned.pth"))
+    torch.testing.assert_close(net.layer4[1].conv2.weight, tuned.layer4[1].conv2.weight)
+
+
 def test_offline_weights_give_clear_error(monkeypatch):
     from urllib.error import URLError
 
     def offline(*args, **kwargs):
         raise URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # torchvision binds the loader by name in models._api, so patch it there (patching torch.hub would still download)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="offline.*--pretrained /path"):
         load_backbone_weights("resnet18", "IMAGENET1K_V1")
     with pytest.raises(ValueError, match="unknown weights"):

@@ -209,6 +209,7 @@ def test_cli_writes_and_reports(tmp_path, capsys):
         (["--classes", "3", "--per-class", "2", "--test-fraction", "1.5"], "--test-fraction must be"),
         (["--classes", "99999", "--per-class", "2"], "--classes must be between 2 and"),
         (["--classes", "three", "--per-class", "2"], "invalid int value"),
+        (["--classes", "3", "--per-class", "2", "--object-scale", "9"], "--object-scale must be"),
     ],
 )
 def test_cli_rejects_bad_arguments_clearly(tmp_path, capsys, args, message):
@@ -262,3 +263,16 @@ def test_render_is_deterministic_and_annotations_match_pose():
     assert not np.array_equal(a.image, c.image)
     assert a.image.dtype == np.uint8 and a.image.shape == (128, 128, 3)
     assert a.parts.shape == (len(PART_NAMES), 3)
+
+
+def test_object_scale_enlarges_the_bird_and_is_recorded(tmp_path):
+    sizes = {}
+    for scale in (1.0, 1.6):
+        out = tmp_path / f"s{scale}"
+        generate_dataset(out, classes=3, per_class=4, size=96, seed=5, object_scale=scale)
+        boxes = np.array([[float(v) for v in row[1:]] for row in _rows(out / "bounding_boxes.txt")])
+        sizes[scale] = np.median(boxes[:, 2] * boxes[:, 3])
+        meta = json.loads((out / "synth.json").read_text())
+        assert meta["object_scale"] == scale
+        assert ("--object-scale 1.6" in meta["command"]) == (scale == 1.6)
+    assert sizes[1.6] > 1.8 * sizes[1.0]  # area grows roughly with the square of the scale (cropping limits it)
