@@ -28,9 +28,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -592,11 +591,6 @@ def _render_job(job: tuple[int, int, int, dict, str, str, int, float]) -> tuple[
     return list(rendered.bbox), rendered.parts.tolist()
 
 
-def _single_threaded() -> None:
-    """Worker initializer: one OpenCV thread per process (results do not depend on it)."""
-    cv2.setNumThreads(1)
-
-
 def is_synth_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a previous ``mcloss synth`` output (its synth.json says so)."""
     try:
@@ -691,7 +685,9 @@ def generate_dataset(
                 lines["labels"].append(f"{index + 1} {c + 1}")
                 lines["split"].append(f"{index + 1} {1 if k < n_train else 0}")
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(int(workers), mp_context=get_context("fork"), initializer=_single_threaded) as pool:
+            # threads, not forked processes: forking a process that already runs torch/OpenMP threads can
+            # deadlock; OpenCV drawing and JPEG encoding release the GIL
+            with ThreadPoolExecutor(int(workers)) as pool:
                 results = list(pool.map(_render_job, jobs, chunksize=16))
         else:
             results = [_render_job(job) for job in jobs]
@@ -789,7 +785,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="instance seed (default 0)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="share of each class in the test split (default 0.5)")
     p.add_argument("--jpeg-quality", type=int, default=_JPEG_QUALITY, help=f"JPEG quality (default {_JPEG_QUALITY})")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1; output is identical)")
+    p.add_argument("--workers", type=int, default=1, help="rendering threads (default 1; output is identical)")
     p.add_argument("--object-scale", type=float, default=1.0, help="bird size relative to the image (default 1.0)")
     return p
 

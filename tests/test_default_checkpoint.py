@@ -66,7 +66,7 @@ def test_card_matches_metadata_and_readme(model):
         assert f"`{card[key]}`" in readme
     for split in ("test", "fresh"):
         m = card["metrics"][split]
-        row = next(line for line in readme.splitlines() if line.startswith(f"| {'test split' if split == 'test' else 'fresh'}"))
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {'test split' if split == 'test' else 'fresh instances'}"))
         assert f"| {m['fc_top1']:.3f} | {m['mc_top1']:.3f} |" in row
     hit = card["parts"]["channels"]["hit_rate"]
     assert re.search(rf"\| channels \(CCMP\) \|[^\n]*{hit:.3f}", readme)
