@@ -263,7 +263,7 @@ def prediction_panel(expl: maps.Explanation, class_names: list[str], base, title
     left.image(base, caption=title, width="stretch", alt="input image")
     with right:
         agree, sentence = view.agreement(expl, class_names)
-        (st.success if agree else st.warning)(sentence, icon="✅" if agree else "⚖️")
+        (st.success if agree else st.warning)(sentence, icon=":material/check_circle:" if agree else ":material/compare_arrows:")
         if label is not None:
             ok = expl.prediction == label
             st.markdown(
