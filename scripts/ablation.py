@@ -161,7 +161,16 @@ def report(results: list[dict], seeds: list[int], epochs: int, figure_name: str)
             f"| {r['row']} | {r['seed']} | {r['top1_fc']:.3f} | {r['top1_mc']:.3f} | {r['hit_rate']:.3f} | "
             f"{r['distinct_parts']:.2f} | {r['overlap']:.3f} | {r['train_seconds']:.0f} |"
         )
-    lines += ["", f"![CE vs MC-Loss channel groups]({figure_name})", ""]
+    lines += [
+        "",
+        f"![CE vs MC-Loss channel groups]({figure_name})",
+        "",
+        "Each row: one fresh-seed image, then the true class's channels and part composite under CE (first) and",
+        "MC-Loss (second), training seed 0.",
+        "",
+        "What these numbers mean, and why they differ from the paper: [ablation_discussion.md](ablation_discussion.md).",
+        "",
+    ]
     return "\n".join(lines)
 
 
