@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from default_checkpoint import CPU_RECIPE, ensure_dataset  # scripts/ is on sys.path when run as a script
 from PIL import Image
 
 from mcloss.checkpoint import load_checkpoint
@@ -23,7 +24,6 @@ from mcloss.io import atomic_path, atomic_write_json, atomic_write_text, load_im
 from mcloss.maps import explain
 from mcloss.parts import run_parts
 from mcloss.render import explanation_tiles, montage
-from mcloss.synth import generate_dataset, is_synth_output
 from mcloss.train import main as train_main
 
 DATA = {"classes": 8, "per_class": 135, "size": 128, "seed": 0, "test_fraction": 0.111, "object_scale": 1.6}
@@ -48,18 +48,11 @@ COLUMNS = [
 ]
 
 
-def ensure(spec: dict, out: Path) -> None:
-    if not is_synth_output(out):
-        generate_dataset(out, spec["classes"], spec["per_class"], spec["size"], spec["seed"],
-                         test_fraction=spec["test_fraction"], object_scale=spec["object_scale"])
-
-
 def train_args(data: Path, run: Path, row: str, seed: int, epochs: int) -> list[str]:
     return [
         "--data", str(data), "--backbone", "resnet18", "--xi", "3", "--epochs", str(epochs),
         "--batch-size", "32", "--img-size", str(DATA["size"]), "--workers", "1", "--seed", str(seed),
-        "--device", "auto", "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--schedule", "cosine",
-        "--out", str(run), *ROWS[row][1],
+        "--device", "auto", *CPU_RECIPE, "--out", str(run), *ROWS[row][1],
     ]
 
 
@@ -184,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work, docs = Path(args.work), Path(args.docs)
     data, fresh = work / "data", work / "fresh"
-    ensure(DATA, data)
-    ensure(FRESH, fresh)
+    ensure_dataset(DATA, data)
+    ensure_dataset(FRESH, fresh)
     results = []
     for seed in args.seeds:
         for row in args.rows:
