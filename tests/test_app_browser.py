@@ -164,10 +164,15 @@ def _no_traceback(pg) -> None:
     assert pg.locator('[data-testid="stException"]').count() == 0
 
 
+def _wait_rerun_done(pg) -> None:
+    """Stale elements of the previous run stay in the DOM until the rerun finishes: wait for it."""
+    pg.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+
+
 def _wait_overlays(pg) -> None:
     pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="visible")
     pg.locator('img[alt^="channel 1 of"]').first.wait_for(state="visible")
-    pg.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+    _wait_rerun_done(pg)
 
 
 def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
@@ -181,6 +186,8 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     # 2. switch to upload and upload an image; time until the overlays show
     pg.locator('[data-testid="stSidebar"]').get_by_role("radio", name="Upload", exact=True).click()
     pg.get_by_text("Upload an image or pick a gallery sample").wait_for()
+    _wait_rerun_done(pg)
+    pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="detached")
     assert pg.locator('img[alt^="Grad-CAM of"]').count() == 0
     img, _ = _bird(7, size=240)
     good = tmp_path / "upload_bird.jpg"
@@ -213,6 +220,8 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     assert "broken.png" in alert.inner_text()
     assert "corrupt or truncated" in alert.inner_text()
     _no_traceback(pg)
+    _wait_rerun_done(pg)
+    pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="detached")
     assert pg.locator('img[alt^="Grad-CAM of"]').count() == 0
     pg.screenshot(path=str(ARTIFACTS / "app_error.png"), full_page=True)
 
