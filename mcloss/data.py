@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from torchvision import datasets as tv_datasets
 from .io import load_image
 
 __all__ = [
+    "class_mismatch",
     "DatasetError",
     "CUBRecord",
     "CUBDataset",
@@ -55,6 +56,19 @@ _TORCHVISION_CLASSES: dict[str, tuple[str, str]] = {
 
 class DatasetError(ValueError):
     """A dataset root is missing or malformed; the message names the path and what was expected."""
+
+
+def class_mismatch(data_names: Sequence[str], model_names: Sequence[str]) -> str | None:
+    """Why a dataset's classes do not match a checkpoint's (None when they match, in order)."""
+    data_names, model_names = list(data_names), list(model_names)
+    if data_names == model_names:
+        return None
+    diff = next(
+        (f"class {i} is {x!r} in the data but {y!r} in the checkpoint"
+         for i, (x, y) in enumerate(zip(data_names, model_names, strict=False)) if x != y),
+        "different class counts",
+    )
+    return f"its {len(data_names)} classes do not match the checkpoint's {len(model_names)} classes ({diff})"
 
 
 def clean_class_name(name: str) -> str:

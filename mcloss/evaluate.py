@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import build_datasets
+from .data import build_datasets, class_mismatch
 from .device import autocast, resolve_device
 from .io import atomic_write_json
 from .model import MCModel
@@ -168,12 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"mcloss eval: {exc}", file=sys.stderr)
         return 2
-    if list(class_names) != list(model.class_names):
-        print(
-            f"mcloss eval: {args.data}: its {len(class_names)} classes do not match the checkpoint's "
-            f"{len(model.class_names)} classes ({_first_difference(class_names, model.class_names)})",
-            file=sys.stderr,
-        )
+    mismatch = class_mismatch(class_names, model.class_names)
+    if mismatch:
+        print(f"mcloss eval: {args.data}: {mismatch}", file=sys.stderr)
         return 2
     loader = DataLoader(
         test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
@@ -196,13 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         atomic_write_json(args.json, payload)
     return 0
-
-
-def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return f"class {i} is {x!r} in the data but {y!r} in the checkpoint"
-    return "different class counts"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from . import metrics as M
 from .checkpoint import CheckpointError, load_checkpoint
+from .data import class_mismatch
 from .device import autocast, resolve_device
 from .export import DEFAULT_CHECKPOINT
 from .io import ImageLoadError, atomic_path, atomic_write_json, atomic_write_text, load_image
@@ -337,12 +338,9 @@ def run_parts(
     """
     _check_arguments(radius, size_reference, topk_percent, steps, baseline, limit, batch_size, seed)
     dataset = _open_dataset(dataset_or_root, split)
-    class_names = list(getattr(dataset, "class_names", model.class_names))
-    if class_names != list(model.class_names):
-        raise ValueError(
-            f"its {len(class_names)} classes do not match the model's {model.num_classes} classes "
-            f"({_first_difference(class_names, model.class_names)})"
-        )
+    mismatch = class_mismatch(getattr(dataset, "class_names", model.class_names), model.class_names)
+    if mismatch:
+        raise ValueError(mismatch)
     part_names = list(getattr(dataset, "part_names", []) or [])
     items = _items(dataset)
     if limit is not None:
@@ -409,13 +407,6 @@ def run_parts(
     }
     summary = _summarize(rows, scores, stacked, part_names, model, config, skipped)
     return PartsResult(summary, rows, stacked)
-
-
-def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return f"class {i} is {x!r} in the data but {y!r} in the model"
-    return "different class counts"
 
 
 def _check_arguments(
