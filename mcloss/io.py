@@ -18,10 +18,26 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "default_mode",
     "ImageLoadError",
     "load_image",
     "MAX_IMAGE_PIXELS",
 ]
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: The process umask, read once at import (reading it means setting it, which is not thread-safe later).
+_UMASK = _current_umask()
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permission bits ``open()``/``mkdir()`` would give a new file or directory under the process umask."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
 
 #: Images with more pixels than this are refused as decompression bombs (PIL's default × 2 ≈ 179 MP).
 MAX_IMAGE_PIXELS = 178_956_970
@@ -35,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, default_mode())  # mkstemp makes 0600; the result should read like any other new file
     try:
         yield tmp_path
         os.replace(tmp_path, target)

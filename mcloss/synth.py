@@ -35,6 +35,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .io import default_mode
+
 __all__ = [
     "PART_NAMES",
     "CLASS_PARTS",
@@ -672,6 +674,7 @@ def generate_dataset(
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700
     try:
         jobs, lines = [], {"images": [], "labels": [], "split": []}
         for c, bird in enumerate(birds):

@@ -52,6 +52,7 @@ from .transforms import NORMALIZATIONS, EvalTransform, TrainTransform
 __all__ = [
     "TrainConfig",
     "TrainError",
+    "div_warmup_factor",
     "RECIPES",
     "DATASETS",
     "RESUME_OVERRIDABLE",
@@ -106,6 +107,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 RESUME_OVERRIDABLE = ("epochs", "workers", "device", "amp", "limit_batches", "data", "download", "command")
 
 
+def div_warmup_factor(progress: float, warmup: float) -> float:
+    """The share of β in use after ``progress`` epochs (fractional) with a linear warm-up of ``warmup`` epochs."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, max(0.0, progress / warmup))
+
+
 class TrainError(ValueError):
     """A training run cannot start or continue; the message says why."""
 
@@ -129,6 +137,7 @@ class TrainConfig:
     alpha: float = 1.5
     beta: float = 20.0
     drop: int | None = None
+    div_warmup: float = 0.0
     loss: str = "mc"
     epochs: int = 300
     batch_size: int = 32
@@ -160,6 +169,7 @@ class TrainConfig:
             (self.normalization in NORMALIZATIONS, f"--normalization must be one of {', '.join(NORMALIZATIONS)}"),
             (self.xi is None or self.xi >= 1, "--xi must be >= 1 (or 'auto')"),
             (self.drop is None or self.drop >= 0, "--drop must be >= 0"),
+            (self.div_warmup >= 0, "--div-warmup must be >= 0"),
             (self.alpha >= 0 and self.beta >= 0, "--alpha and --beta must be >= 0"),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.batch_size >= 2, "--batch-size must be >= 2 (the FC head has BatchNorm)"),
@@ -613,6 +623,7 @@ class _Run:
             with autocast(device, cfg.amp):
                 features, logits = self.net(images)
             logits = logits.float()
+            self.criterion.beta = cfg.beta * div_warmup_factor(epoch - 1 + index / total, cfg.div_warmup)
             out = self.criterion(logits, features, targets)
             self.optimizer.zero_grad(set_to_none=True)
             out.total.backward()
@@ -731,6 +742,7 @@ class _Run:
             "loss": cfg.loss,
             "alpha": cfg.alpha,
             "beta": cfg.beta,
+            "div_warmup": cfg.div_warmup,
             "metrics": dict(row),
         }
         synth = _synth_description(cfg.data)
@@ -845,6 +857,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=LOSSES, help="mc: CE + α·L_dis + β·L_div (default); ce: CE only; dis: CE + α·L_dis")
     g.add_argument("--alpha", type=float, help="weight of L_dis (scratch 1.5, pretrained 0.0005)")
     g.add_argument("--beta", type=float, help="weight of L_div (scratch 20, pretrained 0.005)")
+    g.add_argument(
+        "--div-warmup", type=float,
+        help="ramp β linearly from 0 over the first N epochs (default 0: the official constant β)",
+    )
     g.add_argument("--drop", type=int, help="channels masked per group in L_dis (default: 1 of 3, 4 of 10/11)")
     g = p.add_argument_group("optimization")
     g.add_argument("--recipe", choices=list(RECIPES), help="official-scratch (default) or official-pretrained (default with --pretrained)")

@@ -1,6 +1,7 @@
 """Safe image decoding and atomic writes."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -96,3 +97,11 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("boom")
     assert target.read_text().strip().startswith("{") and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_new_file(tmp_path):
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    atomic_write_json(tmp_path / "out" / "atomic.json", {})
+    mode = (tmp_path / "out" / "atomic.json").stat().st_mode & 0o777
+    assert mode == plain.stat().st_mode & 0o777  # not mkstemp's private 0600

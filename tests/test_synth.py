@@ -276,3 +276,9 @@ def test_object_scale_enlarges_the_bird_and_is_recorded(tmp_path):
         assert meta["object_scale"] == scale
         assert ("--object-scale 1.6" in meta["command"]) == (scale == 1.6)
     assert sizes[1.6] > 1.8 * sizes[1.0]  # area grows roughly with the square of the scale (cropping limits it)
+
+
+def test_output_directory_gets_the_mode_of_a_plain_new_directory(small, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert small.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkdtemp's private 0700

@@ -31,6 +31,7 @@ from mcloss.train import (
     _param_groups,
     _pretrained_parameter_names,
     config_for_resume,
+    div_warmup_factor,
     make_config,
     train,
 )
@@ -301,6 +302,30 @@ def test_loss_variant_runs_train_with_those_weights(synth_data, tmp_path, loss, 
     assert (card["loss"], card["alpha"], card["beta"]) == (loss, alpha, beta)
     saved = json.loads((out / "config.json").read_text())["config"]
     assert (saved["alpha"], saved["beta"]) == (alpha, beta)
+
+
+def test_div_warmup_factor():
+    assert [div_warmup_factor(p, 2.0) for p in (0.0, 0.5, 1.0, 2.0, 7.0)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert div_warmup_factor(0.0, 0.0) == 1.0  # no warm-up: the official constant β from the first step
+
+
+def test_div_warmup_ramps_beta_per_step_and_is_recorded(synth_data, tmp_path, monkeypatch):
+    betas: list[float] = []
+    forward = train_mod.MCLoss.forward
+
+    def spy(self, *args, **kwargs):
+        betas.append(self.beta)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.MCLoss, "forward", spy)
+    out = tmp_path / "warm"
+    assert train_mod.main(["--data", str(synth_data), "--out", str(out), "--epochs", "2", "--div-warmup", "2", *TINY_ARGS]) == 0
+    steps = len(betas) // 2
+    expected = [20.0 * i / (2 * steps) for i in range(2 * steps)]
+    assert betas == pytest.approx(expected)
+    card = read_metadata(out / "last.safetensors")["card"]
+    assert (card["beta"], card["div_warmup"]) == (20.0, 2.0)
+    assert train_mod.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--div-warmup", "-1", *TINY_ARGS]) == 2
 
 
 def test_pretrained_backbone_gets_a_tenth_of_the_lr(tmp_path):
