@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +30,8 @@ from mcloss.train import main as train_main
 
 DATA = {"classes": 8, "per_class": 135, "size": 128, "seed": 0, "test_fraction": 0.111, "object_scale": 1.6}
 FRESH = {"classes": 8, "per_class": 10, "size": 128, "seed": 1, "test_fraction": 1.0, "object_scale": 1.6}
+#: The hand-written reading of the results, linked from every generated report.
+DISCUSSION = Path("docs/ablation_discussion.md")
 ROWS = {
     "ce": ("CE only (same grouped model)", ["--loss", "ce"]),
     "dis": ("CE + L_dis", ["--loss", "dis"]),
@@ -48,20 +52,20 @@ COLUMNS = [
 ]
 
 
-def train_args(data: Path, run: Path, row: str, seed: int, epochs: int) -> list[str]:
+def train_args(data: Path, run: Path, row: str, seed: int, epochs: int, size: int) -> list[str]:
     return [
         "--data", str(data), "--backbone", "resnet18", "--xi", "3", "--epochs", str(epochs),
-        "--batch-size", "32", "--img-size", str(DATA["size"]), "--workers", "1", "--seed", str(seed),
+        "--batch-size", "32", "--img-size", str(size), "--workers", "1", "--seed", str(seed),
         "--device", "auto", *CPU_RECIPE, "--out", str(run), *ROWS[row][1],
     ]
 
 
-def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int) -> dict:
+def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int, size: int) -> dict:
     """Train (or finish) one run and score it; cached in ``run/ablation.json``."""
     cached = run / "ablation.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    args = train_args(data, run, row, seed, epochs)
+    args = train_args(data, run, row, seed, epochs, size)
     if (run / "resume.pt").exists():
         args.append("--resume")
     metrics = run / "metrics.csv"
@@ -115,30 +119,43 @@ def mean_std(values: list[float]) -> str:
     arr = np.array([np.nan if v is None else v for v in values], dtype=float)
     if np.isnan(arr).all():
         return "–"
-    return f"{np.nanmean(arr):.3f} ± {np.nanstd(arr, ddof=1) if arr.size > 1 else 0.0:.3f}"
+    if arr.size == 1:
+        return f"{arr[0]:.3f}"
+    return f"{np.nanmean(arr):.3f} ± {np.nanstd(arr, ddof=1):.3f}"
 
 
-def report(results: list[dict], seeds: list[int], epochs: int, figure_name: str) -> str:
+def report(
+    results: list[dict],
+    seeds: list[int],
+    epochs: int,
+    figure_name: str,
+    size: int,
+    discussion: str,
+    command: str,
+    figure_rows: str,
+) -> str:
     lines = [
         "# Ablation: CE vs L_dis vs MC-Loss on synthetic fine-grained parts",
         "",
-        "Regenerate with `make ablation` (`python scripts/ablation.py`).",
+        f"Regenerate with `{command}`.",
         "",
         "## Setup",
         "",
-        f"- Data: `mcloss synth --classes {DATA['classes']} --per-class {DATA['per_class']} --size {DATA['size']} "
+        f"- Data: `mcloss synth --classes {DATA['classes']} --per-class {DATA['per_class']} --size {size} "
         f"--seed {DATA['seed']} --test-fraction {DATA['test_fraction']} --object-scale {DATA['object_scale']}` "
         f"(120 train / 15 test per class); scored on fresh instances `mcloss synth --classes {FRESH['classes']} "
-        f"--per-class {FRESH['per_class']} --size {FRESH['size']} --seed 1 --object-scale {FRESH['object_scale']}`.",
+        f"--per-class {FRESH['per_class']} --size {size} --seed 1 --object-scale {FRESH['object_scale']}`.",
         f"- Model: ResNet-18 from scratch, layer4 widened to 3 × {DATA['classes']} channels at stride 1, "
-        f"{DATA['size']} px input ({DATA['size'] // 16}×{DATA['size'] // 16} maps), official FC head.",
+        f"{size} px input ({size // 16}×{size // 16} maps), official FC head.",
         f"- Training: {epochs} epochs, batch 32, AdamW lr 1e-3 (cosine), weight decay 0.01 — the default checkpoint's "
         "recipe (the official SGD lr 0.1 did not start learning within a CPU budget; see checkpoints/README.md); "
         "MC rows use the official α = 1.5, β = 20; the CE row trains the same grouped model with α = β = 0.",
-        f"- Seeds: {', '.join(map(str, seeds))} (training seed; the data are the same). Cells are mean ± std over seeds.",
+        f"- Seeds: {', '.join(map(str, seeds))} (training seed; the data are the same). "
+        + ("Cells are mean ± std over seeds." if len(seeds) > 1 else "One run per row: no spread is known."),
         "- Metrics: `mcloss parts` with hit radius 0.12 × max(width, height); deletion/insertion with 8 steps, blur baseline.",
-        "- This is a smaller setting than the default checkpoint (8 classes, 128 px, 7 epochs) so that 9 runs fit "
-        "in about 40 minutes on a 2-core CPU; its models are less trained than the default.",
+        f"- This is a smaller setting than the default checkpoint ({DATA['classes']} classes, {size} px, {epochs} epochs) "
+        "so that the runs fit a 2-core CPU (about 3 min per run at 128 px, 9 min at 224 px); its models are less "
+        "trained than the default.",
         "",
         "## Results",
         "",
@@ -147,6 +164,8 @@ def report(results: list[dict], seeds: list[int], epochs: int, figure_name: str)
     ]
     for row, (label, _) in ROWS.items():
         rs = [r for r in results if r["row"] == row]
+        if not rs:
+            continue
         lines.append(f"| {label} | " + " | ".join(mean_std([r[k] for r in rs]) for k, _ in COLUMNS) + " |")
     lines += ["", "Per run:", "", "| row | seed | top-1 FC | top-1 MC | hits | distinct | overlap | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -156,12 +175,12 @@ def report(results: list[dict], seeds: list[int], epochs: int, figure_name: str)
         )
     lines += [
         "",
-        f"![CE vs MC-Loss channel groups]({figure_name})",
+        f"![channel groups per row]({figure_name})",
         "",
-        "Each row: one fresh-seed image, then the true class's channels and part composite under CE (first) and",
-        "MC-Loss (second), training seed 0.",
+        f"Each row: one fresh-seed image, then the true class's channels and part composite under {figure_rows}, "
+        f"training seed {seeds[0]}.",
         "",
-        "What these numbers mean, and why they differ from the paper: [ablation_discussion.md](ablation_discussion.md).",
+        f"What these numbers mean, and how they compare with the paper: [ablation_discussion.md]({discussion}).",
         "",
     ]
     return "\n".join(lines)
@@ -169,26 +188,33 @@ def report(results: list[dict], seeds: list[int], epochs: int, figure_name: str)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/ablation")
+    parser.add_argument("--work", help="datasets and runs (default runs/ablation-<size>px)")
     parser.add_argument("--epochs", type=int, default=7)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--docs", default="docs")
-    args = parser.parse_args(argv)
-    work, docs = Path(args.work), Path(args.docs)
+    parser.add_argument("--size", type=int, default=DATA["size"], help="input side; maps are size/16 (default 128)")
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv_list)
+    work, docs = Path(args.work or f"runs/ablation-{args.size}px"), Path(args.docs)
     data, fresh = work / "data", work / "fresh"
-    ensure_dataset(DATA, data)
-    ensure_dataset(FRESH, fresh)
+    ensure_dataset(dict(DATA, size=args.size), data)
+    ensure_dataset(dict(FRESH, size=args.size), fresh)
     results = []
     for seed in args.seeds:
         for row in args.rows:
-            results.append(run_one(data, fresh, work / f"{row}-s{seed}", row, seed, args.epochs))
+            results.append(run_one(data, fresh, work / f"{row}-s{seed}", row, seed, args.epochs, args.size))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "channel_part_matrix"}))
     docs.mkdir(parents=True, exist_ok=True)
     fig = "ablation_groups.png"
-    figure(fresh, {"ce": work / f"ce-s{args.seeds[0]}", "mc": work / f"mc-s{args.seeds[0]}"}, docs / fig)
+    baseline = "ce" if "ce" in args.rows else args.rows[0]
+    compared = list(dict.fromkeys([baseline, "mc" if "mc" in args.rows else args.rows[-1]]))
+    figure(fresh, {row: work / f"{row}-s{args.seeds[0]}" for row in compared}, docs / fig)
     atomic_write_json(docs / "ablation.json", results)
-    atomic_write_text(docs / "ablation.md", report(results, args.seeds, args.epochs, fig))
+    command = "make ablation" if argv_list == [] else shlex.join(["python", "scripts/ablation.py", *argv_list])
+    caption = ", then ".join(ROWS[row][0] for row in compared)
+    text = report(results, args.seeds, args.epochs, fig, args.size, os.path.relpath(DISCUSSION, docs), command, caption)
+    atomic_write_text(docs / "ablation.md", text)
     print(f"wrote {docs / 'ablation.md'}")
     return 0
 
