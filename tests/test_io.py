@@ -1,7 +1,6 @@
 """Safe image decoding and atomic writes."""
 
 import io
-import os
 
 import numpy as np
 import pytest
