@@ -38,7 +38,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mcloss export --input checkpoints/samples/images --out runs/demo-export --target pred
 
-## Regenerate checkpoints/default.safetensors, its model card and the sample gallery (~1 h on 2 CPU cores).
+## Regenerate checkpoints/default.safetensors, its model card and the sample gallery (~65 min on 2 CPU cores).
 default-checkpoint: $(STAMP)
 	$(BIN)/python scripts/default_checkpoint.py
 
