@@ -24,6 +24,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
 ]
 
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,12 +12,15 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from default_checkpoint import CPU_RECIPE, ensure_dataset  # scripts/ is on sys.path when run as a script
+from default_checkpoint import (  # scripts/ is on sys.path when run as a script
+    CPU_RECIPE,
+    ensure_dataset,
+    run_training,
+)
 from PIL import Image
 
 from mcloss.checkpoint import load_checkpoint
@@ -26,7 +29,6 @@ from mcloss.io import atomic_path, atomic_write_json, atomic_write_text, load_im
 from mcloss.maps import explain
 from mcloss.parts import run_parts
 from mcloss.render import explanation_tiles, montage
-from mcloss.train import main as train_main
 
 DATA = {"classes": 8, "per_class": 135, "size": 128, "seed": 0, "test_fraction": 0.111, "object_scale": 1.6}
 FRESH = {"classes": 8, "per_class": 10, "size": 128, "seed": 1, "test_fraction": 1.0, "object_scale": 1.6}
@@ -65,15 +67,7 @@ def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int
     cached = run / "ablation.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    args = train_args(data, run, row, seed, epochs, size)
-    if (run / "resume.pt").exists():
-        args.append("--resume")
-    metrics = run / "metrics.csv"
-    if not (metrics.exists() and len(metrics.read_text().splitlines()) - 1 >= epochs):
-        started = time.time()
-        if train_main(args) != 0:
-            raise SystemExit(f"training {run} failed")
-        print(f"{run}: trained in {time.time() - started:.0f} s")
+    train_seconds = run_training(train_args(data, run, row, seed, epochs, size), run, epochs)
     model = load_checkpoint(run / "last.safetensors")
     s = run_parts(model, fresh, split="test", steps=8, seed=seed).summary
     m = s["methods"]
@@ -87,7 +81,7 @@ def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int
         "gc_deletion_auc": m["gradcam"]["deletion_auc"], "gc_insertion_auc": m["gradcam"]["insertion_auc"],
         "random_hit_rate": m["random"]["hit_rate"],
         "channel_part_matrix": s["channel_part_matrix_normalized"], "part_names": s["part_names"],
-        "train_seconds": sum(float(line.split(",")[-1]) for line in metrics.read_text().splitlines()[1:]),
+        "train_seconds": train_seconds,
     }
     atomic_write_json(cached, result)
     return result
@@ -97,13 +91,13 @@ def figure(fresh: Path, runs: dict[str, Path], out: Path, count: int = 4) -> Non
     """The same fresh images under CE and MC-Loss: each true class's channel group side by side."""
     ds = CUBDataset(fresh, "test")
     records = [ds.records[i] for i in np.linspace(0, len(ds.records) - 1, count).astype(int)]
+    models = {key: load_checkpoint(run / "last.safetensors") for key, run in runs.items()}
     rows = []
     for rec in records:
         image = load_image(rec.path)
         arr = np.asarray(image)
         row_tiles = []
-        for key, run in runs.items():
-            model = load_checkpoint(run / "last.safetensors")
+        for key, model in models.items():
             exp = explain(model, [image], targets=rec.label, gradcam=True)[0]
             tiles = explanation_tiles(arr, exp, height=160)
             keep = [t for t in tiles if t[1].startswith("ch ") or t[1].startswith("parts")]
