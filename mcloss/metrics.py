@@ -114,6 +114,35 @@ def distinct_parts(parts: np.ndarray, hits: np.ndarray) -> int:
     return int(np.unique(p[h & (p >= 0)]).size)
 
 
+def separated_parts(parts: np.ndarray, hits: np.ndarray, keypoints: np.ndarray, radius: float) -> int:
+    """Number of distinct hit parts, counting parts whose hit disks overlap as one location.
+
+    Two parts are one location when their keypoints are less than ``2 * radius`` apart (some point hits
+    both); locations are the connected components of that relation among the hit parts. On birds this
+    merges, e.g., head, crest and beak, which a peak between them can "hit" interchangeably, so a group
+    that only spreads over the head scores 1 here while :func:`distinct_parts` gives up to 3.
+
+    Args:
+        parts: [n] nearest part index per point (−1 = none).
+        hits: [n] whether each point hit its part.
+        keypoints: [P, 3] (x, y, visible) in the same pixels as ``radius``.
+        radius: the hit radius.
+    """
+    p = np.asarray(parts).ravel()
+    hit = sorted({int(i) for i in p[np.asarray(hits, dtype=bool).ravel() & (p >= 0)]})
+    if not hit:
+        return 0
+    xy = np.asarray(keypoints, dtype=np.float64)[hit, :2]
+    near = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1)) < 2.0 * radius
+    label = list(range(len(hit)))
+    for i in range(len(hit)):  # union-find over the (tiny) set of hit parts
+        for j in range(i + 1, len(hit)):
+            if near[i, j]:
+                a, b = label[i], label[j]
+                label = [a if x == b else x for x in label]
+    return len(set(label))
+
+
 def topk_mask(values: np.ndarray, percent: float) -> np.ndarray:
     """Binary mask of a map's top ``percent`` % pixels.
 

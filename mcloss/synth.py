@@ -2,9 +2,16 @@
 
 Every image shows one bird made of seven named parts (head, beak, crest, wing, tail, belly, legs) in a
 random pose on a cluttered background. A class is a choice of LOCAL part attributes (a part's colour,
-pattern, marking or shape). Classes are a fixed function of the class count only: class 1 is a base bird
-and every other class changes one part of it (two parts once the single-part changes run out), so most
-pairs of classes differ in one or two parts. ``--seed`` only changes the instances.
+pattern, marking or shape). Classes are a fixed function of the class count and the design only;
+``--seed`` only changes the instances. Two designs (``--design``):
+
+- ``single`` (default): class 1 is a base bird and every other class changes one part of it (two parts
+  once the single-part changes run out), so one part identifies a class and most pairs of classes differ
+  in one or two parts.
+- ``combo``: class 1 is the base bird and the others change two parts each (then four, then all six), using
+  one alternative per part, so any two classes differ in two or four parts and each changed part is shared
+  by several classes: no single part identifies a class, a classifier has to combine parts, as with real
+  species.
 
 Global colour content carries no class information by design: the body, legs, pattern ink, background
 and clutter colours are random per instance and come from the same palette as the part colours, so a
@@ -43,6 +50,7 @@ __all__ = [
     "ATTRIBUTES",
     "BASE_ATTRIBUTES",
     "COLOURS",
+    "DESIGNS",
     "BirdClass",
     "RenderedBird",
     "SynthError",
@@ -182,27 +190,58 @@ def _design() -> list[tuple[tuple[str, dict[str, str]], ...]]:
     return [(), *singles, *doubles]
 
 
-_DESIGN_CACHE: list[tuple[tuple[str, dict[str, str]], ...]] = []
+def _combo_design() -> list[tuple[tuple[str, dict[str, str]], ...]]:
+    """Classes as combinations of changed parts: the even-weight words of {0,1}^6, base first, then by weight.
 
-
-def max_classes() -> int:
-    """How many distinct classes the design can produce."""
-    if not _DESIGN_CACHE:
-        _DESIGN_CACHE.extend(_design())
-    return len(_DESIGN_CACHE)
-
-
-def class_definitions(num_classes: int) -> list[BirdClass]:
-    """The first ``num_classes`` classes of the fixed design (depends on the count only, never a seed).
-
-    The classes for N are a prefix of those for N + 1. Class 1 is the base bird; classes 2..139 change
-    one part; later ones change two.
+    A 1 switches a part to its first single-attribute alternative. Even weight makes any two classes
+    differ in at least two parts. Within a weight, each next word is the one whose parts have been changed
+    least so far (ties in a fixed random order), so every prefix spreads the changes evenly over the parts.
     """
-    total = max_classes()
+    rng = np.random.default_rng(_CLASS_DESIGN_SEED + 1)
+    alts = _part_alternatives(np.random.default_rng(_CLASS_DESIGN_SEED))
+    uses = [0] * len(CLASS_PARTS)
+    words: list[tuple[int, ...]] = []
+    for weight in range(2, len(CLASS_PARTS) + 1, 2):
+        same = [w for w in itertools.product((0, 1), repeat=len(CLASS_PARTS)) if sum(w) == weight]
+        left = [same[i] for i in rng.permutation(len(same))]
+        while left:
+            word = min(left, key=lambda w: sum(u for u, bit in zip(uses, w, strict=True) if bit))
+            left.remove(word)
+            words.append(word)
+            uses = [u + bit for u, bit in zip(uses, word, strict=True)]
+    return [(), *(tuple((part, alts[part][0]) for part, bit in zip(CLASS_PARTS, w, strict=True) if bit) for w in words)]
+
+
+#: Class designs: name → every class in order, as tuples of (part, new attributes) changes from the base.
+DESIGNS = ("single", "combo")
+_DESIGN_CACHE: dict[str, list[tuple[tuple[str, dict[str, str]], ...]]] = {}
+
+
+def _designed(design: str) -> list[tuple[tuple[str, dict[str, str]], ...]]:
+    if design not in DESIGNS:
+        raise SynthError(f"--design must be one of {', '.join(DESIGNS)}, got {design!r}")
+    if design not in _DESIGN_CACHE:
+        _DESIGN_CACHE[design] = _design() if design == "single" else _combo_design()
+    return _DESIGN_CACHE[design]
+
+
+def max_classes(design: str = "single") -> int:
+    """How many distinct classes the design can produce."""
+    return len(_designed(design))
+
+
+def class_definitions(num_classes: int, design: str = "single") -> list[BirdClass]:
+    """The first ``num_classes`` classes of a fixed design (depends on the count and design, never a seed).
+
+    The classes for N are a prefix of those for N + 1. Class 1 is the base bird in both designs. In
+    ``single``, classes 2..139 change one part and later ones two; in ``combo`` (at most 32 classes)
+    classes 2..16 change two parts, later ones four and six, and any two classes differ in at least two.
+    """
+    total = max_classes(design)
     if not 2 <= num_classes <= total:
-        raise SynthError(f"--classes must be between 2 and {total}, got {num_classes}")
+        raise SynthError(f"--classes must be between 2 and {total} for --design {design}, got {num_classes}")
     classes = []
-    for changes in _DESIGN_CACHE[:num_classes]:
+    for changes in _designed(design)[:num_classes]:
         attributes = {part: dict(values) for part, values in BASE_ATTRIBUTES.items()}
         for part, combo in changes:
             attributes[part] = dict(combo)
@@ -641,6 +680,7 @@ def generate_dataset(
     jpeg_quality: int = _JPEG_QUALITY,
     workers: int = 1,
     object_scale: float = 1.0,
+    design: str = "single",
 ) -> dict:
     """Write a synthetic CUB-layout dataset to ``out``; returns a summary (counts, time, images/s).
 
@@ -666,7 +706,7 @@ def generate_dataset(
         raise SynthError(f"--workers must be >= 1, got {workers}")
     if not 0.25 <= float(object_scale) <= 2.5:
         raise SynthError(f"--object-scale must be between 0.25 and 2.5, got {object_scale}")
-    birds = class_definitions(int(classes))
+    birds = class_definitions(int(classes), design)
     n_train, n_test = _split_counts(int(per_class), float(test_fraction))
     out = Path(out)
     _check_out(out)
@@ -723,9 +763,11 @@ def generate_dataset(
             "test_fraction": float(test_fraction),
             "jpeg_quality": int(jpeg_quality),
             "object_scale": float(object_scale),
+            "design": design,
             "command": f"mcloss synth --out DIR --classes {classes} --per-class {per_class} --size {size} "
             f"--seed {seed} --test-fraction {float(test_fraction)} --jpeg-quality {jpeg_quality}"
-            + (f" --object-scale {float(object_scale)}" if float(object_scale) != 1.0 else ""),
+            + (f" --object-scale {float(object_scale)}" if float(object_scale) != 1.0 else "")
+            + (f" --design {design}" if design != "single" else ""),
             "split": {"train_per_class": n_train, "test_per_class": n_test},
             "parts": list(PART_NAMES),
             "class_parts": list(CLASS_PARTS),
@@ -790,6 +832,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-quality", type=int, default=_JPEG_QUALITY, help=f"JPEG quality (default {_JPEG_QUALITY})")
     p.add_argument("--workers", type=int, default=1, help="rendering threads (default 1; output is identical)")
     p.add_argument("--object-scale", type=float, default=1.0, help="bird size relative to the image (default 1.0)")
+    p.add_argument(
+        "--design", choices=DESIGNS, default="single",
+        help="single: each class changes one part of a base bird (default); combo: each class is a combination "
+        "of part states, any two differ in >= 2 parts",
+    )
     return p
 
 
@@ -804,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = generate_dataset(
             args.out, args.classes, args.per_class, args.size, args.seed,
             test_fraction=args.test_fraction, jpeg_quality=args.jpeg_quality, workers=args.workers,
-            object_scale=args.object_scale,
+            object_scale=args.object_scale, design=args.design,
         )
     except (SynthError, OSError) as exc:
         print(f"mcloss synth: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from .data import DatasetError, build_datasets, detect_dataset
-from .device import autocast, resolve_device
+from .device import autocast, cpu_has_native_bf16, resolve_device
 from .distributed import DistContext
 from .evaluate import evaluation_sums, summarize_sums
 from .interrupts import InterruptGuard
@@ -104,7 +104,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 #: Settings a resumed run may change; everything else is fixed by the run's config.json.
-RESUME_OVERRIDABLE = ("epochs", "workers", "device", "amp", "limit_batches", "data", "download", "command")
+RESUME_OVERRIDABLE = ("epochs", "workers", "device", "amp", "cpu_bf16", "limit_batches", "data", "download", "command")
 
 
 def div_warmup_factor(progress: float, warmup: float) -> float:
@@ -155,6 +155,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     amp: bool = True
+    cpu_bf16: bool = False
     limit_batches: int | None = None
     command: str = ""
 
@@ -257,7 +258,7 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any] | None = None) 
             flag = "--" + key.replace("_", "-")
             raise TrainError(
                 f"{flag} {value} differs from the run's {saved[key]} ({out}/config.json); a resumed run keeps its "
-                "configuration (only --epochs, --workers, --device, --no-amp, --limit-batches and --data may change)"
+                "configuration (only --epochs, --workers, --device, --no-amp, --cpu-bf16, --limit-batches and --data may change)"
             )
     values.update(out=str(out), resume=True)
     config = TrainConfig(**values)
@@ -349,7 +350,7 @@ def _versions() -> dict[str, str]:
 
 
 def _synth_description(data: str | Path) -> dict | None:
-    """{classes, per_class, size, seed} from a synthetic dataset's synth.json, if there is one."""
+    """{classes, per_class, size, seed, design} from a synthetic dataset's synth.json, if there is one."""
     path = Path(data) / "synth.json"
     if not path.is_file():
         return None
@@ -359,7 +360,7 @@ def _synth_description(data: str | Path) -> dict | None:
         return None
     if not isinstance(meta, dict):
         return None
-    return {key: meta.get(key) for key in ("classes", "per_class", "size", "seed")}
+    return {key: meta.get(key) for key in ("classes", "per_class", "size", "seed")} | {"design": meta.get("design", "single")}
 
 
 def _dataset_kind(config: TrainConfig) -> str:
@@ -475,6 +476,12 @@ class _Run:
         self.run_id = prep["run_id"]
         self.run_record = run
 
+        if cfg.cpu_bf16 and device.type == "cpu" and ctx.is_main and not cpu_has_native_bf16():
+            print(
+                "mcloss train: warning: --cpu-bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): "
+                "bf16 is emulated and slower than fp32",
+                file=sys.stderr,
+            )
         _seed_all(cfg.seed)
         train_ds, test_ds, class_names = _load_datasets(cfg, ctx)
         if run is not None and run.get("class_names") != class_names:
@@ -508,8 +515,8 @@ class _Run:
         self.backbone_names = sorted(backbone_names)
 
         model.to(device)
+        model.to(memory_format=torch.channels_last)  # faster convolutions on CUDA and on oneDNN CPUs alike
         if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.model = model
         step = _FeaturesAndLogits(model)
@@ -616,11 +623,9 @@ class _Run:
         for index, (images, targets) in enumerate(bar):
             if cfg.limit_batches is not None and index >= cfg.limit_batches:
                 break
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp, cpu=cfg.cpu_bf16):
                 features, logits = self.net(images)
             logits = logits.float()
             self.criterion.beta = cfg.beta * div_warmup_factor(epoch - 1 + index / total, cfg.div_warmup)
@@ -881,6 +886,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no bf16 autocast on CUDA")
+    g.add_argument(
+        "--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="bf16 autocast of the training step on the CPU too: about 2x faster on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), slower elsewhere; evaluation stays fp32 (default off)",
+    )
     g.add_argument("--limit-batches", type=int, help="at most N train and N test batches per epoch (for tests)")
     return p
 

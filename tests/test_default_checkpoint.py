@@ -42,7 +42,7 @@ def test_classes_are_the_synthetic_dataset_classes(model):
     ds = model.card["dataset"]
     assert set(ds) >= {"classes", "per_class", "size", "seed"}
     assert model.num_classes == ds["classes"] and model.groups == [3] * ds["classes"]
-    assert model.class_names == [c.name for c in class_definitions(ds["classes"])]
+    assert model.class_names == [c.name for c in class_definitions(ds["classes"], ds.get("design", "single"))]
 
 
 def test_predicts_the_gallery(model, gallery):

@@ -50,6 +50,23 @@ def test_hits_rate_and_distinct_parts():
     assert M.distinct_parts(np.array([3, 3, 3]), np.ones(3, bool)) == 1
 
 
+def test_separated_parts_merge_parts_whose_hit_disks_overlap():
+    # head (0, 0), crest (12, 0), beak (23, 0): chained within 2 r = 20 of each other; wing far away at (100, 0)
+    kp = np.array([[0.0, 0.0, 1], [12.0, 0.0, 1], [23.0, 0.0, 1], [100.0, 0.0, 1]])
+    r = 10.0
+    all_hit = np.ones(3, bool)
+    assert M.distinct_parts([0, 1, 2], all_hit) == 3
+    assert M.separated_parts([0, 1, 2], all_hit, kp, r) == 1  # one location, reached through the crest
+    assert M.separated_parts([0, 2, 3], all_hit, kp, r) == 3  # head and beak are 23 apart: without the crest, two
+    assert M.separated_parts([0, 1, 3], all_hit, kp, r) == 2
+    assert M.separated_parts([0, 3, 3], all_hit, kp, r) == 2
+    assert M.separated_parts([0, 1, 3], np.array([True, False, False]), kp, r) == 1  # misses do not count
+    assert M.separated_parts([-1, -1, -1], all_hit, kp, r) == 0
+    assert M.separated_parts([0, 1, 2], all_hit, kp, 5.0) == 3  # 2 r = 10 < 11, 12: every part on its own
+    assert M.separated_parts([1, 2], np.ones(2, bool), kp, 5.5) == 2  # 11 apart, 2 r = 11: disks only touch
+    assert M.separated_parts([1, 2], np.ones(2, bool), kp, 5.51) == 1
+
+
 def test_topk_mask_counts_ties_and_ignores_zeros():
     values = np.arange(20, dtype=np.float32).reshape(4, 5)  # 0 … 19
     mask = M.topk_mask(values, 10)  # k = 2 → {18, 19}

@@ -144,6 +144,7 @@ def test_channels_on_distinct_parts_hit_every_part(tmp_path):
     assert row["channel_parts"] == "red;green;blue" and row["channel_distances"] == "0;0;0"
     assert row["channel_hits"] == 3 and row["channel_distinct"] == 3 and row["radius_px"] == pytest.approx(0.12 * 64)
     assert ch["distinct_parts"] == 3.0
+    assert row["channel_separated"] == 3 and ch["separated_parts"] == 3.0  # parts ≥ 24 px apart, 2 r = 15.4 px
     assert ch["overlap"] == 0.0  # the three channels' top-10 % masks are disjoint
     assert s["channel_part_matrix"] == [[6, 0, 0], [0, 6, 0], [0, 0, 6]]
     assert s["channel_part_hits"] == [[6, 0, 0], [0, 6, 0], [0, 0, 6]]
@@ -153,6 +154,23 @@ def test_channels_on_distinct_parts_hit_every_part(tmp_path):
     assert s["images"] == s["scored_images"] == 6
     assert s["top1_fc"] == 1.0 and s["top1_mc"] == 1.0
     assert s["methods"]["random"]["hit_rate"] < 1.0
+
+
+def test_separated_parts_merge_nearby_parts_at_a_large_radius(tmp_path):
+    # at radius 0.3 × 64 = 19.2 px (2 r = 38.4 px) some of the three parts (≥ 24 px apart) are one location
+    assign = [["red", "green", "blue"], ["white", "white", "white"]]
+    ds = dataset(tmp_path, assign, n=6)
+    result = P.run_parts(planted_model(assign), ds, radius=0.3, faithfulness=False)
+    expected = []
+    for rec in ds.records:
+        xy = rec.parts[:, :2]
+        near = [[np.hypot(*(xy[i] - xy[j])) < 2 * 0.3 * 64 for j in range(3)] for i in range(3)]
+        groups = {frozenset(j for j in range(3) if near[i][j] or any(near[i][k] and near[k][j] for k in range(3))) for i in range(3)}
+        expected.append(len(groups))
+    assert [row["channel_separated"] for row in result.per_image] == expected
+    assert [row["channel_distinct"] for row in result.per_image] == [3] * 6
+    assert min(expected) < 3  # the layouts do bring some parts within 2 r
+    assert result.summary["methods"]["channels"]["separated_parts"] == pytest.approx(np.mean(expected))
 
 
 def test_channels_on_one_part_hit_one_distinct_part(tmp_path):
@@ -325,7 +343,7 @@ def test_cli_writes_every_output(tmp_path, tiny_checkpoint, capsys):
     with (out / "summary.csv").open() as f:
         assert [r["method"] for r in csv.DictReader(f)] == list(P.METHODS)
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("|")]
-    assert len(table) == 5 and table[1] == "|---|---|---|---|---|---|---|"
+    assert len(table) == 5 and table[1] == "|---|---|---|---|---|---|---|---|"
     assert [line.split("|")[1].strip() for line in table[2:]] == ["channels (CCMP)", "Grad-CAM", "random"]
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 5 and config["steps"] == 4 and config["radius"] == 0.12

@@ -44,3 +44,26 @@ def test_peak_cell_shares_count_the_argmax_cells(birds):
     assert result["distinct_cells"] == len(sum(counters, Counter()))
     assert result["map"] == f"{h}x{w}" and result["cells"] == h * w
     assert result["border_cells_share"] == round((h * w - (h - 2) * (w - 2)) / (h * w), 3)
+
+
+def _run(row: str, seed: int, hit: float, bf16: bool) -> dict:
+    keys = ["top1_fc", "top1_mc", "hit_rate", "distinct_parts", "overlap", "deletion_auc", "insertion_auc",
+            "gc_hit_rate", "gc_deletion_auc", "gc_insertion_auc", "random_hit_rate"]  # fmt: skip
+    return {k: 0.5 for k in keys} | {"row": row, "seed": seed, "hit_rate": hit, "train_seconds": 60.0, "cpu_bf16": bf16}
+
+
+def test_ablation_report_gives_mean_and_sample_std_per_row_and_the_precision_per_run():
+    from ablation import DATA, FRESH, report
+
+    results = [_run("mc", 0, 0.8, True), _run("mc", 1, 0.6, True), _run("mc", 2, 0.7, False), _run("ce", 0, 0.4, False)]
+    data, fresh = dict(DATA, size=224, design="combo"), dict(FRESH, size=224, design="combo")
+    text = report(results, [0, 1, 2], 7, "fig.png", data, fresh, "d.md", "make ablation", "CE, then MC")
+    mc = next(line for line in text.splitlines() if line.startswith("| CE + L_dis + L_div"))
+    assert "| 0.700 ± 0.100 |" in mc  # sample std (ddof 1) of 0.8, 0.6, 0.7
+    ce = next(line for line in text.splitlines() if line.startswith("| CE only"))
+    assert "| 0.400 |" in ce and "±" not in ce  # one run: no spread is invented
+    assert not any(line.startswith("| CE + L_dis |") for line in text.splitlines())  # rows without runs are left out
+    runs = [line for line in text.splitlines() if line.startswith("| mc |")]
+    assert [line.rsplit("|", 2)[1].strip() for line in runs] == ["bf16", "bf16", "fp32"]
+    assert all(line.split("|")[7].strip() == "–" for line in runs)  # scored before separated parts existed
+    assert "--design combo" in text and "14×14 maps" in text and "Regenerate with `make ablation`" in text

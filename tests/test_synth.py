@@ -153,6 +153,43 @@ def test_classes_depend_only_on_the_count():
     assert set(changed) == set(CLASS_PARTS)
 
 
+@pytest.mark.parametrize("n", [2, 8, 12, 16, 32])
+def test_combo_classes_need_several_parts(n):
+    birds = class_definitions(n, "combo")
+    assert birds[0].changed == () and len({b.name for b in birds}) == n
+    assert birds == class_definitions(32, "combo")[:n]
+    assert [len(b.changed) for b in birds] == sorted(len(b.changed) for b in birds)
+    assert all(len(b.changed) == 2 for b in birds[1:16])
+    # any two classes differ in at least two parts, so no single part separates every pair
+    assert min(_differing_parts(a, b) for a, b in itertools.combinations(birds, 2)) >= 2
+    for bird in birds:
+        for part in CLASS_PARTS:
+            for attr, value in bird.attributes[part].items():
+                assert value in synth.ATTRIBUTES[part][attr]
+    if n >= 8:
+        # each part takes at least two states and no part state belongs to a single class
+        for part in CLASS_PARTS:
+            states = [json.dumps(b.attributes[part], sort_keys=True) for b in birds]
+            counts = {state: states.count(state) for state in states}
+            assert len(counts) >= 2 and min(counts.values()) >= 2, (part, counts)
+    with pytest.raises(SynthError, match="--design combo"):
+        class_definitions(33, "combo")
+    with pytest.raises(SynthError, match="--design must be one of"):
+        class_definitions(4, "grid")
+
+
+def test_design_is_recorded_and_changes_only_the_classes(tmp_path, small):
+    combo = tmp_path / "combo"
+    assert synth.main(["--out", str(combo), "--classes", "4", "--per-class", "6", "--size", "64", "--seed", "3",
+                       "--design", "combo"]) == 0
+    meta = json.loads((combo / "synth.json").read_text())
+    assert meta["design"] == "combo" and meta["command"].endswith("--design combo")
+    assert [c["name"] for c in meta["class_definitions"]] == [b.name for b in class_definitions(4, "combo")]
+    plain = json.loads((small / "synth.json").read_text())
+    assert plain["design"] == "single" and "--design" not in plain["command"]
+    assert [c["name"] for c in meta["class_definitions"]] != [c["name"] for c in plain["class_definitions"]]
+
+
 def _histograms(paths: list[Path]) -> dict[str, np.ndarray]:
     rgb, hs = [], []
     for path in paths:

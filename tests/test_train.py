@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -108,7 +109,7 @@ def test_end_to_end_synth_train_resume_eval(tmp_path, capsys):
     assert card["epoch"] == 3 and card["epochs"] == 3 and card["seed"] == 1
     assert card["data_root"] == str(data.resolve())
     assert card["command"] == f"mcloss train --out {out} --resume --epochs 3"
-    assert card["dataset"] == {"classes": 3, "per_class": 6, "size": 32, "seed": 0}
+    assert card["dataset"] == {"classes": 3, "per_class": 6, "size": 32, "seed": 0, "design": "single"}
     assert card["metrics"]["epoch"] == 3
     assert card["metrics"]["test_acc_fc"] == pytest.approx(rows[2]["test_acc_fc"], abs=1e-8)
     assert last.class_names == run["class_names"] and len(last.class_names) == 3
@@ -326,6 +327,41 @@ def test_div_warmup_ramps_beta_per_step_and_is_recorded(synth_data, tmp_path, mo
     card = read_metadata(out / "last.safetensors")["card"]
     assert (card["beta"], card["div_warmup"]) == (20.0, 2.0)
     assert train_mod.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--div-warmup", "-1", *TINY_ARGS]) == 2
+
+
+def test_cpu_bf16_autocasts_the_training_step_only_and_is_recorded(synth_data, tmp_path, monkeypatch):
+    dtypes: list[tuple[torch.dtype, torch.dtype]] = []
+    forward = train_mod.MCLoss.forward
+
+    def spy(self, logits, features, targets, **kwargs):
+        dtypes.append((features.dtype, logits.dtype))
+        return forward(self, logits, features, targets, **kwargs)
+
+    monkeypatch.setattr(train_mod.MCLoss, "forward", spy)
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    out = tmp_path / "bf16"
+    assert train_mod.main(["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--cpu-bf16", *TINY_ARGS]) == 0
+    # the backbone ran in bf16; the loss gets float logits (the FC head's output is cast back)
+    assert dtypes and all(f == torch.bfloat16 and lg == torch.float32 for f, lg in dtypes)
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["cpu_bf16"] is True
+    row = read_metrics(out / "metrics.csv")[0]
+    assert math.isfinite(row["train_loss"]) and 0.0 <= row["test_acc_fc"] <= 1.0
+    # precision is a resumable setting: the run continues in fp32 when asked
+    dtypes.clear()
+    assert train_mod.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert dtypes and dtypes[0][0] == torch.bfloat16
+    dtypes.clear()
+    assert train_mod.main(["--out", str(out), "--resume", "--epochs", "3", "--no-cpu-bf16"]) == 0
+    assert dtypes and all(f == torch.float32 for f, _ in dtypes)
+
+
+def test_cpu_bf16_warns_where_bf16_is_emulated(synth_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    out = tmp_path / "slow"
+    args = ["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--limit-batches", "1", "--cpu-bf16", *TINY_ARGS]
+    assert train_mod.main(args) == 0
+    assert "bf16 is emulated and slower than fp32" in capsys.readouterr().err
 
 
 def test_pretrained_backbone_gets_a_tenth_of_the_lr(tmp_path):
