@@ -6,10 +6,10 @@ For every image of a CUB-layout split with part keypoints, the TRUE class's chan
   visible keypoint; it *hits* when within ``radius × max(width, height)`` of the original image (the
   reference size is configurable, see :mod:`mcloss.metrics`). Reported: hit rate over all peaks, distinct
   parts hit per group (0..ξ), separated parts per group (the same, with parts whose keypoints are less than
-  two radii apart merged: head, crest and beak are often one location at this radius), the channel × part matrix of nearest-part assignments, and the mean pairwise
-  IoU of the channels' top-k % masks (at feature resolution). The same is done for the Grad-CAM peak (one
-  per image) and for a chance baseline of ξ uniform random points in the part of the image the network
-  sees, seeded per image. A channel (or Grad-CAM map) that is zero everywhere has no peak and counts as a
+  two radii apart merged: head, crest and beak are often one location at this radius), the channel × part
+  matrix of nearest-part assignments, and the mean pairwise IoU of the channels' top-k % masks (at feature
+  resolution). The same is done for the Grad-CAM peak (one per image) and for a chance baseline of ξ
+  uniform random points in the part of the image the network sees, seeded per image. A channel (or Grad-CAM map) that is zero everywhere has no peak and counts as a
   miss. Images without any visible keypoint count for accuracy and faithfulness only.
 * **Faithfulness.** Deletion and insertion curves for the CCMP map, the Grad-CAM map and a random map
   (uniform noise at feature resolution, seeded): each map is upsampled bilinearly to the input

@@ -56,7 +56,7 @@ def synth_command(spec: dict, out: str) -> str:
     return (
         f"mcloss synth --out {out} --classes {spec['classes']} --per-class {spec['per_class']} "
         f"--size {spec['size']} --seed {spec['seed']} --test-fraction {spec['test_fraction']} "
-        f"--object-scale {spec['object_scale']}" + (f" --design {spec['design']}" if spec.get("design", "single") != "single" else "")
+        f"--object-scale {spec['object_scale']}" + (f" --design {spec['design']}" if spec["design"] != "single" else "")
     )
 
 
@@ -72,7 +72,7 @@ def ensure_dataset(spec: dict, out: Path) -> None:
         shutil.rmtree(out)
     generate_dataset(
         out, spec["classes"], spec["per_class"], spec["size"], spec["seed"],
-        test_fraction=spec["test_fraction"], object_scale=spec["object_scale"], design=spec.get("design", "single"),
+        test_fraction=spec["test_fraction"], object_scale=spec["object_scale"], design=spec["design"],
     )
 
 

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 import mcloss
 from mcloss.data import CUBDataset
@@ -62,7 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", default="checkpoints/default.safetensors")
     parser.add_argument("--data", default="runs/data/birds12-fresh")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = part_mass(args.checkpoint, args.data)
     print("| share of | " + " | ".join(result["regions"]) + " |")
     print("|---|" + "---|" * len(result["regions"]))
