@@ -9,8 +9,8 @@ For every image of a CUB-layout split with part keypoints, the TRUE class's chan
   two radii apart merged: head, crest and beak are often one location at this radius), the channel × part
   matrix of nearest-part assignments, and the mean pairwise IoU of the channels' top-k % masks (at feature
   resolution). The same is done for the Grad-CAM peak (one per image) and for a chance baseline of ξ
-  uniform random points in the part of the image the network sees, seeded per image. A channel (or Grad-CAM map) that is zero everywhere has no peak and counts as a
-  miss. Images without any visible keypoint count for accuracy and faithfulness only.
+  uniform random points in the part of the image the network sees, seeded per image. A channel (or
+  Grad-CAM map) that is zero everywhere has no peak and counts as a miss. Images without any visible keypoint count for accuracy and faithfulness only.
 * **Faithfulness.** Deletion and insertion curves for the CCMP map, the Grad-CAM map and a random map
   (uniform noise at feature resolution, seeded): each map is upsampled bilinearly to the input
   resolution, pixels are ranked by decreasing saliency (ties in random order), and at each of ``steps``
