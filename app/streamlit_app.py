@@ -29,10 +29,11 @@ if _APP_DIR not in sys.path:
 
 import view  # noqa: E402
 
-from mcloss import maps, render  # noqa: E402
-from mcloss.checkpoint import CheckpointError  # noqa: E402
-from mcloss.device import resolve_device  # noqa: E402
-from mcloss.io import ImageLoadError, atomic_write_bytes  # noqa: E402
+from mcloss.core.checkpoint import CheckpointError  # noqa: E402
+from mcloss.core.device import resolve_device  # noqa: E402
+from mcloss.data.io import ImageLoadError, atomic_write_bytes  # noqa: E402
+from mcloss.explainability import explanation as maps  # noqa: E402
+from mcloss.explainability import render  # noqa: E402
 
 __all__ = ["main"]
 

@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcloss import maps, metrics, render
-from mcloss.checkpoint import CheckpointError, load_checkpoint
-from mcloss.io import ImageLoadError, load_image
-from mcloss.maps import Explanation, GroupMaps, crop_mask, to_original
+from mcloss.core.checkpoint import CheckpointError, load_checkpoint
+from mcloss.data.io import ImageLoadError, load_image
+from mcloss.evaluation import metrics
+from mcloss.explainability import explanation as maps
+from mcloss.explainability import render
+from mcloss.explainability.explanation import Explanation, GroupMaps
+from mcloss.explainability.geometry import crop_mask, to_original
 
 __all__ = [
     "REPO_ROOT",
@@ -513,7 +516,7 @@ def export_zip(
 ) -> bytes:
     """A ZIP of every shown overlay (``overlays/*.png``) plus exactly what ``mcloss export`` writes for the
     shown classes (``export/<name>.png|.npz|.json``, via :func:`mcloss.export.write_outputs`)."""
-    from mcloss import export
+    from mcloss.explainability import export
 
     shown = dataclasses.replace(explanation, groups=list(groups), label=label)
     options = {

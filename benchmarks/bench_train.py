@@ -28,9 +28,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mcloss.device import autocast, cpu_has_native_bf16
-from mcloss.loss import MCLoss, draw_channel_mask, mutual_channel_loss
-from mcloss.model import build_model
+from mcloss.core.device import autocast, cpu_has_native_bf16
+from mcloss.core.loss import MCLoss, draw_channel_mask, mutual_channel_loss
+from mcloss.core.model import build_model
 
 __all__ = ["official_mc_loss", "time_median", "main"]
 

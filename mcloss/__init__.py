@@ -1,67 +1,115 @@
 """mcloss: train and explain fine-grained classifiers with the Mutual-Channel Loss.
 
-Submodules whose name is also a function (``mcloss.train.train``, ``mcloss.evaluate.evaluate``) are
-not re-exported by that name, so that ``mcloss.train`` stays the module.
+The public API is imported lazily: ``import mcloss`` is cheap, and ``mcloss.explain`` (say) loads only
+the modules it needs.
+
+Packages:
+    core: channel groups, the loss, the model, checkpoints, transforms, devices.
+    data: safe image I/O, dataset readers (CUB, ImageFolder, torchvision), input files, ``synth``.
+    explainability: explanations (channel maps, CCMP, Grad-CAM), rendering, export, benchmark.
+    evaluation: classification accuracy, localization metrics, ``parts``.
+    training: configuration, the epoch loop, resume, run-directory writer, DDP, interrupts.
+    cli: the ``mcloss`` command (the only place that parses arguments or prints).
 """
 
-__version__ = "0.1.0"  # defined before the imports below: mcloss.train reads it
+from __future__ import annotations
 
-from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint  # noqa: E402
-from .data import CUBDataset, DatasetError, build_datasets, is_cub_layout  # noqa: E402
-from .device import resolve_device  # noqa: E402
-from .gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights, model_guard  # noqa: E402
-from .groups import normalize_groups, split_channels  # noqa: E402
-from .io import ImageLoadError, load_image  # noqa: E402
-from .loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss  # noqa: E402
-from .maps import Explanation, GroupMaps, channel_peaks, explain, explain_tensor, to_original  # noqa: E402
-from .model import FCHead, MCModel, build_model  # noqa: E402
-from .parts import evaluate_parts  # noqa: E402
-from .render import explanation_figure, explanation_montage, overlay  # noqa: E402
-from .synth import generate_dataset  # noqa: E402
-from .train import TrainConfig, make_config  # noqa: E402
-from .transforms import EvalTransform, Geometry, TrainTransform  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "CUBDataset",
-    "CheckpointError",
-    "DatasetError",
-    "Explanation",
-    "GroupMaps",
-    "build_datasets",
-    "captum_gradcam",
-    "channel_peaks",
-    "evaluate_parts",
-    "explain",
-    "explain_tensor",
-    "explanation_figure",
-    "explanation_montage",
-    "fused_gradcam",
-    "generate_dataset",
-    "gradcam_from_weights",
-    "is_cub_layout",
-    "make_config",
-    "model_guard",
-    "overlay",
-    "to_original",
-    "EvalTransform",
-    "FCHead",
-    "Geometry",
-    "ImageLoadError",
-    "MCLoss",
-    "MCLossOutput",
-    "MCModel",
-    "TrainConfig",
-    "TrainTransform",
-    "build_model",
-    "ccmp",
-    "draw_channel_mask",
-    "load_checkpoint",
-    "load_image",
-    "mutual_channel_loss",
-    "normalize_groups",
-    "read_metadata",
-    "resolve_device",
-    "save_checkpoint",
-    "split_channels",
-    "__version__",
-]
+__version__ = "0.1.0"
+
+#: public name → module that defines it
+_EXPORTS: dict[str, str] = {
+    # core
+    "MCModel": "mcloss.core.model",
+    "FCHead": "mcloss.core.model",
+    "build_model": "mcloss.core.model",
+    "MCLoss": "mcloss.core.loss",
+    "MCLossOutput": "mcloss.core.loss",
+    "ccmp": "mcloss.core.loss",
+    "draw_channel_mask": "mcloss.core.loss",
+    "mutual_channel_loss": "mcloss.core.loss",
+    "normalize_groups": "mcloss.core.groups",
+    "split_channels": "mcloss.core.groups",
+    "CheckpointError": "mcloss.core.checkpoint",
+    "default_checkpoint": "mcloss.core.checkpoint",
+    "load_checkpoint": "mcloss.core.checkpoint",
+    "read_metadata": "mcloss.core.checkpoint",
+    "save_checkpoint": "mcloss.core.checkpoint",
+    "EvalTransform": "mcloss.core.transforms",
+    "Geometry": "mcloss.core.transforms",
+    "TrainTransform": "mcloss.core.transforms",
+    "resolve_device": "mcloss.core.device",
+    # data
+    "ImageLoadError": "mcloss.data.io",
+    "load_image": "mcloss.data.io",
+    "CUBDataset": "mcloss.data.cub",
+    "is_cub_layout": "mcloss.data.cub",
+    "DatasetError": "mcloss.data.datasets",
+    "build_datasets": "mcloss.data.datasets",
+    "generate_dataset": "mcloss.data.synth",
+    # explainability
+    "Explanation": "mcloss.explainability.explanation",
+    "GroupMaps": "mcloss.explainability.explanation",
+    "explain": "mcloss.explainability.explanation",
+    "explain_tensor": "mcloss.explainability.explanation",
+    "channel_peaks": "mcloss.explainability.geometry",
+    "to_original": "mcloss.explainability.geometry",
+    "captum_gradcam": "mcloss.explainability.gradcam",
+    "fused_gradcam": "mcloss.explainability.gradcam",
+    "gradcam_from_weights": "mcloss.explainability.gradcam",
+    "model_guard": "mcloss.explainability.gradcam",
+    "Style": "mcloss.explainability.render",
+    "overlay": "mcloss.explainability.render",
+    "explanation_figure": "mcloss.explainability.render",
+    "explanation_montage": "mcloss.explainability.render",
+    # evaluation
+    "evaluate": "mcloss.evaluation.classification",
+    "evaluate_parts": "mcloss.evaluation.parts",
+    # training
+    "TrainConfig": "mcloss.training.loop",
+    "make_config": "mcloss.training.loop",
+    "train": "mcloss.training.loop",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mcloss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
+    from mcloss.core.checkpoint import (
+        CheckpointError,
+        default_checkpoint,
+        load_checkpoint,
+        read_metadata,
+        save_checkpoint,
+    )
+    from mcloss.core.device import resolve_device
+    from mcloss.core.groups import normalize_groups, split_channels
+    from mcloss.core.loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss
+    from mcloss.core.model import FCHead, MCModel, build_model
+    from mcloss.core.transforms import EvalTransform, Geometry, TrainTransform
+    from mcloss.data.cub import CUBDataset, is_cub_layout
+    from mcloss.data.datasets import DatasetError, build_datasets
+    from mcloss.data.io import ImageLoadError, load_image
+    from mcloss.data.synth import generate_dataset
+    from mcloss.evaluation.classification import evaluate
+    from mcloss.evaluation.parts import evaluate_parts
+    from mcloss.explainability.explanation import Explanation, GroupMaps, explain, explain_tensor
+    from mcloss.explainability.geometry import channel_peaks, to_original
+    from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights, model_guard
+    from mcloss.explainability.render import Style, explanation_figure, explanation_montage, overlay
+    from mcloss.training.loop import TrainConfig, make_config, train

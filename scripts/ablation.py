@@ -25,13 +25,13 @@ from default_checkpoint import (  # scripts/ is on sys.path when run as a script
 )
 from PIL import Image
 
-from mcloss.checkpoint import load_checkpoint
-from mcloss.data import CUBDataset
-from mcloss.io import atomic_path, atomic_write_json, atomic_write_text, load_image
-from mcloss.maps import explain
-from mcloss.parts import run_parts
-from mcloss.render import explanation_tiles, montage
-from mcloss.synth import DESIGNS
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.data.cub import CUBDataset
+from mcloss.data.io import atomic_path, atomic_write_json, atomic_write_text, load_image
+from mcloss.data.synth import DESIGNS
+from mcloss.evaluation.parts import run_parts
+from mcloss.explainability.explanation import explain
+from mcloss.explainability.render import explanation_tiles, montage
 
 #: 8 classes, 120 train + 15 test images each; ``--size`` and ``--design`` fill in the rest.
 DATA = {"classes": 8, "per_class": 135, "seed": 0, "test_fraction": 0.111, "object_scale": 1.6}

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-from mcloss.checkpoint import load_checkpoint, save_checkpoint
-from mcloss.data import CUBDataset, build_datasets
-from mcloss.device import cpu_has_native_bf16
-from mcloss.evaluate import evaluate
-from mcloss.io import atomic_write_json, atomic_write_text, load_image
-from mcloss.maps import explain
-from mcloss.parts import run_parts, summary_table, write_outputs
-from mcloss.run_dir import read_metrics
-from mcloss.synth import generate_dataset, is_synth_output
-from mcloss.train import main as train_main
+from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
+from mcloss.core.device import cpu_has_native_bf16
+from mcloss.data.cub import CUBDataset
+from mcloss.data.datasets import build_datasets
+from mcloss.data.io import atomic_write_json, atomic_write_text, load_image
+from mcloss.data.synth import generate_dataset, is_synth_output
+from mcloss.evaluation.classification import evaluate
+from mcloss.evaluation.parts import run_parts, summary_table, write_outputs
+from mcloss.explainability.explanation import explain
+from mcloss.training.loop import main as train_main
+from mcloss.training.run_dir import read_metrics
 
 #: The embedded default's dataset: 12 classes, 300 train + 25 test images each, birds 1.6× the standard size,
 #: classes that are combinations of part states (no single part identifies a class).

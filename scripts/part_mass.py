@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 
 import mcloss
-from mcloss.data import CUBDataset
-from mcloss.maps import explain, to_original
+from mcloss.data.cub import CUBDataset
+from mcloss.explainability.explanation import explain, to_original
 
 
 def part_owner(keypoints: np.ndarray, size: tuple[int, int], radius: float) -> np.ndarray:

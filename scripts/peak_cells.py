@@ -19,10 +19,10 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
-from mcloss.checkpoint import load_checkpoint
-from mcloss.data import CUBDataset
-from mcloss.io import load_image
-from mcloss.maps import explain
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.data.cub import CUBDataset
+from mcloss.data.io import load_image
+from mcloss.explainability.explanation import explain
 
 
 def peak_cell_shares(checkpoint: str, data: str, limit: int | None = None, batch: int = 16) -> dict:

@@ -21,9 +21,10 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import mcloss
-from mcloss import maps, metrics
-from mcloss.io import ImageLoadError
-from mcloss.transforms import Geometry
+from mcloss.core.transforms import Geometry
+from mcloss.data.io import ImageLoadError
+from mcloss.evaluation import metrics
+from mcloss.explainability import explanation as maps
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")

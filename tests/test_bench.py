@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mcloss.bench import main
+from mcloss.explainability.benchmark import main
 
 
 def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from mcloss import CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint
-from mcloss.transforms import EvalTransform
+from mcloss.core.transforms import EvalTransform
 
 
 @pytest.fixture(scope="module")

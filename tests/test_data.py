@@ -11,20 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mcloss import data as mdata
-from mcloss.data import (
-    CUBDataset,
-    DatasetError,
-    build_datasets,
-    clean_class_name,
-    detect_dataset,
-    find_cub_root,
-    image_only,
-    is_cub_layout,
-)
-from mcloss.io import ImageLoadError
-from mcloss.synth import PART_NAMES, generate_dataset
-from mcloss.transforms import EvalTransform, TrainTransform
+from mcloss.core.transforms import EvalTransform, TrainTransform
+from mcloss.data import datasets as mdata
+from mcloss.data.cub import CUBDataset, DatasetError, clean_class_name, find_cub_root, is_cub_layout
+from mcloss.data.datasets import build_datasets, detect_dataset, image_only
+from mcloss.data.io import ImageLoadError
+from mcloss.data.synth import PART_NAMES, generate_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import mcloss
-from mcloss.maps import explain
-from mcloss.synth import class_definitions
+from mcloss.data.synth import class_definitions
+from mcloss.explainability.explanation import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "default.safetensors"

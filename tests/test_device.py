@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mcloss.device import autocast, native_bf16_in_cpuinfo, resolve_device
+from mcloss.core.device import autocast, native_bf16_in_cpuinfo, resolve_device
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import mcloss
 from mcloss.cli import main as cli_main
-from mcloss.export import collect_inputs, find_cub_label, main, sanitize_component
+from mcloss.explainability.export import collect_inputs, find_cub_label, main, sanitize_component
 
 REPO = Path(__file__).resolve().parents[1]
 

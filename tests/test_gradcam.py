@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 import mcloss
-from mcloss.gradcam import (
+from mcloss.explainability.explanation import explain
+from mcloss.explainability.gradcam import (
     HOOK_DICTS,
     captum_channel_gradcam,
     captum_gradcam,
     captum_guided_gradcam,
     model_guard,
 )
-from mcloss.maps import explain
 
 
 def _model(classes: int = 6) -> mcloss.MCModel:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcloss.io import ImageLoadError, atomic_path, atomic_write_json, load_image
+from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, load_image
 
 
 def _save(img, path, **kw):

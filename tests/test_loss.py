@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcloss.groups import default_drop, group_index, normalize_groups, split_channels
-from mcloss.loss import RECIPE_WEIGHTS, MCLoss, ccmp, draw_channel_mask, mutual_channel_loss
+from mcloss.core.groups import default_drop, group_index, normalize_groups, split_channels
+from mcloss.core.loss import RECIPE_WEIGHTS, MCLoss, ccmp, draw_channel_mask, mutual_channel_loss
 
 
 def official_transcription(features, targets, xi, mask):

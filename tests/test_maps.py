@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import mcloss
-from mcloss.maps import channel_peaks, crop_mask, explain, resolve_targets, to_original
-from mcloss.transforms import EvalTransform, Geometry
+from mcloss.core.transforms import EvalTransform, Geometry
+from mcloss.explainability.explanation import channel_peaks, crop_mask, explain, resolve_targets, to_original
 
 
 def _model(classes: int = 5, transform: EvalTransform | None = None) -> mcloss.MCModel:

@@ -6,7 +6,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from mcloss import build_model, ccmp
-from mcloss.model import load_backbone_weights
+from mcloss.core.model import load_backbone_weights
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mcloss import metrics as M
-from mcloss import parts as P
-from mcloss.checkpoint import save_checkpoint
-from mcloss.data import CUBDataset
-from mcloss.loss import ccmp
-from mcloss.maps import explain
-from mcloss.model import MCModel, build_model
-from mcloss.transforms import EvalTransform
+from mcloss.core.checkpoint import save_checkpoint
+from mcloss.core.loss import ccmp
+from mcloss.core.model import MCModel, build_model
+from mcloss.core.transforms import EvalTransform
+from mcloss.data.cub import CUBDataset
+from mcloss.evaluation import metrics as M
+from mcloss.evaluation import parts as P
+from mcloss.explainability.explanation import explain
 
 # Original images are 64×48 (W×H), resized to a 32×32 input; F is 8×8, so feature cell (i, j) covers
 # original pixels x ∈ [8i, 8i+8), y ∈ [6j, 6j+6) and its centre is (8i + 4, 6j + 3).

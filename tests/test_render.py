@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import mcloss
-from mcloss import render
-from mcloss.maps import explain
+from mcloss.explainability import render
+from mcloss.explainability.explanation import explain
 
 
 @pytest.fixture(scope="module")

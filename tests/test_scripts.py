@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mcloss
-from mcloss.data import CUBDataset
-from mcloss.synth import generate_dataset
+from mcloss.data.cub import CUBDataset
+from mcloss.data.synth import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

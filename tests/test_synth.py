@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from mcloss import synth
-from mcloss.synth import (
+from mcloss.cli.synth import main as synth_main
+from mcloss.data import synth
+from mcloss.data.synth import (
     CLASS_PARTS,
     PART_NAMES,
     SynthError,
@@ -19,6 +20,7 @@ from mcloss.synth import (
     generate_dataset,
     instance_rng,
     render_bird,
+    writing,
 )
 
 
@@ -123,7 +125,7 @@ def test_same_seed_gives_identical_bytes_and_new_seed_new_images_same_classes(tm
 
 def test_cli_and_library_write_identical_files(tmp_path, small):
     out = tmp_path / "cli" / "ds"
-    assert synth.main(["--out", str(out), "--classes", "4", "--per-class", "6", "--size", "64", "--seed", "3"]) == 0
+    assert synth_main(["--out", str(out), "--classes", "4", "--per-class", "6", "--size", "64", "--seed", "3"]) == 0
     assert _tree(out) == _tree(small)
 
 
@@ -180,7 +182,7 @@ def test_combo_classes_need_several_parts(n):
 
 def test_design_is_recorded_and_changes_only_the_classes(tmp_path, small):
     combo = tmp_path / "combo"
-    assert synth.main(["--out", str(combo), "--classes", "4", "--per-class", "6", "--size", "64", "--seed", "3",
+    assert synth_main(["--out", str(combo), "--classes", "4", "--per-class", "6", "--size", "64", "--seed", "3",
                        "--design", "combo"]) == 0
     meta = json.loads((combo / "synth.json").read_text())
     assert meta["design"] == "combo" and meta["command"].endswith("--design combo")
@@ -225,12 +227,12 @@ def test_global_colour_histograms_do_not_separate_classes(tmp_path):
 
 def test_cli_writes_and_reports(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert synth.main(["--out", str(out), "--classes", "2", "--per-class", "4", "--size", "48", "--seed", "1",
+    assert synth_main(["--out", str(out), "--classes", "2", "--per-class", "4", "--size", "48", "--seed", "1",
                        "--test-fraction", "0.25"]) == 0
     assert "wrote 8 images (6 train / 2 test)" in capsys.readouterr().out
     assert sorted(r[1] for r in _rows(out / "train_test_split.txt")) == ["0", "0"] + ["1"] * 6
     # a previous synth output may be overwritten in place
-    assert synth.main(["--out", str(out), "--classes", "3", "--per-class", "2", "--size", "48"]) == 0
+    assert synth_main(["--out", str(out), "--classes", "3", "--per-class", "2", "--size", "48"]) == 0
     assert len(_rows(out / "images.txt")) == 6
     assert not [p for p in tmp_path.iterdir() if p.name != "cli"]
 
@@ -251,7 +253,7 @@ def test_cli_writes_and_reports(tmp_path, capsys):
 )
 def test_cli_rejects_bad_arguments_clearly(tmp_path, capsys, args, message):
     out = tmp_path / "bad"
-    assert synth.main(["--out", str(out), *args]) == 2
+    assert synth_main(["--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -260,14 +262,14 @@ def test_refuses_foreign_non_empty_directory(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    assert synth.main(["--out", str(out), "--classes", "2", "--per-class", "2", "--size", "48"]) == 2
+    assert synth_main(["--out", str(out), "--classes", "2", "--per-class", "2", "--size", "48"]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "not a previous 'mcloss synth' output" in err
     assert (out / "thesis.tex").read_text() == "precious" and len(list(out.iterdir())) == 1
     (tmp_path / "file").write_text("x")
     with pytest.raises(SynthError, match="exists and is not a directory"):
         generate_dataset(tmp_path / "file", 2, 2, 48, 0)
-    assert synth.main(["--out", str(tmp_path / "file" / "sub"), "--classes", "2", "--per-class", "2"]) == 2
+    assert synth_main(["--out", str(tmp_path / "file" / "sub"), "--classes", "2", "--per-class", "2"]) == 2
     assert f"{tmp_path / 'file'} is not a directory" in capsys.readouterr().err
 
 
@@ -283,8 +285,8 @@ def test_failure_midway_leaves_previous_output_and_no_temporaries(tmp_path, monk
             raise OSError("disk full")
         return original(job)
 
-    original = synth._render_job
-    monkeypatch.setattr(synth, "_render_job", broken)
+    original = writing._render_job
+    monkeypatch.setattr(writing, "_render_job", broken)
     with pytest.raises(OSError, match="disk full"):
         generate_dataset(out, 2, 4, 48, 1)
     assert _tree(out) == before

@@ -18,14 +18,13 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-import mcloss.train as train_mod
-from mcloss.checkpoint import load_checkpoint, read_metadata
+import mcloss.training.loop as train_mod
 from mcloss.cli import main as cli_main
-from mcloss.evaluate import evaluate
-from mcloss.model import build_model
-from mcloss.run_dir import METRIC_COLUMNS, load_resume_state, read_metrics
-from mcloss.synth import generate_dataset
-from mcloss.train import (
+from mcloss.core.checkpoint import load_checkpoint, read_metadata
+from mcloss.core.model import build_model
+from mcloss.data.synth import generate_dataset
+from mcloss.evaluation.classification import evaluate
+from mcloss.training.loop import (
     RECIPES,
     TrainError,
     _milestones,
@@ -36,6 +35,7 @@ from mcloss.train import (
     make_config,
     train,
 )
+from mcloss.training.run_dir import METRIC_COLUMNS, load_resume_state, read_metrics
 
 CLASSES, PER_CLASS, SIZE, SYNTH_SEED = 3, 6, 32, 0
 TINY = {"backbone": "resnet18", "xi": 2, "batch_size": 4, "img_size": 32, "lr": 0.01, "workers": 0, "device": "cpu", "seed": 1}
@@ -488,7 +488,7 @@ import json, os, sys
 import torch
 import torchvision
 from safetensors.torch import save_file
-from mcloss.train import make_config, train
+from mcloss.training.loop import make_config, train
 
 out, data, dump = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
@@ -539,7 +539,7 @@ def test_ddp_two_cpu_ranks(synth_data, tmp_path):
     assert s0["last"]["test_acc_fc"] == s1["last"]["test_acc_fc"] and s0["last"]["train_loss"] == s1["last"]["train_loss"]
     # Test metrics are reduced over both ranks' shards: they equal one evaluation of the whole test split.
     model = load_checkpoint(out / "last.safetensors")
-    from mcloss.data import build_datasets
+    from mcloss.data.datasets import build_datasets
 
     _, test_ds, _ = build_datasets(str(synth_data), "auto", model.transform, model.transform)
     result = evaluate(model, DataLoader(test_ds, batch_size=8), "cpu")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mcloss.transforms import EvalTransform, TrainTransform
+from mcloss.core.transforms import EvalTransform, TrainTransform
 
 
 def _image(w, h, seed=0):

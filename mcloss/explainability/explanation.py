@@ -17,13 +17,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from .device import autocast
-from .gradcam import (
+from mcloss.core.device import autocast
+from mcloss.core.transforms import Geometry
+from mcloss.explainability.geometry import channel_peaks, crop_mask, to_original
+from mcloss.explainability.gradcam import (
     captum_channel_gradcam,
     captum_gradcam,
     captum_guided_gradcam,
@@ -32,7 +33,7 @@ from .gradcam import (
     gradcam_from_weights,
     model_guard,
 )
-from .transforms import Geometry
+from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets
 
 __all__ = [
     "GroupMaps",
@@ -47,7 +48,6 @@ __all__ = [
     "crop_mask",
 ]
 
-TargetSpec = int | str | Sequence[int | str]
 _TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
 
 
@@ -119,112 +119,6 @@ class Explanation:
         return int(np.argmax(self.probs_mc))
 
 
-# ------------------------------------------------------------------------------------------ geometry
-
-
-def crop_mask(geometry: Geometry, size: tuple[int, int] | None = None) -> np.ndarray:
-    """[H, W] bool: the pixels of the original (or of it resized to ``size`` = (W, H)) the network saw."""
-    w0, h0 = geometry.original
-    w, h = size or (w0, h0)
-    sx, sy = geometry.scale
-    left, top, cw, ch = geometry.crop
-    xs = ((np.arange(w) + 0.5) * (w0 / w)) * sx - left
-    ys = ((np.arange(h) + 0.5) * (h0 / h)) * sy - top
-    return ((ys >= 0) & (ys < ch))[:, None] & ((xs >= 0) & (xs < cw))[None, :]
-
-
-def to_original(
-    map_hw: np.ndarray, geometry: Geometry, size: tuple[int, int] | None = None
-) -> np.ndarray:
-    """Upsample a map on the input grid (feature or input resolution) bilinearly onto the original image.
-
-    Undoes the eval transform's crop and resize with one ``cv2.warpAffine`` (``WARP_INVERSE_MAP``);
-    pixels outside the crop are 0.
-
-    Args:
-        map_hw: [h, w] map covering the network input (the crop).
-        geometry: the image's geometry.
-        size: output (W, H) for a resized view of the original (e.g. a thumbnail); default the original.
-
-    Returns:
-        [H, W] float32.
-    """
-    src = np.ascontiguousarray(np.asarray(map_hw, dtype=np.float32))
-    if src.ndim != 2:
-        raise ValueError(f"expected a 2-D map, got shape {src.shape}")
-    w0, h0 = geometry.original
-    w, h = size or (w0, h0)
-    affine = geometry.original_to_feature_affine(src.shape)
-    # output pixel u → original pixel (u + 0.5)·w0/w − 0.5, then the original→feature affine.
-    kx, ky = w0 / w, h0 / h
-    out_to_orig = np.array([[kx, 0.0, 0.5 * kx - 0.5], [0.0, ky, 0.5 * ky - 0.5], [0.0, 0.0, 1.0]])
-    m = affine @ out_to_orig
-    warped = cv2.warpAffine(
-        src, m, (int(w), int(h)), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-    )
-    warped[~crop_mask(geometry, (w, h))] = 0.0
-    return warped
-
-
-def channel_peaks(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax cell of each map: [N, h, w] → ((x, y) int [N, 2], values float32 [N]). Ties: first in row order."""
-    n, _, w = maps.shape
-    flat = maps.reshape(n, -1)
-    idx = flat.argmax(axis=1)
-    xy = np.stack([idx % w, idx // w], axis=1).astype(np.int64)
-    return xy, flat[np.arange(n), idx].astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------- targets
-
-
-def _one_target(model, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray, label: int | None) -> list[int]:
-    if isinstance(spec, (int, np.integer)):
-        return [model.class_index(int(spec))]
-    s = str(spec).strip()
-    if s.lower() == "pred":
-        return [int(np.argmax(probs))]
-    if s.lower() == "pred_mc":
-        return [int(np.argmax(probs_mc))]
-    if s.lower() == "label":
-        if label is None:
-            raise ValueError("target 'label' needs a label for every image")
-        return [model.class_index(int(label))]
-    m = _TOPK.match(s)
-    if m:
-        k = int(m.group(1))
-        if not 1 <= k <= len(probs):
-            raise ValueError(f"target {s!r}: k must be in [1, {len(probs)}]")
-        return [int(i) for i in np.argsort(-probs, kind="stable")[:k]]
-    return [model.class_index(s)]
-
-
-def resolve_targets(
-    model,
-    spec: TargetSpec | Sequence[TargetSpec],
-    probs_fc: np.ndarray,
-    probs_mc: np.ndarray,
-    labels: Sequence[int | None] | None = None,
-) -> list[list[int]]:
-    """Turn a target spec into a list of 0-based class indices per image (see the module docstring)."""
-    batch = probs_fc.shape[0]
-    labels = list(labels) if labels is not None else [None] * batch
-    if len(labels) != batch:
-        raise ValueError(f"{len(labels)} labels for {batch} images")
-    out = []
-    for b, item in enumerate(_per_image(spec, batch)):
-        items = [item] if isinstance(item, (str, int, np.integer)) else list(item)
-        resolved: list[int] = []
-        for one in items:
-            for t in _one_target(model, one, probs_fc[b], probs_mc[b], labels[b]):
-                if t not in resolved:
-                    resolved.append(t)
-        if not resolved:
-            raise ValueError(f"no target for image {b}")
-        out.append(resolved)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- explain
 
 
@@ -256,7 +150,7 @@ def explain(
     if not images:
         return []
     prepared = [preprocess(model, img) for img in images]
-    batch_targets = _per_image(targets, len(images))
+    batch_targets = per_image(targets, len(images))
     batch_labels = list(labels) if labels is not None else [None] * len(images)
     results: list[Explanation | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -280,16 +174,6 @@ def explain(
         for i, e in zip(idx, out, strict=True):
             results[i] = e
     return [r for r in results if r is not None]
-
-
-def _per_image(targets: TargetSpec | Sequence[TargetSpec], batch: int) -> list:
-    """One target spec per image: a single spec is repeated, a list must have one entry per image."""
-    if isinstance(targets, (str, int, np.integer)):
-        return [targets] * batch
-    targets = list(targets)
-    if len(targets) != batch:
-        raise ValueError(f"{len(targets)} per-image targets for {batch} images")
-    return targets
 
 
 def explain_tensor(

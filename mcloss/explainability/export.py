@@ -51,10 +51,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .io import ImageLoadError, atomic_write_bytes, atomic_write_json, atomic_write_text, load_image
-from .maps import Explanation, explain_tensor
-from .render import colormap_lut, explanation_montage, thumbnail
-from .transforms import EvalTransform, Geometry
+from mcloss.core.transforms import EvalTransform, Geometry
+from mcloss.data.io import (
+    ImageLoadError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_image,
+)
+from mcloss.explainability.explanation import Explanation, explain_tensor
+from mcloss.explainability.render import colormap_lut, explanation_montage, thumbnail
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -371,7 +377,7 @@ def _sha256(path: Path) -> str:
 
 
 def _versions() -> dict:
-    from . import __version__
+    from mcloss import __version__
 
     try:
         import captum
@@ -402,8 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .device import resolve_device
+    from mcloss.core.checkpoint import load_checkpoint
+    from mcloss.core.device import resolve_device
 
     maps = [m.strip() for m in args.maps.split(",") if m.strip()]
     unknown = sorted(set(maps) - set(MAP_KINDS))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_path, atomic_write_bytes, atomic_write_text
+from mcloss.data.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "RunDirError",

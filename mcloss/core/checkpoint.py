@@ -4,20 +4,49 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
-from .io import atomic_write_bytes
-from .model import MCModel, build_model
-from .transforms import EvalTransform
+from mcloss.core.errors import first_line
+from mcloss.core.model import MCModel, build_model
+from mcloss.core.transforms import EvalTransform
+from mcloss.data.io import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "CheckpointError", "FORMAT"]
+__all__ = [
+    "CHECKPOINT_ENV",
+    "CheckpointError",
+    "FORMAT",
+    "default_checkpoint",
+    "load_checkpoint",
+    "read_metadata",
+    "save_checkpoint",
+]
 
 FORMAT = "mcloss/1"
 _REQUIRED = ("format", "config", "class_names", "transform", "card")
+#: Environment variable that names the default checkpoint.
+CHECKPOINT_ENV = "MCLOSS_CHECKPOINT"
+_DEFAULT_NAME = "default.safetensors"
+
+
+def default_checkpoint() -> Path:
+    """The default checkpoint, resolved the same way from any working directory.
+
+    ``$MCLOSS_CHECKPOINT`` when set; otherwise the copy installed with the project: ``checkpoints/`` of the
+    source tree the package runs from (the editable install of the README), else the copy a wheel installs
+    under ``<prefix>/share/mcloss/checkpoints/``. When none exists, the source-tree path is returned, so
+    that the caller's "not found" message names where it was expected.
+    """
+    env = os.environ.get(CHECKPOINT_ENV)
+    if env:
+        return Path(env)
+    source_tree = Path(__file__).resolve().parents[2] / "checkpoints" / _DEFAULT_NAME
+    installed = Path(sys.prefix) / "share" / "mcloss" / "checkpoints" / _DEFAULT_NAME
+    return next((p for p in (source_tree, installed) if p.is_file()), source_tree)
 
 
 class CheckpointError(ValueError):
@@ -60,7 +89,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         with safe_open(str(p), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{label}: not a valid safetensors file ({_short(exc)})") from None
+        raise CheckpointError(f"{label}: not a valid safetensors file ({first_line(exc)})") from None
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{label}: not an mcloss checkpoint (format {raw.get('format')!r}, expected {FORMAT!r})")
     missing = [k for k in _REQUIRED if k not in raw]
@@ -94,7 +123,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             card=meta["card"],
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{label}: metadata does not describe a buildable model ({_short(exc)})") from None
+        raise CheckpointError(f"{label}: metadata does not describe a buildable model ({first_line(exc)})") from None
     if model.groups != list(config["groups"]):
         raise CheckpointError(f"{label}: channel groups in metadata do not match the architecture")
     model.config.update({k: v for k, v in config.items() if k not in model.config})
@@ -118,10 +147,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                     )
                 state[key] = tensor.to(expected[key].dtype)
     except SafetensorError as exc:
-        raise CheckpointError(f"{label}: corrupt weights ({_short(exc)})") from None
+        raise CheckpointError(f"{label}: corrupt weights ({first_line(exc)})") from None
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -11,9 +11,9 @@ import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from .groups import normalize_groups, split_channels
-from .loss import ccmp
-from .transforms import EvalTransform
+from mcloss.core.groups import normalize_groups, split_channels
+from mcloss.core.loss import ccmp
+from mcloss.core.transforms import EvalTransform
 
 __all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "ModelConfig"]
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .data import build_datasets, class_mismatch
-from .device import autocast, resolve_device
-from .io import atomic_write_json
-from .model import MCModel
+from mcloss.core.checkpoint import CheckpointError, load_checkpoint
+from mcloss.core.device import autocast, resolve_device
+from mcloss.core.model import MCModel
+from mcloss.data.datasets import build_datasets, class_mismatch
+from mcloss.data.io import atomic_write_json
 
 __all__ = ["evaluate", "evaluation_sums", "summarize_sums", "SUM_FIELDS", "main"]
 

@@ -17,7 +17,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from .maps import Explanation, GroupMaps, to_original
+from mcloss.explainability.explanation import Explanation, GroupMaps, to_original
 
 __all__ = [
     "DIVERGING",

@@ -1,4 +1,7 @@
-"""The ``mcloss`` command: one subcommand per job, each with its own ``main(argv) -> int``."""
+"""The ``mcloss`` command: one module per subcommand, each with ``build_parser()`` and ``main(argv) -> int``.
+
+This package is the only place that parses arguments or prints; the library below it returns values.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ __all__ = ["main", "COMMANDS"]
 
 #: subcommand → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("mcloss.synth", "write a synthetic fine-grained parts dataset in CUB layout"),
-    "train": ("mcloss.train", "train an MC-Loss (or CE) model"),
-    "eval": ("mcloss.evaluate", "top-1/top-5 of both heads on a test split"),
-    "export": ("mcloss.export", "batch-export channel maps and Grad-CAM for images"),
-    "parts": ("mcloss.parts", "part-localization and faithfulness metrics"),
-    "bench": ("mcloss.bench", "throughput benchmark of the explainability paths"),
+    "synth": ("mcloss.cli.synth", "write a synthetic fine-grained parts dataset in CUB layout"),
+    "train": ("mcloss.training.loop", "train an MC-Loss (or CE) model"),
+    "eval": ("mcloss.evaluation.classification", "top-1/top-5 of both heads on a test split"),
+    "export": ("mcloss.explainability.export", "batch-export channel maps and Grad-CAM for images"),
+    "parts": ("mcloss.evaluation.parts", "part-localization and faithfulness metrics"),
+    "bench": ("mcloss.explainability.benchmark", "throughput benchmark of the explainability paths"),
 }
 
 
@@ -33,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if args else 2
     if args[0] == "--version":
-        from . import __version__
+        from mcloss import __version__
 
         print(f"mcloss {__version__}")
         return 0
@@ -42,7 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcloss: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except SystemExit as exc:  # argparse has printed the reason (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
 
 
 if __name__ == "__main__":

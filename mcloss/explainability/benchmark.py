@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .device import autocast, resolve_device
-from .io import atomic_write_json
+from mcloss.core.device import autocast, resolve_device
+from mcloss.data.io import atomic_write_json
 
 __all__ = ["PATHS", "GOALS", "time_path", "run_benchmark", "format_table", "build_parser", "main"]
 
@@ -63,8 +63,8 @@ def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, re
 def _paths(model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], tile_height: int) -> dict:
     from captum.attr import LayerGradCam
 
-    from .export import ImageFiles, InputFile, write_outputs
-    from .maps import explain_tensor
+    from mcloss.explainability.explanation import explain_tensor
+    from mcloss.explainability.export import ImageFiles, InputFile, write_outputs
 
     geos = [model.transform.geometry(x.shape[3], x.shape[2])] * x.shape[0]
     amp = device.type == "cuda"
@@ -197,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON report; 2 on a usage error."""
     args = build_parser().parse_args(argv)
     try:
-        from . import __version__
-        from .checkpoint import load_checkpoint
-        from .export import DEFAULT_CHECKPOINT
-        from .model import build_model
+        from mcloss import __version__
+        from mcloss.core.checkpoint import load_checkpoint
+        from mcloss.core.model import build_model
+        from mcloss.explainability.export import DEFAULT_CHECKPOINT
 
         paths = [p.strip() for p in args.paths.split(",") if p.strip()]
         unknown = sorted(set(paths) - set(PATHS))

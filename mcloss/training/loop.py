@@ -24,17 +24,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
-from . import __version__
-from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from .data import DatasetError, build_datasets, detect_dataset
-from .device import autocast, cpu_has_native_bf16, resolve_device
-from .distributed import DistContext
-from .evaluate import evaluation_sums, summarize_sums
-from .interrupts import InterruptGuard
-from .io import atomic_write_json
-from .loss import RECIPE_WEIGHTS, MCLoss
-from .model import MCModel, build_model, load_backbone_weights
-from .run_dir import (
+from mcloss import __version__
+from mcloss.core.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from mcloss.core.device import autocast, cpu_has_native_bf16, resolve_device
+from mcloss.core.loss import RECIPE_WEIGHTS, MCLoss
+from mcloss.core.model import MCModel, build_model, load_backbone_weights
+from mcloss.core.transforms import NORMALIZATIONS, EvalTransform, TrainTransform
+from mcloss.data.datasets import DatasetError, build_datasets, detect_dataset
+from mcloss.data.io import atomic_write_json
+from mcloss.evaluation.classification import evaluation_sums, summarize_sums
+from mcloss.training.distributed import DistContext
+from mcloss.training.interrupts import InterruptGuard
+from mcloss.training.run_dir import (
     RUN_FORMAT,
     RunDirError,
     capture_rng,
@@ -47,7 +48,6 @@ from .run_dir import (
     save_resume_state,
     write_metrics,
 )
-from .transforms import NORMALIZATIONS, EvalTransform, TrainTransform
 
 __all__ = [
     "TrainConfig",

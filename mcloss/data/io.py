@@ -1,4 +1,4 @@
-"""Atomic file writes and safe image decoding."""
+"""Atomic file writes, safe image decoding, and the one image encoder."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mcloss.core.errors import first_line
 
 __all__ = [
     "atomic_path",
@@ -19,6 +22,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "default_mode",
+    "encode_image",
     "ImageLoadError",
     "load_image",
     "MAX_IMAGE_PIXELS",
@@ -131,15 +135,10 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
         raise ImageLoadError(f"{label}: not a recognized image format") from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(
-            f"{label}: image too large, refused as a possible decompression bomb ({_first_line(exc)})"
+            f"{label}: image too large, refused as a possible decompression bomb ({first_line(exc, 160)})"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"{label}: corrupt or truncated image ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({first_line(exc, 160)})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -160,3 +159,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
         return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = 90) -> bytes:
+    """Encode an RGB uint8 image [H, W, 3] as PNG or JPEG bytes (deterministic, no metadata).
+
+    Args:
+        rgb: the image, RGB channel order (converted to OpenCV's BGR here, and only here).
+        fmt: ``"png"`` or ``"jpeg"``.
+        quality: JPEG quality 1..100.
+    """
+    img = np.asarray(rgb)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {img.dtype} {img.shape}")
+    if fmt == "png":
+        ext, params = ".png", []
+    elif fmt in ("jpeg", "jpg"):
+        ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    else:
+        raise ValueError(f"image format must be 'png' or 'jpeg', got {fmt!r}")
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise OSError(f"{fmt.upper()} encoding failed")
+    return buf.tobytes()

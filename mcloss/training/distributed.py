@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .device import resolve_device
+from mcloss.core.device import resolve_device
 
 __all__ = ["DistContext", "launched_by_torchrun"]
 

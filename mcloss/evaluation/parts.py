@@ -45,14 +45,14 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from . import metrics as M
-from .checkpoint import CheckpointError, load_checkpoint
-from .data import class_mismatch
-from .device import autocast, resolve_device
-from .export import DEFAULT_CHECKPOINT
-from .io import ImageLoadError, atomic_path, atomic_write_json, atomic_write_text, load_image
-from .maps import Explanation, GroupMaps, explain
-from .model import MCModel
+from mcloss.core.checkpoint import CheckpointError, load_checkpoint
+from mcloss.core.device import autocast, resolve_device
+from mcloss.core.model import MCModel
+from mcloss.data.datasets import class_mismatch
+from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, atomic_write_text, load_image
+from mcloss.evaluation import metrics as M
+from mcloss.explainability.explanation import Explanation, GroupMaps, explain
+from mcloss.explainability.export import DEFAULT_CHECKPOINT
 
 __all__ = [
     "METHODS",
@@ -280,7 +280,7 @@ def _items(dataset: Any) -> list[_Item]:
 def _open_dataset(dataset_or_root: Any, split: str) -> Any:
     if hasattr(dataset_or_root, "records"):
         return dataset_or_root
-    from .data import CUBDataset
+    from mcloss.data.cub import CUBDataset
 
     root = Path(dataset_or_root)
     if not root.is_dir():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import default_drop, group_index, normalize_groups
+from mcloss.core.groups import default_drop, group_index, normalize_groups
 
 __all__ = [
     "ccmp",

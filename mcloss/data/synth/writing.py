@@ -1,0 +1,249 @@
+"""Writing a synthetic fine-grained "bird parts" dataset in the exact CUB_200_2011 layout (``mcloss synth``).
+
+Every image shows one bird made of seven named parts (head, beak, crest, wing, tail, belly, legs) in a
+random pose on a cluttered background. A class is a choice of LOCAL part attributes (a part's colour,
+pattern, marking or shape). Classes are a fixed function of the class count and the design only;
+``--seed`` only changes the instances. Two designs (``--design``):
+
+- ``single`` (default): class 1 is a base bird and every other class changes one part of it (two parts
+  once the single-part changes run out), so one part identifies a class and most pairs of classes differ
+  in one or two parts.
+- ``combo``: class 1 is the base bird and the others change two parts each (then four, then all six), using
+  one alternative per part, so any two classes differ in two or four parts and each changed part is shared
+  by several classes: no single part identifies a class, a classifier has to combine parts, as with real
+  species.
+
+Global colour content carries no class information by design: the body, legs, pattern ink, background
+and clutter colours are random per instance and come from the same palette as the part colours, so a
+class shows only in WHICH part has which colour, pattern or shape.
+
+Coordinates (keypoints, boxes) are in original pixels with the pixel-centre convention of
+:class:`mcloss.core.transforms.Geometry`: pixel i covers [i, i+1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mcloss.data.io import default_mode, encode_image
+from mcloss.data.synth.design import (
+    ATTRIBUTES,
+    BASE_ATTRIBUTES,
+    CLASS_PARTS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    JPEG_QUALITY,
+    MIN_VISIBLE_FRACTION,
+    PART_NAMES,
+    BirdClass,
+    SynthError,
+    class_definitions,
+)
+from mcloss.data.synth.drawing import (
+    instance_rng,
+    render_bird,
+)
+
+__all__ = ["generate_dataset", "is_synth_output"]
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _render_job(job: tuple[int, int, int, dict, str, str, int, float]) -> tuple[list[float], list[list[float]]]:
+    """Worker: render image ``index`` and write it; returns (bbox, parts)."""
+    index, seed, size, attrs, name, path, quality, object_scale = job
+    bird = BirdClass(name, attrs)
+    rendered = render_bird(bird, size, instance_rng(seed, index), object_scale)
+    Path(path).write_bytes(encode_image(rendered.image, "jpeg", quality=quality))
+    return list(rendered.bbox), rendered.parts.tolist()
+
+
+def is_synth_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a previous ``mcloss synth`` output (its synth.json says so)."""
+    try:
+        meta = json.loads((Path(path) / "synth.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
+def _check_out(out: Path) -> None:
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SynthError(f"--out {out}: {ancestor} is not a directory")
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_synth_output(out):
+        raise SynthError(
+            f"--out {out}: directory is not empty and is not a previous 'mcloss synth' output "
+            "(no synth.json); choose a new or empty directory"
+        )
+
+
+def _split_counts(per_class: int, test_fraction: float) -> tuple[int, int]:
+    n_test = int(math.floor(per_class * test_fraction + 0.5))
+    if 0.0 < test_fraction < 1.0:
+        if per_class < 2:
+            raise SynthError(f"--per-class {per_class} cannot be split into train and test; use at least 2")
+        n_test = min(max(n_test, 1), per_class - 1)
+    return per_class - n_test, n_test
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}".rstrip("0").rstrip(".") if v != int(v) else f"{v:.1f}"
+
+
+def generate_dataset(
+    out: str | os.PathLike,
+    classes: int,
+    per_class: int,
+    size: int,
+    seed: int,
+    *,
+    test_fraction: float = 0.5,
+    jpeg_quality: int = JPEG_QUALITY,
+    workers: int = 1,
+    object_scale: float = 1.0,
+    design: str = "single",
+) -> dict:
+    """Write a synthetic CUB-layout dataset to ``out``; returns a summary (counts, time, images/s).
+
+    The dataset is written to a temporary sibling directory and moved into place at the end, so ``out``
+    is never left half-written. Every file depends only on the arguments (not on ``out`` or ``workers``),
+    so the same call writes byte-identical files. ``out`` may be missing, empty, or a previous synth output (replaced).
+
+    Raises:
+        SynthError: invalid counts/size/seed or an unusable output directory.
+    """
+    for label, value, low in (("--classes", classes, 2), ("--per-class", per_class, 1)):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise SynthError(f"{label} must be an integer >= {low}, got {value!r}")
+    if not isinstance(size, (int, np.integer)) or not 32 <= size <= 4096:
+        raise SynthError(f"--size must be an integer between 32 and 4096 pixels, got {size!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SynthError(f"--seed must be a non-negative integer, got {seed!r}")
+    if not 0.0 <= float(test_fraction) <= 1.0:
+        raise SynthError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise SynthError(f"--jpeg-quality must be between 1 and 100, got {jpeg_quality}")
+    if int(workers) < 1:
+        raise SynthError(f"--workers must be >= 1, got {workers}")
+    if not 0.25 <= float(object_scale) <= 2.5:
+        raise SynthError(f"--object-scale must be between 0.25 and 2.5, got {object_scale}")
+    birds = class_definitions(int(classes), design)
+    n_train, n_test = _split_counts(int(per_class), float(test_fraction))
+    out = Path(out)
+    _check_out(out)
+
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700
+    try:
+        jobs, lines = [], {"images": [], "labels": [], "split": []}
+        for c, bird in enumerate(birds):
+            folder = f"{c + 1:03d}.{bird.name}"
+            (tmp / "images" / folder).mkdir(parents=True)
+            for k in range(per_class):
+                index = c * per_class + k
+                rel = f"{folder}/{bird.name}_{index + 1:05d}.jpg"
+                jobs.append((index, int(seed), int(size), bird.attributes, bird.name, str(tmp / "images" / rel), int(jpeg_quality), float(object_scale)))
+                lines["images"].append(f"{index + 1} {rel}")
+                lines["labels"].append(f"{index + 1} {c + 1}")
+                lines["split"].append(f"{index + 1} {1 if k < n_train else 0}")
+        if workers > 1 and len(jobs) > 1:
+            # threads, not forked processes: forking a process that already runs torch/OpenMP threads can
+            # deadlock; OpenCV drawing and JPEG encoding release the GIL
+            with ThreadPoolExecutor(int(workers)) as pool:
+                results = list(pool.map(_render_job, jobs, chunksize=16))
+        else:
+            results = [_render_job(job) for job in jobs]
+
+        boxes = [f"{i + 1} " + " ".join(_fmt(v) for v in bbox) for i, (bbox, _) in enumerate(results)]
+        locs = [
+            f"{i + 1} {p + 1} {x:.2f} {y:.2f} {int(v)}"
+            for i, (_, parts) in enumerate(results)
+            for p, (x, y, v) in enumerate(parts)
+        ]
+        texts = {
+            "images.txt": lines["images"],
+            "classes.txt": [f"{c + 1} {c + 1:03d}.{bird.name}" for c, bird in enumerate(birds)],
+            "image_class_labels.txt": lines["labels"],
+            "train_test_split.txt": lines["split"],
+            "bounding_boxes.txt": boxes,
+            "parts/parts.txt": [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)],
+            "parts/part_locs.txt": locs,
+        }
+        (tmp / "parts").mkdir()
+        for rel, rows in texts.items():
+            (tmp / rel).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "classes": int(classes),
+            "per_class": int(per_class),
+            "size": int(size),
+            "seed": int(seed),
+            "test_fraction": float(test_fraction),
+            "jpeg_quality": int(jpeg_quality),
+            "object_scale": float(object_scale),
+            "design": design,
+            "command": f"mcloss synth --out DIR --classes {classes} --per-class {per_class} --size {size} "
+            f"--seed {seed} --test-fraction {float(test_fraction)} --jpeg-quality {jpeg_quality}"
+            + (f" --object-scale {float(object_scale)}" if float(object_scale) != 1.0 else "")
+            + (f" --design {design}" if design != "single" else ""),
+            "split": {"train_per_class": n_train, "test_per_class": n_test},
+            "parts": list(PART_NAMES),
+            "class_parts": list(CLASS_PARTS),
+            "attributes": {part: {k: list(v) for k, v in attrs.items()} for part, attrs in ATTRIBUTES.items()},
+            "base": BASE_ATTRIBUTES,
+            "class_definitions": [{"id": c + 1, **bird.to_dict()} for c, bird in enumerate(birds)],
+            "min_visible_fraction": MIN_VISIBLE_FRACTION,
+            "coordinates": "original pixels, pixel i covers [i, i+1); invisible parts are 0 0 0 as in CUB",
+        }
+        (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    images = len(jobs)
+    return {
+        "out": str(out),
+        "classes": int(classes),
+        "per_class": int(per_class),
+        "size": int(size),
+        "seed": int(seed),
+        "images": images,
+        "train": n_train * int(classes),
+        "test": n_test * int(classes),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds, 1) if seconds > 0 else float("inf"),
+    }
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an empty or previous-output ``dst``."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{dst.name}.old-", dir=dst.parent))
+        old.rmdir()
+        os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,100 @@
+"""Target specs: which classes to explain for each image.
+
+Per image: ``"pred"`` (FC-head argmax), ``"pred_mc"`` (MC-head argmax), ``"topK"`` (e.g. ``"top3"``: the K
+most probable FC-head classes, best first), ``"label"`` (needs labels), a 0-based class index, a class
+name, or a list of those (several targets for one image). A single spec applies to every image; a list
+must hold one spec per image. This module is the one parser of that vocabulary (the CLI's ``--target``
+included).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["TargetSpec", "check_target", "per_image", "resolve_targets"]
+
+TargetSpec = int | str | Sequence[int | str]
+_TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
+_KEYWORDS = ("pred", "pred_mc", "label")
+
+
+def check_target(model, spec: int | str) -> int | str:
+    """Validate one spec before any work: a keyword or ``topK`` stays as given, a class name or index
+    becomes its 0-based index.
+
+    Raises:
+        KeyError, IndexError: an unknown class name or an out-of-range index.
+        ValueError: ``topK`` with K outside [1, classes].
+    """
+    s = str(spec).strip()
+    if isinstance(spec, str) and s.lower() in _KEYWORDS:
+        return s.lower()
+    m = _TOPK.match(s) if isinstance(spec, str) else None
+    if m:
+        k = int(m.group(1))
+        if not 1 <= k <= model.num_classes:
+            raise ValueError(f"target {s!r}: k must be in [1, {model.num_classes}]")
+        return s.lower()
+    return model.class_index(spec if isinstance(spec, (int, np.integer)) else s)
+
+
+def _one_target(model, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray, label: int | None) -> list[int]:
+    if isinstance(spec, (int, np.integer)):
+        return [model.class_index(int(spec))]
+    s = str(spec).strip()
+    if s.lower() == "pred":
+        return [int(np.argmax(probs))]
+    if s.lower() == "pred_mc":
+        return [int(np.argmax(probs_mc))]
+    if s.lower() == "label":
+        if label is None:
+            raise ValueError("target 'label' needs a label for every image")
+        return [model.class_index(int(label))]
+    m = _TOPK.match(s)
+    if m:
+        k = int(m.group(1))
+        if not 1 <= k <= len(probs):
+            raise ValueError(f"target {s!r}: k must be in [1, {len(probs)}]")
+        return [int(i) for i in np.argsort(-probs, kind="stable")[:k]]
+    return [model.class_index(s)]
+
+
+def resolve_targets(
+    model,
+    spec: TargetSpec | Sequence[TargetSpec],
+    probs_fc: np.ndarray,
+    probs_mc: np.ndarray,
+    labels: Sequence[int | None] | None = None,
+) -> list[list[int]]:
+    """Turn a target spec into a list of 0-based class indices per image (see the module docstring)."""
+    batch = probs_fc.shape[0]
+    labels = list(labels) if labels is not None else [None] * batch
+    if len(labels) != batch:
+        raise ValueError(f"{len(labels)} labels for {batch} images")
+    out = []
+    for b, item in enumerate(per_image(spec, batch)):
+        items = [item] if isinstance(item, (str, int, np.integer)) else list(item)
+        resolved: list[int] = []
+        for one in items:
+            for t in _one_target(model, one, probs_fc[b], probs_mc[b], labels[b]):
+                if t not in resolved:
+                    resolved.append(t)
+        if not resolved:
+            raise ValueError(f"no target for image {b}")
+        out.append(resolved)
+    return out
+
+
+def per_image(targets: TargetSpec | Sequence[TargetSpec], batch: int) -> list:
+    """One target spec per image: a single spec is repeated, a list must have one entry per image."""
+    if isinstance(targets, (str, int, np.integer)):
+        return [targets] * batch
+    targets = list(targets)
+    if len(targets) != batch:
+        raise ValueError(f"{len(targets)} per-image targets for {batch} images")
+    return targets
+
+
