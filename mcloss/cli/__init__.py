@@ -14,11 +14,11 @@ __all__ = ["main", "COMMANDS"]
 #: subcommand → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mcloss.cli.synth", "write a synthetic fine-grained parts dataset in CUB layout"),
-    "train": ("mcloss.training.loop", "train an MC-Loss (or CE) model"),
-    "eval": ("mcloss.evaluation.classification", "top-1/top-5 of both heads on a test split"),
-    "export": ("mcloss.explainability.export", "batch-export channel maps and Grad-CAM for images"),
-    "parts": ("mcloss.evaluation.parts", "part-localization and faithfulness metrics"),
-    "bench": ("mcloss.explainability.benchmark", "throughput benchmark of the explainability paths"),
+    "train": ("mcloss.cli.train", "train an MC-Loss (or CE) model"),
+    "eval": ("mcloss.cli.eval", "top-1/top-5 of both heads on a test split"),
+    "export": ("mcloss.cli.export", "batch-export channel maps and Grad-CAM for images"),
+    "parts": ("mcloss.cli.parts", "part-localization and faithfulness metrics"),
+    "bench": ("mcloss.cli.bench", "throughput benchmark of the explainability paths"),
 }
 
 
