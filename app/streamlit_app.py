@@ -1,7 +1,7 @@
 """mcloss channel explorer: what each class's channel group sees, next to Grad-CAM.
 
 Run: ``streamlit run app/streamlit_app.py``. ``MCLOSS_CHECKPOINT`` overrides the default checkpoint
-(``checkpoints/default.safetensors``), ``MCLOSS_SAMPLES`` the gallery folder (``checkpoints/samples``).
+(the project's ``checkpoints/default.safetensors``), ``MCLOSS_SAMPLES`` the gallery folder (``checkpoints/samples``).
 
 The model is loaded once per checkpoint (``st.cache_resource``) and every call into it holds that
 model's lock, so concurrent sessions are safe. Explanations are cached (``st.cache_data``) by image bytes,
@@ -31,9 +31,10 @@ import view  # noqa: E402
 
 from mcloss.core.checkpoint import CheckpointError  # noqa: E402
 from mcloss.core.device import resolve_device  # noqa: E402
-from mcloss.data.io import ImageLoadError, atomic_write_bytes  # noqa: E402
-from mcloss.explainability import explanation as maps  # noqa: E402
+from mcloss.core.errors import first_line  # noqa: E402
+from mcloss.data.io import ImageLoadError, atomic_write_bytes, encode_image  # noqa: E402
 from mcloss.explainability import render  # noqa: E402
+from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
 
 __all__ = ["main"]
 
@@ -113,7 +114,7 @@ def sidebar_model() -> view.LoadedModel | None:
         return None
     except Exception as exc:
         log.exception("checkpoint load failed")
-        st.sidebar.error(f"Could not load the checkpoint: {type(exc).__name__}: {_first_line(exc)}")
+        st.sidebar.error(f"Could not load the checkpoint: {type(exc).__name__}: {first_line(exc)}")
         return None
     m = loaded.model
     xi = sorted(set(m.groups))
@@ -187,7 +188,7 @@ def sidebar_input() -> dict | None:
     return None if up is None else {"name": up["name"], "data": up["data"], "sample": None, "gallery": None}
 
 
-def sidebar_controls() -> tuple[view.Style, dict]:
+def sidebar_controls() -> tuple[render.Style, dict]:
     """Display controls (re-render only) and extra-map options (part of the explanation's cache key)."""
     st.sidebar.subheader("Display")
     colormap = st.sidebar.selectbox("Colormap", view.COLORMAPS, key="colormap")
@@ -212,13 +213,7 @@ def sidebar_controls() -> tuple[view.Style, dict]:
             "Part hit radius (× image size)", 0.01, 1.0, view.HIT_RADIUS, 0.01, key="radius",
             help="a channel peak hits a ground-truth part within this fraction of max(width, height)",
         )
-    style = view.Style(
-        colormap=colormap,
-        alpha=float(alpha),
-        shared_scale=scale == "shared group",
-        peaks=bool(peaks),
-        nearest=upsampling == "nearest",
-    )
+    style = view.style_for(colormap, float(alpha), scale == "shared group", bool(peaks), upsampling == "nearest")
     return style, {"channel_gradcam": channel_gradcam, "guided": guided, "method": method, "radius": float(radius)}
 
 
@@ -236,29 +231,24 @@ def _decoded(digest: str, name: str, _data: bytes):
 def _explain(
     model_key: str, digest: str, targets: tuple, method: str, channel_gradcam: bool, guided: bool,
     _loaded: view.LoadedModel, _image,
-) -> tuple[maps.Explanation, float]:
+) -> tuple[Explanation, float]:
     """One explanation, cached by checkpoint, image bytes, classes and map options, with its seconds."""
     return view.explain_locked(
         _loaded, _image, targets, method=method, channel_gradcam=channel_gradcam, guided=guided
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 # ------------------------------------------------------------------------------------------- layout
 
 
-def show_tiles(tiles: list[view.Tile], ncols: int | None = None) -> None:
+def show_tiles(tiles: list[render.Tile], ncols: int | None = None) -> None:
     """A row of images with captions."""
     cols = st.columns(ncols or len(tiles), gap="small")
     for col, t in zip(cols, tiles, strict=False):
         col.image(t.image, caption=t.caption, width="stretch", alt=t.alt)
 
 
-def prediction_panel(expl: maps.Explanation, class_names: list[str], base, title: str, label: int | None) -> None:
+def prediction_panel(expl: Explanation, class_names: list[str], base, title: str, label: int | None) -> None:
     """Original image beside the top-k of both heads and their agreement."""
     left, right = st.columns([4, 7], gap="large")
     left.image(base, caption=title, width="stretch", alt="input image")
@@ -295,23 +285,25 @@ def prediction_panel(expl: maps.Explanation, class_names: list[str], base, title
 
 
 def group_view(
-    expl: maps.Explanation,
-    group: maps.GroupMaps,
+    expl: Explanation,
+    group: GroupMaps,
     base,
-    style: view.Style,
+    style: render.Style,
     sample: view.Sample | None,
     part_names: tuple[str, ...] | None,
     options: dict,
     heading: str,
-) -> list[view.Tile]:
+) -> list[render.Tile]:
     """One class's channel group: overlays, CCMP, parts, Grad-CAM, and ground-truth hits."""
     st.markdown(heading, unsafe_allow_html=True)
     parts = None
     if sample is not None and part_names is not None:
         parts, radius_px = view.channel_parts(group, sample.keypoints, part_names, expl.image_size, options["radius"])
-    tiles = view.group_tiles(base, expl, group, style, parts=parts)
+    tiles = render.group_tiles(base, expl, group, style)
+    if parts is not None:
+        tiles = view.part_captions(tiles, parts)
     show_tiles(tiles)
-    extra = view.channel_gradcam_tiles(base, expl, group, style)
+    extra = render.channel_gradcam_tiles(base, expl, group, style)
     if extra:
         show_tiles(extra, ncols=len(tiles))
     if parts is not None:
@@ -325,22 +317,18 @@ def group_view(
 
 
 def downloads(
-    source_name: str, base, expl: maps.Explanation, groups: list[maps.GroupMaps], tiles: dict,
-    class_names: list[str], style: view.Style, label: int | None,
+    source_name: str, base, expl: Explanation, groups: list[GroupMaps], tiles: dict, style: render.Style,
+    label: int | None,
 ) -> None:
     """Montage PNG and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
     stem = Path(source_name).stem
     gi = expl.groups.index(groups[0])
 
     def montage_png() -> bytes:
-        pic = render.explanation_montage(
-            base, expl, gi, class_names=class_names, colormap=style.colormap, alpha=style.alpha,
-            shared_scale=style.shared_scale, peaks=style.peaks, height=view.TILE_HEIGHT,
-        )
-        return view.png_bytes(pic)
+        return encode_image(expl.montage(gi, style, image=base))
 
     def bundle() -> bytes:
-        return view.export_zip(source_name, base, expl, groups, class_names, style, tiles, label=label, topk=TOPK)
+        return view.export_zip(source_name, base, expl, groups, style, tiles, label=label, topk=TOPK)
 
     row = st.container(horizontal=True)
     row.download_button(
@@ -354,7 +342,7 @@ def downloads(
     )
 
 
-def explain_and_show(loaded: view.LoadedModel, source: dict, style: view.Style, options: dict) -> None:
+def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style, options: dict) -> None:
     """The whole pipeline for one input; every failure becomes one st.error sentence."""
     t_start = time.perf_counter()
     data, name = source["data"], source["name"]
@@ -413,7 +401,7 @@ def explain_and_show(loaded: view.LoadedModel, source: dict, style: view.Style, 
             expl, g, base, style, sample, gallery.part_names if gallery else None, options, heading
         )
     st.divider()
-    downloads(name, base, expl, groups, all_tiles, names, style, label)
+    downloads(name, base, expl, groups, all_tiles, style, label)
     st.caption(
         f"model {secs:.2f} s (cached until the image, checkpoint, class or map options change) · "
         f"page {time.perf_counter() - t_start:.2f} s · {device_caption(loaded.device)}"
@@ -440,7 +428,7 @@ def main() -> None:
         _page()
     except Exception as exc:  # the last guard: a sentence, never a traceback
         log.exception("the app failed")
-        st.error(f"Something went wrong: {type(exc).__name__}: {_first_line(exc)}")
+        st.error(f"Something went wrong: {type(exc).__name__}: {first_line(exc)}")
 
 
 def _page() -> None:
@@ -469,7 +457,7 @@ def _page() -> None:
         st.error(f"Cannot read the image: {exc}")
     except Exception as exc:
         log.exception("explaining %s failed", source.get("name"))
-        st.error(f"Could not explain {source.get('name')}: {type(exc).__name__}: {_first_line(exc)}")
+        st.error(f"Could not explain {source.get('name')}: {type(exc).__name__}: {first_line(exc)}")
 
 
 main()

@@ -24,13 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcloss.core.checkpoint import CheckpointError, load_checkpoint
-from mcloss.data.io import ImageLoadError, load_image
+from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint
+from mcloss.data.files import sanitize_component
+from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics
-from mcloss.explainability import explanation as maps
 from mcloss.explainability import render
-from mcloss.explainability.explanation import Explanation, GroupMaps
-from mcloss.explainability.geometry import crop_mask, to_original
+from mcloss.explainability.explanation import Explanation, GroupMaps, explain
 
 __all__ = [
     "REPO_ROOT",
@@ -43,6 +42,8 @@ __all__ = [
     "COLORMAPS",
     "default_checkpoint",
     "samples_dir",
+    "part_captions",
+    "style_for",
     "list_checkpoints",
     "LoadedModel",
     "load_model",
@@ -52,18 +53,11 @@ __all__ = [
     "Gallery",
     "load_gallery",
     "decode_image",
-    "display_image",
-    "map_to_view",
     "draw_keypoints",
     "ChannelPart",
     "channel_parts",
-    "Tile",
-    "Style",
-    "group_tiles",
-    "channel_gradcam_tiles",
     "topk_rows",
     "agreement",
-    "png_bytes",
     "export_zip",
 ]
 
@@ -74,8 +68,8 @@ MAX_UPLOAD_MB = 50
 #: Larger images are refused before decoding (a decompression-bomb guard as well).
 MAX_PIXELS = 40_000_000
 #: Originals are shown downscaled to this long side.
-DISPLAY_MAX_SIDE = 1024
-#: Rows of each overlay tile.
+DISPLAY_MAX_SIDE = render.VIEW_MAX_SIDE
+#: Rows of each tile of the downloaded montage.
 TILE_HEIGHT = 320
 #: Default hit radius for ground-truth parts, as a fraction of max(width, height).
 HIT_RADIUS = 0.12
@@ -85,12 +79,6 @@ COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet")
 # ------------------------------------------------------------------------------------------ locations
 
 
-def default_checkpoint() -> Path:
-    """``$MCLOSS_CHECKPOINT`` or ``checkpoints/default.safetensors`` of the repository."""
-    env = os.environ.get("MCLOSS_CHECKPOINT")
-    return Path(env) if env else REPO_ROOT / "checkpoints" / "default.safetensors"
-
-
 def samples_dir() -> Path:
     """``$MCLOSS_SAMPLES`` or ``checkpoints/samples`` of the repository."""
     env = os.environ.get("MCLOSS_SAMPLES")
@@ -98,7 +86,8 @@ def samples_dir() -> Path:
 
 
 def list_checkpoints(default: Path, folder: Path | None = None) -> list[Path]:
-    """The default checkpoint (even if missing, so the UI can say so) then every other ``*.safetensors``
+    """The default checkpoint (even if missing, so the UI can say so; :func:`mcloss.default_checkpoint`
+    resolves it) then every other ``*.safetensors``
     in ``folder`` (default: the repository's ``checkpoints/``), sorted by name."""
     folder = folder or REPO_ROOT / "checkpoints"
     found = sorted(p for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
@@ -135,7 +124,7 @@ def load_model(path: str, label: str, key: str, device: torch.device) -> LoadedM
         raise CheckpointError(str(exc).replace(str(path), label)) from None
     size = int(model.config.get("img_size", 224))
     try:
-        maps.explain(model, [Image.new("RGB", (size, size), (128, 128, 128))], "pred", device=device)
+        explain(model, Image.new("RGB", (size, size), (128, 128, 128)), "pred", device=device)
     except Exception as exc:  # loads but cannot run
         raise CheckpointError(f"{label}: the model does not run ({type(exc).__name__}: {exc})") from None
     return LoadedModel(model, threading.Lock(), device, key, label, time.perf_counter() - t0)
@@ -151,22 +140,15 @@ def explain_locked(
     guided: bool = False,
 ) -> tuple[Explanation, float]:
     """Explain one image for ``targets`` (class indices or specs like ``"top2"``) under the model's lock
-    (:func:`mcloss.maps.explain` toggles eval mode and ``requires_grad``, so calls must not interleave).
+    (:func:`mcloss.explain` toggles eval mode and ``requires_grad``, so calls must not interleave).
 
     Returns the explanation and its wall time in seconds.
     """
     t0 = time.perf_counter()
+    kinds = ["channels", "gradcam"] + ["channel_gradcam"] * channel_gradcam + ["guided"] * guided
     with loaded.lock:
-        out = maps.explain(
-            loaded.model,
-            [image],
-            [list(targets)],
-            method=method,
-            channel_gradcam=channel_gradcam,
-            guided=guided,
-            device=loaded.device,
-        )
-    return out[0], time.perf_counter() - t0
+        out = explain(loaded.model, image, [list(targets)], maps=kinds, method=method, device=loaded.device)
+    return out, time.perf_counter() - t0
 
 
 # -------------------------------------------------------------------------------------------- gallery
@@ -247,39 +229,10 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 
 def display_image(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     """RGB uint8 array of the image, downscaled (area filter) so its long side is at most ``max_side``."""
-    arr = np.asarray(image.convert("RGB"))
-    h, w = arr.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1.0:
-        return arr
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
+    return render.fit_view(np.asarray(image.convert("RGB")), max_side)
 
 
 # ---------------------------------------------------------------------------------------------- maps
-
-
-def map_to_view(map_hw: np.ndarray, explanation: Explanation, size: tuple[int, int], *, nearest: bool) -> np.ndarray:
-    """A map on the network-input grid, undone through the eval crop onto a (W, H) view of the original.
-
-    ``nearest`` keeps the feature cells visible as blocks (for inspecting raw cells); otherwise bilinear
-    (:func:`mcloss.maps.to_original`).
-    """
-    if not nearest:
-        return to_original(map_hw, explanation.geometry, size)
-    src = np.ascontiguousarray(np.asarray(map_hw, dtype=np.float32))
-    geo = explanation.geometry
-    w0, h0 = geo.original
-    w, h = size
-    kx, ky = w0 / w, h0 / h
-    view_to_orig = np.array([[kx, 0.0, 0.5 * kx - 0.5], [0.0, ky, 0.5 * ky - 0.5], [0.0, 0.0, 1.0]])
-    m = geo.original_to_feature_affine(src.shape) @ view_to_orig
-    # feature index j is the centre of cell j, so nearest (rounding) picks the cell a pixel lies in
-    out = cv2.warpAffine(
-        src, m, (int(w), int(h)), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-    )
-    out[~crop_mask(geo, (w, h))] = 0.0
-    return out
 
 
 def draw_keypoints(
@@ -345,125 +298,26 @@ def channel_parts(
 # --------------------------------------------------------------------------------------------- tiles
 
 
-@dataclass(frozen=True)
-class Style:
-    """Display controls; changing them never re-runs the model."""
-
-    colormap: str = "inferno"
-    alpha: float = 0.5
-    shared_scale: bool = False
-    peaks: bool = True
-    nearest: bool = False
-
-
-@dataclass
-class Tile:
-    """One picture of the group view."""
-
-    image: np.ndarray
-    caption: str
-    alt: str
-    slug: str  # file-name stem in downloads
-
-
-def _color_bar(image: np.ndarray, color: np.ndarray, height: int = 5) -> np.ndarray:
-    out = image.copy()
-    out[:height] = color
-    return out
-
-
-def group_tiles(
-    base: np.ndarray,
-    explanation: Explanation,
-    group: GroupMaps,
-    style: Style,
-    *,
-    parts: Sequence[ChannelPart] | None = None,
-) -> list[Tile]:
-    """The ξ channel overlays, CCMP, part composite and Grad-CAM (and Guided Grad-CAM when computed).
-
-    Args:
-        base: RGB uint8 view of the original (any size; maps are warped onto it).
-        explanation: the image's explanation (for its geometry).
-        group: the class's maps.
-        style: display controls.
-        parts: per-channel nearest ground-truth part (gallery images), for the captions.
-    """
-    h, w = base.shape[:2]
-    k = w / explanation.image_size[0]
-    size = (w, h)
-    xi = len(group.channels)
-    colors = render.part_colors(xi)
-    chans = np.stack([map_to_view(c, explanation, size, nearest=style.nearest) for c in group.channels])
-    vmax = float(group.channels.max()) if style.shared_scale else None
-    tiles = []
-    for i in range(xi):
-        pk = group.peaks_xy[i : i + 1] * k if style.peaks else None
-        img = render.overlay(base, chans[i], colormap=style.colormap, alpha=style.alpha, vmax=vmax, peaks_xy=pk)
-        caption = f"channel {i + 1}/{xi} · peak {group.peak_values[i]:.3g}"
-        if parts is not None:
-            p = parts[i]
-            where = "no visible part" if p.part is None else f"{p.part} {'hit' if p.hit else 'miss'} ({p.distance:.0f} px)"
-            caption += f" · {where}"
-        tiles.append(
-            Tile(_color_bar(img, colors[i]), caption, f"channel {i + 1} of {group.name}", f"ch{i + 1}")
-        )
-    ccmp = map_to_view(group.ccmp, explanation, size, nearest=style.nearest)
-    tiles.append(
-        Tile(
-            render.overlay(base, ccmp, colormap=style.colormap, alpha=style.alpha),
-            f"CCMP (max over {xi} channels)",
-            f"CCMP of {group.name}",
-            "ccmp",
-        )
+def style_for(colormap: str, alpha: float, shared_scale: bool, peaks: bool, nearest: bool) -> render.Style:
+    """The display controls as a :class:`mcloss.explainability.render.Style` (montage tiles of
+    :data:`TILE_HEIGHT` rows)."""
+    return render.Style(
+        colormap=colormap,
+        alpha=alpha,
+        shared_scale=shared_scale,
+        peaks=peaks,
+        interpolation="nearest" if nearest else "bilinear",
+        tile_height=TILE_HEIGHT,
     )
-    comp = render.part_composite(base, chans, colors=colors, shared_scale=style.shared_scale)
-    if style.peaks:
-        comp = render.draw_peaks(comp, group.peaks_xy * k, colors)
-    tiles.append(Tile(comp, "parts: each channel in its colour", f"part composite of {group.name}", "parts"))
-    if group.gradcam is not None:
-        cam = map_to_view(group.gradcam, explanation, size, nearest=style.nearest)
-        pk = None
-        if style.peaks and group.gradcam_peak_xy is not None:
-            pk = np.asarray(group.gradcam_peak_xy)[None] * k
-        tiles.append(
-            Tile(
-                render.overlay(base, cam, colormap=style.colormap, alpha=style.alpha, peaks_xy=pk),
-                f"Grad-CAM (FC head) · p {group.prob:.2f}",
-                f"Grad-CAM of {group.name}",
-                "gradcam",
-            )
-        )
-    if group.guided is not None:
-        g = to_original(group.guided, explanation.geometry, size)
-        tiles.append(
-            Tile(
-                render.overlay(base, g, alpha=max(style.alpha, 0.6), signed=True),
-                "Guided Grad-CAM (signed)",
-                f"Guided Grad-CAM of {group.name}",
-                "guided_gradcam",
-            )
-        )
-    return tiles
 
 
-def channel_gradcam_tiles(base: np.ndarray, explanation: Explanation, group: GroupMaps, style: Style) -> list[Tile]:
-    """Per-channel Grad-CAM of the group's channels (empty when not computed)."""
-    if group.channel_gradcam is None:
-        return []
-    h, w = base.shape[:2]
-    maps = [map_to_view(c, explanation, (w, h), nearest=style.nearest) for c in group.channel_gradcam]
-    vmax = float(group.channel_gradcam.max()) if style.shared_scale else None
-    colors = render.part_colors(len(maps))
-    return [
-        Tile(
-            _color_bar(render.overlay(base, m, colormap=style.colormap, alpha=style.alpha, vmax=vmax), colors[i]),
-            f"Grad-CAM · channel {i + 1}",
-            f"per-channel Grad-CAM {i + 1} of {group.name}",
-            f"gradcam_ch{i + 1}",
-        )
-        for i, m in enumerate(maps)
-    ]
+def part_captions(tiles: Sequence[render.Tile], parts: Sequence[ChannelPart]) -> list[render.Tile]:
+    """The group's tiles with each channel's nearest ground-truth part added to its caption."""
+    out = list(tiles)
+    for i, p in enumerate(parts):
+        where = "no visible part" if p.part is None else f"{p.part} {'hit' if p.hit else 'miss'} ({p.distance:.0f} px)"
+        out[i] = dataclasses.replace(out[i], caption=f"{out[i].caption} · {where}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ prediction
@@ -495,44 +349,27 @@ def agreement(explanation: Explanation, class_names: Sequence[str]) -> tuple[boo
     )
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of an RGB uint8 array."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def export_zip(
     name: str,
     base: np.ndarray,
     explanation: Explanation,
     groups: Sequence[GroupMaps],
-    class_names: Sequence[str],
-    style: Style,
-    tiles: dict[str, Sequence[Tile]],
+    style: render.Style,
+    tiles: dict[str, Sequence[render.Tile]],
     *,
     label: int | None = None,
     topk: int = 5,
 ) -> bytes:
     """A ZIP of every shown overlay (``overlays/*.png``) plus exactly what ``mcloss export`` writes for the
-    shown classes (``export/<name>.png|.npz|.json``, via :func:`mcloss.export.write_outputs`)."""
-    from mcloss.explainability import export
-
-    shown = dataclasses.replace(explanation, groups=list(groups), label=label)
-    options = {
-        "colormap": style.colormap,
-        "alpha": style.alpha,
-        "shared_scale": style.shared_scale,
-        "tile_height": TILE_HEIGHT,
-        "topk": topk,
-    }
-    stem = export.sanitize_component(name)
+    shown classes (``export/<name>.png|.npz|.json``, via :meth:`mcloss.Explanation.save`)."""
+    shown = explanation.with_groups(groups, label=label, source=name)
+    stem = sanitize_component(name)
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory(prefix="mcloss-app-") as tmp, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        export.write_outputs(Path(tmp) / stem, name, base, shown, class_names, options)
+        shown.save(Path(tmp) / stem, style, topk=topk, image=base)
         for f in sorted(Path(tmp).iterdir()):
             zf.write(f, f"export/{f.name}")
         for cls, cls_tiles in tiles.items():
             for t in cls_tiles:
-                zf.writestr(f"overlays/{export.sanitize_component(cls)}_{t.slug}.png", png_bytes(t.image))
+                zf.writestr(f"overlays/{sanitize_component(cls)}_{t.slug}.png", encode_image(t.image))
     return buf.getvalue()

@@ -68,8 +68,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "mcloss.evaluation.classification",
     "evaluate_parts": "mcloss.evaluation.parts",
     # training
-    "TrainConfig": "mcloss.training.loop",
-    "make_config": "mcloss.training.loop",
+    "TrainConfig": "mcloss.training.config",
+    "make_config": "mcloss.training.config",
     "train": "mcloss.training.loop",
 }
 
@@ -112,4 +112,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from mcloss.explainability.geometry import channel_peaks, to_original
     from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights, model_guard
     from mcloss.explainability.render import Style, explanation_figure, explanation_montage, overlay
-    from mcloss.training.loop import TrainConfig, make_config, train
+    from mcloss.training.config import TrainConfig, make_config
+    from mcloss.training.loop import train

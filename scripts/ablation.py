@@ -31,7 +31,7 @@ from mcloss.data.io import atomic_path, atomic_write_json, atomic_write_text, lo
 from mcloss.data.synth import DESIGNS
 from mcloss.evaluation.parts import run_parts
 from mcloss.explainability.explanation import explain
-from mcloss.explainability.render import explanation_tiles, montage
+from mcloss.explainability.render import Style, montage, montage_tiles
 
 #: 8 classes, 120 train + 15 test images each; ``--size`` and ``--design`` fill in the rest.
 DATA = {"classes": 8, "per_class": 135, "seed": 0, "test_fraction": 0.111, "object_scale": 1.6}
@@ -105,11 +105,11 @@ def figure(fresh: Path, runs: dict[str, Path], out: Path, count: int = 4) -> Non
         image = load_image(rec.path)
         arr = np.asarray(image)
         row_tiles = []
+        style = Style(tile_height=160, shared_scale=True)  # one scale per group: channel strengths compare
         for key, model in models.items():
-            exp = explain(model, [image], targets=rec.label, gradcam=True)[0]
-            tiles = explanation_tiles(arr, exp, height=160)
-            keep = [t for t in tiles if t[1].startswith("ch ") or t[1].startswith("parts")]
-            row_tiles += [(keep[0][0], f"{key.upper()} {keep[0][1]}")] + keep[1:]
+            exp = explain(model, image, targets=rec.label)
+            tiles = [t for t in montage_tiles(arr, exp, 0, style) if t.slug.startswith("ch") or t.slug == "parts"]
+            row_tiles += [(tiles[0].image, f"{key.upper()} {tiles[0].title}")] + [(t.image, t.title, t.footer) for t in tiles[1:]]
         rows.append(montage([(np.asarray(image.resize((160, 160))), ds.class_names[rec.label])] + row_tiles))
     width = max(r.shape[1] for r in rows)
     padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]

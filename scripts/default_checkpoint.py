@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mcloss.cli.train import main as train_main
 from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
 from mcloss.core.device import cpu_has_native_bf16
 from mcloss.data.cub import CUBDataset
@@ -28,7 +29,6 @@ from mcloss.data.synth import generate_dataset, is_synth_output
 from mcloss.evaluation.classification import evaluate
 from mcloss.evaluation.parts import run_parts, summary_table, write_outputs
 from mcloss.explainability.explanation import explain
-from mcloss.training.loop import main as train_main
 from mcloss.training.run_dir import read_metrics
 
 #: The embedded default's dataset: 12 classes, 300 train + 25 test images each, birds 1.6× the standard size,
@@ -120,7 +120,7 @@ def make_gallery(fresh: Path, out: Path, model, count: int = 24) -> list[dict]:
     """
     ds = CUBDataset(fresh, "test")
     images = [load_image(rec.path) for rec in ds.records]
-    predicted = [e.prediction for e in explain(model, images, targets="pred", gradcam=False)]
+    predicted = [e.prediction for e in explain(model, images, targets="pred", maps=("channels",))]
     by_class: dict[int, list] = {}
     for rec, pred in zip(ds.records, predicted, strict=True):
         if pred == rec.label:

@@ -18,7 +18,8 @@ import numpy as np
 
 import mcloss
 from mcloss.data.cub import CUBDataset
-from mcloss.explainability.explanation import explain, to_original
+from mcloss.explainability.explanation import explain
+from mcloss.explainability.geometry import to_original
 
 
 def part_owner(keypoints: np.ndarray, size: tuple[int, int], radius: float) -> np.ndarray:
@@ -44,7 +45,7 @@ def part_mass(checkpoint: str, data: str, batch: int = 16) -> dict[str, np.ndarr
     sums = {key: np.zeros(regions) for key in ("mass", "peak", "area")}
     for start in range(0, len(ds.records), batch):
         chunk = ds.records[start : start + batch]
-        exps = explain(model, [mcloss.load_image(r.path) for r in chunk], targets=[r.label for r in chunk], gradcam=False)
+        exps = explain(model, [mcloss.load_image(r.path) for r in chunk], targets=[r.label for r in chunk], maps=("channels",))
         for rec, ex in zip(chunk, exps, strict=True):
             size = ex.geometry.original
             owner = part_owner(rec.parts, size, 0.12 * max(size))

@@ -35,7 +35,7 @@ def peak_cell_shares(checkpoint: str, data: str, limit: int | None = None, batch
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         images = [load_image(r.path) for r in chunk]
-        for exp in explain(model, images, targets=[r.label for r in chunk], gradcam=False):
+        for exp in explain(model, images, targets=[r.label for r in chunk], maps=("channels",)):
             group = exp.groups[0]
             hw = exp.feature_hw
             while len(counters) < len(group.peaks_feature):

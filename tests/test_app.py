@@ -24,7 +24,9 @@ import mcloss
 from mcloss.core.transforms import Geometry
 from mcloss.data.io import ImageLoadError
 from mcloss.evaluation import metrics
-from mcloss.explainability import explanation as maps
+from mcloss.explainability import render
+from mcloss.explainability.explanation import Explanation, GroupMaps
+from mcloss.explainability.geometry import channel_peaks
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")
@@ -95,15 +97,15 @@ def env(monkeypatch, checkpoint, gallery_dir):
 
 @pytest.fixture
 def explain_calls(monkeypatch) -> list:
-    """Every call into the model (``mcloss.maps.explain``), with its targets."""
+    """Every call into the model (``mcloss.explain``, as app/view.py calls it), with its targets."""
     calls = []
-    real = maps.explain
+    real = view.explain
 
     def counting(model, images, targets="pred", **kw):
         calls.append(targets)
         return real(model, images, targets, **kw)
 
-    monkeypatch.setattr(maps, "explain", counting)
+    monkeypatch.setattr(view, "explain", counting)
     return calls
 
 
@@ -139,7 +141,7 @@ def test_gallery_sample_renders_with_ground_truth(env, checkpoint, gallery_dir):
     assert not at.error
     model = mcloss.load_checkpoint(checkpoint)
     image = mcloss.load_image(gallery_dir / "bird_0.png")
-    expl = maps.explain(model, [image], [["top2"]])[0]
+    expl = mcloss.explain(model, image, [["top2"]])
     pred = expl.prediction
     group = expl.groups[0]
     assert group.target == pred
@@ -274,16 +276,16 @@ def test_broken_upload_shows_one_error_and_the_app_recovers(env, name):
 
 
 def test_unexpected_failure_is_one_sentence_and_next_input_works(env, monkeypatch):
-    real = view.group_tiles
+    real = render.group_tiles
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nmore detail that must not show")
 
-    monkeypatch.setattr(view, "group_tiles", broken)
+    monkeypatch.setattr(render, "group_tiles", broken)
     at = run_app()
     assert_clean(at)
     assert [e.value for e in at.error] == ["Could not explain bird_0.png: RuntimeError: boom"]
-    monkeypatch.setattr(view, "group_tiles", real)
+    monkeypatch.setattr(render, "group_tiles", real)
     at.run()
     assert not at.error and len(captions(at)) == 7
 
@@ -419,30 +421,14 @@ def test_display_image_downscales_huge_inputs():
 # ------------------------------------------------------------------------------------------ view glue
 
 
-def _explanation(geo: Geometry, channels: np.ndarray) -> maps.Explanation:
-    peaks, values = maps.channel_peaks(channels)
+def _explanation(geo: Geometry, channels: np.ndarray) -> Explanation:
+    peaks, values = channel_peaks(channels)
     fh, fw = channels.shape[1:]
-    gm = maps.GroupMaps(
+    gm = GroupMaps(
         target=0, name="a", channels=channels, ccmp=channels.max(0), peaks_feature=peaks,
         peaks_xy=geo.feature_to_original(peaks, (fh, fw)), peak_values=values,
     )
-    return maps.Explanation(geo.original, geo, (fh, fw), np.array([1.0]), np.array([1.0]), [gm])
-
-
-def test_nearest_upsampling_shows_raw_cells():
-    m = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
-    geo = Geometry(original=(8, 8), resized=(8, 8), crop=(0, 0, 8, 8))
-    expl = _explanation(geo, m[None])
-    out = view.map_to_view(m, expl, (8, 8), nearest=True)
-    np.testing.assert_array_equal(out, np.kron(m, np.ones((4, 4), np.float32)))
-    # bilinear blends neighbouring cells
-    assert len(np.unique(view.map_to_view(m, expl, (8, 8), nearest=False))) > 4
-    # with a crop: outside it is 0, inside the cells land on the cropped part
-    geo = Geometry(original=(12, 8), resized=(12, 8), crop=(2, 0, 8, 8))
-    out = view.map_to_view(m, _explanation(geo, m[None]), (12, 8), nearest=True)
-    expected = np.zeros((8, 12), np.float32)
-    expected[:, 2:10] = np.kron(m, np.ones((4, 4), np.float32))
-    np.testing.assert_array_equal(out, expected)
+    return Explanation(geo.original, geo, (fh, fw), np.array([1.0]), np.array([1.0]), [gm])
 
 
 def test_channel_parts_follow_metrics():
@@ -459,7 +445,7 @@ def test_channel_parts_follow_metrics():
     assert [r.distance for r in rows] == pytest.approx([5.0, 25.0, 45.0])
 
 
-def _expl_with_probs(fc, mc) -> maps.Explanation:
+def _expl_with_probs(fc, mc) -> Explanation:
     geo = Geometry(original=(8, 8), resized=(8, 8), crop=(0, 0, 8, 8))
     e = _explanation(geo, np.ones((3, 2, 2), np.float32))
     e.probs_fc, e.probs_mc = np.array(fc), np.array(mc)
@@ -501,18 +487,20 @@ def test_export_zip_holds_overlays_and_export_outputs(checkpoint):
     model = mcloss.load_checkpoint(checkpoint)
     img, _ = _picture(1)
     image = Image.fromarray(img)
-    expl = maps.explain(model, [image], [["top2"]])[0]
+    expl = mcloss.explain(model, image, [["top2"]])
     groups = expl.groups[1:2]  # the runner-up, as when the user picked it
-    style = view.Style(colormap="viridis")
-    tiles = {groups[0].name: view.group_tiles(img, expl, groups[0], style)}
-    data = view.export_zip("x.png", img, expl, groups, CLASSES, style, tiles, label=2)
+    style = view.style_for("viridis", 0.5, False, True, False)
+    tiles = {groups[0].name: render.group_tiles(img, expl, groups[0], style)}
+    data = view.export_zip("x.png", img, expl, groups, style, tiles, label=2)
     zf = zipfile.ZipFile(io.BytesIO(data))
     names = set(zf.namelist())
     assert {"export/x.png.png", "export/x.png.npz", "export/x.png.json"} <= names
     slug = groups[0].name
     assert {f"overlays/{slug}_ch{i}.png" for i in (1, 2, 3)} | {f"overlays/{slug}_gradcam.png"} <= names
     record = json.loads(zf.read("export/x.png.json"))
-    assert record["target"]["index"] == groups[0].target
+    assert record["file"] == "x.png" and record["target"]["index"] == groups[0].target
+    montage = np.asarray(Image.open(io.BytesIO(zf.read("export/x.png.png"))))
+    np.testing.assert_array_equal(montage, expl.with_groups(groups, label=2).montage(0, style, image=img))
     assert record["label"] == {"index": 2, "name": CLASSES[2]}
     arrays = np.load(io.BytesIO(zf.read("export/x.png.npz")))
     np.testing.assert_array_equal(arrays["channels"], groups[0].channels)
@@ -566,3 +554,38 @@ def test_keypoint_dots_sit_on_the_pixel_containing_the_point():
         assert out.shape == (10 * factor, 12 * factor, 3)
         ys, xs = np.nonzero((out == 20).all(-1))
         assert (round(xs.mean()), round(ys.mean())) == (int(3.2 * factor), int(5.9 * factor))
+
+
+def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, monkeypatch):
+    """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
+    shown: list[np.ndarray] = []
+    real_image = st.delta_generator.DeltaGenerator.image
+
+    def spy(self, image, *args, **kwargs):
+        shown.append(np.asarray(image))
+        return real_image(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(st.delta_generator.DeltaGenerator, "image", spy)
+    at = run_app(colormap="viridis", alpha=0.3, scale="shared group", upsampling="nearest")
+    assert_clean(at)
+    assert not at.error
+    model = mcloss.load_checkpoint(checkpoint)
+    image = mcloss.load_image(gallery_dir / "bird_0.png")
+    expl = mcloss.explain(model, image, [["top2"]])
+    style = view.style_for("viridis", 0.3, True, True, True)
+    want = render.group_tiles(view.display_image(image), expl, expl.groups[0], style)
+    got = shown[-len(want):]  # after the prediction panel's original
+    assert len(shown) == len(want) + 1
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w.image)
+    # and the montage is built from the same tiles: at tile height, each tile sits in it unchanged
+    thumb = render.resize_to_height(view.display_image(image), style.tile_height)
+    tiles = render.montage_tiles(thumb, expl, 0, style)
+    np.testing.assert_array_equal(tiles[1].image, render.group_tiles(thumb, expl, expl.groups[0], style)[0].image)
+    picture = expl.montage(0, style, image=thumb)
+    top = (22 + 6) + 22  # the header strip, then each tile's title strip
+    x = 4
+    for tile in tiles:
+        h, w = tile.image.shape[:2]
+        np.testing.assert_array_equal(picture[top : top + h, x : x + w], tile.image)
+        x += w + 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mcloss.explainability.benchmark import main
+from mcloss.cli.bench import main
 
 
 def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
@@ -21,6 +21,7 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     assert abs(r["ratio"] - want) < 1e-9 and "channel_maps_and_gradcam / pytorch_grad_cam" not in report["ratios"]
     assert "images/s" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(tmp_path / "gone.safetensors"))
     assert main(["--json", "x.json"]) == 2
-    assert "default.safetensors" in capsys.readouterr().err
+    assert "gone.safetensors: checkpoint not found" in capsys.readouterr().err
     assert main(["--backbone", "resnet18", "--json", "x.json", "--paths", "nope"]) == 2

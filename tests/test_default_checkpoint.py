@@ -50,7 +50,7 @@ def test_predicts_the_gallery(model, gallery):
     assert len(samples) >= 20
     assert gallery["class_names"] == model.class_names
     images = [mcloss.load_image(SAMPLES / s["file"]) for s in samples]
-    exps = explain(model, images, targets="pred", gradcam=False)
+    exps = explain(model, images, targets="pred", maps=("channels",))
     predicted = [e.prediction for e in exps]
     assert predicted == [s["label"] for s in samples]
     for s in samples:

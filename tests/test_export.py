@@ -13,22 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_model
 from PIL import Image
 
 import mcloss
 from mcloss.cli import main as cli_main
-from mcloss.explainability.export import collect_inputs, find_cub_label, main, sanitize_component
+from mcloss.cli.export import main
+from mcloss.data.cub import cub_label
+from mcloss.data.files import collect_inputs, sanitize_component
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = mcloss.build_model("resnet18", 4, xi=3, img_size=64, class_names=["ant", "bee", "cat", "dog"])
+    model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
     path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
-    mcloss.save_checkpoint(model.eval(), path)
+    mcloss.save_checkpoint(model, path)
     return path
 
 
@@ -158,20 +159,24 @@ def test_topk_targets_and_extra_maps(tmp_path, checkpoint):
 
 
 def test_label_target_from_cub_layout(tmp_path, checkpoint):
+    """Labels come from the CUB reader: class ids 1, 3, 7, 9 are ranked 0..3 (not id − 1)."""
     root = tmp_path / "cub"
     (root / "images" / "001.Ant").mkdir(parents=True)
-    (root / "images" / "003.Cat").mkdir(parents=True)
+    (root / "images" / "007.Cat").mkdir(parents=True)
     _rgb(50, 40, 1).save(root / "images" / "001.Ant" / "one.jpg")
-    _rgb(50, 40, 2).save(root / "images" / "003.Cat" / "two.jpg")
-    (root / "images.txt").write_text("1 001.Ant/one.jpg\n2 003.Cat/two.jpg\n")
-    (root / "image_class_labels.txt").write_text("1 1\n2 3\n")
-    assert find_cub_label(root / "images" / "003.Cat" / "two.jpg") == 2
-    assert find_cub_label(tmp_path / "elsewhere.jpg") is None
+    _rgb(50, 40, 2).save(root / "images" / "007.Cat" / "two.jpg")
+    (root / "images.txt").write_text("1 001.Ant/one.jpg\n2 007.Cat/two.jpg\n")
+    (root / "classes.txt").write_text("9 009.Dog\n1 001.Ant\n3 003.Bee\n7 007.Cat\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 7\n")
+    (root / "train_test_split.txt").write_text("1 1\n2 0\n")
+    assert cub_label(root / "images" / "007.Cat" / "two.jpg") == 2
+    assert mcloss.CUBDataset(root, "test").records[0].label == 2
+    assert cub_label(tmp_path / "elsewhere.jpg") is None
     out = tmp_path / "out"
     assert main(["--checkpoint", str(checkpoint), "--input", str(root / "images"), "--out", str(out),
                  "--target", "label", "--workers", "0", "--no-progress"]) == 0
     assert json.loads((out / "images" / "001.Ant" / "one.jpg.json").read_text())["target"]["name"] == "ant"
-    rec = json.loads((out / "images" / "003.Cat" / "two.jpg.json").read_text())
+    rec = json.loads((out / "images" / "007.Cat" / "two.jpg.json").read_text())
     assert rec["target"]["name"] == "cat" and rec["label"] == {"index": 2, "name": "cat"}
     stray = tmp_path / "stray.jpg"
     _rgb(30, 30).save(stray)
@@ -207,9 +212,10 @@ def test_names_stay_inside_out_and_do_not_collide(tmp_path, checkpoint, monkeypa
 def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _rgb(30, 20).save(tmp_path / "i.png")
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(tmp_path / "gone.safetensors"))
     assert cli_main(["export", "--input", "i.png", "--out", "o"]) == 2
     err = capsys.readouterr().err
-    assert "checkpoints/default.safetensors" in err and "not found" in err
+    assert err.startswith("mcloss export: error: ") and "gone.safetensors: checkpoint not found" in err
     base = ["export", "--checkpoint", str(checkpoint), "--input", "i.png", "--out", "o", "--workers", "0"]
     assert cli_main([*base, "--maps", "channels,xray"]) == 2
     assert "xray" in capsys.readouterr().err
@@ -252,3 +258,15 @@ def test_kill_and_rerun_ends_complete(tmp_path, checkpoint):
     for i in range(n):
         _check_image_outputs(out / "in" / f"img{i:02d}.png", (60 + i, 50))
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_default_checkpoint_resolves_from_any_directory(tmp_path, monkeypatch):
+    """Without MCLOSS_CHECKPOINT the project's own copy is used, wherever the command runs."""
+    monkeypatch.delenv("MCLOSS_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    default = mcloss.default_checkpoint()
+    assert default == REPO / "checkpoints" / "default.safetensors" and default.is_file()
+    _rgb(40, 30).save(tmp_path / "i.png")
+    assert main(["--input", "i.png", "--out", "o", "--workers", "0", "--no-progress", "--tile-height", "64"]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["checkpoint"]["path"] == str(default.resolve())

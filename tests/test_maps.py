@@ -1,20 +1,27 @@
-"""Channel maps: slices of F from one pass, targets, peaks and the mapping back onto the original image."""
+"""Channel maps: slices of F from one pass, targets, peaks, the mapping back onto the original image, and
+the Explanation object (class names, drawing, saving)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import hooks_left, tiny_model
 from PIL import Image
+from torch import nn
 
 import mcloss
+from mcloss import explain
+from mcloss.core.model import FCHead, MCModel
 from mcloss.core.transforms import EvalTransform, Geometry
-from mcloss.explainability.explanation import channel_peaks, crop_mask, explain, resolve_targets, to_original
+from mcloss.explainability.explanation import PreparedImage, explain_tensor, parse_maps
+from mcloss.explainability.geometry import channel_peaks, crop_mask, to_original
+from mcloss.explainability.render import Style
+from mcloss.explainability.targets import check_target, resolve_targets
 
 
 def _model(classes: int = 5, transform: EvalTransform | None = None) -> mcloss.MCModel:
-    torch.manual_seed(0)
-    return mcloss.build_model("resnet18", classes, xi=3, img_size=64, transform=transform).eval()
+    return tiny_model(classes, transform=transform)
 
 
 def _image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -25,7 +32,7 @@ def _image(w: int, h: int, seed: int = 0) -> Image.Image:
 def test_channel_maps_are_slices_of_forward_features_and_heads_match():
     model = _model()
     images = [_image(64, 64, 1), _image(64, 64, 2)]
-    ex = explain(model, images, ["pred", "top3"], gradcam=False)
+    ex = explain(model, images, ["pred", "top3"], maps=("channels",))
     x = torch.stack([model.transform(img) for img in images])
     with torch.no_grad():
         f = model.forward_features(x)
@@ -51,8 +58,116 @@ def test_one_forward_pass_and_no_hooks(monkeypatch):
     calls = []
     original = model.forward_features
     monkeypatch.setattr(model, "forward_features", lambda x: calls.append(x.shape[0]) or original(x))
-    explain(model, [_image(64, 64, i) for i in range(3)], "top2", gradcam=True, channel_gradcam=True)
+    ex = explain(model, [_image(64, 64, i) for i in range(3)], "top2", maps=("channels", "gradcam", "channel_gradcam"))
     assert calls == [3]
+    assert all(g.gradcam is not None and g.channel_gradcam is not None for e in ex for g in e.groups)
+    assert hooks_left(model) == 0
+    calls.clear()
+    explain(model, [_image(64, 64, i) for i in range(5)], "pred", batch_size=2)
+    assert calls == [2, 2, 1]
+
+
+def test_map_kinds_follow_the_cli_vocabulary():
+    assert parse_maps("gradcam, channels") == ("channels", "gradcam")
+    assert parse_maps(["guided"]) == ("channels", "guided")
+    with pytest.raises(ValueError, match="unknown xray"):
+        parse_maps("channels,xray")
+    model = _model()
+    (e,) = explain(model, [_image(64, 64)], "pred", maps="channels,channel_gradcam")
+    assert e.groups[0].gradcam is None and e.groups[0].channel_gradcam.shape == e.groups[0].channels.shape
+
+
+def _hand_set_model() -> MCModel:
+    """F = ReLU(conv1x1(x)) with F_k = ReLU((k + 1) · x_{k mod 3}): two classes of ξ = 3 channels."""
+    conv = nn.Conv2d(3, 6, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for k in range(6):
+            conv.weight[k, k % 3] = k + 1
+    features = nn.Sequential(conv, nn.ReLU())
+    tf = EvalTransform((2, 2))
+    config = {"backbone": "hand-set", "num_classes": 2, "xi": 3, "groups": [3, 3], "img_size": 2}
+    return MCModel(features, FCHead(6, 2, (1, 1)), [3, 3], ["left", "right"], tf, config).eval()
+
+
+def test_hand_set_model_gives_exact_ccmp_maps_and_mc_logits():
+    model = _hand_set_model()
+    x = torch.tensor([[[1.0, -1.0], [0.0, 2.0]], [[0.0, 3.0], [-2.0, 1.0]], [[2.0, 0.0], [1.0, -1.0]]])[None]
+    geo = Geometry((2, 2), (2, 2), (0, 0, 2, 2))
+    (e,) = explain_tensor(model, x, [geo], [[0, 1]])
+    left, right = e.groups
+    # class 0: F0 = ReLU(x0), F1 = ReLU(2·x1), F2 = ReLU(3·x2)
+    np.testing.assert_array_equal(left.channels, [[[1, 0], [0, 2]], [[0, 6], [0, 2]], [[6, 0], [3, 0]]])
+    np.testing.assert_array_equal(left.ccmp, [[6, 6], [3, 2]])
+    # class 1: F3 = ReLU(4·x0), F4 = ReLU(5·x1), F5 = ReLU(6·x2)
+    np.testing.assert_array_equal(right.ccmp, [[12, 15], [6, 8]])
+    assert left.peaks_feature.tolist() == [[1, 1], [1, 0], [0, 0]] and left.peak_values.tolist() == [2, 6, 6]
+    # MC logits = spatial mean of CCMP: 17/4 and 41/4; their softmax is the MC head's probabilities
+    logits = model.mc_logits(model.forward_features(x)).detach()
+    np.testing.assert_allclose(logits.numpy(), [[4.25, 10.25]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(e.probs_mc, [1 / (1 + np.exp(6.0)), 1 / (1 + np.exp(-6.0))], rtol=1e-6)
+    assert e.prediction_mc == 1 and e.class_names == ("left", "right")
+    # peaks in original pixels: cell centres
+    np.testing.assert_allclose(left.peaks_xy, [[1.5, 1.5], [1.5, 0.5], [0.5, 0.5]])
+
+
+def test_explanation_carries_names_draws_and_saves_itself(tmp_path):
+    model = _model()
+    path = tmp_path / "bird.png"
+    _image(90, 60, 3).save(path)
+    e = explain(model, path, "top2", maps=("channels", "gradcam", "channel_gradcam", "guided"))
+    assert isinstance(e, mcloss.Explanation) and e.source == str(path)
+    assert e.class_names == tuple(model.class_names) and e.class_name(e.prediction) == model.class_names[e.prediction]
+    assert e.view.shape == (60, 90, 3)
+    style = Style(colormap="viridis", alpha=0.4)
+    for kind in ("channel", "ccmp", "gradcam", "channel_gradcam", "guided"):
+        assert e.overlay(kind, channel=1, style=style).shape == (60, 90, 3)
+    np.testing.assert_array_equal(e.overlay("ccmp", style=style), e.tiles(0, style)[3].image)
+    np.testing.assert_array_equal(e.overlay("channel", channel=2, style=style), e.tiles(0, style)[2].image)
+    assert e.overlay("ccmp", style=Style(alpha=0.0)).tolist() == e.view.tolist()  # alpha 0: the image only
+    with pytest.raises(IndexError):
+        e.overlay("channel", channel=3)
+    pic = e.montage(1, style)
+    assert pic.dtype == np.uint8 and pic.shape[0] > style.tile_height
+    record = e.save(tmp_path / "out" / "bird.png", style)
+    assert record["file"] == str(path) and record["outputs"] == ["bird.png.png", "bird.png.r2.png", "bird.png.npz", "bird.png.json"]
+    assert [t["name"] for t in record["targets"]] == [g.name for g in e.groups]
+    assert all((tmp_path / "out" / name).is_file() for name in record["outputs"])
+    bare = explain_tensor(model, model.transform(_image(64, 64))[None], [model.transform.geometry(64, 64)])[0]
+    with pytest.raises(ValueError, match="pass image="):
+        bare.montage()
+    assert bare.montage(image=np.zeros((64, 64, 3), np.uint8)).shape[1] > 64
+
+
+def test_prepared_images_and_paths_share_one_pass(tmp_path, monkeypatch):
+    model = _model()
+    img = _image(64, 64, 4)
+    img.save(tmp_path / "a.png")
+    geo = model.transform.geometry(64, 64)
+    prepared = PreparedImage(model.transform.apply(img, geo), geo, None, "mem")
+    calls = []
+    original = model.forward_features
+    monkeypatch.setattr(model, "forward_features", lambda x: calls.append(x.shape[0]) or original(x))
+    a, b, c = explain(model, [img, tmp_path / "a.png", prepared], "pred")
+    assert calls == [3]
+    np.testing.assert_array_equal(a.groups[0].channels, b.groups[0].channels)
+    np.testing.assert_array_equal(a.groups[0].channels, c.groups[0].channels)
+    assert (a.source, b.source, c.source) == (None, str(tmp_path / "a.png"), "mem") and c.view is None
+    with pytest.raises(mcloss.ImageLoadError, match="missing.png: file not found"):
+        explain(model, tmp_path / "missing.png")
+
+
+def test_check_target_validates_before_any_work():
+    model = _model()
+    assert check_target(model, "PRED") == "pred" and check_target(model, "top3") == "top3"
+    assert check_target(model, "class_002") == 2 and check_target(model, "4") == 4
+    with pytest.raises(KeyError):
+        check_target(model, "sparrow")
+    with pytest.raises(IndexError):
+        check_target(model, "9")
+    with pytest.raises(ValueError, match="k must be"):
+        check_target(model, "top9")
 
 
 def test_targets_by_index_name_label_and_errors():
@@ -125,7 +240,7 @@ def test_planted_peak_maps_back_through_resize_and_crop(monkeypatch):
 @pytest.mark.parametrize("size", [(64, 64), (90, 50), (40, 120)])
 def test_any_aspect_ratio(size):
     model = _model()
-    (e,) = explain(model, [_image(*size)], "pred", gradcam=True)
+    (e,) = explain(model, [_image(*size)], "pred")
     g = e.groups[0]
     assert e.image_size == size
     assert to_original(g.ccmp, e.geometry).shape == (size[1], size[0])
@@ -139,3 +254,20 @@ def test_images_of_different_input_shapes_keep_order():
     ex = explain(model, images, "pred")
     assert [e.image_size for e in ex] == [(64, 96), (64, 64), (96, 64)]
     assert [e.feature_hw for e in ex] == [(6, 4), (4, 4), (4, 6)]
+
+
+def test_nearest_upsampling_shows_raw_cells():
+    m = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    geo = Geometry(original=(8, 8), resized=(8, 8), crop=(0, 0, 8, 8))
+    out = to_original(m, geo, (8, 8), interpolation="nearest")
+    np.testing.assert_array_equal(out, np.kron(m, np.ones((4, 4), np.float32)))
+    # bilinear blends neighbouring cells
+    assert len(np.unique(to_original(m, geo, (8, 8)))) > 4
+    # with a crop: outside it is 0, inside the cells land on the cropped part
+    geo = Geometry(original=(12, 8), resized=(12, 8), crop=(2, 0, 8, 8))
+    out = to_original(m, geo, (12, 8), interpolation="nearest")
+    expected = np.zeros((8, 12), np.float32)
+    expected[:, 2:10] = np.kron(m, np.ones((4, 4), np.float32))
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="interpolation"):
+        to_original(m, geo, interpolation="cubic")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mcloss.cli.parts import main as parts_main
 from mcloss.core.checkpoint import save_checkpoint
 from mcloss.core.loss import ccmp
 from mcloss.core.model import MCModel, build_model
@@ -128,7 +129,7 @@ def test_planted_peaks_land_exactly_on_keypoints(tmp_path):
     model = planted_model([["red", "green", "blue"], ["white"] * 3])
     rec = ds.records[0]
     img = Image.open(rec.path).convert("RGB")
-    ex = explain(model, [img], [0], gradcam=True)[0]
+    ex = explain(model, [img], [0], maps=("channels", "gradcam"))[0]
     np.testing.assert_allclose(ex.groups[0].peaks_xy, rec.parts[:, :2])
 
 
@@ -327,7 +328,7 @@ def test_cli_writes_every_output(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--steps", "4",
             "--device", "cpu", "--seed", "5"]  # fmt: skip
-    assert P.main(argv) == 0
+    assert parts_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| channels (CCMP) |" in printed and "| random |" in printed and "top-1 FC head" in printed
     for name in P.OUTPUT_FILES:
@@ -350,7 +351,7 @@ def test_cli_writes_every_output(tmp_path, tiny_checkpoint, capsys):
     assert Image.open(out / "channel_part_matrix.png").size[0] > 100
     # a second run into the same directory is refused unless asked, and leaves the first intact
     before = (out / "summary.json").read_bytes()
-    assert P.main(argv) == 2
+    assert parts_main(argv) == 2
     assert "already holds a parts run" in capsys.readouterr().err
     assert (out / "summary.json").read_bytes() == before
 
@@ -359,16 +360,16 @@ def test_cli_bad_inputs_fail_with_one_line(tmp_path, tiny_checkpoint, capsys):
     root = write_cub(tmp_path / "cub", part_layouts(1), [0], ["class_0", "class_1"])
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
-    assert P.main(["--checkpoint", str(bad), "--data", str(root), "--out", str(tmp_path / "o1")]) == 2
+    assert parts_main(["--checkpoint", str(bad), "--data", str(root), "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and len(err.splitlines()) == 1
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope" in err and len(err.splitlines()) == 1
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--radius", "0", "--out", str(tmp_path / "o4")]) == 2
-    assert capsys.readouterr().err.strip() == "mcloss parts: radius must be > 0, got 0.0"
+    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--radius", "0", "--out", str(tmp_path / "o4")]) == 2
+    assert capsys.readouterr().err.strip() == "mcloss parts: error: radius must be > 0, got 0.0"
     other = write_cub(tmp_path / "other", part_layouts(1), [0], ["sparrow", "finch"])
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(other), "--out", str(tmp_path / "o3")]) == 2
+    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(other), "--out", str(tmp_path / "o3")]) == 2
     assert "do not match" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "summary.json").exists()
 
@@ -378,8 +379,27 @@ def test_cli_skips_a_corrupt_image(tmp_path, tiny_checkpoint, capsys):
     victim = sorted((root / "images").rglob("*.png"))[0]
     victim.write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--no-faithfulness"]) == 0
+    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--no-faithfulness"]) == 0
     assert victim.name in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 1 and summary["skipped_images"][0]["path"].endswith(victim.name)
     assert summary["methods"]["channels"]["deletion_auc"] is None
+
+
+# ----------------------------------------------------------------------------------- shared encoders
+
+
+def test_csv_text_writes_empty_cells_for_missing_and_nan():
+    from mcloss.data.io import csv_text
+
+    rows = [{"a": 1, "b": 0.123456789, "c": float("nan")}, {"a": None, "c": "x,y"}]
+    assert csv_text(("a", "b", "c"), rows) == 'a,b,c\n1,0.123457,\n,,"x,y"\n'
+    assert csv_text(["t", "v"], [(1, float("nan")), (2, 0.5)], float_format=".8g", nan="nan") == "t,v\n1,nan\n2,0.5\n"
+
+
+def test_json_safe_gives_strict_json():
+    from mcloss.data.io import json_safe
+
+    value = json_safe({"x": np.float32(1.5), "n": float("nan"), "t": (np.int64(2), [np.nan]), "a": np.arange(2), "p": Path("q")})
+    assert value == {"x": 1.5, "n": None, "t": [2, [None]], "a": [0, 1], "p": "q"}
+    assert json.loads(json.dumps(value, allow_nan=False)) == value

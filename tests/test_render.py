@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_model
 from PIL import Image
 
 import mcloss
+from mcloss import explain
 from mcloss.explainability import render
-from mcloss.explainability.explanation import explain
 
 
 @pytest.fixture(scope="module")
 def model() -> mcloss.MCModel:
-    torch.manual_seed(0)
-    return mcloss.build_model("resnet18", 4, xi=3, img_size=64).eval()
+    return tiny_model(4)
 
 
 def _rgb(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -75,17 +74,47 @@ def test_part_composite_colours_each_channel_region():
 
 def test_montage_and_tiles_have_consistent_height(model):
     img = _rgb(90, 50)
-    (e,) = explain(model, [Image.fromarray(img)], "top2", guided=True)
+    e = explain(model, Image.fromarray(img), "top2", maps="channels,gradcam,guided")
+    style = render.Style(tile_height=60)
     for group in (0, 1):
-        tiles = render.explanation_tiles(img, e, group, height=60)
+        tiles = render.montage_tiles(img, e, group, style)
         # original, 3 channels, CCMP, parts, Grad-CAM, guided
-        assert len(tiles) == 8
-        assert all(t[0].shape == (60, 108, 3) and t[0].dtype == np.uint8 for t in tiles)
-        out = render.explanation_montage(img, e, group, class_names=model.class_names, height=60)
+        assert [t.slug for t in tiles] == ["original", "ch1", "ch2", "ch3", "ccmp", "parts", "gradcam", "guided_gradcam"]
+        assert all(t.image.shape == (60, 108, 3) and t.image.dtype == np.uint8 for t in tiles)
+        assert tiles[5].footer is not None and tiles[5].footer.shape[1] == 108
+        out = e.montage(group, style)
         assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
         assert out.shape[1] == 8 * 108 + 7 * 4 + 2 * 4
-    tall = render.explanation_montage(_rgb(30, 80), explain(model, [Image.fromarray(_rgb(30, 80))])[0], height=64)
+    tall = explain(model, Image.fromarray(_rgb(30, 80))).montage(style=render.Style(tile_height=64))
     assert tall.dtype == np.uint8 and tall.shape[1] == 7 * 24 + 6 * 4 + 2 * 4  # 7 tiles, 24 px wide
+
+
+def test_style_is_checked_and_drives_every_tile(model):
+    for bad in ({"alpha": 1.5}, {"interpolation": "cubic"}, {"contour": 0.0}, {"tile_height": 0}, {"colormap": "nope"}):
+        with pytest.raises(ValueError):
+            render.Style(**bad)
+    img = _rgb(64, 64)
+    e = explain(model, Image.fromarray(img), "pred", maps="channels,gradcam,channel_gradcam")
+    g = e.groups[0]
+    # alpha 0 means the image only, for every map kind
+    blank = render.Style(alpha=0.0, peaks=False)
+    for tile in render.group_tiles(img, e, g, blank):
+        if tile.slug != "parts":
+            np.testing.assert_array_equal(tile.image[5:], img[5:])  # under the channel colour bar
+    # channels carry their composite colour in a bar on top
+    colors = render.part_colors(3)
+    tiles = render.group_tiles(img, e, g, render.Style())
+    for i in range(3):
+        assert (tiles[i].image[:5] == colors[i]).all()
+    # a shared scale dims the weaker channels; per-map scaling does not
+    shared = render.group_tiles(img, e, g, render.Style(shared_scale=True, peaks=False))
+    own = render.group_tiles(img, e, g, render.Style(shared_scale=False, peaks=False))
+    weakest = int(np.argmin(g.channels.max(axis=(1, 2))))
+    assert shared[weakest].image.astype(int).sum() != own[weakest].image.astype(int).sum()
+    assert [t.slug for t in render.channel_gradcam_tiles(img, e, g, render.Style())] == ["gradcam_ch1", "gradcam_ch2", "gradcam_ch3"]
+    # nearest upsampling shows blocks of feature cells: few distinct values per row
+    near = render.map_overlay(img, e, g, "ccmp", 0, render.Style(interpolation="nearest", alpha=1.0))
+    assert len(np.unique(near[32].reshape(-1, 3), axis=0)) <= e.feature_hw[1]
 
 
 def test_montage_generic_and_figure(model):
@@ -95,10 +124,14 @@ def test_montage_generic_and_figure(model):
     with pytest.raises(ValueError):
         render.montage([])
     img = _rgb(50, 70)
-    (e,) = explain(model, [Image.fromarray(img)], "pred")
-    arr = render.figure_to_array(render.explanation_figure(img, e, class_names=model.class_names, height=80))
-    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and arr.shape[0] > 80
-    bar = render.colorbar("viridis", width=50, height=6)
-    assert bar.shape == (6, 50, 3) and (bar[0, 0] == render.colormap_lut("viridis")[0]).all()
+    e = explain(model, Image.fromarray(img), "pred")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(e.figure(style=render.Style(tile_height=80)))
+    canvas.draw()
+    arr = np.asarray(canvas.buffer_rgba())[..., :3]
+    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[0] > 80
     legend = render.composite_legend(render.part_colors(3), ["a", "b", "c"], width=60)
     assert legend.shape == (54, 60, 3) and legend.dtype == np.uint8
+    assert render.fit_view(_rgb(3000, 1000), 1024).shape == (341, 1024, 3)
+    assert render.fit_view(_rgb(300, 100), 1024).shape == (100, 300, 3)

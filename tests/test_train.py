@@ -18,24 +18,20 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-import mcloss.training.loop as train_mod
+import mcloss.cli.train as train_cli
+import mcloss.training.loop as loop_mod
+import mcloss.training.setup as setup_mod
+import mcloss.training.writer as writer_mod
 from mcloss.cli import main as cli_main
 from mcloss.core.checkpoint import load_checkpoint, read_metadata
+from mcloss.core.loss import MCLoss
 from mcloss.core.model import build_model
 from mcloss.data.synth import generate_dataset
 from mcloss.evaluation.classification import evaluate
-from mcloss.training.loop import (
-    RECIPES,
-    TrainError,
-    _milestones,
-    _param_groups,
-    _pretrained_parameter_names,
-    config_for_resume,
-    div_warmup_factor,
-    make_config,
-    train,
-)
-from mcloss.training.run_dir import METRIC_COLUMNS, load_resume_state, read_metrics
+from mcloss.training.config import RECIPES, TrainError, config_for_resume, make_config
+from mcloss.training.loop import div_warmup_factor, train
+from mcloss.training.run_dir import METRIC_COLUMNS, load_resume_state, read_metrics, save_resume_state
+from mcloss.training.setup import milestones, param_groups, pretrained_parameter_names
 
 CLASSES, PER_CLASS, SIZE, SYNTH_SEED = 3, 6, 32, 0
 TINY = {"backbone": "resnet18", "xi": 2, "batch_size": 4, "img_size": 32, "lr": 0.01, "workers": 0, "device": "cpu", "seed": 1}
@@ -190,14 +186,14 @@ def test_resume_of_a_finished_run_does_nothing(finished_run, tmp_path, capsys):
 
 def test_ctrl_c_keeps_the_last_completed_epoch(synth_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    original = train_mod._Run._train_epoch
+    original = loop_mod.train_one_epoch
 
-    def interrupted_in_epoch_2(self, epoch):
+    def interrupted_in_epoch_2(*args, epoch, **kwargs):
         if epoch == 2:
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(*args, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(train_mod._Run, "_train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(loop_mod, "train_one_epoch", interrupted_in_epoch_2)
     rc = cli_main(["train", "--data", str(synth_data), "--epochs", "3", "--out", str(out), *TINY_ARGS])
     assert rc == 130
     err = capsys.readouterr().err
@@ -207,7 +203,7 @@ def test_ctrl_c_keeps_the_last_completed_epoch(synth_data, tmp_path, monkeypatch
     assert read_metadata(out / "last.safetensors")["card"]["epoch"] == 1
     assert _temp_files(out) == []
 
-    monkeypatch.setattr(train_mod._Run, "_train_epoch", original)
+    monkeypatch.setattr(loop_mod, "train_one_epoch", original)
     assert cli_main(["train", "--out", str(out), "--resume"]) == 0
     assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
 
@@ -226,7 +222,7 @@ def test_ctrl_c_before_the_first_epoch_leaves_nothing(synth_data, tmp_path, caps
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_while_saving_is_deferred_until_the_epoch_is_written(synth_data, tmp_path, monkeypatch, signum):
     out = tmp_path / "run"
-    real_save = train_mod.save_checkpoint
+    real_save = writer_mod.save_checkpoint
     sent = []
 
     def save_and_get_signalled(model, path, **kwargs):
@@ -235,7 +231,7 @@ def test_signal_while_saving_is_deferred_until_the_epoch_is_written(synth_data, 
             os.kill(os.getpid(), signum)  # arrives in the middle of writing epoch 2
         real_save(model, path, **kwargs)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_and_get_signalled)
+    monkeypatch.setattr(writer_mod, "save_checkpoint", save_and_get_signalled)
     summary = train(make_config(data=str(synth_data), out=str(out), epochs=3, **TINY))
     assert sent and summary["status"] == "interrupted" and summary["epochs_completed"] == 2
     assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1, 2]
@@ -267,7 +263,7 @@ def test_official_recipes():
     scratch = make_config(data="d", out="o", backbone="vgg16")
     assert (scratch.lr, scratch.momentum, scratch.weight_decay, scratch.batch_size) == (0.1, 0.9, 5e-4, 32)
     assert (scratch.alpha, scratch.beta, scratch.xi, scratch.normalization, scratch.schedule) == (1.5, 20.0, 3, "half", "step")
-    assert _milestones(300) == [150, 225] and _milestones(4) == [2, 3] and _milestones(100) == [50, 75]
+    assert milestones(300) == [150, 225] and milestones(4) == [2, 3] and milestones(100) == [50, 75]
     pre = make_config("official-pretrained", data="d", out="o")
     assert (pre.backbone, pre.pretrained, pre.xi, pre.img_size, pre.batch_size) == ("resnet50", "IMAGENET1K_V1", None, 448, 64)
     assert (pre.lr, pre.backbone_lr_factor, pre.schedule, pre.normalization) == (0.05, 0.1, "cosine", "imagenet")
@@ -286,8 +282,8 @@ def test_cli_picks_the_pretrained_recipe_with_pretrained_weights(tmp_path, monke
         seen["config"] = config
         return {"status": "complete", "rank": 0, "best_epoch": 0}
 
-    monkeypatch.setattr(train_mod, "train", fake_train)
-    assert train_mod.main(["--data", "d", "--out", str(tmp_path / "o"), "--pretrained", "IMAGENET1K_V1", "--epochs", "7"]) == 0
+    monkeypatch.setattr(train_cli, "train", fake_train)
+    assert train_cli.main(["--data", "d", "--out", str(tmp_path / "o"), "--pretrained", "IMAGENET1K_V1", "--epochs", "7"]) == 0
     config = seen["config"]
     assert (config.recipe, config.backbone, config.xi, config.epochs, config.lr) == ("official-pretrained", "resnet50", None, 7, 0.05)
 
@@ -312,35 +308,35 @@ def test_div_warmup_factor():
 
 def test_div_warmup_ramps_beta_per_step_and_is_recorded(synth_data, tmp_path, monkeypatch):
     betas: list[float] = []
-    forward = train_mod.MCLoss.forward
+    forward = MCLoss.forward
 
     def spy(self, *args, **kwargs):
         betas.append(self.beta)
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod.MCLoss, "forward", spy)
+    monkeypatch.setattr(MCLoss, "forward", spy)
     out = tmp_path / "warm"
-    assert train_mod.main(["--data", str(synth_data), "--out", str(out), "--epochs", "2", "--div-warmup", "2", *TINY_ARGS]) == 0
+    assert train_cli.main(["--data", str(synth_data), "--out", str(out), "--epochs", "2", "--div-warmup", "2", *TINY_ARGS]) == 0
     steps = len(betas) // 2
     expected = [20.0 * i / (2 * steps) for i in range(2 * steps)]
     assert betas == pytest.approx(expected)
     card = read_metadata(out / "last.safetensors")["card"]
     assert (card["beta"], card["div_warmup"]) == (20.0, 2.0)
-    assert train_mod.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--div-warmup", "-1", *TINY_ARGS]) == 2
+    assert train_cli.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--div-warmup", "-1", *TINY_ARGS]) == 2
 
 
 def test_cpu_bf16_autocasts_the_training_step_only_and_is_recorded(synth_data, tmp_path, monkeypatch):
     dtypes: list[tuple[torch.dtype, torch.dtype]] = []
-    forward = train_mod.MCLoss.forward
+    forward = MCLoss.forward
 
     def spy(self, logits, features, targets, **kwargs):
         dtypes.append((features.dtype, logits.dtype))
         return forward(self, logits, features, targets, **kwargs)
 
-    monkeypatch.setattr(train_mod.MCLoss, "forward", spy)
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(MCLoss, "forward", spy)
+    monkeypatch.setattr(setup_mod, "cpu_has_native_bf16", lambda: True)
     out = tmp_path / "bf16"
-    assert train_mod.main(["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--cpu-bf16", *TINY_ARGS]) == 0
+    assert train_cli.main(["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--cpu-bf16", *TINY_ARGS]) == 0
     # the backbone ran in bf16; the loss gets float logits (the FC head's output is cast back)
     assert dtypes and all(f == torch.bfloat16 and lg == torch.float32 for f, lg in dtypes)
     saved = json.loads((out / "config.json").read_text())["config"]
@@ -349,18 +345,18 @@ def test_cpu_bf16_autocasts_the_training_step_only_and_is_recorded(synth_data, t
     assert math.isfinite(row["train_loss"]) and 0.0 <= row["test_acc_fc"] <= 1.0
     # precision is a resumable setting: the run continues in fp32 when asked
     dtypes.clear()
-    assert train_mod.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert train_cli.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
     assert dtypes and dtypes[0][0] == torch.bfloat16
     dtypes.clear()
-    assert train_mod.main(["--out", str(out), "--resume", "--epochs", "3", "--no-cpu-bf16"]) == 0
+    assert train_cli.main(["--out", str(out), "--resume", "--epochs", "3", "--no-cpu-bf16"]) == 0
     assert dtypes and all(f == torch.float32 for f, _ in dtypes)
 
 
 def test_cpu_bf16_warns_where_bf16_is_emulated(synth_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(setup_mod, "cpu_has_native_bf16", lambda: False)
     out = tmp_path / "slow"
     args = ["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--limit-batches", "1", "--cpu-bf16", *TINY_ARGS]
-    assert train_mod.main(args) == 0
+    assert train_cli.main(args) == 0
     assert "bf16 is emulated and slower than fp32" in capsys.readouterr().err
 
 
@@ -370,16 +366,16 @@ def test_pretrained_backbone_gets_a_tenth_of_the_lr(tmp_path):
     save_file({k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}, str(weights))
 
     native = build_model("resnet18", 4, xi=None, img_size=32, pretrained=str(weights))
-    names = _pretrained_parameter_names(native, "resnet18", str(weights))
+    names = pretrained_parameter_names(native, "resnet18", str(weights))
     assert names == {f"features.{n}" for n, _ in native.features.named_parameters()}
 
     widened = build_model("resnet18", 4, xi=2, img_size=32, pretrained=str(weights))
-    names = _pretrained_parameter_names(widened, "resnet18", str(weights))
+    names = pretrained_parameter_names(widened, "resnet18", str(weights))
     trunk = {f"features.{n}" for n, _ in widened.features.named_parameters()}
     assert names == {n for n in trunk if not n.startswith("features.7.")}  # layer4 is new (widened to K)
 
     config = make_config("official-pretrained", data="d", out="o", backbone="resnet18", pretrained=str(weights), xi=2)
-    groups = _param_groups(widened, config, names)
+    groups = param_groups(widened, config, names)
     assert [g["name"] for g in groups] == ["head", "backbone"]
     assert groups[0]["lr"] == 0.05 and groups[1]["lr"] == pytest.approx(0.005)
     assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in widened.named_parameters() if n in names}
@@ -440,7 +436,7 @@ def test_resume_refuses_mismatched_or_unsafe_state(finished_run, tmp_path, capsy
     state = load_resume_state(out / "resume.pt")
     state["epoch"] = 1
     del state["format"]
-    train_mod.save_resume_state(out / "resume.pt", state)
+    save_resume_state(out / "resume.pt", state)
     assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
     assert "is from epoch 2 but resume.pt from epoch 1" in capsys.readouterr().err
 
@@ -484,11 +480,14 @@ def test_eval_cli_refuses_bad_checkpoints_and_other_datasets(finished_run, synth
 # ------------------------------------------------------------------------------------------------- DDP
 
 DDP_SCRIPT = """
-import json, os, sys
+import json, logging, os, sys
 import torch
 import torchvision
 from safetensors.torch import save_file
-from mcloss.training.loop import make_config, train
+from mcloss.training.config import make_config
+from mcloss.training.loop import train
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # show the run's progress lines
 
 out, data, dump = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])

@@ -1,5 +1,78 @@
-"""``mcloss bench`` (moving here from mcloss.explainability.benchmark)."""
+"""``mcloss bench``: throughput of the explainability paths, as ratios measured in one run."""
 
-from mcloss.explainability.benchmark import main
+from __future__ import annotations
 
-__all__ = ["main"]
+import argparse
+import platform
+from collections.abc import Sequence
+
+import torch
+
+from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.device import resolve_device
+from mcloss.core.model import build_model
+from mcloss.core.provenance import versions
+from mcloss.data.io import atomic_write_json
+from mcloss.explainability.benchmark import PATHS, format_table, run_benchmark
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcloss bench", description="Throughput of the explainability paths.")
+    add_checkpoint(p)
+    p.add_argument("--backbone", default=None, help="benchmark a randomly initialized model instead")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=30)
+    p.add_argument("--xi", type=int, default=3)
+    add_device(p, default="cpu")
+    p.add_argument("--json", required=True, help="write the report here")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--paths", default=",".join(PATHS), help="comma list of paths to time")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON report; 2 on a usage error."""
+    return run("bench", build_parser(), argv, _bench, errors=(ValueError, RuntimeError, OSError))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise ValueError(f"--paths: unknown {', '.join(unknown)} (choose from {', '.join(PATHS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.checkpoint and args.backbone:
+        raise ValueError("give --checkpoint or --backbone, not both")
+    if args.backbone:
+        torch.manual_seed(0)
+        model = build_model(args.backbone, args.classes, xi=args.xi, img_size=args.img_size)
+        source = f"{args.backbone} random init, {args.classes} classes, xi={args.xi}, {args.img_size} px"
+    else:
+        ckpt = checkpoint_path(args.checkpoint)
+        model = load_checkpoint(ckpt)
+        source = str(ckpt)
+    report = run_benchmark(model, device, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, paths=paths)
+    report["setup"] = {
+        "model": source,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "bf16": device.type == "cuda",
+        "versions": versions(),
+    }
+    print(f"{source} on {device} ({report['setup']['device_name']}), batch {args.batch_size}, median of {args.repeats}")
+    print(format_table(report))
+    atomic_write_json(args.json, report)
+    return 0

@@ -1,5 +1,75 @@
-"""``mcloss eval`` (moving here from mcloss.evaluation.classification)."""
+"""``mcloss eval``: top-1/top-5 of both heads (FC and MC) of a checkpoint on a test split."""
 
-from mcloss.evaluation.classification import main
+from __future__ import annotations
 
-__all__ = ["main"]
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.device import resolve_device
+from mcloss.data.datasets import DATASET_KINDS, build_datasets, class_mismatch
+from mcloss.data.io import atomic_write_json
+from mcloss.evaluation.classification import evaluate, format_report
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcloss eval", description="Top-1/top-5 of both heads (FC and MC) on a test split.")
+    add_checkpoint(p, required=True)
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--dataset", default="auto", choices=list(DATASET_KINDS), help="dataset layout")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets that support it")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    add_device(p)
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate a checkpoint; prints a table of both heads' top-1/top-5 and optionally writes JSON.
+
+    Returns 0, or 2 on bad arguments or unusable inputs (one line on stderr).
+    """
+    return run("eval", build_parser(), argv, _eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+    device = resolve_device(args.device)
+    model = load_checkpoint(checkpoint_path(args.checkpoint), device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    _, test_ds, class_names = build_datasets(args.data, args.dataset, model.transform, model.transform, download=args.download)
+    mismatch = class_mismatch(class_names, model.class_names)
+    if mismatch:
+        raise ValueError(f"{args.data}: {mismatch}")
+    loader = DataLoader(
+        test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
+    )
+    try:
+        result = evaluate(model, loader, device, amp=not args.no_amp, progress=sys.stderr.isatty())
+    except ValueError as exc:
+        raise ValueError(f"{args.data}: {exc}") from exc
+    print(format_report(result, args.checkpoint, model.num_classes))
+    if args.json:
+        payload = {
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "data": str(Path(args.data).resolve()),
+            "dataset": args.dataset,
+            "num_classes": model.num_classes,
+            **result,
+            "fc": {"top1": result["fc_top1"], f"top{result['topk']}": result["fc_top5"]},
+            "mc": {"top1": result["mc_top1"], f"top{result['topk']}": result["mc_top5"]},
+        }
+        atomic_write_json(args.json, payload)
+    return 0

@@ -1,5 +1,119 @@
-"""``mcloss parts`` (moving here from mcloss.evaluation.parts)."""
+"""``mcloss parts``: part-localization and faithfulness metrics of a checkpoint on a CUB-layout split."""
 
-from mcloss.evaluation.parts import main
+from __future__ import annotations
 
-__all__ = ["main"]
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, command_line, run, say
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.device import resolve_device
+from mcloss.evaluation.faithfulness import BASELINES
+from mcloss.evaluation.metrics import SIZE_REFERENCES
+from mcloss.evaluation.parts import check_arguments, run_parts
+from mcloss.evaluation.parts_report import summary_table, write_outputs
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mcloss parts",
+        description="Part-localization (channel peaks vs part keypoints) and faithfulness (deletion/insertion) "
+        "metrics of the true class's channel group, against Grad-CAM and a random baseline.",
+    )
+    add_checkpoint(p)
+    p.add_argument("--data", required=True, help="CUB-layout dataset root with parts/part_locs.txt")
+    p.add_argument("--split", default="test", choices=["test", "train", "all"])
+    p.add_argument("--radius", type=float, default=0.12, help="hit radius as a fraction of the image size (default 0.12)")
+    p.add_argument(
+        "--size-reference",
+        default="max",
+        choices=list(SIZE_REFERENCES),
+        help="image size for the radius: max(w, h) (default), sqrt(w·h) or the diagonal, of the original image",
+    )
+    p.add_argument("--topk-percent", type=float, default=10.0, help="top-k %% mask per channel for the overlap")
+    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
+    p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="deleted pixels become: blur (default) or mean")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion (much faster on a CPU)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=int, default=16, help="images per explain pass")
+    p.add_argument("--perturbation-batch", type=int, default=128, help="most step images per forward pass")
+    add_device(p)
+    p.add_argument("--out", help="output directory (default runs/parts-<timestamp>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier parts run in --out")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the part metrics on a checkpoint and a CUB-layout split; prints the markdown summary table.
+
+    Returns 0, or 2 on bad arguments or unusable inputs (one line on stderr); unreadable images are
+    skipped, one line each on stderr.
+    """
+    return run("parts", build_parser(), argv, lambda args: _parts(args, argv))
+
+
+def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    out = Path(args.out) if args.out else Path("runs") / f"parts-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if (out / "summary.json").exists() and not args.overwrite:
+        raise ValueError(f"--out {out}: already holds a parts run; pass --overwrite or choose another --out")
+    check_arguments(
+        args.radius, args.size_reference, args.topk_percent, args.steps, args.baseline, args.limit,
+        args.batch_size, args.seed,
+    )  # fmt: skip
+    if args.perturbation_batch < 1:
+        raise ValueError(f"perturbation batch must be >= 1, got {args.perturbation_batch}")
+    checkpoint = checkpoint_path(args.checkpoint)  # its error names the path
+    try:
+        device = resolve_device(args.device)
+        model = load_checkpoint(checkpoint, device)
+        result = run_parts(
+            model,
+            args.data,
+            split=args.split,
+            radius=args.radius,
+            size_reference=args.size_reference,
+            topk_percent=args.topk_percent,
+            steps=args.steps,
+            baseline=args.baseline,
+            faithfulness=not args.no_faithfulness,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            perturbation_batch=args.perturbation_batch,
+            device=device,
+            seed=args.seed,
+            progress=sys.stderr.isatty(),
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ValueError(_naming_the_data(str(exc), args.data, checkpoint)) from exc
+    for skipped in result.summary["skipped_images"]:
+        say("parts", f"skipped {skipped['reason']}")
+    run_config = {
+        "command": command_line("parts", argv),
+        "checkpoint": str(checkpoint.resolve()),
+        "data": str(Path(args.data).resolve()),
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "perturbation_batch": args.perturbation_batch,
+        **result.summary["config"],
+        "hit_radius": result.summary["hit_radius"],
+    }
+    try:
+        write_outputs(result, out, run_config)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write results ({exc})") from exc
+    print(summary_table(result.summary))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+def _naming_the_data(message: str, data: str, checkpoint: Path) -> str:
+    """``message``, prefixed with the data path unless it already names the data, the checkpoint or a flag."""
+    return message if message.startswith((str(data), str(checkpoint), "--")) else f"{data}: {message}"

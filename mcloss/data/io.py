@@ -1,12 +1,15 @@
-"""Atomic file writes, safe image decoding, and the one image encoder."""
+"""Atomic file writes, safe image decoding, the one image encoder, and the shared JSON/CSV encoders."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,9 +24,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "csv_text",
     "default_mode",
     "encode_image",
     "ImageLoadError",
+    "json_safe",
     "load_image",
     "MAX_IMAGE_PIXELS",
 ]
@@ -81,14 +86,66 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
+def _plain(obj: Any) -> Any:
+    """A numpy scalar or array, or a path, as plain Python (lists, str); anything else unchanged."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"cannot serialize {type(obj).__name__}")
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    plain = _plain(obj)
+    if plain is obj:
+        raise TypeError(f"cannot serialize {type(obj).__name__}")
+    return plain
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON data, recursively: NaN → None, numpy and paths → plain Python, tuples → lists."""
+    obj = _plain(obj)
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def csv_text(
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any] | Mapping[str, Any]],
+    *,
+    float_format: str = ".6g",
+    nan: str = "",
+) -> str:
+    """CSV text with ``\\n`` line ends: the header, then one line per row.
+
+    Args:
+        header: the column names.
+        rows: each a sequence in ``header`` order, or a mapping read by column name (a missing key is empty).
+        float_format: how floats are written (``format(value, float_format)``).
+        nan: how NaN is written; None is always an empty cell, anything else is written with ``str``.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        values = [row.get(c) for c in header] if isinstance(row, Mapping) else row
+        writer.writerow([_csv_cell(v, float_format, nan) for v in values])
+    return buf.getvalue()
+
+
+def _csv_cell(value: Any, float_format: str, nan: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return nan if math.isnan(value) else format(value, float_format)
+    return str(value)
 
 
 class ImageLoadError(ValueError):

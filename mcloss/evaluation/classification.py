@@ -1,24 +1,17 @@
-"""`mcloss eval`: top-1/top-5 of both heads (FC and MC) of a checkpoint on a test split."""
+"""Top-1/top-5 of both heads (FC and MC) of a model on a test split (what ``mcloss eval`` reports)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mcloss.core.checkpoint import CheckpointError, load_checkpoint
-from mcloss.core.device import autocast, resolve_device
+from mcloss.core.device import autocast
 from mcloss.core.model import MCModel
-from mcloss.data.datasets import build_datasets, class_mismatch
-from mcloss.data.io import atomic_write_json
 
-__all__ = ["evaluate", "evaluation_sums", "summarize_sums", "SUM_FIELDS", "main"]
+__all__ = ["evaluate", "evaluation_sums", "summarize_sums", "format_report", "SUM_FIELDS"]
 
 #: The order of the accumulated sums returned by :func:`evaluation_sums`.
 SUM_FIELDS = ("loss", "fc_top1", "fc_top5", "mc_top1", "mc_top5", "n")
@@ -121,26 +114,8 @@ def evaluate(
     return summarize_sums(sums, model.num_classes)
 
 
-# ----------------------------------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mcloss eval", description="Top-1/top-5 of both heads (FC and MC) on a test split.")
-    p.add_argument("--checkpoint", required=True, help="an mcloss *.safetensors checkpoint")
-    p.add_argument("--data", required=True, help="dataset root")
-    p.add_argument(
-        "--dataset", default="auto", choices=["auto", "cub", "imagefolder", "aircraft", "cars", "flowers"], help="dataset layout"
-    )
-    p.add_argument("--download", action="store_true", help="download torchvision datasets that support it")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    return p
-
-
-def _report(result: dict, checkpoint: str, num_classes: int) -> str:
+def format_report(result: dict, checkpoint: str, num_classes: int) -> str:
+    """The table of :func:`evaluate`'s result: a header line naming ``checkpoint``, then one row per head."""
     k = result["topk"]
     lines = [
         f"{checkpoint}: {result['n']} test images, {num_classes} classes, FC-head loss {result['loss']:.4f}",
@@ -149,51 +124,3 @@ def _report(result: dict, checkpoint: str, num_classes: int) -> str:
         f"{'MC':<8} {100 * result['mc_top1']:>7.2f}% {100 * result['mc_top5']:>7.2f}%",
     ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Evaluate a checkpoint; prints a table of both heads' top-1/top-5 and optionally writes JSON."""
-    args = _parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        print("mcloss eval: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
-        return 2
-    try:
-        device = resolve_device(args.device)
-        model = load_checkpoint(args.checkpoint, device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        _, test_ds, class_names = build_datasets(
-            args.data, args.dataset, model.transform, model.transform, download=args.download
-        )
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-        print(f"mcloss eval: {exc}", file=sys.stderr)
-        return 2
-    mismatch = class_mismatch(class_names, model.class_names)
-    if mismatch:
-        print(f"mcloss eval: {args.data}: {mismatch}", file=sys.stderr)
-        return 2
-    loader = DataLoader(
-        test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
-    )
-    try:
-        result = evaluate(model, loader, device, amp=not args.no_amp, progress=sys.stderr.isatty())
-    except ValueError as exc:
-        print(f"mcloss eval: {args.data}: {exc}", file=sys.stderr)
-        return 2
-    print(_report(result, args.checkpoint, model.num_classes))
-    if args.json:
-        payload = {
-            "checkpoint": str(Path(args.checkpoint).resolve()),
-            "data": str(Path(args.data).resolve()),
-            "dataset": args.dataset,
-            "num_classes": model.num_classes,
-            **result,
-            "fc": {"top1": result["fc_top1"], f"top{result['topk']}": result["fc_top5"]},
-            "mc": {"top1": result["mc_top1"], f"top{result['topk']}": result["mc_top5"]},
-        }
-        atomic_write_json(args.json, payload)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,66 +1,64 @@
-"""`mcloss parts`: do a class's channels land on distinct object parts, and are the maps faithful?
+"""Do a class's channels land on distinct object parts, and are the maps faithful? (``mcloss parts``)
 
 For every image of a CUB-layout split with part keypoints, the TRUE class's channel group is scored:
 
 * **Localization.** Each channel's peak (argmax cell centre, in original pixels) is matched to its nearest
   visible keypoint; it *hits* when within ``radius × max(width, height)`` of the original image (the
-  reference size is configurable, see :mod:`mcloss.metrics`). Reported: hit rate over all peaks, distinct
-  parts hit per group (0..ξ), separated parts per group (the same, with parts whose keypoints are less than
-  two radii apart merged: head, crest and beak are often one location at this radius), the channel × part
-  matrix of nearest-part assignments, and the mean pairwise IoU of the channels' top-k % masks (at feature
-  resolution). The same is done for the Grad-CAM peak (one per image) and for a chance baseline of ξ
-  uniform random points in the part of the image the network sees, seeded per image. A channel (or
-  Grad-CAM map) that is zero everywhere has no peak and counts as a miss. Images without any visible keypoint count for accuracy and faithfulness only.
-* **Faithfulness.** Deletion and insertion curves for the CCMP map, the Grad-CAM map and a random map
-  (uniform noise at feature resolution, seeded): each map is upsampled bilinearly to the input
-  resolution, pixels are ranked by decreasing saliency (ties in random order), and at each of ``steps``
-  equal steps a further 1/steps of the input's pixels is deleted (replaced by the baseline) or inserted
-  (taken from the image, starting from the baseline). The baseline is, by default, the input blurred by a
-  Gaussian of σ = max(H, W)/45 (≈ 5 px at 224), or with ``baseline="mean"`` the normalization mean (0 in
-  the normalized tensor). The curve is the FC-head softmax probability of the true class; its area by the
-  trapezoid rule over the deleted/inserted fraction [0, 1] is the AUC: lower deletion AUC and higher
-  insertion AUC mean a more faithful map. All step images of one image go through the model in one batch.
+  reference size is configurable, see :mod:`mcloss.evaluation.metrics`). Reported: hit rate over all peaks,
+  distinct parts hit per group (0..ξ), separated parts per group (the same, with parts whose keypoints are
+  less than two radii apart merged: head, crest and beak are often one location at this radius), the
+  channel × part matrix of nearest-part assignments, and the mean pairwise IoU of the channels' top-k %
+  masks (at feature resolution). The same is done for the Grad-CAM peak (one per image) and for a chance
+  baseline of ξ uniform random points in the part of the image the network sees, seeded per image. A
+  channel (or Grad-CAM map) that is zero everywhere has no peak and counts as a miss. Images without any
+  visible keypoint count for accuracy and faithfulness only.
+* **Faithfulness.** Deletion and insertion curves (:mod:`mcloss.evaluation.faithfulness`) for the CCMP
+  map, the Grad-CAM map and a random map (uniform noise at feature resolution, seeded); the curve is the
+  FC-head softmax probability of the true class, and its area by the trapezoid rule over the
+  deleted/inserted fraction [0, 1] is the AUC: lower deletion AUC and higher insertion AUC mean a more
+  faithful map.
 
-Outputs (``--out``, default ``runs/parts-<timestamp>``): per_image.csv, summary.csv, summary.md,
-summary.json, config.json, channel_part_matrix.png, hit_rate.png, deletion_insertion.png.
+The result and its output files are described in :mod:`mcloss.evaluation.parts_report`; images that cannot
+be read are skipped and listed in the summary's ``skipped_images``.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import math
-import shlex
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from mcloss.core.checkpoint import CheckpointError, load_checkpoint
-from mcloss.core.device import autocast, resolve_device
 from mcloss.core.model import MCModel
 from mcloss.data.datasets import class_mismatch
-from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, atomic_write_text, load_image
+from mcloss.data.io import ImageLoadError, json_safe, load_image
 from mcloss.evaluation import metrics as M
+from mcloss.evaluation.faithfulness import BASELINES, baseline_input, perturbation_curves
+from mcloss.evaluation.parts_report import (
+    METHOD_LABELS,
+    METHODS,
+    OUTPUT_FILES,
+    PER_IMAGE_COLUMNS,
+    SUMMARY_COLUMNS,
+    PartsResult,
+    summary_table,
+    write_outputs,
+)
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain
-from mcloss.explainability.export import DEFAULT_CHECKPOINT
 
 __all__ = [
     "METHODS",
+    "METHOD_LABELS",
     "BASELINES",
     "PER_IMAGE_COLUMNS",
     "SUMMARY_COLUMNS",
     "OUTPUT_FILES",
     "PartsResult",
+    "check_arguments",
     "evaluate_parts",
     "run_parts",
     "score_group",
@@ -68,74 +66,7 @@ __all__ = [
     "baseline_input",
     "summary_table",
     "write_outputs",
-    "main",
 ]
-
-#: The rows of the summary: the true class's channels (CCMP map for faithfulness), Grad-CAM, random.
-METHODS = ("channels", "gradcam", "random")
-METHOD_LABELS = {"channels": "channels (CCMP)", "gradcam": "Grad-CAM", "random": "random"}
-METHOD_COLORS = {"channels": "tab:blue", "gradcam": "tab:orange", "random": "tab:gray"}
-#: What deleted pixels become: a blurred copy of the input, or the normalization mean.
-BASELINES = ("blur", "mean")
-OUTPUT_FILES = (
-    "per_image.csv",
-    "summary.csv",
-    "summary.md",
-    "summary.json",
-    "config.json",
-    "channel_part_matrix.png",
-    "hit_rate.png",
-    "deletion_insertion.png",
-)
-PER_IMAGE_COLUMNS = (
-    "image_id",
-    "path",
-    "label",
-    "pred_fc",
-    "pred_mc",
-    "prob_fc",
-    "width",
-    "height",
-    "radius_px",
-    "visible_parts",
-    "channels",
-    "channel_hits",
-    "channel_distinct",
-    "channel_separated",
-    "channel_parts",
-    "channel_distances",
-    "overlap",
-    "gradcam_hit",
-    "gradcam_part",
-    "gradcam_distance",
-    "random_hits",
-    "random_distinct",
-    "random_separated",
-    "deletion_auc_channels",
-    "insertion_auc_channels",
-    "deletion_auc_gradcam",
-    "insertion_auc_gradcam",
-    "deletion_auc_random",
-    "insertion_auc_random",
-)
-SUMMARY_COLUMNS = (
-    "method", "peaks", "hit_rate", "distinct_parts", "separated_parts", "overlap", "deletion_auc", "insertion_auc"
-)
-
-
-@dataclass
-class PartsResult:
-    """What :func:`run_parts` measured.
-
-    Attributes:
-        summary: the aggregate numbers (what :func:`evaluate_parts` returns; JSON-friendly).
-        per_image: one row per evaluated image (keys :data:`PER_IMAGE_COLUMNS`).
-        curves: method → (deletion [N, steps+1], insertion [N, steps+1]) probabilities, or empty.
-    """
-
-    summary: dict
-    per_image: list[dict] = field(default_factory=list)
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------- per image
@@ -192,69 +123,6 @@ def score_group(
         "random_distinct": M.distinct_parts(rnd_parts, rnd_hits),
         "random_separated": M.separated_parts(rnd_parts, rnd_hits, keypoints, radius_px),
     }
-
-
-def baseline_input(x: torch.Tensor, baseline: str = "blur") -> torch.Tensor:
-    """The "nothing here" input for deletion/insertion: ``x`` [3, H, W] blurred, or zeros (the mean)."""
-    if baseline == "mean":
-        return torch.zeros_like(x)
-    if baseline != "blur":
-        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
-    h, w = x.shape[-2:]
-    sigma = max(h, w) / 45.0
-    kernel = 2 * math.ceil(2 * sigma) + 1
-    kernel = max(1, min(kernel, 2 * min(h, w) - 1))  # reflect padding needs kernel // 2 < side
-    return TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
-
-
-@torch.no_grad()
-def perturbation_curves(
-    model: MCModel,
-    x: torch.Tensor,
-    target: int,
-    saliencies: Sequence[np.ndarray],
-    *,
-    steps: int = 16,
-    baseline: str = "blur",
-    rng: np.random.Generator | None = None,
-    max_batch: int = 128,
-    amp: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deletion and insertion curves of several saliency maps for one input.
-
-    Args:
-        model: the classifier (eval mode, on the device of ``x``).
-        x: [3, H, W] normalized input.
-        target: class whose FC-head softmax probability is measured.
-        saliencies: maps [h, w] covering the input (any resolution; upsampled bilinearly to H×W).
-        steps: number of equal steps from 0 to all pixels.
-        baseline: ``"blur"`` or ``"mean"`` (see :func:`baseline_input`).
-        rng: breaks saliency ties (by flat index when None).
-        max_batch: most step images per forward pass (all of them in one batch when they fit).
-        amp: bf16 autocast on CUDA.
-
-    Returns:
-        (deletion, insertion): [len(saliencies), steps + 1] float64 probabilities at fractions
-        0, 1/steps, …, 1.
-    """
-    h, w = x.shape[-2:]
-    base = baseline_input(x, baseline)
-    masks = []
-    for sal in saliencies:
-        s = torch.as_tensor(np.asarray(sal, dtype=np.float32))[None, None]
-        up = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-        masks.append(M.perturbation_masks(M.saliency_rank(up, rng), steps))
-    m = torch.from_numpy(np.concatenate(masks)).to(x.device)[:, None]  # [n·(S+1), 1, H, W]
-    deleted = torch.where(m, base, x)
-    inserted = torch.where(m, x, base)
-    batch = torch.cat([deleted, inserted])
-    probs = []
-    for start in range(0, len(batch), max(1, int(max_batch))):
-        with autocast(x.device, enabled=amp):
-            logits = model(batch[start : start + max_batch])
-        probs.append(torch.softmax(logits.float(), dim=1)[:, target])
-    p = torch.cat(probs).double().cpu().numpy().reshape(2, len(saliencies), steps + 1)
-    return p[0], p[1]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -341,10 +209,14 @@ def run_parts(
         seed: seeds the random baseline (per image: ``(seed, image_id)``).
         progress: show a progress bar.
 
+    Returns:
+        The result; images that could not be read are skipped, not raised, and listed (image_id, path,
+        reason) in its ``summary["skipped_images"]``.
+
     Raises:
-        ValueError: bad arguments, classes that do not match the model, no keypoints, no images.
+        ValueError: bad arguments, classes that do not match the model, no keypoints, no readable images.
     """
-    _check_arguments(radius, size_reference, topk_percent, steps, baseline, limit, batch_size, seed)
+    check_arguments(radius, size_reference, topk_percent, steps, baseline, limit, batch_size, seed)
     dataset = _open_dataset(dataset_or_root, split)
     mismatch = class_mismatch(getattr(dataset, "class_names", model.class_names), model.class_names)
     if mismatch:
@@ -378,13 +250,13 @@ def run_parts(
                     chunk.append(it)
                 except ImageLoadError as exc:
                     skipped.append({"image_id": it.image_id, "path": str(it.path), "reason": str(exc)})
-                    print(f"mcloss parts: skipped {exc}", file=sys.stderr)
             if not chunk:
                 bar.update(len(items[start : start + batch_size]))
                 continue
             explanations = explain(
-                model, images, [it.label for it in chunk], labels=[it.label for it in chunk], gradcam=True, device=dev
-            )
+                model, images, [it.label for it in chunk], labels=[it.label for it in chunk],
+                maps=("channels", "gradcam"), device=dev,
+            )  # fmt: skip
             for it, image, ex in zip(chunk, images, explanations, strict=True):
                 row, score, curve = _evaluate_one(
                     model, it, image, ex, part_names, radius, size_reference, topk_percent, steps, baseline,
@@ -417,9 +289,14 @@ def run_parts(
     return PartsResult(summary, rows, stacked)
 
 
-def _check_arguments(
+def check_arguments(
     radius: float, size_reference: str, topk: float, steps: int, baseline: str, limit: int | None, batch: int, seed: int
 ) -> None:
+    """Check :func:`run_parts`'s arguments before any work is done.
+
+    Raises:
+        ValueError: the first bad argument, named, with its value.
+    """
     if not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")
     if size_reference not in M.SIZE_REFERENCES:
@@ -605,273 +482,7 @@ def _summarize(
         "curves": {"fractions": fractions, **mean_curves} if mean_curves else {},
         "config": config,
     }
-    return _json_safe(summary)
+    return json_safe(summary)
 
 
 _SIZE_TEXT = {"max": "max(width, height)", "sqrt-area": "sqrt(width · height)", "diagonal": "the diagonal"}
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN → None, numpy scalars → Python, recursively."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj
-
-
-# --------------------------------------------------------------------------------------------- outputs
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
-def summary_table(summary: dict) -> str:
-    """The markdown table: one row per method (channels, Grad-CAM, random), then both heads' top-1."""
-    xi = "/".join(str(x) for x in summary["channels_per_group"])
-    lines = [
-        f"| maps | peaks | hit rate | distinct parts per group (of {xi}) | separated parts per group "
-        "| overlap (top-k IoU) | deletion AUC ↓ | insertion AUC ↑ |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for method in METHODS:
-        m = summary["methods"][method]
-        lines.append(
-            f"| {METHOD_LABELS[method]} | {m['peaks']} | {_fmt(m['hit_rate'])} | {_fmt(m['distinct_parts'], 2)} "
-            f"| {_fmt(m.get('separated_parts'), 2)} | {_fmt(m['overlap'])} | {_fmt(m['deletion_auc'])} "
-            f"| {_fmt(m['insertion_auc'])} |"
-        )
-    lines += [
-        "",
-        f"{summary['images']} images ({summary['scored_images']} with visible parts); "
-        f"top-1 FC head {summary['top1_fc']:.3f}, MC head {summary['top1_mc']:.3f}; "
-        f"hit radius {summary['hit_radius']}. Separated parts count hit parts whose keypoints are less than "
-        "two hit radii apart (a peak between them could hit either) as one.",
-    ]
-    return "\n".join(lines)
-
-
-def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        out = []
-        for c in columns:
-            v = row.get(c)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                out.append("")
-            elif isinstance(v, float):
-                out.append(format(v, ".6g"))
-            else:
-                out.append(str(v))
-        writer.writerow(out)
-    return buf.getvalue()
-
-
-def write_outputs(result: PartsResult, out_dir: str | Path, run_config: dict | None = None) -> list[Path]:
-    """Write every output file of a parts run atomically into ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = result.summary
-    atomic_write_text(out / "per_image.csv", _csv_text(PER_IMAGE_COLUMNS, result.per_image))
-    summary_rows = [{"method": m, **summary["methods"][m]} for m in METHODS]
-    atomic_write_text(out / "summary.csv", _csv_text(SUMMARY_COLUMNS, summary_rows))
-    atomic_write_text(out / "summary.md", "# Part localization and faithfulness\n\n" + summary_table(summary) + "\n")
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_json(out / "config.json", run_config if run_config is not None else summary["config"])
-    _plot_matrix(summary, out / "channel_part_matrix.png")
-    _plot_hit_rate(summary, out / "hit_rate.png")
-    _plot_curves(summary, out / "deletion_insertion.png")
-    return [out / name for name in OUTPUT_FILES]
-
-
-def _figure(size: tuple[float, float]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=size, dpi=100)
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-def _plot_matrix(summary: dict, path: Path) -> None:
-    counts = np.asarray(summary["channel_part_matrix"], dtype=np.int64)
-    rows = np.asarray(summary["channel_part_matrix_normalized"], dtype=np.float64)
-    parts = summary["part_names"]
-    fig = _figure((max(5.0, 0.6 * len(parts) + 2.5), max(2.5, 0.45 * len(rows) + 1.8)))
-    ax = fig.subplots()
-    image = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    if rows.size and rows.size <= 400:
-        for (i, j), c in np.ndenumerate(counts):
-            ax.text(j, i, str(c), ha="center", va="center", fontsize=7, color="white" if rows[i, j] < 0.6 else "black")
-    ax.set_xticks(range(len(parts)), parts, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), [f"ch {i}" for i in range(len(rows))], fontsize=8)
-    ax.set_xlabel("nearest visible part")
-    ax.set_ylabel("channel within the true class's group")
-    ax.set_title("How often each channel's peak is nearest each part (row-normalized; counts)", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.05)
-    _save(fig, path)
-
-
-def _plot_hit_rate(summary: dict, path: Path) -> None:
-    fig = _figure((9.0, 3.6))
-    ax_hit, ax_dist = fig.subplots(1, 2)
-    labels = [METHOD_LABELS[m] for m in METHODS]
-    colors = [METHOD_COLORS[m] for m in METHODS]
-    methods = summary["methods"]
-    hit = [np.nan if methods[m]["hit_rate"] is None else methods[m]["hit_rate"] for m in METHODS]
-    ax_hit.bar(labels, hit, color=colors)
-    if methods["random"]["hit_rate"] is not None:
-        ax_hit.axhline(methods["random"]["hit_rate"], color="k", ls="--", lw=1, label="random (chance)")
-        ax_hit.legend(fontsize=8)
-    ax_hit.set_ylim(0, 1)
-    ax_hit.set_ylabel("peaks within the hit radius")
-    ax_hit.set_title(f"hit rate (radius {summary['hit_radius']})", fontsize=8)
-    dist = [np.nan if methods[m]["distinct_parts"] is None else methods[m]["distinct_parts"] for m in ("channels", "random")]
-    ax_dist.bar([labels[0], labels[2]], dist, color=[colors[0], colors[2]])
-    ax_dist.set_ylim(0, max(summary["channels_per_group"]))
-    ax_dist.set_ylabel("distinct parts hit per group")
-    ax_dist.set_title("distinct parts per group", fontsize=8)
-    for ax in (ax_hit, ax_dist):
-        ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
-
-
-def _plot_curves(summary: dict, path: Path) -> None:
-    fig = _figure((9.0, 3.6))
-    axes = fig.subplots(1, 2)
-    curves = summary.get("curves") or {}
-    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
-        for method in METHODS:
-            if method in curves:
-                auc = summary["methods"][method][f"{kind}_auc"]
-                ax.plot(
-                    curves["fractions"], curves[method][kind], marker=".", color=METHOD_COLORS[method],
-                    label=f"{METHOD_LABELS[method]} (AUC {_fmt(auc)})",
-                )  # fmt: skip
-        ax.set_xlabel(f"fraction of pixels {'deleted' if kind == 'deletion' else 'inserted'}")
-        ax.set_ylabel("true-class probability (FC head)")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC = more faithful)", fontsize=8)
-        ax.grid(alpha=0.3)
-        if curves:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
-    _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mcloss parts",
-        description="Part-localization (channel peaks vs part keypoints) and faithfulness (deletion/insertion) "
-        "metrics of the true class's channel group, against Grad-CAM and a random baseline.",
-    )
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help=f"mcloss checkpoint (default {DEFAULT_CHECKPOINT})")
-    p.add_argument("--data", required=True, help="CUB-layout dataset root with parts/part_locs.txt")
-    p.add_argument("--split", default="test", choices=["test", "train", "all"])
-    p.add_argument("--radius", type=float, default=0.12, help="hit radius as a fraction of the image size (default 0.12)")
-    p.add_argument(
-        "--size-reference",
-        default="max",
-        choices=list(M.SIZE_REFERENCES),
-        help="image size for the radius: max(w, h) (default), sqrt(w·h) or the diagonal, of the original image",
-    )
-    p.add_argument("--topk-percent", type=float, default=10.0, help="top-k %% mask per channel for the overlap")
-    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
-    p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="deleted pixels become: blur (default) or mean")
-    p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion (much faster on a CPU)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--batch-size", type=int, default=16, help="images per explain pass")
-    p.add_argument("--perturbation-batch", type=int, default=128, help="most step images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", help="output directory (default runs/parts-<timestamp>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier parts run in --out")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the part metrics on a checkpoint and a CUB-layout split; prints the markdown summary table."""
-    args = _parser().parse_args(argv)
-    out = Path(args.out) if args.out else Path("runs") / f"parts-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        print(f"mcloss parts: --out {out}: exists and is not a directory", file=sys.stderr)
-        return 2
-    if (out / "summary.json").exists() and not args.overwrite:
-        print(f"mcloss parts: --out {out}: already holds a parts run; pass --overwrite or choose another --out", file=sys.stderr)
-        return 2
-    try:
-        _check_arguments(
-            args.radius, args.size_reference, args.topk_percent, args.steps, args.baseline, args.limit,
-            args.batch_size, args.seed,
-        )  # fmt: skip
-        if args.perturbation_batch < 1:
-            raise ValueError(f"perturbation batch must be >= 1, got {args.perturbation_batch}")
-    except ValueError as exc:
-        print(f"mcloss parts: {exc}", file=sys.stderr)
-        return 2
-    try:
-        device = resolve_device(args.device)
-        model = load_checkpoint(args.checkpoint, device)
-        result = run_parts(
-            model,
-            args.data,
-            split=args.split,
-            radius=args.radius,
-            size_reference=args.size_reference,
-            topk_percent=args.topk_percent,
-            steps=args.steps,
-            baseline=args.baseline,
-            faithfulness=not args.no_faithfulness,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            perturbation_batch=args.perturbation_batch,
-            device=device,
-            seed=args.seed,
-            progress=sys.stderr.isatty(),
-        )
-    except (CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-        message = str(exc)
-        if not message.startswith((str(args.data), str(args.checkpoint), "--")):
-            message = f"{args.data}: {message}"
-        print(f"mcloss parts: {message}", file=sys.stderr)
-        return 2
-    run_config = {
-        "command": "mcloss parts " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        "data": str(Path(args.data).resolve()),
-        "device": str(device),
-        "batch_size": args.batch_size,
-        "perturbation_batch": args.perturbation_batch,
-        **result.summary["config"],
-        "hit_radius": result.summary["hit_radius"],
-    }
-    try:
-        write_outputs(result, out, run_config)
-    except OSError as exc:
-        print(f"mcloss parts: --out {out}: cannot write results ({exc})", file=sys.stderr)
-        return 2
-    print(summary_table(result.summary))
-    print(f"\nwrote {out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,10 +11,7 @@ PNG/NPZ/JSON to a temp dir). On CUDA: bf16 autocast, channels_last, synchronize 
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcloss.core.device import autocast, resolve_device
-from mcloss.data.io import atomic_write_json
+from mcloss.core.device import autocast
 
-__all__ = ["PATHS", "GOALS", "time_path", "run_benchmark", "format_table", "build_parser", "main"]
+__all__ = ["PATHS", "GOALS", "time_path", "run_benchmark", "format_table"]
 
 PATHS = (
     "forward_only",
@@ -63,8 +59,10 @@ def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, re
 def _paths(model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], tile_height: int) -> dict:
     from captum.attr import LayerGradCam
 
-    from mcloss.explainability.explanation import explain_tensor
-    from mcloss.explainability.export import ImageFiles, InputFile, write_outputs
+    from mcloss.data.files import InputFile
+    from mcloss.explainability.explanation import explain, explain_tensor
+    from mcloss.explainability.export import ImageFiles
+    from mcloss.explainability.render import Style
 
     geos = [model.transform.geometry(x.shape[3], x.shape[2])] * x.shape[0]
     amp = device.type == "cuda"
@@ -74,10 +72,10 @@ def _paths(model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], 
             return model(x)
 
     def channel_maps():
-        return explain_tensor(model, x, geos, "pred", gradcam=False, device=device)
+        return explain_tensor(model, x, geos, "pred", maps=("channels",), device=device)
 
     def channel_maps_and_gradcam():
-        return explain_tensor(model, x, geos, "pred", gradcam=True, method="fused", device=device)
+        return explain_tensor(model, x, geos, "pred", maps=("channels", "gradcam"), method="fused", device=device)
 
     def captum_gradcam():
         with torch.inference_mode(), autocast(device, enabled=amp):
@@ -96,15 +94,13 @@ def _paths(model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], 
 
     files = [InputFile(str(p), p.name) for p in jpegs]
     dataset = ImageFiles(files, model.transform, tile_height)
-    options = {"colormap": "inferno", "alpha": 0.5, "shared_scale": False, "tile_height": tile_height, "topk": 5}
+    style = Style(tile_height=tile_height)
 
     def export_end_to_end():
         with tempfile.TemporaryDirectory(prefix="mcloss-bench-") as tmp:
-            items = [dataset[i] for i in range(len(dataset))]
-            xb = torch.stack([it["x"] for it in items])
-            exps = explain_tensor(model, xb, [it["geometry"] for it in items], "pred", device=device)
-            for f, it, e in zip(files, items, exps, strict=True):
-                write_outputs(Path(tmp) / f.key, f.source, it["thumb"], e, model.class_names, options)
+            prepared = [dataset[i][1] for i in range(len(dataset))]
+            for f, e in zip(files, explain(model, prepared, "pred", device=device), strict=True):
+                e.save(Path(tmp) / f.key, style)
 
     return {
         "forward_only": forward_only,
@@ -174,78 +170,3 @@ def format_table(report: dict) -> str:
     for label, r in report["ratios"].items():
         lines.append(f"{label:<46} {r['ratio']:>6.2f}x  (goal >= {r['goal']}x: {'met' if r['met'] else 'NOT met'})")
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mcloss bench", description="Throughput of the explainability paths.")
-    p.add_argument("--checkpoint", default=None, help="mcloss checkpoint (default checkpoints/default.safetensors)")
-    p.add_argument("--backbone", default=None, help="benchmark a randomly initialized model instead")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--classes", type=int, default=30)
-    p.add_argument("--xi", type=int, default=3)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--json", required=True, help="write the report here")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--paths", default=",".join(PATHS), help="comma list of paths to time")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print the table, write the JSON report; 2 on a usage error."""
-    args = build_parser().parse_args(argv)
-    try:
-        from mcloss import __version__
-        from mcloss.core.checkpoint import load_checkpoint
-        from mcloss.core.model import build_model
-        from mcloss.explainability.export import DEFAULT_CHECKPOINT
-
-        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        unknown = sorted(set(paths) - set(PATHS))
-        if unknown:
-            raise ValueError(f"--paths: unknown {', '.join(unknown)} (choose from {', '.join(PATHS)})")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = resolve_device(args.device)
-        if args.checkpoint and args.backbone:
-            raise ValueError("give --checkpoint or --backbone, not both")
-        if args.backbone:
-            torch.manual_seed(0)
-            model = build_model(args.backbone, args.classes, xi=args.xi, img_size=args.img_size)
-            source = f"{args.backbone} random init, {args.classes} classes, xi={args.xi}, {args.img_size} px"
-        else:
-            ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-            if not ckpt.is_file():
-                hint = "" if args.checkpoint else " (the default; pass --checkpoint or --backbone)"
-                raise ValueError(f"{ckpt}: checkpoint not found{hint}")
-            model = load_checkpoint(ckpt)
-            source = str(ckpt)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"mcloss bench: error: {exc}", file=sys.stderr)
-        return 2
-    report = run_benchmark(
-        model, device, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, paths=paths
-    )
-    report["setup"] = {
-        "model": source,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "bf16": device.type == "cuda",
-        "versions": {"mcloss": __version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
-    print(f"{source} on {device} ({report['setup']['device_name']}), batch {args.batch_size}, "
-          f"median of {args.repeats}")
-    print(format_table(report))
-    atomic_write_json(args.json, report)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

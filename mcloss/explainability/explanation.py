@@ -1,21 +1,26 @@
-"""Channel maps, CCMP maps, peaks and Grad-CAM of an MCModel, mapped back onto the original image.
+"""Explanations of an MCModel: channel maps, CCMP maps, peaks and Grad-CAM, from one forward pass.
 
-One forward pass per batch: ``F = model.forward_features(x)``; the FC head (``model.head_logits``) and
-the MC head (``model.mc_logits``: CCMP + GAP) both read F; a class's channel maps are slices of F (no
-hooks). The fused Grad-CAM differentiates the FC-head logit of the target class w.r.t. F only, reusing
-that same pass. ``method="captum"`` runs Captum's ``LayerGradCam`` instead (the reference).
+``F = model.forward_features(x)`` once per batch; the FC head (``model.head_logits``) and the MC head
+(``model.mc_logits``: CCMP + GAP) both read F; a class's channel maps are slices of F (no hooks). The
+fused Grad-CAM differentiates the FC-head logit of the target class w.r.t. F only, reusing that same
+pass. ``method="captum"`` runs Captum's ``LayerGradCam`` instead (the reference).
 
-Targets (per image): ``"pred"`` (FC-head argmax), ``"pred_mc"`` (MC-head argmax), ``"topK"`` (e.g.
-``"top3"``: the K most probable FC-head classes, best first), ``"label"`` (needs ``labels``), a 0-based
-class index, a class name, or a list of those (several targets for one image). A single spec applies
-to every image; a list must hold one spec per image.
+Which maps (``maps=``, the CLI's ``--maps``): ``channels`` (always; the F slices, free), ``gradcam``,
+``channel_gradcam`` (per-channel Grad-CAM of the group's channels), ``guided`` (Captum Guided Grad-CAM;
+extra passes). Which classes: see :mod:`mcloss.explainability.targets`.
+
+An :class:`Explanation` carries the class names, the geometry and a view of the image, so it can draw
+(:meth:`Explanation.overlay`, :meth:`Explanation.montage`) and save itself (:meth:`Explanation.save`).
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,32 +28,51 @@ from PIL import Image
 
 from mcloss.core.device import autocast
 from mcloss.core.transforms import Geometry
-from mcloss.explainability.geometry import channel_peaks, crop_mask, to_original
+from mcloss.data.io import load_image
+from mcloss.explainability import render
+from mcloss.explainability.geometry import channel_peaks
 from mcloss.explainability.gradcam import (
     captum_channel_gradcam,
     captum_gradcam,
     captum_guided_gradcam,
-    frozen_parameters,
     fused_gradcam,
     gradcam_from_weights,
     model_guard,
 )
 from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
-    "GroupMaps",
+    "DEFAULT_MAPS",
+    "MAP_KINDS",
     "Explanation",
-    "TargetSpec",
+    "GroupMaps",
+    "PreparedImage",
     "explain",
     "explain_tensor",
-    "preprocess",
-    "resolve_targets",
-    "channel_peaks",
-    "to_original",
-    "crop_mask",
+    "parse_maps",
+    "prepare",
 ]
 
-_TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
+#: The maps an explanation can hold (the CLI's ``--maps`` vocabulary).
+MAP_KINDS = ("channels", "gradcam", "channel_gradcam", "guided")
+DEFAULT_MAPS = ("channels", "gradcam")
+
+
+def parse_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
+    """``"channels,gradcam"`` or a sequence of kinds → a tuple of known kinds (``channels`` always first).
+
+    Raises:
+        ValueError: an unknown kind (the message lists the known ones).
+    """
+    items = maps.split(",") if isinstance(maps, str) else list(maps)
+    kinds = [str(m).strip() for m in items if str(m).strip()]
+    unknown = sorted(set(kinds) - set(MAP_KINDS))
+    if unknown:
+        raise ValueError(f"--maps: unknown {', '.join(unknown)} (choose from {', '.join(MAP_KINDS)})")
+    return tuple(k for k in MAP_KINDS if k == "channels" or k in kinds)
 
 
 @dataclass
@@ -96,8 +120,12 @@ class Explanation:
         feature_hw: (h, w) of F.
         probs_fc: [C] softmax of the FC head.
         probs_mc: [C] softmax of the MC head (CCMP + GAP).
-        groups: one GroupMaps per requested target, in request order.
+        groups: one GroupMaps per requested target, in request order (rank 1 first).
         label: the true class when known.
+        class_names: the model's class names (0-based).
+        source: the file the image came from, when known.
+        view: an RGB uint8 view of the original (any size, same aspect ratio) that the drawing methods
+            use unless given another; None when the explanation was made from tensors only.
     """
 
     image_size: tuple[int, int]
@@ -107,6 +135,9 @@ class Explanation:
     probs_mc: np.ndarray
     groups: list[GroupMaps] = field(default_factory=list)
     label: int | None = None
+    class_names: tuple[str, ...] = ()
+    source: str | None = None
+    view: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def prediction(self) -> int:
@@ -118,62 +149,197 @@ class Explanation:
         """MC-head argmax (0-based)."""
         return int(np.argmax(self.probs_mc))
 
+    def class_name(self, index: int) -> str:
+        """The name of class ``index`` (its number when the names are unknown)."""
+        return self.class_names[index] if index < len(self.class_names) else str(index)
+
+    def with_groups(self, groups: Sequence[GroupMaps], **changes: Any) -> Explanation:
+        """A copy holding only ``groups`` (e.g. the classes a user picked), with other fields changed."""
+        return dataclasses.replace(self, groups=list(groups), **changes)
+
+    def _view(self, image: np.ndarray | Image.Image | None) -> np.ndarray:
+        if image is not None:
+            return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        if self.view is None:
+            raise ValueError("this explanation holds no view of its image; pass image=")
+        return self.view
+
+    def tiles(
+        self, group: int = 0, style: render.Style | None = None, *, image: np.ndarray | Image.Image | None = None
+    ) -> list[render.Tile]:
+        """The tiles of one target (rank ``group``): ξ channels, CCMP, parts, Grad-CAM, Guided Grad-CAM.
+
+        Drawn at the size of the view (or of ``image``); see :func:`mcloss.explainability.render.group_tiles`.
+        """
+        return render.group_tiles(self._view(image), self, self.groups[group], style or render.Style())
+
+    def overlay(
+        self,
+        kind: str = "ccmp",
+        *,
+        group: int = 0,
+        channel: int = 0,
+        style: render.Style | None = None,
+        image: np.ndarray | Image.Image | None = None,
+    ) -> np.ndarray:
+        """One map over the image, RGB uint8 at the size of the view (or of ``image``).
+
+        Args:
+            kind: ``"channel"``, ``"ccmp"``, ``"gradcam"``, ``"channel_gradcam"`` or ``"guided"``.
+            group: rank of the target.
+            channel: channel within the group (for ``channel`` and ``channel_gradcam``).
+            style: display settings (default :class:`~mcloss.explainability.render.Style`).
+            image: another view of the original to draw on.
+        """
+        return render.map_overlay(self._view(image), self, self.groups[group], kind, channel, style or render.Style())
+
+    def montage(
+        self, group: int = 0, style: render.Style | None = None, *, image: np.ndarray | Image.Image | None = None
+    ) -> np.ndarray:
+        """One RGB uint8 picture of a target: a header over original | channels | CCMP | parts | Grad-CAM."""
+        return render.explanation_montage(self._view(image), self, group, style or render.Style())
+
+    def figure(
+        self,
+        group: int = 0,
+        style: render.Style | None = None,
+        *,
+        image: np.ndarray | Image.Image | None = None,
+        dpi: int = 100,
+    ) -> Figure:
+        """The montage as a matplotlib Figure (for reports; no pyplot state is touched)."""
+        return render.explanation_figure(self._view(image), self, group, style or render.Style(), dpi=dpi)
+
+    def record(self, topk: int = 5) -> dict:
+        """The JSON record that :meth:`save` writes (schema in :mod:`mcloss.explainability.outputs`)."""
+        from mcloss.explainability.outputs import explanation_record
+
+        return explanation_record(self, topk)
+
+    def save(
+        self,
+        path: str | os.PathLike,
+        style: render.Style | None = None,
+        *,
+        topk: int = 5,
+        image: np.ndarray | Image.Image | None = None,
+    ) -> dict:
+        """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
+
+        ``path`` is a stem: ``out/bird.jpg`` writes ``out/bird.jpg.png`` etc., as ``mcloss export`` does.
+        Every file is written atomically. Returns the JSON record.
+        """
+        from mcloss.explainability.outputs import write_explanation
+
+        return write_explanation(self, Path(path), self._view(image), style or render.Style(), topk)
+
 
 # ------------------------------------------------------------------------------------------- explain
 
 
-def preprocess(model, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
-    """The eval transform of ``model`` applied to one RGB image, with its geometry."""
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready for the network.
+
+    Attributes:
+        x: [3, H, W] the eval transform's output.
+        geometry: how the original lands on ``x``.
+        view: RGB uint8 view of the original for drawing (any size, same aspect ratio), or None.
+        source: the file it came from, or None.
+    """
+
+    x: torch.Tensor
+    geometry: Geometry
+    view: np.ndarray | None = None
+    source: str | None = None
+
+
+ImageInput = Image.Image | str | os.PathLike | PreparedImage
+
+
+def prepare(
+    model, image: Image.Image | str | os.PathLike, *, view_max_side: int | None = render.VIEW_MAX_SIDE
+) -> PreparedImage:
+    """Apply the model's eval transform to a PIL RGB image or an image file (decoded by
+    :func:`mcloss.data.io.load_image`: EXIF-rotated, safe against broken files).
+
+    Args:
+        model: an MCModel.
+        image: the image, or its path.
+        view_max_side: keep a view of the image downscaled to this long side for drawing (None: the
+            full image).
+    """
+    source = None
+    if not isinstance(image, Image.Image):
+        source = os.fspath(image)
+        image = load_image(image)
     geo = model.transform.geometry(*image.size)
-    return model.transform.apply(image, geo), geo
+    x = model.transform.apply(image, geo)
+    view = render.fit_view(np.asarray(image.convert("RGB")), view_max_side)
+    return PreparedImage(x, geo, view, source)
 
 
 def explain(
     model,
-    images: Sequence[Image.Image],
+    images: ImageInput | Sequence[ImageInput],
     targets: TargetSpec | Sequence[TargetSpec] = "pred",
     *,
+    maps: str | Sequence[str] = DEFAULT_MAPS,
     labels: Sequence[int | None] | None = None,
-    gradcam: bool = True,
     method: str = "fused",
-    channel_gradcam: bool = False,
-    guided: bool = False,
     device: torch.device | str | None = None,
     amp: bool | None = None,
-) -> list[Explanation]:
-    """Explain PIL RGB images (EXIF already applied, e.g. by :func:`mcloss.io.load_image`).
+    batch_size: int | None = None,
+) -> Explanation | list[Explanation]:
+    """Explain one image or a list of them.
 
-    Images whose inputs have the same shape share one forward pass. See :func:`explain_tensor` for the
-    arguments.
+    Args:
+        model: an MCModel.
+        images: a PIL RGB image (EXIF applied), an image path, a :class:`PreparedImage`, or a list of them.
+        targets: one spec for every image, or one per image (:mod:`mcloss.explainability.targets`).
+        maps: which maps, e.g. ``("channels", "gradcam")`` or ``"channels,gradcam,guided"``.
+        labels: true classes, for ``"label"`` targets and ``Explanation.label``.
+        method: ``"fused"`` or ``"captum"`` Grad-CAM.
+        device: where to run (default: the model's device).
+        amp: bf16 autocast (default: on for CUDA).
+        batch_size: most images per forward pass (default: all images of one input shape at once).
+
+    Returns:
+        An Explanation for a single image, else a list in input order. Images whose inputs have the same
+        shape share forward passes.
     """
-    images = list(images)
-    if not images:
-        return []
-    prepared = [preprocess(model, img) for img in images]
-    batch_targets = per_image(targets, len(images))
-    batch_labels = list(labels) if labels is not None else [None] * len(images)
-    results: list[Explanation | None] = [None] * len(images)
+    single = not isinstance(images, (list, tuple))
+    items = [images] if single else list(images)
+    kinds = parse_maps(maps)
+    prepared = [it if isinstance(it, PreparedImage) else prepare(model, it) for it in items]
+    batch_targets = per_image(targets, len(items))
+    batch_labels = list(labels) if labels is not None else [None] * len(items)
+    if len(batch_labels) != len(items):
+        raise ValueError(f"{len(batch_labels)} labels for {len(items)} images")
+    results: list[Explanation | None] = [None] * len(items)
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, (x, _) in enumerate(prepared):
-        by_shape.setdefault(tuple(x.shape), []).append(i)
-    for idx in by_shape.values():
-        x = torch.stack([prepared[i][0] for i in idx])
-        out = explain_tensor(
-            model,
-            x,
-            [prepared[i][1] for i in idx],
-            [batch_targets[i] for i in idx],
-            labels=[batch_labels[i] for i in idx],
-            gradcam=gradcam,
-            method=method,
-            channel_gradcam=channel_gradcam,
-            guided=guided,
-            device=device,
-            amp=amp,
-        )
-        for i, e in zip(idx, out, strict=True):
-            results[i] = e
-    return [r for r in results if r is not None]
+    for i, item in enumerate(prepared):
+        by_shape.setdefault(tuple(item.x.shape), []).append(i)
+    step = batch_size or len(items) or 1
+    for same_shape in by_shape.values():
+        for start in range(0, len(same_shape), step):
+            idx = same_shape[start : start + step]
+            out = explain_tensor(
+                model,
+                torch.stack([prepared[i].x for i in idx]),
+                [prepared[i].geometry for i in idx],
+                [batch_targets[i] for i in idx],
+                labels=[batch_labels[i] for i in idx],
+                maps=kinds,
+                method=method,
+                device=device,
+                amp=amp,
+            )
+            for i, e in zip(idx, out, strict=True):
+                e.view, e.source = prepared[i].view, prepared[i].source
+                results[i] = e
+    done = [r for r in results if r is not None]
+    return done[0] if single else done
 
 
 def explain_tensor(
@@ -183,10 +349,8 @@ def explain_tensor(
     targets: TargetSpec | Sequence[TargetSpec] = "pred",
     *,
     labels: Sequence[int | None] | None = None,
-    gradcam: bool = True,
+    maps: str | Sequence[str] = DEFAULT_MAPS,
     method: str = "fused",
-    channel_gradcam: bool = False,
-    guided: bool = False,
     device: torch.device | str | None = None,
     amp: bool | None = None,
     channels_last: bool | None = None,
@@ -197,15 +361,16 @@ def explain_tensor(
         model: an MCModel (its train/eval mode and ``requires_grad`` flags are restored afterwards).
         x: [B, 3, H, W] normalized inputs.
         geometries: one Geometry per image (from ``model.transform.geometry``).
-        targets: see the module docstring.
+        targets: see :mod:`mcloss.explainability.targets`.
         labels: true classes, for ``"label"`` targets and ``Explanation.label``.
-        gradcam: compute Grad-CAM of the FC-head logit of each target.
+        maps: which maps (see :func:`explain`).
         method: ``"fused"`` (gradients w.r.t. F from the same pass) or ``"captum"`` (Captum LayerGradCam).
-        channel_gradcam: also per-channel Grad-CAM of the group's channels.
-        guided: also Captum Guided Grad-CAM (extra passes; input resolution).
         device: where to run (default: the model's device).
         amp: bf16 autocast (default: on for CUDA).
         channels_last: channels-last memory format (default: on for CUDA).
+
+    Returns:
+        One Explanation per image (without a view; :func:`explain` adds it).
     """
     if method not in ("fused", "captum"):
         raise ValueError(f"method must be 'fused' or 'captum', got {method!r}")
@@ -218,9 +383,11 @@ def explain_tensor(
     x = x.to(dev, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    fused = gradcam and method == "fused"
+    kinds = parse_maps(maps)
+    gradcam, channel_gradcam, guided = ("gradcam" in kinds), ("channel_gradcam" in kinds), ("guided" in kinds)
+    fused = (gradcam or channel_gradcam) and method == "fused"
 
-    with model_guard(model), frozen_parameters(model):
+    with model_guard(model, freeze=True):
         with torch.no_grad(), autocast(dev, enabled=amp):
             feats = model.forward_features(x)
         feats = feats.float().contiguous()
@@ -244,11 +411,13 @@ def explain_tensor(
             if fused:
                 weights = fused_gradcam(feats, logits, rank_targets, retain_graph=r < depth - 1)
                 f = feats.detach()
-                cams[r] = gradcam_from_weights(f, weights)
+                if gradcam:
+                    cams[r] = gradcam_from_weights(f, weights)
                 if channel_gradcam:
                     chan_cams[r] = gradcam_from_weights(f, weights, per_channel=True)
-            elif gradcam:
-                cams[r] = captum_gradcam(model, x, rank_targets).float()
+            elif gradcam or channel_gradcam:
+                if gradcam:
+                    cams[r] = captum_gradcam(model, x, rank_targets).float()
                 if channel_gradcam:
                     chan_cams[r] = captum_channel_gradcam(model, x, rank_targets).float()
             if guided:
@@ -297,6 +466,7 @@ def explain_tensor(
                 probs_mc=probs_mc[b],
                 groups=groups,
                 label=None if label_list[b] is None else int(label_list[b]),
+                class_names=tuple(model.class_names),
             )
         )
     return results

@@ -2,12 +2,11 @@
 
 Every Grad-CAM here explains the **FC-head logit** of the target class (``model.forward`` returns the FC
 head's logits, which is what Captum sees), taken at ``model.feature_layer`` (F), with ReLU
-(``relu_attributions=True``). Maps stay at feature resolution; :func:`mcloss.maps.to_original` upsamples
+(``relu_attributions=True``). Maps stay at feature resolution; :func:`mcloss.explainability.geometry.to_original` upsamples
 them bilinearly onto the original image.
 
-Hooks exist only inside Captum calls. Each call runs under :func:`model_guard`, which removes every hook
-added during the call (even when it raises) and restores the model's train/eval mode and its parameters'
-``requires_grad`` flags.
+Hooks exist only inside Captum calls, which remove them in their own ``finally``. Each call runs under
+:func:`model_guard`, which restores the model's train/eval mode and its parameters' ``requires_grad`` flags.
 """
 
 from __future__ import annotations
@@ -20,9 +19,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "HOOK_DICTS",
     "model_guard",
-    "frozen_parameters",
     "fused_gradcam",
     "gradcam_from_weights",
     "captum_gradcam",
@@ -30,56 +27,24 @@ __all__ = [
     "captum_guided_gradcam",
 ]
 
-#: The per-module hook dictionaries that :func:`model_guard` cleans up.
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
 @contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Set ``requires_grad=False`` on every parameter for the block; restore each flag afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = False) -> Iterator[None]:
+    """Run a block in eval mode (and, with ``freeze``, with every parameter's ``requires_grad`` off); restore
+    each module's mode and each parameter's flag afterwards, also when the block raises.
 
-
-@contextlib.contextmanager
-def model_guard(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
-    """Run a block in eval mode; afterwards remove hooks it added and restore mode and ``requires_grad``.
-
-    Works when the block raises: hooks registered inside (by Captum or anyone) are removed, then the
-    exception propagates.
+    Hooks are not this guard's business: the code that adds one removes it in its own ``finally``
+    (Captum does; mcloss itself adds none).
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    before = {
-        (id(m), name): set(getattr(m, name, {}).keys()) for m in model.modules() for name in HOOK_DICTS
-    }
     try:
         if eval_mode:
             model.eval()
+        if freeze:
+            for p, _ in flags:
+                p.requires_grad_(False)
         yield
     finally:
-        for m in model.modules():
-            for name in HOOK_DICTS:
-                hooks = getattr(m, name, None)
-                if hooks is None:
-                    continue
-                keep = before.get((id(m), name), set())
-                for key in [k for k in hooks if k not in keep]:
-                    del hooks[key]
         for m, mode in modes:
             m.training = mode
         for p, flag in flags:

@@ -1,10 +1,12 @@
-"""Pure rendering of maps: arrays in, arrays out (RGB uint8 images, float maps).
+"""Pure rendering of maps: arrays in, arrays out (RGB uint8 images, float maps). The one rendering path:
+the app's tiles, the export's montages and report figures are all built by :func:`group_tiles`.
 
 Conventions: images are RGB uint8 [H, W, 3]; ``alpha`` is the heatmap's opacity (0 = image only); the
 default colormap is ``inferno`` (``viridis``, ``jet`` and any matplotlib name work); signed maps use the
-diverging ``RdBu_r`` centred on 0. Maps are normalized for display only. OpenCV is used for resizing and
-drawing on RGB arrays (colours are passed as RGB tuples); nothing here converts to BGR — callers that
-encode with OpenCV convert explicitly (see :func:`mcloss.export.encode_png`).
+diverging ``RdBu_r`` centred on 0. Maps are normalized for display only, each by its own maximum or, with
+``Style.shared_scale``, a whole channel group by one maximum. OpenCV is used for resizing and drawing on
+RGB arrays (colours are passed as RGB tuples); nothing here converts to BGR — the one encoder,
+:func:`mcloss.data.io.encode_image`, does that.
 """
 
 from __future__ import annotations
@@ -12,15 +14,30 @@ from __future__ import annotations
 import colorsys
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from mcloss.explainability.explanation import Explanation, GroupMaps, to_original
+from mcloss.explainability.geometry import INTERPOLATIONS, to_original
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from mcloss.explainability.explanation import Explanation, GroupMaps
 
 __all__ = [
     "DIVERGING",
+    "MAP_OVERLAYS",
+    "VIEW_MAX_SIDE",
+    "Style",
+    "Tile",
+    "fit_view",
+    "group_tiles",
+    "channel_gradcam_tiles",
+    "map_overlay",
     "colormap_lut",
     "normalize_map",
     "normalize_group",
@@ -31,21 +48,81 @@ __all__ = [
     "part_colors",
     "part_composite",
     "composite_legend",
-    "colorbar",
     "resize_to_height",
     "titled_tile",
     "montage",
+    "montage_tiles",
     "thumbnail",
-    "explanation_tiles",
     "explanation_montage",
     "explanation_figure",
-    "figure_to_array",
 ]
 
 DIVERGING = "RdBu_r"
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _TEXT_RGB = (30, 30, 30)
 _BG_RGB = (255, 255, 255)
+#: Views of the original are kept downscaled to this long side for drawing (the app and ``explain``).
+VIEW_MAX_SIDE = 1024
+#: Rows of the colour bar that ties a channel's tile to its colour in the part composite.
+_BAR_ROWS = 5
+#: What :func:`map_overlay` can draw.
+MAP_OVERLAYS = ("channel", "ccmp", "gradcam", "channel_gradcam", "guided")
+
+
+@dataclass(frozen=True)
+class Style:
+    """How explanations are drawn; changing it never re-runs the model.
+
+    Attributes:
+        colormap: a matplotlib colormap name (``inferno`` by default; ``jet`` matches published figures).
+        alpha: heatmap opacity in [0, 1]; 0 shows the image only.
+        shared_scale: normalize a class's channels (and its per-channel Grad-CAM) by one maximum, so their
+            strengths compare; otherwise each map by its own maximum.
+        peaks: mark each channel's (and Grad-CAM's) peak.
+        interpolation: ``bilinear`` (the convention) or ``nearest`` (the raw feature cells as blocks).
+        contour: draw each map's iso-line at this fraction of its maximum (None: no contour).
+        tile_height: rows of each montage tile.
+    """
+
+    colormap: str = "inferno"
+    alpha: float = 0.5
+    shared_scale: bool = False
+    peaks: bool = True
+    interpolation: str = "bilinear"
+    contour: float | None = None
+    tile_height: int = 224
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.contour is not None and not 0.0 < self.contour <= 1.0:
+            raise ValueError(f"contour must be in (0, 1], got {self.contour}")
+        if self.tile_height < 16:
+            raise ValueError(f"tile height must be >= 16 pixels, got {self.tile_height}")
+        _lut(self.colormap)  # an unknown colormap fails here, before any work
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One picture of a group view.
+
+    Attributes:
+        image: RGB uint8.
+        title: short title (montage strips).
+        caption: longer caption (the app).
+        alt: alternative text.
+        slug: file-name stem in downloads.
+        footer: an image drawn under the tile in montages (the part composite's legend), or None.
+    """
+
+    image: np.ndarray
+    title: str
+    caption: str
+    alt: str
+    slug: str
+    footer: np.ndarray | None = None
 
 
 @lru_cache(maxsize=32)
@@ -242,12 +319,6 @@ def composite_legend(
     return out
 
 
-def colorbar(colormap: str, *, width: int, height: int = 10, signed: bool = False) -> np.ndarray:
-    """A horizontal colour bar [height, width, 3] of a colormap (low → high, or −max → +max if signed)."""
-    ramp = np.linspace(-1.0 if signed else 0.0, 1.0, width, dtype=np.float32)
-    return np.repeat(colorize(ramp[None], colormap, signed=signed), height, axis=0)
-
-
 # ------------------------------------------------------------------------------------------- montage
 
 
@@ -351,144 +422,207 @@ def thumbnail(image: np.ndarray, height: int) -> tuple[np.ndarray, float]:
     return thumb, thumb.shape[1] / img.shape[1]
 
 
-def explanation_tiles(
-    image: np.ndarray,
-    explanation: Explanation,
-    group: int = 0,
-    *,
-    colormap: str = "inferno",
-    alpha: float = 0.5,
-    shared_scale: bool = True,
-    peaks: bool = True,
-    contour: float | None = None,
-    height: int = 224,
-) -> list[tuple]:
-    """The montage's tiles for one target: original | ξ channel overlays | CCMP | parts | Grad-CAM (| guided).
+def fit_view(image: np.ndarray, max_side: int | None = VIEW_MAX_SIDE) -> np.ndarray:
+    """The image downscaled (area filter) so that its long side is at most ``max_side`` (None: as is)."""
+    img = _check_image(image)
+    h, w = img.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return img
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
 
-    Every map is mapped through the eval geometry onto a thumbnail of the original of ``height`` rows;
-    ``image`` is the original or any resized view of it (same aspect ratio).
+
+# --------------------------------------------------------------------------------------------- tiles
+
+
+def _to_view(map_hw: np.ndarray, explanation: Explanation, size: tuple[int, int], style: Style) -> np.ndarray:
+    return to_original(map_hw, explanation.geometry, size, interpolation=style.interpolation)
+
+
+def _view_scale(view: np.ndarray, explanation: Explanation) -> np.ndarray:
+    """(kx, ky): view pixels per original pixel, per axis (a view's rounding makes them differ slightly)."""
+    return np.array([view.shape[1] / explanation.image_size[0], view.shape[0] / explanation.image_size[1]])
+
+
+def _with_bar(image: np.ndarray, color: np.ndarray) -> np.ndarray:
+    out = image.copy()
+    out[:_BAR_ROWS] = color
+    return out
+
+
+def _channel_tile(view, explanation, group, style, i, chans, vmax, colors) -> Tile:
+    xi = len(group.channels)
+    pk = group.peaks_xy[i : i + 1] * _view_scale(view, explanation) if style.peaks else None
+    img = overlay(
+        view, chans[i], colormap=style.colormap, alpha=style.alpha, vmax=vmax, peaks_xy=pk, contour=style.contour
+    )
+    peak = f"{group.peak_values[i]:.3g}"
+    return Tile(
+        _with_bar(img, colors[i]),
+        f"ch {i + 1}/{xi}  peak {peak}",
+        f"channel {i + 1}/{xi} · peak {peak}",
+        f"channel {i + 1} of {group.name}",
+        f"ch{i + 1}",
+    )
+
+
+def _ccmp_tile(view, explanation, group, style) -> Tile:
+    size = (view.shape[1], view.shape[0])
+    ccmp = _to_view(group.ccmp, explanation, size, style)
+    img = overlay(view, ccmp, colormap=style.colormap, alpha=style.alpha, contour=style.contour)
+    xi = len(group.channels)
+    return Tile(img, f"CCMP {group.name}", f"CCMP (max over {xi} channels)", f"CCMP of {group.name}", "ccmp")
+
+
+def _gradcam_tile(view, explanation, group, style) -> Tile:
+    size = (view.shape[1], view.shape[0])
+    cam = _to_view(group.gradcam, explanation, size, style)
+    pk = None
+    if style.peaks and group.gradcam_peak_xy is not None:
+        pk = np.asarray(group.gradcam_peak_xy)[None] * _view_scale(view, explanation)
+    img = overlay(view, cam, colormap=style.colormap, alpha=style.alpha, peaks_xy=pk, contour=style.contour)
+    return Tile(
+        img,
+        f"Grad-CAM {group.name} {group.prob:.2f}",
+        f"Grad-CAM (FC head) · p {group.prob:.2f}",
+        f"Grad-CAM of {group.name}",
+        "gradcam",
+    )
+
+
+def _guided_tile(view, explanation, group, style) -> Tile:
+    g = to_original(group.guided, explanation.geometry, (view.shape[1], view.shape[0]))  # input resolution
+    img = overlay(view, g, alpha=style.alpha, signed=True)
+    return Tile(img, "Guided Grad-CAM", "Guided Grad-CAM (signed)", f"Guided Grad-CAM of {group.name}", "guided_gradcam")
+
+
+def group_tiles(view: np.ndarray, explanation: Explanation, group: GroupMaps, style: Style) -> list[Tile]:
+    """The ξ channel overlays, CCMP, part composite and Grad-CAM (and Guided Grad-CAM when computed) of one
+    target, drawn at the size of ``view``.
+
+    Args:
+        view: RGB uint8 view of the original (any size, same aspect ratio); maps are warped onto it through
+            the eval geometry.
+        explanation: the image's explanation (geometry, image size).
+        group: the target's maps.
+        style: display settings.
     """
-    gm: GroupMaps = explanation.groups[group]
-    thumb, _ = thumbnail(image, height)
-    size = (thumb.shape[1], thumb.shape[0])
-    # thumbnail px per original px (``image`` may itself be any downscaled view of the original)
-    k = np.array([size[0] / explanation.image_size[0], size[1] / explanation.image_size[1]])
-    geo = explanation.geometry
-    chans = np.stack([to_original(c, geo, size) for c in gm.channels])
-    vmax = float(gm.channels.max()) if shared_scale else None
-    colors = part_colors(len(chans))
-    tiles: list[tuple] = [(thumb, "original")]
-    for i, c in enumerate(chans):
-        pk = gm.peaks_xy[i : i + 1] * k if peaks else None
-        tiles.append(
-            (
-                overlay(thumb, c, colormap=colormap, alpha=alpha, vmax=vmax, peaks_xy=pk, contour=contour),
-                f"ch {i + 1}/{len(chans)}  peak {gm.peak_values[i]:.3g}",
-            )
-        )
-    ccmp = to_original(gm.ccmp, geo, size)
-    tiles.append((overlay(thumb, ccmp, colormap=colormap, alpha=alpha, contour=contour), f"CCMP {gm.name}"))
-    comp = part_composite(thumb, chans, colors=colors, shared_scale=shared_scale)
-    if peaks:
-        comp = draw_peaks(comp, gm.peaks_xy * k, colors)
-    legend = composite_legend(colors, [f"ch {i + 1}" for i in range(len(chans))], width=comp.shape[1])
-    tiles.append((comp, "parts", legend))
-    if gm.gradcam is not None:
-        cam = to_original(gm.gradcam, geo, size)
-        pk = None if gm.gradcam_peak_xy is None or not peaks else np.asarray(gm.gradcam_peak_xy)[None] * k
-        tiles.append(
-            (
-                overlay(thumb, cam, colormap=colormap, alpha=alpha, peaks_xy=pk, contour=contour),
-                f"Grad-CAM {gm.name} {gm.prob:.2f}",
-            )
-        )
-    if gm.guided is not None:
-        g = to_original(gm.guided, geo, size)
-        tiles.append((overlay(thumb, g, alpha=0.7, signed=True), "Guided Grad-CAM"))
+    view = _check_image(view)
+    size = (view.shape[1], view.shape[0])
+    xi = len(group.channels)
+    colors = part_colors(xi)
+    chans = np.stack([_to_view(c, explanation, size, style) for c in group.channels])
+    vmax = float(group.channels.max()) if style.shared_scale else None
+    tiles = [_channel_tile(view, explanation, group, style, i, chans, vmax, colors) for i in range(xi)]
+    tiles.append(_ccmp_tile(view, explanation, group, style))
+    comp = part_composite(view, chans, colors=colors, shared_scale=style.shared_scale)
+    if style.peaks:
+        comp = draw_peaks(comp, group.peaks_xy * _view_scale(view, explanation), colors)
+    legend = composite_legend(colors, [f"ch {i + 1}" for i in range(xi)], width=comp.shape[1])
+    tiles.append(Tile(comp, "parts", "parts: each channel in its colour", f"part composite of {group.name}", "parts", legend))
+    if group.gradcam is not None:
+        tiles.append(_gradcam_tile(view, explanation, group, style))
+    if group.guided is not None:
+        tiles.append(_guided_tile(view, explanation, group, style))
     return tiles
 
 
-def _header(explanation: Explanation, gm: GroupMaps, class_names: Sequence[str] | None) -> str:
-    def name(i: int) -> str:
-        return class_names[i] if class_names is not None else str(i)
+def channel_gradcam_tiles(view: np.ndarray, explanation: Explanation, group: GroupMaps, style: Style) -> list[Tile]:
+    """Per-channel Grad-CAM of the group's channels, drawn at the size of ``view`` (empty when not computed)."""
+    if group.channel_gradcam is None:
+        return []
+    view = _check_image(view)
+    size = (view.shape[1], view.shape[0])
+    maps = [_to_view(c, explanation, size, style) for c in group.channel_gradcam]
+    vmax = float(group.channel_gradcam.max()) if style.shared_scale else None
+    colors = part_colors(len(maps))
+    return [
+        Tile(
+            _with_bar(overlay(view, m, colormap=style.colormap, alpha=style.alpha, vmax=vmax, contour=style.contour), colors[i]),
+            f"Grad-CAM ch {i + 1}",
+            f"Grad-CAM · channel {i + 1}",
+            f"per-channel Grad-CAM {i + 1} of {group.name}",
+            f"gradcam_ch{i + 1}",
+        )
+        for i, m in enumerate(maps)
+    ]
 
+
+def map_overlay(
+    view: np.ndarray, explanation: Explanation, group: GroupMaps, kind: str, channel: int, style: Style
+) -> np.ndarray:
+    """One map of a target over ``view`` (``kind`` in :data:`MAP_OVERLAYS`), drawn as its tile is."""
+    if kind not in MAP_OVERLAYS:
+        raise ValueError(f"map kind must be one of {', '.join(MAP_OVERLAYS)}, got {kind!r}")
+    view = _check_image(view)
+    missing = {"gradcam": group.gradcam, "channel_gradcam": group.channel_gradcam, "guided": group.guided}
+    if kind in missing and missing[kind] is None:
+        raise ValueError(f"this explanation has no {kind} map (explain with maps=(..., {kind!r}))")
+    if kind in ("channel", "channel_gradcam") and not 0 <= channel < len(group.channels):
+        raise IndexError(f"channel {channel} out of range [0, {len(group.channels)})")
+    if kind == "ccmp":
+        return _ccmp_tile(view, explanation, group, style).image
+    if kind == "gradcam":
+        return _gradcam_tile(view, explanation, group, style).image
+    if kind == "guided":
+        return _guided_tile(view, explanation, group, style).image
+    if kind == "channel_gradcam":
+        return channel_gradcam_tiles(view, explanation, group, style)[channel].image
+    size = (view.shape[1], view.shape[0])
+    chans = np.stack([_to_view(c, explanation, size, style) for c in group.channels])
+    vmax = float(group.channels.max()) if style.shared_scale else None
+    return _channel_tile(view, explanation, group, style, channel, chans, vmax, part_colors(len(chans))).image
+
+
+def _header(explanation: Explanation, gm: GroupMaps) -> str:
     p, q = explanation.prediction, explanation.prediction_mc
     text = (
         f"target {gm.name} (FC {gm.prob:.2f}, MC {gm.prob_mc:.2f})   "
-        f"pred FC: {name(p)} {explanation.probs_fc[p]:.2f}   MC: {name(q)} {explanation.probs_mc[q]:.2f}"
+        f"pred FC: {explanation.class_name(p)} {explanation.probs_fc[p]:.2f}   "
+        f"MC: {explanation.class_name(q)} {explanation.probs_mc[q]:.2f}"
     )
     if explanation.label is not None:
-        text += f"   label: {name(explanation.label)}"
+        text += f"   label: {explanation.class_name(explanation.label)}"
     return text
 
 
-def explanation_montage(
-    image: np.ndarray,
-    explanation: Explanation,
-    group: int = 0,
-    *,
-    class_names: Sequence[str] | None = None,
-    colormap: str = "inferno",
-    alpha: float = 0.5,
-    shared_scale: bool = True,
-    peaks: bool = True,
-    contour: float | None = None,
-    height: int = 224,
-) -> np.ndarray:
+def montage_tiles(image: np.ndarray, explanation: Explanation, group: int, style: Style) -> list[Tile]:
+    """The montage's tiles: the original, then :func:`group_tiles`, drawn on a ``style.tile_height`` thumbnail."""
+    thumb, _ = thumbnail(image, style.tile_height)
+    original = Tile(thumb, "original", "original", "input image", "original")
+    return [original, *group_tiles(thumb, explanation, explanation.groups[group], style)]
+
+
+def explanation_montage(image: np.ndarray, explanation: Explanation, group: int = 0, style: Style | None = None) -> np.ndarray:
     """One RGB uint8 picture per target: a header with classes and probabilities over
-    original | ξ channel overlays | CCMP | part composite (+ legend) | Grad-CAM."""
-    tiles = explanation_tiles(
-        image,
-        explanation,
-        group,
-        colormap=colormap,
-        alpha=alpha,
-        shared_scale=shared_scale,
-        peaks=peaks,
-        contour=contour,
-        height=height,
-    )
-    header = _header(explanation, explanation.groups[group], class_names)
-    return montage(tiles, height=height, header=header)
+    original | ξ channel overlays | CCMP | part composite (+ legend) | Grad-CAM.
+
+    ``image`` is the original or any view of it (same aspect ratio).
+    """
+    style = style or Style()
+    tiles = montage_tiles(image, explanation, group, style)
+    header = _header(explanation, explanation.groups[group])
+    return montage([(t.image, t.title, t.footer) for t in tiles], height=style.tile_height, header=header)
 
 
 def explanation_figure(
-    image: np.ndarray,
-    explanation: Explanation,
-    group: int = 0,
-    *,
-    class_names: Sequence[str] | None = None,
-    colormap: str = "inferno",
-    alpha: float = 0.5,
-    shared_scale: bool = True,
-    peaks: bool = True,
-    height: int = 320,
-    dpi: int = 100,
-):
+    image: np.ndarray, explanation: Explanation, group: int = 0, style: Style | None = None, *, dpi: int = 100
+) -> Figure:
     """The montage as a matplotlib Figure (for reports); no pyplot global state is touched."""
     from matplotlib.figure import Figure
 
-    tiles = explanation_tiles(
-        image, explanation, group, colormap=colormap, alpha=alpha, shared_scale=shared_scale, peaks=peaks,
-        height=height,
-    )
-    widths = [t[0].shape[1] for t in tiles]
+    style = style or Style()
+    tiles = montage_tiles(image, explanation, group, style)
+    widths = [t.image.shape[1] for t in tiles]
+    height = style.tile_height
     fig = Figure(figsize=(sum(widths) / dpi + 0.2 * len(tiles), height / dpi * 1.35 + 0.6), dpi=dpi)
     axes = fig.subplots(1, len(tiles), gridspec_kw={"width_ratios": widths})
     for ax, tile in zip(np.atleast_1d(axes), tiles, strict=True):
-        img = tile[0] if len(tile) < 3 else np.concatenate([tile[0], _fit_width(tile[2], tile[0].shape[1])])
+        img = tile.image if tile.footer is None else np.concatenate([tile.image, _fit_width(tile.footer, tile.image.shape[1])])
         ax.imshow(img)
-        ax.set_title(tile[1], fontsize=8)
+        ax.set_title(tile.title, fontsize=8)
         ax.set_axis_off()
-    fig.suptitle(_header(explanation, explanation.groups[group], class_names), fontsize=9)
+    fig.suptitle(_header(explanation, explanation.groups[group]), fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def figure_to_array(fig) -> np.ndarray:
-    """Render a matplotlib Figure to an RGB uint8 array."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcloss.data.io import atomic_path, atomic_write_bytes, atomic_write_text
+from mcloss.data.io import atomic_path, atomic_write_bytes, atomic_write_text, csv_text
 
 __all__ = [
     "RunDirError",
@@ -89,12 +89,6 @@ def read_run_config(out: str | Path) -> dict:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return format(value, ".8g")
-    return str(value)
-
-
 def read_metrics(path: str | Path, upto: int | None = None) -> list[dict[str, float]]:
     """Rows of metrics.csv with ``epoch <= upto`` (all rows when None); a missing file gives no rows."""
     p = Path(path)
@@ -114,12 +108,7 @@ def read_metrics(path: str | Path, upto: int | None = None) -> list[dict[str, fl
 
 def write_metrics(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write metrics.csv atomically, one row per epoch in :data:`METRIC_COLUMNS` order."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
-    for row in rows:
-        writer.writerow([_format(row[c]) for c in METRIC_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, csv_text(METRIC_COLUMNS, [[row[c] for c in METRIC_COLUMNS] for row in rows], float_format=".8g", nan="nan"))
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:

@@ -1,0 +1,225 @@
+"""What a ``mcloss parts`` run produces: the result object, its tables and the files it is saved as.
+
+Files (see :data:`OUTPUT_FILES`): per_image.csv, summary.csv, summary.md, summary.json, config.json,
+channel_part_matrix.png, hit_rate.png, deletion_insertion.png.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mcloss.data.io import atomic_path, atomic_write_json, atomic_write_text, csv_text
+
+__all__ = [
+    "METHODS",
+    "METHOD_LABELS",
+    "PER_IMAGE_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "OUTPUT_FILES",
+    "PartsResult",
+    "summary_table",
+    "write_outputs",
+]
+
+#: The rows of the summary: the true class's channels (CCMP map for faithfulness), Grad-CAM, random.
+METHODS = ("channels", "gradcam", "random")
+METHOD_LABELS = {"channels": "channels (CCMP)", "gradcam": "Grad-CAM", "random": "random"}
+_METHOD_COLORS = {"channels": "tab:blue", "gradcam": "tab:orange", "random": "tab:gray"}
+OUTPUT_FILES = (
+    "per_image.csv",
+    "summary.csv",
+    "summary.md",
+    "summary.json",
+    "config.json",
+    "channel_part_matrix.png",
+    "hit_rate.png",
+    "deletion_insertion.png",
+)
+PER_IMAGE_COLUMNS = (
+    "image_id",
+    "path",
+    "label",
+    "pred_fc",
+    "pred_mc",
+    "prob_fc",
+    "width",
+    "height",
+    "radius_px",
+    "visible_parts",
+    "channels",
+    "channel_hits",
+    "channel_distinct",
+    "channel_separated",
+    "channel_parts",
+    "channel_distances",
+    "overlap",
+    "gradcam_hit",
+    "gradcam_part",
+    "gradcam_distance",
+    "random_hits",
+    "random_distinct",
+    "random_separated",
+    "deletion_auc_channels",
+    "insertion_auc_channels",
+    "deletion_auc_gradcam",
+    "insertion_auc_gradcam",
+    "deletion_auc_random",
+    "insertion_auc_random",
+)
+SUMMARY_COLUMNS = (
+    "method", "peaks", "hit_rate", "distinct_parts", "separated_parts", "overlap", "deletion_auc", "insertion_auc"
+)
+
+
+@dataclass
+class PartsResult:
+    """What :func:`mcloss.evaluation.parts.run_parts` measured.
+
+    Attributes:
+        summary: the aggregate numbers (what ``evaluate_parts`` returns; JSON-friendly). Images that could
+            not be read are listed in ``summary["skipped_images"]`` (image_id, path, reason).
+        per_image: one row per evaluated image (keys :data:`PER_IMAGE_COLUMNS`).
+        curves: method → (deletion [N, steps+1], insertion [N, steps+1]) probabilities, or empty.
+    """
+
+    summary: dict
+    per_image: list[dict] = field(default_factory=list)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def summary_table(summary: dict) -> str:
+    """The markdown table: one row per method (channels, Grad-CAM, random), then both heads' top-1."""
+    xi = "/".join(str(x) for x in summary["channels_per_group"])
+    lines = [
+        f"| maps | peaks | hit rate | distinct parts per group (of {xi}) | separated parts per group "
+        "| overlap (top-k IoU) | deletion AUC ↓ | insertion AUC ↑ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        m = summary["methods"][method]
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {m['peaks']} | {_fmt(m['hit_rate'])} | {_fmt(m['distinct_parts'], 2)} "
+            f"| {_fmt(m.get('separated_parts'), 2)} | {_fmt(m['overlap'])} | {_fmt(m['deletion_auc'])} "
+            f"| {_fmt(m['insertion_auc'])} |"
+        )
+    lines += [
+        "",
+        f"{summary['images']} images ({summary['scored_images']} with visible parts); "
+        f"top-1 FC head {summary['top1_fc']:.3f}, MC head {summary['top1_mc']:.3f}; "
+        f"hit radius {summary['hit_radius']}. Separated parts count hit parts whose keypoints are less than "
+        "two hit radii apart (a peak between them could hit either) as one.",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(result: PartsResult, out_dir: str | Path, run_config: dict | None = None) -> list[Path]:
+    """Write every output file of a parts run atomically into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = result.summary
+    atomic_write_text(out / "per_image.csv", csv_text(PER_IMAGE_COLUMNS, result.per_image))
+    summary_rows = [{"method": m, **summary["methods"][m]} for m in METHODS]
+    atomic_write_text(out / "summary.csv", csv_text(SUMMARY_COLUMNS, summary_rows))
+    atomic_write_text(out / "summary.md", "# Part localization and faithfulness\n\n" + summary_table(summary) + "\n")
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "config.json", run_config if run_config is not None else summary["config"])
+    _plot_matrix(summary, out / "channel_part_matrix.png")
+    _plot_hit_rate(summary, out / "hit_rate.png")
+    _plot_curves(summary, out / "deletion_insertion.png")
+    return [out / name for name in OUTPUT_FILES]
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _figure(size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, dpi=100)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _plot_matrix(summary: dict, path: Path) -> None:
+    counts = np.asarray(summary["channel_part_matrix"], dtype=np.int64)
+    rows = np.asarray(summary["channel_part_matrix_normalized"], dtype=np.float64)
+    parts = summary["part_names"]
+    fig = _figure((max(5.0, 0.6 * len(parts) + 2.5), max(2.5, 0.45 * len(rows) + 1.8)))
+    ax = fig.subplots()
+    image = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    if rows.size and rows.size <= 400:
+        for (i, j), c in np.ndenumerate(counts):
+            ax.text(j, i, str(c), ha="center", va="center", fontsize=7, color="white" if rows[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(parts)), parts, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"ch {i}" for i in range(len(rows))], fontsize=8)
+    ax.set_xlabel("nearest visible part")
+    ax.set_ylabel("channel within the true class's group")
+    ax.set_title("How often each channel's peak is nearest each part (row-normalized; counts)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    _save(fig, path)
+
+
+def _plot_hit_rate(summary: dict, path: Path) -> None:
+    fig = _figure((9.0, 3.6))
+    ax_hit, ax_dist = fig.subplots(1, 2)
+    labels = [METHOD_LABELS[m] for m in METHODS]
+    colors = [_METHOD_COLORS[m] for m in METHODS]
+    methods = summary["methods"]
+    hit = [np.nan if methods[m]["hit_rate"] is None else methods[m]["hit_rate"] for m in METHODS]
+    ax_hit.bar(labels, hit, color=colors)
+    if methods["random"]["hit_rate"] is not None:
+        ax_hit.axhline(methods["random"]["hit_rate"], color="k", ls="--", lw=1, label="random (chance)")
+        ax_hit.legend(fontsize=8)
+    ax_hit.set_ylim(0, 1)
+    ax_hit.set_ylabel("peaks within the hit radius")
+    ax_hit.set_title(f"hit rate (radius {summary['hit_radius']})", fontsize=8)
+    dist = [np.nan if methods[m]["distinct_parts"] is None else methods[m]["distinct_parts"] for m in ("channels", "random")]
+    ax_dist.bar([labels[0], labels[2]], dist, color=[colors[0], colors[2]])
+    ax_dist.set_ylim(0, max(summary["channels_per_group"]))
+    ax_dist.set_ylabel("distinct parts hit per group")
+    ax_dist.set_title("distinct parts per group", fontsize=8)
+    for ax in (ax_hit, ax_dist):
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_curves(summary: dict, path: Path) -> None:
+    fig = _figure((9.0, 3.6))
+    axes = fig.subplots(1, 2)
+    curves = summary.get("curves") or {}
+    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+        for method in METHODS:
+            if method in curves:
+                auc = summary["methods"][method][f"{kind}_auc"]
+                ax.plot(
+                    curves["fractions"], curves[method][kind], marker=".", color=_METHOD_COLORS[method],
+                    label=f"{METHOD_LABELS[method]} (AUC {_fmt(auc)})",
+                )  # fmt: skip
+        ax.set_xlabel(f"fraction of pixels {'deleted' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("true-class probability (FC head)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC = more faithful)", fontsize=8)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)

@@ -1,0 +1,130 @@
+"""The files of one explanation, as ``mcloss export`` and :meth:`Explanation.save` write them.
+
+For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
+
+- ``<base>.png``: the montage of the first target (original | ξ channels | CCMP | parts | Grad-CAM); the
+  target of rank r ≥ 2 adds ``<base>.r<r>.png``.
+- ``<base>.npz``: ``channels`` [ξ, h, w] raw F slice at feature resolution, ``gradcam`` [h, w] raw (ReLU
+  Grad-CAM of the FC-head logit) when computed, ``channel_gradcam`` [ξ, h, w] and ``guided`` [H_in, W_in]
+  when computed, ``probs`` (FC head), ``probs_mc`` (MC head), ``target`` (int), ``peaks_xy`` [ξ, 2]
+  (original pixels), ``targets`` [T] (all targets); arrays of rank r ≥ 2 are suffixed ``_r<r>``.
+- ``<base>.json`` (written last: an image is finished when its json exists): ``file``, ``image_size``
+  [width, height] after EXIF, ``prediction`` {index, name, prob}, ``prediction_mc``, ``topk``
+  [{index, name, prob}], ``label`` (or null), ``target`` {index, name, prob}, ``channels`` [{channel,
+  peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
+  ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png}
+  per rank) and ``outputs`` (file names).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mcloss.data.io import atomic_write_bytes, atomic_write_json, encode_image
+from mcloss.explainability.render import Style, explanation_montage
+
+if TYPE_CHECKING:
+    from mcloss.explainability.explanation import Explanation, GroupMaps
+
+__all__ = ["explanation_arrays", "explanation_record", "png_name", "write_explanation"]
+
+
+def png_name(name: str, rank: int) -> str:
+    """The montage file of the target of ``rank`` (1-based) for an output stem named ``name``."""
+    return f"{name}.png" if rank == 1 else f"{name}.r{rank}.png"
+
+
+def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
+    """The raw maps and probabilities of the npz file."""
+    arrays: dict[str, np.ndarray] = {
+        "probs": exp.probs_fc.astype(np.float32),
+        "probs_mc": exp.probs_mc.astype(np.float32),
+        "target": np.int64(exp.groups[0].target),
+        "targets": np.array([g.target for g in exp.groups], np.int64),
+    }
+    for rank, gm in enumerate(exp.groups, start=1):
+        sfx = "" if rank == 1 else f"_r{rank}"
+        arrays[f"channels{sfx}"] = gm.channels
+        arrays[f"peaks_xy{sfx}"] = gm.peaks_xy.astype(np.float64)
+        for key in ("gradcam", "channel_gradcam", "guided"):
+            value = getattr(gm, key)
+            if value is not None:
+                arrays[f"{key}{sfx}"] = value
+    return arrays
+
+
+def _target_entry(gm: GroupMaps, rank: int, png: str) -> dict:
+    return {
+        "rank": rank,
+        "index": gm.target,
+        "name": gm.name,
+        "prob": gm.prob,
+        "prob_mc": gm.prob_mc,
+        "channels": [
+            {"channel": i, "peak_xy": [float(v) for v in gm.peaks_xy[i]], "peak_value": float(gm.peak_values[i])}
+            for i in range(len(gm.channels))
+        ],
+        "gradcam": None if gm.gradcam_peak_xy is None else {"peak_xy": [float(v) for v in gm.gradcam_peak_xy]},
+        "png": png,
+    }
+
+
+def explanation_record(exp: Explanation, topk: int = 5, name: str | None = None) -> dict:
+    """The json record (see the module docstring); ``name`` is the output stem's file name."""
+    stem = name if name is not None else Path(exp.source or "image").name
+    entries = [_target_entry(gm, rank, png_name(stem, rank)) for rank, gm in enumerate(exp.groups, start=1)]
+    pred, pred_mc = exp.prediction, exp.prediction_mc
+    order = np.argsort(-exp.probs_fc, kind="stable")[:topk]
+    return {
+        "file": exp.source,
+        "image_size": list(exp.image_size),
+        "prediction": {"index": pred, "name": exp.class_name(pred), "prob": float(exp.probs_fc[pred])},
+        "prediction_mc": {"index": pred_mc, "name": exp.class_name(pred_mc), "prob": float(exp.probs_mc[pred_mc])},
+        "topk": [{"index": int(i), "name": exp.class_name(int(i)), "prob": float(exp.probs_fc[i])} for i in order],
+        "label": None if exp.label is None else {"index": exp.label, "name": exp.class_name(exp.label)},
+        "target": {"index": entries[0]["index"], "name": entries[0]["name"], "prob": entries[0]["prob"]},
+        "channels": entries[0]["channels"],
+        "gradcam": entries[0]["gradcam"],
+        "feature_hw": list(exp.feature_hw),
+        "geometry": {"resized": list(exp.geometry.resized), "crop": list(exp.geometry.crop)},
+        "targets": entries,
+        "outputs": [e["png"] for e in entries] + [f"{stem}.npz", f"{stem}.json"],
+    }
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _clean_stale_temps(base: Path) -> None:
+    """Remove temp files a killed run left for this image's outputs."""
+    if base.parent.is_dir():
+        for tmp in base.parent.glob(f".{glob.escape(base.name)}.*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def write_explanation(exp: Explanation, base: Path, view: np.ndarray, style: Style, topk: int = 5) -> dict:
+    """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
+
+    Args:
+        exp: the explanation (its ``source`` is the json's ``file``).
+        base: the output stem.
+        view: RGB uint8 view of the original to draw the montages on.
+        style: how the montages are drawn (``style.tile_height`` rows per tile).
+        topk: entries in the json's ``topk`` list.
+    """
+    _clean_stale_temps(base)
+    record = explanation_record(exp, topk, base.name)
+    for rank in range(1, len(exp.groups) + 1):
+        picture = explanation_montage(view, exp, rank - 1, style)
+        atomic_write_bytes(base.parent / png_name(base.name, rank), encode_image(picture))
+    atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(explanation_arrays(exp)))
+    atomic_write_json(base.parent / f"{base.name}.json", record)
+    return record
