@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint
+from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, project_checkpoints
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics
@@ -32,7 +32,6 @@ from mcloss.explainability import render
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain
 
 __all__ = [
-    "REPO_ROOT",
     "IMAGE_TYPES",
     "MAX_UPLOAD_MB",
     "MAX_PIXELS",
@@ -61,7 +60,6 @@ __all__ = [
     "export_zip",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Upload types offered by the file uploader (GIF and multi-page TIFF: first frame).
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
 MAX_UPLOAD_MB = 50
@@ -80,16 +78,16 @@ COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet")
 
 
 def samples_dir() -> Path:
-    """``$MCLOSS_SAMPLES`` or ``checkpoints/samples`` of the repository."""
+    """``$MCLOSS_SAMPLES`` or the default checkpoint's gallery (``samples/`` beside it in the project)."""
     env = os.environ.get("MCLOSS_SAMPLES")
-    return Path(env) if env else REPO_ROOT / "checkpoints" / "samples"
+    return Path(env) if env else project_checkpoints() / "samples"
 
 
 def list_checkpoints(default: Path, folder: Path | None = None) -> list[Path]:
     """The default checkpoint (even if missing, so the UI can say so; :func:`mcloss.default_checkpoint`
     resolves it) then every other ``*.safetensors``
-    in ``folder`` (default: the repository's ``checkpoints/``), sorted by name."""
-    folder = folder or REPO_ROOT / "checkpoints"
+    in ``folder`` (default: the project's ``checkpoints/``), sorted by name."""
+    folder = folder or project_checkpoints()
     found = sorted(p for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
     default_resolved = default.resolve()
     return [default] + [p for p in found if p.resolve() != default_resolved]

@@ -59,7 +59,7 @@ def part_mass(checkpoint: str, data: str, batch: int = 16) -> dict[str, np.ndarr
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/default.safetensors")
+    parser.add_argument("checkpoint", nargs="?", default=str(mcloss.default_checkpoint()))
     parser.add_argument("--data", default="runs/data/birds12-fresh")
     args = parser.parse_args(argv)
     result = part_mass(args.checkpoint, args.data)

@@ -57,3 +57,16 @@ def random_images() -> Callable[..., list[Image.Image]]:
         return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
 
     return make
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Callable[..., object]:
+    """``tiny_checkpoint(classes=2, class_names=None, img_size=32)``: save a tiny model; returns its path."""
+
+    def save(classes: int = 2, class_names: Sequence[str] | None = None, img_size: int = 32):
+        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(classes)]
+        path = tmp_path / f"tiny-{classes}-{img_size}.safetensors"
+        mcloss.save_checkpoint(tiny_model(classes, class_names=names, img_size=img_size), path)
+        return path
+
+    return save

@@ -7,22 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mcloss.cli.eval import main
-from mcloss.core.checkpoint import save_checkpoint
-from mcloss.core.model import build_model
 from mcloss.evaluation.classification import format_report
 
 
 @pytest.fixture
-def tiny_checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    model = build_model("resnet18", 2, xi=3, class_names=["a", "b"], img_size=32)
-    path = tmp_path / "model.safetensors"
-    save_checkpoint(model, path)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint(2, ["a", "b"])
 
 
 def image_folder(root: Path, classes=("a", "b"), per_class: int = 2) -> Path:
@@ -35,31 +28,31 @@ def image_folder(root: Path, classes=("a", "b"), per_class: int = 2) -> Path:
     return root
 
 
-def test_prints_the_table_and_writes_json(tmp_path, tiny_checkpoint, capsys):
+def test_prints_the_table_and_writes_json(tmp_path, checkpoint, capsys):
     root = image_folder(tmp_path / "data")
     out = tmp_path / "eval.json"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--device", "cpu", "--workers", "0", "--json", str(out)]
+    argv = ["--checkpoint", str(checkpoint), "--data", str(root), "--device", "cpu", "--workers", "0", "--json", str(out)]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{tiny_checkpoint}: 4 test images, 2 classes, FC-head loss ")
+    assert lines[0].startswith(f"{checkpoint}: 4 test images, 2 classes, FC-head loss ")
     assert lines[1].split() == ["head", "top-1", "top-2"]
     assert [line.split()[0] for line in lines[2:]] == ["FC", "MC"]
     result = json.loads(out.read_text())
     assert result["n"] == 4 and result["topk"] == 2 and result["dataset"] == "auto"
     assert result["fc"] == {"top1": result["fc_top1"], "top2": result["fc_top5"]}
-    assert format_report(result, str(tiny_checkpoint), 2) == "\n".join(lines)
+    assert format_report(result, str(checkpoint), 2) == "\n".join(lines)
 
 
-def test_bad_inputs_fail_with_one_line(tmp_path, tiny_checkpoint, capsys):
+def test_bad_inputs_fail_with_one_line(tmp_path, checkpoint, capsys):
     root = image_folder(tmp_path / "data")
-    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--batch-size", "0"]) == 2
+    assert main(["--checkpoint", str(checkpoint), "--data", str(root), "--batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "mcloss eval: error: --batch-size must be >= 1 and --workers >= 0"
     missing = tmp_path / "missing.safetensors"
     assert main(["--checkpoint", str(missing), "--data", str(root)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mcloss eval: error: {missing}") and len(err.splitlines()) == 1
     other = image_folder(tmp_path / "other", classes=("x", "y"))
-    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(other), "--workers", "0"]) == 2
+    assert main(["--checkpoint", str(checkpoint), "--data", str(other), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mcloss eval: error: {other}: ") and "do not match" in err
-    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--dataset", "nope"]) == 2
+    assert main(["--checkpoint", str(checkpoint), "--data", str(root), "--dataset", "nope"]) == 2

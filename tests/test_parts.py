@@ -14,9 +14,8 @@ from PIL import Image
 from torch import nn
 
 from mcloss.cli.parts import main as parts_main
-from mcloss.core.checkpoint import save_checkpoint
 from mcloss.core.loss import ccmp
-from mcloss.core.model import MCModel, build_model
+from mcloss.core.model import MCModel
 from mcloss.core.transforms import EvalTransform
 from mcloss.data.cub import CUBDataset
 from mcloss.evaluation import metrics as M
@@ -315,18 +314,14 @@ def test_ccmp_map_is_more_faithful_than_random(tmp_path):
 
 
 @pytest.fixture
-def tiny_checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    model = build_model("resnet18", 2, xi=3, class_names=["class_0", "class_1"], img_size=32)
-    path = tmp_path / "model.safetensors"
-    save_checkpoint(model, path)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint(2, ["class_0", "class_1"])
 
 
-def test_cli_writes_every_output(tmp_path, tiny_checkpoint, capsys):
+def test_cli_writes_every_output(tmp_path, checkpoint, capsys):
     root = write_cub(tmp_path / "cub", part_layouts(3), [0, 1, 0], ["class_0", "class_1"])
     out = tmp_path / "out"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--steps", "4",
+    argv = ["--checkpoint", str(checkpoint), "--data", str(root), "--out", str(out), "--steps", "4",
             "--device", "cpu", "--seed", "5"]  # fmt: skip
     assert parts_main(argv) == 0
     printed = capsys.readouterr().out
@@ -356,30 +351,30 @@ def test_cli_writes_every_output(tmp_path, tiny_checkpoint, capsys):
     assert (out / "summary.json").read_bytes() == before
 
 
-def test_cli_bad_inputs_fail_with_one_line(tmp_path, tiny_checkpoint, capsys):
+def test_cli_bad_inputs_fail_with_one_line(tmp_path, checkpoint, capsys):
     root = write_cub(tmp_path / "cub", part_layouts(1), [0], ["class_0", "class_1"])
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
     assert parts_main(["--checkpoint", str(bad), "--data", str(root), "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and len(err.splitlines()) == 1
-    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope" in err and len(err.splitlines()) == 1
-    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--radius", "0", "--out", str(tmp_path / "o4")]) == 2
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(root), "--radius", "0", "--out", str(tmp_path / "o4")]) == 2
     assert capsys.readouterr().err.strip() == "mcloss parts: error: radius must be > 0, got 0.0"
     other = write_cub(tmp_path / "other", part_layouts(1), [0], ["sparrow", "finch"])
-    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(other), "--out", str(tmp_path / "o3")]) == 2
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(other), "--out", str(tmp_path / "o3")]) == 2
     assert "do not match" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "summary.json").exists()
 
 
-def test_cli_skips_a_corrupt_image(tmp_path, tiny_checkpoint, capsys):
+def test_cli_skips_a_corrupt_image(tmp_path, checkpoint, capsys):
     root = write_cub(tmp_path / "cub", part_layouts(2), [0, 1], ["class_0", "class_1"])
     victim = sorted((root / "images").rglob("*.png"))[0]
     victim.write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
-    assert parts_main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out), "--no-faithfulness"]) == 0
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(root), "--out", str(out), "--no-faithfulness"]) == 0
     assert victim.name in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 1 and summary["skipped_images"][0]["path"].endswith(victim.name)

@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "FORMAT",
     "default_checkpoint",
+    "project_checkpoints",
     "load_checkpoint",
     "read_metadata",
     "save_checkpoint",
@@ -33,20 +34,23 @@ CHECKPOINT_ENV = "MCLOSS_CHECKPOINT"
 _DEFAULT_NAME = "default.safetensors"
 
 
-def default_checkpoint() -> Path:
-    """The default checkpoint, resolved the same way from any working directory.
+def project_checkpoints() -> Path:
+    """The folder of the checkpoints installed with the project (the default, its model card, its samples).
 
-    ``$MCLOSS_CHECKPOINT`` when set; otherwise the copy installed with the project: ``checkpoints/`` of the
-    source tree the package runs from (the editable install of the README), else the copy a wheel installs
-    under ``<prefix>/share/mcloss/checkpoints/``. When none exists, the source-tree path is returned, so
-    that the caller's "not found" message names where it was expected.
+    ``checkpoints/`` of the source tree the package runs from (the editable install of the README), else the
+    copy a wheel installs under ``<prefix>/share/mcloss/checkpoints/``; the source-tree folder when neither
+    holds the default, so that a "not found" message names where it was expected.
     """
+    source_tree = Path(__file__).resolve().parents[2] / "checkpoints"
+    installed = Path(sys.prefix) / "share" / "mcloss" / "checkpoints"
+    return next((p for p in (source_tree, installed) if (p / _DEFAULT_NAME).is_file()), source_tree)
+
+
+def default_checkpoint() -> Path:
+    """The default checkpoint, resolved the same way from any working directory: ``$MCLOSS_CHECKPOINT``
+    when set, otherwise ``default.safetensors`` in :func:`project_checkpoints`."""
     env = os.environ.get(CHECKPOINT_ENV)
-    if env:
-        return Path(env)
-    source_tree = Path(__file__).resolve().parents[2] / "checkpoints" / _DEFAULT_NAME
-    installed = Path(sys.prefix) / "share" / "mcloss" / "checkpoints" / _DEFAULT_NAME
-    return next((p for p in (source_tree, installed) if p.is_file()), source_tree)
+    return Path(env) if env else project_checkpoints() / _DEFAULT_NAME
 
 
 class CheckpointError(ValueError):

@@ -156,7 +156,7 @@ def normalize_map(map_hw: np.ndarray, vmax: float | None = None, *, signed: bool
     return np.clip(m / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(m)
 
 
-def normalize_group(maps: np.ndarray, *, shared: bool = True) -> np.ndarray:
+def normalize_group(maps: np.ndarray, *, shared: bool = False) -> np.ndarray:
     """Normalize [N, h, w] maps to [0, 1]: by one shared max (strengths compare) or each by its own max."""
     m = np.asarray(maps, dtype=np.float32)
     if shared:
@@ -270,7 +270,7 @@ def part_composite(
     channel_maps: np.ndarray,
     *,
     colors: np.ndarray | None = None,
-    shared_scale: bool = True,
+    shared_scale: bool = False,
     alpha: float = 0.85,
     desaturate: float = 0.75,
     gamma: float = 0.75,

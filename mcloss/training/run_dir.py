@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mcloss.core.errors import first_line
 from mcloss.data.io import atomic_path, atomic_write_bytes, atomic_write_text, csv_text
 
 __all__ = [
@@ -200,7 +201,7 @@ def load_resume_state(path: str | Path) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise RunDirError(f"--resume: {p}: corrupt or unsafe resume state ({first})") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise RunDirError(f"--resume: {p}: not an mcloss resume state (format is not {RESUME_FORMAT!r})")

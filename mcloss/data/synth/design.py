@@ -1,7 +1,20 @@
 """The class design of ``mcloss synth``: parts, attributes, the base bird, and which parts each class changes.
 
-Classes are a fixed function of the class count and the design only (``single`` or ``combo``, see
-:func:`class_definitions`); a class's *defining parts* are the parts it changes from the base bird.
+A class is a choice of LOCAL part attributes (a part's colour, pattern, marking or shape); its *defining
+parts* are the parts it changes from the base bird. Classes are a fixed function of the class count and
+the design only (``--seed`` only changes the instances). Two designs (``--design``):
+
+- ``single`` (default): class 1 is a base bird and every other class changes one part of it (two parts
+  once the single-part changes run out), so one part identifies a class and most pairs of classes differ
+  in one or two parts.
+- ``combo``: class 1 is the base bird and the others change two parts each (then four, then all six), using
+  one alternative per part, so any two classes differ in two or four parts and each changed part is shared
+  by several classes: no single part identifies a class, a classifier has to combine parts, as with real
+  species.
+
+Global colour content carries no class information by design: the body, legs, pattern ink, background
+and clutter colours are random per instance and come from the same palette as the part colours, so a
+class shows only in WHICH part has which colour, pattern or shape.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Writing a synthetic fine-grained "bird parts" dataset in the exact CUB_200_2011 layout (``mcloss synth``).
 
-Every image shows one bird made of seven named parts (head, beak, crest, wing, tail, belly, legs) in a
-random pose on a cluttered background. A class is a choice of LOCAL part attributes (a part's colour,
-pattern, marking or shape). Classes are a fixed function of the class count and the design only;
-``--seed`` only changes the instances. Two designs (``--design``):
-
-- ``single`` (default): class 1 is a base bird and every other class changes one part of it (two parts
-  once the single-part changes run out), so one part identifies a class and most pairs of classes differ
-  in one or two parts.
-- ``combo``: class 1 is the base bird and the others change two parts each (then four, then all six), using
-  one alternative per part, so any two classes differ in two or four parts and each changed part is shared
-  by several classes: no single part identifies a class, a classifier has to combine parts, as with real
-  species.
-
-Global colour content carries no class information by design: the body, legs, pattern ink, background
-and clutter colours are random per instance and come from the same palette as the part colours, so a
-class shows only in WHICH part has which colour, pattern or shape.
-
-Coordinates (keypoints, boxes) are in original pixels with the pixel-centre convention of
-:class:`mcloss.core.transforms.Geometry`: pixel i covers [i, i+1).
+Every image shows one bird of seven named parts in a random pose on a cluttered background
+(:mod:`~mcloss.data.synth.drawing`); classes come from :mod:`~mcloss.data.synth.design`. Besides the CUB
+index files, boxes and part keypoints, ``synth.json`` records the arguments and every class's
+definition, including the parts it changes from the base bird. The dataset is written to a temporary
+sibling directory and moved into place, so the output is never half-written.
 """
 
 from __future__ import annotations
