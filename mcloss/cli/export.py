@@ -61,20 +61,19 @@ def _export(args: argparse.Namespace) -> int:
         topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device), shard=shard,
         method=args.method,
     )  # fmt: skip
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(unit="img", desc="export", file=sys.stderr)
+    bars = []
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        if not bars:  # created on the first report, when the number of images to do is known
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=total, unit="img", desc="export", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
 
     try:
-        result = export(model, config, device=device, progress=None if bar is None else progress)
+        result = export(model, config, device=device, progress=None if args.no_progress else progress)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     say("export", f"{result.written} exported, {result.skipped} already done, {len(result.errors)} rejected → {result.out}")
     for _source, reason in result.errors:
