@@ -1,4 +1,5 @@
-"""UI glue for the Streamlit app: input decoding, gallery index, display tiles. No model logic here.
+"""UI glue for the Streamlit app: model loading, input decoding, gallery index, captions, downloads. No model
+logic and no drawing of maps here: tiles come from :mod:`mcloss.explainability.render`.
 
 Everything in this module is pure (arrays and bytes in, arrays and bytes out) except the small file
 readers (:func:`load_gallery`, :func:`list_checkpoints`), so the app script stays a thin layout layer
@@ -29,7 +30,7 @@ from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics
 from mcloss.explainability import render
-from mcloss.explainability.explanation import Explanation, GroupMaps, explain
+from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
 
 __all__ = [
     "IMAGE_TYPES",
@@ -52,6 +53,7 @@ __all__ = [
     "Gallery",
     "load_gallery",
     "decode_image",
+    "display_image",
     "draw_keypoints",
     "ChannelPart",
     "channel_parts",
@@ -144,8 +146,9 @@ def explain_locked(
     """
     t0 = time.perf_counter()
     kinds = ["channels", "gradcam"] + ["channel_gradcam"] * channel_gradcam + ["guided"] * guided
+    prepared = prepare(loaded.model, image, view=None)  # the app draws on its own display copy
     with loaded.lock:
-        out = explain(loaded.model, image, [list(targets)], maps=kinds, method=method, device=loaded.device)
+        out = explain(loaded.model, prepared, [list(targets)], maps=kinds, method=method, device=loaded.device)
     return out, time.perf_counter() - t0
 
 
@@ -240,7 +243,7 @@ def draw_keypoints(
 
     Images shorter than ``min_side`` are first enlarged by an integer factor (bicubic) so the labels stay
     legible; ``keypoints_xy`` are in the pixels of ``image`` (pixel i covers [i, i+1)); each dot is drawn
-    on the pixel containing its point, as :func:`mcloss.render.draw_peaks` does.
+    on the pixel containing its point, as :func:`mcloss.explainability.render.draw_peaks` does.
     """
     out = np.ascontiguousarray(image)
     factor = max(1, int(np.ceil(min_side / max(1, min(out.shape[:2])))))
@@ -281,7 +284,7 @@ def channel_parts(
 ) -> tuple[list[ChannelPart], float]:
     """Nearest visible part of each channel peak and whether it lies within ``radius × max(W, H)``.
 
-    Uses :mod:`mcloss.metrics` (the same definitions as ``mcloss parts``). Returns the per-channel rows and
+    Uses :mod:`mcloss.evaluation.metrics` (the same definitions as ``mcloss parts``). Returns the per-channel rows and
     the hit radius in pixels.
     """
     parts, dist = metrics.nearest_keypoints(group.peaks_xy, keypoints)

@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "load_image": "mcloss.data.io",
     "CUBDataset": "mcloss.data.cub",
     "is_cub_layout": "mcloss.data.cub",
-    "DatasetError": "mcloss.data.datasets",
+    "DatasetError": "mcloss.core.errors",
     "build_datasets": "mcloss.data.datasets",
     "generate_dataset": "mcloss.data.synth",
     # explainability
@@ -59,7 +59,7 @@ _EXPORTS: dict[str, str] = {
     "captum_gradcam": "mcloss.explainability.gradcam",
     "fused_gradcam": "mcloss.explainability.gradcam",
     "gradcam_from_weights": "mcloss.explainability.gradcam",
-    "model_guard": "mcloss.explainability.gradcam",
+    "model_guard": "mcloss.core.model",
     "Style": "mcloss.explainability.render",
     "overlay": "mcloss.explainability.render",
     "explanation_figure": "mcloss.explainability.render",
@@ -98,19 +98,20 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
         save_checkpoint,
     )
     from mcloss.core.device import resolve_device
+    from mcloss.core.errors import DatasetError
     from mcloss.core.groups import normalize_groups, split_channels
     from mcloss.core.loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss
-    from mcloss.core.model import FCHead, MCModel, build_model
+    from mcloss.core.model import FCHead, MCModel, build_model, model_guard
     from mcloss.core.transforms import EvalTransform, Geometry, TrainTransform
     from mcloss.data.cub import CUBDataset, is_cub_layout
-    from mcloss.data.datasets import DatasetError, build_datasets
+    from mcloss.data.datasets import build_datasets
     from mcloss.data.io import ImageLoadError, load_image
     from mcloss.data.synth import generate_dataset
     from mcloss.evaluation.classification import evaluate
     from mcloss.evaluation.parts import evaluate_parts
     from mcloss.explainability.explanation import Explanation, GroupMaps, explain, explain_tensor
     from mcloss.explainability.geometry import channel_peaks, to_original
-    from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights, model_guard
+    from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights
     from mcloss.explainability.render import Style, explanation_figure, explanation_montage, overlay
     from mcloss.training.config import TrainConfig, make_config
     from mcloss.training.loop import train

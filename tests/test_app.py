@@ -153,7 +153,7 @@ def test_gallery_sample_renders_with_ground_truth(env, checkpoint, gallery_dir):
     assert caps[4].startswith("CCMP")
     assert caps[5].startswith("parts")
     assert caps[6] == f"Grad-CAM (FC head) · p {group.prob:.2f}"
-    # per-channel peak values and nearest ground-truth part, as mcloss.metrics defines them
+    # per-channel peak values and nearest ground-truth part, as mcloss.evaluation.metrics defines them
     kps = np.array(json.loads((gallery_dir / "index.json").read_text())["samples"][0]["parts"])
     part, dist = metrics.nearest_keypoints(group.peaks_xy, kps)
     radius = metrics.hit_radius(96, 72, view.HIT_RADIUS)

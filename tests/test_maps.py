@@ -271,3 +271,18 @@ def test_nearest_upsampling_shows_raw_cells():
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(ValueError, match="interpolation"):
         to_original(m, geo, interpolation="cubic")
+
+
+def test_single_image_takes_a_list_of_targets_and_a_scalar_label():
+    model = _model()
+    img = _image(64, 64, 5)
+    e = explain(model, img, ["label", "top2"], labels=1)
+    assert e.label == 1 and e.groups[0].target == 1 and len(e.groups) in (2, 3)
+    assert [g.target for g in e.groups[1:]] == [t for t in np.argsort(-e.probs_fc, kind="stable")[:2] if t != 1][: len(e.groups) - 1]
+    assert check_target(model, np.int64(2)) == 2 and explain(model, img, np.int64(3)).groups[0].target == 3
+    gen = explain(model, (im for im in [img, img]), "pred")
+    assert len(gen) == 2 and gen[0].prediction == gen[1].prediction
+    with pytest.raises(ValueError, match="batch_size"):
+        explain(model, [img], batch_size=0)
+    with pytest.raises(TypeError, match="PIL images, paths or PreparedImages"):
+        explain(model, [img, 3])

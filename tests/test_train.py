@@ -278,7 +278,7 @@ def test_official_recipes():
 def test_cli_picks_the_pretrained_recipe_with_pretrained_weights(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_train(config):
+    def fake_train(config, **kwargs):
         seen["config"] = config
         return {"status": "complete", "rank": 0, "best_epoch": 0}
 

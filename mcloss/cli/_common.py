@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ def say(command: str, message: str) -> None:
 
 def fail(command: str, exc: BaseException) -> int:
     """Report an exception as one line (``mcloss <command>: error: <reason>``); returns :data:`EXIT_USAGE`."""
-    reason = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else first_line(exc)
+    reason = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else first_line(exc, limit=None)
     say(command, f"error: {reason}")
     return EXIT_USAGE
 
@@ -100,6 +101,11 @@ def checkpoint_path(given: str | None) -> Path:
     """The checkpoint to use: the one given, else the default; a missing file is an error naming the path."""
     path = Path(given) if given else default_checkpoint()
     if not path.is_file():
-        hint = "" if given else f" (the default; set {CHECKPOINT_ENV}, train one, or pass --checkpoint)"
+        if given:
+            hint = ""
+        elif os.environ.get(CHECKPOINT_ENV):
+            hint = f" (named by ${CHECKPOINT_ENV})"
+        else:
+            hint = f" (the default; set {CHECKPOINT_ENV}, train one, or pass --checkpoint)"
         raise ValueError(f"{path}: checkpoint not found{hint}")
     return path

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from mcloss.cli._common import EXIT_OK, EXIT_REJECTED, add_checkpoint, add_device, checkpoint_path, run, say
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
-from mcloss.explainability.explanation import MAP_KINDS
+from mcloss.explainability.explanation import DEFAULT_MAPS, MAP_KINDS, parse_maps
 from mcloss.explainability.export import ExportConfig, export, parse_shard
 from mcloss.explainability.render import Style
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="image files, directories (recursive) or globs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--target", default="pred", help="pred | pred_mc | label | topK | class index or name")
-    p.add_argument("--maps", default="channels,gradcam", help=f"comma list of {','.join(MAP_KINDS)}")
+    p.add_argument("--maps", default=",".join(DEFAULT_MAPS), help=f"comma list of {','.join(MAP_KINDS)}")
     p.add_argument("--colormap", default="inferno")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0 = image only)")
     p.add_argument("--shared-scale", action="store_true", help="normalize a channel group by one max")
@@ -51,13 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     style = Style(colormap=args.colormap, alpha=args.alpha, shared_scale=args.shared_scale, tile_height=args.tile_height)
     shard = parse_shard(args.shard)
+    maps = parse_maps(args.maps)  # bad options fail before the checkpoint is read
     ckpt = checkpoint_path(args.checkpoint)
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     config = ExportConfig(
-        checkpoint=str(ckpt), input=list(args.input), out=args.out, target=args.target, maps=args.maps, style=style,
+        checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps, style=style,
         topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device), shard=shard,
         method=args.method,
     )  # fmt: skip

@@ -120,7 +120,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
         except RuntimeError as exc:  # CUDA asked for but absent
             raise TrainError(str(exc)) from None
         with _show_run_messages():
-            summary = train(config)
+            summary = train(config, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         print(file=sys.stderr)
         say(COMMAND, "interrupted before an epoch completed; nothing was written")

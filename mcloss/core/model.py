@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from mcloss.core.groups import normalize_groups, split_channels
 from mcloss.core.loss import ccmp
 from mcloss.core.transforms import EvalTransform
 
-__all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "ModelConfig"]
+__all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "model_guard", "ModelConfig"]
 
 ModelConfig = dict[str, Any]
 
@@ -123,6 +124,30 @@ class MCModel(nn.Module):
         if cls.strip().lstrip("-").isdigit():
             return self.class_index(int(cls))
         raise KeyError(f"unknown class {cls!r}")
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = False) -> Iterator[None]:
+    """Run a block in eval mode (and, with ``freeze``, with every parameter's ``requires_grad`` off); restore
+    each module's mode and each parameter's flag afterwards, also when the block raises.
+
+    Hooks are not this guard's business: the code that adds one removes it in its own ``finally``
+    (Captum does; mcloss itself adds none).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for p, _ in flags:
+                p.requires_grad_(False)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 # ----------------------------------------------------------------------------------------------- builders

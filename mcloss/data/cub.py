@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,8 @@ class CUBDataset(Dataset):
     Items are ``(tensor, label)``, or ``(tensor, label, parts)`` with ``with_parts=True``, where
     ``parts`` is a float32 tensor [P, 3] (x, y, visible) in input-tensor pixels; a part is visible when
     it is annotated visible and lies inside the input. The transform may be an
-    :class:`~mcloss.transforms.EvalTransform` (or any image → tensor callable) or a
-    :class:`~mcloss.transforms.TrainTransform` (``(image, points) → (tensor, points)``). Without a
+    :class:`~mcloss.core.transforms.EvalTransform` (or any image → tensor callable) or a
+    :class:`~mcloss.core.transforms.TrainTransform` (``(image, points) → (tensor, points)``). Without a
     transform, items hold the PIL image and original-pixel parts.
 
     Attributes:
@@ -299,24 +300,37 @@ def _transform_with_points(transform: Callable, image: Image.Image, xy: np.ndarr
 
 # ------------------------------------------------------------------------------------------- labels by file
 
-_LABELS_BY_ROOT: dict[Path, dict[Path, int] | None] = {}
+_LABELS_BY_ROOT: dict[Path, dict[Path, int] | DatasetError | None] = {}
+_LABELS_LOCK = threading.Lock()
 
 
 def cub_label(path: str | os.PathLike) -> int | None:
     """The 0-based class of an image file inside a CUB-layout dataset, or None outside one.
 
     The label is the one :class:`CUBDataset` gives the image (class ids ranked in sorted order, so
-    non-contiguous ids are handled); the nearest enclosing CUB-layout root wins. Each root is read once.
+    non-contiguous ids are handled); the nearest enclosing CUB-layout root wins. Each folder is looked at
+    once per process (thread-safe), a malformed dataset included.
 
     Raises:
         DatasetError: the enclosing dataset's index files are malformed.
     """
     p = Path(path).resolve()
     for root in p.parents:
-        if root not in _LABELS_BY_ROOT:
-            records = CUBDataset(root, "all").records if is_cub_layout(root) else None
-            _LABELS_BY_ROOT[root] = None if records is None else {r.path.resolve(): r.label for r in records}
-        table = _LABELS_BY_ROOT[root]
+        with _LABELS_LOCK:
+            if root not in _LABELS_BY_ROOT:
+                _LABELS_BY_ROOT[root] = _labels_by_file(root)
+            table = _LABELS_BY_ROOT[root]
+        if isinstance(table, DatasetError):
+            raise table
         if table is not None:
             return table.get(p)
     return None
+
+
+def _labels_by_file(root: Path) -> dict[Path, int] | DatasetError | None:
+    if not is_cub_layout(root):
+        return None
+    try:
+        return {r.path.resolve(): r.label for r in CUBDataset(root, "all").records}
+    except DatasetError as exc:
+        return exc

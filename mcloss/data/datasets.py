@@ -81,7 +81,7 @@ def _load(path: str | os.PathLike) -> Image.Image:
 
 
 class _ImageFolder(tv_datasets.ImageFolder):
-    """ImageFolder loading through :func:`mcloss.io.load_image`, optionally with a fixed class mapping."""
+    """ImageFolder loading through :func:`mcloss.data.io.load_image`, optionally with a fixed class mapping."""
 
     def __init__(self, root: Path, transform: Callable | None, class_to_idx: dict[str, int] | None = None) -> None:
         self._fixed = class_to_idx

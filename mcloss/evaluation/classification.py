@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mcloss.core.device import autocast
-from mcloss.core.model import MCModel
+from mcloss.core.model import MCModel, model_guard
 
 __all__ = ["evaluate", "evaluation_sums", "summarize_sums", "format_report", "SUM_FIELDS"]
 
@@ -42,12 +42,10 @@ def evaluation_sums(
     Returns:
         A float64 tensor on ``device`` with the sums in :data:`SUM_FIELDS` order (summable across ranks).
     """
-    was_training = model.training
-    model.eval()
     k = min(5, model.num_classes)
     sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
     channels_last = device.type == "cuda"
-    try:
+    with model_guard(model):
         for index, (images, targets) in enumerate(tqdm(batches, desc="eval", leave=False, disable=not progress)):
             if limit_batches is not None and index >= limit_batches:
                 break
@@ -64,8 +62,6 @@ def evaluation_sums(
             mc1, mc5 = _topk_hits(mc, targets, k)
             loss = F.cross_entropy(fc, targets, reduction="sum")
             sums += torch.stack([loss.double(), fc1, fc5, mc1, mc5, torch.tensor(len(targets), device=device)]).double()
-    finally:
-        model.train(was_training)
     return sums
 
 

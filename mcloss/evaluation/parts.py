@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcloss.core.model import MCModel
+from mcloss.core.model import MCModel, model_guard
 from mcloss.data.datasets import class_mismatch
 from mcloss.data.io import ImageLoadError, json_safe, load_image
 from mcloss.evaluation import metrics as M
@@ -192,7 +192,7 @@ def run_parts(
 
     Args:
         model: an MCModel; it is moved to ``device`` and put in eval mode (its mode is restored after).
-        dataset_or_root: a CUB-layout directory, or a :class:`mcloss.data.CUBDataset` (any object with
+        dataset_or_root: a CUB-layout directory, or a :class:`mcloss.data.cub.CUBDataset` (any object with
             ``records`` having image_id, path, label and parts [P, 3] in original pixels, ``class_names``
             and ``part_names``).
         split: ``"test"``, ``"train"`` or ``"all"`` (only used with a directory).
@@ -234,14 +234,13 @@ def run_parts(
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     amp = dev.type == "cuda"
-    was_training = model.training
-    model.to(dev).eval()
+    model.to(dev)
     rows: list[dict] = []
     scores: list[dict] = []
     skipped: list[dict] = []
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in METHODS}
     bar = tqdm(total=len(items), desc="parts", unit="img", disable=not progress, leave=False)
-    try:
+    with model_guard(model), bar:
         for start in range(0, len(items), batch_size):
             chunk, images = [], []
             for it in items[start : start + batch_size]:
@@ -267,9 +266,6 @@ def run_parts(
                 for method, pair in curve.items():
                     curves[method].append(pair)
                 bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
     if not rows:
         raise ValueError(f"none of the {len(items)} images could be read")
 

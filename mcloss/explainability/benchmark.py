@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mcloss.core.device import autocast
+from mcloss.data.io import encode_image
 
 __all__ = ["PATHS", "GOALS", "time_path", "run_benchmark", "format_table"]
 
@@ -124,7 +125,6 @@ def run_benchmark(
     seed: int = 0,
 ) -> dict:
     """Time each path on one random batch; returns images/s, raw times and the goal ratios."""
-    from PIL import Image
 
     model = model.to(device).eval()
     if device.type == "cuda":
@@ -140,7 +140,7 @@ def run_benchmark(
         jpegs = []
         for i in range(batch_size):
             p = Path(tmp) / f"img{i:03d}.jpg"
-            Image.fromarray(rng.integers(0, 256, (size[0] * 3 // 2, size[1] * 2, 3), dtype=np.uint8)).save(p)
+            p.write_bytes(encode_image(rng.integers(0, 256, (size[0] * 3 // 2, size[1] * 2, 3), dtype=np.uint8), "jpeg"))
             jpegs.append(p)
         fns = _paths(model, x, device, jpegs, tile_height)
         for name in paths:

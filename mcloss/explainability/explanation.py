@@ -258,25 +258,51 @@ ImageInput = Image.Image | str | os.PathLike | PreparedImage
 
 
 def prepare(
-    model, image: Image.Image | str | os.PathLike, *, view_max_side: int | None = render.VIEW_MAX_SIDE
+    model,
+    image: Image.Image | str | os.PathLike,
+    *,
+    view: str | None = "fit",
+    view_size: int = render.VIEW_MAX_SIDE,
 ) -> PreparedImage:
-    """Apply the model's eval transform to a PIL RGB image or an image file (decoded by
+    """Apply the eval transform to a PIL RGB image or an image file (decoded by
     :func:`mcloss.data.io.load_image`: EXIF-rotated, safe against broken files).
 
     Args:
-        model: an MCModel.
+        model: an MCModel, or its :class:`~mcloss.core.transforms.EvalTransform` (what DataLoader workers get).
         image: the image, or its path.
-        view_max_side: keep a view of the image downscaled to this long side for drawing (None: the
-            full image).
+        view: the view kept for drawing: ``"fit"`` (long side at most ``view_size``), ``"height"``
+            (``view_size`` rows: a montage thumbnail), or None (no view).
+        view_size: pixels of that side.
     """
+    transform = getattr(model, "transform", model)
     source = None
     if not isinstance(image, Image.Image):
         source = os.fspath(image)
         image = load_image(image)
-    geo = model.transform.geometry(*image.size)
-    x = model.transform.apply(image, geo)
-    view = render.fit_view(np.asarray(image.convert("RGB")), view_max_side)
-    return PreparedImage(x, geo, view, source)
+    geo = transform.geometry(*image.size)
+    x = transform.apply(image, geo)
+    kept = None
+    if view == "fit":
+        kept = render.fit_view(np.asarray(image), view_size)
+    elif view == "height":
+        kept = render.resize_to_height(np.asarray(image), view_size)
+    elif view is not None:
+        raise ValueError(f"view must be 'fit', 'height' or None, got {view!r}")
+    return PreparedImage(x, geo, kept, source)
+
+
+def _as_items(images: Any) -> tuple[bool, list]:
+    """(single, items): one image (PIL, path or PreparedImage) or any iterable of them."""
+    if isinstance(images, (Image.Image, str, os.PathLike, PreparedImage)):
+        return True, [images]
+    try:
+        items = list(images)
+    except TypeError:
+        raise TypeError(f"images must be a PIL image, a path, a PreparedImage or a list of them, not {type(images).__name__}") from None
+    bad = [type(it).__name__ for it in items if not isinstance(it, (Image.Image, str, os.PathLike, PreparedImage))]
+    if bad:
+        raise TypeError(f"images must be PIL images, paths or PreparedImages, got {bad[0]}")
+    return False, items
 
 
 def explain(
@@ -296,27 +322,36 @@ def explain(
     Args:
         model: an MCModel.
         images: a PIL RGB image (EXIF applied), an image path, a :class:`PreparedImage`, or a list of them.
-        targets: one spec for every image, or one per image (:mod:`mcloss.explainability.targets`).
+        targets: one spec for every image, or one per image (:mod:`mcloss.explainability.targets`); for a
+            single image, a list of specs asks for several targets.
         maps: which maps, e.g. ``("channels", "gradcam")`` or ``"channels,gradcam,guided"``.
-        labels: true classes, for ``"label"`` targets and ``Explanation.label``.
+        labels: true classes (one per image, or one int for a single image), for ``"label"`` targets and
+            ``Explanation.label``.
         method: ``"fused"`` or ``"captum"`` Grad-CAM.
         device: where to run (default: the model's device).
         amp: bf16 autocast (default: on for CUDA).
-        batch_size: most images per forward pass (default: all images of one input shape at once).
+        batch_size: most images per forward pass (default: all images of one input shape at once). Every
+            image is decoded first; for long lists, call once per chunk.
 
     Returns:
         An Explanation for a single image, else a list in input order. Images whose inputs have the same
         shape share forward passes.
     """
-    single = not isinstance(images, (list, tuple))
-    items = [images] if single else list(images)
+    single, items = _as_items(images)
+    scalar = (str, int, np.integer)
+    if single and not isinstance(targets, scalar) and all(isinstance(s, scalar) for s in targets):
+        targets = [list(targets)]  # several targets for the one image
+    if single and labels is not None and not isinstance(labels, (list, tuple)):
+        labels = [labels]
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     kinds = parse_maps(maps)
     prepared = [it if isinstance(it, PreparedImage) else prepare(model, it) for it in items]
     batch_targets = per_image(targets, len(items))
     batch_labels = list(labels) if labels is not None else [None] * len(items)
     if len(batch_labels) != len(items):
         raise ValueError(f"{len(batch_labels)} labels for {len(items)} images")
-    results: list[Explanation | None] = [None] * len(items)
+    results: list = [None] * len(items)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, item in enumerate(prepared):
         by_shape.setdefault(tuple(item.x.shape), []).append(i)
@@ -338,8 +373,7 @@ def explain(
             for i, e in zip(idx, out, strict=True):
                 e.view, e.source = prepared[i].view, prepared[i].source
                 results[i] = e
-    done = [r for r in results if r is not None]
-    return done[0] if single else done
+    return results[0] if single else results
 
 
 def explain_tensor(

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,9 +30,9 @@ from mcloss.core.provenance import versions
 from mcloss.core.transforms import EvalTransform
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
-from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text, load_image
-from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps
-from mcloss.explainability.render import Style, thumbnail
+from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text
+from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps, prepare
+from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
 __all__ = ["ExportConfig", "ExportResult", "ImageFiles", "export", "parse_shard"]
@@ -141,11 +140,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, PreparedImage | str]:
         source = self.files[index].source
         try:
-            image = load_image(source)
-            geo = self.transform.geometry(*image.size)
-            x = self.transform.apply(image, geo)
-            thumb, _ = thumbnail(np.asarray(image), self.thumb_height)
-            return index, PreparedImage(x, geo, thumb, source)
+            return index, prepare(self.transform, source, view="height", view_size=self.thumb_height)
         except ImageLoadError as exc:
             return index, str(exc)
         except Exception as exc:  # noqa: BLE001 - a worker must never die on one bad file

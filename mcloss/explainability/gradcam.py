@@ -11,12 +11,13 @@ Hooks exist only inside Captum calls, which remove them in their own ``finally``
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from mcloss.core.model import model_guard
 
 __all__ = [
     "model_guard",
@@ -26,30 +27,6 @@ __all__ = [
     "captum_channel_gradcam",
     "captum_guided_gradcam",
 ]
-
-@contextlib.contextmanager
-def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = False) -> Iterator[None]:
-    """Run a block in eval mode (and, with ``freeze``, with every parameter's ``requires_grad`` off); restore
-    each module's mode and each parameter's flag afterwards, also when the block raises.
-
-    Hooks are not this guard's business: the code that adds one removes it in its own ``finally``
-    (Captum does; mcloss itself adds none).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        if eval_mode:
-            model.eval()
-        if freeze:
-            for p, _ in flags:
-                p.requires_grad_(False)
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
 
 def gradcam_from_weights(features: torch.Tensor, weights: torch.Tensor, *, per_channel: bool = False) -> torch.Tensor:
     """ReLU Grad-CAM from F [B, K, h, w] and channel weights [B, K] (the spatial mean of dScore/dF).

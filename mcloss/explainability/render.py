@@ -99,8 +99,8 @@ class Style:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.contour is not None and not 0.0 < self.contour <= 1.0:
             raise ValueError(f"contour must be in (0, 1], got {self.contour}")
-        if self.tile_height < 16:
-            raise ValueError(f"tile height must be >= 16 pixels, got {self.tile_height}")
+        if self.tile_height < 1:
+            raise ValueError(f"tile height must be >= 1 pixel, got {self.tile_height}")
         _lut(self.colormap)  # an unknown colormap fails here, before any work
 
 
@@ -194,7 +194,7 @@ def overlay(
 
     Args:
         image: [H, W, 3] uint8 RGB.
-        map_hw: raw map; resized bilinearly to [H, W] if needed (use :func:`mcloss.maps.to_original` first
+        map_hw: raw map; resized bilinearly to [H, W] if needed (use :func:`mcloss.explainability.geometry.to_original` first
             for maps at feature resolution, so the eval crop is undone).
         colormap: default ``inferno``, or ``RdBu_r`` for signed maps.
         alpha: heatmap opacity in [0, 1]; 0 returns the image.

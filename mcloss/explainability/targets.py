@@ -21,45 +21,49 @@ _TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
 _KEYWORDS = ("pred", "pred_mc", "label")
 
 
-def check_target(model, spec: int | str) -> int | str:
-    """Validate one spec before any work: a keyword or ``topK`` stays as given, a class name or index
-    becomes its 0-based index.
+def _parse(model, spec: int | str) -> tuple[str, int]:
+    """One spec → (kind, value): ("pred"|"pred_mc"|"label", 0), ("top", K) or ("class", index).
 
     Raises:
         KeyError, IndexError: an unknown class name or an out-of-range index.
         ValueError: ``topK`` with K outside [1, classes].
     """
+    if isinstance(spec, (int, np.integer)):
+        return "class", model.class_index(int(spec))
     s = str(spec).strip()
-    if isinstance(spec, str) and s.lower() in _KEYWORDS:
-        return s.lower()
-    m = _TOPK.match(s) if isinstance(spec, str) else None
+    if s.lower() in _KEYWORDS:
+        return s.lower(), 0
+    m = _TOPK.match(s)
     if m:
         k = int(m.group(1))
         if not 1 <= k <= model.num_classes:
             raise ValueError(f"target {s!r}: k must be in [1, {model.num_classes}]")
-        return s.lower()
-    return model.class_index(spec if isinstance(spec, (int, np.integer)) else s)
+        return "top", k
+    return "class", model.class_index(s)
+
+
+def check_target(model, spec: int | str) -> int | str:
+    """Validate one spec before any work: a keyword or ``topK`` comes back lower-case, a class name or
+    index as its 0-based index (errors as :func:`resolve_targets` raises them)."""
+    kind, value = _parse(model, spec)
+    if kind == "class":
+        return value
+    return f"top{value}" if kind == "top" else kind
 
 
 def _one_target(model, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray, label: int | None) -> list[int]:
-    if isinstance(spec, (int, np.integer)):
-        return [model.class_index(int(spec))]
-    s = str(spec).strip()
-    if s.lower() == "pred":
+    kind, value = _parse(model, spec)
+    if kind == "pred":
         return [int(np.argmax(probs))]
-    if s.lower() == "pred_mc":
+    if kind == "pred_mc":
         return [int(np.argmax(probs_mc))]
-    if s.lower() == "label":
+    if kind == "label":
         if label is None:
             raise ValueError("target 'label' needs a label for every image")
         return [model.class_index(int(label))]
-    m = _TOPK.match(s)
-    if m:
-        k = int(m.group(1))
-        if not 1 <= k <= len(probs):
-            raise ValueError(f"target {s!r}: k must be in [1, {len(probs)}]")
-        return [int(i) for i in np.argsort(-probs, kind="stable")[:k]]
-    return [model.class_index(s)]
+    if kind == "top":
+        return [int(i) for i in np.argsort(-probs, kind="stable")[:value]]
+    return [value]
 
 
 def resolve_targets(

@@ -8,7 +8,6 @@ Messages for people go to the ``mcloss.training`` logger, on rank 0 only: one IN
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,10 +157,11 @@ class _Run:
         guard: InterruptGuard,
         on_batch_end: Callable[[int, int], None] | None,
         on_epoch_end: Callable[[int, dict, MCModel], None] | None,
+        progress: bool,
     ) -> None:
         self.config, self.ctx, self.device, self.guard = config, ctx, device, guard
         self.on_batch_end, self.on_epoch_end = on_batch_end, on_epoch_end
-        self.progress = ctx.is_main and sys.stderr.isatty()
+        self.progress = ctx.is_main and progress
 
     def run(self) -> dict:
         """Set up (or resume), then train the remaining epochs; returns :func:`train`'s summary."""
@@ -272,7 +272,7 @@ class _Run:
     def _summary(self, status: str) -> dict:
         return {
             "status": status,
-            "out": self.config.out,
+            "out": str(Path(self.config.out)),
             "run_id": self.run_id,
             "epochs_completed": self.completed,
             "epochs": self.config.epochs,
@@ -290,6 +290,7 @@ def train(
     *,
     on_batch_end: Callable[[int, int], None] | None = None,
     on_epoch_end: Callable[[int, dict, MCModel], None] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Train (or, with ``config.resume``, continue) a run; returns a run summary.
 
@@ -303,6 +304,7 @@ def train(
         on_batch_end: called as ``(epoch, batch_index)`` after each optimizer step.
         on_epoch_end: called as ``(epoch, metrics_row, model)`` on every rank before the epoch's files are
             written (the model holds the epoch's final weights).
+        progress: show tqdm bars of the batches (rank 0 only).
 
     Returns:
         ``{"status": "complete"|"interrupted", "out", "run_id", "epochs_completed", "epochs",
@@ -312,6 +314,6 @@ def train(
     ctx, device = DistContext.setup(config.device)
     try:
         with InterruptGuard() as guard:
-            return _Run(config, ctx, device, guard, on_batch_end, on_epoch_end).run()
+            return _Run(config, ctx, device, guard, on_batch_end, on_epoch_end, progress).run()
     finally:
         ctx.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,6 +12,7 @@ from mcloss.core.checkpoint import save_checkpoint
 from mcloss.core.model import MCModel
 from mcloss.core.provenance import versions
 from mcloss.data.io import atomic_write_json
+from mcloss.data.synth.writing import read_synth_meta
 from mcloss.training.config import TrainConfig
 from mcloss.training.run_dir import RUN_FORMAT, plot_curves, save_resume_state, write_metrics
 
@@ -21,14 +21,8 @@ __all__ = ["RunWriter", "synth_description"]
 
 def synth_description(data: str | Path) -> dict | None:
     """{classes, per_class, size, seed, design} from a synthetic dataset's synth.json, if there is one."""
-    path = Path(data) / "synth.json"
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict):
+    meta = read_synth_meta(data)
+    if meta is None:
         return None
     return {key: meta.get(key) for key in ("classes", "per_class", "size", "seed")} | {"design": meta.get("design", "single")}
 

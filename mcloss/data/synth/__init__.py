@@ -17,7 +17,7 @@ from mcloss.data.synth.design import (
     max_classes,
 )
 from mcloss.data.synth.drawing import RenderedBird, instance_rng, render_bird
-from mcloss.data.synth.writing import generate_dataset, is_synth_output
+from mcloss.data.synth.writing import generate_dataset, is_synth_output, read_synth_meta
 
 __all__ = [
     "ATTRIBUTES",
@@ -34,5 +34,6 @@ __all__ = [
     "instance_rng",
     "is_synth_output",
     "max_classes",
+    "read_synth_meta",
     "render_bird",
 ]

@@ -39,7 +39,7 @@ from mcloss.data.synth.drawing import (
     render_bird,
 )
 
-__all__ = ["generate_dataset", "is_synth_output"]
+__all__ = ["generate_dataset", "is_synth_output", "read_synth_meta"]
 
 # ------------------------------------------------------------------------------------------------ writing
 
@@ -53,13 +53,19 @@ def _render_job(job: tuple[int, int, int, dict, str, str, int, float]) -> tuple[
     return list(rendered.bbox), rendered.parts.tolist()
 
 
+def read_synth_meta(root: str | os.PathLike) -> dict | None:
+    """The ``synth.json`` of a dataset root as a dict, or None when there is none (or it is unreadable)."""
+    try:
+        meta = json.loads((Path(root) / "synth.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def is_synth_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a previous ``mcloss synth`` output (its synth.json says so)."""
-    try:
-        meta = json.loads((Path(path) / "synth.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+    meta = read_synth_meta(path)
+    return meta is not None and meta.get("format") == FORMAT_NAME
 
 
 def _check_out(out: Path) -> None:
