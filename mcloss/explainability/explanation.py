@@ -210,11 +210,14 @@ class Explanation:
         """The montage as a matplotlib Figure (for reports; no pyplot state is touched)."""
         return render.explanation_figure(self._view(image), self, group, style or render.Style(), dpi=dpi)
 
-    def record(self, topk: int = 5) -> dict:
-        """The JSON record that :meth:`save` writes (schema in :mod:`mcloss.explainability.outputs`)."""
+    def record(self, topk: int = 5, name: str | None = None) -> dict:
+        """The JSON record that :meth:`save` writes (schema in :mod:`mcloss.explainability.outputs`).
+
+        ``name`` is the output stem's file name (what :meth:`save` gets); default the source's file name.
+        """
         from mcloss.explainability.outputs import explanation_record
 
-        return explanation_record(self, topk)
+        return explanation_record(self, topk, name)
 
     def save(
         self,
