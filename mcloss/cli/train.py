@@ -9,7 +9,7 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 
-from mcloss.cli._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, command_line, fail, run, say
+from mcloss.cli._common import EXIT_INTERRUPTED, EXIT_OK, command_line, fail, run, say
 from mcloss.core.device import resolve_device
 from mcloss.core.transforms import NORMALIZATIONS
 from mcloss.data.datasets import DATASET_KINDS
@@ -126,8 +126,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
         say(COMMAND, "interrupted before an epoch completed; nothing was written")
         return EXIT_INTERRUPTED
     except (TrainError, RunDirError) as exc:  # ours are one line, shown whole: many end in what to do instead
-        say(COMMAND, f"error: {exc}")
-        return EXIT_USAGE
+        return fail(COMMAND, exc)
     if summary["status"] == "interrupted":
         if summary["rank"] == 0:
             done = summary["epochs_completed"]

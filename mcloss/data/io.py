@@ -24,6 +24,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "new_figure",
+    "save_figure",
     "csv_text",
     "default_mode",
     "encode_image",
@@ -84,6 +86,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def new_figure(size: tuple[float, float], dpi: int = 100) -> Any:
+    """A matplotlib Figure on the Agg backend (no pyplot state), for figures written as files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, dpi=dpi)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Lay out a matplotlib Figure tightly and write it to ``path`` as PNG, atomically."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def _plain(obj: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mcloss.data.io import atomic_path, atomic_write_json, atomic_write_text, csv_text
+from mcloss.data.io import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
 
 __all__ = [
     "METHODS",
@@ -143,26 +143,11 @@ def write_outputs(result: PartsResult, out_dir: str | Path, run_config: dict | N
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _figure(size: tuple[float, float]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=size, dpi=100)
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
 def _plot_matrix(summary: dict, path: Path) -> None:
     counts = np.asarray(summary["channel_part_matrix"], dtype=np.int64)
     rows = np.asarray(summary["channel_part_matrix_normalized"], dtype=np.float64)
     parts = summary["part_names"]
-    fig = _figure((max(5.0, 0.6 * len(parts) + 2.5), max(2.5, 0.45 * len(rows) + 1.8)))
+    fig = new_figure((max(5.0, 0.6 * len(parts) + 2.5), max(2.5, 0.45 * len(rows) + 1.8)))
     ax = fig.subplots()
     image = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     if rows.size and rows.size <= 400:
@@ -174,11 +159,11 @@ def _plot_matrix(summary: dict, path: Path) -> None:
     ax.set_ylabel("channel within the true class's group")
     ax.set_title("How often each channel's peak is nearest each part (row-normalized; counts)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_hit_rate(summary: dict, path: Path) -> None:
-    fig = _figure((9.0, 3.6))
+    fig = new_figure((9.0, 3.6))
     ax_hit, ax_dist = fig.subplots(1, 2)
     labels = [METHOD_LABELS[m] for m in METHODS]
     colors = [_METHOD_COLORS[m] for m in METHODS]
@@ -198,11 +183,11 @@ def _plot_hit_rate(summary: dict, path: Path) -> None:
     ax_dist.set_title("distinct parts per group", fontsize=8)
     for ax in (ax_hit, ax_dist):
         ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_curves(summary: dict, path: Path) -> None:
-    fig = _figure((9.0, 3.6))
+    fig = new_figure((9.0, 3.6))
     axes = fig.subplots(1, 2)
     curves = summary.get("curves") or {}
     for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
@@ -222,4 +207,4 @@ def _plot_curves(summary: dict, path: Path) -> None:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -258,6 +258,7 @@ class PreparedImage:
 
 
 ImageInput = Image.Image | str | os.PathLike | PreparedImage
+_IMAGE_TYPES = (Image.Image, str, os.PathLike, PreparedImage)
 
 
 def prepare(
@@ -296,13 +297,13 @@ def prepare(
 
 def _as_items(images: Any) -> tuple[bool, list]:
     """(single, items): one image (PIL, path or PreparedImage) or any iterable of them."""
-    if isinstance(images, (Image.Image, str, os.PathLike, PreparedImage)):
+    if isinstance(images, _IMAGE_TYPES):
         return True, [images]
     try:
         items = list(images)
     except TypeError:
         raise TypeError(f"images must be a PIL image, a path, a PreparedImage or a list of them, not {type(images).__name__}") from None
-    bad = [type(it).__name__ for it in items if not isinstance(it, (Image.Image, str, os.PathLike, PreparedImage))]
+    bad = [type(it).__name__ for it in items if not isinstance(it, _IMAGE_TYPES)]
     if bad:
         raise TypeError(f"images must be PIL images, paths or PreparedImages, got {bad[0]}")
     return False, items

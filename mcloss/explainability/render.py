@@ -451,11 +451,13 @@ def _with_bar(image: np.ndarray, color: np.ndarray) -> np.ndarray:
     return out
 
 
-def _channel_tile(view, explanation, group, style, i, chans, vmax, colors) -> Tile:
+def _channel_tile(view, explanation, group, style, i, channel_map, colors) -> Tile:
+    """Channel ``i``'s tile; ``channel_map`` is that channel already warped onto ``view``."""
     xi = len(group.channels)
+    vmax = float(group.channels.max()) if style.shared_scale else None
     pk = group.peaks_xy[i : i + 1] * _view_scale(view, explanation) if style.peaks else None
     img = overlay(
-        view, chans[i], colormap=style.colormap, alpha=style.alpha, vmax=vmax, peaks_xy=pk, contour=style.contour
+        view, channel_map, colormap=style.colormap, alpha=style.alpha, vmax=vmax, peaks_xy=pk, contour=style.contour
     )
     peak = f"{group.peak_values[i]:.3g}"
     return Tile(
@@ -513,8 +515,7 @@ def group_tiles(view: np.ndarray, explanation: Explanation, group: GroupMaps, st
     xi = len(group.channels)
     colors = part_colors(xi)
     chans = np.stack([_to_view(c, explanation, size, style) for c in group.channels])
-    vmax = float(group.channels.max()) if style.shared_scale else None
-    tiles = [_channel_tile(view, explanation, group, style, i, chans, vmax, colors) for i in range(xi)]
+    tiles = [_channel_tile(view, explanation, group, style, i, chans[i], colors) for i in range(xi)]
     tiles.append(_ccmp_tile(view, explanation, group, style))
     comp = part_composite(view, chans, colors=colors, shared_scale=style.shared_scale)
     if style.peaks:
@@ -569,10 +570,8 @@ def map_overlay(
         return _guided_tile(view, explanation, group, style).image
     if kind == "channel_gradcam":
         return channel_gradcam_tiles(view, explanation, group, style)[channel].image
-    size = (view.shape[1], view.shape[0])
-    chans = np.stack([_to_view(c, explanation, size, style) for c in group.channels])
-    vmax = float(group.channels.max()) if style.shared_scale else None
-    return _channel_tile(view, explanation, group, style, channel, chans, vmax, part_colors(len(chans))).image
+    one = _to_view(group.channels[channel], explanation, (view.shape[1], view.shape[0]), style)
+    return _channel_tile(view, explanation, group, style, channel, one, part_colors(len(group.channels))).image
 
 
 def _header(explanation: Explanation, gm: GroupMaps) -> str:

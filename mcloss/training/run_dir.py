@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mcloss.core.errors import first_line
-from mcloss.data.io import atomic_path, atomic_write_bytes, atomic_write_text, csv_text
+from mcloss.data.io import atomic_write_bytes, atomic_write_text, csv_text, new_figure, save_figure
 
 __all__ = [
     "RunDirError",
@@ -114,13 +114,8 @@ def write_metrics(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Write curves.png: losses (left) and train / test FC / test MC accuracy (right) against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(11, 4.2), dpi=100)
+    fig = new_figure((11, 4.2))
     ax_loss, ax_acc = fig.subplots(1, 2)
     for key, label in (
         ("train_loss", "train total"),
@@ -143,9 +138,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)
 
 
 # -------------------------------------------------------------------------------------------- RNG states

@@ -52,6 +52,7 @@ class RunWriter:
         self.record = record
         self.start_epoch = start_epoch
         self.facts = facts
+        self.synth = synth_description(config.data)  # read once per session, not at every checkpoint
 
     def write_epoch(
         self, rows: Sequence[dict], model: MCModel, *, improved: bool, resume_state: dict[str, Any]
@@ -99,9 +100,8 @@ class RunWriter:
             "div_warmup": cfg.div_warmup,
             "metrics": dict(row),
         }
-        synth = synth_description(cfg.data)
-        if synth is not None:
-            card["dataset"] = synth
+        if self.synth is not None:
+            card["dataset"] = self.synth
         return card
 
     def _run_record(self) -> dict:
@@ -116,7 +116,7 @@ class RunWriter:
                 "config": asdict(cfg),
                 "data_root": str(Path(cfg.data).resolve()),
                 "dataset_kind": facts["dataset_kind"],
-                "synth": synth_description(cfg.data),
+                "synth": self.synth,
                 "class_names": facts["class_names"],
                 "train_size": facts["train_size"],
                 "test_size": facts["test_size"],
