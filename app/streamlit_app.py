@@ -32,8 +32,11 @@ import view  # noqa: E402
 from mcloss.core.checkpoint import CheckpointError  # noqa: E402
 from mcloss.core.device import resolve_device  # noqa: E402
 from mcloss.core.errors import first_line  # noqa: E402
+from mcloss.data.annotations import PartAnnotations  # noqa: E402
 from mcloss.data.io import ImageLoadError, atomic_write_bytes, encode_image  # noqa: E402
+from mcloss.evaluation.metrics import hit_radius  # noqa: E402
 from mcloss.explainability import render  # noqa: E402
+from mcloss.explainability.defining import DefiningSummary, defining_summary, has_defining_parts  # noqa: E402
 from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
 
 __all__ = ["main"]
@@ -284,6 +287,35 @@ def prediction_panel(expl: Explanation, class_names: list[str], base, title: str
         st.altair_chart((bars + text).properties(height=46 * len(order)), width="stretch")
 
 
+def defining_view(
+    expl: Explanation,
+    summary: DefiningSummary,
+    base,
+    annotations: PartAnnotations | None,
+    options: dict,
+    ncols: int,
+    note: str | None,
+) -> render.Tile | None:
+    """The class's defining parts: marked on the image when its parts are annotated (else named), beside
+    how much the maps prefer them; returns the picture's tile (for the downloads), if one was drawn."""
+    if not summary.located or annotations is None:
+        st.markdown(view.defining_note(summary))
+        return None
+    from_masks = annotations.labels is not None
+    picture = view.draw_defining_parts(
+        base, summary.regions, summary.indices, annotations.part_names, None if from_masks else annotations.keypoints
+    )
+    radius_px = hit_radius(*expl.image_size, options["radius"])
+    caption = view.defining_caption(summary, from_masks, radius_px)
+    alt = f"defining parts of {summary.class_name} marked on the image"
+    left, right = st.columns([2, max(2, ncols - 2)], gap="medium")
+    left.image(picture, caption=caption, width="stretch", alt=alt)
+    right.markdown(view.defining_note(summary))
+    if note:
+        right.caption(note)
+    return render.Tile(picture, "defining parts", caption, alt, "defining_parts")
+
+
 def group_view(
     expl: Explanation,
     group: GroupMaps,
@@ -293,8 +325,10 @@ def group_view(
     part_names: tuple[str, ...] | None,
     options: dict,
     heading: str,
+    defining: tuple[DefiningSummary | None, PartAnnotations | None, str | None] = (None, None, None),
 ) -> list[render.Tile]:
-    """One class's channel group: overlays, CCMP, parts, Grad-CAM, and ground-truth hits."""
+    """One class's channel group: overlays, CCMP, parts, Grad-CAM, ground-truth hits and, when the card
+    knows them, the class's defining parts (``defining``: its summary, the image's annotations, a note)."""
     st.markdown(heading, unsafe_allow_html=True)
     parts = None
     if sample is not None and part_names is not None:
@@ -313,12 +347,17 @@ def group_view(
             f"{hits}/{len(parts)} channel peaks on a ground-truth part (within {radius_px:.0f} px = "
             f"{options['radius']:.2f} × image size) · {distinct} distinct parts"
         )
+    summary, annotations, note = defining
+    if summary is not None:
+        marked = defining_view(expl, summary, base, annotations, options, len(tiles), note)
+        if marked is not None:
+            extra = [*extra, marked]
     return tiles + extra
 
 
 def downloads(
     source_name: str, base, expl: Explanation, groups: list[GroupMaps], tiles: dict, style: render.Style,
-    label: int | None,
+    label: int | None, defining: list[DefiningSummary | None] | None = None,
 ) -> None:
     """Montage PNG and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
     stem = Path(source_name).stem
@@ -328,7 +367,7 @@ def downloads(
         return encode_image(expl.montage(gi, style, image=base))
 
     def bundle() -> bytes:
-        return view.export_zip(source_name, base, expl, groups, style, tiles, label=label, topk=TOPK)
+        return view.export_zip(source_name, base, expl, groups, style, tiles, label=label, topk=TOPK, defining=defining)
 
     row = st.container(horizontal=True)
     row.download_button(
@@ -390,18 +429,24 @@ def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style
         else:
             one, s2 = _explain(loaded.key, digest, (int(target),), *opts, _loaded=loaded, _image=image)
             groups, secs = one.groups, secs + s2
-    all_tiles = {}
+    annotations, note = None, None
+    if sample is not None and gallery is not None and has_defining_parts(model.card):
+        annotations, note = view.sample_annotations(sample, gallery.part_names, expl.image_size)
+    all_tiles, summaries = {}, []
     for rank, g in enumerate(groups):
         role = "prediction" if g.target == expl.prediction else ("runner-up" if compare and rank else "selected")
         heading = (
             f"#### {g.name} <span style='color:#888;font-size:0.8em'>— {role} · FC {g.prob:.2f} · "
             f"MC {g.prob_mc:.2f} · channels {_channel_range(model, g.target)}</span>"
         )
+        summary = defining_summary(model.card, g, expl.geometry, annotations, radius=options["radius"])
+        summaries.append(summary)
         all_tiles[g.name] = group_view(
-            expl, g, base, style, sample, gallery.part_names if gallery else None, options, heading
+            expl, g, base, style, sample, gallery.part_names if gallery else None, options, heading,
+            (summary, annotations, note),
         )
     st.divider()
-    downloads(name, base, expl, groups, all_tiles, style, label)
+    downloads(name, base, expl, groups, all_tiles, style, label, summaries)
     st.caption(
         f"model {secs:.2f} s (cached until the image, checkpoint, class or map options change) · "
         f"page {time.perf_counter() - t_start:.2f} s · {device_caption(loaded.device)}"

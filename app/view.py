@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+import unicodedata
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,10 +27,13 @@ import torch
 from PIL import Image
 
 from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, project_checkpoints
+from mcloss.core.errors import DatasetError
+from mcloss.data.annotations import PartAnnotations, read_label_map
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics
 from mcloss.explainability import render
+from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
 
 __all__ = [
@@ -55,6 +59,12 @@ __all__ = [
     "decode_image",
     "display_image",
     "draw_keypoints",
+    "DEFINING_RGB",
+    "OTHER_PART_RGB",
+    "sample_annotations",
+    "draw_defining_parts",
+    "defining_caption",
+    "defining_note",
     "ChannelPart",
     "channel_parts",
     "topk_rows",
@@ -74,6 +84,9 @@ TILE_HEIGHT = 320
 #: Default hit radius for ground-truth parts, as a fraction of max(width, height).
 HIT_RADIUS = 0.12
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet")
+#: Outline of a class's defining parts, and of the other parts, in the defining-parts picture.
+DEFINING_RGB = (255, 176, 0)
+OTHER_PART_RGB = (96, 96, 96)
 
 
 # ------------------------------------------------------------------------------------------ locations
@@ -167,6 +180,7 @@ class Sample:
     label: int
     class_name: str
     keypoints: np.ndarray = field(compare=False)  # [P, 3] (x, y, visible) in original pixels
+    mask: Path | None = None  # part label map (0 none, i part i, P + 1 body), when the index names one
 
     @property
     def title(self) -> str:
@@ -183,7 +197,8 @@ class Gallery:
 
 
 def load_gallery(folder: Path) -> Gallery:
-    """Read ``index.json`` of a samples folder.
+    """Read ``index.json`` of a samples folder (entries: ``file``, ``label``, ``class_name``, ``parts``
+    [P, 3] keypoints and, optionally, ``mask``: a part label map PNG).
 
     Raises:
         GalleryError: missing or malformed index, or an entry whose image file is missing.
@@ -204,7 +219,10 @@ def load_gallery(folder: Path) -> Gallery:
             path = folder / str(entry["file"])
             if not path.is_file():
                 raise GalleryError(f"{index}: sample {i} image {entry['file']!r} is missing")
-            samples.append(Sample(path, int(entry["label"]), str(entry["class_name"]), kps))
+            mask = folder / str(entry["mask"]) if entry.get("mask") else None
+            if mask is not None and not mask.is_file():
+                raise GalleryError(f"{index}: sample {i} mask {entry['mask']!r} is missing")
+            samples.append(Sample(path, int(entry["label"]), str(entry["class_name"]), kps, mask))
     except GalleryError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -264,6 +282,201 @@ def draw_keypoints(
         cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 5, cv2.LINE_AA)
         cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
     return out
+
+
+def sample_annotations(
+    sample: Sample, part_names: Sequence[str], image_size: tuple[int, int]
+) -> tuple[PartAnnotations, str | None]:
+    """A gallery sample's part annotations (keypoints, and its label map when it has a usable one), and a
+    note when its mask could not be used (then the keypoints stand in)."""
+    labels, note = None, None
+    if sample.mask is not None:
+        try:
+            labels = read_label_map(sample.mask, len(part_names))
+        except DatasetError as exc:
+            note = f"part mask not used ({exc}); regions from the keypoints"
+        else:
+            if labels.shape != (image_size[1], image_size[0]):
+                note = (
+                    f"part mask {sample.mask.name} is {labels.shape[1]}×{labels.shape[0]} px, the image "
+                    f"{image_size[0]}×{image_size[1]}: regions from the keypoints"
+                )
+                labels = None
+    return PartAnnotations(tuple(part_names), sample.keypoints, labels), note
+
+
+def _resample_regions(regions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A region map (original pixels) at another size, nearest pixel centre (labels never blend)."""
+    h0, w0 = regions.shape
+    h, w = shape
+    ys = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
+    return regions[ys[:, None], xs[None, :]]
+
+
+def _ascii(text: str) -> str:
+    """OpenCV's Hershey fonts draw ASCII only: accents stripped, the rest dropped."""
+    return unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii") or "?"
+
+
+def _label(
+    out: np.ndarray,
+    text: str,
+    box: tuple[int, int, int, int],
+    busy: np.ndarray,
+    keep_clear: np.ndarray,
+    scale: float,
+    offset: int,
+) -> None:
+    """Dark text with a white halo beside the region ``box`` (x0, y0, x1, y1), kept inside ``out``: right,
+    left, above or below it, whichever covers least of ``busy`` (the object and earlier labels, updated) and
+    above all of ``keep_clear`` (the defining parts)."""
+    text = _ascii(text)
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+    h, w = busy.shape
+    x0, y0, x1, y1 = box
+    xc, yc = (x0 + x1 - tw) // 2, (y0 + y1 + th) // 2
+    candidates = [(x1 + offset, yc), (x0 - offset - tw, yc), (xc, y0 - offset), (xc, y1 + offset + th)]
+    best, best_cost = None, None
+    for x, y in candidates:
+        x = int(np.clip(x, 4, max(4, w - tw - 4)))
+        y = int(np.clip(y, th + 4, max(th + 4, h - base - 4)))
+        rows, cols = slice(max(0, y - th), y + base), slice(x, x + tw)
+        cost = float(busy[rows, cols].mean() + 4.0 * keep_clear[rows, cols].mean()) if tw and th else 0.0
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = (x, y), cost
+    x, y = best
+    busy[max(0, y - th - 4) : y + base + 4, max(0, x - 4) : x + tw + 4] = True
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 6, cv2.LINE_AA)
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
+
+
+def _legend(width: int, scale: float, entries: Sequence[tuple[str, tuple[int, int, int], bool]]) -> np.ndarray:
+    """A white strip with one swatch (filled, or outlined) and label per entry, wrapped onto rows."""
+    row_h = int(round(40 * scale))
+    sw = int(round(row_h * 0.55))
+    pad = max(6, row_h // 3)
+    rows: list[list[tuple[int, str, tuple[int, int, int], bool]]] = [[]]
+    x = pad
+    for text, color, filled in entries:
+        text = _ascii(text)
+        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+        need = sw + 8 + tw + 2 * pad
+        if rows[-1] and x + need > width:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, text, color, filled))
+        x += need
+    out = np.full((row_h * len(rows) + pad // 2, width, 3), 255, np.uint8)
+    for r, items in enumerate(rows):
+        yc = r * row_h + row_h // 2 + pad // 4
+        for x0, text, color, filled in items:
+            p0, p1 = (x0, yc - sw // 2), (x0 + sw, yc + sw // 2)
+            if filled:
+                cv2.rectangle(out, p0, p1, color, -1)
+                cv2.rectangle(out, p0, p1, (40, 40, 40), 1)
+            else:
+                cv2.rectangle(out, p0, p1, color, max(2, sw // 6))
+            org = (x0 + sw + 8, yc + int(10 * scale))
+            cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (30, 30, 30), 2, cv2.LINE_AA)
+    return out
+
+
+def draw_defining_parts(
+    image: np.ndarray,
+    regions: np.ndarray,
+    defining: Sequence[int],
+    part_names: Sequence[str],
+    keypoints: np.ndarray | None = None,
+    *,
+    min_side: int = 640,
+) -> np.ndarray:
+    """A class's defining parts on the image: in full colour and outlined (:data:`DEFINING_RGB`) and named,
+    the other parts outlined thinly (:data:`OTHER_PART_RGB`), everything else faded; a legend below.
+
+    Args:
+        image: RGB uint8 view of the original (any size, same aspect ratio).
+        regions: [H, W] region map in original pixels (0 none, i + 1 part i, larger the object).
+        defining: 0-based indices of the defining parts.
+        part_names: the parts' names.
+        keypoints: [P, 3] (x, y, visible) in original pixels: the defining ones are dotted (regions from
+            keypoints are rings around them); None with a label map.
+        min_side: images shorter than this are first enlarged by an integer factor (as :func:`draw_keypoints`).
+    """
+    img = np.ascontiguousarray(image)
+    factor = max(1, int(np.ceil(min_side / max(1, min(img.shape[:2])))))
+    if factor > 1:
+        img = cv2.resize(img, (img.shape[1] * factor, img.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
+    h, w = img.shape[:2]
+    num_parts = len(part_names)
+    reg = _resample_regions(np.asarray(regions), (h, w))
+    on_part = (reg >= 1) & (reg <= num_parts)
+    wanted = sorted({int(d) for d in defining if 0 <= int(d) < num_parts})
+    is_def = on_part & np.isin(reg - 1, wanted)
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)[..., None]
+    keep = np.where(reg > 0, 0.6, 0.35)[..., None]  # the object stays more visible than the background
+    faded = keep * (0.5 * grey + 0.5 * img.astype(np.float32)) + (1.0 - keep) * 255.0
+    out = np.where(is_def[..., None], img.astype(np.float32), faded)
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    side = min(h, w)
+    thick = max(2, side // 150)
+    scale = max(0.55, side / 640.0)
+    for p in range(num_parts):
+        mask = (reg == p + 1).astype(np.uint8)
+        if not mask.any() or p in wanted:
+            continue
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, OTHER_PART_RGB, max(1, thick // 2), cv2.LINE_AA)
+    anchors: list[tuple[int, tuple[int, int]]] = []
+    for p in wanted:
+        mask = (reg == p + 1).astype(np.uint8)
+        if not mask.any():
+            continue
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, (40, 40, 40), thick + 2, cv2.LINE_AA)
+        cv2.drawContours(out, contours, -1, DEFINING_RGB, thick, cv2.LINE_AA)
+        ys, xs = np.nonzero(mask)
+        if keypoints is not None and p < len(keypoints) and keypoints[p][2] > 0:
+            k = (w / regions.shape[1], h / regions.shape[0])
+            c = (int(np.floor(keypoints[p][0] * k[0])), int(np.floor(keypoints[p][1] * k[1])))
+            r = max(4, side // 100)
+            cv2.circle(out, c, r + 2, (255, 255, 255), -1, cv2.LINE_AA)  # as draw_keypoints dots them
+            cv2.circle(out, c, r, (20, 20, 20), -1, cv2.LINE_AA)
+        anchors.append((p, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+    busy = reg > 0
+    for p, box in anchors:
+        _label(out, part_names[p], box, busy, is_def, scale, thick + 4)
+    shown = [part_names[p] for p, _ in anchors]
+    hidden = [part_names[p] for p in wanted if part_names[p] not in shown]
+    entries = [(f"defining: {join_names(shown)}" if shown else "defining: not visible here", DEFINING_RGB, True)]
+    if hidden:
+        entries.append((f"not visible: {join_names(hidden)}", (200, 200, 200), True))
+    if (on_part & ~is_def).any():
+        entries.append(("other parts", OTHER_PART_RGB, False))
+    return np.concatenate([out, _legend(w, scale, entries)], axis=0)
+
+
+def defining_caption(summary: DefiningSummary, from_masks: bool, radius_px: float | None = None) -> str:
+    """How the picture's regions were found (the image caption)."""
+    how = "part masks" if from_masks else f"keypoints within {radius_px:.0f} px" if radius_px else "keypoints"
+    return f"defining parts of {summary.class_name}: {join_names(summary.parts)} · regions from the {how}"
+
+
+def defining_note(summary: DefiningSummary) -> str:
+    """The markdown beside the picture (or alone, when the image's parts are not located): the defining
+    parts, where the figure comes from, and the ratio sentence."""
+    names = join_names([f"**{p}**" for p in summary.parts])
+    lines = [f"Defining parts of **{summary.class_name}**: {names}."]
+    if summary.regions is not None and not summary.indices:
+        lines[0] += " None of them is among this image's annotated parts, so they are not marked."
+    elif not summary.located:
+        lines[0] += " Where they are in this image is unknown (no part annotations), so they are not marked."
+    if summary.located and summary.source != SOURCE_IMAGE:
+        lines.append("No figure on this image: the network sees no defining part, or no other part, or empty maps.")
+    sentence = summary.sentence
+    lines.append(sentence or "The checkpoint's card records no fresh-set mass ratio for this class.")
+    return "\n\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -360,14 +573,16 @@ def export_zip(
     *,
     label: int | None = None,
     topk: int = 5,
+    defining: Sequence[DefiningSummary | None] | None = None,
 ) -> bytes:
     """A ZIP of every shown overlay (``overlays/*.png``) plus exactly what ``mcloss export`` writes for the
-    shown classes (``export/<name>.png|.npz|.json``, via :meth:`mcloss.Explanation.save`)."""
+    shown classes (``export/<name>.png|.npz|.json``, via :meth:`mcloss.Explanation.save`); ``defining``: the
+    shown classes' defining-part summaries, one per group, for the json."""
     shown = explanation.with_groups(groups, label=label, source=name)
     stem = sanitize_component(name)
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory(prefix="mcloss-app-") as tmp, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        shown.save(Path(tmp) / stem, style, topk=topk, image=base)
+        shown.save(Path(tmp) / stem, style, topk=topk, image=base, defining=defining)
         for f in sorted(Path(tmp).iterdir()):
             zf.write(f, f"export/{f.name}")
         for cls, cls_tiles in tiles.items():

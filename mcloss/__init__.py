@@ -5,7 +5,8 @@ the modules it needs.
 
 Packages:
     core: channel groups, the loss, the model, checkpoints, transforms, devices.
-    data: safe image I/O, dataset readers (CUB, ImageFolder, torchvision), input files, ``synth``.
+    data: safe image I/O, dataset readers (CUB, ImageFolder, torchvision), input files, ``synth``, the
+        parts that define each class (``defining``).
     explainability: explanations (channel maps, CCMP, Grad-CAM), rendering, export, benchmark.
     evaluation: classification accuracy, localization metrics, ``parts``.
     training: configuration, the epoch loop, resume, run-directory writer, DDP, interrupts.
@@ -49,7 +50,13 @@ _EXPORTS: dict[str, str] = {
     "DatasetError": "mcloss.core.errors",
     "build_datasets": "mcloss.data.datasets",
     "generate_dataset": "mcloss.data.synth",
+    "defining_parts": "mcloss.data.defining",
+    "PartAnnotations": "mcloss.data.annotations",
+    "image_annotations": "mcloss.data.annotations",
     # explainability
+    "DefiningSummary": "mcloss.explainability.defining",
+    "defining_summaries": "mcloss.explainability.defining",
+    "defining_summary": "mcloss.explainability.defining",
     "Explanation": "mcloss.explainability.explanation",
     "GroupMaps": "mcloss.explainability.explanation",
     "explain": "mcloss.explainability.explanation",
@@ -103,12 +110,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from mcloss.core.loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss
     from mcloss.core.model import FCHead, MCModel, build_model, model_guard
     from mcloss.core.transforms import EvalTransform, Geometry, TrainTransform
+    from mcloss.data.annotations import PartAnnotations, image_annotations
     from mcloss.data.cub import CUBDataset, is_cub_layout
     from mcloss.data.datasets import build_datasets
+    from mcloss.data.defining import defining_parts
     from mcloss.data.io import ImageLoadError, load_image
     from mcloss.data.synth import generate_dataset
     from mcloss.evaluation.classification import evaluate
     from mcloss.evaluation.parts import evaluate_parts
+    from mcloss.explainability.defining import DefiningSummary, defining_summaries, defining_summary
     from mcloss.explainability.explanation import Explanation, GroupMaps, explain, explain_tensor
     from mcloss.explainability.geometry import channel_peaks, to_original
     from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights

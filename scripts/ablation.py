@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from default_checkpoint import (  # scripts/ is on sys.path when run as a script
     CPU_RECIPE,
+    LAST_STAGE,
     bf16_flag,
     ensure_dataset,
     run_training,
@@ -46,6 +47,13 @@ ROWS = {
 COLUMNS = [
     ("top1_fc", "top-1 FC"),
     ("top1_mc", "top-1 MC"),
+    ("ratio_ccmp", "CCMP mass ratio defining ÷ other"),
+    ("ratio_channels", "channel mass ratio"),
+    ("ratio_gradcam", "Grad-CAM mass ratio"),
+    ("ratio_random", "random-map mass ratio"),
+    ("peak_share", "channel peaks on a defining part"),
+    ("peak_chance", "chance"),
+    ("rank_ccmp", "CCMP rank accuracy"),
     ("hit_rate", "channel peaks on a part"),
     ("distinct_parts", "distinct parts / group"),
     ("separated_parts", "separated parts / group"),
@@ -60,26 +68,31 @@ COLUMNS = [
 ]
 
 
-def train_args(data: Path, run: Path, row: str, seed: int, epochs: int, size: int) -> list[str]:
+def train_args(data: Path, run: Path, row: str, seed: int, epochs: int, size: int, stage: int = LAST_STAGE) -> list[str]:
     return [
-        "--data", str(data), "--backbone", "resnet18", "--xi", "3", "--epochs", str(epochs),
+        "--data", str(data), "--backbone", "resnet18", "--last-stage", str(stage), "--xi", "3", "--epochs", str(epochs),
         "--batch-size", "32", "--img-size", str(size), "--workers", "1", "--seed", str(seed),
         "--device", "auto", *CPU_RECIPE, *bf16_flag(), "--out", str(run), *ROWS[row][1],
     ]
 
 
-def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int, size: int) -> dict:
+def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int, size: int, stage: int) -> dict:
     """Train (or finish) one run and score it; cached in ``run/ablation.json``."""
     cached = run / "ablation.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    train_seconds = run_training(train_args(data, run, row, seed, epochs, size), run, epochs)
+    train_seconds = run_training(train_args(data, run, row, seed, epochs, size, stage), run, epochs)
     model = load_checkpoint(run / "last.safetensors")
     s = run_parts(model, fresh, split="test", steps=8, seed=seed).summary
     m = s["methods"]
+    d = s["defining"]["methods"]
     result = {
-        "row": row, "seed": seed, "epochs": epochs,
+        "row": row, "seed": seed, "epochs": epochs, "last_stage": stage,
         "top1_fc": s["top1_fc"], "top1_mc": s["top1_mc"],
+        "ratio_ccmp": d["ccmp"]["mass_ratio"], "ratio_channels": d["channels"]["mass_ratio"],
+        "ratio_gradcam": d["gradcam"]["mass_ratio"], "ratio_random": d["random"]["mass_ratio"],
+        "peak_share": d["channels"]["peak_share"], "peak_chance": d["channels"]["peak_chance"],
+        "rank_ccmp": d["ccmp"].get("rank_accuracy"),
         "hit_rate": m["channels"]["hit_rate"], "distinct_parts": m["channels"]["distinct_parts"],
         "separated_parts": m["channels"]["separated_parts"], "random_separated": m["random"]["separated_parts"],
         "overlap": m["channels"]["overlap"],
@@ -136,8 +149,15 @@ def report(
     discussion: str,
     command: str,
     figure_rows: str,
+    stage: int = 4,
 ) -> str:
     size = data["size"]
+    stride = {2: 4, 3: 8, 4: 16}[stage]
+    trunk = (
+        "layer4 widened to 3 × {c} channels at stride 1" if stage == 4
+        else f"the stem and layers before layer{stage}, then layer{stage} widened to 3 × {{c}} channels at stride 1 "
+        "(later layers dropped: a receptive field about a part's size)"
+    ).format(c=data["classes"])
     lines = [
         "# Ablation: CE vs L_dis vs MC-Loss on synthetic fine-grained parts",
         "",
@@ -148,8 +168,13 @@ def report(
         f"- Data: `{synth_command(data, 'DIR')}` (120 train / 15 test per class; class design "
         f"`{data.get('design', 'single')}`, see `mcloss synth --help`); scored on fresh instances "
         f"`{synth_command(fresh, 'DIR')}`.",
-        f"- Model: ResNet-18 from scratch, layer4 widened to 3 × {data['classes']} channels at stride 1, "
-        f"{size} px input ({size // 16}×{size // 16} maps), official FC head.",
+        f"- Model: ResNet-18 from scratch, {trunk}, {size} px input ({size // stride}×{size // stride} maps), "
+        "official FC head (`--last-stage " + str(stage) + "`).",
+        "- Defining parts: the parts a class changes from the base bird. Mass ratio: mass per area on them ÷ mass "
+        "per area on the other visible parts (part masks), geometric mean over images (and channels); 1 = no "
+        "preference. Peaks on a defining part: of the channel peaks on a part; chance = the defining parts' share "
+        "of the visible part area. Rank accuracy: share of the map's top-K pixels on the defining parts (K = "
+        "their area).",
         f"- Training: {epochs} epochs, batch 32, AdamW lr 1e-3 (cosine), weight decay 0.01 — the default checkpoint's "
         "recipe (the official SGD lr 0.1 did not start learning within a CPU budget; see checkpoints/README.md); "
         "MC rows use the official α = 1.5, β = 20; the CE row trains the same grouped model with α = β = 0. "
@@ -208,9 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--size", type=int, default=224, help="input side; maps are size/16 (default 224: 14 x 14)")
     parser.add_argument("--design", choices=DESIGNS, default="combo", help="mcloss synth class design (default combo)")
+    parser.add_argument("--last-stage", type=int, choices=(2, 3, 4), default=LAST_STAGE,
+                        help=f"ResNet-18 stage widened to K at stride 1 (default {LAST_STAGE}, the default checkpoint's)")
     argv_list = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv_list)
-    default_work = f"runs/ablation-{args.size}px" + ("" if args.design == "single" else f"-{args.design}")
+    default_work = (
+        f"runs/ablation-{args.size}px" + ("" if args.design == "single" else f"-{args.design}")
+        + ("" if args.last_stage == 4 else f"-stage{args.last_stage}")
+    )
     work, docs = Path(args.work or default_work), Path(args.docs)
     data, fresh = work / "data", work / "fresh"
     data_spec, fresh_spec = (dict(spec, size=args.size, design=args.design) for spec in (DATA, FRESH))
@@ -219,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for seed in args.seeds:
         for row in args.rows:
-            results.append(run_one(data, fresh, work / f"{row}-s{seed}", row, seed, args.epochs, args.size))
+            results.append(run_one(data, fresh, work / f"{row}-s{seed}", row, seed, args.epochs, args.size, args.last_stage))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "channel_part_matrix"}))
     docs.mkdir(parents=True, exist_ok=True)
     fig = "ablation_groups.png"
@@ -229,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_json(docs / "ablation.json", results)
     command = "make ablation" if argv_list == [] else shlex.join(["python", "scripts/ablation.py", *argv_list])
     caption = ", then ".join(ROWS[row][0] for row in compared)
-    text = report(results, args.seeds, args.epochs, fig, data_spec, fresh_spec, os.path.relpath(DISCUSSION, docs), command, caption)
+    text = report(results, args.seeds, args.epochs, fig, data_spec, fresh_spec, os.path.relpath(DISCUSSION, docs), command, caption,
+                  args.last_stage)
     atomic_write_text(docs / "ablation.md", text)
     print(f"wrote {docs / 'ablation.md'}")
     return 0

@@ -589,3 +589,138 @@ def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, 
         h, w = tile.image.shape[:2]
         np.testing.assert_array_equal(picture[top : top + h, x : x + w], tile.image)
         x += w + 4
+
+
+# ------------------------------------------------------------------------------------------ defining parts
+
+DEFINING = {"Red_Crown": ["crown"], "Green_Wing": ["wing"], "Blue_Tail": ["tail"], "Plain": []}
+FRESH = {name: {"mass_ratio_ccmp": 1.25 + i, "mass_ratio_channels": 1.1 + i} for i, name in enumerate(CLASSES[:3])}
+
+
+def _part_mask(parts: list[list[float]], size: tuple[int, int] = (96, 72)) -> np.ndarray:
+    """The label map of a _picture: each visible part's 10×10 square (1-based), 0 elsewhere."""
+    labels = np.zeros((size[1], size[0]), np.uint8)
+    for k, (x, y, vis) in enumerate(parts):
+        if vis:
+            labels[int(y) - 5 : int(y) + 5, int(x) - 5 : int(x) + 5] = k + 1
+    return labels
+
+
+@pytest.fixture(scope="module")
+def defining_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = mcloss.build_model("resnet18", len(CLASSES), xi=3, img_size=64, class_names=CLASSES)
+    model.card["defining_parts"] = DEFINING
+    model.card["parts"] = {"defining": {"per_class": FRESH}}
+    path = tmp_path_factory.mktemp("ckpt-defining") / "tiny-defining.safetensors"
+    mcloss.save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def masked_gallery(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("samples-masks")
+    (folder / "masks").mkdir()
+    samples = []
+    for i in range(2):
+        img, parts = _picture(i)
+        Image.fromarray(img).save(folder / f"bird_{i}.png")
+        Image.fromarray(_part_mask(parts)).save(folder / "masks" / f"bird_{i}.png")
+        samples.append(
+            {"file": f"bird_{i}.png", "label": i, "class_name": CLASSES[i], "parts": parts, "mask": f"masks/bird_{i}.png"}
+        )
+    (folder / "index.json").write_text(json.dumps({"part_names": PARTS, "samples": samples}))
+    return folder
+
+
+@pytest.fixture
+def defining_env(monkeypatch, defining_checkpoint, masked_gallery):
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(defining_checkpoint))
+    monkeypatch.setenv("MCLOSS_SAMPLES", str(masked_gallery))
+    threads = torch.get_num_threads()
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    torch.set_num_threads(threads)
+
+
+def test_gallery_sample_marks_the_defining_parts_and_states_the_ratio(defining_env, defining_checkpoint, masked_gallery):
+    from mcloss.data.annotations import PartAnnotations
+    from mcloss.explainability.defining import defining_summary
+
+    at = run_app(compare=True)  # the top-2 groups: at least one is not the base bird
+    assert_clean(at)
+    assert not at.error
+    model = mcloss.load_checkpoint(defining_checkpoint)
+    image = mcloss.load_image(masked_gallery / "bird_0.png")
+    expl = mcloss.explain(model, image, [["top2"]])
+    _, parts = _picture(0)
+    annotations = PartAnnotations(tuple(PARTS), np.array(parts), _part_mask(parts))
+    notes = [m.value for m in at.markdown]
+    caps = captions(at)
+    shown = 0
+    for g in expl.groups:
+        summary = defining_summary(model.card, g, expl.geometry, annotations, radius=view.HIT_RADIUS)
+        if g.name == "Plain":
+            assert summary is None and not any(f"**{g.name}**:" in n for n in notes)
+            continue
+        shown += 1
+        assert view.defining_note(summary) in notes
+        assert summary.sentence in view.defining_note(summary)
+        assert f"defining parts of {g.name}: {DEFINING[g.name][0]} · regions from the part masks" in caps
+        if summary.source == "image":
+            assert summary.sentence.startswith(f"On this image, the CCMP map of {g.name} puts ")
+        assert "as on the other parts (1× = no preference)" in summary.sentence
+    assert shown >= 1
+
+
+def test_upload_names_the_defining_parts_and_shows_the_fresh_set_figure(defining_env, defining_checkpoint):
+    img, _ = _picture(4)
+    at = run_app(compare=True, **upload("photo.png", _encode(img, "PNG")))
+    assert_clean(at)
+    assert not at.error
+    model = mcloss.load_checkpoint(defining_checkpoint)
+    expl = mcloss.explain(model, Image.fromarray(img), [["top2"]])
+    notes = [m.value for m in at.markdown]
+    names = [g.name for g in expl.groups if g.name != "Plain"]
+    assert names
+    for name in names:
+        fresh = FRESH[name]
+        note = next(n for n in notes if n.startswith(f"Defining parts of **{name}**"))
+        assert "Where they are in this image is unknown (no part annotations), so they are not marked." in note
+        ratio = f"{fresh['mass_ratio_ccmp']:.1f}×"
+        assert (
+            f"On the fresh-seed set, the CCMP map of {name} puts {ratio} as much mass per area on "
+            f"{DEFINING[name][0]} as on the other parts (1× = no preference)"
+        ) in note
+    assert not any(c.startswith("defining parts of") for c in captions(at))  # nothing to mark
+
+
+def test_draw_defining_parts_keeps_them_in_colour_and_outlines_them():
+    img = np.full((40, 40, 3), (30, 160, 200), np.uint8)
+    regions = np.zeros((40, 40), np.int32)
+    regions[5:15, 5:15] = 1  # crown: defining
+    regions[25:35, 25:35] = 2  # wing: other
+    out = view.draw_defining_parts(img, regions, [0], PARTS, min_side=80)
+    assert out.shape[1] == 80 and out.shape[0] > 80  # enlarged ×2, a legend strip below
+    assert (out[20, 20] == img[0, 0]).all()  # inside the defining part: the image's own colour
+    assert not (out[60, 60] == img[0, 0]).all()  # the other part is faded
+    assert ((out[:80] == view.DEFINING_RGB).all(-1)).any()  # the outline
+    legend = out[80:]
+    assert ((legend == view.DEFINING_RGB).all(-1)).any() and (legend == 255).any()
+
+
+def test_sample_annotations_fall_back_to_keypoints_on_a_bad_mask(tmp_path):
+    img, parts = _picture(0)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "m.png")
+    sample = view.Sample(tmp_path / "a.png", 0, CLASSES[0], np.array(parts), tmp_path / "m.png")
+    annotations, note = view.sample_annotations(sample, PARTS, (96, 72))
+    assert annotations.labels is None and "regions from the keypoints" in note
+    assert annotations.keypoints.shape == (3, 3)
+    entry = {"file": "a.png", "label": 0, "class_name": "x", "parts": parts, "mask": "gone.png"}
+    (tmp_path / "index.json").write_text(json.dumps({"part_names": PARTS, "samples": [entry]}))
+    with pytest.raises(view.GalleryError, match="mask 'gone.png' is missing"):
+        view.load_gallery(tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, load_image
+from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, encode_image, load_image
 
 
 def _save(img, path, **kw):
@@ -104,3 +104,19 @@ def test_atomic_writes_get_the_mode_of_a_plain_new_file(tmp_path):
     atomic_write_json(tmp_path / "out" / "atomic.json", {})
     mode = (tmp_path / "out" / "atomic.json").stat().st_mode & 0o777
     assert mode == plain.stat().st_mode & 0o777  # not mkstemp's private 0600
+
+
+def test_encode_image_keeps_rgb_order_and_writes_grayscale_losslessly():
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 0] = 200  # red in RGB order
+    for fmt in ("png", "jpeg"):
+        decoded = np.asarray(Image.open(io.BytesIO(encode_image(rgb, fmt))))
+        assert decoded.shape == (6, 8, 3) and decoded[..., 0].min() > 150 and decoded[..., 2].max() < 50, fmt
+    labels = np.arange(48, dtype=np.uint8).reshape(6, 8) % 9
+    png = Image.open(io.BytesIO(encode_image(labels, "png")))
+    assert png.mode == "L"
+    np.testing.assert_array_equal(np.asarray(png), labels)
+    assert Image.open(io.BytesIO(encode_image(labels * 28, "jpeg"))).mode == "L"
+    for bad in (labels.astype(np.int32), rgb[..., :2], rgb[None]):
+        with pytest.raises(ValueError, match="uint8 image"):
+            encode_image(bad)

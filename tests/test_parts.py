@@ -398,3 +398,84 @@ def test_json_safe_gives_strict_json():
     value = json_safe({"x": np.float32(1.5), "n": float("nan"), "t": (np.int64(2), [np.nan]), "a": np.arange(2), "p": Path("q")})
     assert value == {"x": 1.5, "n": None, "t": [2, [None]], "a": [0, 1], "p": "q"}
     assert json.loads(json.dumps(value, allow_nan=False)) == value
+
+
+# --------------------------------------------------------------------------------------- defining parts
+
+
+def write_masks(root: Path, layouts) -> None:
+    """part_masks/ label maps for :func:`write_cub`: each part's feature cell gets its 1-based part id."""
+    for n, cells in enumerate(layouts, start=1):
+        rel = (root / "images.txt").read_text().splitlines()[n - 1].split(maxsplit=1)[1]
+        labels = np.zeros((H0, W0), np.uint8)
+        for p, name in enumerate(PART_NAMES):
+            i, j = cells[name]
+            labels[j * CELL_H : (j + 1) * CELL_H, i * CELL_W : (i + 1) * CELL_W] = p + 1
+        path = (root / "part_masks" / rel).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(labels).save(path)
+
+
+def uniform_model(groups: int = 3) -> MCModel:
+    """One class whose channels are the same constant everywhere."""
+    model = planted_model([["red"] * groups])
+    conv = model.features[0]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(1.0)
+    return model
+
+
+def defining_summary(tmp_path: Path, model: MCModel, *, masks: bool) -> dict:
+    layouts = part_layouts(4)
+    root = write_cub(tmp_path / "cub", layouts, [0] * 4, ["class_0"])
+    if masks:
+        write_masks(root, layouts)
+    result = P.run_parts(model, root, faithfulness=False, defining={"class_0": ["red"]})
+    return result.summary["defining"]
+
+
+@pytest.mark.parametrize("masks", [True, False])
+def test_channels_exactly_on_the_defining_part(tmp_path, masks):
+    block = defining_summary(tmp_path, planted_model([["red", "red", "red"]]), masks=masks)
+    assert block["images"] == 4 and block["source"] == "argument"
+    assert block["regions"] == ("part masks" if masks else "keypoints within the hit radius")
+    for kind in ("channels", "ccmp"):
+        m = block["methods"][kind]
+        assert m["peak_share"] == 1.0
+        assert m["peak_chance"] == pytest.approx(1 / 3)  # three parts of equal area
+        assert m["mass_ratio"] == pytest.approx(1000.0)  # all mass on the defining part: the clip
+        if masks:  # bilinear upsampling blurs the cell's edge into the background, never onto another part
+            assert 0.9 < m["rank_accuracy"] < 1.0 and m["rank_chance"] == pytest.approx(CELL_W * CELL_H / (W0 * H0))
+            assert 0.4 < m["energy_defining"] < 1.0 and m["energy_object"] == pytest.approx(m["energy_defining"])
+    assert 0.2 < block["methods"]["random"]["mass_ratio"] < 5.0  # noise: one 8 × 8 cell per part, 4 images
+    assert block["per_class"]["class_0"]["mass_ratio_ccmp"] == pytest.approx(1000.0)
+
+
+def test_uniform_channels_show_no_preference(tmp_path):
+    block = defining_summary(tmp_path, uniform_model(), masks=True)
+    for kind in ("channels", "ccmp"):
+        m = block["methods"][kind]
+        assert m["mass_ratio"] == pytest.approx(1.0)
+        assert m["rank_accuracy"] == pytest.approx(m["rank_chance"])  # every pixel ties
+        assert m["energy_object"] == pytest.approx(3 * CELL_W * CELL_H / (W0 * H0))
+
+
+def test_channels_on_the_background_put_no_mass_on_parts(tmp_path):
+    block = defining_summary(tmp_path, planted_model([["white", "white", "white"]]), masks=True)
+    m = block["methods"]["channels"]
+    assert m["peaks_on_parts"] == 0 and m["peak_share"] is None  # JSON-safe: NaN is None
+    assert m["mass_ratios"] == 0 and m["mass_ratio"] is None  # no mass on any part
+    assert m["energy_object"] == pytest.approx(0.0, abs=1e-6)
+    assert m["rank_accuracy"] == pytest.approx(0.0)
+
+
+def test_defining_parts_come_from_the_card_without_dataset_ones(tmp_path):
+    layouts = part_layouts(2)
+    root = write_cub(tmp_path / "cub", layouts, [0, 0], ["class_0"])
+    model = planted_model([["green", "green", "green"]])
+    assert P.run_parts(model, root, faithfulness=False).summary["defining"]["methods"] == {}
+    model.card = {"defining_parts": {"class_0": ["green"]}}
+    block = P.run_parts(model, root, faithfulness=False).summary["defining"]
+    assert block["source"] == "checkpoint card"
+    assert block["methods"]["ccmp"]["peak_share"] == 1.0

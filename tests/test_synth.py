@@ -321,3 +321,122 @@ def test_output_directory_gets_the_mode_of_a_plain_new_directory(small, tmp_path
     plain = tmp_path / "plain"
     plain.mkdir()
     assert small.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkdtemp's private 0700
+
+
+# ------------------------------------------------------------------------------------------------- masks
+
+#: sha256 of the images of ``small`` (relative path + JPEG bytes, sorted) and of its annotation files, and of
+#: six 64-px renders (raw RGB pixels; their JPEG bytes), computed before part masks existed: adding the masks
+#: must not change the random stream or a single image byte. (JPEG bytes pin the OpenCV build's libjpeg.)
+_DATASET_SHA256 = "654e64eb0a44d5e7ab684870a87c7b717b6fdf377b163caa5336e5bfde784e4f"
+_ANNOTATION_SHA256 = {
+    "bounding_boxes.txt": "e53404409a583ef10506c0df40b39fa82d4906e4129465e11731be45329fe3f0",
+    "parts/part_locs.txt": "7ebc7e84ff6d0161321931113bf73dd195b7ef8e9dd2d549c7dd7569ce9fe9e4",
+}
+_RENDER_SHA256 = {"pixels": "1cdabcf70039c799", "jpeg": "2c438add73b70289"}
+
+
+def test_images_and_annotations_are_byte_identical_to_before_masks(small):
+    import hashlib
+
+    from mcloss.data.io import encode_image
+
+    digest = hashlib.sha256()
+    for path in sorted((small / "images").rglob("*.jpg")):
+        digest.update(path.relative_to(small).as_posix().encode())
+        digest.update(path.read_bytes())
+    assert digest.hexdigest() == _DATASET_SHA256
+    for rel, expected in _ANNOTATION_SHA256.items():
+        assert hashlib.sha256((small / rel).read_bytes()).hexdigest() == expected, rel
+    pixels, jpeg = hashlib.sha256(), hashlib.sha256()
+    for i, bird in enumerate(class_definitions(6)):
+        image = render_bird(bird, 64, instance_rng(3, i)).image
+        pixels.update(image.tobytes())
+        jpeg.update(encode_image(image, "jpeg", quality=90))
+    assert pixels.hexdigest()[:16] == _RENDER_SHA256["pixels"] and jpeg.hexdigest()[:16] == _RENDER_SHA256["jpeg"]
+
+
+def test_masks_are_written_beside_the_images_in_cub_segmentation_layout(small):
+    meta = json.loads((small / "synth.json").read_text())
+    assert meta["version"] == 2
+    assert meta["masks"]["labels"] == {"0": "background or occluder", **{str(i + 1): p for i, p in enumerate(PART_NAMES)},
+                                       str(synth.BODY_LABEL): "body"}
+    assert synth.BODY_LABEL == len(PART_NAMES) + 1 == 8
+    images = [r[1] for r in _rows(small / "images.txt")]
+    for rel in images:
+        png = rel[: -len(".jpg")] + ".png"
+        seg = cv2.imread(str(small / "segmentations" / png), cv2.IMREAD_UNCHANGED)
+        labels = cv2.imread(str(small / "part_masks" / png), cv2.IMREAD_UNCHANGED)
+        assert seg.shape == labels.shape == (64, 64) and seg.dtype == labels.dtype == np.uint8
+        assert set(np.unique(seg).tolist()) <= {0, 255} and labels.max() <= synth.BODY_LABEL
+        np.testing.assert_array_equal(seg, np.where(labels > 0, 255, 0))
+    # the label map of each file is exactly the rendered one (lossless)
+    birds = class_definitions(4)
+    for index in (0, 7, 23):
+        rendered = render_bird(birds[index // 6], 64, instance_rng(3, index))
+        labels = cv2.imread(str(small / "part_masks" / (images[index][:-4] + ".png")), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(labels, rendered.labels)
+    assert sorted(p.name for p in small.iterdir()) == sorted(
+        ["bounding_boxes.txt", "classes.txt", "image_class_labels.txt", "images", "images.txt", "part_masks",
+         "parts", "segmentations", "synth.json", "train_test_split.txt"])
+
+
+def test_part_labels_agree_with_keypoints_and_cover_the_bird():
+    birds = class_definitions(12)
+    at_point = {p: [] for p in PART_NAMES}
+    dominant = {p: [] for p in PART_NAMES}
+    for i in range(40):
+        out = render_bird(birds[i % 12], 160, instance_rng(11, i))
+        assert out.labels.shape == (160, 160) and out.labels.dtype == np.uint8
+        assert set(np.unique(out.labels).tolist()) <= set(range(synth.BODY_LABEL + 1))
+        # the bird's box holds every labelled pixel
+        ys, xs = np.nonzero(out.labels)
+        x, y, w, h = out.bbox
+        assert xs.min() >= x and xs.max() < x + w and ys.min() >= y and ys.max() < y + h
+        for k, name in enumerate(PART_NAMES):
+            px, py, visible = out.parts[k]
+            if not visible:
+                continue
+            xi, yi = int(px), int(py)
+            at_point[name].append(out.labels[yi, xi] == k + 1)
+            window = out.labels[max(0, yi - 4) : yi + 5, max(0, xi - 4) : xi + 5]
+            parts = window[(window > 0) & (window != synth.BODY_LABEL)]
+            dominant[name].append(parts.size > 0 and np.bincount(parts).argmax() == k + 1)
+    for name in PART_NAMES:
+        assert len(dominant[name]) >= 30, name
+        assert np.mean(dominant[name]) >= 0.9, name
+        if name != "legs":  # the legs' keypoint lies between the two legs
+            assert np.mean(at_point[name]) >= 0.9, name
+
+
+def test_occluders_are_background_in_the_label_map(monkeypatch):
+    from mcloss.data.synth import drawing
+
+    original = drawing._draw_clutter
+    captured: list[np.ndarray] = []
+
+    def capture(img, rng, count, scale, mask=None):
+        original(img, rng, count, scale, mask)
+        if mask is not None:
+            captured.append(mask.copy())
+
+    def no_mask(img, rng, count, scale, mask=None):
+        original(img, rng, count, scale, None)  # same random draws, nothing recorded as occluded
+
+    bird = class_definitions(3)[1]
+    covered = 0
+    for i in range(30):
+        captured.clear()
+        monkeypatch.setattr(drawing, "_draw_clutter", capture)
+        occluded = render_bird(bird, 96, instance_rng(5, i))
+        monkeypatch.setattr(drawing, "_draw_clutter", no_mask)
+        whole = render_bird(bird, 96, instance_rng(5, i))
+        np.testing.assert_array_equal(occluded.image, whole.image)
+        if not captured:
+            np.testing.assert_array_equal(occluded.labels, whole.labels)
+            continue
+        mask = captured[0] > 0
+        assert not occluded.labels[mask].any()
+        np.testing.assert_array_equal(occluded.labels, np.where(mask, 0, whole.labels))
+        covered += int(np.count_nonzero(whole.labels[mask]) > 0)
+    assert covered >= 2  # some occluders did cover the bird

@@ -14,7 +14,7 @@ from mcloss.core.device import resolve_device
 from mcloss.evaluation.faithfulness import BASELINES
 from mcloss.evaluation.metrics import SIZE_REFERENCES
 from mcloss.evaluation.parts import check_arguments, run_parts
-from mcloss.evaluation.parts_report import summary_table, write_outputs
+from mcloss.evaluation.parts_report import baseline_block, summary_table, write_outputs
 
 __all__ = ["build_parser", "main"]
 
@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--topk-percent", type=float, default=10.0, help="top-k %% mask per channel for the overlap")
     p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
-    p.add_argument("--baseline", default="blur", choices=list(BASELINES), help="deleted pixels become: blur (default) or mean")
+    p.add_argument(
+        "--deletion-fill", default="blur", choices=list(BASELINES), help="deleted pixels become: blur (default) or mean"
+    )
+    p.add_argument(
+        "--baseline", metavar="CHECKPOINT",
+        help="a second checkpoint (e.g. a CE-only twin) scored the same way on the same images; its rows join the "
+        "tables and its own outputs go to OUT/baseline/",
+    )  # fmt: skip
     p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion (much faster on a CPU)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=16, help="images per explain pass")
@@ -64,37 +71,52 @@ def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise ValueError(f"--out {out}: exists and is not a directory")
     if (out / "summary.json").exists() and not args.overwrite:
         raise ValueError(f"--out {out}: already holds a parts run; pass --overwrite or choose another --out")
+    if args.baseline in BASELINES and not Path(args.baseline).exists():
+        raise ValueError(
+            f"--baseline {args.baseline}: --baseline now names a baseline checkpoint; the deletion fill is "
+            f"--deletion-fill {args.baseline}"
+        )
     check_arguments(
-        args.radius, args.size_reference, args.topk_percent, args.steps, args.baseline, args.limit,
+        args.radius, args.size_reference, args.topk_percent, args.steps, args.deletion_fill, args.limit,
         args.batch_size, args.seed,
     )  # fmt: skip
     if args.perturbation_batch < 1:
         raise ValueError(f"perturbation batch must be >= 1, got {args.perturbation_batch}")
     checkpoint = checkpoint_path(args.checkpoint)  # its error names the path
-    try:
-        device = resolve_device(args.device)
-        model = load_checkpoint(checkpoint, device)
-        result = run_parts(
-            model,
-            args.data,
-            split=args.split,
-            radius=args.radius,
-            size_reference=args.size_reference,
-            topk_percent=args.topk_percent,
-            steps=args.steps,
-            baseline=args.baseline,
-            faithfulness=not args.no_faithfulness,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            perturbation_batch=args.perturbation_batch,
-            device=device,
-            seed=args.seed,
-            progress=sys.stderr.isatty(),
-        )
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise ValueError(_naming_the_data(str(exc), args.data, checkpoint)) from exc
+    baseline = checkpoint_path(args.baseline) if args.baseline else None
+    device = resolve_device(args.device)
+    models = [(checkpoint, load_checkpoint(checkpoint, device))]
+    if baseline is not None:
+        models.append((baseline, load_checkpoint(baseline, device)))
+    results = []
+    for path, model in models:
+        try:
+            results.append(
+                run_parts(
+                    model,
+                    args.data,
+                    split=args.split,
+                    radius=args.radius,
+                    size_reference=args.size_reference,
+                    topk_percent=args.topk_percent,
+                    steps=args.steps,
+                    baseline=args.deletion_fill,
+                    faithfulness=not args.no_faithfulness,
+                    limit=args.limit,
+                    batch_size=args.batch_size,
+                    perturbation_batch=args.perturbation_batch,
+                    device=device,
+                    seed=args.seed,
+                    progress=sys.stderr.isatty(),
+                )
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ValueError(_naming_the_data(str(exc), args.data, path)) from exc
+    result = results[0]
     for skipped in result.summary["skipped_images"]:
         say("parts", f"skipped {skipped['reason']}")
+    if baseline is not None:
+        result.summary["baseline"] = baseline_block(results[1].summary, baseline)
     run_config = {
         "command": command_line("parts", argv),
         "checkpoint": str(checkpoint.resolve()),
@@ -107,6 +129,8 @@ def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     }
     try:
         write_outputs(result, out, run_config)
+        if baseline is not None:
+            write_outputs(results[1], out / "baseline", run_config | {"checkpoint": str(baseline.resolve())})
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot write results ({exc})") from exc
     print(summary_table(result.summary))

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--design", choices=DESIGNS, default="single",
         help="single: each class changes one part of a base bird (default); combo: each class is a combination "
-        "of part states, any two differ in >= 2 parts",
+        "of part states, any two differ in >= 2 parts; varied: combo's classes with every part a class does not "
+        "change varying per instance, so only the defining parts carry class information",
     )
     return p
 

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--backbone", help="vgg16, resnet18, resnet50, ... (official-pretrained: resnet50)")
     g.add_argument("--pretrained", help="torchvision weights name (IMAGENET1K_V1), a local weights file, or none")
+    g.add_argument(
+        "--last-stage", type=int, choices=(2, 3, 4),
+        help="ResNets: the stage widened to K at stride 1 that gives F (default 4, official); 3 or 2 drop the "
+        "later stages for finer maps from a smaller receptive field",
+    )  # fmt: skip
     g.add_argument("--xi", type=_xi, help="channels per class, or 'auto' for the uneven split of the native width")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSSES, help="mc: CE + α·L_dis + β·L_div (default); ce: CE only; dis: CE + α·L_dis")

@@ -125,6 +125,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             transform=EvalTransform.from_dict(meta["transform"]),
             head_grid=config["head_grid"],
             card=meta["card"],
+            last_stage=config.get("last_stage"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{label}: metadata does not describe a buildable model ({first_line(exc)})") from None

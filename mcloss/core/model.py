@@ -20,6 +20,9 @@ __all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "model_g
 
 ModelConfig = dict[str, Any]
 
+#: Largest default side of the FC head's max-pool grid.
+HEAD_GRID_MAX = 14
+
 
 class FCHead(nn.Module):
     """The official prediction head: max-pool to a grid, BN, Linear→512, BN, ELU, Linear→classes."""
@@ -153,7 +156,7 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = Fals
 # ----------------------------------------------------------------------------------------------- builders
 
 
-def _resnet_layer4(block: type[nn.Module], inplanes: int, width: int, blocks: int, stride: int) -> nn.Sequential:
+def _resnet_stage(block: type[nn.Module], inplanes: int, width: int, blocks: int, stride: int) -> nn.Sequential:
     """A ResNet stage whose output has ``width`` channels."""
     expansion = block.expansion
     planes = width // expansion
@@ -169,8 +172,10 @@ def _resnet_layer4(block: type[nn.Module], inplanes: int, width: int, blocks: in
     return nn.Sequential(*layers)
 
 
-def _resnet_trunk(net: tv_resnet.ResNet, layer4: nn.Module) -> _Features:
-    return _Features(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, layer4)
+def _resnet_trunk(net: tv_resnet.ResNet, last: nn.Module, last_stage: int = 4) -> _Features:
+    """The stem, the native stages before ``last_stage``, then ``last`` in its place (later stages dropped)."""
+    native = [getattr(net, f"layer{i}") for i in range(1, last_stage)]
+    return _Features(net.conv1, net.bn1, net.relu, net.maxpool, *native, last)
 
 
 def _vgg_trunk(net: nn.Module, channels: int) -> _Features:
@@ -278,6 +283,7 @@ def build_model(
     transform: EvalTransform | None = None,
     head_grid: Sequence[int] | None = None,
     card: dict | None = None,
+    last_stage: int | None = None,
 ) -> MCModel:
     """Build an MCModel.
 
@@ -291,11 +297,18 @@ def build_model(
         img_size: input side, used to size the head's pooling grid.
         pretrained: torchvision weights name (e.g. IMAGENET1K_V1) or a local weights file.
         transform: eval transform (default: the official scratch transform at ``img_size``).
-        head_grid: the FC head's max-pool grid (default: half the feature map, like the official 14→7).
+        head_grid: the FC head's max-pool grid (default: half the feature map, like the official 14→7, at
+            most :data:`HEAD_GRID_MAX` a side so that fine maps do not blow up the head's Linear layer).
         card: provenance and metrics.
+        last_stage: ResNets only: the stage (2, 3 or 4, default 4 as in the official code) that is widened
+            to K at stride 1 and gives F; later stages are dropped. An earlier stage gives finer maps from
+            a smaller receptive field (resnet18 at 224 px: stage 4 → 14 × 14, stage 3 → 28 × 28, 2 → 56 × 56).
     """
     name = backbone.lower()
     net = load_backbone_weights(name, pretrained)
+    stage_index = 4 if last_stage is None else int(last_stage)
+    if stage_index != 4 and (not isinstance(net, tv_resnet.ResNet) or xi is None or stage_index not in (2, 3)):
+        raise ValueError(f"last stage {last_stage} needs a ResNet with a fixed xi and a stage of 2, 3 or 4")
     if xi is None:
         sizes = split_channels(_probe_channels(_native_trunk(net), img_size), num_classes)
     else:
@@ -308,9 +321,10 @@ def build_model(
         if xi is None:
             trunk = _resnet_trunk(net, net.layer4)
         else:
-            inplanes = net.layer4[0].conv1.in_channels
-            layer4 = _resnet_layer4(type(net.layer4[0]), inplanes, k, len(net.layer4), stride=1)
-            trunk = _resnet_trunk(net, layer4)
+            stage = getattr(net, f"layer{stage_index}")
+            inplanes = stage[0].conv1.in_channels
+            widened = _resnet_stage(type(stage[0]), inplanes, k, len(stage), stride=1)
+            trunk = _resnet_trunk(net, widened, stage_index)
     elif xi is None:
         trunk = _Features(_generic_trunk(net))
     else:
@@ -318,7 +332,7 @@ def build_model(
         trunk = _Features(base, nn.Conv2d(_probe_channels(base, img_size), k, kernel_size=1), nn.ReLU())
 
     fh, fw = _probe_hw(trunk, img_size)
-    grid = tuple(head_grid) if head_grid else (max(1, fh // 2), max(1, fw // 2))
+    grid = tuple(head_grid) if head_grid else (min(HEAD_GRID_MAX, max(1, fh // 2)), min(HEAD_GRID_MAX, max(1, fw // 2)))
     head = FCHead(k, len(sizes), grid)
     names = list(class_names) if class_names is not None else [f"class_{i:03d}" for i in range(len(sizes))]
     config: ModelConfig = {
@@ -330,6 +344,7 @@ def build_model(
         "head_grid": list(grid),
         "feature_hw": [fh, fw],
         "pretrained": pretrained,
+        "last_stage": stage_index,
     }
     tf = transform or EvalTransform.for_recipe("official-scratch", img_size)
     return MCModel(trunk, head, sizes, names, tf, config, card)

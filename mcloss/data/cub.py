@@ -1,4 +1,11 @@
-"""The CUB_200_2011 layout: index files, boxes, part keypoints; real CUB and ``mcloss synth`` output alike."""
+"""The CUB_200_2011 layout: index files, boxes, part keypoints and masks; real CUB and ``mcloss synth`` output alike.
+
+Masks are optional, one PNG per image, at the image's relative path with ``.png``:
+``segmentations/`` holds a bird silhouette (real CUB's segmentation archive, which extracts next to
+``CUB_200_2011/``, or ``mcloss synth``'s 0/255 masks) and ``part_masks/`` a label map of the visible
+pixels (0 background, i part i of parts.txt, ``len(part_names) + 1`` the body outside the parts; written
+by ``mcloss synth``).
+"""
 
 from __future__ import annotations
 
@@ -15,19 +22,26 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mcloss.core.errors import DatasetError
-from mcloss.data.io import load_image
+from mcloss.core.errors import DatasetError, first_line
+from mcloss.data.io import MAX_IMAGE_PIXELS, load_image
 
 __all__ = [
     "CUB_FILES",
     "CUBDataset",
     "CUBRecord",
     "DatasetError",
+    "PART_MASKS_DIR",
+    "SEGMENTATIONS_DIR",
     "clean_class_name",
     "cub_label",
     "find_cub_root",
     "is_cub_layout",
+    "read_class_names",
 ]
+
+#: Folders of the optional per-image masks (each mirrors images/, one .png per image).
+SEGMENTATIONS_DIR = "segmentations"
+PART_MASKS_DIR = "part_masks"
 
 #: The files that make a directory a CUB_200_2011-layout dataset (parts and boxes are optional).
 CUB_FILES: tuple[str, ...] = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
@@ -107,6 +121,27 @@ def _float(value: str, path: Path, what: str) -> float:
         raise DatasetError(f"{path}: {what} must be a number, got {value!r}") from None
 
 
+def _read_classes(root: Path) -> tuple[list[str], dict[int, int]]:
+    """Clean class names in class-id order, and class id → 0-based label."""
+    path = root / "classes.txt"
+    rows = _read_table(path, 2, "'class_id class_name' lines", text_tail=True)
+    ids = [_int(r[0], path, "class id") for r in rows]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{path}: duplicate class ids")
+    order = sorted(range(len(rows)), key=lambda i: ids[i])
+    names = [clean_class_name(rows[i][1]) for i in order]
+    return names, {ids[i]: label for label, i in enumerate(order)}
+
+
+def read_class_names(root: str | os.PathLike) -> list[str]:
+    """The clean class names of a CUB-layout root's classes.txt, indexed by label (as :class:`CUBDataset` gives them).
+
+    Raises:
+        DatasetError: classes.txt is missing or malformed.
+    """
+    return _read_classes(Path(root))[0]
+
+
 def _ids_to(rows: list[list[str]], path: Path, what: str) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for row in rows:
@@ -125,7 +160,9 @@ class CUBDataset(Dataset):
     it is annotated visible and lies inside the input. The transform may be an
     :class:`~mcloss.core.transforms.EvalTransform` (or any image → tensor callable) or a
     :class:`~mcloss.core.transforms.TrainTransform` (``(image, points) → (tensor, points)``). Without a
-    transform, items hold the PIL image and original-pixel parts.
+    transform, items hold the PIL image and original-pixel parts. Per-image masks in original pixels,
+    where the dataset has them: :meth:`part_labels` (``part_masks/``) and :meth:`silhouette`
+    (``segmentations/``).
 
     Attributes:
         root: the dataset directory.
@@ -164,14 +201,7 @@ class CUBDataset(Dataset):
     # -- reading
 
     def _read_classes(self) -> tuple[list[str], dict[int, int]]:
-        path = self.root / "classes.txt"
-        rows = _read_table(path, 2, "'class_id class_name' lines", text_tail=True)
-        ids = [_int(r[0], path, "class id") for r in rows]
-        if len(set(ids)) != len(ids):
-            raise DatasetError(f"{path}: duplicate class ids")
-        order = sorted(range(len(rows)), key=lambda i: ids[i])
-        names = [clean_class_name(rows[i][1]) for i in order]
-        return names, {ids[i]: label for label, i in enumerate(order)}
+        return _read_classes(self.root)
 
     def _read_part_names(self) -> list[str]:
         path = self.root / "parts" / "parts.txt"
@@ -263,6 +293,64 @@ class CUBDataset(Dataset):
         """0-based labels of the records, in order."""
         return [r.label for r in self.records]
 
+    # -- masks
+
+    @property
+    def has_part_masks(self) -> bool:
+        """Whether the dataset has a ``part_masks/`` folder (``mcloss synth`` output since format 2)."""
+        return (self.root / PART_MASKS_DIR).is_dir()
+
+    def part_labels(self, record: CUBRecord) -> np.ndarray | None:
+        """The [H, W] uint8 part label map of an image, or None without one.
+
+        0 is background (or an occluder), i (1-based) part ``part_names[i - 1]``, ``len(part_names) + 1``
+        the bird outside every part. Read from ``part_masks/<image path with .png>``.
+
+        Raises:
+            DatasetError: the mask is corrupt, not 8-bit single-channel, not the image's size, or has a
+                label above ``len(part_names) + 1``.
+        """
+        if not self.has_part_masks:
+            return None
+        path = self.root / PART_MASKS_DIR / _mask_rel(self.root, record)
+        if not path.is_file():
+            return None
+        with _open_mask(path) as img:
+            if img.mode not in ("L", "P"):
+                raise DatasetError(f"{path}: part mask must be an 8-bit single-channel PNG, got mode {img.mode}")
+            labels = np.array(img, dtype=np.uint8)
+        _check_size(path, labels.shape, record.path)
+        top = len(self.part_names) + 1
+        if labels.size and int(labels.max()) > top:
+            raise DatasetError(f"{path}: label {int(labels.max())} outside 0..{top} (0 background, 1..{top - 1} parts, {top} body)")
+        return labels
+
+    def silhouette(self, record: CUBRecord) -> np.ndarray | None:
+        """The [H, W] float32 bird mask of an image in [0, 1], or None without one.
+
+        Read from ``segmentations/<image path with .png>`` in the dataset root or beside it (where CUB's
+        segmentation archive extracts). Soft values are kept; multi-channel PNGs give their first channel.
+
+        Raises:
+            DatasetError: the mask is corrupt or not the image's size.
+        """
+        rel = _mask_rel(self.root, record)
+        for base in (self.root, self.root.parent):
+            path = base / SEGMENTATIONS_DIR / rel
+            if path.is_file():
+                break
+        else:
+            return None
+        with _open_mask(path) as img:
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                mask = np.asarray(img, dtype=np.float32) / np.float32(65535.0)
+            elif img.mode in ("1", "L", "P", "I", "F"):
+                mask = np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0)
+            else:  # LA, RGB, RGBA, ...: the first channel
+                mask = np.asarray(img.getchannel(0), dtype=np.float32) / np.float32(255.0)
+        _check_size(path, mask.shape, record.path)
+        return np.clip(mask, 0.0, 1.0)
+
     def __getitem__(self, index: int) -> tuple[Any, int] | tuple[Any, int, Any]:
         record = self.records[index]
         image = load_image(record.path)
@@ -279,6 +367,53 @@ class CUBDataset(Dataset):
         inside = (moved[:, 0] >= 0) & (moved[:, 0] < w) & (moved[:, 1] >= 0) & (moved[:, 1] < h)
         parts = np.concatenate([moved, (visible & inside)[:, None]], axis=1).astype(np.float32)
         return tensor, record.label, torch.from_numpy(parts)
+
+
+def _mask_rel(root: Path, record: CUBRecord) -> Path:
+    """An image's mask path relative to a mask folder: its path under images/ with ``.png``."""
+    try:
+        rel = record.path.relative_to(root / "images")
+    except ValueError:
+        raise DatasetError(f"{record.path}: image is not under {root / 'images'}") from None
+    return rel.with_suffix(".png")
+
+
+def _open_mask(path: Path) -> Image.Image:
+    """Decode a mask PNG fully (Pillow, decompression-bomb guarded); errors name the file and reason."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DatasetError(f"{path}: mask too large ({width}×{height})")
+            img.load()
+            return img.copy()
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{path}: mask refused as a possible decompression bomb ({first_line(exc, 160)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{path}: corrupt or unreadable mask ({first_line(exc, 160)})") from None
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as :func:`~mcloss.data.io.load_image` returns it (EXIF orientation applied)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read the image's size ({first_line(exc, 160)})") from None
+    return width, height
+
+
+def _check_size(path: Path, shape: tuple[int, ...], image: Path) -> None:
+    width, height = _image_size(image)
+    if shape[:2] != (height, width):
+        raise DatasetError(f"{path}: mask is {shape[1]}×{shape[0]} pixels but its image {image.name} is {width}×{height}")
 
 
 def _transform_with_points(transform: Callable, image: Image.Image, xy: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:

@@ -238,23 +238,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = 90) -> bytes:
-    """Encode an RGB uint8 image [H, W, 3] as PNG or JPEG bytes (deterministic, no metadata).
+    """Encode an RGB [H, W, 3] or grayscale [H, W] uint8 image as PNG or JPEG bytes (deterministic, no metadata).
 
     Args:
-        rgb: the image, RGB channel order (converted to OpenCV's BGR here, and only here).
-        fmt: ``"png"`` or ``"jpeg"``.
+        rgb: the image, RGB channel order (converted to OpenCV's BGR here, and only here), or a 2-D
+            grayscale array (label maps, masks), written as one 8-bit channel unchanged.
+        fmt: ``"png"`` (lossless) or ``"jpeg"``.
         quality: JPEG quality 1..100.
     """
     img = np.asarray(rgb)
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {img.dtype} {img.shape}")
+    gray = img.ndim == 2
+    if img.dtype != np.uint8 or not (gray or img.ndim == 3 and img.shape[2] == 3):
+        raise ValueError(f"expected an RGB [H, W, 3] or grayscale [H, W] uint8 image, got {img.dtype} {img.shape}")
     if fmt == "png":
         ext, params = ".png", []
     elif fmt in ("jpeg", "jpg"):
         ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     else:
         raise ValueError(f"image format must be 'png' or 'jpeg', got {fmt!r}")
-    ok, buf = cv2.imencode(ext, cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR), params)
+    img = np.ascontiguousarray(img)
+    ok, buf = cv2.imencode(ext, img if gray else cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError(f"{fmt.upper()} encoding failed")
     return buf.tobytes()

@@ -18,6 +18,18 @@ For every image of a CUB-layout split with part keypoints, the TRUE class's chan
   deleted/inserted fraction [0, 1] is the AUC: lower deletion AUC and higher insertion AUC mean a more
   faithful map.
 
+* **Defining parts.** When the classes' defining parts are known (the dataset's ``synth.json`` or CUB
+  attribute files, else the checkpoint's card), every map of the true class — each channel, the CCMP map,
+  Grad-CAM and a random map — is compared with them on the original image
+  (:mod:`mcloss.evaluation.mass`): the share of peaks on a part that are on a defining part, next to its
+  chance level (the defining parts' share of the visible part area); the geometric mean of the mass per
+  area on the defining parts ÷ that on the other visible parts (1.0 = no preference); and, where the
+  dataset has part masks, the energy-based pointing game (mass inside the object and inside each part)
+  and the relevance rank accuracy of the defining parts. Regions come from the part masks when there are
+  any, else from the keypoints (each pixel within the hit radius of a visible keypoint belongs to the
+  nearest one), both limited to the part of the image the network sees. Peaks here are the argmax of the
+  map upsampled onto the original image. Classes without defining parts (the base bird) are not scored.
+
 The result and its output files are described in :mod:`mcloss.evaluation.parts_report`; images that cannot
 be read are skipped and listed in the summary's ``skipped_images``.
 """
@@ -36,6 +48,7 @@ from tqdm import tqdm
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.datasets import class_mismatch
 from mcloss.data.io import ImageLoadError, json_safe, load_image
+from mcloss.evaluation import mass as W
 from mcloss.evaluation import metrics as M
 from mcloss.evaluation.faithfulness import BASELINES, baseline_input, perturbation_curves
 from mcloss.evaluation.parts_report import (
@@ -49,8 +62,10 @@ from mcloss.evaluation.parts_report import (
     write_outputs,
 )
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain
+from mcloss.explainability.geometry import crop_mask, to_original
 
 __all__ = [
+    "DEFINING_MAPS",
     "METHODS",
     "METHOD_LABELS",
     "BASELINES",
@@ -134,6 +149,7 @@ class _Item:
     path: Path
     label: int
     keypoints: np.ndarray
+    record: Any = None
 
 
 def _items(dataset: Any) -> list[_Item]:
@@ -141,8 +157,38 @@ def _items(dataset: Any) -> list[_Item]:
     for rec in dataset.records:
         parts = rec.parts
         kps = np.zeros((0, 3)) if parts is None else np.asarray(parts, dtype=np.float64).reshape(-1, 3)
-        out.append(_Item(int(rec.image_id), Path(rec.path), int(rec.label), kps))
+        out.append(_Item(int(rec.image_id), Path(rec.path), int(rec.label), kps, rec))
     return out
+
+
+#: The maps compared with the defining parts: each channel of the true class, its CCMP map, Grad-CAM, random.
+DEFINING_MAPS = ("channels", "ccmp", "gradcam", "random")
+
+
+def resolve_defining(
+    dataset: Any, model: MCModel, part_names: Sequence[str], defining: dict[str, Sequence[str]] | None = None
+) -> tuple[dict[int, list[int]], dict[str, list[str]], str | None]:
+    """The defining parts of each class: the argument, else the dataset's, else the checkpoint card's.
+
+    Returns:
+        (label → 0-based part indices, class name → region names, where they came from or None).
+    """
+    from mcloss.data.defining import defining_parts, region_part_indices
+
+    source = "argument" if defining is not None else None
+    if defining is None and getattr(dataset, "root", None) is not None:
+        defining = defining_parts(dataset.root)
+        source = "dataset" if defining is not None else None
+    if defining is None and isinstance(model.card, dict) and isinstance(model.card.get("defining_parts"), dict):
+        defining, source = model.card["defining_parts"], "checkpoint card"
+    if not defining:
+        return {}, {}, None
+    names = {str(k): [str(r) for r in v] for k, v in defining.items()}
+    by_label = {}
+    for label, name in enumerate(model.class_names):
+        indices = sorted({i for region in names.get(name, []) for i in region_part_indices(region, part_names)})
+        by_label[label] = indices
+    return by_label, names, source
 
 
 def _open_dataset(dataset_or_root: Any, split: str) -> Any:
@@ -187,6 +233,7 @@ def run_parts(
     device: torch.device | str | None = None,
     seed: int = 0,
     progress: bool = False,
+    defining: dict[str, Sequence[str]] | None = None,
 ) -> PartsResult:
     """Score the true class's channel group of every image (see the module docstring).
 
@@ -208,6 +255,7 @@ def run_parts(
         device: where to run (default: the model's device).
         seed: seeds the random baseline (per image: ``(seed, image_id)``).
         progress: show a progress bar.
+        defining: class name → defining regions (part names); default the dataset's, else the card's.
 
     Returns:
         The result; images that could not be read are skipped, not raised, and listed (image_id, path,
@@ -231,6 +279,8 @@ def run_parts(
     if num_parts == 0 or all(len(it.keypoints) == 0 for it in items):
         raise ValueError("the dataset has no part keypoints (parts/parts.txt, parts/part_locs.txt)")
     part_names = part_names or [f"part_{i}" for i in range(num_parts)]
+    defining_by_label, defining_names, defining_source = resolve_defining(dataset, model, part_names, defining)
+    masks = _MaskSource(dataset)
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     amp = dev.type == "cuda"
@@ -259,7 +309,7 @@ def run_parts(
             for it, image, ex in zip(chunk, images, explanations, strict=True):
                 row, score, curve = _evaluate_one(
                     model, it, image, ex, part_names, radius, size_reference, topk_percent, steps, baseline,
-                    faithfulness, perturbation_batch, dev, amp, seed,
+                    faithfulness, perturbation_batch, dev, amp, seed, defining_by_label.get(it.label, []), masks,
                 )  # fmt: skip
                 rows.append(row)
                 scores.append(score)
@@ -282,6 +332,9 @@ def run_parts(
         "seed": seed,
     }
     summary = _summarize(rows, scores, stacked, part_names, model, config, skipped)
+    summary["defining"] = json_safe(
+        _summarize_defining(scores, model.class_names, part_names, defining_names, defining_source, masks.used, len(items))
+    )
     return PartsResult(summary, rows, stacked)
 
 
@@ -327,6 +380,8 @@ def _evaluate_one(
     dev: torch.device,
     amp: bool,
     seed: int,
+    defining: Sequence[int] = (),
+    masks: _MaskSource | None = None,
 ) -> tuple[dict, dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     group = ex.groups[0]
     width, height = ex.image_size
@@ -341,6 +396,7 @@ def _evaluate_one(
     visible = int((item.keypoints[:, 2] > 0).sum()) if len(item.keypoints) else 0
     score["scored"] = visible > 0
     score["xi"] = xi
+    score["label"] = item.label
 
     row: dict[str, Any] = {
         "image_id": item.image_id,
@@ -370,6 +426,11 @@ def _evaluate_one(
             random_distinct=score["random_distinct"],
             random_separated=score["random_separated"],
         )
+    maps = {"ccmp": group.ccmp, "gradcam": group.gradcam, "random": random_map}
+    score["defining"] = _score_defining(
+        group, maps, ex, item, defining, len(part_names), radius_px, random_xy, masks or _MaskSource(None)
+    )
+    row.update(_defining_row(score["defining"], part_names, defining))
     curve: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if faithfulness:
         x = model.transform.apply(image, ex.geometry).to(dev)
@@ -482,3 +543,152 @@ def _summarize(
 
 
 _SIZE_TEXT = {"max": "max(width, height)", "sqrt-area": "sqrt(width · height)", "diagonal": "the diagonal"}
+
+
+# ------------------------------------------------------------------------------------- defining parts
+
+
+class _MaskSource:
+    """The dataset's part masks and silhouettes, when it has them (``part_labels``/``silhouette`` methods)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.used = False
+
+    def regions(self, item: _Item, size: tuple[int, int], radius_px: float) -> tuple[np.ndarray, bool]:
+        """(region map, from masks?) of one image."""
+        reader = getattr(self.dataset, "part_labels", None)
+        labels = reader(item.record) if callable(reader) and item.record is not None else None
+        if labels is not None:
+            self.used = True
+            return np.asarray(labels, dtype=np.int32), True
+        return W.keypoint_regions(item.keypoints, size, radius_px), False
+
+    def silhouette(self, item: _Item) -> np.ndarray | None:
+        reader = getattr(self.dataset, "silhouette", None)
+        return reader(item.record) if callable(reader) and item.record is not None else None
+
+
+def _score_defining(
+    group: GroupMaps,
+    maps: dict[str, np.ndarray | None],
+    ex: Explanation,
+    item: _Item,
+    defining: Sequence[int],
+    num_parts: int,
+    radius_px: float,
+    random_xy: np.ndarray,
+    masks: _MaskSource,
+) -> dict:
+    """Every map of the true class against the class's defining parts (see the module docstring)."""
+    if not defining:
+        return {"scored": False}
+    regions, from_masks = masks.regions(item, ex.image_size, radius_px)
+    if regions.shape != (ex.image_size[1], ex.image_size[0]):
+        raise ValueError(f"{item.path}: part mask {regions.shape[::-1]} does not match the image {ex.image_size}")
+    regions = np.where(crop_mask(ex.geometry), regions, 0)
+    area = W.region_areas(regions, num_parts)
+    is_def = np.zeros(num_parts, bool)
+    is_def[list(defining)] = True
+    if area[is_def].sum() == 0 or area[~is_def].sum() == 0:
+        return {"scored": False}
+    silhouette = masks.silhouette(item) if from_masks else None
+    target = regions > 0
+    target &= np.isin(regions - 1, np.flatnonzero(is_def))
+    originals = {f"channels/{c}": to_original(m, ex.geometry) for c, m in enumerate(group.channels)}
+    originals |= {kind: to_original(m, ex.geometry) for kind, m in maps.items() if m is not None}
+    out: dict[str, Any] = {
+        "scored": True,
+        "defining": [int(d) for d in defining],
+        "masks": from_masks,
+        "chance": W.defining_chance(regions, defining, num_parts),
+        "rank_chance": float(target.sum() / target.size),
+        "ratios": {}, "peaks": {}, "rank": {}, "energy_object": {}, "energy_defining": {}, "energy_parts": {},
+    }  # fmt: skip
+    for key, values in originals.items():
+        kind = key.split("/")[0]
+        out["ratios"].setdefault(kind, []).append(W.mass_ratio(values, regions, defining, num_parts))
+        if kind != "random":
+            y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+            out["peaks"].setdefault(kind, []).append(W.peak_region((x + 0.5, y + 0.5), regions) if values.max() > 0 else 0)
+        if from_masks:
+            out["rank"].setdefault(kind, []).append(W.rank_accuracy(values, target))
+            energy = W.energy_shares(values, regions, num_parts, silhouette)
+            out["energy_object"].setdefault(kind, []).append(energy["object"])
+            out["energy_defining"].setdefault(kind, []).append(float(np.sum(energy["parts"][is_def])))
+            out["energy_parts"].setdefault(kind, []).append(energy["parts"])
+    out["peaks"]["random"] = [W.peak_region(xy, regions) for xy in random_xy]
+    return out
+
+
+def _defining_row(score: dict, part_names: Sequence[str], defining: Sequence[int]) -> dict:
+    """The per-image CSV columns of the defining-part scores."""
+    if not score.get("scored"):
+        return {}
+    row: dict[str, Any] = {"defining_parts": ";".join(part_names[i] for i in defining), "defining_chance": score["chance"]}
+    for kind in DEFINING_MAPS:
+        if kind in score["ratios"]:
+            row[f"mass_ratio_{kind}"] = W.geometric_mean(score["ratios"][kind])
+    return row
+
+
+def _summarize_defining(
+    scores: list[dict],
+    class_names: list[str],
+    part_names: list[str],
+    classes: dict[str, list[str]],
+    source: str | None,
+    masks: bool,
+    images: int,
+) -> dict:
+    """The defining-part block of the summary (``summary["defining"]``)."""
+    scored = [s["defining"] for s in scores if s.get("defining", {}).get("scored")]
+    labelled = [(s["label"], s["defining"]) for s in scores if s.get("defining", {}).get("scored")]
+    num_parts = len(part_names)
+    block: dict[str, Any] = {
+        "source": source,
+        "classes": classes,
+        "regions": "part masks" if masks else "keypoints within the hit radius",
+        "images": len(scored),
+        "of_images": images,
+        "methods": {},
+    }
+    if not scored:
+        return block
+    for kind in DEFINING_MAPS:
+        on_part = on_defining = 0
+        chance = 0.0
+        for s in scored:
+            for label in s["peaks"].get(kind, []):
+                if 1 <= label <= num_parts:
+                    on_part += 1
+                    on_defining += int(label - 1 in s["defining"])
+                    chance += s["chance"]
+        peaks = sum(len(s["peaks"].get(kind, [])) for s in scored)
+        ratios = [r for s in scored for r in s["ratios"].get(kind, [])]
+        entry: dict[str, Any] = {
+            "peaks": peaks,
+            "peaks_on_parts": on_part,
+            "peak_share": on_defining / on_part if on_part else float("nan"),
+            "peak_chance": chance / on_part if on_part else float("nan"),
+            "mass_ratio": W.geometric_mean(ratios),
+            "mass_ratios": sum(1 for r in ratios if np.isfinite(r)),
+        }
+        if masks:
+            entry["rank_accuracy"] = _nanmean([r for s in scored for r in s["rank"].get(kind, [])])
+            entry["rank_chance"] = _nanmean([s["rank_chance"] for s in scored if s["rank"]])
+            entry["energy_object"] = _nanmean([e for s in scored for e in s["energy_object"].get(kind, [])])
+            entry["energy_defining"] = _nanmean([e for s in scored for e in s["energy_defining"].get(kind, [])])
+            parts = [p for s in scored for p in s["energy_parts"].get(kind, [])]
+            entry["energy_parts"] = np.nanmean(np.stack(parts), axis=0).tolist() if parts else []
+        block["methods"][kind] = entry
+    per_class: dict[str, dict] = {}
+    for label in sorted({lab for lab, _ in labelled}):
+        mine = [d for lab, d in labelled if lab == label]
+        per_class[class_names[label]] = {
+            "images": len(mine),
+            **{f"mass_ratio_{k}": W.geometric_mean(r for d in mine for r in d["ratios"].get(k, [])) for k in DEFINING_MAPS},
+        }
+    block["per_class"] = per_class
+    return block
+

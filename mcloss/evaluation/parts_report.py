@@ -16,6 +16,9 @@ import numpy as np
 from mcloss.data.io import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
 
 __all__ = [
+    "DEFINING_LABELS",
+    "baseline_block",
+    "defining_table",
     "METHODS",
     "METHOD_LABELS",
     "PER_IMAGE_COLUMNS",
@@ -70,6 +73,12 @@ PER_IMAGE_COLUMNS = (
     "insertion_auc_gradcam",
     "deletion_auc_random",
     "insertion_auc_random",
+    "defining_parts",
+    "defining_chance",
+    "mass_ratio_channels",
+    "mass_ratio_ccmp",
+    "mass_ratio_gradcam",
+    "mass_ratio_random",
 )
 SUMMARY_COLUMNS = (
     "method", "peaks", "hit_rate", "distinct_parts", "separated_parts", "overlap", "deletion_auc", "insertion_auc"
@@ -98,10 +107,68 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+#: Row labels of the defining-part table.
+DEFINING_LABELS = {"channels": "each channel", "ccmp": "CCMP", "gradcam": "Grad-CAM (FC head)", "random": "random map"}
+
+
+def defining_table(summary: dict) -> str:
+    """The defining-part markdown table (empty when the classes' defining parts are unknown).
+
+    One row per map of the true class (each channel, CCMP, Grad-CAM, random), and the same rows for the
+    baseline checkpoint when the summary has one (``summary["baseline"]``).
+    """
+    block = summary.get("defining") or {}
+    if not block.get("methods"):
+        return ""
+    masks = block.get("regions") == "part masks"
+    head = "| model | map of the true class | peaks on a defining part (of peaks on a part) | chance | mass ratio defining ÷ other parts |"
+    rule = "|---|---|---|---|---|"
+    if masks:
+        head += " rank accuracy (chance) | mass in the object | mass on defining parts |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    models = [("this", block)]
+    if isinstance(summary.get("baseline"), dict) and (summary["baseline"].get("defining") or {}).get("methods"):
+        models.append(("baseline", summary["baseline"]["defining"]))
+    for name, part in models:
+        for kind, m in part["methods"].items():
+            line = (
+                f"| {name} | {DEFINING_LABELS.get(kind, kind)} | {_fmt(m['peak_share'])} | {_fmt(m['peak_chance'])} "
+                f"| {_fmt(m['mass_ratio'], 2)}× |"
+            )
+            if masks:
+                line += (
+                    f" {_fmt(m.get('rank_accuracy'))} ({_fmt(m.get('rank_chance'))}) | {_fmt(m.get('energy_object'))} "
+                    f"| {_fmt(m.get('energy_defining'))} |"
+                )
+            lines.append(line)
+    lines += [
+        "",
+        f"{block['images']} of {block['of_images']} images scored (true class with a visible defining part and "
+        f"another visible part); defining parts from the {block['source']}; regions from {block['regions']}. "
+        "Mass ratio: mass per area on the defining parts ÷ mass per area on the other visible parts, geometric "
+        "mean over images (and channels); 1× = no preference. Chance: the defining parts' share of the visible "
+        "part area.",
+    ]
+    if len(models) > 1:
+        base = summary["baseline"]
+        lines.append(
+            f"Baseline: {base.get('checkpoint', '?')} on the same images (top-1 FC {_fmt(base.get('top1_fc'))})."
+        )
+    return "\n".join(lines)
+
+
+def baseline_block(summary: dict, checkpoint: str | Path) -> dict:
+    """The part of a baseline checkpoint's summary that joins the main summary (``summary["baseline"]``)."""
+    keep = ("images", "top1_fc", "top1_mc", "methods", "defining")
+    return {"checkpoint": str(checkpoint), **{k: summary[k] for k in keep if k in summary}}
+
+
 def summary_table(summary: dict) -> str:
-    """The markdown table: one row per method (channels, Grad-CAM, random), then both heads' top-1."""
+    """The markdown tables: defining parts first (when known), then peaks and faithfulness per method."""
+    defining = defining_table(summary)
     xi = "/".join(str(x) for x in summary["channels_per_group"])
-    lines = [
+    lines = ([defining, ""] if defining else []) + [
         f"| maps | peaks | hit rate | distinct parts per group (of {xi}) | separated parts per group "
         "| overlap (top-k IoU) | deletion AUC ↓ | insertion AUC ↑ |",
         "|---|---|---|---|---|---|---|---|",

@@ -44,6 +44,8 @@ from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from mcloss.explainability.defining import DefiningSummary
+
 __all__ = [
     "DEFAULT_MAPS",
     "MAP_KINDS",
@@ -210,14 +212,16 @@ class Explanation:
         """The montage as a matplotlib Figure (for reports; no pyplot state is touched)."""
         return render.explanation_figure(self._view(image), self, group, style or render.Style(), dpi=dpi)
 
-    def record(self, topk: int = 5, name: str | None = None) -> dict:
+    def record(self, topk: int = 5, name: str | None = None, *, defining: Sequence[DefiningSummary | None] | None = None) -> dict:
         """The JSON record that :meth:`save` writes (schema in :mod:`mcloss.explainability.outputs`).
 
         ``name`` is the output stem's file name (what :meth:`save` gets); default the source's file name.
+        ``defining``: one defining-part summary (or None) per target
+        (:func:`mcloss.explainability.defining.defining_summaries`).
         """
         from mcloss.explainability.outputs import explanation_record
 
-        return explanation_record(self, topk, name)
+        return explanation_record(self, topk, name, defining)
 
     def save(
         self,
@@ -226,15 +230,16 @@ class Explanation:
         *,
         topk: int = 5,
         image: np.ndarray | Image.Image | None = None,
+        defining: Sequence[DefiningSummary | None] | None = None,
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
         ``path`` is a stem: ``out/bird.jpg`` writes ``out/bird.jpg.png`` etc., as ``mcloss export`` does.
-        Every file is written atomically. Returns the JSON record.
+        Every file is written atomically. ``defining`` as for :meth:`record`. Returns the JSON record.
         """
         from mcloss.explainability.outputs import write_explanation
 
-        return write_explanation(self, Path(path), self._view(image), style or render.Style(), topk)
+        return write_explanation(self, Path(path), self._view(image), style or render.Style(), topk, defining)
 
 
 # ------------------------------------------------------------------------------------------- explain

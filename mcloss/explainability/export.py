@@ -8,7 +8,10 @@ file or a glob match at the top level. The output stem is the input's file name 
 finished when its json exists, and a re-run skips it). Every file is written atomically.
 
 Images are decoded in DataLoader workers and explained with :func:`mcloss.explainability.explanation.explain`
-(one forward pass per batch of same-shape inputs). At the end: ``manifest.json`` (checkpoint + sha256,
+(one forward pass per batch of same-shape inputs). When the checkpoint's card knows its classes' defining
+parts, each target's json entry says which they are and how much the maps prefer them: on the image itself
+when it lies inside a CUB-layout dataset with part keypoints or part masks
+(:func:`mcloss.data.annotations.image_annotations`), else the card's fresh-set figure. At the end: ``manifest.json`` (checkpoint + sha256,
 versions, options, counts), ``index.csv`` (one row per finished image) and ``errors.csv`` (file, reason for
 each rejected input). With a shard ``i/n`` those three are named ``manifest.shard-i-of-n.json`` etc.
 """
@@ -28,9 +31,11 @@ from torch.utils.data import DataLoader, Dataset
 from mcloss.core.errors import DatasetError
 from mcloss.core.provenance import versions
 from mcloss.core.transforms import EvalTransform
+from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text
+from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps, prepare
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
@@ -190,6 +195,7 @@ def export(
         pin_memory=device.type == "cuda",
     )
     done = 0
+    knows_defining = has_defining_parts(model.card)
     if progress is not None:
         progress(done, len(todo))
     for items in loader:
@@ -216,8 +222,9 @@ def export(
                 model, [item for _, item in good], spec, maps=maps, labels=labels, method=config.method, device=device
             )
             for (f, item), exp in zip(good, exps, strict=True):
+                defining = defining_summaries(model.card, exp, _annotations(f.source) if knows_defining else None)
                 try:
-                    exp.save(bases[f.key], config.style, topk=config.topk, image=item.view)
+                    exp.save(bases[f.key], config.style, topk=config.topk, image=item.view, defining=defining)
                     written += 1
                 except OSError as exc:
                     errors.append((f.source, f"{f.source}: cannot write outputs ({exc})"))
@@ -240,6 +247,14 @@ def export(
     manifest_path = out_dir / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
     return ExportResult(out_dir, len(files), written, len(files) - len(todo), errors, manifest_path)
+
+
+def _annotations(source: str) -> PartAnnotations | None:
+    """The part annotations of an input inside a CUB-layout dataset; None elsewhere or when unreadable."""
+    try:
+        return image_annotations(source)
+    except DatasetError:  # a malformed dataset or mask: the json falls back to the card's figure
+        return None
 
 
 def _json_path(base: Path) -> Path:

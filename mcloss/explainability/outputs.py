@@ -12,14 +12,21 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   [width, height] after EXIF, ``prediction`` {index, name, prob}, ``prediction_mc``, ``topk``
   [{index, name, prob}], ``label`` (or null), ``target`` {index, name, prob}, ``channels`` [{channel,
   peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
-  ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png}
-  per rank) and ``outputs`` (file names).
+  ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png,
+  defining_parts} per rank, plus ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  ``defining_parts`` lists the parts the checkpoint's card says define the target class ([] when it
+  says none, or nothing about its classes); ``defining_mass_ratio`` {ccmp, channels, source} is the mass
+  per area on those parts ÷ on the other parts of the CCMP map and the geometric mean over the channels
+  (1 = no preference; null where undefined), measured on the image (``source`` ``"image"``) when its
+  part annotations are known, else the card's fresh-set figure (``"fresh-set card"``); see
+  :mod:`mcloss.explainability.defining`.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,7 @@ from mcloss.data.io import atomic_write_bytes, atomic_write_json, encode_image
 from mcloss.explainability.render import Style, explanation_montage
 
 if TYPE_CHECKING:
+    from mcloss.explainability.defining import DefiningSummary
     from mcloss.explainability.explanation import Explanation, GroupMaps
 
 __all__ = ["explanation_arrays", "explanation_record", "png_name", "write_explanation"]
@@ -58,8 +66,8 @@ def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _target_entry(gm: GroupMaps, rank: int, png: str) -> dict:
-    return {
+def _target_entry(gm: GroupMaps, rank: int, png: str, defining: DefiningSummary | None = None) -> dict:
+    entry = {
         "rank": rank,
         "index": gm.target,
         "name": gm.name,
@@ -71,13 +79,42 @@ def _target_entry(gm: GroupMaps, rank: int, png: str) -> dict:
         ],
         "gradcam": None if gm.gradcam_peak_xy is None else {"peak_xy": [float(v) for v in gm.gradcam_peak_xy]},
         "png": png,
+        "defining_parts": [] if defining is None else list(defining.parts),
     }
+    ratio = None if defining is None else defining.record()
+    if ratio is not None:
+        entry["defining_mass_ratio"] = ratio
+    return entry
 
 
-def explanation_record(exp: Explanation, topk: int = 5, name: str | None = None) -> dict:
-    """The json record (see the module docstring); ``name`` is the output stem's file name."""
+def _aligned(exp: Explanation, defining: Sequence[DefiningSummary | None] | None) -> list[DefiningSummary | None]:
+    if defining is None:
+        return [None] * len(exp.groups)
+    if len(defining) != len(exp.groups):
+        raise ValueError(f"{len(defining)} defining-part summaries for {len(exp.groups)} targets")
+    return list(defining)
+
+
+def explanation_record(
+    exp: Explanation,
+    topk: int = 5,
+    name: str | None = None,
+    defining: Sequence[DefiningSummary | None] | None = None,
+) -> dict:
+    """The json record (see the module docstring).
+
+    Args:
+        exp: the explanation.
+        topk: entries in ``topk``.
+        name: the output stem's file name (default the source's).
+        defining: one :class:`~mcloss.explainability.defining.DefiningSummary` (or None) per target, from
+            :func:`~mcloss.explainability.defining.defining_summaries`; default none known.
+    """
     stem = name if name is not None else Path(exp.source or "image").name
-    entries = [_target_entry(gm, rank, png_name(stem, rank)) for rank, gm in enumerate(exp.groups, start=1)]
+    entries = [
+        _target_entry(gm, rank, png_name(stem, rank), d)
+        for rank, (gm, d) in enumerate(zip(exp.groups, _aligned(exp, defining), strict=True), start=1)
+    ]
     pred, pred_mc = exp.prediction, exp.prediction_mc
     order = np.argsort(-exp.probs_fc, kind="stable")[:topk]
     return {
@@ -110,7 +147,14 @@ def _clean_stale_temps(base: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_explanation(exp: Explanation, base: Path, view: np.ndarray, style: Style, topk: int = 5) -> dict:
+def write_explanation(
+    exp: Explanation,
+    base: Path,
+    view: np.ndarray,
+    style: Style,
+    topk: int = 5,
+    defining: Sequence[DefiningSummary | None] | None = None,
+) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
 
     Args:
@@ -119,9 +163,10 @@ def write_explanation(exp: Explanation, base: Path, view: np.ndarray, style: Sty
         view: RGB uint8 view of the original to draw the montages on.
         style: how the montages are drawn (``style.tile_height`` rows per tile).
         topk: entries in the json's ``topk`` list.
+        defining: the targets' defining-part summaries (see :func:`explanation_record`).
     """
     _clean_stale_temps(base)
-    record = explanation_record(exp, topk, base.name)
+    record = explanation_record(exp, topk, base.name, defining)
     for rank in range(1, len(exp.groups) + 1):
         picture = explanation_montage(view, exp, rank - 1, style)
         atomic_write_bytes(base.parent / png_name(base.name, rank), encode_image(picture))

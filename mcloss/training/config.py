@@ -87,6 +87,7 @@ class TrainConfig:
     download: bool = False
     pretrained: str | None = None
     xi: int | None = 3
+    last_stage: int | None = None
     alpha: float = 1.5
     beta: float = 20.0
     drop: int | None = None
@@ -122,6 +123,7 @@ class TrainConfig:
             (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
             (self.normalization in NORMALIZATIONS, f"--normalization must be one of {', '.join(NORMALIZATIONS)}"),
             (self.xi is None or self.xi >= 1, "--xi must be >= 1 (or 'auto')"),
+            (self.last_stage in (None, 2, 3, 4), "--last-stage must be 2, 3 or 4"),
             (self.drop is None or self.drop >= 0, "--drop must be >= 0"),
             (self.div_warmup >= 0, "--div-warmup must be >= 0"),
             (self.alpha >= 0 and self.beta >= 0, "--alpha and --beta must be >= 0"),

@@ -129,6 +129,7 @@ def make_model(config: TrainConfig, class_names: list[str], *, pretrained: bool 
             img_size=config.img_size,
             pretrained=config.pretrained if pretrained else None,
             transform=eval_tf,
+            last_stage=config.last_stage,
         )
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         raise TrainError(

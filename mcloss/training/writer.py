@@ -27,6 +27,16 @@ def synth_description(data: str | Path) -> dict | None:
     return {key: meta.get(key) for key in ("classes", "per_class", "size", "seed")} | {"design": meta.get("design", "single")}
 
 
+def _defining_parts(data: str | Path) -> dict[str, list[str]] | None:
+    """The classes' defining parts from the dataset (synth.json or CUB attributes), or None when unknown."""
+    from mcloss.data.defining import defining_parts
+
+    try:
+        return defining_parts(data)
+    except (OSError, ValueError):  # unreadable attribute files: the card just does not know them
+        return None
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -53,6 +63,7 @@ class RunWriter:
         self.start_epoch = start_epoch
         self.facts = facts
         self.synth = synth_description(config.data)  # read once per session, not at every checkpoint
+        self.defining = _defining_parts(config.data)
 
     def write_epoch(
         self, rows: Sequence[dict], model: MCModel, *, improved: bool, resume_state: dict[str, Any]
@@ -102,6 +113,8 @@ class RunWriter:
         }
         if self.synth is not None:
             card["dataset"] = self.synth
+        if self.defining is not None:
+            card["defining_parts"] = self.defining
         return card
 
     def _run_record(self) -> dict:

@@ -1,12 +1,14 @@
 """``mcloss synth``: a synthetic fine-grained bird-parts dataset in CUB_200_2011 layout, with part keypoints.
 
 Modules: :mod:`~mcloss.data.synth.design` (parts, attributes, classes), :mod:`~mcloss.data.synth.drawing`
-(one bird on a cluttered background), :mod:`~mcloss.data.synth.writing` (the dataset on disk).
+(one bird on a cluttered background, its keypoints and part label map), :mod:`~mcloss.data.synth.writing`
+(the dataset on disk, with ``segmentations/`` and ``part_masks/``).
 """
 
 from mcloss.data.synth.design import (
     ATTRIBUTES,
     BASE_ATTRIBUTES,
+    BODY_LABEL,
     CLASS_PARTS,
     COLOURS,
     DESIGNS,
@@ -22,6 +24,7 @@ from mcloss.data.synth.writing import generate_dataset, is_synth_output, read_sy
 __all__ = [
     "ATTRIBUTES",
     "BASE_ATTRIBUTES",
+    "BODY_LABEL",
     "CLASS_PARTS",
     "COLOURS",
     "DESIGNS",

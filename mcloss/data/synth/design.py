@@ -11,6 +11,11 @@ the design only (``--seed`` only changes the instances). Two designs (``--design
   one alternative per part, so any two classes differ in two or four parts and each changed part is shared
   by several classes: no single part identifies a class, a classifier has to combine parts, as with real
   species.
+- ``varied``: the classes of ``combo``, but every part a class does not change varies from instance to
+  instance: the attribute that some class changes at that part (the head's colour, the wing's pattern, the
+  tail's shape, ...) takes any of its other values, the base one included. So a class's defining parts are
+  the only parts that carry information about it: in ``combo`` the unchanged base parts are evidence too
+  (a base head rules out every class that changes the head), and a model may rightly look there.
 
 Global colour content carries no class information by design: the body, legs, pattern ink, background
 and clutter colours are random per instance and come from the same palette as the part colours, so a
@@ -20,17 +25,22 @@ class shows only in WHICH part has which colour, pattern or shape.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ATTRIBUTES", "BASE_ATTRIBUTES", "CLASS_PARTS", "COLOURS", "DESIGNS", "NEUTRALS", "PART_NAMES", "BirdClass", "SynthError", "class_definitions", "max_classes"]
+__all__ = ["ATTRIBUTES", "BASE_ATTRIBUTES", "BODY_LABEL", "CLASS_PARTS", "COLOURS", "DESIGNS", "NEUTRALS", "PART_NAMES", "BirdClass", "SynthError", "class_definitions", "max_classes"]
 
 FORMAT_NAME = "mcloss-synth"
-FORMAT_VERSION = 1
+#: 1: images and keypoints; 2: also segmentations/ and part_masks/ (version-1 datasets remain readable).
+FORMAT_VERSION = 2
 
 #: Part names in CUB order (parts/parts.txt ids are 1-based positions in this tuple).
 PART_NAMES: tuple[str, ...] = ("head", "beak", "crest", "wing", "tail", "belly", "legs")
+
+#: Label of the bird's body outside every part in a part mask (parts are 1..len(PART_NAMES), 0 is background).
+BODY_LABEL: int = len(PART_NAMES) + 1
 
 #: The parts that carry class attributes (the legs are a plain keypoint).
 CLASS_PARTS: tuple[str, ...] = ("head", "beak", "crest", "wing", "tail", "belly")
@@ -107,10 +117,27 @@ class BirdClass:
     name: str
     attributes: dict[str, dict[str, str]] = field(hash=False)
     changed: tuple[str, ...] = ()
+    varies: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict, hash=False)
+
+    def instance_attributes(self, rng: np.random.Generator) -> dict[str, dict[str, str]]:
+        """The attributes of one instance: the class's, each varying attribute drawn uniformly from its values.
+
+        Draws nothing from ``rng`` when nothing varies, so designs without variation keep their instances.
+        """
+        if not self.varies:
+            return self.attributes
+        out = {part: dict(values) for part, values in self.attributes.items()}
+        for part in CLASS_PARTS:
+            for name, values in self.varies.get(part, {}).items():
+                out[part][name] = values[int(rng.integers(len(values)))]
+        return out
 
     def to_dict(self) -> dict:
         """JSON-friendly form (stored in synth.json)."""
-        return {"name": self.name, "changed": list(self.changed), "attributes": self.attributes}
+        out = {"name": self.name, "changed": list(self.changed), "attributes": self.attributes}
+        if self.varies:
+            out["varies"] = {part: {k: list(v) for k, v in attrs.items()} for part, attrs in self.varies.items()}
+        return out
 
 
 def _part_alternatives(rng: np.random.Generator) -> dict[str, list[dict[str, str]]]:
@@ -175,7 +202,7 @@ def _combo_design() -> list[tuple[tuple[str, dict[str, str]], ...]]:
 
 
 #: Class designs: name → every class in order, as tuples of (part, new attributes) changes from the base.
-DESIGNS = ("single", "combo")
+DESIGNS = ("single", "combo", "varied")
 _DESIGN_CACHE: dict[str, list[tuple[tuple[str, dict[str, str]], ...]]] = {}
 
 
@@ -183,7 +210,7 @@ def _designed(design: str) -> list[tuple[tuple[str, dict[str, str]], ...]]:
     if design not in DESIGNS:
         raise SynthError(f"--design must be one of {', '.join(DESIGNS)}, got {design!r}")
     if design not in _DESIGN_CACHE:
-        _DESIGN_CACHE[design] = _design() if design == "single" else _combo_design()
+        _DESIGN_CACHE[design] = _design() if design == "single" else _combo_design()  # varied: combo's classes
     return _DESIGN_CACHE[design]
 
 
@@ -196,7 +223,7 @@ def class_definitions(num_classes: int, design: str = "single") -> list[BirdClas
     """The first ``num_classes`` classes of a fixed design (depends on the count and design, never a seed).
 
     The classes for N are a prefix of those for N + 1. Class 1 is the base bird in both designs. In
-    ``single``, classes 2..139 change one part and later ones two; in ``combo`` (at most 32 classes)
+    ``single``, classes 2..139 change one part and later ones two; in ``combo`` and ``varied`` (at most 32 classes)
     classes 2..16 change two parts, later ones four and six, and any two classes differ in at least two.
     """
     total = max_classes(design)
@@ -208,7 +235,22 @@ def class_definitions(num_classes: int, design: str = "single") -> list[BirdClas
         for part, combo in changes:
             attributes[part] = dict(combo)
         name = "_".join(_change_name(part, combo) for part, combo in changes) or "Common_Bird"
-        classes.append(BirdClass(name, attributes, tuple(part for part, _ in changes)))
+        changed = tuple(part for part, _ in changes)
+        varies = _unchanged_variation(changed) if design == "varied" else {}
+        classes.append(BirdClass(name, attributes, changed, varies))
     return classes
+
+
+def _unchanged_variation(changed: Sequence[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``varied``: per unchanged part, the attribute the design's change there alters, with its other values."""
+    alts = _part_alternatives(np.random.default_rng(_CLASS_DESIGN_SEED))
+    out = {}
+    for part in CLASS_PARTS:
+        if part in changed:
+            continue
+        change = alts[part][0]
+        (name,) = [n for n, v in change.items() if v != BASE_ATTRIBUTES[part][n]]
+        out[part] = {name: tuple(v for v in ATTRIBUTES[part][name] if v != change[name])}
+    return out
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from mcloss.data.synth.design import (
     _ALL_COLOURS,
+    BODY_LABEL,
     CLASS_PARTS,
     COLOURS,
     MIN_VISIBLE_FRACTION,
@@ -160,9 +161,10 @@ def _pattern(kind: str, centre: tuple[float, float], half: tuple[float, float], 
     return []
 
 
-#: Drawing order (later covers earlier) and owner codes in the part-ownership map.
+#: Drawing order (later covers earlier) and owner codes in the part-ownership map: part i of PART_NAMES is
+#: i + 1, the body outside the parts BODY_LABEL, the eye belongs to the head; 0 is no bird.
 _DRAW_ORDER = ("tail", "legs", "body", "belly", "wing", "head", "eye", "crest", "beak")
-_OWNER = {name: PART_NAMES.index(name) + 1 for name in PART_NAMES} | {"body": 100, "eye": PART_NAMES.index("head") + 1}
+_OWNER = {name: PART_NAMES.index(name) + 1 for name in PART_NAMES} | {"body": BODY_LABEL, "eye": PART_NAMES.index("head") + 1}
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -176,11 +178,15 @@ class RenderedBird:
         image: [S, S, 3] uint8 RGB.
         parts: [P, 3] float64 (x, y, visible) per :data:`PART_NAMES`, original pixels; (0, 0, 0) when invisible.
         bbox: (x, y, w, h) of the bird's extent inside the image, original pixels.
+        labels: [S, S] uint8 map of the visible pixels: 0 background or an occluder in front of the bird,
+            i (1..len(PART_NAMES)) part i of :data:`PART_NAMES` (its parts.txt id), :data:`BODY_LABEL` the
+            body outside the parts. Drawn without anti-aliasing, at the polygons the image fills.
     """
 
     image: np.ndarray
     parts: np.ndarray
     bbox: tuple[float, float, float, float]
+    labels: np.ndarray
 
 
 def instance_rng(seed: int, index: int) -> np.random.Generator:
@@ -302,8 +308,9 @@ def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_sca
 
     ``object_scale`` multiplies the bird's size relative to the image (1.0: about 40 % of the side).
     """
+    attributes = bird.instance_attributes(rng)
     img = _background(rng, size)
-    shapes = _bird_shapes(bird.attributes)
+    shapes = _bird_shapes(attributes)
 
     # pose: scale 0.7-1.3 (× object_scale), rotation ±30°, mirror, position keeping the bird (mostly) in the image
     unit = 0.85 * size * object_scale * float(rng.uniform(0.7, 1.3))
@@ -323,7 +330,7 @@ def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_sca
     centres = {name: np.asarray(shape.centre) @ a.T + t for name, shape in shapes.items()}
 
     # colours: class colours jittered; body, legs and pattern ink are nuisance
-    colours = {part: _jitter(COLOURS[bird.attributes[part]["colour"]], rng) for part in CLASS_PARTS}
+    colours = {part: _jitter(COLOURS[attributes[part]["colour"]], rng) for part in CLASS_PARTS}
     colours["body"] = _jitter(_ALL_COLOURS[int(rng.integers(len(_ALL_COLOURS)))], rng, 10.0)
     colours["legs"] = _jitter(_ALL_COLOURS[int(rng.integers(len(_ALL_COLOURS)))], rng, 10.0)
     colours["eye"] = _jitter(NEUTRALS["black"], rng)
@@ -362,7 +369,7 @@ def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_sca
             parts[i] = (x, y, 1.0)
     ys, xs = np.nonzero(inside)
     bbox = (float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min()))
-    return RenderedBird(img, parts, bbox)
+    return RenderedBird(img, parts, bbox, seen.astype(np.uint8))
 
 
 def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

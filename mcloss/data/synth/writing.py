@@ -2,9 +2,12 @@
 
 Every image shows one bird of seven named parts in a random pose on a cluttered background
 (:mod:`~mcloss.data.synth.drawing`); classes come from :mod:`~mcloss.data.synth.design`. Besides the CUB
-index files, boxes and part keypoints, ``synth.json`` records the arguments and every class's
-definition, including the parts it changes from the base bird. The dataset is written to a temporary
-sibling directory and moved into place, so the output is never half-written.
+index files, boxes and part keypoints, it writes per-image masks of the visible pixels as lossless PNGs:
+``segmentations/<image path>.png`` (255 bird, 0 not; CUB_200_2011's segmentation layout) and
+``part_masks/<image path>.png`` (0 background or occluder, i part i of parts.txt, ``BODY_LABEL`` the body
+outside the parts). ``synth.json`` records the arguments, the mask layout and every class's definition,
+including the parts it changes from the base bird (its *defining parts*). The dataset is written to a
+temporary sibling directory and moved into place, so the output is never half-written.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mcloss.data.io import default_mode, encode_image
 from mcloss.data.synth.design import (
     ATTRIBUTES,
     BASE_ATTRIBUTES,
+    BODY_LABEL,
     CLASS_PARTS,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -39,18 +43,42 @@ from mcloss.data.synth.drawing import (
     render_bird,
 )
 
-__all__ = ["generate_dataset", "is_synth_output", "read_synth_meta"]
+__all__ = ["PART_MASKS_DIR", "SEGMENTATIONS_DIR", "generate_dataset", "is_synth_output", "mask_rel_path", "read_synth_meta"]
 
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _render_job(job: tuple[int, int, int, dict, str, str, int, float]) -> tuple[list[float], list[list[float]]]:
-    """Worker: render image ``index`` and write it; returns (bbox, parts)."""
-    index, seed, size, attrs, name, path, quality, object_scale = job
-    bird = BirdClass(name, attrs)
+#: Folders of the per-image masks, each mirroring images/ with a .png per image.
+SEGMENTATIONS_DIR = "segmentations"
+PART_MASKS_DIR = "part_masks"
+
+
+def mask_rel_path(image_rel: str) -> str:
+    """``<folder>/<stem>.jpg`` → ``<folder>/<stem>.png``: an image's mask path inside a mask folder."""
+    return Path(image_rel).with_suffix(".png").as_posix()
+
+
+def _render_job(job: tuple[int, int, int, BirdClass, str, str, int, float]) -> tuple[list[float], list[list[float]]]:
+    """Worker: render image ``index`` and write it and its masks under ``root``; returns (bbox, parts)."""
+    index, seed, size, bird, root, rel, quality, object_scale = job
     rendered = render_bird(bird, size, instance_rng(seed, index), object_scale)
-    Path(path).write_bytes(encode_image(rendered.image, "jpeg", quality=quality))
+    base = Path(root)
+    (base / "images" / rel).write_bytes(encode_image(rendered.image, "jpeg", quality=quality))
+    silhouette = np.where(rendered.labels > 0, 255, 0).astype(np.uint8)
+    (base / SEGMENTATIONS_DIR / mask_rel_path(rel)).write_bytes(encode_image(silhouette, "png"))
+    (base / PART_MASKS_DIR / mask_rel_path(rel)).write_bytes(encode_image(rendered.labels, "png"))
     return list(rendered.bbox), rendered.parts.tolist()
+
+
+def _masks_meta() -> dict:
+    """The ``masks`` entry of synth.json: where the masks are and what their values mean."""
+    labels = {"0": "background or occluder"} | {str(i + 1): name for i, name in enumerate(PART_NAMES)}
+    return {
+        "segmentations": f"{SEGMENTATIONS_DIR}/<image path with .png>: uint8, 255 = visible bird, 0 = not",
+        "part_masks": f"{PART_MASKS_DIR}/<image path with .png>: uint8 label per pixel of the visible bird",
+        "labels": labels | {str(BODY_LABEL): "body"},
+        "format": "lossless 8-bit grayscale PNG, the image's size; no anti-aliasing; the eye is part of the head",
+    }
 
 
 def read_synth_meta(root: str | os.PathLike) -> dict | None:
@@ -146,11 +174,12 @@ def generate_dataset(
         jobs, lines = [], {"images": [], "labels": [], "split": []}
         for c, bird in enumerate(birds):
             folder = f"{c + 1:03d}.{bird.name}"
-            (tmp / "images" / folder).mkdir(parents=True)
+            for top in ("images", SEGMENTATIONS_DIR, PART_MASKS_DIR):
+                (tmp / top / folder).mkdir(parents=True)
             for k in range(per_class):
                 index = c * per_class + k
                 rel = f"{folder}/{bird.name}_{index + 1:05d}.jpg"
-                jobs.append((index, int(seed), int(size), bird.attributes, bird.name, str(tmp / "images" / rel), int(jpeg_quality), float(object_scale)))
+                jobs.append((index, int(seed), int(size), bird, str(tmp), rel, int(jpeg_quality), float(object_scale)))
                 lines["images"].append(f"{index + 1} {rel}")
                 lines["labels"].append(f"{index + 1} {c + 1}")
                 lines["split"].append(f"{index + 1} {1 if k < n_train else 0}")
@@ -203,6 +232,7 @@ def generate_dataset(
             "class_definitions": [{"id": c + 1, **bird.to_dict()} for c, bird in enumerate(birds)],
             "min_visible_fraction": MIN_VISIBLE_FRACTION,
             "coordinates": "original pixels, pixel i covers [i, i+1); invisible parts are 0 0 0 as in CUB",
+            "masks": _masks_meta(),
         }
         (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _replace_dir(tmp, out)

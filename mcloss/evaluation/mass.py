@@ -1,0 +1,165 @@
+"""Where a map's mass lies against part regions: defining-part metrics, pure functions on numpy arrays.
+
+Conventions (shared with ``mcloss parts``):
+
+* A *region map* is an [H, W] integer array over the original image: 0 = no part, ``i + 1`` = part ``i``
+  (0-based in the dataset's part order), and any larger value (the synth ``body`` label) = the object
+  outside every part. It comes from the dataset's part masks when it has them, otherwise from the
+  keypoints: every pixel within the hit radius of a visible keypoint belongs to the nearest one
+  (:func:`keypoint_regions`).
+* A map's *mass* is its non-negative part (maps are ReLU outputs, Grad-CAM is ReLU'd, the random map is
+  uniform noise in [0, 1)); it is never shifted or rescaled, so a map's floor counts as mass.
+* The *defining parts* of a class are given as 0-based part indices. The *other parts* are the remaining
+  parts that have area in the region map (visible), not the body or the background.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "RATIO_CLIP",
+    "keypoint_regions",
+    "region_areas",
+    "mass_ratio",
+    "geometric_mean",
+    "peak_region",
+    "defining_chance",
+    "energy_shares",
+    "rank_accuracy",
+]
+
+#: Mass ratios are clipped to [1 / RATIO_CLIP, RATIO_CLIP] so that one map with no mass on one side
+#: cannot dominate a geometric mean.
+RATIO_CLIP = 1000.0
+
+
+def keypoint_regions(keypoints: np.ndarray, size: tuple[int, int], radius_px: float) -> np.ndarray:
+    """[H, W] region map from keypoints: the nearest visible keypoint within ``radius_px`` (+1), else 0.
+
+    Args:
+        keypoints: [P, 3] (x, y, visible) in original pixels (pixel i covers [i, i + 1)).
+        size: (width, height) of the original image.
+        radius_px: the hit radius in pixels.
+    """
+    w, h = int(size[0]), int(size[1])
+    kp = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
+    out = np.zeros((h, w), np.int32)
+    visible = np.flatnonzero(kp[:, 2] > 0) if len(kp) else np.zeros(0, np.int64)
+    if not visible.size:
+        return out
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    dist = np.stack([np.hypot(xx - kp[i, 0], yy - kp[i, 1]) for i in visible])
+    nearest = dist.argmin(0)
+    inside = dist.min(0) <= radius_px
+    out[inside] = visible[nearest[inside]] + 1
+    return out
+
+
+def region_areas(regions: np.ndarray, num_parts: int) -> np.ndarray:
+    """[num_parts] pixel count of each part in a region map."""
+    counts = np.bincount(np.asarray(regions).ravel().clip(0, num_parts + 1), minlength=num_parts + 2)
+    return counts[1 : num_parts + 1].astype(np.float64)
+
+
+def _part_mass(values: np.ndarray, regions: np.ndarray, num_parts: int) -> np.ndarray:
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, None).ravel()
+    labels = np.asarray(regions).ravel().clip(0, num_parts + 1)
+    return np.bincount(labels, weights=v, minlength=num_parts + 2)[1 : num_parts + 1]
+
+
+def mass_ratio(values: np.ndarray, regions: np.ndarray, defining: Sequence[int], num_parts: int) -> float:
+    """Mass per area on the defining parts ÷ mass per area on the other visible parts.
+
+    1.0 means no preference. NaN when no defining part or no other part is visible, or the map has no
+    mass on the parts at all; otherwise clipped to [1 / RATIO_CLIP, RATIO_CLIP].
+
+    Args:
+        values: [H, W] map on the original image (same shape as ``regions``).
+        regions: [H, W] region map (see the module docstring).
+        defining: 0-based indices of the defining parts.
+        num_parts: number of parts P.
+    """
+    if np.shape(values) != np.shape(regions):
+        raise ValueError(f"map {np.shape(values)} and region map {np.shape(regions)} differ in shape")
+    area = region_areas(regions, num_parts)
+    mass = _part_mass(values, regions, num_parts)
+    is_def = np.zeros(num_parts, bool)
+    is_def[[d for d in defining if 0 <= d < num_parts]] = True
+    def_area, other_area = area[is_def].sum(), area[~is_def].sum()
+    if def_area == 0 or other_area == 0 or mass.sum() <= 0:
+        return float("nan")
+    def_density, other_density = mass[is_def].sum() / def_area, mass[~is_def].sum() / other_area
+    if other_density <= 0:
+        return RATIO_CLIP
+    return float(np.clip(def_density / other_density, 1.0 / RATIO_CLIP, RATIO_CLIP))
+
+
+def geometric_mean(values: Iterable[float]) -> float:
+    """Geometric mean of the finite positive values (NaN when there are none)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.exp(np.log(v).mean())) if v.size else float("nan")
+
+
+def peak_region(xy: Sequence[float], regions: np.ndarray) -> int:
+    """The region value at point (x, y) in original pixels (0 outside the image or for a NaN point)."""
+    x, y = float(xy[0]), float(xy[1])
+    h, w = np.shape(regions)
+    if math.isnan(x) or math.isnan(y) or not (0 <= x < w and 0 <= y < h):
+        return 0
+    return int(regions[int(y), int(x)])
+
+
+def defining_chance(regions: np.ndarray, defining: Sequence[int], num_parts: int) -> float:
+    """The chance that a point uniform over the image's visible parts lands on a defining part (NaN: no parts)."""
+    area = region_areas(regions, num_parts)
+    total = area.sum()
+    if total == 0:
+        return float("nan")
+    return float(area[[d for d in defining if 0 <= d < num_parts]].sum() / total)
+
+
+def energy_shares(values: np.ndarray, regions: np.ndarray, num_parts: int, silhouette: np.ndarray | None = None) -> dict:
+    """The energy-based pointing game: shares of a map's mass inside the object and inside each part.
+
+    Args:
+        values: [H, W] map on the original image.
+        regions: [H, W] region map from part masks.
+        num_parts: number of parts P.
+        silhouette: [H, W] object mask in [0, 1] (thresholded at 0.5); default: every labelled pixel.
+
+    Returns:
+        ``object`` (share inside the silhouette) and ``parts`` ([P] share inside each part); NaN when the
+        map has no mass.
+    """
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, None)
+    total = v.sum()
+    if total <= 0:
+        return {"object": float("nan"), "parts": np.full(num_parts, np.nan)}
+    inside = np.asarray(silhouette) >= 0.5 if silhouette is not None else np.asarray(regions) > 0
+    if inside.shape != v.shape:
+        raise ValueError(f"map {v.shape} and silhouette {inside.shape} differ in shape")
+    return {"object": float(v[inside].sum() / total), "parts": _part_mass(v, regions, num_parts) / total}
+
+
+def rank_accuracy(values: np.ndarray, mask: np.ndarray) -> float:
+    """Relevance rank accuracy: the share of the map's K highest pixels inside ``mask`` (K = its area).
+
+    Ties at the K-th value are shared out in proportion (the expectation under random tie-breaking), so
+    a constant map scores the mask's share of the image. NaN for an empty mask.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    m = np.asarray(mask, dtype=bool).ravel()
+    k = int(m.sum())
+    if k == 0:
+        return float("nan")
+    threshold = np.partition(v, v.size - k)[v.size - k]
+    above = v > threshold
+    tied = v == threshold
+    left = k - int(above.sum())
+    inside = float((above & m).sum()) + left * float((tied & m).sum()) / float(tied.sum())
+    return inside / k

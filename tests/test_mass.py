@@ -1,0 +1,110 @@
+"""Defining-part metrics (mcloss.evaluation.mass) against planted ground truth, with hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mcloss.evaluation import mass as W
+
+# A 10 × 20 image: part 0 (label 1) in columns 0-3, part 1 (label 2) in columns 4-7 of rows 0-4,
+# part 2 (label 3) in columns 8-11, the body (label 9 > P) in columns 12-15, background elsewhere.
+P = 3
+
+
+def _regions() -> np.ndarray:
+    r = np.zeros((10, 20), np.int32)
+    r[0:5, 0:4] = 1  # 20 px
+    r[0:5, 4:8] = 2  # 20 px
+    r[0:5, 8:12] = 3  # 20 px
+    r[0:5, 12:16] = 9  # body
+    return r
+
+
+def test_map_on_the_defining_parts_only_hits_the_clip():
+    regions = _regions()
+    values = np.where(regions == 2, 1.0, 0.0)
+    assert W.mass_ratio(values, regions, [1], P) == W.RATIO_CLIP
+    assert W.rank_accuracy(values, regions == 2) == 1.0
+    energy = W.energy_shares(values, regions, P)
+    assert energy["object"] == 1.0
+    np.testing.assert_allclose(energy["parts"], [0.0, 1.0, 0.0])
+
+
+def test_uniform_map_has_no_preference_and_chance_rank():
+    regions = _regions()
+    values = np.ones(regions.shape)
+    assert W.mass_ratio(values, regions, [1], P) == pytest.approx(1.0)
+    # K = 20 defining pixels of 200; every pixel ties, so the expected share is 20 / 200
+    assert W.rank_accuracy(values, regions == 2) == pytest.approx(0.1)
+    energy = W.energy_shares(values, regions, P)
+    assert energy["object"] == pytest.approx(80 / 200)  # parts + body
+    np.testing.assert_allclose(energy["parts"], [0.1, 0.1, 0.1])
+    assert W.defining_chance(regions, [1], P) == pytest.approx(1 / 3)
+
+
+def test_map_on_the_background_scores_nothing():
+    regions = _regions()
+    values = np.where(regions == 0, 1.0, 0.0)
+    assert math.isnan(W.mass_ratio(values, regions, [1], P))  # no mass on any part
+    assert W.rank_accuracy(values, regions == 2) == 0.0
+    energy = W.energy_shares(values, regions, P)
+    assert energy["object"] == 0.0
+    np.testing.assert_allclose(energy["parts"], [0.0, 0.0, 0.0])
+
+
+def test_hand_computed_ratio_and_rank():
+    regions = _regions()
+    values = np.zeros(regions.shape)
+    values[regions == 1] = 3.0  # defining
+    values[regions == 2] = 1.0
+    values[regions == 3] = 2.0  # defining
+    values[regions == 9] = 100.0  # the body is neither side
+    # defining density (60 + 40) / 40 = 2.5, other density 20 / 20 = 1.0
+    assert W.mass_ratio(values, regions, [0, 2], P) == pytest.approx(2.5)
+    # top-40 pixels: 20 body (100) + 20 of part 0 (3) → 20 of 40 inside the defining mask
+    mask = np.isin(regions, [1, 3])
+    assert W.rank_accuracy(values, mask) == pytest.approx(0.5)
+    # negative values are not mass
+    assert W.mass_ratio(np.where(regions == 0, -5.0, values), regions, [0, 2], P) == pytest.approx(2.5)
+
+
+def test_rank_accuracy_shares_ties_at_the_threshold():
+    values = np.array([[5.0, 1.0, 1.0, 1.0]])
+    mask = np.array([[False, True, False, False]])  # K = 1: the single top pixel is outside
+    assert W.rank_accuracy(values, mask) == 0.0
+    mask = np.array([[True, True, False, False]])  # K = 2: 5 (inside) then one of three tied 1s (1/3 inside)
+    assert W.rank_accuracy(values, mask) == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_ratio_undefined_without_both_sides():
+    regions = _regions()
+    values = np.ones(regions.shape)
+    assert math.isnan(W.mass_ratio(values, regions, [0, 1, 2], P))  # no other part
+    assert math.isnan(W.mass_ratio(values, np.where(regions == 2, 0, regions), [1], P))  # defining part not visible
+    with pytest.raises(ValueError, match="differ in shape"):
+        W.mass_ratio(np.ones((3, 3)), regions, [1], P)
+
+
+def test_geometric_mean_ignores_undefined_values():
+    assert W.geometric_mean([2.0, 8.0, float("nan"), None]) == pytest.approx(4.0)
+    assert math.isnan(W.geometric_mean([float("nan")]))
+
+
+def test_keypoint_regions_take_the_nearest_visible_keypoint_within_the_radius():
+    kp = np.array([[2.0, 2.0, 1.0], [6.0, 2.0, 1.0], [4.0, 2.0, 0.0]])  # part 2 invisible
+    regions = W.keypoint_regions(kp, (10, 5), radius_px=2.0)
+    assert regions.shape == (5, 10)
+    assert regions[2, 1] == 1 and regions[2, 6] == 2  # pixel centres (1.5, 2.5) and (6.5, 2.5)
+    assert regions[2, 9] == 0  # (9.5, 2.5) is 3.5 px from part 1
+    assert not (regions == 3).any()
+    assert (W.keypoint_regions(np.zeros((3, 3)), (4, 4), 2.0) == 0).all()
+
+
+def test_peak_region_reads_the_pixel_under_the_point():
+    regions = _regions()
+    assert W.peak_region((5.5, 2.5), regions) == 2
+    assert W.peak_region((float("nan"), 2.0), regions) == 0
+    assert W.peak_region((25.0, 2.0), regions) == 0
