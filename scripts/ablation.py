@@ -34,7 +34,8 @@ from mcloss.evaluation.parts import run_parts
 from mcloss.explainability.explanation import explain
 from mcloss.explainability.render import Style, montage, montage_tiles
 
-#: 8 classes, 120 train + 15 test images each; ``--size`` and ``--design`` fill in the rest.
+#: 8 classes, by default 120 train + 15 test images each (``--per-class``, ``--test-fraction``); ``--size`` and
+#: ``--design`` fill in the rest.
 DATA = {"classes": 8, "per_class": 135, "seed": 0, "test_fraction": 0.111, "object_scale": 1.6}
 FRESH = {"classes": 8, "per_class": 10, "seed": 1, "test_fraction": 1.0, "object_scale": 1.6}
 #: The hand-written reading of the results, linked from every generated report.
@@ -76,14 +77,16 @@ def train_args(data: Path, run: Path, row: str, seed: int, epochs: int, size: in
     ]
 
 
-def run_one(data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int, size: int, stage: int) -> dict:
+def run_one(
+    data: Path, fresh: Path, run: Path, row: str, seed: int, epochs: int, size: int, stage: int, faithfulness: bool = True
+) -> dict:
     """Train (or finish) one run and score it; cached in ``run/ablation.json``."""
     cached = run / "ablation.json"
     if cached.exists():
         return json.loads(cached.read_text())
     train_seconds = run_training(train_args(data, run, row, seed, epochs, size, stage), run, epochs)
     model = load_checkpoint(run / "last.safetensors")
-    s = run_parts(model, fresh, split="test", steps=8, seed=seed).summary
+    s = run_parts(model, fresh, split="test", steps=8, seed=seed, faithfulness=faithfulness).summary
     m = s["methods"]
     d = s["defining"]["methods"]
     result = {
@@ -152,6 +155,7 @@ def report(
     stage: int = 4,
 ) -> str:
     size = data["size"]
+    train_per_class = data["per_class"] - int(data["per_class"] * data["test_fraction"] + 0.5)
     stride = {2: 4, 3: 8, 4: 16}[stage]
     trunk = (
         "layer4 widened to 3 × {c} channels at stride 1" if stage == 4
@@ -165,7 +169,8 @@ def report(
         "",
         "## Setup",
         "",
-        f"- Data: `{synth_command(data, 'DIR')}` (120 train / 15 test per class; class design "
+        f"- Data: `{synth_command(data, 'DIR')}` ({train_per_class} train / {data['per_class'] - train_per_class} "
+        "test per class; class design "
         f"`{data.get('design', 'single')}`, see `mcloss synth --help`); scored on fresh instances "
         f"`{synth_command(fresh, 'DIR')}`.",
         f"- Model: ResNet-18 from scratch, {trunk}, {size} px input ({size // stride}×{size // stride} maps), "
@@ -233,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--size", type=int, default=224, help="input side; maps are size/16 (default 224: 14 x 14)")
     parser.add_argument("--design", choices=DESIGNS, default="combo", help="mcloss synth class design (default combo)")
+    parser.add_argument("--per-class", type=int, default=DATA["per_class"], help="images per class (train + test)")
+    parser.add_argument("--test-fraction", type=float, default=DATA["test_fraction"])
+    parser.add_argument("--fresh-per-class", type=int, default=FRESH["per_class"], help="fresh-seed images per class")
+    parser.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion (most of the scoring time)")
     parser.add_argument("--last-stage", type=int, choices=(2, 3, 4), default=LAST_STAGE,
                         help=f"ResNet-18 stage widened to K at stride 1 (default {LAST_STAGE}, the default checkpoint's)")
     argv_list = list(sys.argv[1:] if argv is None else argv)
@@ -243,13 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     work, docs = Path(args.work or default_work), Path(args.docs)
     data, fresh = work / "data", work / "fresh"
-    data_spec, fresh_spec = (dict(spec, size=args.size, design=args.design) for spec in (DATA, FRESH))
+    data_spec = dict(DATA, size=args.size, design=args.design, per_class=args.per_class, test_fraction=args.test_fraction)
+    fresh_spec = dict(FRESH, size=args.size, design=args.design, per_class=args.fresh_per_class)
     ensure_dataset(data_spec, data)
     ensure_dataset(fresh_spec, fresh)
     results = []
     for seed in args.seeds:
         for row in args.rows:
-            results.append(run_one(data, fresh, work / f"{row}-s{seed}", row, seed, args.epochs, args.size, args.last_stage))
+            results.append(run_one(
+                data, fresh, work / f"{row}-s{seed}", row, seed, args.epochs, args.size, args.last_stage, not args.no_faithfulness
+            ))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "channel_part_matrix"}))
     docs.mkdir(parents=True, exist_ok=True)
     fig = "ablation_groups.png"

@@ -35,7 +35,7 @@ from mcloss.training.run_dir import read_metrics
 #: The embedded default's dataset: 12 classes, 300 train + 25 test images each, birds 1.6× the standard size,
 #: classes that are combinations of part states (no single part identifies a class).
 DATASET = {"classes": 12, "per_class": 325, "size": 224, "seed": 0, "test_fraction": 0.077, "object_scale": 1.6,
-           "design": "combo"}
+           "design": "varied"}
 #: Fresh instances of the same classes (another seed), all in the test split.
 FRESH = DATASET | {"per_class": 25, "seed": 1, "test_fraction": 1.0}
 MAX_BYTES = 25 * 1024 * 1024
@@ -45,6 +45,9 @@ DESIGN_NOTES = {
     "combo": "`combo`: the base bird and classes that change two of its parts (one alternative per part); any two "
     "classes differ in two or four parts and every changed part is shared by 3–4 classes, so no single part "
     "identifies a class",
+    "varied": "`varied`: `combo`'s classes, with every part a class does not change varying per instance (the "
+    "attribute some class changes there takes any of its other values), so a class's defining parts are the only "
+    "parts that carry information about it",
 }
 #: The optimizer settings of the CPU-budget recipe (the official SGD lr 0.1 did not start learning in 10 epochs).
 CPU_RECIPE = ["--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--schedule", "cosine"]
@@ -172,11 +175,11 @@ def make_gallery(fresh: Path, out: Path, model, count: int = 24) -> list[dict]:
     return samples
 
 
-def score_parts(model, fresh: Path, out: Path, limit: int | None) -> dict:
+def score_parts(model, fresh: Path, out: Path, limit: int | None, faithfulness: bool = True) -> dict:
     """``mcloss parts`` of ``model`` on the fresh set, cached in ``out`` (the step is resumable)."""
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
-    result = run_parts(model, fresh, split="test", limit=limit, steps=10, progress=True)
+    result = run_parts(model, fresh, split="test", limit=limit, steps=10, progress=True, faithfulness=faithfulness)
     write_outputs(result, out, result.summary["config"])
     return result.summary
 
@@ -210,6 +213,14 @@ def defining_goals(card: dict) -> list[str]:
         f"{twin['ccmp']['mass_ratio']:.2f}×, fresh top-1 {card['ce_twin']['fresh']['fc_top1']:.3f}): "
         f"{_met(ch['mass_ratio'] > twin['channels']['mass_ratio'])}. One training seed each here; "
         "`docs/ablation.md` has three.",
+        f"- **Read that last line with care.** The CE twin's channels are not tied to their classes (CE never asks "
+        f"a class's channels to respond to it: its MC head reaches {card['ce_twin']['fresh']['mc_top1']:.3f} top-1), "
+        "so beating them says little. Its *Grad-CAM* puts "
+        f"**{twin['gradcam']['mass_ratio']:.2f}×** as much mass per area on the defining parts as on the others, and "
+        f"{twin['gradcam']['peak_share']:.3f} of its peaks on them: far more than any map of the MC-Loss model. "
+        "On this data, with this backbone, MC-Loss training makes the maps *less* specific to the defining parts "
+        "than CE training does; its channel groups add the split of the evidence over ξ maps per class, not "
+        "sharper maps (`docs/ablation_discussion.md`).",
     ]
 
 
@@ -293,7 +304,7 @@ def model_card(card: dict, parts_md: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs", help="where datasets and the training run go")
-    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--out", default="checkpoints", help="where default.safetensors, README.md and samples/ go")
     parser.add_argument("--parts-limit", type=int, default=None, help="images scored by mcloss parts (default all)")
     args = parser.parse_args(argv)
@@ -312,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(card["metrics"], indent=1))
     summary = score_parts(model, fresh, work / "default-parts", args.parts_limit)
     twin = load_checkpoint(twin_run / "best.safetensors")
-    twin_summary = score_parts(twin, fresh, work / "default-parts-ce", args.parts_limit)
+    # the twin is compared on the defining parts only; its deletion curves would take as long as the default's
+    twin_summary = score_parts(twin, fresh, work / "default-parts-ce", args.parts_limit, faithfulness=False)
     summary["baseline"] = baseline_block(twin_summary, "its CE-only twin (`--loss ce`, same recipe and seed)")
     parts_md = summary_table(summary)
     print(parts_md)

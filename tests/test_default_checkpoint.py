@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mcloss
 from mcloss.data.synth import class_definitions
@@ -42,7 +43,9 @@ def test_classes_are_the_synthetic_dataset_classes(model):
     ds = model.card["dataset"]
     assert set(ds) >= {"classes", "per_class", "size", "seed"}
     assert model.num_classes == ds["classes"] and model.groups == [3] * ds["classes"]
-    assert model.class_names == [c.name for c in class_definitions(ds["classes"], ds.get("design", "single"))]
+    classes = class_definitions(ds["classes"], ds.get("design", "single"))
+    assert model.class_names == [c.name for c in classes]
+    assert model.card["defining_parts"] == {c.name: list(c.changed) for c in classes}
 
 
 def test_predicts_the_gallery(model, gallery):
@@ -55,6 +58,9 @@ def test_predicts_the_gallery(model, gallery):
     assert predicted == [s["label"] for s in samples]
     for s in samples:
         assert len(s["parts"]) == len(gallery["part_names"])
+        labels = np.asarray(Image.open(SAMPLES / s["mask"]))  # the part masks travel with the gallery
+        assert labels.shape == np.asarray(Image.open(SAMPLES / s["file"])).shape[:2]
+        assert labels.max() <= len(gallery["part_names"]) + 1
 
 
 def test_card_matches_metadata_and_readme(model):
@@ -70,6 +76,13 @@ def test_card_matches_metadata_and_readme(model):
         assert f"| {m['fc_top1']:.3f} | {m['mc_top1']:.3f} |" in row
     hit = card["parts"]["channels"]["hit_rate"]
     assert re.search(rf"\| channels \(CCMP\) \|[^\n]*{hit:.3f}", readme)
+    # the card and the README lead with the defining-part numbers, beside the CE-only twin's
+    defining = card["parts"]["defining"]["methods"]
+    twin = card["parts"]["ce_twin_defining"]["methods"]
+    assert readme.index("| this | CCMP |") < readme.index("| channels (CCMP) |")
+    assert f"| this | CCMP | {defining['ccmp']['peak_share']:.3f} |" in readme
+    assert f"| baseline | each channel | {twin['channels']['peak_share']:.3f} |" in readme
+    assert f"**{defining['ccmp']['mass_ratio']:.2f}×**" in readme
     assert f"{card['train_seconds'] / 60:.1f} min" in readme
 
 

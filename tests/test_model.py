@@ -5,6 +5,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+import mcloss
 from mcloss import build_model, ccmp
 from mcloss.core.model import load_backbone_weights
 
@@ -123,3 +124,30 @@ def test_offline_weights_give_clear_error(monkeypatch):
         load_backbone_weights("resnet18", "IMAGENET1K_V1")
     with pytest.raises(ValueError, match="unknown weights"):
         load_backbone_weights("resnet18", "NOT_A_WEIGHT")
+
+
+@pytest.mark.parametrize(("stage", "hw"), [(4, 14), (3, 28), (2, 56)])
+def test_resnet_last_stage_gives_finer_maps(stage, hw, tmp_path):
+    model = build_model("resnet18", 4, xi=3, img_size=224, last_stage=stage)
+    f = model.forward_features(torch.zeros(2, 3, 224, 224))
+    assert tuple(f.shape) == (2, 12, hw, hw)
+    assert model.config["last_stage"] == stage and model.config["feature_hw"] == [hw, hw]
+    assert model.config["head_grid"] == [min(14, hw // 2)] * 2  # the FC head's grid is capped
+    stages = [name for name, _ in model.features.named_children()]
+    assert len(stages) == 4 + stage  # stem (4 modules), the native stages before it, the widened one
+    path = tmp_path / "m.safetensors"
+    mcloss.save_checkpoint(model, path)
+    loaded = mcloss.load_checkpoint(path)
+    assert loaded.config["last_stage"] == stage
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_last_stage_needs_a_resnet_with_fixed_xi():
+    with pytest.raises(ValueError, match="last stage"):
+        build_model("vgg16", 2, xi=3, img_size=64, last_stage=2)
+    with pytest.raises(ValueError, match="last stage"):
+        build_model("resnet18", 2, xi=None, img_size=64, last_stage=3)
+    with pytest.raises(ValueError, match="last stage"):
+        build_model("resnet18", 2, xi=3, img_size=64, last_stage=1)

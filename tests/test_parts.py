@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import mcloss
 from mcloss.cli.parts import main as parts_main
 from mcloss.core.loss import ccmp
 from mcloss.core.model import MCModel
@@ -479,3 +480,36 @@ def test_defining_parts_come_from_the_card_without_dataset_ones(tmp_path):
     block = P.run_parts(model, root, faithfulness=False).summary["defining"]
     assert block["source"] == "checkpoint card"
     assert block["methods"]["ccmp"]["peak_share"] == 1.0
+
+
+def test_cli_baseline_checkpoint_joins_the_defining_table(tmp_path, tiny_checkpoint, capsys):
+    layouts = part_layouts(3)
+    root = write_cub(tmp_path / "cub", layouts, [0, 1, 0], ["class_0", "class_1"])
+    write_masks(root, layouts)
+    main_ckpt = tiny_checkpoint(2, ["class_0", "class_1"])
+    twin = tmp_path / "twin.safetensors"
+    for path in (main_ckpt, twin):  # the checkpoints' cards say which parts define each class
+        model = mcloss.load_checkpoint(main_ckpt)
+        model.card["defining_parts"] = {"class_0": ["red"], "class_1": ["green", "blue"]}
+        mcloss.save_checkpoint(model, path)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(main_ckpt), "--data", str(root), "--out", str(out), "--no-faithfulness",
+            "--baseline", str(twin), "--device", "cpu"]  # fmt: skip
+    assert parts_main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith(("| this |", "| baseline |"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["this"] * 4 + ["baseline"] * 4
+    assert printed.index("| this | CCMP |") < printed.index("| channels (CCMP) |")  # the defining table leads
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["defining"]["source"] == "checkpoint card" and summary["defining"]["images"] == 3
+    assert summary["baseline"]["checkpoint"] == str(twin) and "ccmp" in summary["baseline"]["defining"]["methods"]
+    assert (out / "baseline" / "summary.json").is_file()
+    with (out / "per_image.csv").open() as f:
+        assert all(float(r["mass_ratio_ccmp"]) > 0 for r in csv.DictReader(f))
+
+
+def test_cli_old_baseline_values_point_to_the_new_flag(tmp_path, checkpoint, capsys):
+    root = write_cub(tmp_path / "cub", part_layouts(1), [0], ["class_0", "class_1"])
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(root), "--baseline", "mean"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--deletion-fill mean" in err and len(err.splitlines()) == 1

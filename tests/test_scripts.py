@@ -4,7 +4,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -68,28 +67,3 @@ def test_ablation_report_gives_mean_and_sample_std_per_row_and_the_precision_per
     assert [line.rsplit("|", 2)[1].strip() for line in runs] == ["bf16", "bf16", "fp32"]
     assert all(line.split("|")[7].strip() == "–" for line in runs)  # scored before separated parts existed
     assert "--design combo" in text and "14×14 maps" in text and "Regenerate with `make ablation`" in text
-
-
-def test_part_mass_regions_and_shares():
-    from part_mass import part_owner, region_shares
-
-    kp = np.array([[10.0, 10.0, 1], [30.0, 10.0, 1], [0.0, 0.0, 0]])  # the third part is not visible
-    owner = part_owner(kp, (40, 20), radius=6.0)
-    assert owner[10, 10] == 0 and owner[10, 30] == 1 and owner[0, 0] == 3 and (owner != 2).all()
-    uniform = region_shares(np.ones((20, 40)), owner, 4)
-    assert uniform.sum() == pytest.approx(1.0)
-    assert uniform[0] == pytest.approx((owner == 0).mean()) and uniform[0] == pytest.approx(uniform[1])
-    spike = np.zeros((20, 40))
-    spike[10, 30] = 2.0
-    spike[0, 0] = 2.0
-    assert region_shares(spike, owner, 4).tolist() == [0.0, 0.5, 0.0, 0.5]
-    assert region_shares(-np.ones((20, 40)), owner, 4).tolist() == [0.0] * 4  # nothing above zero
-
-
-def test_part_mass_on_the_shipped_checkpoint(birds):
-    from part_mass import part_mass
-
-    result = part_mass(str(CHECKPOINT), str(birds), batch=8)
-    assert result["regions"][-1] == "elsewhere" and len(result["regions"]) == 8
-    for key in ("mass", "peak", "area"):
-        assert result[key].sum() == pytest.approx(1.0) and (result[key] >= 0).all()

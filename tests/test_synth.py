@@ -440,3 +440,30 @@ def test_occluders_are_background_in_the_label_map(monkeypatch):
         np.testing.assert_array_equal(occluded.labels, np.where(mask, 0, whole.labels))
         covered += int(np.count_nonzero(whole.labels[mask]) > 0)
     assert covered >= 2  # some occluders did cover the bird
+
+
+def test_varied_design_keeps_only_the_defining_parts_fixed(tmp_path):
+    combo, varied = class_definitions(12, "combo"), class_definitions(12, "varied")
+    assert [c.name for c in varied] == [c.name for c in combo]
+    assert [c.changed for c in varied] == [c.changed for c in combo] and not any(c.varies for c in combo)
+    for bird in varied:
+        assert set(bird.varies) == set(CLASS_PARTS) - set(bird.changed)
+        seen = {part: set() for part in bird.varies}
+        for i in range(60):
+            attrs = bird.instance_attributes(instance_rng(0, i))
+            for part in CLASS_PARTS:
+                if part in bird.changed:  # a defining part always shows the class's value
+                    assert attrs[part] == bird.attributes[part]
+                else:
+                    (name,) = bird.varies[part]
+                    seen[part].add(attrs[part][name])
+        for part, values in seen.items():
+            (name,) = bird.varies[part]
+            # the varying attribute takes its other values, never the value some class defines there
+            defining_value = next(c.attributes[part][name] for c in varied if part in c.changed)
+            assert defining_value not in values and len(values) >= 2
+            assert values <= set(bird.varies[part][name])
+    out = tmp_path / "varied"
+    generate_dataset(out, classes=4, per_class=2, size=64, seed=0, design="varied")
+    meta = json.loads((out / "synth.json").read_text())
+    assert meta["design"] == "varied" and all("varies" in c for c in meta["class_definitions"])

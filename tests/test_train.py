@@ -26,7 +26,7 @@ from mcloss.cli import main as cli_main
 from mcloss.core.checkpoint import load_checkpoint, read_metadata
 from mcloss.core.loss import MCLoss
 from mcloss.core.model import build_model
-from mcloss.data.synth import generate_dataset
+from mcloss.data.synth import class_definitions, generate_dataset
 from mcloss.evaluation.classification import evaluate
 from mcloss.training.config import RECIPES, TrainError, config_for_resume, make_config
 from mcloss.training.loop import div_warmup_factor, train
@@ -106,6 +106,9 @@ def test_end_to_end_synth_train_resume_eval(tmp_path, capsys):
     assert card["data_root"] == str(data.resolve())
     assert card["command"] == f"mcloss train --out {out} --resume --epochs 3"
     assert card["dataset"] == {"classes": 3, "per_class": 6, "size": 32, "seed": 0, "design": "single"}
+    # the defining parts travel from synth.json into the card (the base bird changes nothing)
+    assert card["defining_parts"] == {c.name: list(c.changed) for c in class_definitions(3)}
+    assert card["defining_parts"][last.class_names[0]] == []
     assert card["metrics"]["epoch"] == 3
     assert card["metrics"]["test_acc_fc"] == pytest.approx(rows[2]["test_acc_fc"], abs=1e-8)
     assert last.class_names == run["class_names"] and len(last.class_names) == 3

@@ -9,16 +9,13 @@ read per call.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from mcloss.core.errors import DatasetError
-from mcloss.data.cub import CUBDataset, CUBRecord, is_cub_layout
+from mcloss.data.cub import find_record, read_label_map
 
-__all__ = ["PartAnnotations", "image_annotations", "read_label_map"]
+__all__ = ["PartAnnotations", "image_annotations", "read_label_map"]  # read_label_map: from mcloss.data.cub
 
 
 @dataclass(frozen=True)
@@ -43,48 +40,6 @@ class PartAnnotations:
         return self.labels is None and no_points
 
 
-def read_label_map(path: str | os.PathLike, num_parts: int | None = None) -> np.ndarray:
-    """A part label map PNG as [H, W] uint8 (8-bit single channel; labels up to ``num_parts + 1``).
-
-    Raises:
-        DatasetError: unreadable, not 8-bit single-channel, or a label above ``num_parts + 1``.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise DatasetError(f"{path}: part mask must be an 8-bit single-channel PNG, got mode {img.mode}")
-            labels = np.array(img, dtype=np.uint8)
-    except DatasetError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{path}: corrupt or unreadable part mask ({exc})") from None
-    if num_parts is not None and labels.size and int(labels.max()) > num_parts + 1:
-        raise DatasetError(f"{path}: label {int(labels.max())} outside 0..{num_parts + 1}")
-    return labels
-
-
-@dataclass(frozen=True)
-class _Indexed:
-    dataset: CUBDataset
-    records: dict[Path, CUBRecord]
-
-
-_BY_ROOT: dict[Path, _Indexed | DatasetError | None] = {}
-_LOCK = threading.Lock()
-
-
-def _index(root: Path) -> _Indexed | DatasetError | None:
-    if not is_cub_layout(root):
-        return None
-    try:
-        dataset = CUBDataset(root, "all")
-    except DatasetError as exc:
-        return exc
-    return _Indexed(dataset, {r.path.resolve(): r for r in dataset.records})
-
-
 def image_annotations(path: str | os.PathLike) -> PartAnnotations | None:
     """The part annotations of an image file inside a CUB-layout dataset; None outside one or without any.
 
@@ -94,22 +49,11 @@ def image_annotations(path: str | os.PathLike) -> PartAnnotations | None:
     Raises:
         DatasetError: the enclosing dataset's index files, or the image's part mask, are malformed.
     """
-    p = Path(path).resolve()
-    for root in p.parents:
-        with _LOCK:
-            if root not in _BY_ROOT:
-                _BY_ROOT[root] = _index(root)
-            entry = _BY_ROOT[root]
-        if isinstance(entry, DatasetError):
-            raise entry
-        if entry is None:
-            continue
-        record = entry.records.get(p)
-        names = tuple(entry.dataset.part_names)
-        if record is None or not names:
-            return None
-        keypoints = np.asarray(record.parts, dtype=np.float64).reshape(-1, 3)
-        labels = entry.dataset.part_labels(record)
-        found = PartAnnotations(names, keypoints if len(keypoints) == len(names) else None, labels)
-        return None if found.empty else found
-    return None
+    found = find_record(path)
+    if found is None or not found[0].part_names:
+        return None
+    dataset, record = found
+    names = tuple(dataset.part_names)
+    keypoints = np.asarray(record.parts, dtype=np.float64).reshape(-1, 3)
+    annotations = PartAnnotations(names, keypoints if len(keypoints) == len(names) else None, dataset.part_labels(record))
+    return None if annotations.empty else annotations

@@ -35,8 +35,10 @@ __all__ = [
     "clean_class_name",
     "cub_label",
     "find_cub_root",
+    "find_record",
     "is_cub_layout",
     "read_class_names",
+    "read_label_map",
 ]
 
 #: Folders of the optional per-image masks (each mirrors images/, one .png per image).
@@ -315,14 +317,8 @@ class CUBDataset(Dataset):
         path = self.root / PART_MASKS_DIR / _mask_rel(self.root, record)
         if not path.is_file():
             return None
-        with _open_mask(path) as img:
-            if img.mode not in ("L", "P"):
-                raise DatasetError(f"{path}: part mask must be an 8-bit single-channel PNG, got mode {img.mode}")
-            labels = np.array(img, dtype=np.uint8)
+        labels = read_label_map(path, len(self.part_names))
         _check_size(path, labels.shape, record.path)
-        top = len(self.part_names) + 1
-        if labels.size and int(labels.max()) > top:
-            raise DatasetError(f"{path}: label {int(labels.max())} outside 0..{top} (0 background, 1..{top - 1} parts, {top} body)")
         return labels
 
     def silhouette(self, record: CUBRecord) -> np.ndarray | None:
@@ -376,6 +372,23 @@ def _mask_rel(root: Path, record: CUBRecord) -> Path:
     except ValueError:
         raise DatasetError(f"{record.path}: image is not under {root / 'images'}") from None
     return rel.with_suffix(".png")
+
+
+def read_label_map(path: str | os.PathLike, num_parts: int | None = None) -> np.ndarray:
+    """A part label map PNG as [H, W] uint8 (8-bit single channel; labels up to ``num_parts + 1``).
+
+    Raises:
+        DatasetError: unreadable, not 8-bit single-channel, or a label above ``num_parts + 1``.
+    """
+    path = Path(path)
+    with _open_mask(path) as img:
+        if img.mode not in ("L", "P"):
+            raise DatasetError(f"{path}: part mask must be an 8-bit single-channel PNG, got mode {img.mode}")
+        labels = np.array(img, dtype=np.uint8)
+    if num_parts is not None and labels.size and int(labels.max()) > num_parts + 1:
+        top = num_parts + 1
+        raise DatasetError(f"{path}: label {int(labels.max())} outside 0..{top} (0 background, 1..{num_parts} parts, {top} body)")
+    return labels
 
 
 def _open_mask(path: Path) -> Image.Image:
@@ -443,29 +456,47 @@ def cub_label(path: str | os.PathLike) -> int | None:
     """The 0-based class of an image file inside a CUB-layout dataset, or None outside one.
 
     The label is the one :class:`CUBDataset` gives the image (class ids ranked in sorted order, so
-    non-contiguous ids are handled); the nearest enclosing CUB-layout root wins. Each folder is looked at
-    once per process (thread-safe), a malformed dataset included.
+    non-contiguous ids are handled); the nearest enclosing CUB-layout root wins.
+
+    Raises:
+        DatasetError: the enclosing dataset's index files are malformed.
+    """
+    found = find_record(path)
+    return None if found is None else found[1].label
+
+
+def find_record(path: str | os.PathLike) -> tuple[CUBDataset, CUBRecord] | None:
+    """The dataset (split "all") and record of an image file inside a CUB-layout dataset, or None outside one.
+
+    The nearest enclosing CUB-layout root wins. Each folder is looked at once per process (thread-safe), a
+    malformed dataset included.
 
     Raises:
         DatasetError: the enclosing dataset's index files are malformed.
     """
     p = Path(path).resolve()
     for root in p.parents:
-        with _LABELS_LOCK:
-            if root not in _LABELS_BY_ROOT:
-                _LABELS_BY_ROOT[root] = _labels_by_file(root)
-            table = _LABELS_BY_ROOT[root]
-        if isinstance(table, DatasetError):
-            raise table
-        if table is not None:
-            return table.get(p)
+        with _INDEX_LOCK:
+            if root not in _INDEX_BY_ROOT:
+                _INDEX_BY_ROOT[root] = _index(root)
+            entry = _INDEX_BY_ROOT[root]
+        if isinstance(entry, DatasetError):
+            raise entry
+        if entry is not None:
+            record = entry[1].get(p)
+            return None if record is None else (entry[0], record)
     return None
 
 
-def _labels_by_file(root: Path) -> dict[Path, int] | DatasetError | None:
+_INDEX_BY_ROOT: dict[Path, tuple[CUBDataset, dict[Path, CUBRecord]] | DatasetError | None] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def _index(root: Path) -> tuple[CUBDataset, dict[Path, CUBRecord]] | DatasetError | None:
     if not is_cub_layout(root):
         return None
     try:
-        return {r.path.resolve(): r.label for r in CUBDataset(root, "all").records}
+        dataset = CUBDataset(root, "all")
     except DatasetError as exc:
         return exc
+    return dataset, {r.path.resolve(): r for r in dataset.records}
