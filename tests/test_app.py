@@ -61,13 +61,19 @@ def _encode(img: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def _tiny_checkpoint(folder: Path, card: dict | None = None) -> Path:
+    """A seeded tiny ResNet-18 of CLASSES saved in ``folder``, with ``card`` entries added to its card."""
     torch.manual_seed(0)
     model = mcloss.build_model("resnet18", len(CLASSES), xi=3, img_size=64, class_names=CLASSES)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    model.card.update(card or {})
+    path = folder / "tiny.safetensors"
     mcloss.save_checkpoint(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -608,13 +614,8 @@ def _part_mask(parts: list[list[float]], size: tuple[int, int] = (96, 72)) -> np
 
 @pytest.fixture(scope="module")
 def defining_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = mcloss.build_model("resnet18", len(CLASSES), xi=3, img_size=64, class_names=CLASSES)
-    model.card["defining_parts"] = DEFINING
-    model.card["parts"] = {"defining": {"per_class": FRESH}}
-    path = tmp_path_factory.mktemp("ckpt-defining") / "tiny-defining.safetensors"
-    mcloss.save_checkpoint(model, path)
-    return path
+    card = {"defining_parts": DEFINING, "parts": {"defining": {"per_class": FRESH}}}
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt-defining"), card)
 
 
 @pytest.fixture(scope="module")
