@@ -222,6 +222,15 @@ def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
     assert cli_main([*base, "--target", "zebra"]) == 2
     assert "zebra" in capsys.readouterr().err
     assert cli_main([*base, "--shard", "2/2"]) == 2
+    assert "--shard" in capsys.readouterr().err
+    # bad counts and sizes: exit 2, one line naming the flag, before anything is written
+    bad = {("--topk", "-3"): "--topk", ("--batch-size", "0"): "--batch-size", ("--tile-height", "0"): "tile height",
+           ("--target", "99"): "class index 99"}  # fmt: skip
+    for (flag, value), says in bad.items():
+        assert cli_main([*base, flag, value]) == 2, flag
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+        assert not (tmp_path / "o").exists()
     (tmp_path / "bad.safetensors").write_bytes(b"garbage!" * 4)
     assert cli_main(["export", "--checkpoint", "bad.safetensors", "--input", "i.png", "--out", "o"]) == 2
     assert "bad.safetensors" in capsys.readouterr().err
