@@ -28,7 +28,8 @@ from PIL import Image
 
 from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, project_checkpoints
 from mcloss.core.errors import DatasetError
-from mcloss.data.annotations import PartAnnotations, read_label_map
+from mcloss.data.annotations import PartAnnotations
+from mcloss.data.cub import read_label_map
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics

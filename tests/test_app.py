@@ -11,6 +11,7 @@ import json
 import sys
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,20 +79,29 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gallery_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("samples")
+    return _write_gallery(tmp_path_factory.mktemp("samples"))
+
+
+def _write_gallery(folder: Path, masks: bool = False) -> Path:
+    """Two _picture samples and their index.json in ``folder``; with ``masks``, each with its part mask."""
     samples = []
     for i in range(2):
         img, parts = _picture(i)
         Image.fromarray(img).save(folder / f"bird_{i}.png")
-        samples.append({"file": f"bird_{i}.png", "label": i, "class_name": CLASSES[i], "parts": parts})
+        sample = {"file": f"bird_{i}.png", "label": i, "class_name": CLASSES[i], "parts": parts}
+        if masks:
+            (folder / "masks").mkdir(exist_ok=True)
+            Image.fromarray(_part_mask(parts)).save(folder / "masks" / f"bird_{i}.png")
+            sample["mask"] = f"masks/bird_{i}.png"
+        samples.append(sample)
     (folder / "index.json").write_text(json.dumps({"part_names": PARTS, "samples": samples}))
     return folder
 
 
-@pytest.fixture
-def env(monkeypatch, checkpoint, gallery_dir):
+def _app_env(monkeypatch, checkpoint: Path, gallery: Path) -> Iterator[None]:
+    """The app on ``checkpoint`` and ``gallery``, with clean Streamlit caches and torch's threads restored."""
     monkeypatch.setenv("MCLOSS_CHECKPOINT", str(checkpoint))
-    monkeypatch.setenv("MCLOSS_SAMPLES", str(gallery_dir))
+    monkeypatch.setenv("MCLOSS_SAMPLES", str(gallery))
     threads = torch.get_num_threads()  # the app sets its own (MCLOSS_APP_THREADS); restore for other tests
     st.cache_data.clear()
     st.cache_resource.clear()
@@ -99,6 +109,11 @@ def env(monkeypatch, checkpoint, gallery_dir):
     st.cache_data.clear()
     st.cache_resource.clear()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def env(monkeypatch, checkpoint, gallery_dir):
+    yield from _app_env(monkeypatch, checkpoint, gallery_dir)
 
 
 @pytest.fixture
@@ -620,31 +635,12 @@ def defining_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def masked_gallery(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("samples-masks")
-    (folder / "masks").mkdir()
-    samples = []
-    for i in range(2):
-        img, parts = _picture(i)
-        Image.fromarray(img).save(folder / f"bird_{i}.png")
-        Image.fromarray(_part_mask(parts)).save(folder / "masks" / f"bird_{i}.png")
-        samples.append(
-            {"file": f"bird_{i}.png", "label": i, "class_name": CLASSES[i], "parts": parts, "mask": f"masks/bird_{i}.png"}
-        )
-    (folder / "index.json").write_text(json.dumps({"part_names": PARTS, "samples": samples}))
-    return folder
+    return _write_gallery(tmp_path_factory.mktemp("samples-masks"), masks=True)
 
 
 @pytest.fixture
 def defining_env(monkeypatch, defining_checkpoint, masked_gallery):
-    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(defining_checkpoint))
-    monkeypatch.setenv("MCLOSS_SAMPLES", str(masked_gallery))
-    threads = torch.get_num_threads()
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    torch.set_num_threads(threads)
+    yield from _app_env(monkeypatch, defining_checkpoint, masked_gallery)
 
 
 def test_gallery_sample_marks_the_defining_parts_and_states_the_ratio(defining_env, defining_checkpoint, masked_gallery):

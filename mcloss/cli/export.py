@@ -17,7 +17,7 @@ from mcloss.cli._common import EXIT_OK, EXIT_REJECTED, add_checkpoint, add_devic
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.explainability.explanation import DEFAULT_MAPS, MAP_KINDS, parse_maps
-from mcloss.explainability.export import ExportConfig, check_counts, export, parse_shard
+from mcloss.explainability.export import ExportConfig, export, parse_shard
 from mcloss.explainability.render import Style
 
 __all__ = ["build_parser", "main"]
@@ -53,17 +53,17 @@ def _export(args: argparse.Namespace) -> int:
     style = Style(colormap=args.colormap, alpha=args.alpha, shared_scale=args.shared_scale, tile_height=args.tile_height)
     shard = parse_shard(args.shard)
     maps = parse_maps(args.maps)  # bad options fail before the checkpoint is read
-    check_counts(args.topk, args.batch_size, args.workers)
     ckpt = checkpoint_path(args.checkpoint)
     device = resolve_device(args.device)
-    model = load_checkpoint(ckpt, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # ExportConfig checks its counts: bad values fail before the checkpoint is read
     config = ExportConfig(
         checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps, style=style,
         topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device), shard=shard,
         method=args.method,
     )  # fmt: skip
+    model = load_checkpoint(ckpt, device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     bars = []
 
     def progress(done: int, total: int) -> None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mcloss.data.cub import find_record, read_label_map
+from mcloss.data.cub import find_record
 
-__all__ = ["PartAnnotations", "image_annotations", "read_label_map"]  # read_label_map: from mcloss.data.cub
+__all__ = ["PartAnnotations", "image_annotations"]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "GLOBAL_ATTRIBUTE_GROUPS",
     "REGION_PARTS",
     "cub_defining_parts",
+    "defining_indices",
     "defining_parts",
     "region_part_indices",
     "synth_defining_parts",
@@ -223,3 +225,8 @@ def region_part_indices(region: str, part_names: list[str] | tuple[str, ...]) ->
     if key in index:
         return [index[key]]
     return sorted(index[p] for p in REGION_PARTS.get(key, ()) if p in index)
+
+
+def defining_indices(regions: Sequence[str], part_names: Sequence[str]) -> list[int]:
+    """0-based indices into ``part_names`` that any of the defining parts (or regions) covers, ascending."""
+    return sorted({i for region in regions for i in region_part_indices(region, list(part_names))})

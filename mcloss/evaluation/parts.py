@@ -61,8 +61,9 @@ from mcloss.evaluation.parts_report import (
     summary_table,
     write_outputs,
 )
+from mcloss.explainability.defining import crop_regions
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain
-from mcloss.explainability.geometry import crop_mask, to_original
+from mcloss.explainability.geometry import to_original
 
 __all__ = [
     "DEFINING_MAPS",
@@ -173,7 +174,7 @@ def resolve_defining(
     Returns:
         (label → 0-based part indices, class name → region names, where they came from or None).
     """
-    from mcloss.data.defining import defining_parts, region_part_indices
+    from mcloss.data.defining import defining_indices, defining_parts
 
     source = "argument" if defining is not None else None
     if defining is None and getattr(dataset, "root", None) is not None:
@@ -184,10 +185,7 @@ def resolve_defining(
     if not defining:
         return {}, {}, None
     names = {str(k): [str(r) for r in v] for k, v in defining.items()}
-    by_label = {}
-    for label, name in enumerate(model.class_names):
-        indices = sorted({i for region in names.get(name, []) for i in region_part_indices(region, part_names)})
-        by_label[label] = indices
+    by_label = {label: defining_indices(names.get(name, []), part_names) for label, name in enumerate(model.class_names)}
     return by_label, names, source
 
 
@@ -280,7 +278,6 @@ def run_parts(
         raise ValueError("the dataset has no part keypoints (parts/parts.txt, parts/part_locs.txt)")
     part_names = part_names or [f"part_{i}" for i in range(num_parts)]
     defining_by_label, defining_names, defining_source = resolve_defining(dataset, model, part_names, defining)
-    masks = _MaskSource(dataset)
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     amp = dev.type == "cuda"
@@ -309,7 +306,7 @@ def run_parts(
             for it, image, ex in zip(chunk, images, explanations, strict=True):
                 row, score, curve = _evaluate_one(
                     model, it, image, ex, part_names, radius, size_reference, topk_percent, steps, baseline,
-                    faithfulness, perturbation_batch, dev, amp, seed, defining_by_label.get(it.label, []), masks,
+                    faithfulness, perturbation_batch, dev, amp, seed, defining_by_label.get(it.label, []), dataset,
                 )  # fmt: skip
                 rows.append(row)
                 scores.append(score)
@@ -333,7 +330,7 @@ def run_parts(
     }
     summary = _summarize(rows, scores, stacked, part_names, model, config, skipped)
     summary["defining"] = json_safe(
-        _summarize_defining(scores, model.class_names, part_names, defining_names, defining_source, masks.used, len(items))
+        _summarize_defining(scores, model.class_names, part_names, defining_names, defining_source, len(items))
     )
     return PartsResult(summary, rows, stacked)
 
@@ -380,8 +377,8 @@ def _evaluate_one(
     dev: torch.device,
     amp: bool,
     seed: int,
-    defining: Sequence[int] = (),
-    masks: _MaskSource | None = None,
+    defining: Sequence[int],
+    dataset: Any,
 ) -> tuple[dict, dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     group = ex.groups[0]
     width, height = ex.image_size
@@ -427,9 +424,7 @@ def _evaluate_one(
             random_separated=score["random_separated"],
         )
     maps = {"ccmp": group.ccmp, "gradcam": group.gradcam, "random": random_map}
-    score["defining"] = _score_defining(
-        group, maps, ex, item, defining, len(part_names), radius_px, random_xy, masks or _MaskSource(None)
-    )
+    score["defining"] = _score_defining(group, maps, ex, item, defining, len(part_names), radius_px, random_xy, dataset)
     row.update(_defining_row(score["defining"], part_names, defining))
     curve: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if faithfulness:
@@ -548,25 +543,10 @@ _SIZE_TEXT = {"max": "max(width, height)", "sqrt-area": "sqrt(width · height)",
 # ------------------------------------------------------------------------------------- defining parts
 
 
-class _MaskSource:
-    """The dataset's part masks and silhouettes, when it has them (``part_labels``/``silhouette`` methods)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-        self.used = False
-
-    def regions(self, item: _Item, size: tuple[int, int], radius_px: float) -> tuple[np.ndarray, bool]:
-        """(region map, from masks?) of one image."""
-        reader = getattr(self.dataset, "part_labels", None)
-        labels = reader(item.record) if callable(reader) and item.record is not None else None
-        if labels is not None:
-            self.used = True
-            return np.asarray(labels, dtype=np.int32), True
-        return W.keypoint_regions(item.keypoints, size, radius_px), False
-
-    def silhouette(self, item: _Item) -> np.ndarray | None:
-        reader = getattr(self.dataset, "silhouette", None)
-        return reader(item.record) if callable(reader) and item.record is not None else None
+def _annotation(dataset: Any, reader: str, item: _Item) -> np.ndarray | None:
+    """``dataset.<reader>(record)`` (``part_labels`` or ``silhouette``) where the dataset has it, else None."""
+    read = getattr(dataset, reader, None)
+    return read(item.record) if callable(read) and item.record is not None else None
 
 
 def _score_defining(
@@ -578,23 +558,26 @@ def _score_defining(
     num_parts: int,
     radius_px: float,
     random_xy: np.ndarray,
-    masks: _MaskSource,
+    dataset: Any,
 ) -> dict:
     """Every map of the true class against the class's defining parts (see the module docstring)."""
     if not defining:
         return {"scored": False}
-    regions, from_masks = masks.regions(item, ex.image_size, radius_px)
-    if regions.shape != (ex.image_size[1], ex.image_size[0]):
-        raise ValueError(f"{item.path}: part mask {regions.shape[::-1]} does not match the image {ex.image_size}")
-    regions = np.where(crop_mask(ex.geometry), regions, 0)
+    labels = _annotation(dataset, "part_labels", item)
+    try:
+        regions = crop_regions(labels, item.keypoints, ex.geometry, radius_px)
+    except ValueError as exc:
+        raise ValueError(f"{item.path}: {exc}") from None
+    from_masks = labels is not None
+    if regions is None:
+        return {"scored": False}
     area = W.region_areas(regions, num_parts)
     is_def = np.zeros(num_parts, bool)
     is_def[list(defining)] = True
     if area[is_def].sum() == 0 or area[~is_def].sum() == 0:
         return {"scored": False}
-    silhouette = masks.silhouette(item) if from_masks else None
-    target = regions > 0
-    target &= np.isin(regions - 1, np.flatnonzero(is_def))
+    silhouette = _annotation(dataset, "silhouette", item) if from_masks else None
+    target = np.isin(regions, np.flatnonzero(is_def) + 1)
     originals = {f"channels/{c}": to_original(m, ex.geometry) for c, m in enumerate(group.channels)}
     originals |= {kind: to_original(m, ex.geometry) for kind, m in maps.items() if m is not None}
     out: dict[str, Any] = {
@@ -638,11 +621,11 @@ def _summarize_defining(
     part_names: list[str],
     classes: dict[str, list[str]],
     source: str | None,
-    masks: bool,
     images: int,
 ) -> dict:
     """The defining-part block of the summary (``summary["defining"]``)."""
     scored = [s["defining"] for s in scores if s.get("defining", {}).get("scored")]
+    masks = any(s["masks"] for s in scored)
     labelled = [(s["label"], s["defining"]) for s in scores if s.get("defining", {}).get("scored")]
     num_parts = len(part_names)
     block: dict[str, Any] = {

@@ -27,7 +27,7 @@ import numpy as np
 
 from mcloss.core.transforms import Geometry
 from mcloss.data.annotations import PartAnnotations
-from mcloss.data.defining import region_part_indices
+from mcloss.data.defining import defining_indices
 from mcloss.evaluation import mass
 from mcloss.evaluation.metrics import hit_radius
 from mcloss.explainability.geometry import crop_mask, to_original
@@ -43,6 +43,7 @@ __all__ = [
     "card_defining_parts",
     "has_defining_parts",
     "card_mass_ratios",
+    "crop_regions",
     "defining_indices",
     "defining_sentence",
     "defining_summaries",
@@ -183,11 +184,6 @@ def card_mass_ratios(card: Mapping[str, Any] | None, class_name: str) -> tuple[f
 # ------------------------------------------------------------------------------------------- the image
 
 
-def defining_indices(parts: Sequence[str], part_names: Sequence[str]) -> list[int]:
-    """0-based indices into ``part_names`` that the defining parts (or regions) cover, ascending."""
-    return sorted({i for p in parts for i in region_part_indices(p, list(part_names))})
-
-
 def part_regions(annotations: PartAnnotations, geometry: Geometry, radius: float = DEFAULT_RADIUS) -> np.ndarray | None:
     """The image's [H, W] region map limited to the network's crop; None when the annotations place no part.
 
@@ -197,12 +193,27 @@ def part_regions(annotations: PartAnnotations, geometry: Geometry, radius: float
         ValueError: the label map is not the image's size.
     """
     w, h = geometry.original
-    if annotations.labels is not None:
-        regions = np.asarray(annotations.labels).astype(np.int32)
+    return crop_regions(annotations.labels, annotations.keypoints, geometry, hit_radius(w, h, radius))
+
+
+def crop_regions(
+    labels: np.ndarray | None, keypoints: np.ndarray | None, geometry: Geometry, radius_px: float
+) -> np.ndarray | None:
+    """[H, W] region map from a part label map, else from keypoints within ``radius_px``, limited to the crop.
+
+    None when there is neither a label map nor any keypoint. Shared by :func:`part_regions` and
+    ``mcloss parts``.
+
+    Raises:
+        ValueError: the label map is not the image's size.
+    """
+    w, h = geometry.original
+    if labels is not None:
+        regions = np.asarray(labels).astype(np.int32)
         if regions.shape != (h, w):
             raise ValueError(f"part label map is {regions.shape[1]}×{regions.shape[0]}, the image {w}×{h}")
-    elif annotations.keypoints is not None and len(annotations.keypoints):
-        regions = mass.keypoint_regions(annotations.keypoints, (w, h), hit_radius(w, h, radius))
+    elif keypoints is not None and len(keypoints):
+        regions = mass.keypoint_regions(keypoints, (w, h), radius_px)
     else:
         return None
     return np.where(crop_mask(geometry), regions, 0)

@@ -40,7 +40,7 @@ from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, expla
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
-__all__ = ["ExportConfig", "ExportResult", "ImageFiles", "check_counts", "export", "parse_shard"]
+__all__ = ["ExportConfig", "ExportResult", "ImageFiles", "export", "parse_shard"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,9 @@ class ExportConfig:
     method: str = "fused"
 
     def __post_init__(self) -> None:
-        check_counts(self.topk, self.batch_size, self.workers)
+        for flag, value, low in (("--topk", self.topk, 0), ("--batch-size", self.batch_size, 1), ("--workers", self.workers, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
 
     def options(self) -> dict:
         """The manifest's ``options``: every setting, flat."""
@@ -97,13 +99,6 @@ class ExportConfig:
             "shard": list(self.shard),
             "method": self.method,
         }
-
-
-def check_counts(topk: int, batch_size: int, workers: int) -> None:
-    """Raise ValueError (naming the flag) for a negative ``topk``/``workers`` or a ``batch_size`` below 1."""
-    for flag, value, low in (("--topk", topk, 0), ("--batch-size", batch_size, 1), ("--workers", workers, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
