@@ -45,7 +45,7 @@ default-checkpoint: $(STAMP)
 ## Regenerate docs/ablation.md: CE vs MC-Loss, 3 seeds each, the default checkpoint's setting at a smaller scale
 ## (8 `varied` classes, 300 train images each, 10 epochs, 224 px, --last-stage 2: 56 x 56 maps); ~45 min on 2 CPU cores.
 ablation: $(STAMP)
-	$(BIN)/python scripts/ablation.py --design varied --last-stage 2 --rows ce mc --epochs 10 --per-class 335 \
+	$(BIN)/python scripts/ablation.py --design varied --last-stage 2 --rows ce mc mc-top5 --epochs 10 --per-class 335 \
 		--test-fraction 0.105 --fresh-per-class 25 --no-faithfulness
 
 ## The earlier main table: `combo` classes, the official layer4 (14 x 14 maps), 7 epochs, into docs/ablation-224px-combo/.

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from mcloss.core.checkpoint import CheckpointError  # noqa: E402
 from mcloss.core.device import resolve_device  # noqa: E402
 from mcloss.core.errors import first_line  # noqa: E402
 from mcloss.data.annotations import PartAnnotations  # noqa: E402
-from mcloss.data.io import ImageLoadError, atomic_write_bytes, encode_image  # noqa: E402
+from mcloss.data.io import ImageLoadError, encode_image  # noqa: E402
 from mcloss.evaluation.metrics import hit_radius  # noqa: E402
 from mcloss.explainability import render  # noqa: E402
 from mcloss.explainability.defining import DefiningSummary, defining_summary, has_defining_parts  # noqa: E402
@@ -72,13 +71,10 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
-def _uploaded_checkpoint(data: bytes) -> tuple[str, str]:
-    """Store uploaded checkpoint bytes under the temp dir by content hash; returns (key, path)."""
-    digest = hashlib.sha256(data).hexdigest()
-    path = Path(tempfile.gettempdir()) / "mcloss-app" / f"{digest}.safetensors"
-    if not path.is_file():
-        atomic_write_bytes(path, data)
-    return f"sha256:{digest}", str(path)
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _load_uploaded(key: str, label: str, _data: bytes) -> view.LoadedModel:
+    """Load uploaded checkpoint bytes once per content hash (``key``); no copy stays on disk."""
+    return view.load_uploaded(_data, label, key, resolve_device("auto"))
 
 
 def sidebar_model() -> view.LoadedModel | None:
@@ -96,12 +92,19 @@ def sidebar_model() -> view.LoadedModel | None:
     choice = st.sidebar.selectbox("Checkpoint", choices, format_func=label, key="checkpoint")
     try:
         if choice == UPLOAD_CHOICE:
-            up = st.sidebar.file_uploader("Checkpoint file (.safetensors)", type=["safetensors"], key="ckpt_upload")
+            up = st.sidebar.file_uploader(
+                "Checkpoint file (.safetensors)", type=["safetensors"], key="ckpt_upload",
+                max_upload_size=view.MAX_CHECKPOINT_MB,
+            )  # fmt: skip
             if up is None:
-                st.sidebar.info("Upload an mcloss `.safetensors` checkpoint.")
+                st.sidebar.info(f"Upload an mcloss `.safetensors` checkpoint (up to {view.MAX_CHECKPOINT_MB} MB).")
                 return None
-            key, path = _uploaded_checkpoint(up.getvalue())
-            shown = up.name
+            too_large = view.upload_error(up.name, up.size, view.MAX_CHECKPOINT_MB)
+            if too_large:
+                raise CheckpointError(too_large)
+            data = up.getvalue()
+            with st.spinner(f"Loading {up.name}…"):
+                return _described(_load_uploaded(f"sha256:{hashlib.sha256(data).hexdigest()}", up.name, data))
         else:
             p = Path(choice)
             if not p.is_file():
@@ -111,7 +114,7 @@ def sidebar_model() -> view.LoadedModel | None:
                 )
             key, path, shown = _file_key(p), str(p), p.name
         with st.spinner(f"Loading {shown}…"):
-            loaded = _load_model(key, path, shown)
+            return _described(_load_model(key, path, shown))
     except CheckpointError as exc:
         st.sidebar.error(f"Checkpoint not usable: {exc}")
         return None
@@ -119,6 +122,10 @@ def sidebar_model() -> view.LoadedModel | None:
         log.exception("checkpoint load failed")
         st.sidebar.error(f"Could not load the checkpoint: {type(exc).__name__}: {first_line(exc)}")
         return None
+
+
+def _described(loaded: view.LoadedModel) -> view.LoadedModel:
+    """Caption the loaded model in the sidebar."""
     m = loaded.model
     xi = sorted(set(m.groups))
     feat = m.config.get("feature_hw") or ["?", "?"]
@@ -143,7 +150,7 @@ def device_caption(device: torch.device) -> str:
 def _on_upload() -> None:
     """File-uploader callback: keep the bytes (the app reads ``st.session_state['upload']``)."""
     f = st.session_state.get("uploader")
-    st.session_state["upload"] = None if f is None else {"name": f.name, "data": f.getvalue()}
+    st.session_state["upload"] = None if f is None else view.upload_record(f.name, f.size, f.getvalue)
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -188,7 +195,9 @@ def sidebar_input() -> dict | None:
         f"{view.MAX_PIXELS // 1_000_000} MP · shown downscaled to {view.DISPLAY_MAX_SIDE} px"
     )
     up = st.session_state.get("upload")
-    return None if up is None else {"name": up["name"], "data": up["data"], "sample": None, "gallery": None}
+    if up is None:
+        return None
+    return {"name": up["name"], "data": up["data"], "error": up.get("error"), "sample": None, "gallery": None}
 
 
 def sidebar_controls() -> tuple[render.Style, dict]:
@@ -245,10 +254,10 @@ def _explain(
 
 
 def show_tiles(tiles: list[render.Tile], ncols: int | None = None) -> None:
-    """A row of images with captions."""
+    """A row of images with captions (an image beyond 4:1 either way letterboxed, as in the montage)."""
     cols = st.columns(ncols or len(tiles), gap="small")
     for col, t in zip(cols, tiles, strict=False):
-        col.image(t.image, caption=t.caption, width="stretch", alt=t.alt)
+        col.image(render.pad_to_aspect(t.image), caption=t.caption, width="stretch", alt=t.alt)
 
 
 def prediction_panel(expl: Explanation, class_names: list[str], base, title: str, label: int | None) -> None:
@@ -372,7 +381,7 @@ def downloads(
     row = st.container(horizontal=True)
     row.download_button(
         "Montage (PNG)", montage_png, file_name=f"{stem}_montage.png", mime="image/png",
-        icon=":material/image:", on_click="ignore", key="dl_montage",
+        icon=":material/image:", on_click="ignore", key="dl_montage", help=view.MONTAGE_HELP,
     )
     row.download_button(
         "Everything (ZIP)", bundle, file_name=f"{stem}_mcloss.zip", mime="application/zip",
@@ -384,6 +393,8 @@ def downloads(
 def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style, options: dict) -> None:
     """The whole pipeline for one input; every failure becomes one st.error sentence."""
     t_start = time.perf_counter()
+    if source.get("error"):
+        raise ImageLoadError(source["error"])
     data, name = source["data"], source["name"]
     digest = hashlib.sha256(data).hexdigest()
     image, base = _decoded(digest, name, data)

@@ -17,7 +17,7 @@ import threading
 import time
 import unicodedata
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,11 @@ from mcloss.explainability.explanation import Explanation, GroupMaps, explain, p
 __all__ = [
     "IMAGE_TYPES",
     "MAX_UPLOAD_MB",
+    "MAX_CHECKPOINT_MB",
+    "upload_error",
+    "upload_record",
+    "load_uploaded",
+    "MONTAGE_HELP",
     "MAX_PIXELS",
     "DISPLAY_MAX_SIDE",
     "TILE_HEIGHT",
@@ -76,12 +81,19 @@ __all__ = [
 #: Upload types offered by the file uploader (GIF and multi-page TIFF: first frame).
 IMAGE_TYPES = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
 MAX_UPLOAD_MB = 50
+#: Uploaded checkpoints may be this large; ``server.maxUploadSize`` in ``.streamlit/config.toml`` makes the
+#: server refuse any larger request body (the image limit is checked on the server by :func:`upload_error`).
+MAX_CHECKPOINT_MB = 200
 #: Larger images are refused before decoding (a decompression-bomb guard as well).
 MAX_PIXELS = 40_000_000
 #: Originals are shown downscaled to this long side.
 DISPLAY_MAX_SIDE = render.VIEW_MAX_SIDE
 #: Rows of each tile of the downloaded montage.
 TILE_HEIGHT = 320
+MONTAGE_HELP = (
+    f"one row of tiles, {TILE_HEIGHT} px tall; an image beyond {render.MAX_TILE_ASPECT:g}:1 is letterboxed and a "
+    f"montage over {render.MONTAGE_MAX_PIXELS / 1e6:g} MP gets shorter tiles"
+)
 #: Default hit radius for ground-truth parts, as a fraction of max(width, height).
 HIT_RADIUS = 0.12
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet")
@@ -142,6 +154,15 @@ def load_model(path: str, label: str, key: str, device: torch.device) -> LoadedM
     except Exception as exc:  # loads but cannot run
         raise CheckpointError(f"{label}: the model does not run ({type(exc).__name__}: {exc})") from None
     return LoadedModel(model, threading.Lock(), device, key, label, time.perf_counter() - t0)
+
+
+def load_uploaded(data: bytes, label: str, key: str, device: torch.device) -> LoadedModel:
+    """:func:`load_model` for uploaded bytes: they pass through a private temporary folder that is removed
+    as soon as the model is loaded (or refused), so no uploaded checkpoint outlives the call."""
+    with tempfile.TemporaryDirectory(prefix="mcloss-upload-") as tmp:
+        path = Path(tmp) / "upload.safetensors"
+        path.write_bytes(data)
+        return load_model(str(path), label, key, device)
 
 
 def explain_locked(
@@ -234,6 +255,21 @@ def load_gallery(folder: Path) -> Gallery:
 
 
 # ---------------------------------------------------------------------------------------------- input
+
+
+def upload_error(name: str, size: int, limit_mb: int) -> str | None:
+    """The one-line refusal of an upload of ``size`` bytes over ``limit_mb`` MB (as the uploader counts
+    them, 2^20 bytes), or None when it fits; checked on the server before the bytes are used."""
+    if size <= limit_mb * 1024 * 1024:
+        return None
+    return f"{name}: upload too large ({size / 2**20:.1f} MB, limit {limit_mb} MB)"
+
+
+def upload_record(name: str, size: int, read: Callable[[], bytes]) -> dict:
+    """What the app keeps of an image upload: ``{"name", "data", "error"}``; an upload over
+    :data:`MAX_UPLOAD_MB` keeps no bytes (``read`` is not called) and carries its refusal instead."""
+    error = upload_error(name, size, MAX_UPLOAD_MB)
+    return {"name": name, "data": b"" if error else read(), "error": error}
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

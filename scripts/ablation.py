@@ -44,6 +44,7 @@ ROWS = {
     "ce": ("CE only (same grouped model)", ["--loss", "ce"]),
     "dis": ("CE + L_dis", ["--loss", "dis"]),
     "mc": ("CE + L_dis + L_div (MC-Loss)", ["--loss", "mc"]),
+    "mc-top5": ("MC-Loss, L_dis on each map's top 5 % positions", ["--loss", "mc", "--dis-topk", "0.05"]),
 }
 COLUMNS = [
     ("top1_fc", "top-1 FC"),
@@ -266,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     fig = "ablation_groups.png"
     baseline = "ce" if "ce" in args.rows else args.rows[0]
-    compared = list(dict.fromkeys([baseline, "mc" if "mc" in args.rows else args.rows[-1]]))
+    mc_rows = [row for row in ("mc", "mc-top5") if row in args.rows] or [args.rows[-1]]
+    compared = list(dict.fromkeys([baseline, *mc_rows]))
     figure(fresh, {row: work / f"{row}-s{args.seeds[0]}" for row in compared}, docs / fig)
     atomic_write_json(docs / "ablation.json", results)
     command = "make ablation" if argv_list == [] else shlex.join(["python", "scripts/ablation.py", *argv_list])

@@ -276,6 +276,46 @@ def _broken_bytes(name: str) -> bytes:
     return _encode(Image.new("1", (9000, 9000)), "PNG")
 
 
+def test_oversized_image_upload_is_refused_on_the_server(env):
+    size = view.MAX_UPLOAD_MB * 2**20 + 1
+
+    def read() -> bytes:
+        raise AssertionError("the bytes of a refused upload must not be kept")
+
+    record = view.upload_record("huge.png", size, read)
+    assert record["data"] == b"" and f"limit {view.MAX_UPLOAD_MB} MB" in record["error"]
+    assert view.upload_record("ok.png", 3, lambda: b"abc") == {"name": "ok.png", "data": b"abc", "error": None}
+    at = run_app(source="Upload", upload=record)
+    assert_clean(at)
+    assert [e.value for e in at.error] == [f"Cannot read the image: huge.png: upload too large (50.0 MB, limit {view.MAX_UPLOAD_MB} MB)"]
+    assert not at.get("image")
+
+
+def test_server_upload_limit_is_the_page_limit_for_checkpoints():
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == view.MAX_CHECKPOINT_MB >= view.MAX_UPLOAD_MB
+
+
+def test_uploaded_checkpoint_leaves_no_file_behind(checkpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    loaded = view.load_uploaded(checkpoint.read_bytes(), "mine.safetensors", "sha256:x", torch.device("cpu"))
+    assert loaded.model.class_names == CLASSES and loaded.label == "mine.safetensors"
+    with pytest.raises(mcloss.CheckpointError, match=r"^mine\.safetensors: "):
+        view.load_uploaded(b"garbage!" * 8, "mine.safetensors", "sha256:y", torch.device("cpu"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_app_bomb_message_cites_the_app_limit(tmp_path):
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 MP, past Pillow's own guard
+    with pytest.raises(ImageLoadError) as info:
+        view.decode_image((tmp_path / "bomb.png").read_bytes(), "bomb.png")
+    assert f"limit {view.MAX_PIXELS // 1_000_000} MP" in str(info.value)
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_upload_shows_one_error_and_the_app_recovers(env, name):
     at = run_app(**upload(name, _broken_bytes(name)))

@@ -124,12 +124,13 @@ def test_folder_of_good_and_broken_files(tmp_path, checkpoint, capsys):
     assert len(index) == len(sizes)
     assert all((out / o).is_file() for row in index for o in row["outputs"].split(";"))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"inputs": len(sizes) + len(bad), "ok": len(sizes), "failed": len(bad), "skipped": 0}
+    want = {"inputs": len(sizes) + len(bad), "ok": len(sizes), "redone": 0, "failed": len(bad), "skipped": 0}
+    assert manifest["counts"] == want
     assert len(manifest["checkpoint"]["sha256"]) == 64 and manifest["versions"]["captum"]
     assert manifest["options"]["tile_height"] == 48
     # the rerun skips everything finished and still reports the broken files
     code = main(["--checkpoint", str(checkpoint), "--input", str(src), missing, "--out", str(out), "--workers", "0",
-                 "--no-progress"])
+                 "--tile-height", "48", "--no-progress"])
     assert code == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["ok"] == 0 and manifest["counts"]["failed"] == len(bad) + 1
@@ -194,7 +195,7 @@ def test_names_stay_inside_out_and_do_not_collide(tmp_path, checkpoint, monkeypa
     monkeypatch.chdir(tmp_path / "work")
     before = sorted(p.name for p in tmp_path.iterdir())
     inputs = ["../d1/imgs", "../d2/imgs", str(tmp_path / "..hidden.png"), "../d1/imgs/p.png"]
-    keys = [f.key for f in collect_inputs(inputs)]
+    keys = [f.key for f in collect_inputs(inputs).files]
     assert keys == ["imgs/p.png", "imgs/p.png~2", "hidden.png"]  # the repeated file is exported once
     assert main(["--checkpoint", str(checkpoint), "--input", *inputs, "--out", "o", "--workers", "0",
                  "--no-progress"]) == 0

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from mcloss.core.groups import default_drop, group_index, normalize_groups, split_channels
-from mcloss.core.loss import RECIPE_WEIGHTS, MCLoss, ccmp, draw_channel_mask, mutual_channel_loss
+from mcloss.core.loss import (
+    RECIPE_WEIGHTS,
+    MCLoss,
+    ccmp,
+    draw_channel_mask,
+    mutual_channel_loss,
+    top_share_mean,
+)
 
 
 def official_transcription(features, targets, xi, mask):
@@ -199,3 +206,21 @@ def test_mcloss_combines_with_recipe_weights():
     torch.testing.assert_close(ce_only.total, ce)
     with pytest.raises(ValueError, match="unknown recipe"):
         MCLoss.from_recipe("nope", 3)
+
+
+def test_dis_topk_pools_the_largest_share_of_each_class_map():
+    # two classes of one channel each, 2 x 2 maps: class 0 = [1, 2, 3, 4], class 1 = [0, 0, 0, 8]
+    features = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 8.0]]]])
+    target, mask = torch.tensor([0]), torch.ones(2)
+    cases = {1.0: math.log1p(math.exp(-0.5)), 0.5: math.log1p(math.exp(0.5)), 0.25: math.log1p(math.exp(4.0))}
+    for share, want in cases.items():  # logits (2.5, 2), (3.5, 4), (4, 8): mean, mean of top 2, max
+        dis, _ = mutual_channel_loss(features, target, 1, mask=mask, dis_topk=share)
+        assert dis.item() == pytest.approx(want, rel=1e-6), share
+    default, _ = mutual_channel_loss(features, target, 1, mask=mask)
+    assert default.item() == pytest.approx(cases[1.0], rel=1e-6)  # the official spatial mean
+    assert top_share_mean(torch.tensor([[1.0, 5.0, 3.0]]), 0.01).item() == 5.0  # at least one position
+    with pytest.raises(ValueError, match="share"):
+        top_share_mean(torch.ones(1, 4), 0.0)
+    loss = MCLoss(1, 1.5, 20.0, dis_topk=0.5)
+    out = loss(torch.zeros(1, 2), features, target, mask=mask)
+    assert out.dis.item() == pytest.approx(cases[0.5], rel=1e-6) and "dis_topk=0.5" in repr(loss)

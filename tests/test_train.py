@@ -309,15 +309,21 @@ def test_div_warmup_factor():
     assert div_warmup_factor(0.0, 0.0) == 1.0  # no warm-up: the official constant β from the first step
 
 
-def test_div_warmup_ramps_beta_per_step_and_is_recorded(synth_data, tmp_path, monkeypatch):
-    betas: list[float] = []
+def _loss_setting_per_step(monkeypatch, name: str) -> list:
+    """The MCLoss attribute ``name`` at every forward call, from now on."""
+    seen: list = []
     forward = MCLoss.forward
 
     def spy(self, *args, **kwargs):
-        betas.append(self.beta)
+        seen.append(getattr(self, name))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(MCLoss, "forward", spy)
+    return seen
+
+
+def test_div_warmup_ramps_beta_per_step_and_is_recorded(synth_data, tmp_path, monkeypatch):
+    betas = _loss_setting_per_step(monkeypatch, "beta")
     out = tmp_path / "warm"
     assert train_cli.main(["--data", str(synth_data), "--out", str(out), "--epochs", "2", "--div-warmup", "2", *TINY_ARGS]) == 0
     steps = len(betas) // 2
@@ -326,6 +332,24 @@ def test_div_warmup_ramps_beta_per_step_and_is_recorded(synth_data, tmp_path, mo
     card = read_metadata(out / "last.safetensors")["card"]
     assert (card["beta"], card["div_warmup"]) == (20.0, 2.0)
     assert train_cli.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--div-warmup", "-1", *TINY_ARGS]) == 2
+
+
+def test_dis_topk_reaches_the_loss_and_the_card_and_old_runs_resume(synth_data, tmp_path, monkeypatch, capsys):
+    shares = _loss_setting_per_step(monkeypatch, "dis_topk")
+    out = tmp_path / "top"
+    assert train_cli.main(["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--dis-topk", "0.05", *TINY_ARGS]) == 0
+    assert shares and set(shares) == {0.05}
+    assert read_metadata(out / "last.safetensors")["card"]["dis_topk"] == 0.05
+    for bad in ("0", "1.5"):
+        assert train_cli.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--dis-topk", bad, *TINY_ARGS]) == 2
+        assert "--dis-topk must be in (0, 1]" in capsys.readouterr().err
+    # a run saved before the option existed resumes with its default (the official mean)
+    old = tmp_path / "old"
+    assert train_cli.main(["--data", str(synth_data), "--out", str(old), "--epochs", "1", *TINY_ARGS]) == 0
+    run = json.loads((old / "config.json").read_text())
+    del run["config"]["dis_topk"]
+    (old / "config.json").write_text(json.dumps(run))
+    assert train_cli.main(["--data", str(synth_data), "--out", str(old), "--resume", "--epochs", "2", *TINY_ARGS]) == 0
 
 
 def test_cpu_bf16_autocasts_the_training_step_only_and_is_recorded(synth_data, tmp_path, monkeypatch):
@@ -432,8 +456,13 @@ def test_resume_refuses_mismatched_or_unsafe_state(finished_run, tmp_path, capsy
 
     torch.save({"format": "mcloss-resume/1", "payload": Exploit()}, out / "resume.pt")
     assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
-    assert "corrupt or unsafe resume state" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unsafe resume state refused" in err and "system" in err  # posix.system, the payload's callable
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 1  # no advice to load it unsafely
     assert not (tmp_path / "pwned").exists()
+    (out / "resume.pt").write_bytes(b"garbage")
+    assert cli_main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
+    assert "corrupt resume state" in capsys.readouterr().err
 
     shutil.copy(finished_run / "resume.pt", out / "resume.pt")
     state = load_resume_state(out / "resume.pt")

@@ -59,9 +59,14 @@ def run(
 ) -> int:
     """Parse ``argv`` and run a command's body; returns the exit code.
 
-    ``--help`` gives 0 and a usage error 2 (argparse prints why); any of ``errors`` raised by the body
+    ``--help`` gives 0 and a usage error 2 (one line on stderr says why); any of ``errors`` raised by the body
     becomes one line on stderr (:func:`fail`) and exit code 2.
     """
+    def one_line(message: str) -> None:  # argparse's usage block would bury the reason
+        print(f"mcloss {command}: error: {message} (see mcloss {command} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+    parser.error = one_line
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

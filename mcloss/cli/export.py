@@ -18,7 +18,13 @@ from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.explainability.explanation import DEFAULT_MAPS, MAP_KINDS, parse_maps
 from mcloss.explainability.export import ExportConfig, export, parse_shard
-from mcloss.explainability.render import Style
+from mcloss.explainability.render import (
+    MAX_TILE_ASPECT,
+    MAX_TILE_HEIGHT,
+    MIN_TILE_HEIGHT,
+    MONTAGE_MAX_PIXELS,
+    Style,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -33,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colormap", default="inferno")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0 = image only)")
     p.add_argument("--shared-scale", action="store_true", help="normalize a channel group by one max")
-    p.add_argument("--tile-height", type=int, default=224, help="montage tile height in pixels")
+    p.add_argument(
+        "--tile-height", type=int, default=224,
+        help=f"montage tile height in pixels, {MIN_TILE_HEIGHT}..{MAX_TILE_HEIGHT}; images beyond "
+        f"{MAX_TILE_ASPECT:g}:1 either way are letterboxed, and a montage over {MONTAGE_MAX_PIXELS / 1e6:g} MP "
+        "gets shorter tiles",
+    )  # fmt: skip
     p.add_argument("--topk", type=int, default=5, help="entries in the json's topk list")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
@@ -78,7 +89,11 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
-    say("export", f"{result.written} exported, {result.skipped} already done, {len(result.errors)} rejected → {result.out}")
+    redone = f" ({result.redone} re-done: made with other options)" if result.redone else ""
+    say(
+        "export",
+        f"{result.written} exported{redone}, {result.skipped} already done, {len(result.errors)} rejected → {result.out}",
+    )
     for _source, reason in result.errors:
         print(f"  rejected: {reason}", file=sys.stderr)
     return EXIT_REJECTED if result.errors else EXIT_OK

@@ -23,6 +23,8 @@ __all__ = [
     "default_checkpoint",
     "project_checkpoints",
     "load_checkpoint",
+    "MAX_CLASSES",
+    "MAX_IMG_SIZE",
     "read_metadata",
     "save_checkpoint",
 ]
@@ -32,6 +34,12 @@ _REQUIRED = ("format", "config", "class_names", "transform", "card")
 #: Environment variable that names the default checkpoint.
 CHECKPOINT_ENV = "MCLOSS_CHECKPOINT"
 _DEFAULT_NAME = "default.safetensors"
+#: Bounds on what a checkpoint's metadata may ask for, checked before anything is built.
+MAX_CLASSES = 10_000
+MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
+_CONFIG_KEYS = ("backbone", "num_classes", "xi", "groups", "img_size", "head_grid")
+#: The FC head's tensors whose shapes give the class count and F's width × grid (see ``FCHead``).
+_HEAD_OUT, _HEAD_IN = "head.classifier.4.weight", "head.classifier.0.running_mean"
 
 
 def project_checkpoints() -> Path:
@@ -100,9 +108,66 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if missing:
         raise CheckpointError(f"{label}: metadata lacks {', '.join(missing)}")
     try:
-        return {k: json.loads(raw[k]) for k in _REQUIRED if k != "format"}
+        meta = {k: json.loads(raw[k]) for k in _REQUIRED if k != "format"}
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{label}: corrupt metadata ({exc.msg})") from None
+    _check_metadata(label, meta)
+    return meta
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(label: str, meta: dict) -> None:
+    """Refuse metadata of the wrong types or beyond the bounds, naming the key (nothing is built yet)."""
+    for key, kind in (("config", dict), ("class_names", list), ("transform", dict), ("card", dict)):
+        if not isinstance(meta[key], kind):
+            raise CheckpointError(f"{label}: metadata {key} is not a JSON {'object' if kind is dict else 'list'}")
+    config = meta["config"]
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"{label}: metadata config lacks {', '.join(missing)}")
+    n = config["num_classes"]
+    if not _is_int(n) or not 1 <= n <= MAX_CLASSES:
+        raise CheckpointError(f"{label}: metadata num_classes must be an integer in 1..{MAX_CLASSES}, got {n!r}")
+    size = config["img_size"]
+    if not _is_int(size) or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
+        raise CheckpointError(f"{label}: metadata img_size must be an integer in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}, got {size!r}")
+    groups = config["groups"]
+    if not isinstance(groups, list) or len(groups) != n or not all(_is_int(g) and 1 <= g <= 4096 for g in groups):
+        raise CheckpointError(f"{label}: metadata groups must list {n} channel counts in 1..4096")
+    grid = config["head_grid"]
+    if not isinstance(grid, list) or len(grid) != 2 or not all(_is_int(g) and 1 <= g <= 64 for g in grid):
+        raise CheckpointError(f"{label}: metadata head_grid must be two integers in 1..64, got {grid!r}")
+    names = meta["class_names"]
+    if len(names) != n or not all(isinstance(c, str) for c in names):
+        raise CheckpointError(f"{label}: metadata class_names must be {n} strings, got {len(names)} entries")
+
+
+def _check_shapes(label: str, config: dict, shapes: dict[str, list[int]]) -> None:
+    """The FC head's tensor shapes in the safetensors header must agree with the metadata's classes and groups."""
+    for key in (_HEAD_OUT, _HEAD_IN):
+        if key not in shapes:
+            raise CheckpointError(f"{label}: weights lack {key} (not an mcloss model)")
+    classes = shapes[_HEAD_OUT][0]
+    if classes != config["num_classes"]:
+        raise CheckpointError(f"{label}: metadata says {config['num_classes']} classes but the weights have {classes}")
+    gh, gw = config["head_grid"]
+    width = sum(config["groups"]) * gh * gw
+    if shapes[_HEAD_IN] != [width]:
+        raise CheckpointError(
+            f"{label}: metadata groups and head_grid give {width} head inputs but the weights have {shapes[_HEAD_IN]}"
+        )
+
+
+def _header_shapes(label: str, path: str | os.PathLike) -> dict[str, list[int]]:
+    """Every tensor's shape from the safetensors header (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{label}: corrupt weights ({first_line(exc)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> MCModel:
@@ -114,6 +179,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     label = str(path)
     meta = read_metadata(path)
     config = meta["config"]
+    _check_shapes(label, config, _header_shapes(label, path))
     try:
         model = build_model(
             config["backbone"],

@@ -14,6 +14,7 @@ from mcloss.core.groups import default_drop, group_index, normalize_groups
 __all__ = [
     "ccmp",
     "draw_channel_mask",
+    "top_share_mean",
     "mutual_channel_loss",
     "MCLoss",
     "MCLossOutput",
@@ -38,6 +39,17 @@ def ccmp(features: torch.Tensor, groups: int | Sequence[int]) -> torch.Tensor:
     padded = torch.cat([features, pad], dim=1)
     gathered = padded[:, index.flatten()].unflatten(1, index.shape)
     return gathered.amax(dim=2)
+
+
+def top_share_mean(values: torch.Tensor, share: float) -> torch.Tensor:
+    """The mean of the largest ``share`` of the last dimension (at least one value; 1 = the plain mean)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    n = values.shape[-1]
+    count = max(1, round(share * n))
+    if count >= n:
+        return values.mean(dim=-1)
+    return values.topk(count, dim=-1).values.mean(dim=-1)
 
 
 def draw_channel_mask(
@@ -84,6 +96,7 @@ def mutual_channel_loss(
     mask: torch.Tensor | None = None,
     drop: int | None = None,
     generator: torch.Generator | None = None,
+    dis_topk: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the MC-Loss components with the official semantics.
 
@@ -94,6 +107,8 @@ def mutual_channel_loss(
         mask: 0/1 channel mask, [K] (shared by the batch) or [B, K]; drawn officially when None.
         drop: channels dropped per group when the mask is drawn (None: official rule).
         generator: RNG for the drawn mask.
+        dis_topk: the share of the H×W positions whose mean is a class's L_dis logit, the largest
+            first; 1 (default) is the official spatial mean, 1/(H·W) the spatial max.
 
     Returns:
         ``(dis, div)``: the cross-entropy of the masked CCMP+GAP logits (official ``loss_1``) and
@@ -110,7 +125,7 @@ def mutual_channel_loss(
         raise ValueError(f"mask must be [K]={k} or [B, K]=({b}, {k}), got {tuple(mask.shape)}")
     mask = mask.view(1, k, 1, 1) if mask.dim() == 1 else mask.view(b, k, 1, 1)
 
-    dis_logits = ccmp(features * mask, sizes).mean(dim=(2, 3))
+    dis_logits = top_share_mean(ccmp(features * mask, sizes).flatten(2), dis_topk)
     dis = F.cross_entropy(dis_logits, targets)
 
     attention = torch.softmax(features.flatten(2), dim=2)
@@ -143,12 +158,14 @@ class MCLoss(nn.Module):
         beta: float = 20.0,
         *,
         drop: int | None = None,
+        dis_topk: float = 1.0,
     ) -> None:
         super().__init__()
         self.groups = groups if isinstance(groups, int) else list(groups)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.drop = drop
+        self.dis_topk = float(dis_topk)
 
     @classmethod
     def from_recipe(cls, recipe: str, groups: int | Sequence[int], **kwargs) -> MCLoss:
@@ -169,10 +186,11 @@ class MCLoss(nn.Module):
     ) -> MCLossOutput:
         ce = F.cross_entropy(logits, targets)
         dis, div = mutual_channel_loss(
-            features.float(), targets, self.groups, mask=mask, drop=self.drop, generator=generator
+            features.float(), targets, self.groups, mask=mask, drop=self.drop, generator=generator,
+            dis_topk=self.dis_topk,
         )
         total = ce + self.alpha * dis + self.beta * div
         return MCLossOutput(total, ce, dis, div)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, drop={self.drop}"
+        return f"alpha={self.alpha}, beta={self.beta}, drop={self.drop}, dis_topk={self.dis_topk}"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "InputFile", "collect_inputs", "output_path", "sanitize_component"]
+__all__ = ["IMAGE_EXTENSIONS", "InputFile", "Inputs", "collect_inputs", "output_path", "sanitize_component"]
 
 IMAGE_EXTENSIONS = frozenset(
     [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jpe"]
@@ -37,27 +37,80 @@ def _key_for(parts: Sequence[str]) -> str:
     return "/".join(sanitize_component(p) for p in parts if p not in ("", ".", ".."))
 
 
-def collect_inputs(inputs: Sequence[str]) -> list[InputFile]:
-    """Expand files, directories (recursive, image extensions only) and globs into unique outputs keys.
+@dataclass(frozen=True)
+class Inputs:
+    """What :func:`collect_inputs` found: the files, and (source, reason) for every input that gave none."""
 
-    A name that matches nothing is kept as a file, so it is reported as an error later.
+    files: list[InputFile]
+    problems: list[tuple[str, str]]
+
+
+def _walk_images(root: Path, exclude: Path | None, problems: list[tuple[str, str]]) -> list[Path]:
+    """Image files under ``root`` (sorted, recursive), skipping ``exclude``; unreadable folders and image
+    names that are not regular files (dangling links, FIFOs, sockets) are reported in ``problems``."""
+    found: list[Path] = []
+
+    def unreadable(exc: OSError) -> None:
+        problems.append((str(exc.filename or root), f"{exc.filename or root}: unreadable folder ({exc.strerror})"))
+
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=False):
+        here = Path(folder)
+        if exclude is not None:
+            dirs[:] = [d for d in dirs if not _same_or_inside(here / d, exclude)]
+        dirs.sort()
+        for name in names:
+            path = here / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_file():
+                found.append(path)
+            elif path.is_symlink() and not path.exists():
+                problems.append((str(path), f"{path}: dangling symbolic link"))
+            else:
+                problems.append((str(path), f"{path}: not a regular file"))
+    return sorted(found)
+
+
+def _same_or_inside(path: Path, folder: Path) -> bool:
+    try:
+        return os.path.commonpath([path.resolve(), folder]) == str(folder)
+    except ValueError:  # different drives
+        return False
+
+
+def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None = None) -> Inputs:
+    """Expand files, directories (recursive, image extensions only) and globs into unique output keys.
+
+    A plain name that does not exist is kept as a file, so that decoding reports it. A folder without
+    images, a glob that matches no file, an unreadable subfolder and an image name that is not a regular
+    file are ``problems``. Nothing inside ``exclude`` (the output folder) is ever an input.
     """
+    skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[str, str]] = []  # (source, key)
-    seen: set[str] = set()
+    problems: list[tuple[str, str]] = []
     for raw in inputs:
         if os.path.isdir(raw):
             root = Path(raw)
+            if skip is not None and _same_or_inside(root, skip):
+                problems.append((raw, f"{raw}: is the output folder (or inside it), not an input"))
+                continue
             prefix = [root.resolve().name]
-            for path in sorted(root.rglob("*")):
-                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append((str(path), _key_for(prefix + list(path.relative_to(root).parts))))
+            images = _walk_images(root, skip, problems)
+            if not images:
+                problems.append((raw, f"{raw}: no image files found in this folder"))
+            found += [(str(p), _key_for(prefix + list(p.relative_to(root).parts))) for p in images]
         elif not os.path.exists(raw) and glob.has_magic(raw):
-            for match in sorted(glob.glob(raw, recursive=True)):
-                if os.path.isfile(match):
-                    found.append((match, _key_for([Path(match).name])))
+            matches = [m for m in sorted(glob.glob(raw, recursive=True)) if os.path.isfile(m)]
+            kept = [m for m in matches if skip is None or not _same_or_inside(Path(m), skip)]
+            if not kept:
+                problems.append((raw, f"{raw}: no file matches this pattern" + (" outside the output folder" if matches else "")))
+            found += [(m, _key_for([Path(m).name])) for m in kept]
+        elif skip is not None and os.path.exists(raw) and _same_or_inside(Path(raw), skip):
+            problems.append((raw, f"{raw}: is inside the output folder, not an input"))
         else:
             found.append((raw, _key_for([Path(raw).name])))
     out: list[InputFile] = []
+    seen: set[str] = set()
     used: set[str] = set()
     for source, key in found:
         ident = os.path.abspath(source)
@@ -70,7 +123,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[InputFile]:
             unique = f"{key}~{n}"
         used.add(unique.lower())
         out.append(InputFile(source, unique))
-    return out
+    return Inputs(out, problems)
 
 
 def output_path(out_dir: Path, key: str) -> Path:

@@ -8,6 +8,8 @@ import io
 import json
 import math
 import os
+import re
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -208,13 +210,58 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
     except PermissionError:
         raise ImageLoadError(f"{label}: permission denied") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{label}: not a recognized image format") from None
+        raise ImageLoadError(f"{label}: {_unidentified(source)}") from None
     except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
         raise ImageLoadError(
-            f"{label}: image too large, refused as a possible decompression bomb ({first_line(exc, 160)})"
+            f"{label}: image too large ({size}limit {max_pixels / 1e6:.0f} MP), refused as a possible decompression bomb"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"{label}: corrupt or truncated image ({first_line(exc, 160)})") from None
+
+
+_TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "floating-point", 4: "undefined"}
+
+
+def _head(source: str | os.PathLike | IO[bytes], n: int = 4096) -> bytes:
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return f.read(n)
+        source.seek(0)
+        return source.read(n)
+    except (OSError, AttributeError, ValueError):
+        return b""
+
+
+def _unidentified(source: str | os.PathLike | IO[bytes]) -> str:
+    """Why Pillow could not identify a file: a TIFF whose samples it cannot decode is named as such."""
+    head = _head(source)
+    if head[:4] not in (b"II*\x00", b"MM\x00*"):
+        return "not a recognized image format"
+    samples = _tiff_samples(head)
+    what = f" ({samples} samples)" if samples else ""
+    return f"a TIFF whose pixel format Pillow cannot decode{what}; convert it to 8- or 16-bit integer samples"
+
+
+def _tiff_samples(head: bytes) -> str | None:
+    """``"64-bit floating-point"`` etc. from the first IFD of a TIFF header (inline values only), or None."""
+    end = "<" if head[:2] == b"II" else ">"
+    try:
+        (offset,) = struct.unpack(end + "I", head[4:8])
+        (count,) = struct.unpack(end + "H", head[offset : offset + 2])
+        tags = {}
+        for i in range(count):
+            tag, kind, n = struct.unpack(end + "HHI", head[offset + 2 + 12 * i : offset + 10 + 12 * i])
+            if kind == 3 and n >= 1:  # SHORT: the first value sits in the entry
+                tags[tag] = struct.unpack(end + "H", head[offset + 10 + 12 * i : offset + 12 + 12 * i])[0]
+    except struct.error:
+        return None
+    bits, fmt = tags.get(258), tags.get(339, 1)
+    if bits is None:
+        return None
+    return f"{bits}-bit {_TIFF_SAMPLE_FORMATS.get(fmt, f'format-{fmt}')}"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

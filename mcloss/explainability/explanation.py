@@ -231,15 +231,18 @@ class Explanation:
         topk: int = 5,
         image: np.ndarray | Image.Image | None = None,
         defining: Sequence[DefiningSummary | None] | None = None,
+        options: dict | None = None,
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
         ``path`` is a stem: ``out/bird.jpg`` writes ``out/bird.jpg.png`` etc., as ``mcloss export`` does.
-        Every file is written atomically. ``defining`` as for :meth:`record`. Returns the JSON record.
+        Every file is written atomically. ``defining`` as for :meth:`record`; ``options`` (the settings
+        that made the outputs) goes into the json as ``options``. Returns the JSON record.
         """
         from mcloss.explainability.outputs import write_explanation
 
-        return write_explanation(self, Path(path), self._view(image), style or render.Style(), topk, defining)
+        style = style or render.Style()
+        return write_explanation(self, Path(path), self._view(image), style, topk, defining, options)
 
 
 # ------------------------------------------------------------------------------------------- explain
@@ -280,7 +283,7 @@ def prepare(
         model: an MCModel, or its :class:`~mcloss.core.transforms.EvalTransform` (what DataLoader workers get).
         image: the image, or its path.
         view: the view kept for drawing: ``"fit"`` (long side at most ``view_size``), ``"height"``
-            (``view_size`` rows: a montage thumbnail), or None (no view).
+            (a montage thumbnail of ``view_size`` rows, see :func:`mcloss.explainability.render.thumbnail`), or None (no view).
         view_size: pixels of that side.
     """
     transform = getattr(model, "transform", model)
@@ -294,7 +297,7 @@ def prepare(
     if view == "fit":
         kept = render.fit_view(np.asarray(image), view_size)
     elif view == "height":
-        kept = render.resize_to_height(np.asarray(image), view_size)
+        kept = render.thumbnail(np.asarray(image), view_size)[0]
     elif view is not None:
         raise ValueError(f"view must be 'fit', 'height' or None, got {view!r}")
     return PreparedImage(x, geo, kept, source)

@@ -18,8 +18,12 @@ each rejected input). With a shard ``i/n`` those three are named ``manifest.shar
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +44,9 @@ from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, expla
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
-__all__ = ["ExportConfig", "ExportResult", "ImageFiles", "export", "parse_shard"]
+__all__ = ["ExportConfig", "ExportResult", "ImageFiles", "die_with_parent", "export", "parse_shard"]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,26 @@ class ExportConfig:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
 
+    def output_options(self, checkpoint_sha256: str) -> dict:
+        """The settings that shape each image's outputs, recorded in its json as ``options``: a re-run
+        re-does an image whose recorded options differ (another checkpoint, target, maps or style)."""
+        return {"checkpoint_sha256": checkpoint_sha256, **self._shaping()}
+
     def options(self) -> dict:
         """The manifest's ``options``: every setting, flat."""
         return {
             "checkpoint": self.checkpoint,
             "input": list(self.input),
             "out": self.out,
+            **self._shaping(),
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "device": self.device,
+            "shard": list(self.shard),
+        }
+
+    def _shaping(self) -> dict:
+        return {
             "target": self.target,
             "maps": list(parse_maps(self.maps)),
             "colormap": self.style.colormap,
@@ -93,10 +113,6 @@ class ExportConfig:
             "shared_scale": self.style.shared_scale,
             "tile_height": self.style.tile_height,
             "topk": self.topk,
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "device": self.device,
-            "shard": list(self.shard),
             "method": self.method,
         }
 
@@ -109,7 +125,8 @@ class ExportResult:
         out: the output directory.
         inputs: inputs of this shard.
         written: images exported by this run.
-        skipped: images already finished by an earlier run.
+        redone: of ``written``, images an earlier run had finished with other options.
+        skipped: images already finished by an earlier run with the same options.
         errors: (file, reason) of every rejected input.
         manifest: the manifest path.
     """
@@ -117,6 +134,7 @@ class ExportResult:
     out: Path
     inputs: int
     written: int
+    redone: int
     skipped: int
     errors: list[tuple[str, str]]
     manifest: Path
@@ -185,11 +203,18 @@ def export(
     spec = check_target(model, target)  # an unknown class or a bad topK fails before any work
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(config.checkpoint)
+    sha256 = _sha256(checkpoint)
+    wanted = config.output_options(sha256)
     shard_i, shard_n = config.shard
-    files = collect_inputs(config.input)[shard_i::shard_n]
+    found = collect_inputs(config.input, exclude=out_dir)
+    files = found.files[shard_i::shard_n]
+    errors: list[tuple[str, str]] = list(found.problems) if shard_i == 0 else []  # reported once, by shard 0
     bases = {f.key: output_path(out_dir, f.key) for f in files}
-    todo = [f for f in files if not _finished(bases[f.key])]
-    errors: list[tuple[str, str]] = []
+    records = {f.key: _record(bases[f.key]) for f in files}  # what an earlier run left, or None
+    todo = [f for f in files if records[f.key] is None or records[f.key].get("options") != wanted]
+    redone = sum(records[f.key] is not None for f in todo)
+    skipped = len(files) - len(todo)
     written = 0
     t0 = time.perf_counter()
     loader = DataLoader(
@@ -198,6 +223,7 @@ def export(
         num_workers=max(0, config.workers),
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        worker_init_fn=die_with_parent if config.workers > 0 else None,
     )
     done = 0
     knows_defining = has_defining_parts(model.card)
@@ -229,29 +255,58 @@ def export(
             for (f, item), exp in zip(good, exps, strict=True):
                 defining = defining_summaries(model.card, exp, _annotations(f.source) if knows_defining else None)
                 try:
-                    exp.save(bases[f.key], config.style, topk=config.topk, image=item.view, defining=defining)
+                    records[f.key] = _rewrite(bases[f.key], records[f.key], exp, config, item, defining, wanted)
                     written += 1
                 except OSError as exc:
+                    records[f.key] = None
                     errors.append((f.source, f"{f.source}: cannot write outputs ({exc})"))
         done += len(items)
         if progress is not None:
             progress(done, len(todo))
 
     suffix = "" if shard_n == 1 else f".shard-{shard_i}-of-{shard_n}"
-    rows = [_index_row(f, bases[f.key]) for f in files if _finished(bases[f.key])]
+    rows = [_index_row(f, records[f.key]) for f in files if _current(records[f.key], wanted)]
     atomic_write_text(out_dir / f"index{suffix}.csv", csv_text(["file", "outputs", "prediction", "prob", "target"], rows))
     atomic_write_text(out_dir / f"errors{suffix}.csv", csv_text(["file", "reason"], errors))
-    checkpoint = Path(config.checkpoint)
     manifest = {
-        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": _sha256(checkpoint)},
+        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256},
         "versions": versions(),
         "options": config.options(),
-        "counts": {"inputs": len(files), "ok": written, "failed": len(errors), "skipped": len(files) - len(todo)},
+        "counts": {
+            "inputs": len(files), "ok": written, "redone": redone, "failed": len(errors), "skipped": skipped,
+        },  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
     }
     manifest_path = out_dir / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
-    return ExportResult(out_dir, len(files), written, len(files) - len(todo), errors, manifest_path)
+    return ExportResult(out_dir, len(files), written, redone, skipped, errors, manifest_path)
+
+
+def die_with_parent(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: on Linux the worker gets SIGKILL when the export process dies (even by
+    SIGKILL), instead of lingering with its memory; elsewhere torch's own parent check remains."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _rewrite(
+    base: Path, old: dict | None, exp, config: ExportConfig, item: PreparedImage, defining, options: dict
+) -> dict:
+    """Write an image's outputs; an earlier run's record is removed first (the image is unfinished until the
+    new json lands) and its files that the new outputs do not replace afterwards."""
+    if old is not None:
+        _json_path(base).unlink(missing_ok=True)
+    record = exp.save(base, config.style, topk=config.topk, image=item.view, defining=defining, options=options)
+    if old is not None:
+        stale = set(old.get("outputs", [])) - set(record["outputs"])
+        for name in stale:
+            if isinstance(name, str) and name == Path(name).name and name.startswith(base.name):
+                (base.parent / name).unlink(missing_ok=True)
+    return record
 
 
 def _annotations(source: str) -> PartAnnotations | None:
@@ -266,12 +321,20 @@ def _json_path(base: Path) -> Path:
     return base.with_name(base.name + ".json")
 
 
-def _finished(base: Path) -> bool:
-    return _json_path(base).is_file()
+def _record(base: Path) -> dict | None:
+    """The json an earlier run finished this image with; None when absent or unreadable (then re-done)."""
+    try:
+        rec = json.loads(_json_path(base).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
-def _index_row(f: InputFile, base: Path) -> list[str]:
-    rec = json.loads(_json_path(base).read_text(encoding="utf-8"))
+def _current(record: dict | None, options: dict) -> bool:
+    return record is not None and record.get("options") == options
+
+
+def _index_row(f: InputFile, rec: dict) -> list[str]:
     folder = f.key.rsplit("/", 1)[0] if "/" in f.key else ""
     outputs = [f"{folder}/{name}" if folder else name for name in rec["outputs"]]
     return [f.source, ";".join(outputs), rec["prediction"]["name"], f"{rec['prediction']['prob']:.6f}", rec["target"]["name"]]

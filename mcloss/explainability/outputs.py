@@ -14,6 +14,8 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
   ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png,
   defining_parts} per rank, plus ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  ``mcloss export`` adds ``options``: the settings that made the outputs (checkpoint sha256, target,
+  maps, style, topk, method); a re-run re-does an image whose options differ.
   ``defining_parts`` lists the parts the checkpoint's card says define the target class ([] when it
   says none, or nothing about its classes); ``defining_mass_ratio`` {ccmp, channels, source} is the mass
   per area on those parts ÷ on the other parts of the CCMP map and the geometric mean over the channels
@@ -154,6 +156,7 @@ def write_explanation(
     style: Style,
     topk: int = 5,
     defining: Sequence[DefiningSummary | None] | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
 
@@ -164,9 +167,12 @@ def write_explanation(
         style: how the montages are drawn (``style.tile_height`` rows per tile).
         topk: entries in the json's ``topk`` list.
         defining: the targets' defining-part summaries (see :func:`explanation_record`).
+        options: recorded as the json's ``options`` when given (``mcloss export`` records its settings).
     """
     _clean_stale_temps(base)
     record = explanation_record(exp, topk, base.name, defining)
+    if options is not None:
+        record["options"] = options
     for rank in range(1, len(exp.groups) + 1):
         picture = explanation_montage(view, exp, rank - 1, style)
         atomic_write_bytes(base.parent / png_name(base.name, rank), encode_image(picture))

@@ -49,6 +49,15 @@ __all__ = [
     "part_composite",
     "composite_legend",
     "resize_to_height",
+    "tile_box",
+    "pad_to_aspect",
+    "letterbox",
+    "montage_height",
+    "explanation_tile_height",
+    "MAX_TILE_ASPECT",
+    "MAX_TILE_HEIGHT",
+    "MIN_TILE_HEIGHT",
+    "MONTAGE_MAX_PIXELS",
     "titled_tile",
     "montage",
     "montage_tiles",
@@ -63,6 +72,16 @@ _TEXT_RGB = (30, 30, 30)
 _BG_RGB = (255, 255, 255)
 #: Views of the original are kept downscaled to this long side for drawing (the app and ``explain``).
 VIEW_MAX_SIDE = 1024
+#: Montage tiles are at most this many times wider than tall (or taller than wide); a more extreme image is
+#: letterboxed: fitted inside the tile and padded with white.
+MAX_TILE_ASPECT = 4.0
+#: The largest montage tile height (``Style.tile_height``, ``--tile-height``).
+MAX_TILE_HEIGHT = 2048
+#: The smallest montage tile height (titles stay legible).
+MIN_TILE_HEIGHT = 16
+#: A montage never has more pixels than this: its tile height is lowered until it fits (Pillow's
+#: decompression-bomb guard starts warning at 89 MP).
+MONTAGE_MAX_PIXELS = 24_000_000
 #: Rows of the colour bar that ties a channel's tile to its colour in the part composite.
 _BAR_ROWS = 5
 #: What :func:`map_overlay` can draw.
@@ -81,7 +100,8 @@ class Style:
         peaks: mark each channel's (and Grad-CAM's) peak.
         interpolation: ``bilinear`` (the convention) or ``nearest`` (the raw feature cells as blocks).
         contour: draw each map's iso-line at this fraction of its maximum (None: no contour).
-        tile_height: rows of each montage tile.
+        tile_height: rows of each montage tile, in [MIN_TILE_HEIGHT, MAX_TILE_HEIGHT]; a montage lowers it
+            to stay within MONTAGE_MAX_PIXELS (see :func:`montage_height`).
     """
 
     colormap: str = "inferno"
@@ -99,8 +119,10 @@ class Style:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.contour is not None and not 0.0 < self.contour <= 1.0:
             raise ValueError(f"contour must be in (0, 1], got {self.contour}")
-        if self.tile_height < 1:
-            raise ValueError(f"tile height must be >= 1 pixel, got {self.tile_height}")
+        if not MIN_TILE_HEIGHT <= self.tile_height <= MAX_TILE_HEIGHT:
+            raise ValueError(
+                f"tile height must be {MIN_TILE_HEIGHT}..{MAX_TILE_HEIGHT} pixels, got {self.tile_height}"
+            )
         _lut(self.colormap)  # an unknown colormap fails here, before any work
 
 
@@ -340,6 +362,56 @@ def resize_to_height(image: np.ndarray, height: int) -> np.ndarray:
     return cv2.resize(img, (new_w, height), interpolation=interp)
 
 
+def tile_box(size_hw: tuple[int, int], height: int) -> tuple[int, int]:
+    """(rows, cols) of an image of ``size_hw`` drawn in a tile of ``height`` rows: scaled to ``height`` rows,
+    or to ``MAX_TILE_ASPECT × height`` columns when it is wider than that."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    scale = min(height / h, MAX_TILE_ASPECT * height / w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _resize(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    if img.shape[:2] == (rows, cols):
+        return img
+    interp = cv2.INTER_AREA if rows * cols < img.shape[0] * img.shape[1] else cv2.INTER_LINEAR
+    return cv2.resize(img, (cols, rows), interpolation=interp)
+
+
+def pad_to_aspect(image: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Pad (white, centred) so that width ÷ height lies in [1/MAX_TILE_ASPECT, MAX_TILE_ASPECT], and to at
+    least ``rows`` rows; an image already inside is returned as is."""
+    img = _check_image(image)
+    h, w = img.shape[:2]
+    want_h = max(h, rows or 0, int(np.ceil(w / MAX_TILE_ASPECT)))
+    want_w = max(w, int(np.ceil(want_h / MAX_TILE_ASPECT)))
+    if (want_h, want_w) == (h, w):
+        return img
+    top, left = (want_h - h) // 2, (want_w - w) // 2
+    return np.pad(img, ((top, want_h - h - top), (left, want_w - w - left), (0, 0)), constant_values=255)
+
+
+def letterbox(image: np.ndarray, height: int) -> np.ndarray:
+    """The image as a montage tile of exactly ``height`` rows: scaled into :func:`tile_box`, then padded to
+    at most MAX_TILE_ASPECT:1 either way (an ordinary image is only scaled)."""
+    img = _check_image(image)
+    return pad_to_aspect(_resize(img, *tile_box(img.shape[:2], height)), height)
+
+
+def montage_height(size_hw: tuple[int, int], tiles: int, tile_height: int, *, extra_rows: int = 0) -> int:
+    """The tile height a montage of ``tiles`` tiles of an image of ``size_hw`` is drawn at: ``tile_height``,
+    lowered until the montage stays within MONTAGE_MAX_PIXELS (``extra_rows``: titles, header, legend)."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    aspect = min(max(w / h, 1 / MAX_TILE_ASPECT), MAX_TILE_ASPECT)
+    height = min(int(tile_height), MAX_TILE_HEIGHT)
+
+    def pixels(rows: int) -> float:
+        return tiles * (aspect * rows + 8) * (rows + extra_rows)
+
+    while height > MIN_TILE_HEIGHT and pixels(height) > MONTAGE_MAX_PIXELS:
+        height = max(MIN_TILE_HEIGHT, int(height * 0.95))
+    return height
+
+
 def _ascii(text: str) -> str:
     """OpenCV's Hershey fonts draw ASCII only: strip accents, replace the rest with '?'."""
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") or "?"
@@ -373,7 +445,8 @@ def montage(
     title_height: int = 22,
     header: str | None = None,
 ) -> np.ndarray:
-    """Lay titled tiles in one row: each image scaled to ``height`` keeping aspect, thin white gutters.
+    """Lay titled tiles in one row: each image scaled to ``height`` keeping aspect (extreme shapes
+    letterboxed, see :func:`letterbox`), thin white gutters. A row over MONTAGE_MAX_PIXELS is scaled down.
 
     Args:
         tiles: (image, title) or (image, title, footer): a footer (e.g. a legend) goes under the scaled
@@ -387,7 +460,7 @@ def montage(
         raise ValueError("montage needs at least one tile")
     cols = []
     for tile in tiles:
-        img = resize_to_height(tile[0], height)
+        img = letterbox(tile[0], height)
         col = titled_tile(img, tile[1], title_height=title_height)
         if len(tile) > 2 and tile[2] is not None:
             col = np.concatenate([col, _fit_width(_check_image(tile[2]), col.shape[1])], axis=0)
@@ -406,6 +479,9 @@ def montage(
         strip = np.full((title_height + 6, row.shape[1], 3), _BG_RGB, np.uint8)
         _put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter)
         row = np.concatenate([strip, row], axis=0)
+    if row.shape[0] * row.shape[1] > MONTAGE_MAX_PIXELS:  # only a caller's huge height gets here
+        scale = (MONTAGE_MAX_PIXELS / (row.shape[0] * row.shape[1])) ** 0.5
+        row = _resize(row, max(1, int(row.shape[0] * scale)), max(1, int(row.shape[1] * scale)))
     return row
 
 
@@ -416,9 +492,10 @@ def _fit_width(img: np.ndarray, width: int) -> np.ndarray:
 
 
 def thumbnail(image: np.ndarray, height: int) -> tuple[np.ndarray, float]:
-    """The image scaled to ``height`` (aspect kept) and the scale factor (thumbnail px per original px)."""
+    """The image scaled into a ``height``-row tile (:func:`tile_box`: ``height`` rows, or fewer for an image
+    wider than MAX_TILE_ASPECT:1) and the scale factor (thumbnail px per original px)."""
     img = _check_image(image)
-    thumb = resize_to_height(img, height)
+    thumb = _resize(img, *tile_box(img.shape[:2], height))
     return thumb, thumb.shape[1] / img.shape[1]
 
 
@@ -520,7 +597,7 @@ def group_tiles(view: np.ndarray, explanation: Explanation, group: GroupMaps, st
     comp = part_composite(view, chans, colors=colors, shared_scale=style.shared_scale)
     if style.peaks:
         comp = draw_peaks(comp, group.peaks_xy * _view_scale(view, explanation), colors)
-    legend = composite_legend(colors, [f"ch {i + 1}" for i in range(xi)], width=comp.shape[1])
+    legend = composite_legend(colors, [f"ch {i + 1}" for i in range(xi)], width=pad_to_aspect(comp).shape[1])
     tiles.append(Tile(comp, "parts", "parts: each channel in its colour", f"part composite of {group.name}", "parts", legend))
     if group.gradcam is not None:
         tiles.append(_gradcam_tile(view, explanation, group, style))
@@ -586,9 +663,18 @@ def _header(explanation: Explanation, gm: GroupMaps) -> str:
     return text
 
 
+def explanation_tile_height(image: np.ndarray, explanation: Explanation, group: int, style: Style) -> int:
+    """``style.tile_height``, lowered so that the target's montage stays within MONTAGE_MAX_PIXELS."""
+    gm = explanation.groups[group]
+    tiles = 1 + len(gm.channels) + 2 + (gm.gradcam is not None) + (gm.guided is not None)
+    legend = 18 * len(gm.channels)
+    return montage_height(np.asarray(image).shape[:2], tiles, style.tile_height, extra_rows=2 * 22 + 10 + legend)
+
+
 def montage_tiles(image: np.ndarray, explanation: Explanation, group: int, style: Style) -> list[Tile]:
-    """The montage's tiles: the original, then :func:`group_tiles`, drawn on a ``style.tile_height`` thumbnail."""
-    thumb, _ = thumbnail(image, style.tile_height)
+    """The montage's tiles: the original, then :func:`group_tiles`, drawn on a thumbnail at the montage's
+    tile height (:func:`explanation_tile_height`)."""
+    thumb, _ = thumbnail(image, explanation_tile_height(image, explanation, group, style))
     original = Tile(thumb, "original", "original", "input image", "original")
     return [original, *group_tiles(thumb, explanation, explanation.groups[group], style)]
 
@@ -602,7 +688,8 @@ def explanation_montage(image: np.ndarray, explanation: Explanation, group: int 
     style = style or Style()
     tiles = montage_tiles(image, explanation, group, style)
     header = _header(explanation, explanation.groups[group])
-    return montage([(t.image, t.title, t.footer) for t in tiles], height=style.tile_height, header=header)
+    height = explanation_tile_height(image, explanation, group, style)
+    return montage([(t.image, t.title, t.footer) for t in tiles], height=height, header=header)
 
 
 def explanation_figure(
@@ -614,7 +701,7 @@ def explanation_figure(
     style = style or Style()
     tiles = montage_tiles(image, explanation, group, style)
     widths = [t.image.shape[1] for t in tiles]
-    height = style.tile_height
+    height = explanation_tile_height(image, explanation, group, style)
     fig = Figure(figsize=(sum(widths) / dpi + 0.2 * len(tiles), height / dpi * 1.35 + 0.6), dpi=dpi)
     axes = fig.subplots(1, len(tiles), gridspec_kw={"width_ratios": widths})
     for ax, tile in zip(np.atleast_1d(axes), tiles, strict=True):

@@ -92,6 +92,7 @@ class TrainConfig:
     beta: float = 20.0
     drop: int | None = None
     div_warmup: float = 0.0
+    dis_topk: float = 1.0
     loss: str = "mc"
     epochs: int = 300
     batch_size: int = 32
@@ -126,6 +127,7 @@ class TrainConfig:
             (self.last_stage in (None, 2, 3, 4), "--last-stage must be 2, 3 or 4"),
             (self.drop is None or self.drop >= 0, "--drop must be >= 0"),
             (self.div_warmup >= 0, "--div-warmup must be >= 0"),
+            (0 < self.dis_topk <= 1, "--dis-topk must be in (0, 1]"),
             (self.alpha >= 0 and self.beta >= 0, "--alpha and --beta must be >= 0"),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.batch_size >= 2, "--batch-size must be >= 2 (the FC head has BatchNorm)"),

@@ -208,7 +208,7 @@ class _Run:
         else:
             self.scheduler = restore_optimization(self.optimizer, cfg, state, report=ctx.is_main)
             self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-        self.criterion = MCLoss(model.groups, cfg.alpha, cfg.beta, drop=cfg.drop)
+        self.criterion = MCLoss(model.groups, cfg.alpha, cfg.beta, drop=cfg.drop, dis_topk=cfg.dis_topk)
         self.loaders = build_loaders(train_ds, test_ds, cfg, ctx, device)
         restore_random_streams(start, cfg, ctx)
         facts = {

@@ -67,7 +67,7 @@ def prepare_run_dir(config: TrainConfig) -> RunStart:
     changed = [
         f.name
         for f in fields(TrainConfig)
-        if f.name not in RESUME_OVERRIDABLE and f.name not in ("out", "resume") and saved.get(f.name) != getattr(config, f.name)
+        if f.name not in RESUME_OVERRIDABLE and f.name not in ("out", "resume") and saved.get(f.name, f.default) != getattr(config, f.name)
     ]
     if changed:
         raise TrainError(f"--resume: {out}: the configuration differs from the saved run in {', '.join(changed)}")

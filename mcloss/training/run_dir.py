@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,20 @@ def save_resume_state(path: str | Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _refusal(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely."""
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return (
+            f"unsafe resume state refused: it holds a Python object ({found.group(1)}) beyond tensors and plain "
+            "values, and mcloss never unpickles those"
+        )
+    if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+        return "corrupt resume state (not a file of tensors and plain values)"
+    return f"corrupt resume state ({first_line(exc)})"
+
+
 def load_resume_state(path: str | Path) -> dict:
     """Load a resume state with ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and primitives."""
     p = Path(path)
@@ -194,8 +210,7 @@ def load_resume_state(path: str | Path) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        first = first_line(exc)
-        raise RunDirError(f"--resume: {p}: corrupt or unsafe resume state ({first})") from None
+        raise RunDirError(f"--resume: {p}: {_refusal(exc)}") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise RunDirError(f"--resume: {p}: not an mcloss resume state (format is not {RESUME_FORMAT!r})")
     return state

@@ -109,6 +109,7 @@ class RunWriter:
             "alpha": cfg.alpha,
             "beta": cfg.beta,
             "div_warmup": cfg.div_warmup,
+            "dis_topk": cfg.dis_topk,
             "metrics": dict(row),
         }
         if self.synth is not None:

@@ -1,0 +1,338 @@
+"""Careless and hostile inputs: extreme image shapes, re-runs with other options, killed exports, checkpoint
+metadata that lies, inputs that match nothing, the output folder inside the input, and the messages."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mcloss
+from mcloss.cli import main as cli_main
+from mcloss.cli.export import main as export_main
+from mcloss.core.checkpoint import MAX_CLASSES, CheckpointError
+from mcloss.data.io import ImageLoadError, load_image
+from mcloss.explainability import render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
+    mcloss.save_checkpoint(tiny_model(4, class_names=["ant", "bee", "cat", "dog"]), path)
+    return path
+
+
+def _rgb(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _export(checkpoint: Path, *args: str) -> int:
+    return export_main(["--checkpoint", str(checkpoint), "--workers", "0", "--no-progress", *args])
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _errors(out: Path) -> dict[str, str]:
+    with open(out / "errors.csv") as f:
+        return {row["file"]: row["reason"] for row in csv.DictReader(f)}
+
+
+# ------------------------------------------------------------------------------------------ montage size
+
+
+def test_letterbox_bounds_extreme_shapes():
+    wide = np.zeros((8, 3000, 3), np.uint8)
+    assert render.letterbox(wide, 224).shape == (224, 896, 3)  # fitted to 4:1, padded to 224 rows
+    tall = np.zeros((3000, 8, 3), np.uint8)
+    assert render.letterbox(tall, 224).shape == (224, 56, 3)  # 1 px wide, padded to 1:4
+    normal = np.zeros((300, 400, 3), np.uint8)
+    assert render.letterbox(normal, 150).shape == (150, 200, 3)  # an ordinary image is only scaled
+    assert render.pad_to_aspect(np.zeros((3, 1024, 3), np.uint8)).shape == (256, 1024, 3)
+    # a caller's huge tile height still gives a montage within the pixel cap
+    row = render.montage([(normal, f"t{i}") for i in range(20)], height=2048)
+    assert row.shape[0] * row.shape[1] <= render.MONTAGE_MAX_PIXELS
+    assert render.montage_height((300, 400), 16, 2048) * 16 * 4 / 3 * 2048 < render.MONTAGE_MAX_PIXELS * 2
+    assert render.montage_height((300, 400), 5, 224) == 224
+
+
+def test_thin_images_export_bounded_montages_that_pillow_opens(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    shapes = {"wide.png": (3000, 8), "tall.png": (8, 3000), "line.png": (30000, 1)}
+    for i, (name, (w, h)) in enumerate(shapes.items()):
+        _rgb(w, h, i).save(src / name)
+    out = tmp_path / "out"
+    assert _export(checkpoint, "--input", str(src), "--out", str(out), "--tile-height", "224") == 0
+    tiles = 1 + 3 + 2 + 1  # original, 3 channels, CCMP, parts, Grad-CAM
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's default guard, strict
+        for name in shapes:
+            with Image.open(out / "in" / f"{name}.png") as png:
+                w, h = png.size
+                png.load()
+            assert w * h <= render.MONTAGE_MAX_PIXELS
+            assert w <= tiles * (4 * 224 + 4) + 4 and h <= 224 + 22 + 28 + 4 + 18 * 3 + 10, (name, png.size)
+    rec = json.loads((out / "in" / "line.png.json").read_text())
+    assert rec["image_size"] == [30000, 1]
+
+
+def test_tile_height_is_bounded_and_stated():
+    from mcloss.cli.export import build_parser
+
+    text = build_parser().format_help()
+    assert "letterboxed" in text and str(render.MAX_TILE_HEIGHT) in text
+    with pytest.raises(ValueError, match="tile height"):
+        render.Style(tile_height=render.MAX_TILE_HEIGHT + 1)
+
+
+# ------------------------------------------------------------------------------------------ re-runs
+
+
+def test_rerun_with_other_options_redoes_those_outputs(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _rgb(50 + i, 40, i).save(src / f"i{i}.png")
+    out = tmp_path / "out"
+    base = ["--input", str(src), "--out", str(out), "--tile-height", "48"]
+    assert _export(checkpoint, *base) == 0
+    first = (out / "in" / "i0.png.png").read_bytes()
+    assert _export(checkpoint, *base, "--target", "top2", "--colormap", "viridis") == 0
+    assert "3 re-done" in capsys.readouterr().err
+    assert _manifest(out)["counts"] | {} == {"inputs": 3, "ok": 3, "redone": 3, "failed": 0, "skipped": 0}
+    rec = json.loads((out / "in" / "i0.png.json").read_text())
+    assert rec["options"]["colormap"] == "viridis" and rec["options"]["target"] == "top2"
+    assert len(rec["targets"]) == 2 and (out / "in" / "i0.png.r2.png").is_file()
+    assert (out / "in" / "i0.png.png").read_bytes() != first
+    # back to the defaults: re-done again, and the second target's montage is not left behind
+    assert _export(checkpoint, *base) == 0
+    assert not (out / "in" / "i0.png.r2.png").exists()
+    assert (out / "in" / "i0.png.png").read_bytes() == first
+    # the same options again: nothing to do
+    assert _export(checkpoint, *base) == 0
+    assert _manifest(out)["counts"]["skipped"] == 3 and _manifest(out)["counts"]["ok"] == 0
+    # another checkpoint is another option
+    other = tmp_path / "other.safetensors"
+    mcloss.save_checkpoint(tiny_model(4, class_names=["ant", "bee", "cat", "dog"], seed=5), other)
+    assert _export(other, *base) == 0
+    assert _manifest(out)["counts"]["redone"] == 3
+    with open(out / "index.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+
+# ------------------------------------------------------------------------------------------ killed exports
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids |= {int(c) for c in (task / "children").read_text().split()}
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_export_leaves_no_live_worker(tmp_path, checkpoint, sig):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(60):
+        _rgb(400, 300, i).save(src / f"img{i:02d}.png")
+    cmd = [sys.executable, "-m", "mcloss", "export", "--checkpoint", str(checkpoint), "--input", str(src),
+           "--out", str(tmp_path / "out"), "--batch-size", "1", "--workers", "2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        workers: set[int] = set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the export never started its workers"
+        time.sleep(1.0)  # let them get busy decoding
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived the export"
+    finally:
+        proc.kill()
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _forged(path: Path, source: Path, **changes) -> Path:
+    """A copy of ``source`` whose metadata config has ``changes`` (a value of None removes the key)."""
+    with safe_open(str(source), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    config = json.loads(meta["config"])
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    meta["config"] = json.dumps(config)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_checkpoint_metadata_is_checked_before_anything_is_built(tmp_path, checkpoint):
+    cases = {
+        "many.safetensors": ({"num_classes": 1500, "groups": [3] * 1500}, "class_names must be 1500"),
+        "huge.safetensors": ({"num_classes": 10**9}, f"num_classes must be an integer in 1..{MAX_CLASSES}"),
+        "bigimg.safetensors": ({"img_size": 100_000}, "img_size must be an integer in 16..1024"),
+        "nogroups.safetensors": ({"groups": None}, "config lacks groups"),
+        "nobackbone.safetensors": ({"backbone": None}, "config lacks backbone"),
+        "nogrid.safetensors": ({"head_grid": None}, "config lacks head_grid"),
+        "wide.safetensors": ({"groups": [4, 3, 3, 3]}, "head inputs"),
+    }
+    for name, (changes, says) in cases.items():
+        path = _forged(tmp_path / name, checkpoint, **changes)
+        t0 = time.perf_counter()
+        with pytest.raises(CheckpointError, match=says) as info:
+            mcloss.load_checkpoint(path)
+        assert str(info.value).startswith(str(path))
+        assert time.perf_counter() - t0 < 5  # refused from the header, not after building 10^9 classes
+    # class names that agree with a lying class count: the header's head shape refuses it
+    with safe_open(str(checkpoint), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = json.loads(meta["config"])
+    config.update(num_classes=1500, groups=[3] * 1500)
+    meta.update(config=json.dumps(config), class_names=json.dumps([f"c{i}" for i in range(1500)]))
+    save_file(tensors, str(tmp_path / "lying.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="metadata says 1500 classes but the weights have 4"):
+        mcloss.load_checkpoint(tmp_path / "lying.safetensors")
+
+
+def test_cli_commands_refuse_bad_metadata_in_one_line(tmp_path, checkpoint, capsys):
+    path = _forged(tmp_path / "nogroups.safetensors", checkpoint, groups=None)
+    _rgb(40, 30).save(tmp_path / "i.png")
+    for argv in (
+        ["export", "--checkpoint", str(path), "--input", str(tmp_path / "i.png"), "--out", str(tmp_path / "o")],
+        ["eval", "--checkpoint", str(path), "--data", str(tmp_path)],
+    ):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "config lacks groups" in err and "KeyError" not in err, err
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def test_inputs_that_give_nothing_are_rows_of_errors_csv(tmp_path, checkpoint, monkeypatch):
+    src = tmp_path / "in"
+    (src / "locked").mkdir(parents=True)
+    _rgb(40, 30).save(src / "good.png")
+    _rgb(40, 30).save(src / "locked" / "hidden.png")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(src / "pipe.png")
+    (tmp_path / "empty").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # root may read anything: fake the permission error of an unreadable folder
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    pattern = str(tmp_path / "*.nothing")
+    code = _export(checkpoint, "--input", str(src), str(tmp_path / "empty"), pattern, "--out", str(out))
+    assert code == 1
+    errors = _errors(out)
+    assert "unreadable folder" in errors[str(src / "locked")]
+    assert "dangling symbolic link" in errors[str(src / "gone.png")]
+    assert "not a regular file" in errors[str(src / "pipe.png")]
+    assert "no image files found" in errors[str(tmp_path / "empty")]
+    assert "no file matches" in errors[pattern]
+    assert (out / "in" / "good.png.json").is_file()
+    assert _manifest(out)["counts"]["failed"] == 5
+
+
+def test_out_inside_input_is_never_read_back(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    _rgb(40, 30).save(src / "chelsea.png")
+    out = src / "exported"
+    for _ in range(3):
+        assert _export(checkpoint, "--input", str(src), "--out", str(out), "--tile-height", "32") == 0
+    jsons = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if p.name != "manifest.json")
+    assert jsons == ["in/chelsea.png.json"]
+    # naming the output folder (or a file in it) as an input is an error, not an input
+    assert _export(checkpoint, "--input", str(out), str(out / "in" / "chelsea.png.png"), "--out", str(out)) == 1
+    assert len(_errors(out)) == 2 and all("output folder" in r for r in _errors(out).values())
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+
+def _float64_tiff(path: Path, w: int = 4, h: int = 3) -> None:
+    entries = [(256, w), (257, h), (258, 64), (259, 1), (262, 1), (273, 0), (277, 1), (278, h), (279, w * h * 8),
+               (339, 3)]  # fmt: skip
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, value in entries:
+        value = data_at if tag == 273 else value
+        kind = 4 if tag in (273, 279) else 3
+        out += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0))
+    path.write_bytes(out + struct.pack("<I", 0) + bytes(w * h * 8))
+
+
+def test_messages_name_the_real_reason(tmp_path):
+    _float64_tiff(tmp_path / "f64.tif")
+    with pytest.raises(ImageLoadError, match=r"TIFF whose pixel format .*\(64-bit floating-point samples\)"):
+        load_image(tmp_path / "f64.tif")
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 MP, over Pillow's own 179 MP guard
+    with pytest.raises(ImageLoadError) as info:
+        load_image(tmp_path / "bomb.png", max_pixels=40_000_000)
+    assert "200 MP, limit 40 MP" in str(info.value) and "178956970" not in str(info.value)
+
+
+def test_every_bad_flag_value_is_one_line_and_exit_2(tmp_path, checkpoint, capsys):
+    _rgb(40, 30).save(tmp_path / "i.png")
+    base = ["export", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "i.png"), "--out", str(tmp_path / "o")]
+    bad = [["--batch-size", "x"], ["--method", "gradcam++"], ["--alpha", "2"], ["--colormap", "nope"],
+           ["--tile-height", "5000"], ["--tile-height", "0"], ["--workers", "-1"], ["--topk", "-3"]]  # fmt: skip
+    for flag in bad:
+        assert cli_main([*base, *flag]) == 2, flag
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("mcloss export: error: "), err
+    assert not (tmp_path / "o").exists()
+    for argv in (["train", "--epochs", "x"], ["parts", "--radius", "wide"], ["synth", "--classes", "many"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"mcloss {argv[0]}: error: "), err
