@@ -25,3 +25,16 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     assert main(["--json", "x.json"]) == 2
     assert "gone.safetensors: checkpoint not found" in capsys.readouterr().err
     assert main(["--backbone", "resnet18", "--json", "x.json", "--paths", "nope"]) == 2
+
+
+def test_bench_export_path_is_the_real_export_and_precision_is_recorded(tmp_path):
+    out = tmp_path / "e.json"
+    code = main(["--backbone", "resnet18", "--img-size", "32", "--classes", "2", "--device", "cpu", "--json", str(out),
+                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--workers", "0", "--precision", "bf16",
+                 "--paths", "forward_only,export_end_to_end"])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["precision"] == "bf16" and report["setup"]["bf16"] and not report["channels_last"]  # CPU
+    assert set(report["ratios"]) == {"export_end_to_end / forward_only"}
+    assert report["ratios"]["export_end_to_end / forward_only"]["goal"] == 0.7
+    assert main(["--backbone", "resnet18", "--json", str(out), "--precision", "fp16"]) == 2

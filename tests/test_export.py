@@ -280,3 +280,58 @@ def test_default_checkpoint_resolves_from_any_directory(tmp_path, monkeypatch):
     assert main(["--input", "i.png", "--out", "o", "--workers", "0", "--no-progress", "--tile-height", "64"]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["checkpoint"]["path"] == str(default.resolve())
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    """Every output of the single-process run ``a`` is in ``b`` with the same content (NPZ by its arrays:
+    the zip entries carry their write time)."""
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and not p.name.startswith("manifest"))
+    assert names
+    for rel in names:
+        if rel.suffix == ".npz":
+            with np.load(a / rel) as x, np.load(b / rel) as y:
+                assert sorted(x.files) == sorted(y.files)
+                for key in x.files:
+                    np.testing.assert_array_equal(x[key], y[key])
+        else:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_match_one_process_and_merge(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        _rgb(60 + 7 * i, 50, i).save(src / f"img{i}.png")
+    (src / "text.png").write_text("not an image")
+    args = ["--checkpoint", str(checkpoint), "--input", str(src), "--batch-size", "1", "--workers", "0",
+            "--tile-height", "48", "--no-progress"]  # fmt: skip
+    single, ranks = tmp_path / "single", tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in every process: the same float sums
+    proc = subprocess.run([sys.executable, "-m", "mcloss", "export", *args, "--out", str(single)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]  # text.png is rejected
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mcloss", "export", *args, "--out", str(ranks)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    for i in range(2):
+        assert (ranks / f"manifest.shard-{i}-of-2.json").is_file() and (ranks / f"index.shard-{i}-of-2.csv").is_file()
+    _same_outputs(single, ranks)  # per-image outputs, index.csv and errors.csv
+    merged = json.loads((ranks / "manifest.json").read_text())
+    one = json.loads((single / "manifest.json").read_text())
+    assert merged["counts"] == one["counts"]
+    assert {**merged["options"], "out": None} == {**one["options"], "out": None}
+    assert [s["shard"] for s in merged["shards"]] == [[0, 2], [1, 2]]
+    # --merge does the same for shards written by separate jobs
+    for name in ("manifest.json", "index.csv", "errors.csv"):
+        (ranks / name).unlink()
+    assert main(["--merge", str(ranks)]) == 1
+    _same_outputs(single, ranks)
+    (ranks / "manifest.shard-1-of-2.json").unlink()
+    capsys.readouterr()
+    assert main(["--merge", str(ranks)]) == 2
+    assert "missing shard 1 of 2" in capsys.readouterr().err
+    assert main(["--merge", str(ranks), "--input", str(src)]) == 2

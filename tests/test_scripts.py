@@ -1,5 +1,6 @@
 """The analysis scripts behind docs/ablation_discussion.md, on the shipped checkpoint and tiny synthetic data."""
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -67,3 +68,22 @@ def test_ablation_report_gives_mean_and_sample_std_per_row_and_the_precision_per
     assert [line.rsplit("|", 2)[1].strip() for line in runs] == ["bf16", "bf16", "fp32"]
     assert all(line.split("|")[7].strip() == "–" for line in runs)  # scored before separated parts existed
     assert "--design combo" in text and "14×14 maps" in text and "Regenerate with `make ablation`" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
+    import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"]["device"] == "cpu" and report["device"]["torch"] == torch.__version__
+    assert [(r["backbone"], r["precision"]) for r in report["bench"]] == [("resnet18", "fp32"), ("resnet18", "bf16")]
+    for row in report["bench"]:
+        assert set(row["images_per_s"]) == set(gpu_check.PATHS) and all(v > 0 for v in row["images_per_s"].values())
+        ratio = row["images_per_s"]["export_end_to_end"] / row["images_per_s"]["forward_only"]
+        assert row["goals"]["export_end_to_end / forward_only"]["ratio"] == pytest.approx(ratio)
+    training = report["training"]
+    assert training["ok"] and training["epochs"] == [1, 2, 3] and training["exit_codes"] == [0, 0]
+    latency = report["app_latency"]
+    assert len(latency["times_s"]) == 3 and latency["median_s"] == pytest.approx(sorted(latency["times_s"])[1])

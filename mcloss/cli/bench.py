@@ -14,7 +14,7 @@ from mcloss.core.device import resolve_device
 from mcloss.core.model import build_model
 from mcloss.core.provenance import versions
 from mcloss.data.io import atomic_write_json
-from mcloss.explainability.benchmark import PATHS, format_table, run_benchmark
+from mcloss.explainability.benchmark import PATHS, PRECISIONS, format_table, run_benchmark
 
 __all__ = ["build_parser", "main"]
 
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of paths to time")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU; or force fp32 / bf16",
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="decoding workers of the export path")
     return p
 
 
@@ -59,7 +64,10 @@ def _bench(args: argparse.Namespace) -> int:
         ckpt = checkpoint_path(args.checkpoint)
         model = load_checkpoint(ckpt)
         source = str(ckpt)
-    report = run_benchmark(model, device, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, paths=paths)
+    report = run_benchmark(
+        model, device, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, paths=paths,
+        precision=args.precision, workers=args.workers,
+    )  # fmt: skip
     report["setup"] = {
         "model": source,
         "device": str(device),
@@ -69,7 +77,9 @@ def _bench(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "bf16": device.type == "cuda",
+        "bf16": report["precision"] == "bf16",
+        "channels_last": report["channels_last"],
+        "export_workers": args.workers,
         "versions": versions(),
     }
     print(f"{source} on {device} ({report['setup']['device_name']}), batch {args.batch_size}, median of {args.repeats}")

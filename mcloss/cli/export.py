@@ -15,9 +15,15 @@ import torch
 
 from mcloss.cli._common import EXIT_OK, EXIT_REJECTED, add_checkpoint, add_device, checkpoint_path, run, say
 from mcloss.core.checkpoint import load_checkpoint
-from mcloss.core.device import resolve_device
+from mcloss.core.distributed import DistContext, launched_by_torchrun
 from mcloss.explainability.explanation import DEFAULT_MAPS, MAP_KINDS, parse_maps
-from mcloss.explainability.export import ExportConfig, export, parse_shard
+from mcloss.explainability.export import (
+    ExportConfig,
+    ExportResult,
+    export,
+    merge_shards,
+    parse_shard,
+)
 from mcloss.explainability.render import (
     MAX_TILE_ASPECT,
     MAX_TILE_HEIGHT,
@@ -32,8 +38,13 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcloss export", description="Batch-export channel maps and Grad-CAM.")
     add_checkpoint(p)
-    p.add_argument("--input", nargs="+", required=True, help="image files, directories (recursive) or globs")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--input", nargs="+", help="image files, directories (recursive) or globs (required)")
+    p.add_argument("--out", help="output directory (required)")
+    p.add_argument(
+        "--merge", metavar="OUT",
+        help="only merge the shard files in OUT (written by --shard i/n jobs) into manifest.json, index.csv and "
+        "errors.csv; under torchrun rank 0 merges by itself",
+    )  # fmt: skip
     p.add_argument("--target", default="pred", help="pred | pred_mc | label | topK | class index or name")
     p.add_argument("--maps", default=",".join(DEFAULT_MAPS), help=f"comma list of {','.join(MAP_KINDS)}")
     p.add_argument("--colormap", default="inferno")
@@ -49,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
     add_device(p)
-    p.add_argument("--shard", default="0/1", help="i/n: process every n-th input starting at i")
+    p.add_argument(
+        "--shard", default="0/1",
+        help="i/n: process every n-th input starting at i (under torchrun: the rank's share, set by itself)",
+    )  # fmt: skip
     p.add_argument("--method", choices=("fused", "captum"), default="fused", help="Grad-CAM implementation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -61,23 +75,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.merge is not None:
+        if args.input or args.out:
+            raise ValueError("--merge OUT takes no --input or --out")
+        return _report(merge_shards(args.merge), "merged")
+    if not args.input or not args.out:
+        raise ValueError("the following arguments are required: --input, --out (or --merge OUT)")
     style = Style(colormap=args.colormap, alpha=args.alpha, shared_scale=args.shared_scale, tile_height=args.tile_height)
     shard = parse_shard(args.shard)
     maps = parse_maps(args.maps)  # bad options fail before the checkpoint is read
     ckpt = checkpoint_path(args.checkpoint)
-    device = resolve_device(args.device)
-    # ExportConfig checks its counts: bad values fail before the checkpoint is read
-    config = ExportConfig(
-        checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps, style=style,
-        topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device), shard=shard,
-        method=args.method,
-    )  # fmt: skip
-    model = load_checkpoint(ckpt, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if launched_by_torchrun() and shard != (0, 1):
+        raise ValueError("--shard is set by torchrun (one shard per rank); leave it out")
+    ctx, device = DistContext.setup(args.device)
+    try:
+        if ctx.enabled:
+            shard = (ctx.rank, ctx.world_size)
+        # ExportConfig checks its counts: bad values fail before the checkpoint is read
+        config = ExportConfig(
+            checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps,
+            style=style, topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device),
+            shard=shard, method=args.method,
+        )  # fmt: skip
+        model = load_checkpoint(ckpt, device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        result = _run(model, config, device, progress=not args.no_progress and ctx.is_main)
+        code = _report(result, "exported" if not ctx.enabled else f"exported by rank {ctx.rank}")
+        if not ctx.enabled:
+            return code
+        ctx.barrier()  # every rank's shard files are written
+        if ctx.is_main:
+            code = max(code, _report(merge_shards(config.out), "merged"))
+        return code
+    finally:
+        ctx.close()
+
+
+def _run(model, config: ExportConfig, device: torch.device, *, progress: bool) -> ExportResult:
     bars = []
 
-    def progress(done: int, total: int) -> None:
+    def report(done: int, total: int) -> None:
         if not bars:  # created on the first report, when the number of images to do is known
             from tqdm import tqdm
 
@@ -85,14 +123,18 @@ def _export(args: argparse.Namespace) -> int:
         bars[0].update(done - bars[0].n)
 
     try:
-        result = export(model, config, device=device, progress=None if args.no_progress else progress)
+        return export(model, config, device=device, progress=report if progress else None)
     finally:
         for bar in bars:
             bar.close()
+
+
+def _report(result: ExportResult, verb: str) -> int:
+    """Say what was done and list the rejected inputs; the exit code (1 when any input was rejected)."""
     redone = f" ({result.redone} re-done: made with other options)" if result.redone else ""
     say(
         "export",
-        f"{result.written} exported{redone}, {result.skipped} already done, {len(result.errors)} rejected → {result.out}",
+        f"{result.written} {verb}{redone}, {result.skipped} already done, {len(result.errors)} rejected → {result.out}",
     )
     for _source, reason in result.errors:
         print(f"  rejected: {reason}", file=sys.stderr)

@@ -5,8 +5,10 @@ over the paths); images/s. Paths:
 ``forward_only`` (model forward under inference_mode), ``channel_maps`` (F slices + peaks for the
 predicted class), ``channel_maps_and_gradcam`` (plus fused Grad-CAM), ``captum_gradcam`` (a prediction
 forward, then Captum ``LayerGradCam.attribute`` for the predicted class), ``pytorch_grad_cam``
-(``GradCAM(model, [model.feature_layer])(x)``) and ``export_end_to_end`` (decode JPEGs, explain, write
-PNG/NPZ/JSON to a temp dir). On CUDA: bf16 autocast, channels_last, synchronize before reading clocks.
+(``GradCAM(model, [model.feature_layer])(x)``) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
+itself: one batch of JPEGs decoded by its workers, explained, drawn and written as PNG/NPZ/JSON to a
+temp dir). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
+``bf16`` force one. On CUDA clocks are read after a synchronize.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from mcloss.core.device import autocast
 from mcloss.data.io import encode_image
 
-__all__ = ["PATHS", "GOALS", "time_path", "run_benchmark", "format_table"]
+__all__ = ["PATHS", "GOALS", "PRECISIONS", "time_path", "run_benchmark", "format_table"]
 
 PATHS = (
     "forward_only",
@@ -38,7 +40,9 @@ GOALS = (
     ("channel_maps / forward_only", "channel_maps", "forward_only", 0.9),
     ("channel_maps_and_gradcam / captum_gradcam", "channel_maps_and_gradcam", "captum_gradcam", 1.5),
     ("channel_maps_and_gradcam / pytorch_grad_cam", "channel_maps_and_gradcam", "pytorch_grad_cam", 2.0),
+    ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.7),
 )
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
@@ -57,26 +61,28 @@ def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, re
     return times
 
 
-def _paths(model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], tile_height: int) -> dict:
+def _paths(
+    model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], tile_height: int, amp: bool, workers: int
+) -> dict:
     from captum.attr import LayerGradCam
 
-    from mcloss.data.files import InputFile
-    from mcloss.explainability.explanation import explain, explain_tensor
-    from mcloss.explainability.export import ImageFiles
+    from mcloss.explainability.explanation import explain_tensor
+    from mcloss.explainability.export import ExportConfig, export
     from mcloss.explainability.render import Style
 
     geos = [model.transform.geometry(x.shape[3], x.shape[2])] * x.shape[0]
-    amp = device.type == "cuda"
 
     def forward_only():
         with torch.inference_mode(), autocast(device, enabled=amp):
             return model(x)
 
     def channel_maps():
-        return explain_tensor(model, x, geos, "pred", maps=("channels",), device=device)
+        return explain_tensor(model, x, geos, "pred", maps=("channels",), device=device, amp=amp)
 
     def channel_maps_and_gradcam():
-        return explain_tensor(model, x, geos, "pred", maps=("channels", "gradcam"), method="fused", device=device)
+        return explain_tensor(
+            model, x, geos, "pred", maps=("channels", "gradcam"), method="fused", device=device, amp=amp
+        )
 
     def captum_gradcam():
         with torch.inference_mode(), autocast(device, enabled=amp):
@@ -93,15 +99,15 @@ def _paths(model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], 
         with autocast(device, enabled=amp), GradCAM(model, [model.feature_layer]) as cam:
             return cam(x, targets=None)  # None: the predicted class
 
-    files = [InputFile(str(p), p.name) for p in jpegs]
-    dataset = ImageFiles(files, model.transform, tile_height)
-    style = Style(tile_height=tile_height)
+    folder = str(jpegs[0].parent)
 
     def export_end_to_end():
         with tempfile.TemporaryDirectory(prefix="mcloss-bench-") as tmp:
-            prepared = [dataset[i][1] for i in range(len(dataset))]
-            for f, e in zip(files, explain(model, prepared, "pred", device=device), strict=True):
-                e.save(Path(tmp) / f.key, style)
+            config = ExportConfig(
+                checkpoint="benchmark", input=[folder], out=tmp, style=Style(tile_height=tile_height),
+                batch_size=len(jpegs), workers=workers, device=str(device),
+            )  # fmt: skip
+            return export(model, config, device=device, amp=amp, checkpoint_sha256="benchmark")
 
     return {
         "forward_only": forward_only,
@@ -123,16 +129,24 @@ def run_benchmark(
     paths: Sequence[str] = PATHS,
     tile_height: int = 224,
     seed: int = 0,
+    precision: str = "auto",
+    workers: int = 2,
 ) -> dict:
-    """Time each path on one random batch; returns images/s, raw times and the goal ratios."""
+    """Time each path on one random batch; returns images/s, raw times and the goal ratios.
 
+    ``precision``: one of :data:`PRECISIONS`; ``workers``: the export path's decoding workers.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    amp = device.type == "cuda" if precision == "auto" else precision == "bf16"
+    channels_last = amp and device.type == "cuda"
     model = model.to(device).eval()
-    if device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     size = model.transform.input_size or (model.config["img_size"],) * 2
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, *size, generator=gen).to(device)
-    if device.type == "cuda":
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mcloss-bench-in-") as tmp:
@@ -142,7 +156,7 @@ def run_benchmark(
             p = Path(tmp) / f"img{i:03d}.jpg"
             p.write_bytes(encode_image(rng.integers(0, 256, (size[0] * 3 // 2, size[1] * 2, 3), dtype=np.uint8), "jpeg"))
             jpegs.append(p)
-        fns = _paths(model, x, device, jpegs, tile_height)
+        fns = _paths(model, x, device, jpegs, tile_height, amp, workers)
         for name in paths:
             time_path(fns[name], device, warmup=warmup, repeats=0)
         # round-robin repeats, so a change in machine load hits every path alike
@@ -158,7 +172,7 @@ def run_benchmark(
         if num in results and den in results:
             r = results[num]["images_per_s"] / results[den]["images_per_s"]
             ratios[label] = {"ratio": r, "goal": goal, "met": r >= goal}
-    return {"paths": results, "ratios": ratios}
+    return {"paths": results, "ratios": ratios, "precision": "bf16" if amp else "fp32", "channels_last": channels_last}
 
 
 def format_table(report: dict) -> str:

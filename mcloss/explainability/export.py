@@ -8,7 +8,9 @@ file or a glob match at the top level. The output stem is the input's file name 
 finished when its json exists, and a re-run skips it). Every file is written atomically.
 
 Images are decoded in DataLoader workers and explained with :func:`mcloss.explainability.explanation.explain`
-(one forward pass per batch of same-shape inputs). When the checkpoint's card knows its classes' defining
+(one forward pass per batch of same-shape inputs); a small thread pool draws, encodes and writes a batch's
+files while the model runs the next one. Under torchrun each rank exports its share (``--shard`` rank/world)
+and rank 0 merges the shard files (:func:`merge_shards`, also ``mcloss export --merge OUT``). When the checkpoint's card knows its classes' defining
 parts, each target's json entry says which they are and how much the maps prefer them: on the image itself
 when it lies inside a CUB-layout dataset with part keypoints or part masks
 (:func:`mcloss.data.annotations.image_annotations`), else the card's fresh-set figure. At the end: ``manifest.json`` (checkpoint + sha256,
@@ -18,6 +20,7 @@ each rejected input). With a shard ``i/n`` those three are named ``manifest.shar
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import hashlib
 import json
@@ -25,7 +28,9 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,9 +49,22 @@ from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, expla
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
-__all__ = ["ExportConfig", "ExportResult", "ImageFiles", "die_with_parent", "export", "parse_shard"]
+__all__ = [
+    "ExportConfig",
+    "ExportResult",
+    "ImageFiles",
+    "MergeError",
+    "die_with_parent",
+    "export",
+    "merge_shards",
+    "parse_shard",
+    "shard_suffix",
+]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: Threads that draw, encode and write each batch's files while the model runs the next batch (OpenCV and
+#: zlib release the GIL).
+WRITER_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -183,7 +201,13 @@ def _collate(items: list) -> list:
 
 
 def export(
-    model, config: ExportConfig, *, device: torch.device, progress: Callable[[int, int], None] | None = None
+    model,
+    config: ExportConfig,
+    *,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+    amp: bool | None = None,
+    checkpoint_sha256: str | None = None,
 ) -> ExportResult:
     """Export every input of ``config`` not already finished in ``config.out``; returns what was done.
 
@@ -193,6 +217,8 @@ def export(
         device: where the model runs.
         progress: called as ``(done, total)`` with the inputs of this run handled so far, at the start and
             after each batch.
+        amp: bf16 autocast of the model (default: on for CUDA).
+        checkpoint_sha256: the checkpoint file's sha256 when already known (else it is computed).
 
     Raises:
         ValueError, KeyError, IndexError: an unusable option (unknown map kind, target or class), before
@@ -204,7 +230,7 @@ def export(
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(config.checkpoint)
-    sha256 = _sha256(checkpoint)
+    sha256 = checkpoint_sha256 or _sha256(checkpoint)
     wanted = config.output_options(sha256)
     shard_i, shard_n = config.shard
     found = collect_inputs(config.input, exclude=out_dir)
@@ -227,6 +253,18 @@ def export(
     )
     done = 0
     knows_defining = has_defining_parts(model.card)
+    pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="mcloss-export-write")
+    pending: deque[tuple[InputFile, Future]] = deque()
+
+    def collect(f: InputFile, future: Future) -> None:
+        nonlocal written
+        try:
+            records[f.key] = future.result()
+            written += 1
+        except OSError as exc:
+            records[f.key] = None
+            errors.append((f.source, f"{f.source}: cannot write outputs ({exc})"))
+
     if progress is not None:
         progress(done, len(todo))
     for items in loader:
@@ -250,24 +288,29 @@ def export(
             labels.append(label)
         if good:
             exps = explain(
-                model, [item for _, item in good], spec, maps=maps, labels=labels, method=config.method, device=device
-            )
-            for (f, item), exp in zip(good, exps, strict=True):
-                defining = defining_summaries(model.card, exp, _annotations(f.source) if knows_defining else None)
-                try:
-                    records[f.key] = _rewrite(bases[f.key], records[f.key], exp, config, item, defining, wanted)
-                    written += 1
-                except OSError as exc:
-                    records[f.key] = None
-                    errors.append((f.source, f"{f.source}: cannot write outputs ({exc})"))
+                model, [item for _, item in good], spec, maps=maps, labels=labels, method=config.method, device=device,
+                amp=amp,
+            )  # fmt: skip
+            for (f, item), exp in zip(good, exps, strict=True):  # written by the pool while the next batch runs
+                task = (_write_task, bases[f.key], records[f.key], exp, config, item, model.card, knows_defining, wanted)
+                pending.append((f, pool.submit(*task)))
+            while len(pending) > 2 * max(1, config.batch_size):
+                collect(*pending.popleft())
         done += len(items)
         if progress is not None:
             progress(done, len(todo))
+    while pending:
+        collect(*pending.popleft())
+    pool.shutdown()
+    position = {f.source: k for k, f in enumerate(files)}
+    errors = [e for e in errors if e[0] not in position] + sorted(
+        (e for e in errors if e[0] in position), key=lambda e: position[e[0]]
+    )  # inputs that gave nothing first, then in input order (writes finish out of order)
 
-    suffix = "" if shard_n == 1 else f".shard-{shard_i}-of-{shard_n}"
+    suffix = shard_suffix(shard_i, shard_n)
     rows = [_index_row(f, records[f.key]) for f in files if _current(records[f.key], wanted)]
-    atomic_write_text(out_dir / f"index{suffix}.csv", csv_text(["file", "outputs", "prediction", "prob", "target"], rows))
-    atomic_write_text(out_dir / f"errors{suffix}.csv", csv_text(["file", "reason"], errors))
+    atomic_write_text(out_dir / f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows))
+    atomic_write_text(out_dir / f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))
     manifest = {
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256},
         "versions": versions(),
@@ -282,6 +325,95 @@ def export(
     return ExportResult(out_dir, len(files), written, redone, skipped, errors, manifest_path)
 
 
+def shard_suffix(i: int, n: int) -> str:
+    """The infix of shard ``i`` of ``n``'s manifest, index and errors files (none for a single shard)."""
+    return "" if n == 1 else f".shard-{i}-of-{n}"
+
+
+class MergeError(ValueError):
+    """Shard files that cannot be merged; the message names the folder and the reason."""
+
+
+_INDEX_HEADER = ["file", "outputs", "prediction", "prob", "target"]
+_ERRORS_HEADER = ["file", "reason"]
+
+
+def _read_csv(path: Path, header: list[str]) -> list[list[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MergeError(f"{path}: unreadable shard file ({exc})") from None
+    if not rows or rows[0] != header:
+        raise MergeError(f"{path}: not an mcloss export shard file (header is not {','.join(header)})")
+    return rows[1:]
+
+
+def merge_shards(out: str | Path) -> ExportResult:
+    """Merge the ``manifest/index/errors.shard-i-of-n`` files of ``out`` into ``manifest.json``,
+    ``index.csv`` and ``errors.csv``, as one process would have written them: rows in the order of the
+    inputs (collected again from the manifest's ``input``), counts summed, each shard's device, counts and
+    seconds under ``shards``. The shard files stay.
+
+    Raises:
+        MergeError: no shards, shards of different splits or options, or a missing or unreadable shard.
+    """
+    out_dir = Path(out)
+    found = sorted(out_dir.glob("manifest.shard-*-of-*.json"))
+    if not found:
+        raise MergeError(f"{out_dir}: no manifest.shard-i-of-n.json files to merge")
+    manifests = {}
+    for path in found:
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            i, n = manifest["options"]["shard"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise MergeError(f"{path}: unreadable shard manifest ({type(exc).__name__}: {exc})") from None
+        manifests[(int(i), int(n))] = manifest
+    counts = {n for _, n in manifests}
+    if len(counts) != 1:
+        raise MergeError(f"{out_dir}: shards of different splits ({', '.join(f'of {n}' for n in sorted(counts))})")
+    (n,) = counts
+    missing = [i for i in range(n) if (i, n) not in manifests]
+    if missing:
+        raise MergeError(f"{out_dir}: missing shard {', '.join(map(str, missing))} of {n}")
+    first = manifests[(0, n)]
+
+    def shaping(m: dict) -> dict:
+        return {k: v for k, v in m["options"].items() if k not in ("shard", "device", "workers", "batch_size")}
+
+    for (i, _), m in sorted(manifests.items()):
+        if shaping(m) != shaping(first) or m["checkpoint"].get("sha256") != first["checkpoint"].get("sha256"):
+            raise MergeError(f"{out_dir}: shard {i} of {n} was made with other options or another checkpoint than shard 0")
+    order = {f.source: k for k, f in enumerate(collect_inputs(first["options"]["input"], exclude=out_dir).files)}
+    index, errors = [], []
+    for i in range(n):
+        index += _read_csv(out_dir / f"index{shard_suffix(i, n)}.csv", _INDEX_HEADER)
+        errors += _read_csv(out_dir / f"errors{shard_suffix(i, n)}.csv", _ERRORS_HEADER)
+    late = len(order)
+    index.sort(key=lambda row: order.get(row[0], late))
+    errors = [r for r in errors if r[0] not in order] + sorted((r for r in errors if r[0] in order), key=lambda r: order[r[0]])
+    totals = {k: sum(m["counts"].get(k, 0) for m in manifests.values()) for k in first["counts"]}
+    manifest = {
+        "checkpoint": first["checkpoint"],
+        "versions": first["versions"],
+        "options": {**first["options"], "shard": [0, 1]},
+        "counts": totals,
+        "seconds": max(m["seconds"] for m in manifests.values()),
+        "shards": [
+            {"shard": [i, n], "device": m["options"].get("device"), "counts": m["counts"], "seconds": m["seconds"]}
+            for (i, _), m in sorted(manifests.items())
+        ],
+    }
+    atomic_write_text(out_dir / "index.csv", csv_text(_INDEX_HEADER, index))
+    atomic_write_text(out_dir / "errors.csv", csv_text(_ERRORS_HEADER, errors))
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return ExportResult(
+        out_dir, totals.get("inputs", 0), totals.get("ok", 0), totals.get("redone", 0), totals.get("skipped", 0),
+        [(r[0], r[1]) for r in errors], out_dir / "manifest.json",
+    )  # fmt: skip
+
+
 def die_with_parent(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: on Linux the worker gets SIGKILL when the export process dies (even by
     SIGKILL), instead of lingering with its memory; elsewhere torch's own parent check remains."""
@@ -291,6 +423,15 @@ def die_with_parent(_worker_id: int = 0) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
+
+
+def _write_task(
+    base: Path, old: dict | None, exp, config: ExportConfig, item: PreparedImage, card: dict, knows_defining: bool,
+    options: dict,
+) -> dict:
+    """One image's defining-part figures (its annotations read here, off the model's thread) and files."""
+    defining = defining_summaries(card, exp, _annotations(exp.source) if knows_defining else None)
+    return _rewrite(base, old, exp, config, item, defining, options)
 
 
 def _rewrite(

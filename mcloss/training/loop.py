@@ -18,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from mcloss.core.device import autocast
+from mcloss.core.distributed import DistContext
 from mcloss.core.loss import MCLoss
 from mcloss.core.model import MCModel
 from mcloss.evaluation.classification import evaluation_sums, summarize_sums
 from mcloss.training.config import TrainConfig, TrainError
-from mcloss.training.distributed import DistContext
 from mcloss.training.interrupts import InterruptGuard
 from mcloss.training.resume import (
     RunStart,

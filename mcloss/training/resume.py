@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from mcloss.core.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from mcloss.core.distributed import DistContext
 from mcloss.core.model import MCModel
 from mcloss.training.config import RESUME_OVERRIDABLE, TrainConfig, TrainError
-from mcloss.training.distributed import DistContext
 from mcloss.training.run_dir import (
     RunDirError,
     check_fresh_run_dir,

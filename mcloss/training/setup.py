@@ -15,12 +15,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from mcloss.core.device import cpu_has_native_bf16
+from mcloss.core.distributed import DistContext
 from mcloss.core.errors import first_line
 from mcloss.core.model import MCModel, build_model, load_backbone_weights
 from mcloss.core.transforms import EvalTransform, TrainTransform
 from mcloss.data.datasets import DatasetError, build_datasets, detect_dataset
 from mcloss.training.config import TrainConfig, TrainError
-from mcloss.training.distributed import DistContext
 
 __all__ = [
     "FeaturesAndLogits",

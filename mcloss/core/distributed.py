@@ -1,4 +1,4 @@
-"""Single-process or torchrun (DDP) execution: ranks, device per rank, and the few collectives training needs."""
+"""Single-process or torchrun execution: ranks, device per rank, and the few collectives training and export need."""
 
 from __future__ import annotations
 

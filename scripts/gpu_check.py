@@ -1,0 +1,179 @@
+"""Check the CUDA path and measure it: one JSON with the benchmark, an AMP training run with resume, and the
+app's single-image latency.
+
+On a GPU (the sizes the issue asks for):
+- ``mcloss bench`` paths for ResNet-18 at 224 px and ResNet-50 at 448 px (200 classes, the official ξ split),
+  in fp32 and in bf16 + channels_last;
+- a 2-epoch MC-Loss training run on synthetic birds with bf16 autocast, then ``--resume`` to a third epoch;
+- app-style latency: one uploaded image explained for its top-2 classes (the app's call), median of repeats.
+
+``--smoke`` runs the same code at tiny sizes on whatever device there is (the test suite runs it on the
+CPU). Clocks are read after ``torch.cuda.synchronize``. Run from the repository root:
+``python scripts/gpu_check.py --out runs/gpu_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mcloss.cli.train import main as train_main
+from mcloss.core.device import resolve_device
+from mcloss.core.model import build_model
+from mcloss.core.provenance import versions
+from mcloss.data.io import atomic_write_json
+from mcloss.data.synth import generate_dataset
+from mcloss.explainability.benchmark import PATHS, run_benchmark
+from mcloss.explainability.explanation import explain
+from mcloss.training.run_dir import read_metrics
+
+#: (backbone, input side, classes, ξ (None: the native width split unevenly), batch) per benchmarked model.
+FULL_MODELS = (("resnet18", 224, 200, 3, 32), ("resnet50", 448, 200, None, 16))
+SMOKE_MODELS = (("resnet18", 32, 4, 2, 2),)
+#: The issue's goals on a GPU: (label, numerator path, denominator path, least ratio).
+GOALS = (
+    ("channel_maps / forward_only", "channel_maps", "forward_only", 0.9),
+    ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.5),
+)
+APP_LATENCY_GOAL_S = 0.1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_record(device: torch.device) -> dict:
+    """What ran: device name, torch, CUDA and cuDNN versions."""
+    record = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda, "versions": versions()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        record |= {
+            "name": torch.cuda.get_device_name(device),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    else:
+        record["name"] = platform.processor() or platform.machine()
+    return record
+
+
+def bench_models(device: torch.device, models: Sequence[tuple], repeats: int, warmup: int) -> list[dict]:
+    """Every benchmark path for each model, in fp32 and in bf16 + channels_last, with the goal ratios."""
+    rows = []
+    for backbone, size, classes, xi, batch in models:
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            model = build_model(backbone, classes, xi=xi, img_size=size)
+            report = run_benchmark(
+                model, device, batch_size=batch, repeats=repeats, warmup=warmup, paths=PATHS, precision=precision
+            )
+            paths = report["paths"]
+            goals = {
+                label: {"ratio": paths[num]["images_per_s"] / paths[den]["images_per_s"], "goal": goal}
+                for label, num, den, goal in GOALS
+            }
+            for g in goals.values():
+                g["met"] = g["ratio"] >= g["goal"]
+            rows.append({
+                "backbone": backbone, "img_size": size, "classes": classes, "xi": xi, "batch_size": batch,
+                "precision": report["precision"], "channels_last": report["channels_last"],
+                "images_per_s": {name: p["images_per_s"] for name, p in paths.items()},
+                "median_s": {name: p["median_s"] for name, p in paths.items()},
+                "ratios": {k: v["ratio"] for k, v in report["ratios"].items()}, "goals": goals,
+            })  # fmt: skip
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def train_and_resume(device: torch.device, work: Path, smoke: bool) -> dict:
+    """Two AMP epochs of MC-Loss on synthetic birds, then ``--resume`` to a third; seconds per epoch."""
+    classes, per_class, size = (3, 6, 32) if smoke else (12, 100, 224)
+    data = work / "birds"
+    generate_dataset(data, classes, per_class, size, 0)
+    out = work / "run"
+    common = ["--data", str(data), "--out", str(out), "--backbone", "resnet18", "--xi", "3",
+              "--batch-size", "4" if smoke else "32", "--img-size", str(size), "--workers", "0" if smoke else "4",
+              "--device", str(device), "--optimizer", "adamw", "--lr", "0.001", "--schedule", "cosine"]  # fmt: skip
+    if device.type != "cuda":
+        common.append("--no-amp")
+    t0 = time.perf_counter()
+    first = train_main([*common, "--epochs", "2"])
+    t1 = time.perf_counter()
+    resumed = train_main([*common, "--epochs", "3", "--resume"])
+    t2 = time.perf_counter()
+    rows = read_metrics(out / "metrics.csv")
+    return {
+        "classes": classes, "per_class": per_class, "img_size": size, "amp": device.type == "cuda",
+        "exit_codes": [first, resumed], "epochs": [int(r["epoch"]) for r in rows],
+        "seconds_first_2_epochs": t1 - t0, "seconds_resumed_epoch": t2 - t1,
+        "test_acc_fc": [r.get("test_acc_fc") for r in rows],
+        "ok": first == 0 and resumed == 0 and [int(r["epoch"]) for r in rows] == [1, 2, 3],
+    }  # fmt: skip
+
+
+def app_latency(device: torch.device, repeats: int, smoke: bool) -> dict:
+    """The app's call for one upload, ``explain(model, image, "top2")`` (maps + fused Grad-CAM), in seconds."""
+    from mcloss.core.checkpoint import default_checkpoint, load_checkpoint
+
+    checkpoint = default_checkpoint()
+    if checkpoint.is_file() and not smoke:
+        model, source = load_checkpoint(checkpoint, device), str(checkpoint)
+    else:
+        torch.manual_seed(0)
+        model, source = build_model("resnet18", 4, xi=2, img_size=32).to(device).eval(), "resnet18 random init"
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    for _ in range(3):
+        explain(model, image, "top2", device=device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        explain(model, image, "top2", device=device)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"model": source, "image": [640, 480], "median_s": median, "times_s": times, "goal_s": APP_LATENCY_GOAL_S,
+            "met": median <= APP_LATENCY_GOAL_S}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the JSON report")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (what the test suite runs on a CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per path (default 10, smoke 1)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    repeats = args.repeats or (1 if args.smoke else 10)
+    report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke, "device": device_record(device)}
+    report["bench"] = bench_models(device, SMOKE_MODELS if args.smoke else FULL_MODELS, repeats, 0 if args.smoke else 2)
+    with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
+        report["training"] = train_and_resume(device, Path(tmp), args.smoke)
+    report["app_latency"] = app_latency(device, 3 if args.smoke else 20, args.smoke)
+    atomic_write_json(args.out, report)
+    print(json.dumps({
+        "device": report["device"]["name"],
+        "bench": [{k: r[k] for k in ("backbone", "precision", "images_per_s")} for r in report["bench"]],
+        "training_ok": report["training"]["ok"], "app_latency_s": report["app_latency"]["median_s"],
+    }, indent=1))  # fmt: skip
+    return 0 if report["training"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
