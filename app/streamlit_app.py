@@ -263,7 +263,7 @@ def show_tiles(tiles: list[render.Tile], ncols: int | None = None) -> None:
 def prediction_panel(expl: Explanation, class_names: list[str], base, title: str, label: int | None) -> None:
     """Original image beside the top-k of both heads and their agreement."""
     left, right = st.columns([4, 7], gap="large")
-    left.image(base, caption=title, width="stretch", alt="input image")
+    left.image(render.pad_to_aspect(base), caption=title, width="stretch", alt="input image")
     with right:
         agree, sentence = view.agreement(expl, class_names)
         (st.success if agree else st.warning)(sentence, icon=":material/check_circle:" if agree else ":material/compare_arrows:")

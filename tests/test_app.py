@@ -617,6 +617,30 @@ def test_keypoint_dots_sit_on_the_pixel_containing_the_point():
         assert (round(xs.mean()), round(ys.mean())) == (int(3.2 * factor), int(5.9 * factor))
 
 
+def test_thin_upload_is_letterboxed_and_its_montage_bounded(env, checkpoint, monkeypatch):
+    shown: list[np.ndarray] = []
+    real_image = st.delta_generator.DeltaGenerator.image
+
+    def spy(self, image, *args, **kwargs):
+        shown.append(np.asarray(image))
+        return real_image(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(st.delta_generator.DeltaGenerator, "image", spy)
+    thin = np.random.default_rng(0).integers(0, 256, (8, 3000, 3), dtype=np.uint8)
+    at = run_app(**upload("thin.png", _encode(thin, "PNG")))
+    assert_clean(at)
+    assert not at.error and len(shown) >= 6
+    for img in shown:  # the original and every tile: at most 4:1, as in the montage
+        h, w = img.shape[:2]
+        assert w <= render.MAX_TILE_ASPECT * h + 1 and h <= render.MAX_TILE_ASPECT * w + 1, img.shape
+    image = view.decode_image(_encode(thin, "PNG"), "thin.png")
+    expl = mcloss.explain(mcloss.load_checkpoint(checkpoint), image, "top2")
+    style = view.style_for("inferno", 0.5, False, True, True)
+    picture = expl.montage(0, style, image=view.display_image(image))  # what "Montage (PNG)" encodes
+    assert picture.shape[0] * picture.shape[1] <= render.MONTAGE_MAX_PIXELS
+    assert picture.shape[0] >= view.TILE_HEIGHT  # tiles are letterboxed to the tile height, not 1 px strips
+
+
 def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, monkeypatch):
     """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
     shown: list[np.ndarray] = []
