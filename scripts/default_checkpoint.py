@@ -39,6 +39,8 @@ DATASET = {"classes": 12, "per_class": 325, "size": 224, "seed": 0, "test_fracti
 #: Fresh instances of the same classes (another seed), all in the test split.
 FRESH = DATASET | {"per_class": 25, "seed": 1, "test_fraction": 1.0}
 MAX_BYTES = 25 * 1024 * 1024
+#: The shipped CE-only twin, beside the default.
+TWIN_NAME = "ce-baseline.safetensors"
 #: What each ``mcloss synth --design`` means, for the model card.
 DESIGN_NOTES = {
     "single": "`single`: the base bird and classes that change one of its parts, so one part identifies a class",
@@ -251,7 +253,8 @@ def model_card(card: dict, parts_md: str) -> str:
         "| defining parts | the parts each class changes from the base bird (`card['defining_parts']`) |",
         f"| fresh-seed set | `{card['fresh_command']}` |",
         f"| training | `{card['train_command']}` |",
-        f"| CE-only twin | `{card['ce_twin']['train_command']}` ({card['ce_twin']['train_seconds'] / 60:.1f} min) |",
+        f"| CE-only twin | `{card['ce_twin']['train_command']}` ({card['ce_twin']['train_seconds'] / 60:.1f} min), "
+        f"shipped as `{TWIN_NAME}` |",
         f"| input | {IMG_SIZE} px, {fh} × {fw} maps (`--last-stage {LAST_STAGE}`); with the official layer4 at stride 1 "
         "(14 × 14) the channels' mass covered the whole bird (`docs/ablation_discussion.md`) |",
         f"| loss | CE + {card['alpha']}·L_dis + {card['beta']}·L_div (official from-scratch weights); L_dis pools each "
@@ -364,13 +367,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     card.pop("data_root", None)
     model.card = card
     target = out / "default.safetensors"
+    save_small(model, target)
+    twin.card = twin_card(dict(twin.card), card, twin_summary, twin_seconds, args.epochs)
+    save_small(twin, out / TWIN_NAME)
+    atomic_write_text(out / "README.md", model_card(card, parts_md))
+    make_gallery(fresh, out / "samples", model)
+    print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB), {out / TWIN_NAME}, {out / 'README.md'}, "
+          f"{out / 'samples'}")  # fmt: skip
+    return 0
+
+
+def save_small(model, target: Path) -> None:
+    """Save ``model``; in float16 when float32 would exceed MAX_BYTES."""
     save_checkpoint(model, target)
     if target.stat().st_size > MAX_BYTES:
         save_checkpoint(model, target, half=True)
-    atomic_write_text(out / "README.md", model_card(card, parts_md))
-    make_gallery(fresh, out / "samples", model)
-    print(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB), {out / 'README.md'}, {out / 'samples'}")
-    return 0
+
+
+def twin_card(card: dict, default: dict, summary: dict, seconds: float, epochs: int) -> dict:
+    """The shipped CE-only twin's card: what it is, how it was trained and how it scores."""
+    card.pop("data_root", None)
+    return card | {
+        "what": "the CE-only twin of default.safetensors: the same grouped ResNet-18, data, recipe and seed, trained "
+        "with the cross-entropy of the FC head only (--loss ce, α = β = 0), for side-by-side comparison; its class "
+        "channel groups are never asked to respond to their class",
+        "twin_of": "default.safetensors",
+        "dataset": default["dataset"],
+        "dataset_command": default["dataset_command"],
+        "fresh_command": default["fresh_command"],
+        "train_command": default["ce_twin"]["train_command"],
+        "train_seconds": round(seconds, 1),
+        "epochs": epochs,
+        "feature_hw": default["feature_hw"],
+        "machine": default["machine"],
+        "metrics": {"fresh": default["ce_twin"]["fresh"]},
+        "parts": {"defining": summary["defining"]},
+    }
 
 
 if __name__ == "__main__":

@@ -98,3 +98,16 @@ def test_channel_maps_of_a_gallery_image(model, gallery):
     assert group.peaks_xy.shape == (3, 2)
     w, h = exp.image_size
     assert (group.peaks_xy >= 0).all() and (group.peaks_xy[:, 0] < w).all() and (group.peaks_xy[:, 1] < h).all()
+
+
+def test_ce_twin_is_shipped_beside_the_default(model):
+    path = CHECKPOINT.with_name("ce-baseline.safetensors")
+    assert path.stat().st_size <= 25 * 1024 * 1024
+    twin = mcloss.load_checkpoint(path)
+    card = twin.card
+    assert twin.class_names == model.class_names and twin.groups == model.groups
+    assert twin.config["feature_hw"] == model.config["feature_hw"] and twin.config["last_stage"] == model.config["last_stage"]
+    assert card["loss"] == "ce" and card["twin_of"] == "default.safetensors" and "CE-only twin" in card["what"]
+    assert card["train_command"] == model.card["ce_twin"]["train_command"] and "--loss ce" in card["train_command"]
+    assert card["metrics"]["fresh"] == model.card["ce_twin"]["fresh"]
+    assert card["parts"]["defining"] == model.card["parts"]["ce_twin_defining"]
