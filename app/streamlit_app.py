@@ -446,9 +446,11 @@ def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style
     all_tiles, summaries = {}, []
     for rank, g in enumerate(groups):
         role = "prediction" if g.target == expl.prediction else ("runner-up" if compare and rank else "selected")
+        drops = _knockout(loaded.key, digest, g.target, _loaded=loaded, _image=image)
         heading = (
             f"#### {g.name} <span style='color:#888;font-size:0.8em'>— {role} · FC {g.prob:.2f} · "
-            f"MC {g.prob_mc:.2f} · channels {_channel_range(model, g.target)}</span>"
+            f"MC {g.prob_mc:.2f} · channels {_channel_range(model, g.target)}</span>\n\n"
+            f"<span style='color:#888;font-size:0.8em'>{view.knockout_note(drops, len(g.channels))}</span>"
         )
         summary = defining_summary(model.card, g, expl.geometry, annotations, radius=options["radius"])
         summaries.append(summary)
@@ -462,6 +464,11 @@ def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style
         f"model {secs:.2f} s (cached until the image, checkpoint, class or map options change) · "
         f"page {time.perf_counter() - t_start:.2f} s · {device_caption(loaded.device)}"
     )
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _knockout(model_key: str, digest: str, target: int, _loaded: view.LoadedModel, _image) -> dict[str, float]:
+    return view.knockout_locked(_loaded, _image, target)
 
 
 def _channel_range(model, cls: int) -> str:

@@ -33,6 +33,7 @@ from mcloss.data.cub import read_label_map
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics
+from mcloss.evaluation.sanity import group_knockout
 from mcloss.explainability import render
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
@@ -44,6 +45,9 @@ __all__ = [
     "upload_error",
     "upload_record",
     "load_uploaded",
+    "knockout_locked",
+    "knockout_note",
+    "KNOCKOUT_DRAWS",
     "MONTAGE_HELP",
     "MAX_PIXELS",
     "DISPLAY_MAX_SIDE",
@@ -185,6 +189,30 @@ def explain_locked(
     with loaded.lock:
         out = explain(loaded.model, prepared, [list(targets)], maps=kinds, method=method, device=loaded.device)
     return out, time.perf_counter() - t0
+
+
+#: Random draws of other classes' channels against which a group's knockout is compared.
+KNOCKOUT_DRAWS = 10
+
+
+def knockout_locked(loaded: LoadedModel, image: Image.Image, target: int) -> dict[str, float]:
+    """How far ``target``'s FC- and MC-head logits drop on this image when its channel group is zeroed,
+    against as many random channels of other classes (mean of :data:`KNOCKOUT_DRAWS` draws), under the lock."""
+    x = prepare(loaded.model, image, view=None).x[None].to(loaded.device)
+    with loaded.lock:
+        drops = group_knockout(
+            loaded.model, x, [int(target)], draws=KNOCKOUT_DRAWS, generator=torch.Generator().manual_seed(0)
+        )
+    return {k: float(v[0]) for k, v in drops.items()}
+
+
+def knockout_note(drops: dict[str, float], xi: int) -> str:
+    """The group's knockout as one line of the group heading."""
+    return (
+        f"knockout: zeroing these {xi} channels drops the FC logit by {drops['fc_own']:.2f} "
+        f"({xi} random channels of other classes: {drops['fc_random']:.2f}) and the MC logit by "
+        f"{drops['mc_own']:.2f} ({drops['mc_random']:.2f})"
+    )
 
 
 # -------------------------------------------------------------------------------------------- gallery

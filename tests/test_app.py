@@ -641,6 +641,22 @@ def test_thin_upload_is_letterboxed_and_its_montage_bounded(env, checkpoint, mon
     assert picture.shape[0] >= view.TILE_HEIGHT  # tiles are letterboxed to the tile height, not 1 px strips
 
 
+def test_group_heading_states_the_knockout_of_the_shown_class(env, checkpoint, gallery_dir):
+    at = run_app()
+    assert_clean(at)
+    model = mcloss.load_checkpoint(checkpoint)
+    image = mcloss.load_image(gallery_dir / "bird_0.png")
+    expl = mcloss.explain(model, image, "top2")
+    from mcloss.evaluation.sanity import group_knockout
+    from mcloss.explainability.explanation import prepare
+
+    x = prepare(model, image, view=None).x[None]
+    drops = group_knockout(model, x, [expl.prediction], draws=view.KNOCKOUT_DRAWS, generator=torch.Generator().manual_seed(0))
+    want = view.knockout_note({k: float(v[0]) for k, v in drops.items()}, 3)
+    assert want.startswith("knockout: zeroing these 3 channels drops the FC logit by ")
+    assert any(want in m.value for m in at.markdown), [m.value for m in at.markdown][:6]
+
+
 def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, monkeypatch):
     """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
     shown: list[np.ndarray] = []
