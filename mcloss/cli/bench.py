@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=PRECISIONS, default="auto",
         help="auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU; or force fp32 / bf16",
     )  # fmt: skip
-    p.add_argument("--workers", type=int, default=2, help="decoding workers of the export path")
+    p.add_argument(
+        "--workers", type=int, default=0,
+        help="decoding workers of the export path (default 0: a one-batch export would time their start-up)",
+    )  # fmt: skip
     return p
 
 

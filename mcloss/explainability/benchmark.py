@@ -130,7 +130,7 @@ def run_benchmark(
     tile_height: int = 224,
     seed: int = 0,
     precision: str = "auto",
-    workers: int = 2,
+    workers: int = 0,
 ) -> dict:
     """Time each path on one random batch; returns images/s, raw times and the goal ratios.
 
