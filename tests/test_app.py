@@ -617,15 +617,21 @@ def test_keypoint_dots_sit_on_the_pixel_containing_the_point():
         assert (round(xs.mean()), round(ys.mean())) == (int(3.2 * factor), int(5.9 * factor))
 
 
-def test_thin_upload_is_letterboxed_and_its_montage_bounded(env, checkpoint, monkeypatch):
-    shown: list[np.ndarray] = []
+@pytest.fixture
+def shown(monkeypatch) -> list[np.ndarray]:
+    """Every image the app passes to ``st.image``, as an array, in order."""
+    images: list[np.ndarray] = []
     real_image = st.delta_generator.DeltaGenerator.image
 
     def spy(self, image, *args, **kwargs):
-        shown.append(np.asarray(image))
+        images.append(np.asarray(image))
         return real_image(self, image, *args, **kwargs)
 
     monkeypatch.setattr(st.delta_generator.DeltaGenerator, "image", spy)
+    return images
+
+
+def test_thin_upload_is_letterboxed_and_its_montage_bounded(env, checkpoint, shown):
     thin = np.random.default_rng(0).integers(0, 256, (8, 3000, 3), dtype=np.uint8)
     at = run_app(**upload("thin.png", _encode(thin, "PNG")))
     assert_clean(at)
@@ -657,16 +663,8 @@ def test_group_heading_states_the_knockout_of_the_shown_class(env, checkpoint, g
     assert any(want in m.value for m in at.markdown), [m.value for m in at.markdown][:6]
 
 
-def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, monkeypatch):
+def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, shown):
     """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
-    shown: list[np.ndarray] = []
-    real_image = st.delta_generator.DeltaGenerator.image
-
-    def spy(self, image, *args, **kwargs):
-        shown.append(np.asarray(image))
-        return real_image(self, image, *args, **kwargs)
-
-    monkeypatch.setattr(st.delta_generator.DeltaGenerator, "image", spy)
     at = run_app(colormap="viridis", alpha=0.3, scale="shared group", upsampling="nearest")
     assert_clean(at)
     assert not at.error
