@@ -124,6 +124,33 @@ def sidebar_model() -> view.LoadedModel | None:
         return None
 
 
+def sidebar_compare(first: view.LoadedModel | None) -> view.LoadedModel | None:
+    """A second checkpoint with the same classes, shown under each group (off by default)."""
+    if first is None or not st.sidebar.toggle("Compare with a second model", value=False, key="compare_model_on"):
+        return None
+    chosen = st.session_state.get("checkpoint")
+    first_path = Path(chosen) if chosen and chosen != UPLOAD_CHOICE else view.default_checkpoint()
+    options = [str(p) for p in view.compare_choices(first_path)]
+    if not options:
+        st.sidebar.info("No second checkpoint found beside this one or in checkpoints/.")
+        return None
+    choice = st.sidebar.selectbox(
+        "Second model", options, format_func=lambda c: Path(c).name, key="compare_checkpoint",
+        help="the CE-only twin (ce-baseline.safetensors) by default: the same model trained without MC-Loss",
+    )  # fmt: skip
+    try:
+        p = Path(choice)
+        with st.spinner(f"Loading {p.name}…"):
+            second = _load_model(_file_key(p), str(p), p.name)
+    except CheckpointError as exc:
+        st.sidebar.error(f"Second model not usable: {exc}")
+        return None
+    if list(second.model.class_names) != list(first.model.class_names):
+        st.sidebar.warning(f"{Path(choice).name} has other classes than {first.label}: nothing to compare.")
+        return None
+    return second
+
+
 def _described(loaded: view.LoadedModel) -> view.LoadedModel:
     """Caption the loaded model in the sidebar."""
     m = loaded.model
@@ -364,6 +391,12 @@ def group_view(
     return tiles + extra
 
 
+def compare_row(second: view.LoadedModel, expl: Explanation, group: GroupMaps, base, style: render.Style) -> None:
+    """The second model's group of the same class, drawn as the first's (one scale with "shared group")."""
+    st.markdown(view.compare_heading(second.label, expl, group), unsafe_allow_html=True)
+    show_tiles(render.group_tiles(base, expl, group, style))
+
+
 def downloads(
     source_name: str, base, expl: Explanation, groups: list[GroupMaps], tiles: dict, style: render.Style,
     label: int | None, defining: list[DefiningSummary | None] | None = None,
@@ -390,7 +423,9 @@ def downloads(
     )
 
 
-def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style, options: dict) -> None:
+def explain_and_show(
+    loaded: view.LoadedModel, source: dict, style: render.Style, options: dict, second: view.LoadedModel | None = None
+) -> None:
     """The whole pipeline for one input; every failure becomes one st.error sentence."""
     t_start = time.perf_counter()
     if source.get("error"):
@@ -454,10 +489,17 @@ def explain_and_show(loaded: view.LoadedModel, source: dict, style: render.Style
         )
         summary = defining_summary(model.card, g, expl.geometry, annotations, radius=options["radius"])
         summaries.append(summary)
+        pair = None
+        if second is not None:
+            one, s2 = _explain(second.key, digest, (int(g.target),), *opts, _loaded=second, _image=image)
+            pair, secs = (one, one.groups[0]), secs + s2
+        shown_style = view.common_style(style, g, None if pair is None else pair[1])
         all_tiles[g.name] = group_view(
-            expl, g, base, style, sample, gallery.part_names if gallery else None, options, heading,
+            expl, g, base, shown_style, sample, gallery.part_names if gallery else None, options, heading,
             (summary, annotations, note),
         )
+        if pair is not None:
+            compare_row(second, pair[0], pair[1], base, shown_style)
     st.divider()
     downloads(name, base, expl, groups, all_tiles, style, label, summaries)
     st.caption(
@@ -501,6 +543,7 @@ def _page() -> None:
     st.sidebar.title("mcloss explorer")
     st.sidebar.caption("What each class's channel group sees (Mutual-Channel Loss), next to Grad-CAM.")
     loaded = sidebar_model()
+    second = sidebar_compare(loaded)
     st.sidebar.caption(
         f"Device: {device_caption(resolve_device('auto'))}",
         help="CUDA when available. CPU inference threads: MCLOSS_APP_THREADS (default 1).",
@@ -515,7 +558,7 @@ def _page() -> None:
         st.info("Upload an image or pick a gallery sample in the sidebar.")
         return
     try:
-        explain_and_show(loaded, source, style, options)
+        explain_and_show(loaded, source, style, options, second)
     except ImageLoadError as exc:
         st.error(f"Cannot read the image: {exc}")
     except Exception as exc:

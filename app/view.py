@@ -48,6 +48,10 @@ __all__ = [
     "knockout_locked",
     "knockout_note",
     "KNOCKOUT_DRAWS",
+    "COMPARE_DEFAULT",
+    "compare_choices",
+    "common_style",
+    "compare_heading",
     "MONTAGE_HELP",
     "MAX_PIXELS",
     "DISPLAY_MAX_SIDE",
@@ -212,6 +216,39 @@ def knockout_note(drops: dict[str, float], xi: int) -> str:
         f"knockout: zeroing these {xi} channels drops the FC logit by {drops['fc_own']:.2f} "
         f"({xi} random channels of other classes: {drops['fc_random']:.2f}) and the MC logit by "
         f"{drops['mc_own']:.2f} ({drops['mc_random']:.2f})"
+    )
+
+
+#: The second model the compare view offers first: the default's CE-only twin.
+COMPARE_DEFAULT = "ce-baseline.safetensors"
+
+
+def compare_choices(first: Path) -> list[Path]:
+    """Second models to offer beside ``first``: the checkpoints in its folder, then the project's, without
+    ``first``; the CE-only twin (:data:`COMPARE_DEFAULT`) of ``first``'s folder leads when there is one."""
+    seen, out = {Path(first).resolve()}, []
+    for folder in (Path(first).parent, project_checkpoints()):
+        for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            if p.is_file() and p.resolve() not in seen:
+                seen.add(p.resolve())
+                out.append(p)
+    return sorted(out, key=lambda p: not (p.name == COMPARE_DEFAULT and p.parent == Path(first).parent))
+
+
+def common_style(style: render.Style, first: GroupMaps, second: GroupMaps | None) -> render.Style:
+    """``style``; with a second model's group and the shared scale, both groups normalized by one maximum."""
+    if second is None or not style.shared_scale:
+        return style
+    return dataclasses.replace(style, group_max=max(float(first.channels.max()), float(second.channels.max())))
+
+
+def compare_heading(label: str, expl: Explanation, group: GroupMaps, k: int = 3) -> str:
+    """The compare row's heading: the second model, its probabilities for the class, and its own top-k."""
+    order = np.argsort(-expl.probs_fc, kind="stable")[:k]
+    top = ", ".join(f"{expl.class_name(int(i))} {expl.probs_fc[i]:.2f}" for i in order)
+    return (
+        f"##### {label} <span style='color:#888;font-size:0.8em'>— the same class, {group.name} · FC {group.prob:.2f} "
+        f"· MC {group.prob_mc:.2f} · its top-{k}: {top}</span>"
     )
 
 

@@ -663,6 +663,38 @@ def test_group_heading_states_the_knockout_of_the_shown_class(env, checkpoint, g
     assert any(want in m.value for m in at.markdown), [m.value for m in at.markdown][:6]
 
 
+@pytest.fixture
+def twin_env(monkeypatch, tmp_path, gallery_dir):
+    """The app on a tiny default with a CE-twin-named second checkpoint (same classes) beside it."""
+    first = _tiny_checkpoint(tmp_path)
+    torch.manual_seed(5)
+    twin = mcloss.build_model("resnet18", len(CLASSES), xi=3, img_size=64, class_names=CLASSES)
+    mcloss.save_checkpoint(twin, tmp_path / view.COMPARE_DEFAULT)
+    yield from _app_env(monkeypatch, first, gallery_dir)
+
+
+def test_compare_view_draws_the_second_model_on_one_scale(twin_env, tmp_path, gallery_dir, shown):
+    at = run_app(compare_model_on=True, scale="shared group")
+    assert_clean(at)
+    assert not at.error
+    assert at.selectbox(key="compare_checkpoint").value == str(tmp_path / view.COMPARE_DEFAULT)
+    first, twin = mcloss.load_checkpoint(tmp_path / "tiny.safetensors"), mcloss.load_checkpoint(tmp_path / view.COMPARE_DEFAULT)
+    image = mcloss.load_image(gallery_dir / "bird_0.png")
+    ea = mcloss.explain(first, image, "top2")
+    eb = mcloss.explain(twin, image, ea.prediction)
+    base = view.display_image(image)
+    style = view.common_style(view.style_for("inferno", 0.5, True, True, False), ea.groups[0], eb.groups[0])
+    assert style.group_max == max(float(ea.groups[0].channels.max()), float(eb.groups[0].channels.max()))
+    want = [t.image for t in render.group_tiles(base, ea, ea.groups[0], style)]
+    want += [t.image for t in render.group_tiles(base, eb, eb.groups[0], style)]
+    got = shown[1 : 1 + len(want)]  # after the prediction panel's original
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):  # float sums of another batch may move a pixel by one level
+        assert g.shape == w.shape and np.abs(g.astype(int) - w).max() <= 1
+    heading = view.compare_heading(view.COMPARE_DEFAULT, eb, eb.groups[0])
+    assert any(heading in m.value for m in at.markdown) and "its top-3: " in heading
+
+
 def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, shown):
     """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
     at = run_app(colormap="viridis", alpha=0.3, scale="shared group", upsampling="nearest")

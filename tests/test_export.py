@@ -335,3 +335,50 @@ def test_torchrun_two_cpu_ranks_match_one_process_and_merge(tmp_path, checkpoint
     assert main(["--merge", str(ranks)]) == 2
     assert "missing shard 1 of 2" in capsys.readouterr().err
     assert main(["--merge", str(ranks), "--input", str(src)]) == 2
+
+
+def test_compare_draws_two_models_on_one_scale_and_records_both(tmp_path, checkpoint, capsys):
+    from dataclasses import replace
+
+    from mcloss.explainability import render
+
+    other = tmp_path / "other.safetensors"
+    mcloss.save_checkpoint(tiny_model(4, class_names=["ant", "bee", "cat", "dog"], seed=7), other)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _rgb(50 + 5 * i, 40, i).save(src / f"i{i}.png")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), "--input", str(src), "--out", str(out), "--workers", "0", "--no-progress",
+            "--tile-height", "48", "--shared-scale", "--target", "top2"]  # fmt: skip
+    assert main([*args, "--compare", str(other)]) == 0
+    rec = json.loads((out / "in" / "i0.png.json").read_text())
+    cmp = rec["compare"]
+    assert cmp["checkpoint"] == "other.safetensors" and len(cmp["sha256"]) == 64
+    assert [t["index"] for t in cmp["targets"]] == [t["index"] for t in rec["targets"]]  # the same classes
+    assert rec["options"]["compare_sha256"] == cmp["sha256"]
+    # the second model's maps are its own explanation of the image, for those classes
+    a, b = mcloss.load_checkpoint(checkpoint), mcloss.load_checkpoint(other)
+    image = mcloss.load_image(src / "i0.png")
+    ea = mcloss.explain(a, image, "top2")
+    eb = mcloss.explain(b, image, [[g.target for g in ea.groups]])
+    with np.load(out / "in" / "i0.png.npz") as z:
+        np.testing.assert_allclose(z["compare_channels"], eb.groups[0].channels, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(z["compare_channels_r2"], eb.groups[1].channels, rtol=1e-5, atol=1e-6)
+    # both rows drawn with one maximum: the larger of the two groups'
+    style = render.Style(tile_height=48, shared_scale=True)
+    view = ea.view
+    picture = render.compare_montage(view, ea, eb, 0, style, ("a", "b"))
+    common = max(float(ea.groups[0].channels.max()), float(eb.groups[0].channels.max()))
+    top = render.explanation_montage(view, ea, 0, replace(style, group_max=common), title="a")
+    np.testing.assert_array_equal(picture[: top.shape[0], : top.shape[1]], top)
+    second = render.explanation_montage(view, eb, 0, replace(style, group_max=common), title="b")
+    np.testing.assert_array_equal(picture[top.shape[0] + 6 :, : second.shape[1]], second)
+    assert (out / "in" / "i0.png.png").is_file() and (out / "in" / "i0.png.r2.png").is_file()
+    # a re-run without --compare re-does the images; classes that differ are refused in one line
+    assert main(args) == 0 and "3 re-done" in capsys.readouterr().err
+    odd = tmp_path / "odd.safetensors"
+    mcloss.save_checkpoint(tiny_model(4, class_names=["w", "x", "y", "z"]), odd)
+    assert main([*args, "--compare", str(odd)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its classes differ" in err

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="i/n: process every n-th input starting at i (under torchrun: the rank's share, set by itself)",
     )  # fmt: skip
     p.add_argument("--method", choices=("fused", "captum"), default="fused", help="Grad-CAM implementation")
+    p.add_argument(
+        "--compare", metavar="CHECKPOINT",
+        help="a second checkpoint with the same classes (e.g. checkpoints/ce-baseline.safetensors): explained for "
+        "the same targets, drawn under the first in every montage (one scale with --shared-scale), its maps and "
+        "predictions in the npz and json",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
@@ -85,6 +91,7 @@ def _export(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     maps = parse_maps(args.maps)  # bad options fail before the checkpoint is read
     ckpt = checkpoint_path(args.checkpoint)
+    second = checkpoint_path(args.compare) if args.compare else None
     if launched_by_torchrun() and shard != (0, 1):
         raise ValueError("--shard is set by torchrun (one shard per rank); leave it out")
     ctx, device = DistContext.setup(args.device)
@@ -95,12 +102,14 @@ def _export(args: argparse.Namespace) -> int:
         config = ExportConfig(
             checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps,
             style=style, topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device),
-            shard=shard, method=args.method,
+            shard=shard, method=args.method, compare=None if second is None else str(second),
         )  # fmt: skip
         model = load_checkpoint(ckpt, device)
+        other = None if second is None else load_checkpoint(second, device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        result = _run(model, config, device, progress=not args.no_progress and ctx.is_main)
+            other = None if other is None else other.to(memory_format=torch.channels_last)
+        result = _run(model, config, device, progress=not args.no_progress and ctx.is_main, compare=other)
         code = _report(result, "exported" if not ctx.enabled else f"exported by rank {ctx.rank}")
         if not ctx.enabled:
             return code
@@ -112,7 +121,7 @@ def _export(args: argparse.Namespace) -> int:
         ctx.close()
 
 
-def _run(model, config: ExportConfig, device: torch.device, *, progress: bool) -> ExportResult:
+def _run(model, config: ExportConfig, device: torch.device, *, progress: bool, compare=None) -> ExportResult:
     bars = []
 
     def report(done: int, total: int) -> None:
@@ -123,7 +132,7 @@ def _run(model, config: ExportConfig, device: torch.device, *, progress: bool) -
         bars[0].update(done - bars[0].n)
 
     try:
-        return export(model, config, device=device, progress=report if progress else None)
+        return export(model, config, device=device, progress=report if progress else None, compare_model=compare)
     finally:
         for bar in bars:
             bar.close()

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from mcloss.explainability.defining import DefiningSummary
+    from mcloss.explainability.outputs import Comparison
 
 __all__ = [
     "DEFAULT_MAPS",
@@ -232,17 +233,19 @@ class Explanation:
         image: np.ndarray | Image.Image | None = None,
         defining: Sequence[DefiningSummary | None] | None = None,
         options: dict | None = None,
+        compare: Comparison | None = None,
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
         ``path`` is a stem: ``out/bird.jpg`` writes ``out/bird.jpg.png`` etc., as ``mcloss export`` does.
         Every file is written atomically. ``defining`` as for :meth:`record`; ``options`` (the settings
-        that made the outputs) goes into the json as ``options``. Returns the JSON record.
+        that made the outputs) goes into the json as ``options``; ``compare`` adds a second model
+        (:class:`mcloss.explainability.outputs.Comparison`). Returns the JSON record.
         """
         from mcloss.explainability.outputs import write_explanation
 
         style = style or render.Style()
-        return write_explanation(self, Path(path), self._view(image), style, topk, defining, options)
+        return write_explanation(self, Path(path), self._view(image), style, topk, defining, options, compare)
 
 
 # ------------------------------------------------------------------------------------------- explain

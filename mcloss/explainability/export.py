@@ -46,6 +46,7 @@ from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps, prepare
+from mcloss.explainability.outputs import Comparison
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
@@ -84,6 +85,8 @@ class ExportConfig:
         device: where the model runs (for the manifest).
         shard: (i, n): process every n-th input starting at i.
         method: ``fused`` or ``captum`` Grad-CAM.
+        compare: a second checkpoint with the same classes, explained for the same targets and drawn in the
+            same montages (``--compare``), or None.
     """
 
     checkpoint: str
@@ -98,16 +101,18 @@ class ExportConfig:
     device: str = "cpu"
     shard: tuple[int, int] = (0, 1)
     method: str = "fused"
+    compare: str | None = None
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--topk", self.topk, 0), ("--batch-size", self.batch_size, 1), ("--workers", self.workers, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
 
-    def output_options(self, checkpoint_sha256: str) -> dict:
+    def output_options(self, checkpoint_sha256: str, compare_sha256: str | None = None) -> dict:
         """The settings that shape each image's outputs, recorded in its json as ``options``: a re-run
         re-does an image whose recorded options differ (another checkpoint, target, maps or style)."""
-        return {"checkpoint_sha256": checkpoint_sha256, **self._shaping()}
+        extra = {} if compare_sha256 is None else {"compare_sha256": compare_sha256}
+        return {"checkpoint_sha256": checkpoint_sha256, **extra, **self._shaping()}
 
     def options(self) -> dict:
         """The manifest's ``options``: every setting, flat."""
@@ -120,6 +125,7 @@ class ExportConfig:
             "workers": self.workers,
             "device": self.device,
             "shard": list(self.shard),
+            "compare": self.compare,
         }
 
     def _shaping(self) -> dict:
@@ -208,6 +214,7 @@ def export(
     progress: Callable[[int, int], None] | None = None,
     amp: bool | None = None,
     checkpoint_sha256: str | None = None,
+    compare_model=None,
 ) -> ExportResult:
     """Export every input of ``config`` not already finished in ``config.out``; returns what was done.
 
@@ -219,6 +226,7 @@ def export(
             after each batch.
         amp: bf16 autocast of the model (default: on for CUDA).
         checkpoint_sha256: the checkpoint file's sha256 when already known (else it is computed).
+        compare_model: the MCModel of ``config.compare`` (on ``device``; same class names), or None.
 
     Raises:
         ValueError, KeyError, IndexError: an unusable option (unknown map kind, target or class), before
@@ -231,7 +239,15 @@ def export(
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(config.checkpoint)
     sha256 = checkpoint_sha256 or _sha256(checkpoint)
-    wanted = config.output_options(sha256)
+    titles, compare_sha = None, None
+    if (config.compare is None) != (compare_model is None):
+        raise ValueError("--compare needs both the checkpoint path and its model")
+    if compare_model is not None:
+        if list(compare_model.class_names) != list(model.class_names):
+            raise ValueError(f"--compare {config.compare}: its classes differ from those of {config.checkpoint}")
+        compare_sha = _sha256(Path(config.compare))
+        titles = (checkpoint.name, Path(config.compare).name)
+    wanted = config.output_options(sha256, compare_sha)
     shard_i, shard_n = config.shard
     found = collect_inputs(config.input, exclude=out_dir)
     files = found.files[shard_i::shard_n]
@@ -291,8 +307,16 @@ def export(
                 model, [item for _, item in good], spec, maps=maps, labels=labels, method=config.method, device=device,
                 amp=amp,
             )  # fmt: skip
-            for (f, item), exp in zip(good, exps, strict=True):  # written by the pool while the next batch runs
-                task = (_write_task, bases[f.key], records[f.key], exp, config, item, model.card, knows_defining, wanted)
+            seconds = [None] * len(exps)
+            if compare_model is not None:  # the same classes, in the same order, from the second model
+                same = [[g.target for g in e.groups] for e in exps]
+                seconds = explain(
+                    compare_model, [item for _, item in good], same, maps=maps, labels=labels, method=config.method,
+                    device=device, amp=amp,
+                )  # fmt: skip
+            for (f, item), exp, other in zip(good, exps, seconds, strict=True):  # written while the next batch runs
+                pair = None if other is None else Comparison(other, titles, compare_sha)
+                task = (_write_task, bases[f.key], records[f.key], exp, config, item, model.card, knows_defining, wanted, pair)
                 pending.append((f, pool.submit(*task)))
             while len(pending) > 2 * max(1, config.batch_size):
                 collect(*pending.popleft())
@@ -427,21 +451,24 @@ def die_with_parent(_worker_id: int = 0) -> None:
 
 def _write_task(
     base: Path, old: dict | None, exp, config: ExportConfig, item: PreparedImage, card: dict, knows_defining: bool,
-    options: dict,
+    options: dict, compare: Comparison | None = None,
 ) -> dict:
     """One image's defining-part figures (its annotations read here, off the model's thread) and files."""
     defining = defining_summaries(card, exp, _annotations(exp.source) if knows_defining else None)
-    return _rewrite(base, old, exp, config, item, defining, options)
+    return _rewrite(base, old, exp, config, item, defining, options, compare)
 
 
 def _rewrite(
-    base: Path, old: dict | None, exp, config: ExportConfig, item: PreparedImage, defining, options: dict
+    base: Path, old: dict | None, exp, config: ExportConfig, item: PreparedImage, defining, options: dict,
+    compare: Comparison | None = None,
 ) -> dict:
     """Write an image's outputs; an earlier run's record is removed first (the image is unfinished until the
     new json lands) and its files that the new outputs do not replace afterwards."""
     if old is not None:
         _json_path(base).unlink(missing_ok=True)
-    record = exp.save(base, config.style, topk=config.topk, image=item.view, defining=defining, options=options)
+    record = exp.save(
+        base, config.style, topk=config.topk, image=item.view, defining=defining, options=options, compare=compare
+    )
     if old is not None:
         stale = set(old.get("outputs", [])) - set(record["outputs"])
         for name in stale:

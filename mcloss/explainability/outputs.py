@@ -14,6 +14,9 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
   ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png,
   defining_parts} per rank, plus ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  With ``--compare``, ``compare`` holds the second model's ``checkpoint``, ``sha256``, predictions, ``topk``
+  and ``targets`` (same classes, same order), the npz its arrays prefixed ``compare_``, and every montage
+  shows both models.
   ``mcloss export`` adds ``options``: the settings that made the outputs (checkpoint sha256, target,
   maps, style, topk, method); a re-run re-does an image whose options differ.
   ``defining_parts`` lists the parts the checkpoint's card says define the target class ([] when it
@@ -29,19 +32,20 @@ from __future__ import annotations
 import glob
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mcloss.data.io import atomic_write_bytes, atomic_write_json, encode_image
-from mcloss.explainability.render import Style, explanation_montage
+from mcloss.explainability.render import Style, compare_montage, explanation_montage
 
 if TYPE_CHECKING:
     from mcloss.explainability.defining import DefiningSummary
     from mcloss.explainability.explanation import Explanation, GroupMaps
 
-__all__ = ["explanation_arrays", "explanation_record", "png_name", "write_explanation"]
+__all__ = ["Comparison", "explanation_arrays", "explanation_record", "png_name", "write_explanation"]
 
 
 def png_name(name: str, rank: int) -> str:
@@ -136,6 +140,30 @@ def explanation_record(
     }
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A second model's explanation of the same image and targets, and the two models' names.
+
+    Attributes:
+        explanation: the second model's Explanation (its groups in the same target order).
+        titles: (first model, second model), e.g. the checkpoint file names.
+        sha256: the second checkpoint's sha256, for the record (or None).
+    """
+
+    explanation: Explanation
+    titles: tuple[str, str]
+    sha256: str | None = None
+
+    def record(self, topk: int) -> dict:
+        """The json's ``compare``: the second model's name, predictions, topk and per-target entries."""
+        rec = explanation_record(self.explanation, topk)
+        keep = ("prediction", "prediction_mc", "topk", "target", "channels", "gradcam", "feature_hw", "targets")
+        out = {"checkpoint": self.titles[1], "sha256": self.sha256} | {k: rec[k] for k in keep}
+        for entry in out["targets"]:
+            entry.pop("png", None)
+        return out
+
+
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -157,6 +185,7 @@ def write_explanation(
     topk: int = 5,
     defining: Sequence[DefiningSummary | None] | None = None,
     options: dict | None = None,
+    compare: Comparison | None = None,
 ) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
 
@@ -168,14 +197,24 @@ def write_explanation(
         topk: entries in the json's ``topk`` list.
         defining: the targets' defining-part summaries (see :func:`explanation_record`).
         options: recorded as the json's ``options`` when given (``mcloss export`` records its settings).
+        compare: a second model's explanation of the same image and targets (``mcloss export --compare``):
+            each montage shows both models, one above the other (:func:`compare_montage`), the npz adds its
+            arrays prefixed ``compare_``, and the json its record under ``compare``.
     """
     _clean_stale_temps(base)
     record = explanation_record(exp, topk, base.name, defining)
     if options is not None:
         record["options"] = options
+    arrays = explanation_arrays(exp)
+    if compare is not None:
+        record["compare"] = compare.record(topk)
+        arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
     for rank in range(1, len(exp.groups) + 1):
-        picture = explanation_montage(view, exp, rank - 1, style)
+        if compare is None:
+            picture = explanation_montage(view, exp, rank - 1, style)
+        else:
+            picture = compare_montage(view, exp, compare.explanation, rank - 1, style, compare.titles)
         atomic_write_bytes(base.parent / png_name(base.name, rank), encode_image(picture))
-    atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(explanation_arrays(exp)))
+    atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(arrays))
     atomic_write_json(base.parent / f"{base.name}.json", record)
     return record

@@ -14,7 +14,7 @@ from __future__ import annotations
 import colorsys
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,7 @@ __all__ = [
     "montage_tiles",
     "thumbnail",
     "explanation_montage",
+    "compare_montage",
     "explanation_figure",
 ]
 
@@ -102,6 +103,8 @@ class Style:
         contour: draw each map's iso-line at this fraction of its maximum (None: no contour).
         tile_height: rows of each montage tile, in [MIN_TILE_HEIGHT, MAX_TILE_HEIGHT]; a montage lowers it
             to stay within MONTAGE_MAX_PIXELS (see :func:`montage_height`).
+        group_max: with ``shared_scale``, the maximum a channel group (its channels, part composite and
+            CCMP) is normalized by instead of its own: one scale for two models' groups (:func:`compare_montage`).
     """
 
     colormap: str = "inferno"
@@ -111,12 +114,15 @@ class Style:
     interpolation: str = "bilinear"
     contour: float | None = None
     tile_height: int = 224
+    group_max: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.group_max is not None and not self.group_max >= 0:
+            raise ValueError(f"group_max must be >= 0, got {self.group_max}")
         if self.contour is not None and not 0.0 < self.contour <= 1.0:
             raise ValueError(f"contour must be in (0, 1], got {self.contour}")
         if not MIN_TILE_HEIGHT <= self.tile_height <= MAX_TILE_HEIGHT:
@@ -178,11 +184,12 @@ def normalize_map(map_hw: np.ndarray, vmax: float | None = None, *, signed: bool
     return np.clip(m / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(m)
 
 
-def normalize_group(maps: np.ndarray, *, shared: bool = False) -> np.ndarray:
-    """Normalize [N, h, w] maps to [0, 1]: by one shared max (strengths compare) or each by its own max."""
+def normalize_group(maps: np.ndarray, *, shared: bool = False, vmax: float | None = None) -> np.ndarray:
+    """Normalize [N, h, w] maps to [0, 1]: by one shared max (``vmax``, default theirs: strengths compare)
+    or each by its own max."""
     m = np.asarray(maps, dtype=np.float32)
     if shared:
-        return normalize_map(m)
+        return normalize_map(m, vmax)
     return np.stack([normalize_map(x) for x in m]) if len(m) else m.copy()
 
 
@@ -296,6 +303,7 @@ def part_composite(
     alpha: float = 0.85,
     desaturate: float = 0.75,
     gamma: float = 0.75,
+    vmax: float | None = None,
 ) -> np.ndarray:
     """Each channel in its own hue on one image: how the group splits the object.
 
@@ -310,11 +318,12 @@ def part_composite(
         alpha: maximal colour opacity.
         desaturate: 0 keeps the image's colours, 1 makes it grey.
         gamma: < 1 lifts weak activations.
+        vmax: with ``shared_scale``, the maximum to normalize by (default the group's own).
     """
     img = _check_image(image)
     maps = np.stack([_fit(m, img.shape[:2]) for m in np.asarray(channel_maps, dtype=np.float32)])
     cols = part_colors(len(maps)) if colors is None else np.asarray(colors, dtype=np.uint8)
-    norm = normalize_group(maps, shared=shared_scale)
+    norm = normalize_group(maps, shared=shared_scale, vmax=vmax)
     winner = norm.argmax(axis=0)
     strength = np.take_along_axis(norm, winner[None], axis=0)[0] ** gamma
     grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None].astype(np.float32)
@@ -531,7 +540,7 @@ def _with_bar(image: np.ndarray, color: np.ndarray) -> np.ndarray:
 def _channel_tile(view, explanation, group, style, i, channel_map, colors) -> Tile:
     """Channel ``i``'s tile; ``channel_map`` is that channel already warped onto ``view``."""
     xi = len(group.channels)
-    vmax = float(group.channels.max()) if style.shared_scale else None
+    vmax = _group_max(group, style)
     pk = group.peaks_xy[i : i + 1] * _view_scale(view, explanation) if style.peaks else None
     img = overlay(
         view, channel_map, colormap=style.colormap, alpha=style.alpha, vmax=vmax, peaks_xy=pk, contour=style.contour
@@ -546,10 +555,18 @@ def _channel_tile(view, explanation, group, style, i, channel_map, colors) -> Ti
     )
 
 
+def _group_max(group: GroupMaps, style: Style) -> float | None:
+    """The maximum a group is normalized by under ``shared_scale`` (None: each map by its own)."""
+    if not style.shared_scale:
+        return None
+    return style.group_max if style.group_max is not None else float(group.channels.max())
+
+
 def _ccmp_tile(view, explanation, group, style) -> Tile:
     size = (view.shape[1], view.shape[0])
     ccmp = _to_view(group.ccmp, explanation, size, style)
-    img = overlay(view, ccmp, colormap=style.colormap, alpha=style.alpha, contour=style.contour)
+    vmax = _group_max(group, style)  # CCMP's own max is the group's
+    img = overlay(view, ccmp, colormap=style.colormap, alpha=style.alpha, vmax=vmax, contour=style.contour)
     xi = len(group.channels)
     return Tile(img, f"CCMP {group.name}", f"CCMP (max over {xi} channels)", f"CCMP of {group.name}", "ccmp")
 
@@ -594,7 +611,7 @@ def group_tiles(view: np.ndarray, explanation: Explanation, group: GroupMaps, st
     chans = np.stack([_to_view(c, explanation, size, style) for c in group.channels])
     tiles = [_channel_tile(view, explanation, group, style, i, chans[i], colors) for i in range(xi)]
     tiles.append(_ccmp_tile(view, explanation, group, style))
-    comp = part_composite(view, chans, colors=colors, shared_scale=style.shared_scale)
+    comp = part_composite(view, chans, colors=colors, shared_scale=style.shared_scale, vmax=_group_max(group, style))
     if style.peaks:
         comp = draw_peaks(comp, group.peaks_xy * _view_scale(view, explanation), colors)
     legend = composite_legend(colors, [f"ch {i + 1}" for i in range(xi)], width=pad_to_aspect(comp).shape[1])
@@ -679,17 +696,37 @@ def montage_tiles(image: np.ndarray, explanation: Explanation, group: int, style
     return [original, *group_tiles(thumb, explanation, explanation.groups[group], style)]
 
 
-def explanation_montage(image: np.ndarray, explanation: Explanation, group: int = 0, style: Style | None = None) -> np.ndarray:
+def explanation_montage(
+    image: np.ndarray, explanation: Explanation, group: int = 0, style: Style | None = None, *, title: str | None = None
+) -> np.ndarray:
     """One RGB uint8 picture per target: a header with classes and probabilities over
     original | ξ channel overlays | CCMP | part composite (+ legend) | Grad-CAM.
 
-    ``image`` is the original or any view of it (same aspect ratio).
+    ``image`` is the original or any view of it (same aspect ratio); ``title`` (e.g. the model) leads the header.
     """
     style = style or Style()
     tiles = montage_tiles(image, explanation, group, style)
     header = _header(explanation, explanation.groups[group])
+    header = f"{title}: {header}" if title else header
     height = explanation_tile_height(image, explanation, group, style)
     return montage([(t.image, t.title, t.footer) for t in tiles], height=height, header=header)
+
+
+def compare_montage(
+    image: np.ndarray, first: Explanation, second: Explanation, group: int, style: Style, titles: Sequence[str]
+) -> np.ndarray:
+    """Two models' montages of the same image and target, one above the other, drawn alike; with
+    ``style.shared_scale`` both channel groups are normalized by one maximum (the larger), so their strengths
+    compare across the models (Grad-CAM keeps its own scale: its units are each model's gradients)."""
+    a, b = first.groups[group], second.groups[group]
+    if a.target != b.target:
+        raise ValueError(f"compare_montage: targets {a.name!r} and {b.name!r} differ")
+    if style.shared_scale:
+        style = replace(style, group_max=max(float(a.channels.max()), float(b.channels.max())))
+    rows = [explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate([rows[0], np.full((6, width, 3), _BG_RGB, np.uint8), rows[1]], axis=0)
 
 
 def explanation_figure(
