@@ -391,6 +391,24 @@ def group_view(
     return tiles + extra
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def _atlas(model_key: str, gallery_folder: str, target: int, _loaded: view.LoadedModel, _gallery: view.Gallery):
+    return view.gallery_atlas(_loaded, _gallery, target)
+
+
+def atlas_panel(loaded: view.LoadedModel, gallery: view.Gallery, group: GroupMaps) -> None:
+    """The class's channels across the gallery, each with its top patches (built only when asked for)."""
+    label = f"Atlas: where {group.name}'s channels fire most across the gallery"
+    if not st.toggle(label, value=False, key=f"atlas_{loaded.key[-16:]}_{group.target}"):
+        return
+    result = _atlas(loaded.key, str(gallery.folder), int(group.target), _loaded=loaded, _gallery=gallery)
+    if result is None:
+        st.caption("No gallery image is of a class of this checkpoint.")
+        return
+    sheet, line = result
+    st.image(sheet, caption=line, width="stretch", alt=f"atlas of {group.name}")
+
+
 def compare_row(second: view.LoadedModel, expl: Explanation, group: GroupMaps, base, style: render.Style) -> None:
     """The second model's group of the same class, drawn as the first's (one scale with "shared group")."""
     st.markdown(view.compare_heading(second.label, expl, group), unsafe_allow_html=True)
@@ -500,6 +518,8 @@ def explain_and_show(
         )
         if pair is not None:
             compare_row(second, pair[0], pair[1], base, shown_style)
+        if gallery is not None:
+            atlas_panel(loaded, gallery, g)
     st.divider()
     downloads(name, base, expl, groups, all_tiles, style, label, summaries)
     st.caption(

@@ -35,6 +35,7 @@ from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation import metrics
 from mcloss.evaluation.sanity import group_knockout
 from mcloss.explainability import render
+from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
 
@@ -49,6 +50,8 @@ __all__ = [
     "knockout_note",
     "KNOCKOUT_DRAWS",
     "COMPARE_DEFAULT",
+    "ATLAS_TOP",
+    "gallery_atlas",
     "compare_choices",
     "common_style",
     "compare_heading",
@@ -250,6 +253,32 @@ def compare_heading(label: str, expl: Explanation, group: GroupMaps, k: int = 3)
         f"##### {label} <span style='color:#888;font-size:0.8em'>— the same class, {group.name} · FC {group.prob:.2f} "
         f"· MC {group.prob_mc:.2f} · its top-{k}: {top}</span>"
     )
+
+
+#: Patches per channel in the app's atlas of the gallery.
+ATLAS_TOP = 8
+
+
+def gallery_atlas(loaded: LoadedModel, gallery: Gallery, target: int) -> tuple[np.ndarray, str] | None:
+    """The contact sheet of ``target``'s channels over the gallery (their top :data:`ATLAS_TOP` patches,
+    labelled with the part under each peak) and a one-line summary; None when no sample is a class of the
+    model. Computed under the model's lock."""
+    names = list(loaded.model.class_names)
+    kept = [smp for smp in gallery.samples if smp.class_name in names]
+    if not kept:
+        return None
+    inputs = AtlasInputs([str(smp.path) for smp in kept], [names.index(smp.class_name) for smp in kept],
+                         [smp.keypoints for smp in kept], list(gallery.part_names))  # fmt: skip
+    with loaded.lock:
+        summary = build_atlas(loaded.model, inputs, classes=[int(target)], top=min(ATLAS_TOP, len(kept)),
+                              batch_size=8, device=loaded.device, noise=None)  # fmt: skip
+    name = names[int(target)]
+    rows = summary["classes"][name]["channels"]
+    parts = ", ".join(
+        f"ch {r['position']}: {r['part']} ({round(r['purity'] * len(r['top']))}/{len(r['top'])})" if r["part"] else f"ch {r['position']}: –"
+        for r in rows
+    )
+    return contact_sheet(summary, name), f"Across the {len(kept)} gallery images: {parts}"
 
 
 # -------------------------------------------------------------------------------------------- gallery

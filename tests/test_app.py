@@ -695,6 +695,22 @@ def test_compare_view_draws_the_second_model_on_one_scale(twin_env, tmp_path, ga
     assert any(heading in m.value for m in at.markdown) and "its top-3: " in heading
 
 
+def test_atlas_toggle_shows_the_class_channels_across_the_gallery(env, checkpoint, gallery_dir):
+    at = run_app()
+    assert_clean(at)
+    toggle = next(t for t in at.toggle if t.key.startswith("atlas_"))
+    assert not toggle.value and not any(c.startswith("Across the") for c in captions(at))  # off: nothing computed
+    at.toggle(key=toggle.key).set_value(True).run()
+    assert_clean(at)
+    assert not at.error
+    model = mcloss.load_checkpoint(checkpoint)
+    loaded = view.LoadedModel(model, threading.Lock(), torch.device("cpu"), "k", "tiny", 0.0)
+    target = int(toggle.key.rsplit("_", 1)[1])
+    sheet, line = view.gallery_atlas(loaded, view.load_gallery(gallery_dir), target)
+    assert line.startswith("Across the 2 gallery images: ch 1: ") and sheet.ndim == 3
+    assert line in captions(at)
+
+
 def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, shown):
     """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
     at = run_app(colormap="viridis", alpha=0.3, scale="shared group", upsampling="nearest")

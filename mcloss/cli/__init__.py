@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("mcloss.cli.eval", "top-1/top-5 of both heads on a test split"),
     "export": ("mcloss.cli.export", "batch-export channel maps and Grad-CAM for images"),
     "parts": ("mcloss.cli.parts", "part-localization and faithfulness metrics"),
+    "atlas": ("mcloss.cli.atlas", "each channel's top patches across a dataset, with part, purity and consistency"),
     "sanity": ("mcloss.cli.sanity", "randomization, group-knockout and random-logit sanity checks"),
     "bench": ("mcloss.cli.bench", "throughput benchmark of the explainability paths"),
 }

@@ -5,7 +5,8 @@ over the paths); images/s. Paths:
 ``forward_only`` (model forward under inference_mode), ``channel_maps`` (F slices + peaks for the
 predicted class), ``channel_maps_and_gradcam`` (plus fused Grad-CAM), ``captum_gradcam`` (a prediction
 forward, then Captum ``LayerGradCam.attribute`` for the predicted class), ``pytorch_grad_cam``
-(``GradCAM(model, [model.feature_layer])(x)``) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
+(``GradCAM(model, [model.feature_layer])(x)``), ``atlas`` (F and a running top-16 of every channel on the
+device, the pass of :func:`mcloss.explainability.atlas.build_atlas`) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
 itself: one batch of JPEGs decoded by its workers, explained, drawn and written as PNG/NPZ/JSON to a
 temp dir). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
 ``bf16`` force one. On CUDA clocks are read after a synchronize.
@@ -34,6 +35,7 @@ PATHS = (
     "captum_gradcam",
     "pytorch_grad_cam",
     "export_end_to_end",
+    "atlas",
 )
 #: (name, numerator, denominator, goal)
 GOALS = (
@@ -41,6 +43,7 @@ GOALS = (
     ("channel_maps_and_gradcam / captum_gradcam", "channel_maps_and_gradcam", "captum_gradcam", 1.5),
     ("channel_maps_and_gradcam / pytorch_grad_cam", "channel_maps_and_gradcam", "pytorch_grad_cam", 2.0),
     ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.7),
+    ("atlas / forward_only", "atlas", "forward_only", 0.8),
 )
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -100,6 +103,15 @@ def _paths(
             return cam(x, targets=None)  # None: the predicted class
 
     folder = str(jpegs[0].parent)
+    ids = torch.arange(x.shape[0], device=device)
+    empty = torch.empty(model.num_channels, 0, device=device)
+
+    def atlas():  # the atlas pass: F, then the running top-16 of every channel, on the device
+        from mcloss.explainability.atlas import running_topk
+
+        with torch.inference_mode(), autocast(device, enabled=amp):
+            f = model.forward_features(x)
+            return running_topk((empty.float(), empty.long(), empty.long()), f.float(), ids, 16)
 
     def export_end_to_end():
         with tempfile.TemporaryDirectory(prefix="mcloss-bench-") as tmp:
@@ -116,6 +128,7 @@ def _paths(
         "captum_gradcam": captum_gradcam,
         "pytorch_grad_cam": pytorch_grad_cam,
         "export_end_to_end": export_end_to_end,
+        "atlas": atlas,
     }
 
 

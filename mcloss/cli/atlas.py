@@ -1,0 +1,124 @@
+"""``mcloss atlas``: each channel's top patches across a dataset, its part and purity, consistency, stability."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, command_line, run
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.device import resolve_device
+from mcloss.data.cub import CUBDataset
+from mcloss.data.files import sanitize_component
+from mcloss.data.io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_image
+from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
+
+__all__ = ["build_parser", "main", "summary_markdown"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mcloss atlas",
+        description="For every channel of the chosen classes: the N image patches where it fires most across a "
+        "CUB-layout dataset (one forward pass per batch, a running top-k on the device), the part its top "
+        "activations land on and its purity, part consistency and stability under input noise.",
+    )
+    add_checkpoint(p)
+    p.add_argument("--data", required=True, help="CUB-layout dataset root (part keypoints label the channels)")
+    p.add_argument("--split", default="test", choices=["test", "train", "all"])
+    p.add_argument("--out", required=True, help="output directory (a rerun with the same options resumes)")
+    p.add_argument("--top", type=int, default=16, help="patches per channel (default 16)")
+    p.add_argument("--classes", nargs="+", help="class names or 0-based indices (default all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
+    p.add_argument("--noise", type=float, default=0.2, help="std of the Gaussian input noise for stability")
+    p.add_argument("--no-stability", action="store_true", help="skip the noisy second pass")
+    p.add_argument("--radius", type=float, default=0.12, help="hit radius as a fraction of max(width, height)")
+    p.add_argument("--patch", type=float, default=0.25, help="patch side as a fraction of max(width, height)")
+    add_device(p)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the atlas and write its files; 0, or 2 on a usage error, 130 when interrupted (resumable)."""
+    return run("atlas", build_parser(), argv, lambda args: _atlas(args, argv))
+
+
+def summary_markdown(summary: dict, title: str) -> str:
+    """The atlas in words: one line per channel, then consistency and stability."""
+    c, s = summary["consistency"], summary["stability"]
+    lines = [f"# Channel atlas: {title}", "", f"{summary['images']} images, top {summary['top']} patches per channel.", ""]
+    if summary["has_parts"]:
+        share = "–" if c["share"] is None else f"{c['share']:.3f}"
+        lines.append(f"- Part consistency: {c['consistent_channels']} of {c['channels']} channels ({share}) hit one part "
+                     f"in ≥ {c['threshold']:.0%} of their class's images where it is visible.")  # fmt: skip
+        if s["share"] is not None:
+            lines.append(f"- Stability: {s['stable']} of {s['pairs']} (channel, image) pairs ({s['share']:.3f}) keep "
+                         "their hit part under input noise.")  # fmt: skip
+        lines.append("")
+    for name, group in summary["classes"].items():
+        for row in group["channels"]:
+            what = "no part labels" if row["part"] is None else f"{row['part']}, {round(row['purity'] * len(row['top']))} of its top {len(row['top'])}"
+            cons = row["consistency"]
+            extra = "" if cons["share"] is None else f"; consistency {cons['share']:.2f} on {cons['part']}"
+            lines.append(f"- channel {row['position']} of {name}: {what}{extra}")
+    return "\n".join(lines) + "\n"
+
+
+def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    for flag, value in (("--top", args.top), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.workers < 0 or args.noise < 0:
+        raise ValueError("--workers and --noise must be >= 0")
+    if not args.radius > 0 or not 0 < args.patch <= 1:
+        raise ValueError(f"--radius must be > 0 and --patch in (0, 1], got {args.radius} and {args.patch}")
+    checkpoint = checkpoint_path(args.checkpoint)
+    if not Path(args.data).is_dir():
+        raise ValueError(f"{args.data}: dataset directory not found")
+    device = resolve_device(args.device)
+    model = load_checkpoint(checkpoint, device)
+    inputs = AtlasInputs.from_cub(CUBDataset(args.data, args.split))
+    if not inputs.paths:
+        raise ValueError(f"{args.data}: the {args.split} split has no images")
+    classes = None
+    if args.classes:
+        classes = [int(c) if c.isdigit() else c for c in args.classes]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bars = []
+
+    def progress(done: int, total: int) -> None:
+        if args.no_progress:
+            return
+        if not bars:
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=total, initial=done, unit="img", desc="atlas", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        summary = build_atlas(
+            model, inputs, classes=classes, top=args.top, batch_size=args.batch_size, workers=args.workers,
+            device=device, noise=None if args.no_stability else args.noise, radius=args.radius, patch=args.patch,
+            state=out / "atlas-state.safetensors", progress=progress,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"mcloss atlas: interrupted; the pass so far is saved in {out}, run the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        for bar in bars:
+            bar.close()
+    summary["config"] = {"command": command_line("atlas", argv), "checkpoint": str(checkpoint.resolve()),
+                         "data": str(Path(args.data).resolve()), "split": args.split}  # fmt: skip
+    for name in summary["classes"]:
+        atomic_write_bytes(out / "sheets" / f"{sanitize_component(name)}.png", encode_image(contact_sheet(summary, name)))
+    atomic_write_json(out / "atlas.json", summary)
+    text = summary_markdown(summary, checkpoint.name)
+    atomic_write_text(out / "summary.md", text)
+    print(text)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,125 @@
+"""The channel atlas against planted truth: the running top-k, patch boxes, part labels, consistency,
+stability, resuming an interrupted pass, and the CLI's files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+import mcloss
+from mcloss.cli import main as cli_main
+from mcloss.data.cub import CUBDataset
+from mcloss.data.synth import generate_dataset
+from mcloss.explainability.atlas import AtlasInputs, build_atlas, patch_box, running_topk
+
+
+def test_running_topk_keeps_the_best_image_per_channel_across_batches():
+    empty = torch.empty(2, 0)
+    state = (empty.float(), empty.long(), empty.long())
+    a = torch.zeros(3, 2, 2, 2)
+    a[0, 0, 1, 1], a[1, 0, 0, 1], a[2, 0, 1, 0] = 5.0, 9.0, 1.0  # channel 0: image 1 best, then 0
+    a[:, 1] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]  # channel 1: flat maps, later images larger
+    state = running_topk(state, a, torch.tensor([0, 1, 2]), 2)
+    b = torch.zeros(2, 2, 2, 2)
+    b[0, 0, 0, 0] = 7.0
+    b[:, 1] = torch.tensor([0.5, 4.0])[:, None, None]
+    values, images, cells = running_topk(state, b, torch.tensor([3, 4]), 2)
+    assert values[0].tolist() == [9.0, 7.0] and images[0].tolist() == [1, 3] and cells[0].tolist() == [1, 0]
+    assert values[1].tolist() == [4.0, 3.0] and images[1].tolist() == [4, 2]
+
+
+def test_patch_box_is_centred_and_kept_inside():
+    assert patch_box((50, 40), (100, 80), 0.2) == [40, 30, 60, 50]
+    assert patch_box((2, 79), (100, 80), 0.2) == [0, 60, 20, 80]  # shifted inside at the corner
+    assert patch_box((5, 5), (10, 8), 2.0) == [0, 0, 10, 8]  # larger than the image: the image
+
+
+def _planted(model, cell_xy: tuple[int, int]):
+    """forward_features → zeros except channel 0 at ``cell_xy``, as strong as the image is bright."""
+    real = model.forward_features
+    fh, fw = real(torch.zeros(1, 3, 64, 64)).shape[2:]
+
+    def fake(x):
+        f = torch.zeros(x.shape[0], model.num_channels, fh, fw)
+        f[:, 0, cell_xy[1], cell_xy[0]] = 10.0 + x.mean(dim=(1, 2, 3))
+        f[:, 1:] = 0.01 * torch.rand(x.shape[0], model.num_channels - 1, fh, fw)
+        return f
+
+    model.forward_features = fake
+    return (fh, fw)
+
+
+def test_atlas_labels_a_planted_channel_with_its_part(tmp_path):
+    from PIL import Image
+
+    model = tiny_model(2, img_size=64, last_stage=2, class_names=["a", "b"])
+    fh, fw = _planted(model, (5, 9))
+    paths, labels, kps = [], [], []
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        w, h = 80 + 8 * i, 64
+        p = tmp_path / f"i{i}.png"
+        Image.fromarray(np.full((h, w, 3), 20 * i, np.uint8)).save(p)
+        geo = model.transform.geometry(w, h)
+        at = geo.feature_to_original(np.array([[5, 9]]), (fh, fw))[0]
+        far = [w - 1.0, 0.0]
+        kp = np.array([[*at, 1.0], far + [1.0]]) + np.array([[rng.uniform(-1, 1), 0, 0], [0, 0, 0]])
+        paths.append(str(p)), labels.append(i % 2), kps.append(kp)
+    inputs = AtlasInputs(paths, labels, kps, ["beak", "tail"])
+    summary = build_atlas(model, inputs, classes=["a"], top=4, batch_size=4, noise=0.5)
+    ch0 = summary["classes"]["a"]["channels"][0]
+    assert ch0["part"] == "beak" and ch0["purity"] == 1.0
+    assert [e["image"] for e in ch0["top"]] == [paths[5], paths[4], paths[3], paths[2]]  # brightest first
+    for e in ch0["top"]:
+        x0, y0, x1, y1 = e["box"]
+        assert x0 <= e["peak_xy"][0] <= x1 and y0 <= e["peak_xy"][1] <= y1
+    assert ch0["consistency"] == {"part": "beak", "share": 1.0, "consistent": True}
+    assert summary["stability"]["pairs"] == 3 * 3 and summary["consistency"]["channels"] == 3
+    assert summary["images"] == 6 and summary["has_parts"]
+
+
+def test_an_interrupted_atlas_resumes_where_it_stopped(tmp_path):
+    data = tmp_path / "birds"
+    generate_dataset(data, 2, 6, 48, 0, test_fraction=1.0)
+    ds = CUBDataset(data, "test")
+    model = tiny_model(2, img_size=48, last_stage=2, class_names=ds.class_names)
+    inputs = AtlasInputs.from_cub(ds)
+    whole = build_atlas(model, inputs, top=3, batch_size=4, noise=None)
+    state = tmp_path / "state.safetensors"
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas(model, inputs, top=3, batch_size=4, noise=None, state=state, save_every=100, progress=stop)
+    assert json.loads(state.with_suffix(".json").read_text())["done"] == 4
+    seen = []
+    resumed = build_atlas(model, inputs, top=3, batch_size=4, noise=None, state=state, progress=lambda d, t: seen.append(d))
+    assert seen[0] == 4 and seen[-1] == len(inputs.paths)
+    assert resumed["classes"] == whole["classes"]
+
+
+def test_cli_writes_sheets_index_and_summary(tmp_path, capsys):
+    data = tmp_path / "birds"
+    generate_dataset(data, 3, 4, 48, 0)
+    names = CUBDataset(data, "test").class_names
+    ckpt = tmp_path / "m.safetensors"
+    mcloss.save_checkpoint(tiny_model(3, img_size=48, last_stage=2, class_names=names), ckpt)
+    out = tmp_path / "atlas"
+    argv = ["atlas", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--top", "2", "--workers", "0",
+            "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert cli_main(argv) == 0
+    index = json.loads((out / "atlas.json").read_text())
+    assert set(index["classes"]) == set(names)
+    assert sorted(p.name for p in (out / "sheets").iterdir()) == sorted(f"{n}.png" for n in names)
+    text = (out / "summary.md").read_text()
+    assert text.count("- channel ") == 3 * len(names) and "Part consistency" in text
+    assert cli_main([*argv, "--top", "0"]) == 2
+    assert "--top must be >= 1" in capsys.readouterr().err
