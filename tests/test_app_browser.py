@@ -274,3 +274,23 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     _wait_overlays(pg)
     _no_traceback(pg)
     assert pg.get_by_text("second_bird.png").count() >= 1
+
+
+def test_browser_compare_view_and_atlas(page, server):
+    pg = page
+    pg.goto(server)  # a new session: the gallery sample, no compare
+    _wait_overlays(pg)
+    assert pg.get_by_text("the same class").count() == 0
+    pg.locator('[data-testid="stSidebar"]').get_by_text("Compare with a second model").click()
+    pg.get_by_text("the same class").first.wait_for(state="visible")
+    _wait_rerun_done(pg)
+    _no_traceback(pg)
+    assert pg.locator('img[alt^="channel 1 of"]').count() == 2  # both models' group of the class
+    assert pg.get_by_text("its top-3:").count() >= 1
+    pg.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)
+    pg.get_by_text("Atlas: where").first.click()
+    pg.locator('img[alt^="atlas of"]').first.wait_for(state="visible")
+    _wait_rerun_done(pg)
+    _no_traceback(pg)
+    assert pg.get_by_text("gallery images: ch 1:").count() >= 1
+    pg.screenshot(path=str(ARTIFACTS / "app_atlas.png"), full_page=True)

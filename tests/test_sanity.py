@@ -111,3 +111,21 @@ def test_cli_writes_every_output(tmp_path, capsys):
     assert "summary" not in capsys.readouterr().err
     assert cli_main(["sanity", "--checkpoint", str(ckpt), "--data", str(data), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+def test_knockout_of_a_group_the_fc_head_never_reads_changes_nothing():
+    model = tiny_model(3, img_size=32)
+    gh, gw = model.config["head_grid"]
+    used = model.group_slice(0)
+    linear = model.head.classifier[1]
+    with torch.no_grad():  # the FC head reads class 0's channels only
+        keep = torch.zeros(linear.in_features, dtype=torch.bool)
+        keep[used.start * gh * gw : used.stop * gh * gw] = True
+        linear.weight[:, ~keep] = 0
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    dead = group_knockout(model, x, [1, 2, 1, 2], draws=2)
+    np.testing.assert_array_equal(dead["fc_own"], np.zeros(4))  # groups 1 and 2: unused by the head
+    only = group_knockout(model, x, [0, 0, 0, 0], draws=2)
+    assert (np.abs(only["fc_own"]) > 1e-4).all()  # the only group the head reads: its logit moves
+    verdict = knockout_verdict(np.abs(only["fc_own"]), np.abs(only["fc_random"]), "FC")
+    assert verdict.depends
