@@ -285,12 +285,13 @@ def test_browser_compare_view_and_atlas(page, server):
     pg.get_by_text("the same class").first.wait_for(state="visible")
     _wait_rerun_done(pg)
     _no_traceback(pg)
-    assert pg.locator('img[alt^="channel 1 of"]').count() == 2  # both models' group of the class
+    # both models' group of the class (the second row may still be arriving when the heading shows)
+    pg.wait_for_function("() => document.querySelectorAll('img[alt^=\"channel 1 of\"]').length === 2")
     assert pg.get_by_text("its top-3:").count() >= 1
     pg.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)
     pg.get_by_text("Atlas: where").first.click()
     pg.locator('img[alt^="atlas of"]').first.wait_for(state="visible")
     _wait_rerun_done(pg)
     _no_traceback(pg)
-    assert pg.get_by_text("gallery images: ch 1:").count() >= 1
+    pg.get_by_text("gallery images: ch 1:").first.wait_for(state="visible")
     pg.screenshot(path=str(ARTIFACTS / "app_atlas.png"), full_page=True)
