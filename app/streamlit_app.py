@@ -129,7 +129,7 @@ def sidebar_compare(first: view.LoadedModel | None) -> view.LoadedModel | None:
     if first is None or not st.sidebar.toggle("Compare with a second model", value=False, key="compare_model_on"):
         return None
     chosen = st.session_state.get("checkpoint")
-    first_path = Path(chosen) if chosen and chosen != UPLOAD_CHOICE else view.default_checkpoint()
+    first_path = Path(chosen) if chosen and chosen != UPLOAD_CHOICE else None  # an upload excludes no file
     options = [str(p) for p in view.compare_choices(first_path)]
     if not options:
         st.sidebar.info("No second checkpoint found beside this one or in checkpoints/.")

@@ -226,16 +226,18 @@ def knockout_note(drops: dict[str, float], xi: int) -> str:
 COMPARE_DEFAULT = "ce-baseline.safetensors"
 
 
-def compare_choices(first: Path) -> list[Path]:
+def compare_choices(first: Path | None) -> list[Path]:
     """Second models to offer beside ``first``: the checkpoints in its folder, then the project's, without
-    ``first``; the CE-only twin (:data:`COMPARE_DEFAULT`) of ``first``'s folder leads when there is one."""
-    seen, out = {Path(first).resolve()}, []
-    for folder in (Path(first).parent, project_checkpoints()):
+    ``first``; the CE-only twin (:data:`COMPARE_DEFAULT`) of ``first``'s folder leads when there is one.
+    ``first`` None (an uploaded model): the project's checkpoints, its twin first."""
+    seen, out = ({Path(first).resolve()} if first is not None else set()), []
+    home = project_checkpoints() if first is None else Path(first).parent
+    for folder in (home, project_checkpoints()):
         for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
             if p.is_file() and p.resolve() not in seen:
                 seen.add(p.resolve())
                 out.append(p)
-    return sorted(out, key=lambda p: not (p.name == COMPARE_DEFAULT and p.parent == Path(first).parent))
+    return sorted(out, key=lambda p: not (p.name == COMPARE_DEFAULT and p.parent == home))
 
 
 def common_style(style: render.Style, first: GroupMaps, second: GroupMaps | None) -> render.Style:

@@ -711,6 +711,12 @@ def test_atlas_toggle_shows_the_class_channels_across_the_gallery(env, checkpoin
     assert line in captions(at)
 
 
+def test_an_uploaded_model_can_be_compared_with_every_project_checkpoint():
+    choices = view.compare_choices(None)  # an upload is no file: nothing is excluded
+    names = [p.name for p in choices]
+    assert "default.safetensors" in names and names[0] == view.COMPARE_DEFAULT
+
+
 def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, shown):
     """The app draws nothing of its own: its tiles are render.group_tiles' for the sidebar's Style."""
     at = run_app(colormap="viridis", alpha=0.3, scale="shared group", upsampling="nearest")

@@ -78,16 +78,21 @@ def test_atlas_labels_a_planted_channel_with_its_part(tmp_path):
         x0, y0, x1, y1 = e["box"]
         assert x0 <= e["peak_xy"][0] <= x1 and y0 <= e["peak_xy"][1] <= y1
     assert ch0["consistency"] == {"part": "beak", "share": 1.0, "consistent": True}
-    assert summary["stability"]["pairs"] == 3 * 3 and summary["consistency"]["channels"] == 3
+    # stability counts the pairs whose clean peak hits a part: channel 0 on the 3 images of class a, kept
+    assert summary["stability"] == {"pairs": 3, "stable": 3, "share": 1.0} and summary["consistency"]["channels"] == 3
     assert summary["images"] == 6 and summary["has_parts"]
 
 
-def test_an_interrupted_atlas_resumes_where_it_stopped(tmp_path):
+def _birds(tmp_path):
+    """A 12-image synth split, a tiny model of its classes and the atlas inputs."""
     data = tmp_path / "birds"
     generate_dataset(data, 2, 6, 48, 0, test_fraction=1.0)
     ds = CUBDataset(data, "test")
-    model = tiny_model(2, img_size=48, last_stage=2, class_names=ds.class_names)
-    inputs = AtlasInputs.from_cub(ds)
+    return ds, tiny_model(2, img_size=48, last_stage=2, class_names=ds.class_names), AtlasInputs.from_cub(ds)
+
+
+def test_an_interrupted_atlas_resumes_where_it_stopped(tmp_path):
+    ds, model, inputs = _birds(tmp_path)
     whole = build_atlas(model, inputs, top=3, batch_size=4, noise=None)
     state = tmp_path / "state.safetensors"
     calls = []
@@ -123,3 +128,31 @@ def test_cli_writes_sheets_index_and_summary(tmp_path, capsys):
     assert text.count("- channel ") == 3 * len(names) and "Part consistency" in text
     assert cli_main([*argv, "--top", "0"]) == 2
     assert "--top must be >= 1" in capsys.readouterr().err
+
+
+def test_an_interrupt_inside_a_batch_resumes_without_duplicates(tmp_path):
+    ds, model, inputs = _birds(tmp_path)
+    whole = build_atlas(model, inputs, top=len(inputs.paths), batch_size=4, noise=0.3)
+    real, calls = model.forward_features, []
+
+    def dies_in_the_noisy_pass_of_batch_2(x):
+        calls.append(1)
+        if len(calls) == 4:  # batch 1: clean + noisy, batch 2: clean, then its noisy pass
+            raise KeyboardInterrupt
+        return real(x)
+
+    state = tmp_path / "state.safetensors"
+    model.forward_features = dies_in_the_noisy_pass_of_batch_2
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas(model, inputs, top=len(inputs.paths), batch_size=4, noise=0.3, state=state)
+    model.forward_features = real
+    resumed = build_atlas(model, inputs, top=len(inputs.paths), batch_size=4, noise=0.3, state=state)
+    for name, group in resumed["classes"].items():
+        for row, want in zip(group["channels"], whole["classes"][name]["channels"], strict=True):
+            images = [e["image"] for e in row["top"]]
+            assert len(images) == len(set(images)) == len(inputs.paths)  # every image once
+            assert images == [e["image"] for e in want["top"]]
+    # another model is not resumed from this state
+    other = build_atlas(tiny_model(2, img_size=48, last_stage=2, class_names=ds.class_names, seed=4), inputs,
+                        top=2, batch_size=4, noise=None, state=state, model_id="other")  # fmt: skip
+    assert other["images"] == len(inputs.paths)

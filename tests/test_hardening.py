@@ -217,7 +217,7 @@ def test_checkpoint_metadata_is_checked_before_anything_is_built(tmp_path, check
         "nogroups.safetensors": ({"groups": None}, "config lacks groups"),
         "nobackbone.safetensors": ({"backbone": None}, "config lacks backbone"),
         "nogrid.safetensors": ({"head_grid": None}, "config lacks head_grid"),
-        "wide.safetensors": ({"groups": [4, 3, 3, 3]}, "head inputs"),
+        "wide.safetensors": ({"groups": [4, 4, 4, 4], "xi": 4}, "head inputs"),
     }
     for name, (changes, says) in cases.items():
         path = _forged(tmp_path / name, checkpoint, **changes)
@@ -336,3 +336,48 @@ def test_every_bad_flag_value_is_one_line_and_exit_2(tmp_path, checkpoint, capsy
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"mcloss {argv[0]}: error: "), err
+
+
+def test_a_rerun_never_takes_another_input_for_done(tmp_path, checkpoint):
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        _rgb(40, 30, seed).save(tmp_path / folder / "x.png")
+    out = tmp_path / "out"
+    assert _export(checkpoint, "--input", str(tmp_path / "a" / "x.png"), "--out", str(out), "--tile-height", "32") == 0
+    assert _export(checkpoint, "--input", str(tmp_path / "b" / "x.png"), "--out", str(out), "--tile-height", "32") == 0
+    assert _manifest(out)["counts"]["redone"] == 1  # the same output name, but another input: re-done
+    assert json.loads((out / "x.png.json").read_text())["file"] == str(tmp_path / "b" / "x.png")
+
+
+def test_stale_temp_cleanup_leaves_another_images_temps(tmp_path):
+    from mcloss.explainability.outputs import _clean_stale_temps
+
+    own = tmp_path / ".a.png.png.abcd1234.tmp.png"  # a killed write of a.png's montage
+    other = tmp_path / ".a.png.png.png.efgh5678.tmp.png"  # a live write of a.png.png's montage
+    for p in (own, other):
+        p.write_bytes(b"x")
+    _clean_stale_temps(tmp_path / "a.png", 1)
+    assert not own.exists() and other.exists()
+
+
+def test_compare_refuses_a_model_with_another_input_transform(tmp_path, checkpoint, capsys):
+    other = tmp_path / "big.safetensors"
+    mcloss.save_checkpoint(tiny_model(4, class_names=["ant", "bee", "cat", "dog"], img_size=96), other)
+    _rgb(40, 30).save(tmp_path / "i.png")
+    assert _export(checkpoint, "--input", str(tmp_path / "i.png"), "--out", str(tmp_path / "o"), "--compare", str(other)) == 2
+    assert "input transform" in capsys.readouterr().err
+
+
+def test_checkpoint_xi_must_match_the_groups(tmp_path, checkpoint):
+    path = _forged(tmp_path / "xi.safetensors", checkpoint, xi=2000)
+    with pytest.raises(CheckpointError, match="xi must be null or the size of every group"):
+        mcloss.load_checkpoint(path)
+
+
+def test_a_comparison_montage_stays_within_the_cap():
+    a, b = tiny_model(4, seed=1), tiny_model(4, seed=2)
+    image = _rgb(400, 300)
+    ea = mcloss.explain(a, image, "pred")
+    eb = mcloss.explain(b, image, [[ea.prediction]])
+    picture = render.compare_montage(ea.view, ea, eb, 0, render.Style(tile_height=2048), ("a", "b"))
+    assert picture.shape[0] * picture.shape[1] <= render.MONTAGE_MAX_PIXELS

@@ -31,7 +31,8 @@ def test_similarity_measures_on_planted_maps():
     assert rank_correlation(a, a) == pytest.approx(1.0)
     assert rank_correlation(a, -a) == pytest.approx(-1.0)
     assert rank_correlation(a, 3 * a**2 + 1) == pytest.approx(1.0)  # ranks only
-    assert np.isnan(rank_correlation(a, np.ones((8, 8))))
+    assert rank_correlation(a, np.ones((8, 8))) == 0.0  # a map that lost all structure agrees with nothing
+    assert np.isnan(rank_correlation(np.ones((8, 8)), np.zeros((8, 8))))
     assert ssim(a, a) == pytest.approx(1.0)
     assert ssim(a, 5 * a + 2) == pytest.approx(1.0)  # each map is rescaled to [0, 1] first
     assert abs(ssim(a, rng.random((8, 8)))) < 0.4 and ssim(a, 1 - a) < 0
@@ -69,7 +70,7 @@ def test_knockout_of_the_own_group_zeroes_the_mc_logit_and_random_channels_leave
     np.testing.assert_array_equal(drops["mc_random"], np.zeros(5))
     assert drops["fc_own"].shape == drops["fc_random"].shape == (5,)
     maps = class_maps(model, x, t)
-    assert maps["channels"].shape[:2] == (5, 3) and maps["ccmp"].shape == maps["gradcam"].shape
+    assert len(maps["channels"]) == 5 and maps["channels"][0].shape[0] == 3 and maps["ccmp"].shape == maps["gradcam"].shape
 
 
 def test_knockout_verdict():
@@ -129,3 +130,23 @@ def test_knockout_of_a_group_the_fc_head_never_reads_changes_nothing():
     assert (np.abs(only["fc_own"]) > 1e-4).all()  # the only group the head reads: its logit moves
     verdict = knockout_verdict(np.abs(only["fc_own"]), np.abs(only["fc_random"]), "FC")
     assert verdict.depends
+
+
+def test_groups_of_different_sizes_are_checked_too():
+    torch.manual_seed(0)
+    model = mcloss.build_model("resnet18", 3, xi=None, img_size=32).eval()  # the native split: 170, 171, 171
+    assert len({model.group_slice(c).stop - model.group_slice(c).start for c in range(3)}) == 2
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    summary = run_sanity(model, [(x, [0, 1, 2])], draws=1)
+    assert summary["images"] == 3 and len(summary["checks"]) == 6
+
+
+def test_cli_spreads_the_images_over_a_split_smaller_than_the_limit(tmp_path, capsys):
+    data = tmp_path / "birds"
+    generate_dataset(data, 2, 10, 32, 0, test_fraction=0.5)
+    names = CUBDataset(data, "test").class_names
+    ckpt = tmp_path / "m.safetensors"
+    mcloss.save_checkpoint(tiny_model(2, img_size=32, class_names=names), ckpt)
+    out = tmp_path / "s"
+    assert cli_main(["sanity", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--draws", "1"]) == 0
+    assert json.loads((out / "sanity.json").read_text())["images"] == len(CUBDataset(data, "test").records)

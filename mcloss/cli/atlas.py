@@ -12,7 +12,7 @@ from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.data.cub import CUBDataset
 from mcloss.data.files import sanitize_component
-from mcloss.data.io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_image
+from mcloss.data.io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_image, file_sha256
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 
 __all__ = ["build_parser", "main", "summary_markdown"]
@@ -104,7 +104,7 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         summary = build_atlas(
             model, inputs, classes=classes, top=args.top, batch_size=args.batch_size, workers=args.workers,
             device=device, noise=None if args.no_stability else args.noise, radius=args.radius, patch=args.patch,
-            state=out / "atlas-state.safetensors", progress=progress,
+            state=out / "atlas-state.safetensors", progress=progress, model_id=file_sha256(checkpoint),
         )  # fmt: skip
     except KeyboardInterrupt:
         print(f"mcloss atlas: interrupted; the pass so far is saved in {out}, run the same command to resume", file=sys.stderr)

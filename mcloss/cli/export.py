@@ -115,7 +115,7 @@ def _export(args: argparse.Namespace) -> int:
             return code
         ctx.barrier()  # every rank's shard files are written
         if ctx.is_main:
-            code = max(code, _report(merge_shards(config.out), "merged"))
+            code = max(code, _report(merge_shards(config.out, ctx.world_size), "merged"))
         return code
     finally:
         ctx.close()

@@ -59,7 +59,8 @@ def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     records = CUBDataset(args.data, args.split).records
     if not records:
         raise ValueError(f"{args.data}: the {args.split} split has no images")
-    pick = sorted({round(i * (len(records) - 1) / max(1, args.limit - 1)) for i in range(min(args.limit, len(records)))})
+    count = min(args.limit, len(records))
+    pick = sorted({round(i * (len(records) - 1) / max(1, count - 1)) for i in range(count)})
     inputs, targets = [], []
     for rec in (records[i] for i in pick):
         if not 0 <= rec.label < model.num_classes:

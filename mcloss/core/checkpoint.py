@@ -137,6 +137,9 @@ def _check_metadata(label: str, meta: dict) -> None:
     groups = config["groups"]
     if not isinstance(groups, list) or len(groups) != n or not all(_is_int(g) and 1 <= g <= 4096 for g in groups):
         raise CheckpointError(f"{label}: metadata groups must list {n} channel counts in 1..4096")
+    xi = config["xi"]
+    if xi is not None and not (_is_int(xi) and groups == [xi] * n):
+        raise CheckpointError(f"{label}: metadata xi must be null or the size of every group, got {xi!r}")
     grid = config["head_grid"]
     if not isinstance(grid, list) or len(grid) != 2 or not all(_is_int(g) and 1 <= g <= 64 for g in grid):
         raise CheckpointError(f"{label}: metadata head_grid must be two integers in 1..64, got {grid!r}")

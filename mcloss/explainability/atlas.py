@@ -10,7 +10,8 @@ radius (``radius`` × max(width, height)), and each channel with its most freque
 - **Part consistency** (after EvalProtoPNet): over the images of a channel's class, the part its peak hits
   most often relative to the images where that part is visible; the channel is consistent when that share
   is at least 0.8. Reported: the share of consistent channels.
-- **Stability**: the share of (channel, image of its class) pairs whose hit part is the same when Gaussian
+- **Stability**: the share of (channel, image of its class) pairs whose peak hits a part and hits the same
+  part when Gaussian
   noise (``noise`` × the normalized input's unit) is added to the input; a second forward pass over those
   images (``noise=None`` skips it).
 
@@ -21,6 +22,7 @@ a later call with the same options continues after the last saved batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,9 +115,13 @@ def _collate(items: list) -> list:
     return items
 
 
-def _options(model: MCModel, inputs: AtlasInputs, classes: Sequence[int], top: int, noise: float | None) -> dict:
-    return {"classes": list(classes), "top": top, "noise": noise, "images": len(inputs.paths),
-            "paths_head": inputs.paths[:3], "model": model.class_names}  # fmt: skip
+def _options(
+    model: MCModel, inputs: AtlasInputs, classes: Sequence[int], top: int, noise: float | None, model_id: str | None
+) -> dict:
+    """What a saved state must match to be resumed: the model, every input and label, and the settings."""
+    digest = hashlib.sha256(json.dumps([inputs.paths, inputs.labels]).encode()).hexdigest()
+    return {"classes": list(classes), "top": top, "noise": noise, "images": len(inputs.paths), "inputs": digest,
+            "model_id": model_id, "model": model.class_names}  # fmt: skip
 
 
 def _load_state(path: Path | None, options: dict, device: torch.device):
@@ -164,8 +170,11 @@ def build_atlas(
     save_every: int = 20,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    model_id: str | None = None,
 ) -> dict:
     """Run the atlas pass over ``inputs`` (see the module docstring); returns a JSON-friendly summary.
+
+    ``model_id`` (e.g. the checkpoint's sha256) is part of what a saved ``state`` must match.
 
     Raises:
         ValueError: an unknown class, ``top`` < 1, or no readable image.
@@ -176,7 +185,7 @@ def build_atlas(
         raise ValueError(f"--top must be >= 1, got {top}")
     tracked = [ch for c in classes for ch in range(model.group_slice(c).start, model.group_slice(c).stop)]
     sel = torch.tensor(tracked, device=device)
-    options = _options(model, inputs, classes, top, noise)
+    options = _options(model, inputs, classes, top, noise, model_id)
     state_path = None if state is None else Path(state)
     loaded = _load_state(state_path, options, device)
     empty = torch.empty(len(tracked), 0, device=device)
@@ -190,6 +199,7 @@ def build_atlas(
     feature_hw = None
     if progress is not None:
         progress(start, len(inputs.paths))
+    committed = running  # the top-k as of the last finished batch: what an interrupt saves
     try:
         with model_guard(model, freeze=True), torch.no_grad():
             for step, items in enumerate(loader, start=1):
@@ -219,12 +229,13 @@ def build_atlas(
                                 meta["noisy"][str(i)] = fn[k, s].flatten(1).argmax(dim=1).tolist()
                 meta["done"] = start + step * batch_size if start + step * batch_size < len(inputs.paths) else len(inputs.paths)
                 meta["feature_hw"] = list(feature_hw) if feature_hw else meta.get("feature_hw")
+                committed = running
                 if step % save_every == 0:
                     _save_state(state_path, options, running, meta)
                 if progress is not None:
                     progress(int(meta["done"]), len(inputs.paths))
-    except BaseException:
-        _save_state(state_path, options, running, meta)
+    except BaseException:  # meta["done"] still counts the finished batches only
+        _save_state(state_path, options, committed, meta)
         raise
     _save_state(state_path, options, running, meta)
     if not meta["sizes"]:
@@ -281,8 +292,11 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
                 noisy = meta["noisy"].get(str(i))
                 if noisy is None:
                     continue
+                clean = _cell_hit(model, inputs, i, cell, meta, radius)
+                if clean is None:  # only pairs whose clean peak hits a part can keep it
+                    continue
                 stable_pairs += 1
-                stable += _cell_hit(model, inputs, i, cell, meta, radius) == _cell_hit(model, inputs, i, noisy[pos], meta, radius)
+                stable += clean == _cell_hit(model, inputs, i, noisy[pos], meta, radius)
             rows.append(row)
         out_classes[model.class_names[c]] = {"index": c, "channels": rows}
     return {

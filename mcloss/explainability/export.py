@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import hashlib
+import functools
 import json
 import os
 import signal
@@ -43,7 +43,7 @@ from mcloss.core.transforms import EvalTransform
 from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
-from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text
+from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text, file_sha256
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps, prepare
 from mcloss.explainability.outputs import Comparison
@@ -238,14 +238,19 @@ def export(
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(config.checkpoint)
-    sha256 = checkpoint_sha256 or _sha256(checkpoint)
+    sha256 = checkpoint_sha256 or file_sha256(checkpoint)
     titles, compare_sha = None, None
     if (config.compare is None) != (compare_model is None):
         raise ValueError("--compare needs both the checkpoint path and its model")
     if compare_model is not None:
         if list(compare_model.class_names) != list(model.class_names):
             raise ValueError(f"--compare {config.compare}: its classes differ from those of {config.checkpoint}")
-        compare_sha = _sha256(Path(config.compare))
+        if compare_model.transform.to_dict() != model.transform.to_dict():
+            raise ValueError(
+                f"--compare {config.compare}: its input transform (size, crop, normalization) differs from that of "
+                f"{config.checkpoint}; the images are prepared once, for both"
+            )
+        compare_sha = file_sha256(Path(config.compare))
         titles = (checkpoint.name, Path(config.compare).name)
     wanted = config.output_options(sha256, compare_sha)
     shard_i, shard_n = config.shard
@@ -254,7 +259,7 @@ def export(
     errors: list[tuple[str, str]] = list(found.problems) if shard_i == 0 else []  # reported once, by shard 0
     bases = {f.key: output_path(out_dir, f.key) for f in files}
     records = {f.key: _record(bases[f.key]) for f in files}  # what an earlier run left, or None
-    todo = [f for f in files if records[f.key] is None or records[f.key].get("options") != wanted]
+    todo = [f for f in files if not _current(records[f.key], wanted, f.source)]
     redone = sum(records[f.key] is not None for f in todo)
     skipped = len(files) - len(todo)
     written = 0
@@ -265,7 +270,7 @@ def export(
         num_workers=max(0, config.workers),
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
-        worker_init_fn=die_with_parent if config.workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()) if config.workers > 0 else None,
     )
     done = 0
     knows_defining = has_defining_parts(model.card)
@@ -332,7 +337,7 @@ def export(
     )  # inputs that gave nothing first, then in input order (writes finish out of order)
 
     suffix = shard_suffix(shard_i, shard_n)
-    rows = [_index_row(f, records[f.key]) for f in files if _current(records[f.key], wanted)]
+    rows = [_index_row(f, records[f.key]) for f in files if _current(records[f.key], wanted, f.source)]
     atomic_write_text(out_dir / f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows))
     atomic_write_text(out_dir / f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))
     manifest = {
@@ -373,17 +378,21 @@ def _read_csv(path: Path, header: list[str]) -> list[list[str]]:
     return rows[1:]
 
 
-def merge_shards(out: str | Path) -> ExportResult:
+def merge_shards(out: str | Path, shards: int | None = None) -> ExportResult:
     """Merge the ``manifest/index/errors.shard-i-of-n`` files of ``out`` into ``manifest.json``,
     ``index.csv`` and ``errors.csv``, as one process would have written them: rows in the order of the
     inputs (collected again from the manifest's ``input``), counts summed, each shard's device, counts and
     seconds under ``shards``. The shard files stay.
 
+    ``shards``: merge only the split into that many shards (what a torchrun export just wrote), ignoring
+    shard files of other splits left by earlier runs; by default there must be exactly one split.
+
     Raises:
         MergeError: no shards, shards of different splits or options, or a missing or unreadable shard.
     """
     out_dir = Path(out)
-    found = sorted(out_dir.glob("manifest.shard-*-of-*.json"))
+    pattern = "manifest.shard-*-of-*.json" if shards is None else f"manifest.shard-*-of-{int(shards)}.json"
+    found = sorted(out_dir.glob(pattern))
     if not found:
         raise MergeError(f"{out_dir}: no manifest.shard-i-of-n.json files to merge")
     manifests = {}
@@ -438,10 +447,11 @@ def merge_shards(out: str | Path) -> ExportResult:
     )  # fmt: skip
 
 
-def die_with_parent(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: on Linux the worker gets SIGKILL when the export process dies (even by
-    SIGKILL), instead of lingering with its memory; elsewhere torch's own parent check remains."""
-    parent = os.getppid()
+def die_with_parent(_worker_id: int = 0, *, parent: int | None = None) -> None:
+    """DataLoader ``worker_init_fn``: on Linux the worker gets SIGKILL when the export process ``parent``
+    (its pid, read before the fork) dies, even by SIGKILL, instead of lingering with its memory; elsewhere
+    torch's own parent check remains."""
+    parent = os.getppid() if parent is None else parent
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -498,19 +508,12 @@ def _record(base: Path) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _current(record: dict | None, options: dict) -> bool:
-    return record is not None and record.get("options") == options
+def _current(record: dict | None, options: dict, source: str) -> bool:
+    """An earlier record still stands: the same options, and made from this very input."""
+    return record is not None and record.get("options") == options and record.get("file") == source
 
 
 def _index_row(f: InputFile, rec: dict) -> list[str]:
     folder = f.key.rsplit("/", 1)[0] if "/" in f.key else ""
     outputs = [f"{folder}/{name}" if folder else name for name in rec["outputs"]]
     return [f.source, ";".join(outputs), rec["prediction"]["name"], f"{rec['prediction']['prob']:.6f}", rec["target"]["name"]]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

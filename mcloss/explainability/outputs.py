@@ -170,10 +170,15 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _clean_stale_temps(base: Path) -> None:
-    """Remove temp files a killed run left for this image's outputs."""
-    if base.parent.is_dir():
-        for tmp in base.parent.glob(f".{glob.escape(base.name)}.*.tmp*"):
+def _clean_stale_temps(base: Path, ranks: int) -> None:
+    """Remove temp files a killed run left for this image's own outputs: ``.<output>.<8 random
+    characters>.tmp<suffix>`` (``atomic_path``'s names) of exactly its output names, so that another image's
+    live temps (``a.png.png`` beside ``a.png``) are never touched."""
+    if not base.parent.is_dir():
+        return
+    names = [png_name(base.name, r) for r in range(1, ranks + 1)] + [f"{base.name}.npz", f"{base.name}.json"]
+    for name in names:
+        for tmp in base.parent.glob(f".{glob.escape(name)}.????????.tmp*"):
             tmp.unlink(missing_ok=True)
 
 
@@ -201,7 +206,7 @@ def write_explanation(
             each montage shows both models, one above the other (:func:`compare_montage`), the npz adds its
             arrays prefixed ``compare_``, and the json its record under ``compare``.
     """
-    _clean_stale_temps(base)
+    _clean_stale_temps(base, len(exp.groups))
     record = explanation_record(exp, topk, base.name, defining)
     if options is not None:
         record["options"] = options

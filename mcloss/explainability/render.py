@@ -726,7 +726,11 @@ def compare_montage(
     rows = [explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return np.concatenate([rows[0], np.full((6, width, 3), _BG_RGB, np.uint8), rows[1]], axis=0)
+    picture = np.concatenate([rows[0], np.full((6, width, 3), _BG_RGB, np.uint8), rows[1]], axis=0)
+    if picture.shape[0] * picture.shape[1] > MONTAGE_MAX_PIXELS:  # two rows, one cap
+        scale = (MONTAGE_MAX_PIXELS / (picture.shape[0] * picture.shape[1])) ** 0.5
+        picture = _resize(picture, max(1, int(picture.shape[0] * scale)), max(1, int(picture.shape[1] * scale)))
+    return picture
 
 
 def explanation_figure(
