@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mcloss.core.checkpoint import CHECKPOINT_ENV, default_checkpoint
@@ -19,6 +20,8 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "USAGE_ERRORS",
     "add_checkpoint",
+    "check_at_least",
+    "progress_bar",
     "add_device",
     "checkpoint_path",
     "command_line",
@@ -114,3 +117,33 @@ def checkpoint_path(given: str | None) -> Path:
             hint = f" (the default; set {CHECKPOINT_ENV}, train one, or pass --checkpoint)"
         raise ValueError(f"{path}: checkpoint not found{hint}")
     return path
+
+
+def check_at_least(*checks: tuple[str, float, float]) -> None:
+    """Raise ValueError naming the first ``(flag, value, least)`` whose value is below its least."""
+    for flag, value, least in checks:
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (None when not ``enabled``). The bar
+    is made on the first report, when the total is known, starting at ``done``, and closed on exit."""
+    if not enabled:
+        yield None
+        return
+    bars = []
+
+    def report(done: int, total: int) -> None:
+        if not bars:
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=total, initial=done, unit="img", desc=desc, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield report
+    finally:
+        for bar in bars:
+            bar.close()

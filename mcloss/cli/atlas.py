@@ -7,7 +7,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, command_line, run
+from mcloss.cli._common import (
+    EXIT_INTERRUPTED,
+    add_checkpoint,
+    add_device,
+    check_at_least,
+    checkpoint_path,
+    command_line,
+    progress_bar,
+    run,
+)
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.data.cub import CUBDataset
@@ -69,9 +78,7 @@ def summary_markdown(summary: dict, title: str) -> str:
 
 
 def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    for flag, value in (("--top", args.top), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_at_least(("--top", args.top, 1), ("--batch-size", args.batch_size, 1))
     if args.workers < 0 or args.noise < 0:
         raise ValueError("--workers and --noise must be >= 0")
     if not args.radius > 0 or not 0 < args.patch <= 1:
@@ -89,29 +96,17 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         classes = [int(c) if c.isdigit() else c for c in args.classes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bars = []
-
-    def progress(done: int, total: int) -> None:
-        if args.no_progress:
-            return
-        if not bars:
-            from tqdm import tqdm
-
-            bars.append(tqdm(total=total, initial=done, unit="img", desc="atlas", file=sys.stderr))
-        bars[0].update(done - bars[0].n)
-
     try:
-        summary = build_atlas(
-            model, inputs, classes=classes, top=args.top, batch_size=args.batch_size, workers=args.workers,
-            device=device, noise=None if args.no_stability else args.noise, radius=args.radius, patch=args.patch,
-            state=out / "atlas-state.safetensors", progress=progress, model_id=file_sha256(checkpoint),
-        )  # fmt: skip
+        with progress_bar("atlas", not args.no_progress) as progress:
+            summary = build_atlas(
+                model, inputs, classes=classes, top=args.top, batch_size=args.batch_size, workers=args.workers,
+                device=device, noise=None if args.no_stability else args.noise, radius=args.radius,
+                patch=args.patch, state=out / "atlas-state.safetensors", progress=progress,
+                model_id=file_sha256(checkpoint),
+            )  # fmt: skip
     except KeyboardInterrupt:
         print(f"mcloss atlas: interrupted; the pass so far is saved in {out}, run the same command to resume", file=sys.stderr)
-        return 130
-    finally:
-        for bar in bars:
-            bar.close()
+        return EXIT_INTERRUPTED
     summary["config"] = {"command": command_line("atlas", argv), "checkpoint": str(checkpoint.resolve()),
                          "data": str(Path(args.data).resolve()), "split": args.split}  # fmt: skip
     for name in summary["classes"]:

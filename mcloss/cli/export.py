@@ -13,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-from mcloss.cli._common import EXIT_OK, EXIT_REJECTED, add_checkpoint, add_device, checkpoint_path, run, say
+from mcloss.cli._common import (
+    EXIT_OK,
+    EXIT_REJECTED,
+    add_checkpoint,
+    add_device,
+    checkpoint_path,
+    progress_bar,
+    run,
+    say,
+)
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.distributed import DistContext, launched_by_torchrun
 from mcloss.explainability.explanation import DEFAULT_MAPS, MAP_KINDS, parse_maps
@@ -122,20 +131,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(model, config: ExportConfig, device: torch.device, *, progress: bool, compare=None) -> ExportResult:
-    bars = []
-
-    def report(done: int, total: int) -> None:
-        if not bars:  # created on the first report, when the number of images to do is known
-            from tqdm import tqdm
-
-            bars.append(tqdm(total=total, unit="img", desc="export", file=sys.stderr))
-        bars[0].update(done - bars[0].n)
-
-    try:
-        return export(model, config, device=device, progress=report if progress else None, compare_model=compare)
-    finally:
-        for bar in bars:
-            bar.close()
+    with progress_bar("export", progress) as report:
+        return export(model, config, device=device, progress=report, compare_model=compare)
 
 
 def _report(result: ExportResult, verb: str) -> int:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, command_line, run, say
+from mcloss.cli._common import (
+    add_checkpoint,
+    add_device,
+    check_at_least,
+    checkpoint_path,
+    command_line,
+    run,
+    say,
+)
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.data.cub import CUBDataset
@@ -47,9 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1), ("--draws", args.draws, 1)):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    check_at_least(("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1), ("--draws", args.draws, 1))
     out = Path(args.out) if args.out else Path("runs") / f"sanity-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = checkpoint_path(args.checkpoint)
     if not Path(args.data).is_dir():

@@ -86,12 +86,16 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None =
     file are ``problems``. Nothing inside ``exclude`` (the output folder) is ever an input.
     """
     skip = Path(exclude).resolve() if exclude is not None else None
+
+    def excluded(path: Path) -> bool:
+        return skip is not None and _same_or_inside(path, skip)
+
     found: list[tuple[str, str]] = []  # (source, key)
     problems: list[tuple[str, str]] = []
     for raw in inputs:
         if os.path.isdir(raw):
             root = Path(raw)
-            if skip is not None and _same_or_inside(root, skip):
+            if excluded(root):
                 problems.append((raw, f"{raw}: is the output folder (or inside it), not an input"))
                 continue
             prefix = [root.resolve().name]
@@ -101,11 +105,11 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None =
             found += [(str(p), _key_for(prefix + list(p.relative_to(root).parts))) for p in images]
         elif not os.path.exists(raw) and glob.has_magic(raw):
             matches = [m for m in sorted(glob.glob(raw, recursive=True)) if os.path.isfile(m)]
-            kept = [m for m in matches if skip is None or not _same_or_inside(Path(m), skip)]
+            kept = [m for m in matches if not excluded(Path(m))]
             if not kept:
                 problems.append((raw, f"{raw}: no file matches this pattern" + (" outside the output folder" if matches else "")))
             found += [(m, _key_for([Path(m).name])) for m in kept]
-        elif skip is not None and os.path.exists(raw) and _same_or_inside(Path(raw), skip):
+        elif os.path.exists(raw) and excluded(Path(raw)):
             problems.append((raw, f"{raw}: is inside the output folder, not an input"))
         else:
             found.append((raw, _key_for([Path(raw).name])))
@@ -128,8 +132,6 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None =
 
 def output_path(out_dir: Path, key: str) -> Path:
     """``out_dir / key``, refusing a key that would land outside ``out_dir``."""
-    path = (out_dir / key).resolve()
-    root = out_dir.resolve()
-    if os.path.commonpath([root, path]) != str(root):
+    if not _same_or_inside(out_dir / key, out_dir.resolve()):
         raise ValueError(f"output {key!r} would escape {out_dir}")
     return out_dir / key

@@ -113,13 +113,6 @@ def class_maps(model: MCModel, x: torch.Tensor, targets: Sequence[int]) -> dict[
     }
 
 
-def _finite_mean(values: Sequence[float]) -> float:
-    """The mean of the finite values (NaN when none: e.g. every channel of the group is constant)."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    return float(v.mean()) if v.size else float("nan")
-
-
 def _similarities(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:
     """Per map kind, per image: Spearman and SSIM between ``ref`` and ``other`` (channels: channel i with
     channel i, up to the smaller group, and the mean over them)."""
@@ -128,7 +121,7 @@ def _similarities(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
         rho, sim = [], []
         for a, b in zip(ref[kind], other[kind], strict=True):
             pairs = list(zip(a, b, strict=False)) if kind == "channels" else [(a, b)]
-            rho.append(_finite_mean([rank_correlation(p, q) for p, q in pairs]))
+            rho.append(_stats([rank_correlation(p, q) for p, q in pairs])["mean"])  # NaN when none is finite
             sim.append(float(np.mean([ssim(p, q) for p, q in pairs])))
         out[kind] = {"spearman": rho, "ssim": sim}
     return out
@@ -266,13 +259,8 @@ def knockout_verdict(own: np.ndarray, random: np.ndarray, head: str) -> Knockout
     se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("inf")
     mean = float(diff.mean()) if diff.size else float("nan")
     depends = bool(diff.size > 1 and mean > 0 and mean > 2 * se)
-    return KnockoutVerdict(
-        head, float(own.mean()), _std(own), float(random.mean()), _std(random), mean, se, depends
-    )  # fmt: skip
-
-
-def _std(v: np.ndarray) -> float:
-    return float(v.std(ddof=1)) if v.size > 1 else 0.0
+    a, b = _stats(own), _stats(random)
+    return KnockoutVerdict(head, a["mean"], a["std"], b["mean"], b["std"], mean, se, depends)
 
 
 # ------------------------------------------------------------------------------------------- random logit

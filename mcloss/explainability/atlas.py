@@ -32,12 +32,13 @@ import cv2
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mcloss.core.model import MCModel, model_guard
-from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, load_image
+from mcloss.data.files import InputFile
+from mcloss.data.io import atomic_path, atomic_write_json, load_image
 from mcloss.evaluation.metrics import hit_radius, nearest_keypoints
-from mcloss.explainability.explanation import prepare
+from mcloss.explainability.export import ImageFiles, collate_items
 
 __all__ = ["CONSISTENT", "AtlasInputs", "build_atlas", "contact_sheet", "patch_box", "running_topk"]
 
@@ -94,25 +95,6 @@ class AtlasInputs:
         kps = [None if r.parts is None else np.asarray(r.parts, np.float64).reshape(-1, 3) for r in dataset.records]
         return cls([str(r.path) for r in dataset.records], [int(r.label) for r in dataset.records], kps,
                    list(dataset.part_names))  # fmt: skip
-
-
-class _Images(Dataset):
-    def __init__(self, paths: Sequence[str], transform) -> None:
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            p = prepare(self.transform, self.paths[i], view=None)
-        except ImageLoadError as exc:
-            return i, None, str(exc)
-        return i, p.x, p.geometry
-
-
-def _collate(items: list) -> list:
-    return items
 
 
 def _options(
@@ -192,8 +174,9 @@ def build_atlas(
     running = (empty.float(), empty.long(), empty.long()) if loaded is None else loaded[0]
     meta = {"done": 0, "sizes": {}, "own": {}, "noisy": {}, "skipped": {}} if loaded is None else loaded[1]
     start = int(meta["done"])
-    loader = DataLoader(torch.utils.data.Subset(_Images(inputs.paths, model.transform), range(start, len(inputs.paths))),
-                        batch_size=batch_size, num_workers=workers, collate_fn=_collate)  # fmt: skip
+    files = [InputFile(p, p) for p in inputs.paths]
+    loader = DataLoader(torch.utils.data.Subset(ImageFiles(files, model.transform, None), range(start, len(files))),
+                        batch_size=batch_size, num_workers=workers, collate_fn=collate_items)  # fmt: skip
     position = {c: k for k, c in enumerate(classes)}
     gen = torch.Generator().manual_seed(seed)
     feature_hw = None
@@ -203,23 +186,23 @@ def build_atlas(
     try:
         with model_guard(model, freeze=True), torch.no_grad():
             for step, items in enumerate(loader, start=1):
-                good = [(i, x, g) for i, x, g in items if x is not None]
-                for i, _, reason in (it for it in items if it[1] is None):
+                good = [(i, item) for i, item in items if not isinstance(item, str)]
+                for i, reason in (it for it in items if isinstance(it[1], str)):
                     meta["skipped"][str(i)] = reason
                 if good:
-                    x = torch.stack([x for _, x, _ in good]).to(device)
+                    x = torch.stack([item.x for _, item in good]).to(device)
                     feats = model.forward_features(x).float()
                     feature_hw = tuple(feats.shape[2:])
-                    ids = torch.tensor([i for i, _, _ in good], device=device)
+                    ids = torch.tensor([i for i, _ in good], device=device)
                     running = running_topk(running, feats[:, sel], ids, top)
-                    for b, (i, _, g) in enumerate(good):
-                        meta["sizes"][str(i)] = [int(g.original[0]), int(g.original[1])]
+                    for b, (i, item) in enumerate(good):
+                        meta["sizes"][str(i)] = [int(item.geometry.original[0]), int(item.geometry.original[1])]
                         label = inputs.labels[i]
                         if label in position:
                             s = model.group_slice(label)
                             meta["own"][str(i)] = feats[b, s].flatten(1).argmax(dim=1).tolist()
                     if noise is not None:
-                        own = [b for b, (i, _, _) in enumerate(good) if inputs.labels[i] in position]
+                        own = [b for b, (i, _) in enumerate(good) if inputs.labels[i] in position]
                         if own:
                             xn = x[own] + noise * torch.randn(x[own].shape, generator=gen).to(device)
                             fn = model.forward_features(xn).float()
@@ -227,7 +210,7 @@ def build_atlas(
                                 i = good[b][0]
                                 s = model.group_slice(inputs.labels[i])
                                 meta["noisy"][str(i)] = fn[k, s].flatten(1).argmax(dim=1).tolist()
-                meta["done"] = start + step * batch_size if start + step * batch_size < len(inputs.paths) else len(inputs.paths)
+                meta["done"] = min(start + step * batch_size, len(inputs.paths))
                 meta["feature_hw"] = list(feature_hw) if feature_hw else meta.get("feature_hw")
                 committed = running
                 if step % save_every == 0:
@@ -265,6 +248,7 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     for c in classes:
         s = model.group_slice(c)
         rows = []
+        class_peaks = [(int(i), p) for i, p in meta["own"].items() if inputs.labels[int(i)] == c]
         for pos, ch in enumerate(range(s.start, s.stop)):
             k = tracked.index(ch)
             entries, hits = [], []
@@ -283,7 +267,7 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
                    "part": None if mode is None else names[mode],
                    "purity": None if mode is None else labelled.count(mode) / len(entries)}  # fmt: skip
             # consistency over the images of this class
-            own = [(int(i), p[pos]) for i, p in meta["own"].items() if inputs.labels[int(i)] == c]
+            own = [(i, p[pos]) for i, p in class_peaks]
             share, best_part = _consistency(model, inputs, own, meta, radius)
             row["consistency"] = {"part": None if best_part is None else names[best_part], "share": share,
                                   "consistent": share is not None and share >= CONSISTENT}  # fmt: skip

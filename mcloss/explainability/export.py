@@ -54,6 +54,7 @@ __all__ = [
     "ExportConfig",
     "ExportResult",
     "ImageFiles",
+    "collate_items",
     "MergeError",
     "die_with_parent",
     "export",
@@ -178,10 +179,11 @@ def parse_shard(text: str) -> tuple[int, int]:
 class ImageFiles(Dataset):
     """Decodes inputs in DataLoader workers: an item is (index, PreparedImage) or (index, error string).
 
-    The prepared image's view is a thumbnail of ``thumb_height`` rows, what the montages are drawn on.
+    The prepared image's view is a thumbnail of ``thumb_height`` rows, what the montages are drawn on (None:
+    no view, for passes that draw nothing).
     """
 
-    def __init__(self, files: Sequence[InputFile], transform: EvalTransform, thumb_height: int) -> None:
+    def __init__(self, files: Sequence[InputFile], transform: EvalTransform, thumb_height: int | None) -> None:
         self.files = list(files)
         self.transform = transform
         self.thumb_height = thumb_height
@@ -192,6 +194,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, PreparedImage | str]:
         source = self.files[index].source
         try:
+            if self.thumb_height is None:
+                return index, prepare(self.transform, source, view=None)
             return index, prepare(self.transform, source, view="height", view_size=self.thumb_height)
         except ImageLoadError as exc:
             return index, str(exc)
@@ -199,7 +203,8 @@ class ImageFiles(Dataset):
             return index, f"{source}: {type(exc).__name__}: {exc}"
 
 
-def _collate(items: list) -> list:
+def collate_items(items: list) -> list:
+    """DataLoader ``collate_fn`` that keeps a batch as the list of its items."""
     return items
 
 
@@ -268,13 +273,12 @@ def export(
         ImageFiles(todo, model.transform, config.style.tile_height),
         batch_size=max(1, config.batch_size),
         num_workers=max(0, config.workers),
-        collate_fn=_collate,
+        collate_fn=collate_items,
         pin_memory=device.type == "cuda",
         worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()) if config.workers > 0 else None,
     )
     done = 0
     knows_defining = has_defining_parts(model.card)
-    pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="mcloss-export-write")
     pending: deque[tuple[InputFile, Future]] = deque()
 
     def collect(f: InputFile, future: Future) -> None:
@@ -288,53 +292,51 @@ def export(
 
     if progress is not None:
         progress(done, len(todo))
-    for items in loader:
-        good, labels = [], []
-        for index, item in items:
-            f = todo[index]
-            if isinstance(item, str):
-                errors.append((f.source, item))
-                continue
-            label = None
-            if spec == "label":
-                try:
-                    label = cub_label(f.source)
-                except DatasetError as exc:
-                    errors.append((f.source, f"{f.source}: no label ({exc})"))
+    # the pool is left only when every write has finished (or failed), even if the loop raises
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="mcloss-export-write") as pool:
+        for items in loader:
+            good, labels = [], []
+            for index, item in items:
+                f = todo[index]
+                if isinstance(item, str):
+                    errors.append((f.source, item))
                     continue
-                if label is None or not 0 <= label < model.num_classes:
-                    errors.append((f.source, f"{f.source}: no label (not inside a CUB-layout dataset)"))
-                    continue
-            good.append((f, item))
-            labels.append(label)
-        if good:
-            exps = explain(
-                model, [item for _, item in good], spec, maps=maps, labels=labels, method=config.method, device=device,
-                amp=amp,
-            )  # fmt: skip
-            seconds = [None] * len(exps)
-            if compare_model is not None:  # the same classes, in the same order, from the second model
-                same = [[g.target for g in e.groups] for e in exps]
-                seconds = explain(
-                    compare_model, [item for _, item in good], same, maps=maps, labels=labels, method=config.method,
-                    device=device, amp=amp,
+                label = None
+                if spec == "label":
+                    try:
+                        label = cub_label(f.source)
+                    except DatasetError as exc:
+                        errors.append((f.source, f"{f.source}: no label ({exc})"))
+                        continue
+                    if label is None or not 0 <= label < model.num_classes:
+                        errors.append((f.source, f"{f.source}: no label (not inside a CUB-layout dataset)"))
+                        continue
+                good.append((f, item))
+                labels.append(label)
+            if good:
+                exps = explain(
+                    model, [item for _, item in good], spec, maps=maps, labels=labels, method=config.method, device=device,
+                    amp=amp,
                 )  # fmt: skip
-            for (f, item), exp, other in zip(good, exps, seconds, strict=True):  # written while the next batch runs
-                pair = None if other is None else Comparison(other, titles, compare_sha)
-                task = (_write_task, bases[f.key], records[f.key], exp, config, item, model.card, knows_defining, wanted, pair)
-                pending.append((f, pool.submit(*task)))
-            while len(pending) > 2 * max(1, config.batch_size):
-                collect(*pending.popleft())
-        done += len(items)
-        if progress is not None:
-            progress(done, len(todo))
-    while pending:
-        collect(*pending.popleft())
-    pool.shutdown()
-    position = {f.source: k for k, f in enumerate(files)}
-    errors = [e for e in errors if e[0] not in position] + sorted(
-        (e for e in errors if e[0] in position), key=lambda e: position[e[0]]
-    )  # inputs that gave nothing first, then in input order (writes finish out of order)
+                seconds = [None] * len(exps)
+                if compare_model is not None:  # the same classes, in the same order, from the second model
+                    same = [[g.target for g in e.groups] for e in exps]
+                    seconds = explain(
+                        compare_model, [item for _, item in good], same, maps=maps, labels=labels, method=config.method,
+                        device=device, amp=amp,
+                    )  # fmt: skip
+                for (f, item), exp, other in zip(good, exps, seconds, strict=True):  # written while the next batch runs
+                    pair = None if other is None else Comparison(other, titles, compare_sha)
+                    task = (_write_task, bases[f.key], records[f.key], exp, config, item, model.card, knows_defining, wanted, pair)
+                    pending.append((f, pool.submit(*task)))
+                while len(pending) > 2 * max(1, config.batch_size):
+                    collect(*pending.popleft())
+            done += len(items)
+            if progress is not None:
+                progress(done, len(todo))
+        while pending:
+            collect(*pending.popleft())
+    errors = _in_input_order(errors, {f.source: k for k, f in enumerate(files)})  # writes finish out of order
 
     suffix = shard_suffix(shard_i, shard_n)
     rows = [_index_row(f, records[f.key]) for f in files if _current(records[f.key], wanted, f.source)]
@@ -352,6 +354,14 @@ def export(
     manifest_path = out_dir / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
     return ExportResult(out_dir, len(files), written, redone, skipped, errors, manifest_path)
+
+
+def _in_input_order(errors: list, position: dict[str, int]) -> list:
+    """Error rows (file first) as one process writes them: those of inputs that gave no file (not in
+    ``position``) first, as they came, then the others in input order."""
+    return [e for e in errors if e[0] not in position] + sorted(
+        (e for e in errors if e[0] in position), key=lambda e: position[e[0]]
+    )
 
 
 def shard_suffix(i: int, n: int) -> str:
@@ -425,7 +435,7 @@ def merge_shards(out: str | Path, shards: int | None = None) -> ExportResult:
         errors += _read_csv(out_dir / f"errors{shard_suffix(i, n)}.csv", _ERRORS_HEADER)
     late = len(order)
     index.sort(key=lambda row: order.get(row[0], late))
-    errors = [r for r in errors if r[0] not in order] + sorted((r for r in errors if r[0] in order), key=lambda r: order[r[0]])
+    errors = _in_input_order(errors, order)
     totals = {k: sum(m["counts"].get(k, 0) for m in manifests.values()) for k in first["counts"]}
     manifest = {
         "checkpoint": first["checkpoint"],

@@ -364,11 +364,7 @@ def resize_to_height(image: np.ndarray, height: int) -> np.ndarray:
     """Resize an RGB image to ``height`` keeping its aspect ratio (area filter when shrinking)."""
     img = _check_image(image)
     h, w = img.shape[:2]
-    if h == height:
-        return img
-    new_w = max(1, int(round(w * height / h)))
-    interp = cv2.INTER_AREA if height < h else cv2.INTER_LINEAR
-    return cv2.resize(img, (new_w, height), interpolation=interp)
+    return _resize(img, height, max(1, int(round(w * height / h))))
 
 
 def tile_box(size_hw: tuple[int, int], height: int) -> tuple[int, int]:
@@ -380,10 +376,20 @@ def tile_box(size_hw: tuple[int, int], height: int) -> tuple[int, int]:
 
 
 def _resize(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``img`` at rows × cols: the area filter when it shrinks, bilinear when it grows (unchanged if equal)."""
     if img.shape[:2] == (rows, cols):
         return img
     interp = cv2.INTER_AREA if rows * cols < img.shape[0] * img.shape[1] else cv2.INTER_LINEAR
     return cv2.resize(img, (cols, rows), interpolation=interp)
+
+
+def _within_cap(picture: np.ndarray) -> np.ndarray:
+    """``picture``, scaled down (aspect kept) when it has more than MONTAGE_MAX_PIXELS pixels."""
+    pixels = picture.shape[0] * picture.shape[1]
+    if pixels <= MONTAGE_MAX_PIXELS:
+        return picture
+    scale = (MONTAGE_MAX_PIXELS / pixels) ** 0.5
+    return _resize(picture, max(1, int(picture.shape[0] * scale)), max(1, int(picture.shape[1] * scale)))
 
 
 def pad_to_aspect(image: np.ndarray, rows: int | None = None) -> np.ndarray:
@@ -488,10 +494,7 @@ def montage(
         strip = np.full((title_height + 6, row.shape[1], 3), _BG_RGB, np.uint8)
         _put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter)
         row = np.concatenate([strip, row], axis=0)
-    if row.shape[0] * row.shape[1] > MONTAGE_MAX_PIXELS:  # only a caller's huge height gets here
-        scale = (MONTAGE_MAX_PIXELS / (row.shape[0] * row.shape[1])) ** 0.5
-        row = _resize(row, max(1, int(row.shape[0] * scale)), max(1, int(row.shape[1] * scale)))
-    return row
+    return _within_cap(row)  # only a caller's huge height is scaled down here
 
 
 def _fit_width(img: np.ndarray, width: int) -> np.ndarray:
@@ -515,8 +518,7 @@ def fit_view(image: np.ndarray, max_side: int | None = VIEW_MAX_SIDE) -> np.ndar
     if max_side is None or max(h, w) <= max_side:
         return img
     scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return _resize(img, max(1, round(h * scale)), max(1, round(w * scale)))
 
 
 # --------------------------------------------------------------------------------------------- tiles
@@ -726,11 +728,7 @@ def compare_montage(
     rows = [explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    picture = np.concatenate([rows[0], np.full((6, width, 3), _BG_RGB, np.uint8), rows[1]], axis=0)
-    if picture.shape[0] * picture.shape[1] > MONTAGE_MAX_PIXELS:  # two rows, one cap
-        scale = (MONTAGE_MAX_PIXELS / (picture.shape[0] * picture.shape[1])) ** 0.5
-        picture = _resize(picture, max(1, int(picture.shape[0] * scale)), max(1, int(picture.shape[1] * scale)))
-    return picture
+    return _within_cap(np.concatenate([rows[0], np.full((6, width, 3), _BG_RGB, np.uint8), rows[1]], axis=0))
 
 
 def explanation_figure(
