@@ -41,6 +41,8 @@ from mcloss.training.run_dir import read_metrics
 #: (backbone, input side, classes, ξ (None: the native width split unevenly), batch) per benchmarked model.
 FULL_MODELS = (("resnet18", 224, 200, 3, 32), ("resnet50", 448, 200, None, 16))
 SMOKE_MODELS = (("resnet18", 32, 4, 2, 2),)
+#: Decoding workers of the export path on a GPU machine, where the CPU cores are not the model's.
+EXPORT_WORKERS = 4
 #: The issue's goals on a GPU: (label, numerator path, denominator path, least ratio).
 GOALS = (
     ("channel_maps / forward_only", "channel_maps", "forward_only", 0.9),
@@ -78,7 +80,8 @@ def bench_models(device: torch.device, models: Sequence[tuple], repeats: int, wa
             torch.manual_seed(0)
             model = build_model(backbone, classes, xi=xi, img_size=size)
             report = run_benchmark(
-                model, device, batch_size=batch, repeats=repeats, warmup=warmup, paths=PATHS, precision=precision
+                model, device, batch_size=batch, repeats=repeats, warmup=warmup, paths=PATHS, precision=precision,
+                workers=EXPORT_WORKERS if device.type == "cuda" else 0,
             )
             paths = report["paths"]
             goals = {

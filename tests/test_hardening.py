@@ -218,6 +218,8 @@ def test_checkpoint_metadata_is_checked_before_anything_is_built(tmp_path, check
         "nobackbone.safetensors": ({"backbone": None}, "config lacks backbone"),
         "nogrid.safetensors": ({"head_grid": None}, "config lacks head_grid"),
         "wide.safetensors": ({"groups": [4, 4, 4, 4], "xi": 4}, "head inputs"),
+        "pool.safetensors": ({"mc_pool_share": 1.5}, r"mc_pool_share must be a number in \(0, 1\], got 1.5"),
+        "poolstr.safetensors": ({"mc_pool_share": "top"}, "mc_pool_share must be a number"),
     }
     for name, (changes, says) in cases.items():
         path = _forged(tmp_path / name, checkpoint, **changes)
@@ -226,6 +228,16 @@ def test_checkpoint_metadata_is_checked_before_anything_is_built(tmp_path, check
             mcloss.load_checkpoint(path)
         assert str(info.value).startswith(str(path))
         assert time.perf_counter() - t0 < 5  # refused from the header, not after building 10^9 classes
+    # a checkpoint saved before the MC head's pool was recorded: the L_dis pool its card names, else the official GAP
+    old = _forged(tmp_path / "old.safetensors", checkpoint, mc_pool_share=None)
+    assert mcloss.load_checkpoint(old).mc_pool_share == 1.0
+    with safe_open(str(old), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for share, alpha, expect in ((0.05, 1.5, 0.05), (0.05, 0.0, 1.0), ("x", 1.5, 1.0), (7, 1.5, 1.0)):  # alpha 0: CE only
+        meta["card"] = json.dumps(json.loads(meta["card"]) | {"dis_topk": share, "alpha": alpha})
+        save_file(tensors, str(tmp_path / "topk.safetensors"), metadata=meta)
+        assert mcloss.load_checkpoint(tmp_path / "topk.safetensors").mc_pool_share == expect
     # class names that agree with a lying class count: the header's head shape refuses it
     with safe_open(str(checkpoint), framework="pt") as f:
         meta = dict(f.metadata())
@@ -350,14 +362,35 @@ def test_a_rerun_never_takes_another_input_for_done(tmp_path, checkpoint):
 
 
 def test_stale_temp_cleanup_leaves_another_images_temps(tmp_path):
-    from mcloss.explainability.outputs import _clean_stale_temps
+    from mcloss.explainability.outputs import stale_temps
 
     own = tmp_path / ".a.png.png.abcd1234.tmp.png"  # a killed write of a.png's montage
     other = tmp_path / ".a.png.png.png.efgh5678.tmp.png"  # a live write of a.png.png's montage
     for p in (own, other):
         p.write_bytes(b"x")
-    _clean_stale_temps(tmp_path / "a.png", 1)
-    assert not own.exists() and other.exists()
+    assert stale_temps(tmp_path, {"a.png"}) == [own]
+
+
+def test_export_sweeps_a_killed_runs_temps_with_one_listing_per_folder(tmp_path, checkpoint, monkeypatch):
+    import mcloss.explainability.outputs as outputs_mod
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(5):
+        _rgb(40, 30, i).save(src / f"x{i}.png")
+    (out / "in").mkdir(parents=True)
+    killed = [".x0.png.png.abcd1234.tmp.png", ".x0.png.r2.png.abcd1234.tmp.png", ".x3.png.npz.a_b1c2d3.tmp.npz"]
+    foreign = [".y.png.json.abcd1234.tmp.json", ".x0.png.png.png.abcd1234.tmp.png", "x0.png.tmp"]  # not our outputs
+    for name in killed + foreign:
+        (out / "in" / name).write_bytes(b"x")
+    listings = []
+    scandir = os.scandir
+    monkeypatch.setattr(outputs_mod.os, "scandir", lambda d: listings.append(Path(d)) or scandir(d))
+    assert _export(checkpoint, "--input", str(src), "--out", str(out), "--tile-height", "32") == 0
+    # one listing of the output folder, not one per image: an export stays O(n) (the inputs' walk lists src)
+    assert [d for d in listings if out in d.parents] == [out / "in"]
+    left = {p.name for p in (out / "in").iterdir() if "tmp" in p.name}
+    assert left == set(foreign)
 
 
 def test_compare_refuses_a_model_with_another_input_transform(tmp_path, checkpoint, capsys):

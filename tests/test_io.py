@@ -1,12 +1,21 @@
 """Safe image decoding and atomic writes."""
 
 import io
+import zlib
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from mcloss.data.io import ImageLoadError, atomic_path, atomic_write_json, encode_image, load_image
+from mcloss.data.io import (
+    ImageLoadError,
+    atomic_path,
+    atomic_write_json,
+    encode_image,
+    encode_png,
+    load_image,
+)
 
 
 def _save(img, path, **kw):
@@ -120,3 +129,20 @@ def test_encode_image_keeps_rgb_order_and_writes_grayscale_losslessly():
     for bad in (labels.astype(np.int32), rgb[..., :2], rgb[None]):
         with pytest.raises(ValueError, match="uint8 image"):
             encode_image(bad)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (9, 1, 3), (33, 50, 3), (1, 1), (17, 23)])
+def test_png_is_lossless_with_either_deflate(shape):
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    img[len(img) // 2 :] = img[: len(img) - len(img) // 2]  # repeated rows: the Up filter gives zeros there
+    for compress in (None, zlib.compress):
+        data = encode_png(img, compress=compress)
+        pil = np.asarray(Image.open(io.BytesIO(data)))
+        ocv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(pil, img)
+        np.testing.assert_array_equal(ocv if img.ndim == 2 else ocv[..., ::-1], img)  # OpenCV reads BGR
+    flat = np.full((64, 64, 3), 7, np.uint8)
+    assert len(encode_png(flat)) < 200  # a constant image deflates to almost nothing
+    for bad in (np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4), np.uint16), np.zeros((0, 5, 3), np.uint8)):
+        with pytest.raises(ValueError, match="uint8 image"):
+            encode_png(bad)

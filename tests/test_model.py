@@ -35,6 +35,25 @@ def test_interface(tiny):
         tiny.group_slice(4)
 
 
+def test_mc_head_pools_as_l_dis_was_trained(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, xi=2, img_size=64, mc_pool_share=0.25).eval()
+    assert model.mc_pool_share == 0.25 and model.config["mc_pool_share"] == 0.25
+    feats = torch.zeros(1, 4, 4, 4)  # 16 positions; the top quarter is 4 of them
+    feats[0, 0, 0, :] = torch.tensor([8.0, 4.0, 2.0, 1.0])  # class 0's group: channel 0 ...
+    feats[0, 1, 1, :2] = torch.tensor([6.0, 3.0])  # ... and channel 1; CCMP is the max of the two
+    feats[0, 3] = 1.0  # class 1: 1 everywhere
+    # class 0: CCMP holds 8, 6, 4, 3, 2, 1 and zeros: the top 4 average (8 + 6 + 4 + 3) / 4; GAP (8+6+4+3+2+1) / 16
+    torch.testing.assert_close(model.mc_logits(feats), torch.tensor([[21 / 4, 1.0]]))
+    gap = build_model("resnet18", 2, xi=2, img_size=64)
+    assert gap.mc_pool_share == 1.0  # the official global average pooling
+    torch.testing.assert_close(gap.mc_logits(feats), torch.tensor([[24 / 16, 1.0]]))
+    mcloss.save_checkpoint(model, tmp_path / "m.safetensors")
+    assert mcloss.load_checkpoint(tmp_path / "m.safetensors").mc_pool_share == 0.25
+    with pytest.raises(ValueError, match="mc_pool_share"):
+        build_model("resnet18", 2, xi=2, img_size=64, mc_pool_share=0.0)
+
+
 def test_feature_layer_output_is_F(tiny):
     seen = {}
     handle = tiny.feature_layer.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))

@@ -55,6 +55,21 @@ def test_shared_scale_and_signed_maps():
     np.testing.assert_array_equal(weak[0, 0], render.colormap_lut("inferno")[64])
 
 
+def test_colorize_and_strongest_match_their_numpy_definitions():
+    rng = np.random.default_rng(3)
+    m = np.concatenate([rng.random((40, 30)), np.arange(256)[None, :30] / 255.0, [[-0.2, 1.3, 1e9, np.inf, -np.inf] * 6]])
+    m = m.astype(np.float32)
+    lut = render.colormap_lut("viridis")
+    np.testing.assert_array_equal(render.colorize(m, "viridis"), lut[np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)])
+    s = m * 2 - 1
+    expect = lut[np.clip(np.rint((s + 1) * 0.5 * 255.0), 0, 255).astype(np.uint8)]
+    np.testing.assert_array_equal(render.colorize(s, "viridis", signed=True), expect)
+    maps = rng.integers(0, 3, (4, 20, 25)).astype(np.float32)  # many ties: the first channel wins, as argmax
+    winner, best = render._strongest(maps)
+    np.testing.assert_array_equal(winner, maps.argmax(axis=0))
+    np.testing.assert_array_equal(best, maps.max(axis=0))
+
+
 def test_part_composite_colours_each_channel_region():
     img = np.full((20, 30, 3), 128, np.uint8)
     maps = np.zeros((3, 20, 30), np.float32)

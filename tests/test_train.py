@@ -340,6 +340,10 @@ def test_dis_topk_reaches_the_loss_and_the_card_and_old_runs_resume(synth_data, 
     assert train_cli.main(["--data", str(synth_data), "--out", str(out), "--epochs", "1", "--dis-topk", "0.05", *TINY_ARGS]) == 0
     assert shares and set(shares) == {0.05}
     assert read_metadata(out / "last.safetensors")["card"]["dis_topk"] == 0.05
+    assert load_checkpoint(out / "last.safetensors").mc_pool_share == 0.05  # the MC head pools as L_dis did
+    ce = tmp_path / "ce"  # no L_dis, no pool to match: the official GAP
+    assert train_cli.main(["--data", str(synth_data), "--out", str(ce), "--epochs", "1", "--loss", "ce", "--dis-topk", "0.05", *TINY_ARGS]) == 0
+    assert load_checkpoint(ce / "last.safetensors").mc_pool_share == 1.0
     for bad in ("0", "1.5"):
         assert train_cli.main(["--data", str(synth_data), "--out", str(tmp_path / "bad"), "--dis-topk", bad, *TINY_ARGS]) == 2
         assert "--dis-topk must be in (0, 1]" in capsys.readouterr().err

@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--workers", type=int, default=0,
-        help="decoding workers of the export path (default 0: a one-batch export would time their start-up)",
+        help="decoding workers of the export path (default 0: decoded in process)",
+    )  # fmt: skip
+    p.add_argument(
+        "--export-batches", type=int, default=4,
+        help="batches of synthetic-bird JPEGs the export path writes per repeat (default 4), so that drawing and "
+        "writing overlap the next batch",
     )  # fmt: skip
     return p
 
@@ -69,7 +74,7 @@ def _bench(args: argparse.Namespace) -> int:
         source = str(ckpt)
     report = run_benchmark(
         model, device, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, paths=paths,
-        precision=args.precision, workers=args.workers,
+        precision=args.precision, workers=args.workers, export_batches=args.export_batches,
     )  # fmt: skip
     report["setup"] = {
         "model": source,
@@ -83,6 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
         "bf16": report["precision"] == "bf16",
         "channels_last": report["channels_last"],
         "export_workers": args.workers,
+        "export_batches": args.export_batches,
         "versions": versions(),
     }
     print(f"{source} on {device} ({report['setup']['device_name']}), batch {args.batch_size}, median of {args.repeats}")

@@ -119,6 +119,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _mc_pool_share(config: dict, card: dict) -> float:
+    """The MC head's pool: the config's; for a checkpoint saved before the key existed, the L_dis pool its card
+    records (``dis_topk`` of a model trained with L_dis on, ``alpha`` > 0), else 1, the official global average."""
+    if "mc_pool_share" in config:
+        return float(config["mc_pool_share"])
+    share, alpha = card.get("dis_topk", 1.0), card.get("alpha", 0)
+    number = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (share, alpha))
+    return float(share) if number and alpha > 0 and 0 < share <= 1 else 1.0
+
+
 def _check_metadata(label: str, meta: dict) -> None:
     """Refuse metadata of the wrong types or beyond the bounds, naming the key (nothing is built yet)."""
     for key, kind in (("config", dict), ("class_names", list), ("transform", dict), ("card", dict)):
@@ -143,6 +153,9 @@ def _check_metadata(label: str, meta: dict) -> None:
     grid = config["head_grid"]
     if not isinstance(grid, list) or len(grid) != 2 or not all(_is_int(g) and 1 <= g <= 64 for g in grid):
         raise CheckpointError(f"{label}: metadata head_grid must be two integers in 1..64, got {grid!r}")
+    share = config.get("mc_pool_share", 1.0)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+        raise CheckpointError(f"{label}: metadata mc_pool_share must be a number in (0, 1], got {share!r}")
     names = meta["class_names"]
     if len(names) != n or not all(isinstance(c, str) for c in names):
         raise CheckpointError(f"{label}: metadata class_names must be {n} strings, got {len(names)} entries")
@@ -195,6 +208,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             head_grid=config["head_grid"],
             card=meta["card"],
             last_stage=config.get("last_stage"),
+            mc_pool_share=_mc_pool_share(config, meta["card"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{label}: metadata does not describe a buildable model ({first_line(exc)})") from None

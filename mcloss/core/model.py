@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from mcloss.core.groups import normalize_groups, split_channels
-from mcloss.core.loss import ccmp
+from mcloss.core.loss import ccmp, top_share_mean
 from mcloss.core.transforms import EvalTransform
 
 __all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "model_guard", "ModelConfig"]
@@ -102,9 +102,16 @@ class MCModel(nn.Module):
         """Logits of the official FC head from F."""
         return self.head(features)
 
+    @property
+    def mc_pool_share(self) -> float:
+        """The share of positions the MC head averages: 1 is the official global average pooling; a model
+        trained with ``--dis-topk s`` reads its classes as its L_dis did, by the mean of the top s."""
+        return float(self.config.get("mc_pool_share", 1.0))
+
     def mc_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Class-aligned logits: CCMP over each group, then global average pooling (unmasked F)."""
-        return ccmp(features, self.groups).mean(dim=(2, 3))
+        """Class-aligned logits: CCMP over each group (unmasked F), then the pool L_dis was trained with:
+        global average pooling (the official), or the mean of the top ``mc_pool_share`` of the positions."""
+        return top_share_mean(ccmp(features, self.groups).flatten(2), self.mc_pool_share)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the official FC head."""
@@ -284,6 +291,7 @@ def build_model(
     head_grid: Sequence[int] | None = None,
     card: dict | None = None,
     last_stage: int | None = None,
+    mc_pool_share: float = 1.0,
 ) -> MCModel:
     """Build an MCModel.
 
@@ -303,7 +311,11 @@ def build_model(
         last_stage: ResNets only: the stage (2, 3 or 4, default 4 as in the official code) that is widened
             to K at stride 1 and gives F; later stages are dropped. An earlier stage gives finer maps from
             a smaller receptive field (resnet18 at 224 px: stage 4 → 14 × 14, stage 3 → 28 × 28, 2 → 56 × 56).
+        mc_pool_share: the MC head's pool (:attr:`MCModel.mc_pool_share`): 1 is the official global average;
+            a model trained with ``--dis-topk s`` gets s, the pool its L_dis scored classes by.
     """
+    if not 0 < mc_pool_share <= 1:
+        raise ValueError(f"mc_pool_share must be in (0, 1], got {mc_pool_share}")
     name = backbone.lower()
     net = load_backbone_weights(name, pretrained)
     stage_index = 4 if last_stage is None else int(last_stage)
@@ -345,6 +357,7 @@ def build_model(
         "feature_hw": [fh, fw],
         "pretrained": pretrained,
         "last_stage": stage_index,
+        "mc_pool_share": float(mc_pool_share),
     }
     tf = transform or EvalTransform.for_recipe("official-scratch", img_size)
     return MCModel(trunk, head, sizes, names, tf, config, card)

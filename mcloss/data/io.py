@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -12,7 +13,8 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "csv_text",
     "default_mode",
     "encode_image",
+    "encode_png",
     "file_sha256",
     "ImageLoadError",
     "json_safe",
@@ -299,23 +302,56 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = 90) -> byt
     """Encode an RGB [H, W, 3] or grayscale [H, W] uint8 image as PNG or JPEG bytes (deterministic, no metadata).
 
     Args:
-        rgb: the image, RGB channel order (converted to OpenCV's BGR here, and only here), or a 2-D
-            grayscale array (label maps, masks), written as one 8-bit channel unchanged.
-        fmt: ``"png"`` (lossless) or ``"jpeg"``.
+        rgb: the image, RGB channel order, or a 2-D grayscale array (label maps, masks), written as one
+            8-bit channel unchanged.
+        fmt: ``"png"`` (lossless, :func:`encode_png`) or ``"jpeg"``.
         quality: JPEG quality 1..100.
     """
-    img = np.asarray(rgb)
+    img = _checked_image(rgb)
     gray = img.ndim == 2
-    if img.dtype != np.uint8 or not (gray or img.ndim == 3 and img.shape[2] == 3):
-        raise ValueError(f"expected an RGB [H, W, 3] or grayscale [H, W] uint8 image, got {img.dtype} {img.shape}")
     if fmt == "png":
-        ext, params = ".png", []
-    elif fmt in ("jpeg", "jpg"):
-        ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
-    else:
+        return encode_png(img)
+    if fmt not in ("jpeg", "jpg"):
         raise ValueError(f"image format must be 'png' or 'jpeg', got {fmt!r}")
-    img = np.ascontiguousarray(img)
-    ok, buf = cv2.imencode(ext, img if gray else cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
+    ok, buf = cv2.imencode(".jpg", img if gray else cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
-        raise OSError(f"{fmt.upper()} encoding failed")
+        raise OSError("JPEG encoding failed")
     return buf.tobytes()
+
+
+def _checked_image(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` as a C-contiguous uint8 [H, W, 3] or [H, W] array with at least one pixel, else ValueError."""
+    img = np.asarray(rgb)
+    if img.dtype != np.uint8 or not (img.ndim == 2 or img.ndim == 3 and img.shape[2] == 3) or img.size == 0:
+        raise ValueError(f"expected an RGB [H, W, 3] or grayscale [H, W] uint8 image, got {img.dtype} {img.shape}")
+    return np.ascontiguousarray(img)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(img: np.ndarray, *, compress: Callable[[bytes, int], bytes] | None = None) -> bytes:
+    """A PNG of an RGB [H, W, 3] or grayscale [H, W] uint8 array: every row with the Up filter (the row minus
+    the one above, one numpy subtraction), deflated at level 1 by ISA-L when the ``isal`` package is there
+    (about 4× faster than OpenCV's libpng on a montage, and as small), else by zlib. ``compress``
+    (data, level) replaces the deflate, e.g. ``zlib.compress``."""
+    img = _checked_image(img)
+    h, w = img.shape[:2]
+    rows = img.reshape(h, -1)
+    filtered = np.empty((h, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type Up; the first row's "above" is zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG wants
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if img.ndim == 2 else 2, 0, 0, 0)
+    deflate = compress or _fast_deflate()
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", deflate(filtered.data, 1)) + _png_chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_deflate() -> Callable[[bytes, int], bytes]:
+    try:
+        from isal import isal_zlib
+    except ImportError:  # a platform without ISA-L wheels: the same PNG, deflated by zlib (slower)
+        return zlib.compress
+    return isal_zlib.compress

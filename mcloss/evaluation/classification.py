@@ -91,7 +91,7 @@ def evaluate(
     limit_batches: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Top-1/top-5 of the FC head and the MC head (CCMP + GAP of unmasked F), and the FC-head CE loss.
+    """Top-1/top-5 of the FC head and the MC head (CCMP of unmasked F, pooled as L_dis was trained), and the FC-head CE loss.
 
     Args:
         model: an MCModel (already on ``device``).

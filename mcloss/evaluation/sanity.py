@@ -9,7 +9,7 @@ own channel group?
   Grad-CAM can.
 - **Group knockout**: zero class c's ξ_c channels of F and measure how far c's FC-head and MC-head logits
   drop, against zeroing ξ_c random channels of other classes (``draws`` draws per image). The MC head is
-  CCMP + GAP of c's group, so it depends on that group by construction; the official FC head mixes every
+  c's group pooled (CCMP, then the model's ``mc_pool_share``), so it depends on that group by construction; the official FC head mixes every
   channel, and this says whether it relies on c's own.
 - **Random logit**: how similar class c's maps are to another (random) class's maps on the same image.
 

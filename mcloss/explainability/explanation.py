@@ -1,7 +1,7 @@
 """Explanations of an MCModel: channel maps, CCMP maps, peaks and Grad-CAM, from one forward pass.
 
 ``F = model.forward_features(x)`` once per batch; the FC head (``model.head_logits``) and the MC head
-(``model.mc_logits``: CCMP + GAP) both read F; a class's channel maps are slices of F (no hooks). The
+(``model.mc_logits``: CCMP, then the pool L_dis was trained with) both read F; a class's channel maps are slices of F (no hooks). The
 fused Grad-CAM differentiates the FC-head logit of the target class w.r.t. F only, reusing that same
 pass. ``method="captum"`` runs Captum's ``LayerGradCam`` instead (the reference).
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +122,7 @@ class Explanation:
         geometry: how the original lands on the network input.
         feature_hw: (h, w) of F.
         probs_fc: [C] softmax of the FC head.
-        probs_mc: [C] softmax of the MC head (CCMP + GAP).
+        probs_mc: [C] softmax of the MC head (CCMP, then the pool of ``model.mc_pool_share``).
         groups: one GroupMaps per requested target, in request order (rank 1 first).
         label: the true class when known.
         class_names: the model's class names (0-based).
@@ -234,18 +234,21 @@ class Explanation:
         defining: Sequence[DefiningSummary | None] | None = None,
         options: dict | None = None,
         compare: Comparison | None = None,
+        clean_temps: bool = True,
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
         ``path`` is a stem: ``out/bird.jpg`` writes ``out/bird.jpg.png`` etc., as ``mcloss export`` does.
         Every file is written atomically. ``defining`` as for :meth:`record`; ``options`` (the settings
         that made the outputs) goes into the json as ``options``; ``compare`` adds a second model
-        (:class:`mcloss.explainability.outputs.Comparison`). Returns the JSON record.
+        (:class:`mcloss.explainability.outputs.Comparison`); ``clean_temps=False`` skips removing the temps a
+        killed run left for these outputs (an export sweeps each folder once). Returns the JSON record.
         """
         from mcloss.explainability.outputs import write_explanation
 
         style = style or render.Style()
-        return write_explanation(self, Path(path), self._view(image), style, topk, defining, options, compare)
+        view = self._view(image)
+        return write_explanation(self, Path(path), view, style, topk, defining, options, compare, clean_temps)
 
 
 # ------------------------------------------------------------------------------------------- explain
@@ -472,19 +475,20 @@ def explain_tensor(
             if guided:
                 guided_maps[r] = captum_guided_gradcam(model, x, rank_targets).float().sum(dim=1)
 
-    f_np = feats.detach().cpu().numpy()
+    f = feats.detach()
+    picked = [(b, r, model.group_slice(t)) for b in range(batch) for r, t in enumerate(per_image[b])]
+    group_np = _target_groups(lambda r: f, picked)
+    chan_np = _target_groups(lambda r: chan_cams[r], picked) if channel_gradcam else {}
     cams_np = [None if c is None else c.cpu().numpy() for c in cams]
-    chan_np = [None if c is None else c.cpu().numpy() for c in chan_cams]
     guided_np = [None if g is None else g.cpu().numpy() for g in guided_maps]
-    feature_hw = (int(f_np.shape[2]), int(f_np.shape[3]))
+    feature_hw = (int(f.shape[2]), int(f.shape[3]))
     label_list = list(labels) if labels is not None else [None] * batch
     results = []
     for b in range(batch):
         geo = geometries[b]
         groups = []
         for r, t in enumerate(per_image[b]):
-            sl = model.group_slice(t)
-            chans = np.ascontiguousarray(f_np[b, sl], dtype=np.float32)
+            chans = np.ascontiguousarray(group_np[b, r], dtype=np.float32)
             peaks, values = channel_peaks(chans)
             gm = GroupMaps(
                 target=t,
@@ -501,8 +505,8 @@ def explain_tensor(
                 gm.gradcam = np.ascontiguousarray(cams_np[r][b], dtype=np.float32)
                 gxy, _ = channel_peaks(gm.gradcam[None])
                 gm.gradcam_peak_xy = geo.feature_to_original(gxy, feature_hw)[0]
-            if chan_np[r] is not None:
-                gm.channel_gradcam = np.ascontiguousarray(chan_np[r][b, sl], dtype=np.float32)
+            if (b, r) in chan_np:
+                gm.channel_gradcam = np.ascontiguousarray(chan_np[b, r], dtype=np.float32)
             if guided_np[r] is not None:
                 gm.guided = np.ascontiguousarray(guided_np[r][b], dtype=np.float32)
             groups.append(gm)
@@ -519,3 +523,11 @@ def explain_tensor(
             )
         )
     return results
+
+
+def _target_groups(maps: Callable[[int], torch.Tensor], picked: list[tuple[int, int, slice]]) -> dict:
+    """{(image, rank): that target's group of ``maps(rank)`` [B, K, h, w] as numpy}: only the target groups
+    leave the device, in one copy; all of [B, K, h, w] would be K / ξ times more."""
+    flat = torch.cat([maps(r)[b, sl] for b, r, sl in picked]).cpu().numpy()
+    sizes = np.cumsum([sl.stop - sl.start for _, _, sl in picked])[:-1]
+    return dict(zip(((b, r) for b, r, _ in picked), np.split(flat, sizes), strict=True))

@@ -46,7 +46,7 @@ from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text, file_sha256
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps, prepare
-from mcloss.explainability.outputs import Comparison
+from mcloss.explainability.outputs import Comparison, stale_temps
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
@@ -265,6 +265,7 @@ def export(
     bases = {f.key: output_path(out_dir, f.key) for f in files}
     records = {f.key: _record(bases[f.key]) for f in files}  # what an earlier run left, or None
     todo = [f for f in files if not _current(records[f.key], wanted, f.source)]
+    _remove_stale_temps([bases[f.key] for f in todo])
     redone = sum(records[f.key] is not None for f in todo)
     skipped = len(files) - len(todo)
     written = 0
@@ -487,14 +488,25 @@ def _rewrite(
     if old is not None:
         _json_path(base).unlink(missing_ok=True)
     record = exp.save(
-        base, config.style, topk=config.topk, image=item.view, defining=defining, options=options, compare=compare
-    )
+        base, config.style, topk=config.topk, image=item.view, defining=defining, options=options, compare=compare,
+        clean_temps=False,  # export() swept each folder once
+    )  # fmt: skip
     if old is not None:
         stale = set(old.get("outputs", [])) - set(record["outputs"])
         for name in stale:
             if isinstance(name, str) and name == Path(name).name and name.startswith(base.name):
                 (base.parent / name).unlink(missing_ok=True)
     return record
+
+
+def _remove_stale_temps(bases: Sequence[Path]) -> None:
+    """Remove the temps a killed run left for these outputs: one listing per output folder."""
+    by_folder: dict[Path, set[str]] = {}
+    for base in bases:
+        by_folder.setdefault(base.parent, set()).add(base.name)
+    for folder, stems in by_folder.items():
+        for tmp in stale_temps(folder, stems):
+            tmp.unlink(missing_ok=True)
 
 
 def _annotations(source: str) -> PartAnnotations | None:

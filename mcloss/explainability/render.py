@@ -70,7 +70,7 @@ __all__ = [
 DIVERGING = "RdBu_r"
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _TEXT_RGB = (30, 30, 30)
-_BG_RGB = (255, 255, 255)
+_BG = 255  # the background's value in every channel (white)
 #: Views of the original are kept downscaled to this long side for drawing (the app and ``explain``).
 VIEW_MAX_SIDE = 1024
 #: Montage tiles are at most this many times wider than tall (or taller than wide); a more extreme image is
@@ -197,8 +197,11 @@ def colorize(norm_map: np.ndarray, colormap: str = "inferno", *, signed: bool = 
     """A normalized map ([0, 1], or [-1, 1] if signed) → RGB uint8 [h, w, 3]."""
     m = np.asarray(norm_map, dtype=np.float32)
     t = (m + 1.0) * 0.5 if signed else m
-    idx = np.clip(np.rint(t * 255.0), 0, 255).astype(np.uint8)
-    return _lut(colormap)[idx]
+    if t.ndim != 2 or t.size == 0:
+        return _lut(colormap)[np.clip(np.rint(t * 255.0), 0, 255).astype(np.uint8)]
+    # the same for a 2-D map in OpenCV, about 5× faster: its rounding is numpy's (half to even)
+    idx = cv2.convertScaleAbs(np.clip(t, 0.0, 1.0), alpha=255.0)
+    return cv2.LUT(cv2.merge([idx, idx, idx]), _lut(colormap).reshape(256, 1, 3))
 
 
 def _fit(map_hw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -324,14 +327,31 @@ def part_composite(
     maps = np.stack([_fit(m, img.shape[:2]) for m in np.asarray(channel_maps, dtype=np.float32)])
     cols = part_colors(len(maps)) if colors is None else np.asarray(colors, dtype=np.uint8)
     norm = normalize_group(maps, shared=shared_scale, vmax=vmax)
-    winner = norm.argmax(axis=0)
-    strength = np.take_along_axis(norm, winner[None], axis=0)[0] ** gamma
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None].astype(np.float32)
-    base = (1.0 - desaturate) * img.astype(np.float32) + desaturate * grey
-    base = base * 0.8 + 0.2 * 255.0 * 0.5
-    a = (alpha * strength)[..., None]
-    out = (1.0 - a) * base + a * cols[winner].astype(np.float32)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    winner, strength = _strongest(norm)
+    strength = strength**gamma
+    # base = 0.8 · ((1 − desaturate) · image + desaturate · grey) + 0.1 · 255, a dimmed desaturated image
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    base = img.astype(np.float32)
+    base *= 0.8 * (1.0 - desaturate)
+    base += (grey * (0.8 * desaturate) + 0.2 * 255.0 * 0.5)[..., None]
+    # out = base + a · (colour − base), with a = alpha · strength^gamma
+    out = np.take(cols, winner, axis=0).astype(np.float32)
+    out -= base
+    out *= (alpha * strength)[..., None]
+    out += base + 0.5
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
+
+
+def _strongest(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, value) of the largest of [N, H, W] maps at each pixel, the first on ties: ``argmax(axis=0)``
+    by N − 1 elementwise comparisons, several times faster than numpy's reduction over the outer axis."""
+    best = maps[0].copy()
+    winner = np.zeros(best.shape, np.int64)
+    for k in range(1, len(maps)):
+        better = maps[k] > best
+        winner[better] = k
+        np.maximum(best, maps[k], out=best)
+    return winner, best
 
 
 def composite_legend(
@@ -339,7 +359,7 @@ def composite_legend(
 ) -> np.ndarray:
     """A small legend strip [len·row_height, width, 3]: a colour swatch and a label per channel."""
     n = len(labels)
-    out = np.full((max(1, n) * row_height, width, 3), _BG_RGB, np.uint8)
+    out = _blank(max(1, n) * row_height, width)
     scale = row_height / 40.0
     for i, text in enumerate(labels):
         y0 = i * row_height
@@ -351,6 +371,11 @@ def composite_legend(
 
 
 # ------------------------------------------------------------------------------------------- montage
+
+
+def _blank(rows: int, cols: int) -> np.ndarray:
+    """A background-coloured RGB uint8 canvas of rows × cols."""
+    return np.full((rows, cols, 3), _BG, np.uint8)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -447,7 +472,7 @@ def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, ma
 def titled_tile(image: np.ndarray, title: str, *, title_height: int = 22) -> np.ndarray:
     """An image with a white title strip above it (text fitted to the image width)."""
     img = _check_image(image)
-    strip = np.full((title_height, img.shape[1], 3), _BG_RGB, np.uint8)
+    strip = _blank(title_height, img.shape[1])
     _put_text(strip, title, (3, title_height - 7), title_height / 40.0, img.shape[1] - 6)
     return np.concatenate([strip, img], axis=0)
 
@@ -481,17 +506,13 @@ def montage(
             col = np.concatenate([col, _fit_width(_check_image(tile[2]), col.shape[1])], axis=0)
         cols.append(col)
     full_h = max(c.shape[0] for c in cols)
-    parts = []
-    for i, c in enumerate(cols):
-        if c.shape[0] < full_h:
-            c = np.concatenate([c, np.full((full_h - c.shape[0], c.shape[1], 3), _BG_RGB, np.uint8)])
-        parts.append(c)
-        if i < len(cols) - 1:
-            parts.append(np.full((full_h, gutter, 3), _BG_RGB, np.uint8))
-    row = np.concatenate(parts, axis=1)
-    row = np.pad(row, ((0, gutter), (gutter, gutter), (0, 0)), constant_values=255)
+    row = _blank(full_h + gutter, sum(c.shape[1] for c in cols) + gutter * (len(cols) + 1))  # gutters around
+    x = gutter
+    for c in cols:
+        row[: c.shape[0], x : x + c.shape[1]] = c
+        x += c.shape[1] + gutter
     if header:
-        strip = np.full((title_height + 6, row.shape[1], 3), _BG_RGB, np.uint8)
+        strip = _blank(title_height + 6, row.shape[1])
         _put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter)
         row = np.concatenate([strip, row], axis=0)
     return _within_cap(row)  # only a caller's huge height is scaled down here
@@ -728,7 +749,7 @@ def compare_montage(
     rows = [explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return _within_cap(np.concatenate([rows[0], np.full((6, width, 3), _BG_RGB, np.uint8), rows[1]], axis=0))
+    return _within_cap(np.concatenate([rows[0], _blank(6, width), rows[1]], axis=0))
 
 
 def explanation_figure(

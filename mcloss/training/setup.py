@@ -130,6 +130,7 @@ def make_model(config: TrainConfig, class_names: list[str], *, pretrained: bool 
             pretrained=config.pretrained if pretrained else None,
             transform=eval_tf,
             last_stage=config.last_stage,
+            mc_pool_share=config.dis_topk if config.alpha > 0 else 1.0,  # the MC head reads classes as L_dis scored them
         )
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         raise TrainError(
