@@ -45,6 +45,7 @@ ROWS = {
     "dis": ("CE + L_dis", ["--loss", "dis"]),
     "mc": ("CE + L_dis + L_div (MC-Loss)", ["--loss", "mc"]),
     "mc-top5": ("MC-Loss, L_dis on each map's top 5 % positions", ["--loss", "mc", "--dis-topk", "0.05"]),
+    "mc-top7": ("MC-Loss, L_dis on each map's top 7 % positions (the default's)", ["--loss", "mc", "--dis-topk", "0.07"]),
     "mc-top10": ("MC-Loss, L_dis on each map's top 10 % positions", ["--loss", "mc", "--dis-topk", "0.1"]),
 }
 COLUMNS = [
