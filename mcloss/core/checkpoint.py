@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
 from mcloss.core.errors import first_line
+from mcloss.core.loss import trained_pool_share
 from mcloss.core.model import MCModel, build_model
 from mcloss.core.transforms import EvalTransform
 from mcloss.data.io import atomic_write_bytes
@@ -119,14 +120,17 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _mc_pool_share(config: dict, card: dict) -> float:
     """The MC head's pool: the config's; for a checkpoint saved before the key existed, the L_dis pool its card
     records (``dis_topk`` of a model trained with L_dis on, ``alpha`` > 0), else 1, the official global average."""
     if "mc_pool_share" in config:
         return float(config["mc_pool_share"])
     share, alpha = card.get("dis_topk", 1.0), card.get("alpha", 0)
-    number = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (share, alpha))
-    return float(share) if number and alpha > 0 and 0 < share <= 1 else 1.0
+    return trained_pool_share(share, alpha) if _is_number(share) and _is_number(alpha) and 0 < share <= 1 else 1.0
 
 
 def _check_metadata(label: str, meta: dict) -> None:
@@ -154,7 +158,7 @@ def _check_metadata(label: str, meta: dict) -> None:
     if not isinstance(grid, list) or len(grid) != 2 or not all(_is_int(g) and 1 <= g <= 64 for g in grid):
         raise CheckpointError(f"{label}: metadata head_grid must be two integers in 1..64, got {grid!r}")
     share = config.get("mc_pool_share", 1.0)
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+    if not _is_number(share) or not 0 < share <= 1:
         raise CheckpointError(f"{label}: metadata mc_pool_share must be a number in (0, 1], got {share!r}")
     names = meta["class_names"]
     if len(names) != n or not all(isinstance(c, str) for c in names):

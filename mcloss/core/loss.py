@@ -15,6 +15,7 @@ __all__ = [
     "ccmp",
     "draw_channel_mask",
     "top_share_mean",
+    "trained_pool_share",
     "mutual_channel_loss",
     "MCLoss",
     "MCLossOutput",
@@ -50,6 +51,12 @@ def top_share_mean(values: torch.Tensor, share: float) -> torch.Tensor:
     if count >= n:
         return values.mean(dim=-1)
     return values.topk(count, dim=-1).values.mean(dim=-1)
+
+
+def trained_pool_share(dis_topk: float, alpha: float) -> float:
+    """The pool a model's L_dis scored its classes by, which its MC head reads them with: ``dis_topk`` when
+    L_dis was on (``alpha`` > 0), else 1, the official global average (a CE-only model trained no pool)."""
+    return float(dis_topk) if alpha > 0 else 1.0
 
 
 def draw_channel_mask(

@@ -182,7 +182,7 @@ def run_benchmark(
                 times[name] += time_path(fns[name], device, warmup=0, repeats=1)
         for name in paths:
             med = statistics.median(times[name])
-            images = batch_size * (export_batches if name == "export_end_to_end" else 1)
+            images = len(jpegs) if name == "export_end_to_end" else batch_size
             results[name] = {"images_per_s": images / med, "median_s": med, "images": images, "times_s": times[name]}
     ratios = {}
     for label, num, den, goal in GOALS:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -477,8 +477,8 @@ def explain_tensor(
 
     f = feats.detach()
     picked = [(b, r, model.group_slice(t)) for b in range(batch) for r, t in enumerate(per_image[b])]
-    group_np = _target_groups(lambda r: f, picked)
-    chan_np = _target_groups(lambda r: chan_cams[r], picked) if channel_gradcam else {}
+    group_np = _target_groups([f] * depth, picked)
+    chan_np = _target_groups(chan_cams, picked) if channel_gradcam else {}
     cams_np = [None if c is None else c.cpu().numpy() for c in cams]
     guided_np = [None if g is None else g.cpu().numpy() for g in guided_maps]
     feature_hw = (int(f.shape[2]), int(f.shape[3]))
@@ -525,9 +525,9 @@ def explain_tensor(
     return results
 
 
-def _target_groups(maps: Callable[[int], torch.Tensor], picked: list[tuple[int, int, slice]]) -> dict:
-    """{(image, rank): that target's group of ``maps(rank)`` [B, K, h, w] as numpy}: only the target groups
+def _target_groups(maps: Sequence[torch.Tensor], picked: list[tuple[int, int, slice]]) -> dict:
+    """{(image, rank): that target's group of ``maps[rank]`` [B, K, h, w] as numpy}: only the target groups
     leave the device, in one copy; all of [B, K, h, w] would be K / ξ times more."""
-    flat = torch.cat([maps(r)[b, sl] for b, r, sl in picked]).cpu().numpy()
+    flat = torch.cat([maps[r][b, sl] for b, r, sl in picked]).cpu().numpy()
     sizes = np.cumsum([sl.stop - sl.start for _, _, sl in picked])[:-1]
     return dict(zip(((b, r) for b, r, _ in picked), np.split(flat, sizes), strict=True))

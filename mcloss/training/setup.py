@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from mcloss.core.device import cpu_has_native_bf16
 from mcloss.core.distributed import DistContext
 from mcloss.core.errors import first_line
+from mcloss.core.loss import trained_pool_share
 from mcloss.core.model import MCModel, build_model, load_backbone_weights
 from mcloss.core.transforms import EvalTransform, TrainTransform
 from mcloss.data.datasets import DatasetError, build_datasets, detect_dataset
@@ -130,7 +131,7 @@ def make_model(config: TrainConfig, class_names: list[str], *, pretrained: bool 
             pretrained=config.pretrained if pretrained else None,
             transform=eval_tf,
             last_stage=config.last_stage,
-            mc_pool_share=config.dis_topk if config.alpha > 0 else 1.0,  # the MC head reads classes as L_dis scored them
+            mc_pool_share=trained_pool_share(config.dis_topk, config.alpha),
         )
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         raise TrainError(
