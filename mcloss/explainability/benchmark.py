@@ -65,8 +65,11 @@ def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, re
 
 
 def _paths(
-    model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], tile_height: int, amp: bool, workers: int
+    model, x: torch.Tensor, device: torch.device, jpegs: Sequence[Path], tile_height: int, amp: bool, workers: int,
+    scratch: Path,
 ) -> dict:
+    """The timed callables; the export path writes each call's outputs to a new folder in ``scratch``, removed
+    after the timing (deleting outputs is not part of an export)."""
     from captum.attr import LayerGradCam
 
     from mcloss.explainability.explanation import explain_tensor
@@ -114,15 +117,14 @@ def _paths(
             return running_topk((empty.float(), empty.long(), empty.long()), f.float(), ids, 16)
 
     def export_end_to_end():
-        with tempfile.TemporaryDirectory(prefix="mcloss-bench-") as tmp:
-            config = ExportConfig(
-                checkpoint="benchmark", input=[folder], out=tmp, style=Style(tile_height=tile_height),
-                batch_size=x.shape[0], workers=workers, device=str(device),
-            )  # fmt: skip
-            result = export(model, config, device=device, amp=amp, checkpoint_sha256="benchmark")
-            if result.written != len(jpegs):  # a timing of a failing export would flatter it
-                raise RuntimeError(f"the benchmark export wrote {result.written} of {len(jpegs)} images: {result.errors[:1]}")
-            return result
+        config = ExportConfig(
+            checkpoint="benchmark", input=[folder], out=tempfile.mkdtemp(dir=scratch), style=Style(tile_height=tile_height),
+            batch_size=x.shape[0], workers=workers, device=str(device),
+        )  # fmt: skip
+        result = export(model, config, device=device, amp=amp, checkpoint_sha256="benchmark")
+        if result.written != len(jpegs):  # a timing of a failing export would flatter it
+            raise RuntimeError(f"the benchmark export wrote {result.written} of {len(jpegs)} images: {result.errors[:1]}")
+        return result
 
     return {
         "forward_only": forward_only,
@@ -169,10 +171,13 @@ def run_benchmark(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="mcloss-bench-in-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="mcloss-bench-in-") as tmp,
+        tempfile.TemporaryDirectory(prefix="mcloss-bench-out-") as scratch,
+    ):
         count = batch_size * export_batches if "export_end_to_end" in paths else 1
         jpegs = _bird_jpegs(Path(tmp), count, max(size) * 3 // 2, seed)
-        fns = _paths(model, x, device, jpegs, tile_height, amp, workers)
+        fns = _paths(model, x, device, jpegs, tile_height, amp, workers, Path(scratch))
         for name in paths:
             time_path(fns[name], device, warmup=warmup, repeats=0)
         # round-robin repeats, so a change in machine load hits every path alike
