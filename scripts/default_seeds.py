@@ -43,8 +43,9 @@ COLUMNS = (
 )
 
 
-def seed_row(seed: int, fresh_scores: dict, defining: dict) -> dict:
-    """One seed's numbers and which goals hold, from its fresh-set top-1 and its ``summary['defining']``."""
+def seed_row(seed: int, fresh_scores: dict, defining: dict, twin_defining: dict) -> dict:
+    """One seed's numbers and which goals hold, from its fresh-set top-1, its ``summary['defining']`` and the
+    CE-only twin's."""
     d = defining["methods"]
     row = {
         "seed": seed,
@@ -55,7 +56,7 @@ def seed_row(seed: int, fresh_scores: dict, defining: dict) -> dict:
         "gradcam": d["gradcam"]["mass_ratio"],
         "peaks_x": d["channels"]["peak_share"] / d["channels"]["peak_chance"],
     }
-    return row | {"goals": goals_met(defining, fresh_scores["fc_top1"])}
+    return row | {"goals": goals_met(defining, fresh_scores["fc_top1"], twin_defining)}
 
 
 def report(rows: list[dict], twin_channels: float) -> str:
@@ -101,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_training(train_command(data, run, args.epochs, seed=seed), run, args.epochs)
         model = load_checkpoint(run / "best.safetensors")
         summary = score_parts(model, fresh, parts, None, faithfulness=False)
-        row = seed_row(seed, top1(model, fresh), summary["defining"])
-        row["goals"]["above the CE twin's channels"] = row["channels"] > twin_channels
+        row = seed_row(seed, top1(model, fresh), summary["defining"], twin)
         rows.append(row)
         print(json.dumps(row))
     text = "\n".join([
