@@ -47,6 +47,10 @@ ROWS = {
     "mc-top5": ("MC-Loss, L_dis on each map's top 5 % positions", ["--loss", "mc", "--dis-topk", "0.05"]),
     "mc-top7": ("MC-Loss, L_dis on each map's top 7 % positions (the default's)", ["--loss", "mc", "--dis-topk", "0.07"]),
     "mc-top10": ("MC-Loss, L_dis on each map's top 10 % positions", ["--loss", "mc", "--dis-topk", "0.1"]),
+    "mc-top7-from1": (
+        "MC-Loss, L_dis pool narrowing from the spatial mean to the top 7 % over the first half of training",
+        ["--loss", "mc", "--dis-topk", "0.07", "--dis-topk-from", "1"],
+    ),
 }
 COLUMNS = [
     ("top1_fc", "top-1 FC"),

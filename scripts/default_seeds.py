@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -79,13 +80,31 @@ def report(rows: list[dict], twin_channels: float) -> str:
     return "\n".join(lines)
 
 
+def _run_dirs(work: Path, seed: int, variant: str | None) -> tuple[Path, Path]:
+    """(training run, parts report) folders of a seed: the default's, or those of ``variant``."""
+    if variant:
+        return work / f"variant-{variant}-train-seed{seed}", work / f"variant-{variant}-parts-seed{seed}"
+    if seed == 0:
+        return work / "default-train", work / "default-parts"
+    return work / f"default-train-seed{seed}", work / f"default-parts-seed{seed}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds besides the default's 0")
     parser.add_argument("--work", default="runs", help="the work dir of make default-checkpoint")
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--docs", default="docs/default_seeds.md")
+    parser.add_argument(
+        "--variant", metavar="NAME",
+        help="train a variant of the recipe instead, at exactly --seeds (seed 0 included when listed), in "
+        "<work>/variant-NAME-train-seedS; its extra mcloss train flags are --train-args",
+    )  # fmt: skip
+    parser.add_argument("--train-args", default="", help="extra mcloss train flags of --variant, e.g. '--dis-topk-from 1'")
     args = parser.parse_args(argv)
+    if bool(args.variant) != bool(args.train_args.strip()):
+        parser.error("--variant and --train-args go together")
+    extra = shlex.split(args.train_args)
 
     work = Path(args.work)
     data, fresh = work / "data" / "birds12", work / "data" / "birds12-fresh"
@@ -94,31 +113,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     twin = json.loads((work / "default-parts-ce" / "summary.json").read_text())["defining"]
     twin_channels = twin["methods"]["channels"]["mass_ratio"]
     rows = []
-    for seed in [0, *[s for s in args.seeds if s != 0]]:
-        run = work / ("default-train" if seed == 0 else f"default-train-seed{seed}")
-        parts = work / ("default-parts" if seed == 0 else f"default-parts-seed{seed}")
-        if seed == 0 and not (run / "best.safetensors").exists():
+    seeds = args.seeds if args.variant else [0, *[s for s in args.seeds if s != 0]]
+    for seed in seeds:
+        run, parts = _run_dirs(work, seed, args.variant)
+        if seed == 0 and not args.variant and not (run / "best.safetensors").exists():
             raise SystemExit(f"{run}: no shipped default here; run make default-checkpoint first")
-        run_training(train_command(data, run, args.epochs, seed=seed), run, args.epochs)
+        run_training([*train_command(data, run, args.epochs, seed=seed), *extra], run, args.epochs)
         model = load_checkpoint(run / "best.safetensors")
         summary = score_parts(model, fresh, parts, None, faithfulness=False)
         row = seed_row(seed, top1(model, fresh), summary["defining"], twin)
         rows.append(row)
         print(json.dumps(row))
+    call = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    what = (
+        f"the recipe of `make default-checkpoint` with `{args.train_args.strip()}`" if args.variant else
+        "the recipe of `make default-checkpoint`"
+    )  # fmt: skip
     text = "\n".join([
-        f"# The default's recipe at {len(rows)} training seeds",
+        f"# The default's recipe{f' (variant {args.variant})' if args.variant else ''} at {len(rows)} training seeds",
         "",
-        f"`python scripts/default_seeds.py --seeds {' '.join(map(str, args.seeds))}`: the recipe of `make "
-        f"default-checkpoint` (L_dis on the top {DIS_TOPK * 100:g} %, {args.epochs} epochs, the same data), trained "
-        "at each seed and scored on the 300 fresh instances (`mcloss parts`, defining-part mass ratios). Seed 0 is "
-        "the shipped default. The standard error of a top-1 on 300 images is about 0.015.",
+        f"`python scripts/default_seeds.py {call}`: {what} (L_dis on the top {DIS_TOPK * 100:g} %, {args.epochs} "
+        "epochs, the same data), trained at each seed and scored on the 300 fresh instances (`mcloss parts`, "
+        "defining-part mass ratios)." + ("" if args.variant else " Seed 0 is the shipped default.")
+        + " The standard error of a top-1 on 300 images is about 0.015.",
         "",
         report(rows, twin_channels),
         "",
     ])  # fmt: skip
     docs = Path(args.docs)
     atomic_write_text(docs, text)
-    atomic_write_json(docs.with_suffix(".json"), {"rows": rows, "twin_channels": twin_channels, "epochs": args.epochs})
+    atomic_write_json(
+        docs.with_suffix(".json"),
+        {"rows": rows, "twin_channels": twin_channels, "epochs": args.epochs, "train_args": extra},
+    )
     print(text)
     return 0
 

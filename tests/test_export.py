@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_model
 from PIL import Image
 
@@ -21,6 +22,8 @@ from mcloss.cli import main as cli_main
 from mcloss.cli.export import main
 from mcloss.data.cub import cub_label
 from mcloss.data.files import collect_inputs, sanitize_component
+from mcloss.explainability.export import ExportConfig, cpu_lanes, export
+from mcloss.explainability.render import Style
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -382,3 +385,74 @@ def test_compare_draws_two_models_on_one_scale_and_records_both(tmp_path, checkp
     assert main([*args, "--compare", str(odd)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "its classes differ" in err
+
+
+@pytest.fixture()
+def two_threads():
+    """torch with two intra-op threads (what a CPU export splits into lanes), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lane_inputs(root: Path) -> Path:
+    root.mkdir()
+    for i in range(9):  # three sizes: batches of one shape, in more batches than lanes
+        _rgb(48 + 8 * (i % 3), 40, i).save(root / f"img{i}.png")
+    (root / "text.png").write_text("not an image")
+    return root
+
+
+def _export_config(src: Path, out: Path) -> ExportConfig:
+    return ExportConfig(checkpoint="tiny", input=[str(src)], out=str(out), style=Style(tile_height=48), batch_size=2, workers=0)
+
+
+def test_cpu_export_in_lanes_writes_what_one_lane_writes(tmp_path, two_threads):
+    model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
+    flags = [p.requires_grad for p in model.parameters()]
+    src = _lane_inputs(tmp_path / "in")
+    cpu = torch.device("cpu")
+    assert cpu_lanes(cpu, ("channels", "gradcam"), "fused") == 2
+    # hooks on the shared model (Captum, Guided Grad-CAM) and a GPU keep one lane
+    assert cpu_lanes(cpu, ("channels", "gradcam"), "captum") == cpu_lanes(cpu, ("channels", "guided"), "fused") == 1
+    assert cpu_lanes(torch.device("cuda"), ("channels",), "fused") == 1
+    seen = []
+    lanes = export(model, _export_config(src, tmp_path / "lanes"), device=cpu, checkpoint_sha256="x",
+                   progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert torch.get_num_threads() == 2 and [p.requires_grad for p in model.parameters()] == flags
+    assert (lanes.written, len(lanes.errors)) == (9, 1) and seen[0] == (0, 10) and seen[-1] == (10, 10)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # progress only goes up, whichever lane reports
+    torch.set_num_threads(1)  # one lane, and the same single-threaded float sums as each lane's
+    one = export(model, _export_config(src, tmp_path / "one"), device=cpu, checkpoint_sha256="x")
+    assert (one.written, one.errors) == (9, lanes.errors)
+    _same_outputs(tmp_path / "one", tmp_path / "lanes")  # the images, their records and index.csv
+
+
+def test_a_failing_lane_stops_the_export_and_keeps_what_was_written(tmp_path, two_threads, monkeypatch):
+    from mcloss.explainability import export as export_module
+
+    model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
+    src = _lane_inputs(tmp_path / "in")
+    calls, explain = [], export_module.explain
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return explain(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "explain", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        export(model, _export_config(src, out), device=torch.device("cpu"), checkpoint_sha256="x")
+    assert torch.get_num_threads() == 2
+    finished = sorted((out / "in").glob("*.json"))  # a directory input is mirrored under its name
+    assert 2 <= len(finished) <= 6  # the batches explained before the failure and the one in the other lane
+    for path in finished:  # every finished image has all its files, and no write was left half-done
+        stem = path.name.removesuffix(".json")
+        assert path.with_name(f"{stem}.png").is_file() and path.with_name(f"{stem}.npz").is_file()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    monkeypatch.setattr(export_module, "explain", explain)  # a re-run finishes the rest and skips the done ones
+    again = export(model, _export_config(src, out), device=torch.device("cpu"), checkpoint_sha256="x")
+    assert (again.skipped, again.written) == (len(finished), 9 - len(finished))

@@ -96,6 +96,30 @@ def test_default_seeds_report_names_each_seeds_missed_goals_and_the_spread():
     assert "| 4.30 ± 2.14 |" in mean  # CCMP: 6.0, 5.0, 1.9
 
 
+def test_default_seeds_variant_trains_runs_of_its_own_with_its_flags(tmp_path, monkeypatch, capsys):
+    import default_seeds
+
+    (tmp_path / "default-parts-ce").mkdir()
+    (tmp_path / "default-parts-ce" / "summary.json").write_text(json.dumps({"defining": _defining(2.4, 0.8, 7.6, 0.7)}))
+    trained = []
+    monkeypatch.setattr(default_seeds, "ensure_dataset", lambda spec, root: None)
+    monkeypatch.setattr(default_seeds, "run_training", lambda args, run, epochs: trained.append((run.name, args)))
+    monkeypatch.setattr(default_seeds, "load_checkpoint", lambda path: path)
+    monkeypatch.setattr(default_seeds, "score_parts", lambda *a, **k: {"defining": _defining(6.0, 7.0, 5.5, 0.86)})
+    monkeypatch.setattr(default_seeds, "top1", lambda model, root: {"fc_top1": 0.94, "mc_top1": 0.96})
+    docs = tmp_path / "variant.md"
+    argv = ["--work", str(tmp_path), "--variant", "a3", "--train-args", "--alpha 3", "--seeds", "1", "0", "--docs", str(docs)]
+    assert default_seeds.main(argv) == 0
+    # the variant trains exactly the listed seeds, seed 0 too, beside (never over) the shipped default's run
+    assert [name for name, _ in trained] == ["variant-a3-train-seed1", "variant-a3-train-seed0"]
+    assert all(args[-2:] == ["--alpha", "3"] and "--dis-topk" in args for _, args in trained)  # the recipe, plus its flags
+    assert json.loads(docs.with_suffix(".json").read_text())["train_args"] == ["--alpha", "3"]
+    assert "(variant a3)" in docs.read_text() and "with `--alpha 3`" in docs.read_text()
+    with pytest.raises(SystemExit):  # a variant needs its flags
+        default_seeds.main(["--work", str(tmp_path), "--variant", "a3"])
+    assert "--variant and --train-args go together" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     import gpu_check

@@ -29,7 +29,7 @@ from mcloss.core.model import build_model
 from mcloss.data.synth import class_definitions, generate_dataset
 from mcloss.evaluation.classification import evaluate
 from mcloss.training.config import RECIPES, TrainError, config_for_resume, make_config
-from mcloss.training.loop import div_warmup_factor, train
+from mcloss.training.loop import dis_topk_share, div_warmup_factor, train
 from mcloss.training.run_dir import METRIC_COLUMNS, load_resume_state, read_metrics, save_resume_state
 from mcloss.training.setup import milestones, param_groups, pretrained_parameter_names
 
@@ -354,6 +354,30 @@ def test_dis_topk_reaches_the_loss_and_the_card_and_old_runs_resume(synth_data, 
     del run["config"]["dis_topk"]
     (old / "config.json").write_text(json.dumps(run))
     assert train_cli.main(["--data", str(synth_data), "--out", str(old), "--resume", "--epochs", "2", *TINY_ARGS]) == 0
+
+
+def test_dis_topk_share_narrows_geometrically_over_the_first_half():
+    assert dis_topk_share(3.0, 10, 0.07) == 0.07  # no --dis-topk-from: the share throughout
+    # from 1 to 0.04 over 5 of 10 epochs: 1, 0.2 (= sqrt(1 * 0.04)) half-way, then 0.04 exactly
+    shares = [dis_topk_share(p, 10, 0.04, 1.0) for p in (0.0, 2.5, 5.0, 9.9)]
+    assert shares[:2] == [1.0, pytest.approx(0.2)] and shares[2:] == [0.04, 0.04]
+
+
+def test_dis_topk_from_reaches_the_loss_per_step_and_the_card(synth_data, tmp_path, monkeypatch, capsys):
+    shares = _loss_setting_per_step(monkeypatch, "dis_topk")
+    out = tmp_path / "narrow"
+    args = ["--data", str(synth_data), "--out", str(out), "--epochs", "2", "--dis-topk", "0.05", "--dis-topk-from", "0.8"]
+    assert train_cli.main([*args, *TINY_ARGS]) == 0
+    steps = len(shares) // 2
+    # epoch 1 is the first half (2 epochs): 0.8 at the first step, narrowing; the whole of epoch 2 at 0.05
+    assert shares[0] == pytest.approx(0.8) and all(a > b for a, b in zip(shares[:steps], shares[1:steps]))
+    assert shares[steps:] == [0.05] * steps
+    card = read_metadata(out / "last.safetensors")["card"]
+    assert (card["dis_topk"], card["dis_topk_from"]) == (0.05, 0.8)
+    assert load_checkpoint(out / "last.safetensors").mc_pool_share == 0.05  # the pool it ended with
+    for bad in ("0.01", "1.5"):  # below --dis-topk, above 1
+        assert train_cli.main([*args[:-1], bad, *TINY_ARGS]) == 2
+        assert "--dis-topk-from must be in [--dis-topk, 1]" in capsys.readouterr().err
 
 
 def test_cpu_bf16_autocasts_the_training_step_only_and_is_recorded(synth_data, tmp_path, monkeypatch):

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="L_dis logit = mean of the largest SHARE of each CCMP map's positions (default 1: the official "
         "spatial mean; 1/(H·W): the spatial max)",
     )  # fmt: skip
+    g.add_argument(
+        "--dis-topk-from", type=float, metavar="SHARE",
+        help="start L_dis's pool at SHARE (1: the spatial mean) and narrow it geometrically to --dis-topk over the "
+        "first half of the epochs (default: --dis-topk throughout)",
+    )  # fmt: skip
     g.add_argument("--drop", type=int, help="channels masked per group in L_dis (default: 1 of 3, 4 of 10/11)")
     g = p.add_argument_group("optimization")
     g.add_argument("--recipe", choices=list(RECIPES), help="official-scratch (default) or official-pretrained (default with --pretrained)")

@@ -8,8 +8,8 @@ forward, then Captum ``LayerGradCam.attribute`` for the predicted class), ``pyto
 (``GradCAM(model, [model.feature_layer])(x)``), ``atlas`` (F and a running top-16 of every channel on the
 device, the pass of :func:`mcloss.explainability.atlas.build_atlas`) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
 itself: ``export_batches`` batches of JPEGs of synthetic birds, decoded, explained, drawn and written as
-PNG/NPZ/JSON to a temp dir, so that the writer threads overlap the next batch as in a real export; random
-pixels would make the PNG encoder, not the export, the subject). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
+PNG/NPZ/JSON to a temp dir, with the export's own overlap of model and writing (lanes on a CPU, writer threads
+beside the model on a GPU); random pixels would make the PNG encoder, not the export, the subject). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
 ``bf16`` force one. On CUDA clocks are read after a synchronize.
 """
 

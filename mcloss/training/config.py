@@ -93,6 +93,7 @@ class TrainConfig:
     drop: int | None = None
     div_warmup: float = 0.0
     dis_topk: float = 1.0
+    dis_topk_from: float | None = None
     loss: str = "mc"
     epochs: int = 300
     batch_size: int = 32
@@ -128,6 +129,10 @@ class TrainConfig:
             (self.drop is None or self.drop >= 0, "--drop must be >= 0"),
             (self.div_warmup >= 0, "--div-warmup must be >= 0"),
             (0 < self.dis_topk <= 1, "--dis-topk must be in (0, 1]"),
+            (
+                self.dis_topk_from is None or self.dis_topk <= self.dis_topk_from <= 1,
+                "--dis-topk-from must be in [--dis-topk, 1]",
+            ),
             (self.alpha >= 0 and self.beta >= 0, "--alpha and --beta must be >= 0"),
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.batch_size >= 2, "--batch-size must be >= 2 (the FC head has BatchNorm)"),

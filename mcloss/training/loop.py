@@ -46,7 +46,7 @@ from mcloss.training.setup import (
 )
 from mcloss.training.writer import RunWriter
 
-__all__ = ["train", "train_one_epoch", "epoch_row", "div_warmup_factor", "TRAIN_SUM_FIELDS"]
+__all__ = ["train", "train_one_epoch", "epoch_row", "div_warmup_factor", "dis_topk_share", "TRAIN_SUM_FIELDS"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ def div_warmup_factor(progress: float, warmup: float) -> float:
     if warmup <= 0:
         return 1.0
     return min(1.0, max(0.0, progress / warmup))
+
+
+def dis_topk_share(progress: float, epochs: int, end: float, start: float | None = None) -> float:
+    """The share of positions L_dis pools after ``progress`` epochs (fractional) of ``epochs``: ``end``
+    throughout, or with ``start`` (``--dis-topk-from``) ``start`` at first, narrowing geometrically to ``end``
+    over the first half of the epochs and ``end`` after it."""
+    if start is None:
+        return end
+    t = min(1.0, max(0.0, progress / (epochs / 2)))
+    return start ** (1.0 - t) * end**t
 
 
 def train_one_epoch(
@@ -77,7 +87,8 @@ def train_one_epoch(
 
     Args:
         net: returns (F, FC-head logits) for a batch (:class:`~mcloss.training.setup.FeaturesAndLogits`, maybe DDP).
-        epoch: 1-based; ``criterion.beta`` is ``config.beta`` × :func:`div_warmup_factor`.
+        epoch: 1-based; ``criterion.beta`` is ``config.beta`` × :func:`div_warmup_factor` and
+            ``criterion.dis_topk`` is :func:`dis_topk_share`.
 
     Returns:
         A float64 tensor on ``device``: sums over the samples in :data:`TRAIN_SUM_FIELDS` order.
@@ -95,7 +106,9 @@ def train_one_epoch(
         with autocast(device, config.amp, cpu=config.cpu_bf16):
             features, logits = net(images)
         logits = logits.float()
-        criterion.beta = config.beta * div_warmup_factor(epoch - 1 + index / total, config.div_warmup)
+        progress_epochs = epoch - 1 + index / total
+        criterion.beta = config.beta * div_warmup_factor(progress_epochs, config.div_warmup)
+        criterion.dis_topk = dis_topk_share(progress_epochs, config.epochs, config.dis_topk, config.dis_topk_from)
         out = criterion(logits, features, targets)
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()

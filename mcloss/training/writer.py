@@ -110,6 +110,7 @@ class RunWriter:
             "beta": cfg.beta,
             "div_warmup": cfg.div_warmup,
             "dis_topk": cfg.dis_topk,
+            "dis_topk_from": cfg.dis_topk_from,
             "metrics": dict(row),
         }
         if self.synth is not None:
