@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = seed_row(seed, top1(model, fresh), summary["defining"], twin)
         rows.append(row)
         print(json.dumps(row))
-    call = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    call = shlex.join(argv if argv is not None else sys.argv[1:])
     what = (
         f"the recipe of `make default-checkpoint` with `{args.train_args.strip()}`" if args.variant else
         "the recipe of `make default-checkpoint`"

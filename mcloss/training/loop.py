@@ -56,9 +56,14 @@ TRAIN_SUM_FIELDS = ("loss", "ce", "dis", "div", "correct", "n")
 
 def div_warmup_factor(progress: float, warmup: float) -> float:
     """The share of β in use after ``progress`` epochs (fractional) with a linear warm-up of ``warmup`` epochs."""
-    if warmup <= 0:
+    return _ramp(progress, warmup)
+
+
+def _ramp(progress: float, length: float) -> float:
+    """0 → 1 linearly over the first ``length`` epochs, then 1 (1 throughout for ``length`` <= 0)."""
+    if length <= 0:
         return 1.0
-    return min(1.0, max(0.0, progress / warmup))
+    return min(1.0, max(0.0, progress / length))
 
 
 def dis_topk_share(progress: float, epochs: int, end: float, start: float | None = None) -> float:
@@ -67,7 +72,7 @@ def dis_topk_share(progress: float, epochs: int, end: float, start: float | None
     over the first half of the epochs and ``end`` after it."""
     if start is None:
         return end
-    t = min(1.0, max(0.0, progress / (epochs / 2)))
+    t = _ramp(progress, epochs / 2)
     return start ** (1.0 - t) * end**t
 
 
