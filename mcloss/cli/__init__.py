@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcloss: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
+    from mcloss.core.device import keep_tensors_in_heap  # here: 'mcloss --help' imports no torch
+
+    keep_tensors_in_heap()  # batch forwards on a CPU, 1.4× faster in a fresh process
     try:
         return int(module.main(rest) or 0)
     except SystemExit as exc:  # argparse has printed the reason (or --help)

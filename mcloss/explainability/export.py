@@ -76,7 +76,9 @@ WRITER_THREADS = 2
 CPU_LANES = 2
 #: Most images per forward pass in a CPU lane. A ResNet-18 pass over 16 images at 224 px allocates activations
 #: of 50 MB and more, which glibc maps fresh for every pass: 5 ms of system time per image went to page faults
-#: (2026-12-01, 2-core VM), 0.8 ms in passes of 8, at the same user time.
+#: (2026-12-01, 2-core VM), 0.8 ms in passes of 8, at the same user time. The ``mcloss`` command keeps such
+#: blocks in the heap (:func:`mcloss.core.device.keep_tensors_in_heap`), and there 4, 8 and 16 run alike; 8 also
+#: spares a library caller who has not.
 CPU_LANE_PASS = 8
 
 
