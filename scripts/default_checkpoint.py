@@ -248,7 +248,7 @@ def defining_goals(card: dict) -> list[str]:
         f"- Channel peaks on a defining part ≥ 2 × chance: **{ch['peak_share']:.3f}** against a chance of "
         f"{ch['peak_chance']:.3f} ({share_x:.2f} ×) — {_met(met['peaks ≥ 2 × chance'])}.",
         f"- Above Grad-CAM of the same model (mass ratio {gc['mass_ratio']:.2f}×): CCMP {cc['mass_ratio']:.2f}×, "
-        f"channels {ch['mass_ratio']:.2f}× — {_met(met['above Grad-CAM'])}.",
+        f"channels {ch['mass_ratio']:.2f}× — {_met(met['above Grad-CAM'])}." + _versus_note(card["parts"]["defining"]),
         f"- Above the channels of the CE-only twin ({twin['channels']['mass_ratio']:.2f}×; its CCMP "
         f"{twin['ccmp']['mass_ratio']:.2f}×, fresh top-1 {card['ce_twin']['fresh']['fc_top1']:.3f}): "
         f"{_met(above_twin)}. One training seed each here; "
@@ -266,6 +266,24 @@ def defining_goals(card: dict) -> list[str]:
         f"- Fresh-seed top-1 ≥ 0.90: **{fresh['fc_top1']:.3f}** (FC head; MC head {fresh['mc_top1']:.3f}) "
         f"— {_met(met['top-1 ≥ 0.90'])}.",
     ]
+
+
+def _versus_note(defining: dict) -> str:
+    """The "above Grad-CAM" bullet's paired intervals, and what they say (nothing for a scoring without them)."""
+    versus = defining.get("versus_gradcam") or {}
+    if not {"ccmp", "channels"} <= versus.keys():
+        return ""
+    cc, ch = versus["ccmp"], versus["channels"]
+
+    def said(v: dict) -> str:
+        lo, hi = v["ci"]
+        where = "above 1" if lo > 1 else "below 1" if hi < 1 else "holding 1: a tie within the images drawn"
+        return f"{v['quotient']:.2f}× ({lo:.2f}–{hi:.2f}, {where})"
+
+    return (
+        f" On the same images, with paired 95 % bootstrap intervals: CCMP ÷ Grad-CAM {said(cc)}; each channel ÷ "
+        f"Grad-CAM {said(ch)}. Whether it holds at other training seeds: `docs/default_seeds.md`."
+    )
 
 
 def model_card(card: dict, parts_md: str) -> str:

@@ -83,6 +83,9 @@ def test_card_matches_metadata_and_readme(model):
     assert f"| this | CCMP | {defining['ccmp']['peak_share']:.3f} |" in readme
     assert f"| baseline | each channel | {twin['channels']['peak_share']:.3f} |" in readme
     assert f"**{defining['ccmp']['mass_ratio']:.2f}×**" in readme
+    # the "above Grad-CAM" goal comes with its paired interval, which the card's scores carry
+    versus = card["parts"]["defining"]["versus_gradcam"]["ccmp"]
+    assert f"CCMP ÷ Grad-CAM {versus['quotient']:.2f}× ({versus['ci'][0]:.2f}–{versus['ci'][1]:.2f}" in readme
     assert f"{card['train_seconds'] / 60:.1f} min" in readme
 
 

@@ -108,3 +108,47 @@ def test_peak_region_reads_the_pixel_under_the_point():
     assert W.peak_region((5.5, 2.5), regions) == 2
     assert W.peak_region((float("nan"), 2.0), regions) == 0
     assert W.peak_region((25.0, 2.0), regions) == 0
+
+
+# ------------------------------------------------------------------ bootstrap intervals of the geometric mean
+
+
+def test_interval_of_a_constant_ratio_is_that_ratio():
+    lo, hi = W.geometric_mean_ci([[4.0, 4.0, 4.0]] * 30)
+    assert lo == pytest.approx(4.0) and hi == pytest.approx(4.0)
+
+
+def test_paired_interval_cancels_what_two_maps_share_about_an_image():
+    rng = np.random.default_rng(1)
+    cam = [[float(v)] for v in np.exp(rng.normal(1.5, 1.0, 80))]  # images differ a lot
+    group = [[2.0 * v[0]] for v in cam]  # but the group's map is exactly twice Grad-CAM's on each
+    lo, hi = W.geometric_mean_ci(group, cam)
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    alone = W.geometric_mean_ci(group)
+    assert alone[1] / alone[0] > 1.4  # unpaired, the images' spread stays in the interval
+    assert W.geometric_mean_ci(cam, cam) == pytest.approx((1.0, 1.0))
+
+
+def test_an_images_channels_are_resampled_together():
+    rng = np.random.default_rng(2)
+    one = [[float(v)] for v in np.exp(rng.normal(0.0, 1.0, 50))]
+    three = [v * 3 for v in one]  # three channels that agree on each image carry no more evidence than one
+    assert W.geometric_mean_ci(three) == pytest.approx(W.geometric_mean_ci(one))
+
+
+def test_the_95_percent_interval_covers_the_true_geometric_mean_about_95_percent_of_the_time():
+    mu, covered, trials = 1.2, 0, 300
+    for t in range(trials):
+        values = np.exp(np.random.default_rng(100 + t).normal(mu, 0.8, (60, 3)))
+        lo, hi = W.geometric_mean_ci(values.tolist(), resamples=1000, seed=t)
+        covered += lo <= math.exp(mu) <= hi
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_interval_without_values_or_with_misaligned_images():
+    assert all(math.isnan(v) for v in W.geometric_mean_ci([[], [float("nan")]]))
+    assert all(math.isnan(v) for v in W.geometric_mean_ci([[2.0]], [[]]))
+    with pytest.raises(ValueError, match="same images"):
+        W.geometric_mean_ci([[2.0], [3.0]], [[1.0]])
+    with pytest.raises(ValueError, match="level"):
+        W.geometric_mean_ci([[2.0]], level=1.0)

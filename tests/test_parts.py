@@ -451,6 +451,9 @@ def test_channels_exactly_on_the_defining_part(tmp_path, masks):
             assert 0.4 < m["energy_defining"] < 1.0 and m["energy_object"] == pytest.approx(m["energy_defining"])
     assert 0.2 < block["methods"]["random"]["mass_ratio"] < 5.0  # noise: one 8 × 8 cell per part, 4 images
     assert block["per_class"]["class_0"]["mass_ratio_ccmp"] == pytest.approx(1000.0)
+    assert block["methods"]["ccmp"]["mass_ratio_ci"] == pytest.approx([1000.0, 1000.0])  # every image the same
+    lo, hi = block["methods"]["random"]["mass_ratio_ci"]
+    assert lo < block["methods"]["random"]["mass_ratio"] < hi  # noise differs between the images
 
 
 def test_uniform_channels_show_no_preference(tmp_path):
@@ -460,6 +463,9 @@ def test_uniform_channels_show_no_preference(tmp_path):
         assert m["mass_ratio"] == pytest.approx(1.0)
         assert m["rank_accuracy"] == pytest.approx(m["rank_chance"])  # every pixel ties
         assert m["energy_object"] == pytest.approx(3 * CELL_W * CELL_H / (W0 * H0))
+        assert m["mass_ratio_ci"] == pytest.approx([1.0, 1.0])
+        # Grad-CAM of constant features is constant too: the group's maps and it tie on every image
+        assert block["versus_gradcam"][kind] == {"quotient": pytest.approx(1.0), "ci": pytest.approx([1.0, 1.0])}
 
 
 def test_channels_on_the_background_put_no_mass_on_parts(tmp_path):

@@ -5,6 +5,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,24 @@ def test_default_seeds_report_names_each_seeds_missed_goals_and_the_spread():
     assert "| 4.30 ± 2.14 |" in mean  # CCMP: 6.0, 5.0, 1.9
 
 
+def test_default_seeds_versus_table_calls_an_interval_that_holds_1_a_tie():
+    from default_seeds import seed_row, versus_report
+
+    twin = _defining(2.4, 0.8, 7.6, 0.7)
+    rows = []
+    for seed, (ccmp_ci, channels_ci) in enumerate([((0.99, 1.19), (1.20, 1.45)), ((0.80, 0.95), (1.01, 1.30))]):
+        defining = _defining(6.0, 7.0, 5.5, 0.86)
+        defining["versus_gradcam"] = {"ccmp": {"quotient": 1.08, "ci": list(ccmp_ci)}, "channels": {"quotient": 1.3, "ci": list(channels_ci)}}
+        rows.append(seed_row(seed, {"fc_top1": 0.94, "mc_top1": 0.96}, defining, twin))
+    lines = [line for line in versus_report(rows).splitlines() if line[:4] in ("| 0 ", "| 1 ")]
+    assert [[c.strip() for c in line.split("|")[1:-1]] for line in lines] == [
+        ["0", "1.08 (0.99–1.19)", "tie", "1.30 (1.20–1.45)", "above"],
+        ["1", "1.08 (0.80–0.95)", "below", "1.30 (1.01–1.30)", "above"],
+    ]
+    rows[0]["versus_gradcam"] = {}  # a scoring from before the intervals: no table rather than a partial one
+    assert versus_report(rows) == ""
+
+
 def test_default_seeds_variant_trains_runs_of_its_own_with_its_flags(tmp_path, monkeypatch, capsys):
     import default_seeds
 
@@ -137,3 +156,46 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     assert training["ok"] and training["epochs"] == [1, 2, 3] and training["exit_codes"] == [0, 0]
     latency = report["app_latency"]
     assert len(latency["times_s"]) == 3 and latency["median_s"] == pytest.approx(sorted(latency["times_s"])[1])
+
+
+def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):
+    from gradcam_groups import gradcam_weights
+
+    from mcloss.explainability.explanation import explain
+
+    model = mcloss.load_checkpoint(CHECKPOINT)
+    records = CUBDataset(birds, "test").records[:4]
+    images = [mcloss.load_image(r.path) for r in records]
+    labels = [r.label for r in records]
+    x = torch.stack([model.transform(im) for im in images])
+    alpha, _ = gradcam_weights(model, x, labels)
+    with torch.no_grad():
+        cams = torch.relu(torch.einsum("bk,bkhw->bhw", torch.as_tensor(alpha), model.forward_features(x))).numpy()
+    for cam, exp in zip(cams, explain(model, images, targets=labels, maps=("channels", "gradcam")), strict=True):
+        assert cam == pytest.approx(exp.groups[0].gradcam, rel=1e-4, abs=1e-6)
+
+
+def test_gradcam_groups_mass_ratios_are_those_of_mcloss_parts(tmp_path):
+    from gradcam_groups import group_report
+
+    from mcloss.evaluation.parts import run_parts
+
+    root = tmp_path / "varied"  # the default's classes, with part masks
+    generate_dataset(root, classes=12, per_class=1, size=112, seed=3, test_fraction=1.0, design="varied", object_scale=1.6)
+    report = group_report(str(CHECKPOINT), str(root))
+    assert report["images"] == 12 and report["channel_share"]["own"] == pytest.approx(3 / 36)
+    assert sum(report["positive_share"].values()) == pytest.approx(1.0)
+    methods = run_parts(mcloss.load_checkpoint(CHECKPOINT), root, faithfulness=False).summary["defining"]["methods"]
+    for kind in ("gradcam", "ccmp"):
+        assert report["mass_ratio"][kind] == pytest.approx(methods[kind]["mass_ratio"], rel=1e-4)
+    assert all(report["mass_ratio"][f"gradcam_{k}"] > 0 for k in ("own", "sharing", "other"))
+
+
+def test_gradcam_groups_sorts_channels_by_shared_defining_parts():
+    from gradcam_groups import group_kinds, positive_shares
+
+    kinds = group_kinds([2, 2, 2], [["wing"], ["wing", "tail"], ["beak"]], 0)
+    assert kinds.tolist() == ["own", "own", "sharing", "sharing", "other", "other"]
+    assert group_kinds([1, 1], [[], []], 1).tolist() == ["other", "own"]  # no defining parts: shares with nobody
+    shares = positive_shares(np.array([1.0, -1.0, 2.0, 0.0, 1.0, -5.0]), kinds)
+    assert shares == {"own": 0.25, "sharing": 0.5, "other": 0.25}  # negative weights are not evidence

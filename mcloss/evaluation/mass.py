@@ -26,6 +26,7 @@ __all__ = [
     "region_areas",
     "mass_ratio",
     "geometric_mean",
+    "geometric_mean_ci",
     "peak_region",
     "defining_chance",
     "energy_shares",
@@ -103,6 +104,63 @@ def geometric_mean(values: Iterable[float]) -> float:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     v = v[np.isfinite(v) & (v > 0)]
     return float(np.exp(np.log(v).mean())) if v.size else float("nan")
+
+
+#: Bootstrap resamples of a confidence interval, and the interval's level.
+BOOTSTRAP_RESAMPLES = 2000
+CI_LEVEL = 0.95
+
+
+def _log_sums(per_image: Sequence[Iterable[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the sum of the logs of its finite positive values, and how many there are."""
+    sums, counts = [], []
+    for values in per_image:
+        v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+        v = v[np.isfinite(v) & (v > 0)]
+        sums.append(float(np.log(v).sum()))
+        counts.append(v.size)
+    return np.asarray(sums), np.asarray(counts)
+
+
+def _resampled_log_mean(sums: np.ndarray, counts: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The log of the geometric mean of each resample (a row of image indices; NaN where it holds no value)."""
+    total = counts[draws].sum(axis=1)
+    return np.where(total > 0, sums[draws].sum(axis=1) / np.maximum(total, 1), np.nan)
+
+
+def geometric_mean_ci(
+    per_image: Sequence[Iterable[float]],
+    versus: Sequence[Iterable[float]] | None = None,
+    *,
+    level: float = CI_LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of :func:`geometric_mean` over values grouped by image.
+
+    Images are resampled with replacement, so an image's values (its ξ channels) move together: the interval
+    reflects how much the figure depends on which images were drawn. With ``versus`` (the same images, in the
+    same order, e.g. Grad-CAM's ratios), the interval is that of the quotient geometric_mean(per_image) ÷
+    geometric_mean(versus), both taken over the same resample of images: a paired comparison, in which what the
+    two maps share about an image cancels. (NaN, NaN) when there is no value. ``seed`` fixes the resamples, so a
+    report is reproducible.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    sums, counts = _log_sums(per_image)
+    if versus is not None and len(versus) != len(per_image):
+        raise ValueError(f"versus has {len(versus)} images, per_image {len(per_image)}: a paired interval needs the same images")
+    if not counts.sum():
+        return float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, len(counts), (resamples, len(counts)))
+    stat = _resampled_log_mean(sums, counts, draws)
+    if versus is not None:
+        other_sums, other_counts = _log_sums(versus)
+        if not other_counts.sum():
+            return float("nan"), float("nan")
+        stat = stat - _resampled_log_mean(other_sums, other_counts, draws)
+    lo, hi = np.nanpercentile(stat, [50 * (1 - level), 50 * (1 + level)])
+    return float(np.exp(lo)), float(np.exp(hi))
 
 
 def peak_region(xy: Sequence[float], regions: np.ndarray) -> int:

@@ -615,6 +615,23 @@ def _defining_row(score: dict, part_names: Sequence[str], defining: Sequence[int
     return row
 
 
+def _versus_gradcam(scored: list[dict], methods: dict[str, dict]) -> dict[str, dict]:
+    """The group's maps against Grad-CAM of the same model, on the same images: the quotient of their mass
+    ratios (> 1: the group's map prefers the defining parts more) with its paired bootstrap interval."""
+    if "gradcam" not in methods:
+        return {}
+    cam = [s["ratios"].get("gradcam", []) for s in scored]
+    out = {}
+    for kind in ("ccmp", "channels"):
+        if kind in methods:
+            mine = [s["ratios"].get(kind, []) for s in scored]
+            out[kind] = {
+                "quotient": methods[kind]["mass_ratio"] / methods["gradcam"]["mass_ratio"],
+                "ci": list(W.geometric_mean_ci(mine, cam)),
+            }
+    return out
+
+
 def _summarize_defining(
     scores: list[dict],
     class_names: list[str],
@@ -648,13 +665,15 @@ def _summarize_defining(
                     on_defining += int(label - 1 in s["defining"])
                     chance += s["chance"]
         peaks = sum(len(s["peaks"].get(kind, [])) for s in scored)
-        ratios = [r for s in scored for r in s["ratios"].get(kind, [])]
+        per_image = [s["ratios"].get(kind, []) for s in scored]
+        ratios = [r for values in per_image for r in values]
         entry: dict[str, Any] = {
             "peaks": peaks,
             "peaks_on_parts": on_part,
             "peak_share": on_defining / on_part if on_part else float("nan"),
             "peak_chance": chance / on_part if on_part else float("nan"),
             "mass_ratio": W.geometric_mean(ratios),
+            "mass_ratio_ci": list(W.geometric_mean_ci(per_image)),
             "mass_ratios": sum(1 for r in ratios if np.isfinite(r)),
         }
         if masks:
@@ -665,6 +684,7 @@ def _summarize_defining(
             parts = [p for s in scored for p in s["energy_parts"].get(kind, [])]
             entry["energy_parts"] = np.nanmean(np.stack(parts), axis=0).tolist() if parts else []
         block["methods"][kind] = entry
+    block["versus_gradcam"] = _versus_gradcam(scored, block["methods"])
     per_class: dict[str, dict] = {}
     for label in sorted({lab for lab, _ in labelled}):
         mine = [d for lab, d in labelled if lab == label]

@@ -7,6 +7,7 @@ channel_part_matrix.png, hit_rate.png, deletion_insertion.png.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mcloss.data.io import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
+from mcloss.evaluation.mass import BOOTSTRAP_RESAMPLES, CI_LEVEL
 
 __all__ = [
     "DEFINING_LABELS",
@@ -121,7 +123,10 @@ def defining_table(summary: dict) -> str:
     if not block.get("methods"):
         return ""
     masks = block.get("regions") == "part masks"
-    head = "| model | map of the true class | peaks on a defining part (of peaks on a part) | chance | mass ratio defining ÷ other parts |"
+    head = (
+        "| model | map of the true class | peaks on a defining part (of peaks on a part) | chance "
+        f"| mass ratio defining ÷ other parts ({CI_LEVEL * 100:g} % CI) |"
+    )
     rule = "|---|---|---|---|---|"
     if masks:
         head += " rank accuracy (chance) | mass in the object | mass on defining parts |"
@@ -134,7 +139,7 @@ def defining_table(summary: dict) -> str:
         for kind, m in part["methods"].items():
             line = (
                 f"| {name} | {DEFINING_LABELS.get(kind, kind)} | {_fmt(m['peak_share'])} | {_fmt(m['peak_chance'])} "
-                f"| {_fmt(m['mass_ratio'], 2)}× |"
+                f"| {_ratio_with_ci(m['mass_ratio'], m.get('mass_ratio_ci'))} |"
             )
             if masks:
                 line += (
@@ -150,12 +155,30 @@ def defining_table(summary: dict) -> str:
         "mean over images (and channels); 1× = no preference. Chance: the defining parts' share of the visible "
         "part area.",
     ]
+    versus = [
+        f"{DEFINING_LABELS[kind]} ÷ Grad-CAM {_ratio_with_ci(v['quotient'], v['ci'])}"
+        for kind, v in (block.get("versus_gradcam") or {}).items()
+    ]
+    if versus:
+        lines.append(
+            "Against Grad-CAM of the same model, on the same images (quotient of the mass ratios; > 1: the group's "
+            f"map prefers the defining parts more): {'; '.join(versus)}. Intervals: {CI_LEVEL * 100:g} % percentile bootstrap "
+            f"over the images ({BOOTSTRAP_RESAMPLES:,} resamples, an image's channels together; paired for the quotients)."
+        )
     if len(models) > 1:
         base = summary["baseline"]
         lines.append(
             f"Baseline: {base.get('checkpoint', '?')} on the same images (top-1 FC {_fmt(base.get('top1_fc'))})."
         )
     return "\n".join(lines)
+
+
+def _ratio_with_ci(value: float, ci: Sequence[float] | None) -> str:
+    """``5.98× (5.41–6.60)``: a ratio and its interval (the ratio alone when there is none)."""
+    text = f"{_fmt(value, 2)}×"
+    if ci is not None and len(ci) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in ci):
+        text += f" ({ci[0]:.2f}–{ci[1]:.2f})"
+    return text
 
 
 def baseline_block(summary: dict, checkpoint: str | Path) -> dict:
