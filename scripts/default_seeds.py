@@ -33,6 +33,8 @@ from default_checkpoint import (  # noqa: E402
     train_command,
 )
 
+#: the default's training length
+DEFAULT_EPOCHS = 24
 #: (column, key of a seed's row, format)
 COLUMNS = (
     ("fresh top-1 FC", "fc_top1", "{:.3f}"),
@@ -125,17 +127,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds besides the default's 0")
     parser.add_argument("--work", default="runs", help="the work dir of make default-checkpoint")
-    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--docs", default="docs/default_seeds.md")
     parser.add_argument(
         "--variant", metavar="NAME",
         help="train a variant of the recipe instead, at exactly --seeds (seed 0 included when listed), in "
-        "<work>/variant-NAME-train-seedS; its extra mcloss train flags are --train-args",
+        "<work>/variant-NAME-train-seedS; its extra mcloss train flags are --train-args, and it may train for "
+        "other --epochs",
     )  # fmt: skip
     parser.add_argument("--train-args", default="", help="extra mcloss train flags of --variant, e.g. '--dis-topk-from 1'")
     args = parser.parse_args(argv)
-    if bool(args.variant) != bool(args.train_args.strip()):
-        parser.error("--variant and --train-args go together")
+    if args.train_args.strip() and not args.variant:
+        parser.error("--train-args needs --variant (the variant's name)")
+    if args.variant and not args.train_args.strip() and args.epochs == DEFAULT_EPOCHS:
+        parser.error("--variant needs --train-args or other --epochs than the default's")
     extra = shlex.split(args.train_args)
 
     work = Path(args.work)
@@ -158,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(row))
     call = shlex.join(argv if argv is not None else sys.argv[1:])
     what = (
-        f"the recipe of `make default-checkpoint` with `{args.train_args.strip()}`" if args.variant else
+        f"the recipe of `make default-checkpoint` with `{args.train_args.strip()}`" if extra else
         "the recipe of `make default-checkpoint`"
     )  # fmt: skip
     text = "\n".join([

@@ -134,9 +134,17 @@ def test_default_seeds_variant_trains_runs_of_its_own_with_its_flags(tmp_path, m
     assert all(args[-2:] == ["--alpha", "3"] and "--dis-topk" in args for _, args in trained)  # the recipe, plus its flags
     assert json.loads(docs.with_suffix(".json").read_text())["train_args"] == ["--alpha", "3"]
     assert "(variant a3)" in docs.read_text() and "with `--alpha 3`" in docs.read_text()
-    with pytest.raises(SystemExit):  # a variant needs its flags
+    with pytest.raises(SystemExit):  # a variant needs its flags or its own length
         default_seeds.main(["--work", str(tmp_path), "--variant", "a3"])
-    assert "--variant and --train-args go together" in capsys.readouterr().err
+    assert "--variant needs --train-args or other --epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        default_seeds.main(["--work", str(tmp_path), "--train-args", "--alpha 3"])
+    assert "--train-args needs --variant" in capsys.readouterr().err
+    trained.clear()
+    argv = ["--work", str(tmp_path), "--variant", "e48", "--epochs", "48", "--seeds", "1", "--docs", str(docs)]
+    assert default_seeds.main(argv) == 0  # a longer run of the recipe as it is
+    (name, args), = trained
+    assert name == "variant-e48-train-seed1" and args[args.index("--epochs") + 1] == "48"
 
 
 @pytest.mark.slow
