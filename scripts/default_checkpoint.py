@@ -27,8 +27,9 @@ from mcloss.data.datasets import build_datasets
 from mcloss.data.io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_image, load_image
 from mcloss.data.synth import generate_dataset, is_synth_output
 from mcloss.evaluation.classification import evaluate
+from mcloss.evaluation.mass import CI_LEVEL
 from mcloss.evaluation.parts import run_parts, summary_table, write_outputs
-from mcloss.evaluation.parts_report import baseline_block
+from mcloss.evaluation.parts_report import baseline_block, verdict
 from mcloss.explainability.explanation import explain
 from mcloss.training.run_dir import read_metrics
 
@@ -39,6 +40,8 @@ DATASET = {"classes": 12, "per_class": 325, "size": 224, "seed": 0, "test_fracti
 #: Fresh instances of the same classes (another seed), all in the test split.
 FRESH = DATASET | {"per_class": 25, "seed": 1, "test_fraction": 1.0}
 MAX_BYTES = 25 * 1024 * 1024
+#: The default's training length.
+EPOCHS = 24
 #: The shipped CE-only twin, beside the default.
 TWIN_NAME = "ce-baseline.safetensors"
 #: What each ``mcloss synth --design`` means, for the model card.
@@ -276,12 +279,11 @@ def _versus_note(defining: dict) -> str:
     cc, ch = versus["ccmp"], versus["channels"]
 
     def said(v: dict) -> str:
-        lo, hi = v["ci"]
-        where = "above 1" if lo > 1 else "below 1" if hi < 1 else "holding 1: a tie within the images drawn"
-        return f"{v['quotient']:.2f}× ({lo:.2f}–{hi:.2f}, {where})"
+        where = {"above": "above 1", "below": "below 1", "tie": "holding 1: a tie within the images drawn"}[verdict(v["ci"])]
+        return f"{v['quotient']:.2f}× ({v['ci'][0]:.2f}–{v['ci'][1]:.2f}, {where})"
 
     return (
-        f" On the same images, with paired 95 % bootstrap intervals: CCMP ÷ Grad-CAM {said(cc)}; each channel ÷ "
+        f" On the same images, with paired {CI_LEVEL * 100:g} % bootstrap intervals: CCMP ÷ Grad-CAM {said(cc)}; each channel ÷ "
         f"Grad-CAM {said(ch)}. Whether it holds at other training seeds: `docs/default_seeds.md`."
     )
 
@@ -376,7 +378,7 @@ def model_card(card: dict, parts_md: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs", help="where datasets and the training run go")
-    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--out", default="checkpoints", help="where default.safetensors, README.md and samples/ go")
     parser.add_argument("--parts-limit", type=int, default=None, help="images scored by mcloss parts (default all)")
     args = parser.parse_args(argv)

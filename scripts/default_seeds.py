@@ -19,11 +19,14 @@ from pathlib import Path
 
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.data.io import atomic_write_json, atomic_write_text
+from mcloss.evaluation.mass import CI_LEVEL
+from mcloss.evaluation.parts_report import ratio_with_ci, verdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_checkpoint import (  # noqa: E402
     DATASET,
     DIS_TOPK,
+    EPOCHS,
     FRESH,
     ensure_dataset,
     goals_met,
@@ -33,8 +36,6 @@ from default_checkpoint import (  # noqa: E402
     train_command,
 )
 
-#: the default's training length
-DEFAULT_EPOCHS = 24
 #: (column, key of a seed's row, format)
 COLUMNS = (
     ("fresh top-1 FC", "fc_top1", "{:.3f}"),
@@ -63,26 +64,20 @@ def seed_row(seed: int, fresh_scores: dict, defining: dict, twin_defining: dict)
     return row | {"goals": goals_met(defining, fresh_scores["fc_top1"], twin_defining)}
 
 
-def verdict(ci: Sequence[float]) -> str:
-    """Where a paired interval of a quotient lies against 1: above, below, or a tie."""
-    lo, hi = ci
-    return "above" if lo > 1 else "below" if hi < 1 else "tie"
-
-
 def versus_report(rows: list[dict]) -> str:
     """Markdown: each seed's CCMP and channels ÷ Grad-CAM with their paired bootstrap intervals (empty when the
     scorings predate them)."""
     if not all(r.get("versus_gradcam") for r in rows):
         return ""
     lines = [
-        "| seed | CCMP ÷ Grad-CAM (95 % CI) | | each channel ÷ Grad-CAM (95 % CI) | |",
+        f"| seed | CCMP ÷ Grad-CAM ({CI_LEVEL * 100:g} % CI) | | each channel ÷ Grad-CAM ({CI_LEVEL * 100:g} % CI) | |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         cells = []
         for kind in ("ccmp", "channels"):
             v = r["versus_gradcam"][kind]
-            cells += [f"{v['quotient']:.2f} ({v['ci'][0]:.2f}–{v['ci'][1]:.2f})", verdict(v["ci"])]
+            cells += [ratio_with_ci(v["quotient"], v["ci"], unit=""), verdict(v["ci"])]
         lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -127,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds besides the default's 0")
     parser.add_argument("--work", default="runs", help="the work dir of make default-checkpoint")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--docs", default="docs/default_seeds.md")
     parser.add_argument(
         "--variant", metavar="NAME",
@@ -139,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.train_args.strip() and not args.variant:
         parser.error("--train-args needs --variant (the variant's name)")
-    if args.variant and not args.train_args.strip() and args.epochs == DEFAULT_EPOCHS:
+    if args.variant and not args.train_args.strip() and args.epochs == EPOCHS:
         parser.error("--variant needs --train-args or other --epochs than the default's")
+    if args.epochs != EPOCHS and not args.variant:
+        parser.error(f"--epochs other than the default's {EPOCHS} needs --variant (it would retrain the default's runs)")
     extra = shlex.split(args.train_args)
 
     work = Path(args.work)

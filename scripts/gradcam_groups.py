@@ -4,12 +4,12 @@ defining part with it, or the rest.
 Grad-CAM of class c is ReLU(Σ_k α_k F_k), with α_k the spatial mean of ∂y_c/∂F_k (the official FC head is an
 MLP over max-pooled F, so α depends on the image). For each image of a CUB-layout dataset, with its true
 class c, the channels are split by group: c's own group, the groups of the other classes that change at least
-one of c's defining parts (the card's ``defining_parts``), and the remaining groups. Reported per checkpoint,
-averaged over the images: each kind's share of the positive α (``positive_share``), beside its share of the
-channels (``channel_share``: what the positive share would be if Grad-CAM preferred no group). Where the
-dataset has part masks, also the defining-part mass ratio (geometric mean over the images, as ``mcloss
-parts`` computes it) of Grad-CAM, of CCMP, and of Grad-CAM built from one kind of group alone,
-ReLU(Σ_{k of that kind} α_k F_k) (``mass_ratio``).
+one of c's defining parts (the dataset's, else the card's, as ``mcloss parts`` reads them), and the remaining
+groups. Reported per checkpoint, averaged over the images: each kind's share of the positive α
+(``positive_share``), beside its share of the channels (``channel_share``: what the positive share would be if
+Grad-CAM preferred no group). Where the dataset has part masks, also the defining-part mass ratio (geometric
+mean over the images, as ``mcloss parts`` computes it) of Grad-CAM, of CCMP, and of Grad-CAM built from one
+kind of group alone, ReLU(Σ_{k of that kind} α_k F_k) (``mass_ratio``).
 
     python scripts/gradcam_groups.py --data runs/data/birds12-fresh checkpoints/default.safetensors ...
 
@@ -27,9 +27,9 @@ import torch
 
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.data.cub import CUBDataset
-from mcloss.data.defining import defining_indices
 from mcloss.data.io import atomic_write_json, load_image
 from mcloss.evaluation import mass
+from mcloss.evaluation.parts import resolve_defining
 from mcloss.explainability.defining import crop_regions
 from mcloss.explainability.geometry import to_original
 
@@ -79,9 +79,11 @@ def _maps(alpha: np.ndarray, features: np.ndarray, kinds: np.ndarray, own: slice
 def group_report(checkpoint: str, data: str, limit: int | None = None, batch: int = 16) -> dict:
     """The mean over the images of each kind's positive share and channel share, and the maps' mass ratios."""
     model = load_checkpoint(checkpoint).eval()
-    parts = model.card.get("defining_parts") or {}
-    defining = [parts.get(n, []) for n in model.class_names]
     dataset = CUBDataset(data, "test")
+    by_label, names, source = resolve_defining(dataset, model, dataset.part_names)
+    if source is None:
+        raise SystemExit(f"{checkpoint}: no defining parts, neither in {data} nor in the checkpoint's card")
+    defining = [names.get(n, []) for n in model.class_names]
     records = dataset.records[:limit]
     shares: dict[str, list[float]] = {k: [] for k in KINDS}
     channels: dict[str, list[float]] = {k: [] for k in KINDS}
@@ -97,7 +99,7 @@ def group_report(checkpoint: str, data: str, limit: int | None = None, batch: in
                 shares[k].append(v)
                 channels[k].append(float(np.mean(kinds == k)))
             labels = dataset.part_labels(r)
-            indices = defining_indices(defining[r.label], dataset.part_names)
+            indices = by_label[r.label]
             if labels is None or not indices:
                 continue
             geometry = model.transform.geometry(*image.size)

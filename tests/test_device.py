@@ -1,13 +1,20 @@
 """Device selection, the bf16 autocast switch and the CPU allocator's settings."""
 
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from mcloss.core.device import autocast, native_bf16_in_cpuinfo, resolve_device
+from mcloss.core.device import (
+    MALLOC_ENV,
+    autocast,
+    native_bf16_in_cpuinfo,
+    resolve_device,
+    user_sets_malloc_thresholds,
+)
 
 CPU = torch.device("cpu")
 
@@ -60,19 +67,43 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _heap_probe(mode: str, **env: str) -> tuple[str, int]:
+    clean = {k: v for k, v in os.environ.items() if k not in (*MALLOC_ENV, "GLIBC_TUNABLES")}
     out = subprocess.run(
-        [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True, env={**os.environ, **env}
+        [sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True, env={**clean, **env}
     ).stdout.split()
     return out[0], int(out[1])
 
 
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.slow
 def test_keep_tensors_in_heap_spares_a_batch_forward_its_page_faults():
-    _, plain = _heap_probe("plain")
     took, tuned = _heap_probe("tuned")
+    if not _GLIBC:  # glibc's thresholds only: elsewhere the setting is a no-op and says so
+        assert took == "False"
+        return
+    _, plain = _heap_probe("plain")
     assert plain >= 1000  # glibc maps each block over 32 MB afresh: its pages fault on every pass
     assert took == "True" and tuned * 10 <= plain
 
 
-def test_keep_tensors_in_heap_leaves_the_users_malloc_settings_alone():
-    took, _ = _heap_probe("tuned", MALLOC_MMAP_THRESHOLD_="1048576")
-    assert took == "False"
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+        {"MALLOC_TRIM_THRESHOLD_": "0"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"},
+        {"GLIBC_TUNABLES": "glibc.elision.enable=1:glibc.malloc.trim_threshold=0"},
+    ],
+)
+def test_keep_tensors_in_heap_leaves_the_users_malloc_settings_alone(env):
+    assert user_sets_malloc_thresholds(env)
+    assert not user_sets_malloc_thresholds({"GLIBC_TUNABLES": "glibc.elision.enable=1", "PATH": "/usr/bin"})
+
+
+def test_keep_tensors_in_heap_is_a_no_op_under_the_users_setting():
+    code = "from mcloss.core.device import keep_tensors_in_heap; print(keep_tensors_in_heap())"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"

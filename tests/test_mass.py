@@ -152,3 +152,18 @@ def test_interval_without_values_or_with_misaligned_images():
         W.geometric_mean_ci([[2.0], [3.0]], [[1.0]])
     with pytest.raises(ValueError, match="level"):
         W.geometric_mean_ci([[2.0]], level=1.0)
+
+
+def test_an_image_where_grad_cam_has_no_ratio_drops_out_of_both_sides():
+    rng = np.random.default_rng(3)
+    cam = [[float(v)] for v in np.exp(rng.normal(1.0, 0.5, 40))]
+    group = [[3.0 * v[0], 3.0 * v[0]] for v in cam]
+    # one more image: Grad-CAM zero after its ReLU (no ratio), the group's map strongly on the defining parts
+    cam_gap, group_gap = [*cam, [float("nan")]], [*group, [50.0, 50.0]]
+    assert W.paired_quotient(group_gap, cam_gap) == pytest.approx(3.0)
+    assert W.geometric_mean_ci(group_gap, cam_gap) == pytest.approx((3.0, 3.0))
+    # unpaired, the extra image would have raised the group's mean alone
+    assert W.geometric_mean([v for g in group_gap for v in g]) / W.geometric_mean([c[0] for c in cam]) > 3.1
+    assert W.paired(group_gap, cam_gap) == (group, cam)
+    with pytest.raises(ValueError, match="same images"):
+        W.paired_quotient([[2.0]], [])

@@ -141,6 +141,10 @@ def test_default_seeds_variant_trains_runs_of_its_own_with_its_flags(tmp_path, m
         default_seeds.main(["--work", str(tmp_path), "--train-args", "--alpha 3"])
     assert "--train-args needs --variant" in capsys.readouterr().err
     trained.clear()
+    with pytest.raises(SystemExit):  # the default's own runs keep their length
+        default_seeds.main(["--work", str(tmp_path), "--epochs", "48"])
+    assert "--epochs other than the default's 24 needs --variant" in capsys.readouterr().err
+    assert not trained
     argv = ["--work", str(tmp_path), "--variant", "e48", "--epochs", "48", "--seeds", "1", "--docs", str(docs)]
     assert default_seeds.main(argv) == 0  # a longer run of the recipe as it is
     (name, args), = trained

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 HEAP_BLOCK_LIMIT = 256 << 20
 #: Free memory at the heap's top beyond this is given back to the system.
 HEAP_KEEP = 512 << 20
+#: the environment variables by which a user sets those thresholds for glibc
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,20 +64,26 @@ def native_bf16_in_cpuinfo(text: str) -> bool:
 def keep_tensors_in_heap() -> bool:
     """Let glibc reuse the memory of large CPU tensors from one pass to the next; returns whether it took.
 
-    By default glibc maps every block over 32 MB afresh and unmaps it when freed, so each batch-16 forward of
-    a fresh process touched its 51 MB activations page by page again: 55,000 page faults and 6.7 ms of system
-    time per image, 63.5 against 89.5 images/s (2026-12-02, 2-core VM); a process that had first run a backward
-    pass happened to be in the fast state. Raising the mmap threshold (:data:`HEAP_BLOCK_LIMIT`) and the trim
-    threshold (:data:`HEAP_KEEP`) keeps those blocks in the heap: the process holds up to HEAP_KEEP of freed
-    memory for the next pass. Called once by the ``mcloss`` command; a no-op (False) off glibc and when the
-    user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (theirs win).
+    By default glibc maps every block over 32 MB afresh and unmaps it when freed, so every batch forward
+    touches its activations page by page again (BENCHMARKS.md, "The heap kept between passes"). Raising the
+    mmap threshold (:data:`HEAP_BLOCK_LIMIT`) and the trim threshold (:data:`HEAP_KEEP`) keeps those blocks
+    in the heap: the process holds up to HEAP_KEEP of freed memory for the next pass. Called once by the
+    ``mcloss`` command. A no-op (False) off glibc, and when the user set ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc`` tunable (theirs win).
     """
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    if not sys.platform.startswith("linux") or user_sets_malloc_thresholds(os.environ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+    except (OSError, AttributeError):  # no mallopt in the process's C library
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # the trim threshold first: once the mmap threshold is set, glibc stops adjusting both
-    return mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP) == 1 and mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT) == 1
+    # the mmap threshold first: where the C library refuses it (musl; a glibc that caps it lower), the trim
+    # threshold is left alone too
+    return mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT) == 1 and mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP) == 1
+
+
+def user_sets_malloc_thresholds(env: Mapping[str, str]) -> bool:
+    """Whether ``env`` sets glibc's mmap or trim threshold itself."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    return any(k in env for k in MALLOC_ENV) or any(f"glibc.malloc.{t}" in tunables for t in ("mmap_threshold", "trim_threshold"))

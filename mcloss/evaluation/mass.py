@@ -99,11 +99,31 @@ def mass_ratio(values: np.ndarray, regions: np.ndarray, defining: Sequence[int],
     return float(np.clip(def_density / other_density, 1.0 / RATIO_CLIP, RATIO_CLIP))
 
 
+def _finite_positive(values: Iterable[float]) -> np.ndarray:
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    return v[np.isfinite(v) & (v > 0)]
+
+
 def geometric_mean(values: Iterable[float]) -> float:
     """Geometric mean of the finite positive values (NaN when there are none)."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    v = v[np.isfinite(v) & (v > 0)]
+    v = _finite_positive(values)
     return float(np.exp(np.log(v).mean())) if v.size else float("nan")
+
+
+def paired(per_image: Sequence[Iterable[float]], versus: Sequence[Iterable[float]]) -> tuple[list[list[float]], list[list[float]]]:
+    """Two maps' values over the same images, kept where both have a finite positive value (an image where one
+    map has none, e.g. a Grad-CAM that is zero after its ReLU, drops out of both)."""
+    if len(versus) != len(per_image):
+        raise ValueError(f"versus has {len(versus)} images, per_image {len(per_image)}: a paired comparison needs the same images")
+    pairs = [(list(a), list(b)) for a, b in zip(per_image, versus, strict=True)]
+    kept = [(a, b) for a, b in pairs if _finite_positive(a).size and _finite_positive(b).size]
+    return [a for a, _ in kept], [b for _, b in kept]
+
+
+def paired_quotient(per_image: Sequence[Iterable[float]], versus: Sequence[Iterable[float]]) -> float:
+    """geometric_mean(per_image) ÷ geometric_mean(versus) over the images where both have values (:func:`paired`)."""
+    mine, theirs = paired(per_image, versus)
+    return geometric_mean(v for values in mine for v in values) / geometric_mean(v for values in theirs for v in values)
 
 
 #: Bootstrap resamples of a confidence interval, and the interval's level.
@@ -115,8 +135,7 @@ def _log_sums(per_image: Sequence[Iterable[float]]) -> tuple[np.ndarray, np.ndar
     """Per image: the sum of the logs of its finite positive values, and how many there are."""
     sums, counts = [], []
     for values in per_image:
-        v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-        v = v[np.isfinite(v) & (v > 0)]
+        v = _finite_positive(values)
         sums.append(float(np.log(v).sum()))
         counts.append(v.size)
     return np.asarray(sums), np.asarray(counts)
@@ -140,24 +159,22 @@ def geometric_mean_ci(
 
     Images are resampled with replacement, so an image's values (its ξ channels) move together: the interval
     reflects how much the figure depends on which images were drawn. With ``versus`` (the same images, in the
-    same order, e.g. Grad-CAM's ratios), the interval is that of the quotient geometric_mean(per_image) ÷
-    geometric_mean(versus), both taken over the same resample of images: a paired comparison, in which what the
-    two maps share about an image cancels. (NaN, NaN) when there is no value. ``seed`` fixes the resamples, so a
+    same order, e.g. Grad-CAM's ratios), the interval is that of :func:`paired_quotient`, both geometric means
+    taken over the same resample of the images where both maps have values: a paired comparison, in which what
+    the two maps share about an image cancels. (NaN, NaN) when there is no value. ``seed`` fixes the resamples, so a
     report is reproducible.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if versus is not None:
+        per_image, versus = paired(per_image, versus)
     sums, counts = _log_sums(per_image)
-    if versus is not None and len(versus) != len(per_image):
-        raise ValueError(f"versus has {len(versus)} images, per_image {len(per_image)}: a paired interval needs the same images")
     if not counts.sum():
         return float("nan"), float("nan")
     draws = np.random.default_rng(seed).integers(0, len(counts), (resamples, len(counts)))
     stat = _resampled_log_mean(sums, counts, draws)
     if versus is not None:
         other_sums, other_counts = _log_sums(versus)
-        if not other_counts.sum():
-            return float("nan"), float("nan")
         stat = stat - _resampled_log_mean(other_sums, other_counts, draws)
     lo, hi = np.nanpercentile(stat, [50 * (1 - level), 50 * (1 + level)])
     return float(np.exp(lo)), float(np.exp(hi))

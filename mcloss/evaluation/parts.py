@@ -626,7 +626,7 @@ def _versus_gradcam(scored: list[dict], methods: dict[str, dict]) -> dict[str, d
         if kind in methods:
             mine = [s["ratios"].get(kind, []) for s in scored]
             out[kind] = {
-                "quotient": methods[kind]["mass_ratio"] / methods["gradcam"]["mass_ratio"],
+                "quotient": W.paired_quotient(mine, cam),
                 "ci": list(W.geometric_mean_ci(mine, cam)),
             }
     return out

@@ -139,7 +139,7 @@ def defining_table(summary: dict) -> str:
         for kind, m in part["methods"].items():
             line = (
                 f"| {name} | {DEFINING_LABELS.get(kind, kind)} | {_fmt(m['peak_share'])} | {_fmt(m['peak_chance'])} "
-                f"| {_ratio_with_ci(m['mass_ratio'], m.get('mass_ratio_ci'))} |"
+                f"| {ratio_with_ci(m['mass_ratio'], m.get('mass_ratio_ci'))} |"
             )
             if masks:
                 line += (
@@ -156,7 +156,7 @@ def defining_table(summary: dict) -> str:
         "part area.",
     ]
     versus = [
-        f"{DEFINING_LABELS[kind]} ÷ Grad-CAM {_ratio_with_ci(v['quotient'], v['ci'])}"
+        f"{DEFINING_LABELS[kind]} ÷ Grad-CAM {ratio_with_ci(v['quotient'], v['ci'])}"
         for kind, v in (block.get("versus_gradcam") or {}).items()
     ]
     if versus:
@@ -173,12 +173,18 @@ def defining_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _ratio_with_ci(value: float, ci: Sequence[float] | None) -> str:
+def ratio_with_ci(value: float, ci: Sequence[float] | None, unit: str = "×") -> str:
     """``5.98× (5.41–6.60)``: a ratio and its interval (the ratio alone when there is none)."""
-    text = f"{_fmt(value, 2)}×"
+    text = f"{_fmt(value, 2)}{unit}"
     if ci is not None and len(ci) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in ci):
         text += f" ({ci[0]:.2f}–{ci[1]:.2f})"
     return text
+
+
+def verdict(ci: Sequence[float]) -> str:
+    """Where a paired interval of a quotient lies against 1: "above", "below", or a "tie" (it holds 1)."""
+    lo, hi = ci
+    return "above" if lo > 1 else "below" if hi < 1 else "tie"
 
 
 def baseline_block(summary: dict, checkpoint: str | Path) -> dict:
