@@ -244,6 +244,40 @@ def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
     assert json.loads((tmp_path / "o" / "manifest.shard-1-of-2.json").read_text())["counts"]["inputs"] == 0
 
 
+def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _rgb(40 + i, 30, i).save(src / f"img{i}.png")
+    base = ["--checkpoint", str(checkpoint), "--input", str(src), "--workers", "0", "--no-progress", "--target", "top2"]
+    assert main([*base, "--out", str(tmp_path / "full")]) == 0
+    assert main([*base, "--out", str(tmp_path / "data"), "--no-montage"]) == 0
+    full, data = tmp_path / "full" / "in", tmp_path / "data" / "in"
+    assert not list(data.glob("*.png")) and len(list(full.glob("*.png"))) == 6  # 2 targets x 3 images
+    for i in range(3):
+        name = f"img{i}.png"
+        with np.load(full / f"{name}.npz") as a, np.load(data / f"{name}.npz") as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key])
+        rec_full, rec_data = (json.loads((d / f"{name}.json").read_text()) for d in (full, data))
+        assert [t["png"] for t in rec_data["targets"]] == [None, None]
+        assert rec_data["outputs"] == [f"{name}.npz", f"{name}.json"]
+        assert rec_data["options"] == {**rec_full["options"], "montage": False}
+        for rec in (rec_full, rec_data):
+            for t in rec["targets"]:
+                t.pop("png")
+            rec.pop("outputs"), rec.pop("options")
+        assert rec_data == rec_full
+    rows = list(csv.reader((tmp_path / "data" / "index.csv").open()))
+    assert len(rows) == 4 and not [o for r in rows[1:] for o in r[1].split(";") if o.endswith(".png")]
+    # switching an export folder between the two redoes every image and leaves no file of the other kind
+    assert main([*base, "--out", str(tmp_path / "full"), "--no-montage"]) == 0
+    assert not list(full.glob("*.png"))
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert manifest["counts"]["redone"] == 3 and manifest["options"]["montage"] is False
+
+
 @pytest.mark.slow
 def test_kill_and_rerun_ends_complete(tmp_path, checkpoint):
     src = tmp_path / "in"

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the same targets, drawn under the first in every montage (one scale with --shared-scale), its maps and "
         "predictions in the npz and json",
     )  # fmt: skip
+    p.add_argument(
+        "--no-montage", action="store_true",
+        help="write only each image's npz (raw maps) and json, no montage PNG: for exports that feed metrics",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
@@ -112,6 +116,7 @@ def _export(args: argparse.Namespace) -> int:
             checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps,
             style=style, topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device),
             shard=shard, method=args.method, compare=None if second is None else str(second),
+            montage=not args.no_montage,
         )  # fmt: skip
         model = load_checkpoint(ckpt, device)
         other = None if second is None else load_checkpoint(second, device)

@@ -9,7 +9,8 @@ forward, then Captum ``LayerGradCam.attribute`` for the predicted class), ``pyto
 device, the pass of :func:`mcloss.explainability.atlas.build_atlas`) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
 itself: ``export_batches`` batches of JPEGs of synthetic birds, decoded, explained, drawn and written as
 PNG/NPZ/JSON to a temp dir, with the export's own overlap of model and writing (lanes on a CPU, writer threads
-beside the model on a GPU); random pixels would make the PNG encoder, not the export, the subject). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
+beside the model on a GPU); random pixels would make the PNG encoder, not the export, the subject) and
+``export_no_montage`` (the same export with ``--no-montage``: npz and json only). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
 ``bf16`` force one. On CUDA clocks are read after a synchronize.
 """
 
@@ -35,6 +36,7 @@ PATHS = (
     "captum_gradcam",
     "pytorch_grad_cam",
     "export_end_to_end",
+    "export_no_montage",
     "atlas",
 )
 #: (name, numerator, denominator, goal)
@@ -43,9 +45,12 @@ GOALS = (
     ("channel_maps_and_gradcam / captum_gradcam", "channel_maps_and_gradcam", "captum_gradcam", 1.5),
     ("channel_maps_and_gradcam / pytorch_grad_cam", "channel_maps_and_gradcam", "pytorch_grad_cam", 2.0),
     ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.7),
+    ("export_no_montage / forward_only", "export_no_montage", "forward_only", 0.7),
     ("atlas / forward_only", "atlas", "forward_only", 0.8),
 )
 PRECISIONS = ("auto", "fp32", "bf16")
+#: the paths that run the export over the JPEGs
+EXPORTS = {"export_end_to_end", "export_no_montage"}
 
 
 def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
@@ -116,15 +121,19 @@ def _paths(
             f = model.forward_features(x)
             return running_topk((empty.float(), empty.long(), empty.long()), f.float(), ids, 16)
 
-    def export_end_to_end():
-        config = ExportConfig(
-            checkpoint="benchmark", input=[folder], out=tempfile.mkdtemp(dir=scratch), style=Style(tile_height=tile_height),
-            batch_size=x.shape[0], workers=workers, device=str(device),
-        )  # fmt: skip
-        result = export(model, config, device=device, amp=amp, checkpoint_sha256="benchmark")
-        if result.written != len(jpegs):  # a timing of a failing export would flatter it
-            raise RuntimeError(f"the benchmark export wrote {result.written} of {len(jpegs)} images: {result.errors[:1]}")
-        return result
+    def exporting(montage: bool) -> Callable[[], object]:
+        def run():
+            config = ExportConfig(
+                checkpoint="benchmark", input=[folder], out=tempfile.mkdtemp(dir=scratch),
+                style=Style(tile_height=tile_height), batch_size=x.shape[0], workers=workers, device=str(device),
+                montage=montage,
+            )  # fmt: skip
+            result = export(model, config, device=device, amp=amp, checkpoint_sha256="benchmark")
+            if result.written != len(jpegs):  # a timing of a failing export would flatter it
+                raise RuntimeError(f"the benchmark export wrote {result.written} of {len(jpegs)} images: {result.errors[:1]}")
+            return result
+
+        return run
 
     return {
         "forward_only": forward_only,
@@ -132,7 +141,8 @@ def _paths(
         "channel_maps_and_gradcam": channel_maps_and_gradcam,
         "captum_gradcam": captum_gradcam,
         "pytorch_grad_cam": pytorch_grad_cam,
-        "export_end_to_end": export_end_to_end,
+        "export_end_to_end": exporting(montage=True),
+        "export_no_montage": exporting(montage=False),
         "atlas": atlas,
     }
 
@@ -175,7 +185,7 @@ def run_benchmark(
         tempfile.TemporaryDirectory(prefix="mcloss-bench-in-") as tmp,
         tempfile.TemporaryDirectory(prefix="mcloss-bench-out-") as scratch,
     ):
-        count = batch_size * export_batches if "export_end_to_end" in paths else 1
+        count = batch_size * export_batches if EXPORTS & set(paths) else 1
         jpegs = _bird_jpegs(Path(tmp), count, max(size) * 3 // 2, seed)
         fns = _paths(model, x, device, jpegs, tile_height, amp, workers, Path(scratch))
         for name in paths:
@@ -187,7 +197,7 @@ def run_benchmark(
                 times[name] += time_path(fns[name], device, warmup=0, repeats=1)
         for name in paths:
             med = statistics.median(times[name])
-            images = len(jpegs) if name == "export_end_to_end" else batch_size
+            images = len(jpegs) if name in EXPORTS else batch_size
             results[name] = {"images_per_s": images / med, "median_s": med, "images": images, "times_s": times[name]}
     ratios = {}
     for label, num, den, goal in GOALS:

@@ -235,6 +235,7 @@ class Explanation:
         options: dict | None = None,
         compare: Comparison | None = None,
         clean_temps: bool = True,
+        montage: bool = True,
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
@@ -242,13 +243,14 @@ class Explanation:
         Every file is written atomically. ``defining`` as for :meth:`record`; ``options`` (the settings
         that made the outputs) goes into the json as ``options``; ``compare`` adds a second model
         (:class:`mcloss.explainability.outputs.Comparison`); ``clean_temps=False`` skips removing the temps a
-        killed run left for these outputs (an export sweeps each folder once). Returns the JSON record.
+        killed run left for these outputs (an export sweeps each folder once); ``montage=False`` writes no
+        PNG (no view is needed then). Returns the JSON record.
         """
         from mcloss.explainability.outputs import write_explanation
 
         style = style or render.Style()
-        view = self._view(image)
-        return write_explanation(self, Path(path), view, style, topk, defining, options, compare, clean_temps)
+        view = self._view(image) if montage else None
+        return write_explanation(self, Path(path), view, style, topk, defining, options, compare, clean_temps, montage)
 
 
 # ------------------------------------------------------------------------------------------- explain

@@ -101,6 +101,8 @@ class ExportConfig:
         method: ``fused`` or ``captum`` Grad-CAM.
         compare: a second checkpoint with the same classes, explained for the same targets and drawn in the
             same montages (``--compare``), or None.
+        montage: draw and write each target's montage PNG; False writes the npz and the json only
+            (``--no-montage``).
     """
 
     checkpoint: str
@@ -116,6 +118,7 @@ class ExportConfig:
     shard: tuple[int, int] = (0, 1)
     method: str = "fused"
     compare: str | None = None
+    montage: bool = True
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--topk", self.topk, 0), ("--batch-size", self.batch_size, 1), ("--workers", self.workers, 0)):
@@ -152,6 +155,7 @@ class ExportConfig:
             "tile_height": self.style.tile_height,
             "topk": self.topk,
             "method": self.method,
+            **({} if self.montage else {"montage": False}),  # an export with montages records what it always did
         }
 
 
@@ -284,7 +288,7 @@ def export(
     written = 0
     t0 = time.perf_counter()
     loader = DataLoader(
-        ImageFiles(todo, model.transform, config.style.tile_height),
+        ImageFiles(todo, model.transform, config.style.tile_height if config.montage else None),
         batch_size=max(1, config.batch_size),
         num_workers=max(0, config.workers),
         collate_fn=collate_items,
@@ -584,7 +588,7 @@ def _rewrite(
         _json_path(base).unlink(missing_ok=True)
     record = exp.save(
         base, config.style, topk=config.topk, image=item.view, defining=defining, options=options, compare=compare,
-        clean_temps=False,  # export() swept each folder once
+        clean_temps=False, montage=config.montage,  # export() swept each folder once
     )  # fmt: skip
     if old is not None:
         stale = set(old.get("outputs", [])) - set(record["outputs"])

@@ -14,6 +14,7 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
   ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png,
   defining_parts} per rank, plus ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  Without montages (``mcloss export --no-montage``) no PNG is written and each target's ``png`` is null.
   With ``--compare``, ``compare`` holds the second model's ``checkpoint``, ``sha256``, predictions, ``topk``
   and ``targets`` (same classes, same order), the npz its arrays prefixed ``compare_``, and every montage
   shows both models.
@@ -73,7 +74,7 @@ def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _target_entry(gm: GroupMaps, rank: int, png: str, defining: DefiningSummary | None = None) -> dict:
+def _target_entry(gm: GroupMaps, rank: int, png: str | None, defining: DefiningSummary | None = None) -> dict:
     entry = {
         "rank": rank,
         "index": gm.target,
@@ -107,6 +108,7 @@ def explanation_record(
     topk: int = 5,
     name: str | None = None,
     defining: Sequence[DefiningSummary | None] | None = None,
+    montage: bool = True,
 ) -> dict:
     """The json record (see the module docstring).
 
@@ -116,10 +118,11 @@ def explanation_record(
         name: the output stem's file name (default the source's).
         defining: one :class:`~mcloss.explainability.defining.DefiningSummary` (or None) per target, from
             :func:`~mcloss.explainability.defining.defining_summaries`; default none known.
+        montage: whether the montages are written (else each target's ``png`` is null).
     """
     stem = name if name is not None else Path(exp.source or "image").name
     entries = [
-        _target_entry(gm, rank, png_name(stem, rank), d)
+        _target_entry(gm, rank, png_name(stem, rank) if montage else None, d)
         for rank, (gm, d) in enumerate(zip(exp.groups, _aligned(exp, defining), strict=True), start=1)
     ]
     pred, pred_mc = exp.prediction, exp.prediction_mc
@@ -137,7 +140,7 @@ def explanation_record(
         "feature_hw": list(exp.feature_hw),
         "geometry": {"resized": list(exp.geometry.resized), "crop": list(exp.geometry.crop)},
         "targets": entries,
-        "outputs": [e["png"] for e in entries] + [f"{stem}.npz", f"{stem}.json"],
+        "outputs": [e["png"] for e in entries if e["png"]] + [f"{stem}.npz", f"{stem}.json"],
     }
 
 
@@ -207,20 +210,21 @@ def _stems_of(output: str) -> list[str]:
 def write_explanation(
     exp: Explanation,
     base: Path,
-    view: np.ndarray,
+    view: np.ndarray | None,
     style: Style,
     topk: int = 5,
     defining: Sequence[DefiningSummary | None] | None = None,
     options: dict | None = None,
     compare: Comparison | None = None,
     clean_temps: bool = True,
+    montage: bool = True,
 ) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
 
     Args:
         exp: the explanation (its ``source`` is the json's ``file``).
         base: the output stem.
-        view: RGB uint8 view of the original to draw the montages on.
+        view: RGB uint8 view of the original to draw the montages on (None without montages).
         style: how the montages are drawn (``style.tile_height`` rows per tile).
         topk: entries in the json's ``topk`` list.
         defining: the targets' defining-part summaries (see :func:`explanation_record`).
@@ -230,18 +234,21 @@ def write_explanation(
             arrays prefixed ``compare_``, and the json its record under ``compare``.
         clean_temps: first remove the temps a killed run left for these outputs (:func:`stale_temps`); an
             export sweeps each folder once for all its images instead.
+        montage: False: no PNG, only the npz and the json (``mcloss export --no-montage``).
     """
+    if montage and view is None:
+        raise ValueError("drawing the montages needs a view of the image")
     if clean_temps:
         for tmp in stale_temps(base.parent, {base.name}):
             tmp.unlink(missing_ok=True)
-    record = explanation_record(exp, topk, base.name, defining)
+    record = explanation_record(exp, topk, base.name, defining, montage)
     if options is not None:
         record["options"] = options
     arrays = explanation_arrays(exp)
     if compare is not None:
         record["compare"] = compare.record(topk)
         arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
-    for rank in range(1, len(exp.groups) + 1):
+    for rank in range(1, len(exp.groups) + 1 if montage else 1):
         if compare is None:
             picture = explanation_montage(view, exp, rank - 1, style)
         else:
