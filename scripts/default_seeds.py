@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds besides the default's 0")
     parser.add_argument("--work", default="runs", help="the work dir of make default-checkpoint")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--docs", default="docs/default_seeds.md")
+    parser.add_argument(
+        "--docs", help="the markdown to write (default docs/default_seeds.md; for a variant <work>/variant-NAME.md)"
+    )
     parser.add_argument(
         "--variant", metavar="NAME",
         help="train a variant of the recipe instead, at exactly --seeds (seed 0 included when listed), in "
@@ -175,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *([versus, ""] if (versus := versus_report(rows)) else []),
     ])  # fmt: skip
-    docs = Path(args.docs)
+    docs = Path(args.docs or (work / f"variant-{args.variant}.md" if args.variant else "docs/default_seeds.md"))
     atomic_write_text(docs, text)
     atomic_write_json(
         docs.with_suffix(".json"),

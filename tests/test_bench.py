@@ -42,3 +42,17 @@ def test_bench_export_path_is_the_real_export_and_precision_is_recorded(tmp_path
     assert set(report["ratios"]) == {"export_end_to_end / forward_only", "export_no_montage / forward_only"}
     assert report["ratios"]["export_end_to_end / forward_only"]["goal"] == 0.7
     assert main(["--backbone", "resnet18", "--json", str(out), "--precision", "fp16"]) == 2
+
+
+def test_bench_export_paths_draw_montages_only_with_them(tmp_path, monkeypatch):
+    from mcloss.explainability import outputs
+
+    drawn = []
+    real = outputs.explanation_montage
+    monkeypatch.setattr(outputs, "explanation_montage", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    args = ["--backbone", "resnet18", "--img-size", "32", "--classes", "2", "--device", "cpu", "--batch-size", "2",
+            "--repeats", "1", "--warmup", "0", "--workers", "0", "--export-batches", "1"]  # fmt: skip
+    assert main([*args, "--json", str(tmp_path / "a.json"), "--paths", "export_no_montage"]) == 0
+    assert not drawn
+    assert main([*args, "--json", str(tmp_path / "b.json"), "--paths", "export_end_to_end"]) == 0
+    assert len(drawn) == 2  # one montage per image of the timed run

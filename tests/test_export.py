@@ -263,7 +263,10 @@ def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpo
         rec_full, rec_data = (json.loads((d / f"{name}.json").read_text()) for d in (full, data))
         assert [t["png"] for t in rec_data["targets"]] == [None, None]
         assert rec_data["outputs"] == [f"{name}.npz", f"{name}.json"]
-        assert rec_data["options"] == {**rec_full["options"], "montage": False}
+        drawing = {"colormap", "alpha", "shared_scale", "tile_height"}
+        assert "montage" not in rec_full["options"] and drawing <= rec_full["options"].keys()  # as before the flag
+        kept = {k: v for k, v in rec_full["options"].items() if k not in drawing}
+        assert rec_data["options"] == {**kept, "montage": False}
         for rec in (rec_full, rec_data):
             for t in rec["targets"]:
                 t.pop("png")
@@ -276,6 +279,9 @@ def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpo
     assert not list(full.glob("*.png"))
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
     assert manifest["counts"]["redone"] == 3 and manifest["options"]["montage"] is False
+    # without montages the drawing settings change no file: a re-run with another colormap skips every image
+    assert main([*base, "--out", str(tmp_path / "full"), "--no-montage", "--colormap", "inferno"]) == 0
+    assert json.loads((tmp_path / "full" / "manifest.json").read_text())["counts"]["skipped"] == 3
 
 
 @pytest.mark.slow

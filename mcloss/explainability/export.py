@@ -146,16 +146,20 @@ class ExportConfig:
         }
 
     def _shaping(self) -> dict:
-        return {
-            "target": self.target,
-            "maps": list(parse_maps(self.maps)),
+        drawing = {
             "colormap": self.style.colormap,
             "alpha": self.style.alpha,
             "shared_scale": self.style.shared_scale,
             "tile_height": self.style.tile_height,
+        }
+        return {
+            "target": self.target,
+            "maps": list(parse_maps(self.maps)),
+            # an export with montages records what it always did; one without records no drawing settings,
+            # which change none of its files
+            **(drawing if self.montage else {"montage": False}),
             "topk": self.topk,
             "method": self.method,
-            **({} if self.montage else {"montage": False}),  # an export with montages records what it always did
         }
 
 
