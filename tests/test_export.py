@@ -279,6 +279,13 @@ def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpo
     assert not list(full.glob("*.png"))
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
     assert manifest["counts"]["redone"] == 3 and manifest["options"]["montage"] is False
+    # a run killed while switching (the json gone, the montages still there) leaves no montage behind either
+    (full / "img0.png.json").unlink()
+    for name in ("img0.png.png", "img0.png.r2.png", "img0.png.r2.png.png"):  # the last: another image's name
+        (full / name).write_bytes(b"left by a killed run")
+    assert main([*base, "--out", str(tmp_path / "full"), "--no-montage"]) == 0
+    assert [p.name for p in full.glob("*.png")] == ["img0.png.r2.png.png"]
+    (full / "img0.png.r2.png.png").unlink()
     # without montages the drawing settings change no file: a re-run with another colormap skips every image
     assert main([*base, "--out", str(tmp_path / "full"), "--no-montage", "--colormap", "inferno"]) == 0
     assert json.loads((tmp_path / "full" / "manifest.json").read_text())["counts"]["skipped"] == 3

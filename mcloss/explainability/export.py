@@ -286,7 +286,7 @@ def export(
     bases = {f.key: output_path(out_dir, f.key) for f in files}
     records = {f.key: _record(bases[f.key]) for f in files}  # what an earlier run left, or None
     todo = [f for f in files if not _current(records[f.key], wanted, f.source)]
-    _remove_stale_temps([bases[f.key] for f in todo])
+    _remove_stale_temps([bases[f.key] for f in todo], {bases[f.key] for f in todo if records[f.key] is None})
     redone = sum(records[f.key] is not None for f in todo)
     skipped = len(files) - len(todo)
     written = 0
@@ -602,13 +602,17 @@ def _rewrite(
     return record
 
 
-def _remove_stale_temps(bases: Sequence[Path]) -> None:
-    """Remove the temps a killed run left for these outputs: one listing per output folder."""
-    by_folder: dict[Path, set[str]] = {}
+def _remove_stale_temps(bases: Sequence[Path], unfinished: set[Path] = frozenset()) -> None:
+    """Remove the temps a killed run left for these outputs, and the montages of the ``unfinished`` ones
+    (no json): one listing per output folder."""
+    by_folder: dict[Path, tuple[set[str], set[str]]] = {}
     for base in bases:
-        by_folder.setdefault(base.parent, set()).add(base.name)
-    for folder, stems in by_folder.items():
-        for tmp in stale_temps(folder, stems):
+        stems, left = by_folder.setdefault(base.parent, (set(), set()))
+        stems.add(base.name)
+        if base in unfinished:
+            left.add(base.name)
+    for folder, (stems, left) in by_folder.items():
+        for tmp in stale_temps(folder, stems, left):
             tmp.unlink(missing_ok=True)
 
 

@@ -175,12 +175,14 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def stale_temps(directory: Path, stems: set[str]) -> list[Path]:
+def stale_temps(directory: Path, stems: set[str], unfinished: set[str] = frozenset()) -> list[Path]:
     """The temp files a killed run left in ``directory`` for the outputs of the output stems ``stems``:
     ``.<output>.<8 random characters>.tmp<suffix>`` (``atomic_path``'s names) where ``<output>`` is exactly
     one of a stem's output names (``<stem>.png``, ``<stem>.r<r>.png``, ``<stem>.npz``, ``<stem>.json``), so
-    that another image's live temps (``a.png.png`` beside ``a.png``) are never touched. One directory listing
-    for every stem: a listing per image would make an export of n images in a folder O(n²)."""
+    that another image's live temps (``a.png.png`` beside ``a.png``) are never touched. With ``unfinished``
+    (stems without a json, which a killed run may have left half done), also their montage PNGs: a re-run in
+    another mode or with fewer targets would not write over them. One directory listing for every stem: a
+    listing per image would make an export of n images in a folder O(n²)."""
     found = []
     try:
         entries = list(os.scandir(directory))
@@ -188,7 +190,9 @@ def stale_temps(directory: Path, stems: set[str]) -> list[Path]:
         return found
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if match and any(stem in stems for stem in _stems_of(match.group(1))):
+        temp = bool(match) and any(stem in stems for stem in _stems_of(match.group(1)))
+        montage = entry.name.endswith(".png") and any(stem in unfinished for stem in _stems_of(entry.name))
+        if temp or montage:
             found.append(Path(entry.path))
     return found
 
