@@ -191,7 +191,7 @@ def stale_temps(directory: Path, stems: set[str], unfinished: set[str] = frozens
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
         temp = bool(match) and any(stem in stems for stem in _stems_of(match.group(1)))
-        montage = entry.name.endswith(".png") and any(stem in unfinished for stem in _stems_of(entry.name))
+        montage = bool(unfinished) and entry.name.endswith(".png") and any(s in unfinished for s in _stems_of(entry.name))
         if temp or montage:
             found.append(Path(entry.path))
     return found
@@ -253,7 +253,7 @@ def write_explanation(
     if compare is not None:
         record["compare"] = compare.record(topk)
         arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
-    for rank in range(1, len(exp.groups) + 1 if montage else 1):
+    for rank in range(1, len(exp.groups) + 1) if montage else ():  # each target's montage
         if compare is None:
             picture = explanation_montage(view, exp, rank - 1, style)
         else:
