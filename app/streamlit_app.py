@@ -33,10 +33,10 @@ from mcloss.core.device import resolve_device  # noqa: E402
 from mcloss.core.errors import first_line  # noqa: E402
 from mcloss.data.annotations import PartAnnotations  # noqa: E402
 from mcloss.data.io import ImageLoadError, encode_image  # noqa: E402
-from mcloss.evaluation.metrics import hit_radius  # noqa: E402
 from mcloss.explainability import render  # noqa: E402
 from mcloss.explainability.defining import DefiningSummary, defining_summary, has_defining_parts  # noqa: E402
 from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
+from mcloss.metrics.localization import hit_radius  # noqa: E402
 
 __all__ = ["main"]
 

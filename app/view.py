@@ -32,12 +32,12 @@ from mcloss.data.annotations import PartAnnotations
 from mcloss.data.cub import read_label_map
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
-from mcloss.evaluation import metrics
 from mcloss.evaluation.sanity import group_knockout
 from mcloss.explainability import render
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
+from mcloss.metrics import localization as metrics
 
 __all__ = [
     "IMAGE_TYPES",
@@ -630,7 +630,7 @@ def channel_parts(
 ) -> tuple[list[ChannelPart], float]:
     """Nearest visible part of each channel peak and whether it lies within ``radius × max(W, H)``.
 
-    Uses :mod:`mcloss.evaluation.metrics` (the same definitions as ``mcloss parts``). Returns the per-channel rows and
+    Uses :mod:`mcloss.metrics.localization` (the same definitions as ``mcloss parts``). Returns the per-channel rows and
     the hit radius in pixels.
     """
     parts, dist = metrics.nearest_keypoints(group.peaks_xy, keypoints)

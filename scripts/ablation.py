@@ -27,8 +27,9 @@ from default_checkpoint import (  # scripts/ is on sys.path when run as a script
 from PIL import Image
 
 from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.files import atomic_path, atomic_write_json, atomic_write_text
 from mcloss.data.cub import CUBDataset
-from mcloss.data.io import atomic_path, atomic_write_json, atomic_write_text, load_image
+from mcloss.data.io import load_image
 from mcloss.data.synth import DESIGNS
 from mcloss.evaluation.parts import run_parts
 from mcloss.explainability.explanation import explain

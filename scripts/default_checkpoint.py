@@ -22,15 +22,16 @@ import torch
 from mcloss.cli.train import main as train_main
 from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
 from mcloss.core.device import cpu_has_native_bf16
+from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mcloss.data.cub import CUBDataset
 from mcloss.data.datasets import build_datasets
-from mcloss.data.io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_image, load_image
+from mcloss.data.io import encode_image, load_image
 from mcloss.data.synth import generate_dataset, is_synth_output
 from mcloss.evaluation.classification import evaluate
-from mcloss.evaluation.mass import CI_LEVEL
 from mcloss.evaluation.parts import run_parts, summary_table, write_outputs
 from mcloss.evaluation.parts_report import baseline_block, verdict
 from mcloss.explainability.explanation import explain
+from mcloss.metrics.mass import CI_LEVEL
 from mcloss.training.run_dir import read_metrics
 
 #: The embedded default's dataset: 12 classes, 300 train + 25 test images each, birds 1.6× the standard size,

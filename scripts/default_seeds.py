@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mcloss.core.checkpoint import load_checkpoint
-from mcloss.data.io import atomic_write_json, atomic_write_text
-from mcloss.evaluation.mass import CI_LEVEL
+from mcloss.core.files import atomic_write_json, atomic_write_text
 from mcloss.evaluation.parts_report import ratio_with_ci, verdict
+from mcloss.metrics.mass import CI_LEVEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_checkpoint import (  # noqa: E402

@@ -30,9 +30,9 @@ from PIL import Image
 
 from mcloss.cli.train import main as train_main
 from mcloss.core.device import resolve_device
+from mcloss.core.files import atomic_write_json
 from mcloss.core.model import build_model
 from mcloss.core.provenance import versions
-from mcloss.data.io import atomic_write_json
 from mcloss.data.synth import generate_dataset
 from mcloss.explainability.benchmark import PATHS, run_benchmark
 from mcloss.explainability.explanation import explain

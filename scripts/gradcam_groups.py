@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.files import atomic_write_json
 from mcloss.data.cub import CUBDataset
-from mcloss.data.io import atomic_write_json, load_image
-from mcloss.evaluation import mass
+from mcloss.data.io import load_image
 from mcloss.evaluation.parts import resolve_defining
 from mcloss.explainability.defining import crop_regions
 from mcloss.explainability.geometry import to_original
+from mcloss.metrics import mass
 
 #: the three kinds of group, in report order
 KINDS = ("own", "sharing", "other")

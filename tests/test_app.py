@@ -24,10 +24,10 @@ from streamlit.testing.v1 import AppTest
 import mcloss
 from mcloss.core.transforms import Geometry
 from mcloss.data.io import ImageLoadError
-from mcloss.evaluation import metrics
 from mcloss.explainability import render
 from mcloss.explainability.explanation import Explanation, GroupMaps
 from mcloss.explainability.geometry import channel_peaks
+from mcloss.metrics import localization as metrics
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")
@@ -174,7 +174,7 @@ def test_gallery_sample_renders_with_ground_truth(env, checkpoint, gallery_dir):
     assert caps[4].startswith("CCMP")
     assert caps[5].startswith("parts")
     assert caps[6] == f"Grad-CAM (FC head) · p {group.prob:.2f}"
-    # per-channel peak values and nearest ground-truth part, as mcloss.evaluation.metrics defines them
+    # per-channel peak values and nearest ground-truth part, as mcloss.metrics.localization defines them
     kps = np.array(json.loads((gallery_dir / "index.json").read_text())["samples"][0]["parts"])
     part, dist = metrics.nearest_keypoints(group.peaks_xy, kps)
     radius = metrics.hit_radius(96, 72, view.HIT_RADIUS)

@@ -15,11 +15,11 @@ import mcloss
 from mcloss.cli.export import main as export_main
 from mcloss.core.transforms import Geometry
 from mcloss.data.annotations import PartAnnotations, image_annotations
-from mcloss.evaluation import mass
 from mcloss.explainability import defining as D
 from mcloss.explainability.explanation import Explanation, GroupMaps
 from mcloss.explainability.geometry import channel_peaks, crop_mask
 from mcloss.explainability.outputs import explanation_record
+from mcloss.metrics import mass
 
 PARTS = ("head", "wing", "tail")
 SIZE = 40

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcloss.data.io import (
-    ImageLoadError,
-    atomic_path,
-    atomic_write_json,
-    encode_image,
-    encode_png,
-    load_image,
-)
+from mcloss.core.files import atomic_path, atomic_write_json
+from mcloss.data.io import ImageLoadError, encode_image, encode_png, load_image
 
 
 def _save(img, path, **kw):

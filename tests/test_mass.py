@@ -1,4 +1,4 @@
-"""Defining-part metrics (mcloss.evaluation.mass) against planted ground truth, with hand-computed values."""
+"""Defining-part metrics (mcloss.metrics.mass) against planted ground truth, with hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mcloss.evaluation import mass as W
+from mcloss.metrics import mass as W
 
 # A 10 × 20 image: part 0 (label 1) in columns 0-3, part 1 (label 2) in columns 4-7 of rows 0-4,
 # part 2 (label 3) in columns 8-11, the body (label 9 > P) in columns 12-15, background elsewhere.

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mcloss.evaluation import metrics as M
+from mcloss.metrics import localization as M
 
 
 def test_image_size_reference_definitions():

@@ -19,9 +19,9 @@ from mcloss.core.loss import ccmp
 from mcloss.core.model import MCModel
 from mcloss.core.transforms import EvalTransform
 from mcloss.data.cub import CUBDataset
-from mcloss.evaluation import metrics as M
 from mcloss.evaluation import parts as P
 from mcloss.explainability.explanation import explain
+from mcloss.metrics import localization as M
 
 # Original images are 64×48 (W×H), resized to a 32×32 input; F is 8×8, so feature cell (i, j) covers
 # original pixels x ∈ [8i, 8i+8), y ∈ [6j, 6j+6) and its centre is (8i + 4, 6j + 3).
@@ -386,7 +386,7 @@ def test_cli_skips_a_corrupt_image(tmp_path, checkpoint, capsys):
 
 
 def test_csv_text_writes_empty_cells_for_missing_and_nan():
-    from mcloss.data.io import csv_text
+    from mcloss.core.files import csv_text
 
     rows = [{"a": 1, "b": 0.123456789, "c": float("nan")}, {"a": None, "c": "x,y"}]
     assert csv_text(("a", "b", "c"), rows) == 'a,b,c\n1,0.123457,\n,,"x,y"\n'
@@ -394,7 +394,7 @@ def test_csv_text_writes_empty_cells_for_missing_and_nan():
 
 
 def test_json_safe_gives_strict_json():
-    from mcloss.data.io import json_safe
+    from mcloss.core.files import json_safe
 
     value = json_safe({"x": np.float32(1.5), "n": float("nan"), "t": (np.int64(2), [np.nan]), "a": np.arange(2), "p": Path("q")})
     assert value == {"x": 1.5, "n": None, "t": [2, [None]], "a": [0, 1], "p": "q"}

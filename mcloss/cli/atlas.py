@@ -19,9 +19,10 @@ from mcloss.cli._common import (
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 from mcloss.data.cub import CUBDataset
 from mcloss.data.files import sanitize_component
-from mcloss.data.io import atomic_write_bytes, atomic_write_json, atomic_write_text, encode_image, file_sha256
+from mcloss.data.io import encode_image
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 
 __all__ = ["build_parser", "main", "summary_markdown"]

@@ -11,9 +11,9 @@ import torch
 from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.files import atomic_write_json
 from mcloss.core.model import build_model
 from mcloss.core.provenance import versions
-from mcloss.data.io import atomic_write_json
 from mcloss.explainability.benchmark import PATHS, PRECISIONS, format_table, run_benchmark
 
 __all__ = ["build_parser", "main"]

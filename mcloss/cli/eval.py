@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.files import atomic_write_json
 from mcloss.data.datasets import DATASET_KINDS, build_datasets, class_mismatch
-from mcloss.data.io import atomic_write_json
 from mcloss.evaluation.classification import evaluate, format_report
 
 __all__ = ["build_parser", "main"]

@@ -12,9 +12,9 @@ from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, comm
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.evaluation.faithfulness import BASELINES
-from mcloss.evaluation.metrics import SIZE_REFERENCES
 from mcloss.evaluation.parts import check_arguments, run_parts
 from mcloss.evaluation.parts_report import baseline_block, summary_table, write_outputs
+from mcloss.metrics.localization import SIZE_REFERENCES
 
 __all__ = ["build_parser", "main"]
 

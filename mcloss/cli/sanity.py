@@ -21,8 +21,9 @@ from mcloss.cli._common import (
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.files import atomic_write_json
 from mcloss.data.cub import CUBDataset
-from mcloss.data.io import ImageLoadError, atomic_write_json
+from mcloss.data.io import ImageLoadError
 from mcloss.evaluation.sanity import run_sanity
 from mcloss.evaluation.sanity_report import summary_markdown, write_sanity
 from mcloss.explainability.explanation import prepare

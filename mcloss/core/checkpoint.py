@@ -11,11 +11,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
-from mcloss.core.errors import first_line
+from mcloss.core.errors import MclossError, first_line
+from mcloss.core.files import atomic_write_bytes
 from mcloss.core.loss import trained_pool_share
 from mcloss.core.model import MCModel, build_model
 from mcloss.core.transforms import EvalTransform
-from mcloss.data.io import atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_ENV",
@@ -62,7 +62,7 @@ def default_checkpoint() -> Path:
     return Path(env) if env else project_checkpoints() / _DEFAULT_NAME
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MclossError, ValueError):
     """A checkpoint cannot be used; the message names the file and the reason."""
 
 

@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 from mcloss.core.device import autocast
 from mcloss.core.model import MCModel
-from mcloss.evaluation import metrics as M
+from mcloss.metrics import localization as M
 
 __all__ = ["BASELINES", "baseline_input", "perturbation_curves"]
 

@@ -4,7 +4,7 @@ For every image of a CUB-layout split with part keypoints, the TRUE class's chan
 
 * **Localization.** Each channel's peak (argmax cell centre, in original pixels) is matched to its nearest
   visible keypoint; it *hits* when within ``radius × max(width, height)`` of the original image (the
-  reference size is configurable, see :mod:`mcloss.evaluation.metrics`). Reported: hit rate over all peaks,
+  reference size is configurable, see :mod:`mcloss.metrics.localization`). Reported: hit rate over all peaks,
   distinct parts hit per group (0..ξ), separated parts per group (the same, with parts whose keypoints are
   less than two radii apart merged: head, crest and beak are often one location at this radius), the
   channel × part matrix of nearest-part assignments, and the mean pairwise IoU of the channels' top-k %
@@ -21,7 +21,7 @@ For every image of a CUB-layout split with part keypoints, the TRUE class's chan
 * **Defining parts.** When the classes' defining parts are known (the dataset's ``synth.json`` or CUB
   attribute files, else the checkpoint's card), every map of the true class — each channel, the CCMP map,
   Grad-CAM and a random map — is compared with them on the original image
-  (:mod:`mcloss.evaluation.mass`): the share of peaks on a part that are on a defining part, next to its
+  (:mod:`mcloss.metrics.mass`): the share of peaks on a part that are on a defining part, next to its
   chance level (the defining parts' share of the visible part area); the geometric mean of the mass per
   area on the defining parts ÷ that on the other visible parts (1.0 = no preference); and, where the
   dataset has part masks, the energy-based pointing game (mass inside the object and inside each part)
@@ -45,11 +45,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mcloss.core.files import json_safe
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.datasets import class_mismatch
-from mcloss.data.io import ImageLoadError, json_safe, load_image
-from mcloss.evaluation import mass as W
-from mcloss.evaluation import metrics as M
+from mcloss.data.io import ImageLoadError, load_image
 from mcloss.evaluation.faithfulness import BASELINES, baseline_input, perturbation_curves
 from mcloss.evaluation.parts_report import (
     METHOD_LABELS,
@@ -64,6 +63,8 @@ from mcloss.evaluation.parts_report import (
 from mcloss.explainability.defining import crop_regions
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain
 from mcloss.explainability.geometry import to_original
+from mcloss.metrics import localization as M
+from mcloss.metrics import mass as W
 
 __all__ = [
     "DEFINING_MAPS",

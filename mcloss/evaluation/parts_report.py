@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mcloss.data.io import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
-from mcloss.evaluation.mass import BOOTSTRAP_RESAMPLES, CI_LEVEL
+from mcloss.core.files import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
+from mcloss.metrics.mass import BOOTSTRAP_RESAMPLES, CI_LEVEL
 
 __all__ = [
     "DEFINING_LABELS",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcloss.data.io import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
+from mcloss.core.files import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
 from mcloss.evaluation.sanity import MAP_KINDS
 
 __all__ = ["summary_markdown", "write_sanity"]

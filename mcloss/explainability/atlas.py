@@ -34,11 +34,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from mcloss.core.files import atomic_path, atomic_write_json
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.files import InputFile
-from mcloss.data.io import atomic_path, atomic_write_json, load_image
-from mcloss.evaluation.metrics import hit_radius, nearest_keypoints
+from mcloss.data.io import load_image
 from mcloss.explainability.export import ImageFiles, collate_items
+from mcloss.metrics.localization import hit_radius, nearest_keypoints
 
 __all__ = ["CONSISTENT", "AtlasInputs", "build_atlas", "contact_sheet", "patch_box", "running_topk"]
 

@@ -7,7 +7,7 @@ set (``card["parts"]["defining"]["per_class"][name]["mass_ratio_ccmp" | "mass_ra
 
 * with part annotations of the image (a part label map, else keypoints: every pixel within the hit
   radius of a visible keypoint belongs to the nearest one), the image's own figures: the mass ratio
-  (:func:`mcloss.evaluation.mass.mass_ratio`) of the CCMP map and the geometric mean of the channels'
+  (:func:`mcloss.metrics.mass.mass_ratio`) of the CCMP map and the geometric mean of the channels'
   ratios, the maps upsampled onto the original and the regions limited to the part the network sees;
 * otherwise (or when the image shows no defining part, or no other part) the card's fresh-set figures;
 * and a sentence saying it, e.g. "On this image, the CCMP map of Green_Wing puts 2.3× as much mass per
@@ -28,9 +28,9 @@ import numpy as np
 from mcloss.core.transforms import Geometry
 from mcloss.data.annotations import PartAnnotations
 from mcloss.data.defining import defining_indices
-from mcloss.evaluation import mass
-from mcloss.evaluation.metrics import hit_radius
 from mcloss.explainability.geometry import crop_mask, to_original
+from mcloss.metrics import mass
+from mcloss.metrics.localization import hit_radius
 
 if TYPE_CHECKING:
     from mcloss.explainability.explanation import Explanation, GroupMaps

@@ -40,14 +40,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mcloss.core.errors import DatasetError
+from mcloss.core.errors import DatasetError, MclossError
+from mcloss.core.files import atomic_write_json, atomic_write_text, csv_text, file_sha256
 from mcloss.core.model import model_guard
 from mcloss.core.provenance import versions
 from mcloss.core.transforms import EvalTransform
 from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
-from mcloss.data.io import ImageLoadError, atomic_write_json, atomic_write_text, csv_text, file_sha256
+from mcloss.data.io import ImageLoadError
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import DEFAULT_MAPS, PreparedImage, explain, parse_maps, prepare
 from mcloss.explainability.outputs import Comparison, stale_temps
@@ -473,7 +474,7 @@ def shard_suffix(i: int, n: int) -> str:
     return "" if n == 1 else f".shard-{i}-of-{n}"
 
 
-class MergeError(ValueError):
+class MergeError(MclossError, ValueError):
     """Shard files that cannot be merged; the message names the folder and the reason."""
 
 

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mcloss.data.io import atomic_write_bytes, atomic_write_json, encode_image
+from mcloss.core.files import atomic_write_bytes, atomic_write_json
+from mcloss.data.io import encode_image
 from mcloss.explainability.render import Style, compare_montage, explanation_montage
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from mcloss.core.errors import MclossError
 from mcloss.core.loss import RECIPE_WEIGHTS
 from mcloss.core.transforms import NORMALIZATIONS
 from mcloss.data.datasets import DATASET_KINDS
@@ -67,7 +68,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 RESUME_OVERRIDABLE = ("epochs", "workers", "device", "amp", "cpu_bf16", "limit_batches", "data", "download", "command")
 
 
-class TrainError(ValueError):
+class TrainError(MclossError, ValueError):
     """A training run cannot start or continue; the message says why."""
 
 

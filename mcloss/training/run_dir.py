@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcloss.core.errors import first_line
-from mcloss.data.io import atomic_write_bytes, atomic_write_text, csv_text, new_figure, save_figure
+from mcloss.core.errors import MclossError, first_line
+from mcloss.core.files import atomic_write_bytes, atomic_write_text, csv_text, new_figure, save_figure
 
 __all__ = [
     "RunDirError",
@@ -55,7 +55,7 @@ METRIC_COLUMNS = (
 )
 
 
-class RunDirError(ValueError):
+class RunDirError(MclossError, ValueError):
     """A run directory cannot be used as asked; the message names the directory and the reason."""
 
 

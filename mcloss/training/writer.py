@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from mcloss.core.checkpoint import save_checkpoint
+from mcloss.core.files import atomic_write_json
 from mcloss.core.model import MCModel
 from mcloss.core.provenance import versions
-from mcloss.data.io import atomic_write_json
 from mcloss.data.synth.writing import read_synth_meta
 from mcloss.training.config import TrainConfig
 from mcloss.training.run_dir import RUN_FORMAT, plot_curves, save_resume_state, write_metrics

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mcloss.core.errors import MclossError
+
 __all__ = ["ATTRIBUTES", "BASE_ATTRIBUTES", "BODY_LABEL", "CLASS_PARTS", "COLOURS", "DESIGNS", "NEUTRALS", "PART_NAMES", "BirdClass", "SynthError", "class_definitions", "max_classes"]
 
 FORMAT_NAME = "mcloss-synth"
@@ -97,7 +99,7 @@ MIN_VISIBLE_FRACTION = 0.25
 JPEG_QUALITY = 90
 
 
-class SynthError(ValueError):
+class SynthError(MclossError, ValueError):
     """Invalid synth arguments or output directory; the message says what and why."""
 
 

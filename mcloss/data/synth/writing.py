@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mcloss.data.io import default_mode, encode_image
+from mcloss.core.files import default_mode
+from mcloss.data.io import encode_image
 from mcloss.data.synth.design import (
     ATTRIBUTES,
     BASE_ATTRIBUTES,
