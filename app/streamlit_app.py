@@ -242,8 +242,9 @@ def sidebar_controls() -> tuple[render.Style, dict]:
     )
     peaks = st.sidebar.toggle("Peak markers", value=True, key="peaks")
     with st.sidebar.expander("More maps"):
-        channel_gradcam = st.toggle("Per-channel Grad-CAM", value=False, key="channel_gradcam")
-        guided = st.toggle("Guided Grad-CAM (slower)", value=False, key="guided")
+        maps = view.DEFAULT_MAPS + tuple(
+            k.name for k in view.optional_kinds() if st.toggle(view.kind_label(k), value=False, key=k.name)
+        )
         method = st.radio(
             "Grad-CAM engine", ["fused", "captum"], key="method", horizontal=True,
             help="fused: gradients of the same forward pass; captum: Captum LayerGradCam (the reference)",
@@ -253,7 +254,7 @@ def sidebar_controls() -> tuple[render.Style, dict]:
             help="a channel peak hits a ground-truth part within this fraction of max(width, height)",
         )
     style = view.style_for(colormap, float(alpha), scale == "shared group", bool(peaks), upsampling == "nearest")
-    return style, {"channel_gradcam": channel_gradcam, "guided": guided, "method": method, "radius": float(radius)}
+    return style, {"maps": maps, "method": method, "radius": float(radius)}
 
 
 # ----------------------------------------------------------------------------------------- pipeline
@@ -268,13 +269,10 @@ def _decoded(digest: str, name: str, _data: bytes):
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _explain(
-    model_key: str, digest: str, targets: tuple, method: str, channel_gradcam: bool, guided: bool,
-    _loaded: view.LoadedModel, _image,
+    model_key: str, digest: str, targets: tuple, method: str, maps: tuple[str, ...], _loaded: view.LoadedModel, _image,
 ) -> tuple[Explanation, float]:
     """One explanation, cached by checkpoint, image bytes, classes and map options, with its seconds."""
-    return view.explain_locked(
-        _loaded, _image, targets, method=method, channel_gradcam=channel_gradcam, guided=guided
-    )
+    return view.explain_locked(_loaded, _image, targets, method=method, maps=maps)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -338,7 +336,7 @@ def defining_view(
         st.markdown(view.defining_note(summary))
         return None
     from_masks = annotations.labels is not None
-    picture = view.draw_defining_parts(
+    picture = render.draw_defining_parts(
         base, summary.regions, summary.indices, annotations.part_names, None if from_masks else annotations.keypoints
     )
     radius_px = hit_radius(*expl.image_size, options["radius"])
@@ -373,9 +371,10 @@ def group_view(
     if parts is not None:
         tiles = view.part_captions(tiles, parts)
     show_tiles(tiles)
-    extra = render.channel_gradcam_tiles(base, expl, group, style)
-    if extra:
-        show_tiles(extra, ncols=len(tiles))
+    extra = []
+    for row in render.side_rows(base, expl, group, style):  # the computed kinds montages leave out
+        show_tiles(row, ncols=len(tiles))
+        extra += row
     if parts is not None:
         hits = sum(p.hit for p in parts)
         distinct = len({p.part for p in parts if p.hit})
@@ -453,7 +452,7 @@ def explain_and_show(
     image, base = _decoded(digest, name, data)
     model = loaded.model
     names = list(model.class_names)
-    opts = (options["method"], options["channel_gradcam"], options["guided"])
+    opts = (options["method"], options["maps"])
     top = min(2, model.num_classes)
     expl, secs = _explain(loaded.key, digest, (f"top{top}",), *opts, _loaded=loaded, _image=image)
     sample: view.Sample | None = source.get("sample")
@@ -466,7 +465,7 @@ def explain_and_show(
     if sample is not None and gallery is not None:
         k = base.shape[1] / expl.image_size[0]
         kps = sample.keypoints
-        shown = view.draw_keypoints(base, kps[:, :2] * k, kps[:, 2] > 0, gallery.part_names)
+        shown = render.draw_keypoints(base, kps[:, :2] * k, kps[:, 2] > 0, gallery.part_names)
     w, h = expl.image_size
     prediction_panel(expl, names, shown, f"{name} · {w}×{h} px", label)
     if sample is not None and label is None:
@@ -511,7 +510,7 @@ def explain_and_show(
         if second is not None:
             one, s2 = _explain(second.key, digest, (int(g.target),), *opts, _loaded=second, _image=image)
             pair, secs = (one, one.groups[0]), secs + s2
-        shown_style = view.common_style(style, g, None if pair is None else pair[1])
+        shown_style = render.common_style(style, g, None if pair is None else pair[1])
         all_tiles[g.name] = group_view(
             expl, g, base, shown_style, sample, gallery.part_names if gallery else None, options, heading,
             (summary, annotations, note),

@@ -1,5 +1,5 @@
 """UI glue for the Streamlit app: model loading, input decoding, gallery index, captions, downloads. No model
-logic and no drawing of maps here: tiles come from :mod:`mcloss.explainability.render`.
+logic and no drawing here: every picture comes from :mod:`mcloss.explainability.render`.
 
 Everything in this module is pure (arrays and bytes in, arrays and bytes out) except the small file
 readers (:func:`load_gallery`, :func:`list_checkpoints`), so the app script stays a thin layout layer
@@ -15,28 +15,26 @@ import os
 import tempfile
 import threading
 import time
-import unicodedata
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, project_checkpoints
-from mcloss.core.errors import DatasetError
+from mcloss.core.errors import DatasetError, MclossError
 from mcloss.data.annotations import PartAnnotations
 from mcloss.data.cub import read_label_map
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation.sanity import group_knockout
-from mcloss.explainability import render
+from mcloss.explainability import kinds, render
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
-from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
+from mcloss.explainability.explanation import DEFAULT_MAPS, Explanation, GroupMaps, explain, prepare
 from mcloss.metrics import localization as metrics
 
 __all__ = [
@@ -53,7 +51,6 @@ __all__ = [
     "ATLAS_TOP",
     "gallery_atlas",
     "compare_choices",
-    "common_style",
     "compare_heading",
     "MONTAGE_HELP",
     "MAX_PIXELS",
@@ -69,17 +66,16 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "explain_locked",
+    "optional_kinds",
+    "kind_label",
+    "DEFAULT_MAPS",
     "GalleryError",
     "Sample",
     "Gallery",
     "load_gallery",
     "decode_image",
     "display_image",
-    "draw_keypoints",
-    "DEFINING_RGB",
-    "OTHER_PART_RGB",
     "sample_annotations",
-    "draw_defining_parts",
     "defining_caption",
     "defining_note",
     "ChannelPart",
@@ -106,11 +102,8 @@ MONTAGE_HELP = (
     f"montage over {render.MONTAGE_MAX_PIXELS / 1e6:g} MP gets shorter tiles"
 )
 #: Default hit radius for ground-truth parts, as a fraction of max(width, height).
-HIT_RADIUS = 0.12
-COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet")
-#: Outline of a class's defining parts, and of the other parts, in the defining-parts picture.
-DEFINING_RGB = (255, 176, 0)
-OTHER_PART_RGB = (96, 96, 96)
+HIT_RADIUS = metrics.DEFAULT_HIT_RADIUS
+COLORMAPS = (render.DEFAULT_COLORMAP, "viridis", "magma", "plasma", "turbo", "jet")
 
 
 # ------------------------------------------------------------------------------------------ locations
@@ -176,14 +169,23 @@ def load_uploaded(data: bytes, label: str, key: str, device: torch.device) -> Lo
         return load_model(str(path), label, key, device)
 
 
+def optional_kinds() -> list[kinds.MapKind]:
+    """The map kinds the app offers as toggles: every kind not computed by default, in table order."""
+    return [k for k in kinds.kinds() if not k.default]
+
+
+def kind_label(kind: kinds.MapKind) -> str:
+    """A kind's toggle label (slow kinds say so)."""
+    return f"{kind.label} (slower)" if kind.extra_passes else kind.label
+
+
 def explain_locked(
     loaded: LoadedModel,
     image: Image.Image,
     targets: Sequence[int | str],
     *,
     method: str = "fused",
-    channel_gradcam: bool = False,
-    guided: bool = False,
+    maps: Sequence[str] = DEFAULT_MAPS,
 ) -> tuple[Explanation, float]:
     """Explain one image for ``targets`` (class indices or specs like ``"top2"``) under the model's lock
     (:func:`mcloss.explain` toggles eval mode and ``requires_grad``, so calls must not interleave).
@@ -191,10 +193,9 @@ def explain_locked(
     Returns the explanation and its wall time in seconds.
     """
     t0 = time.perf_counter()
-    kinds = ["channels", "gradcam"] + ["channel_gradcam"] * channel_gradcam + ["guided"] * guided
     prepared = prepare(loaded.model, image, view=None)  # the app draws on its own display copy
     with loaded.lock:
-        out = explain(loaded.model, prepared, [list(targets)], maps=kinds, method=method, device=loaded.device)
+        out = explain(loaded.model, prepared, [list(targets)], maps=maps, method=method, device=loaded.device)
     return out, time.perf_counter() - t0
 
 
@@ -240,13 +241,6 @@ def compare_choices(first: Path | None) -> list[Path]:
     return sorted(out, key=lambda p: not (p.name == COMPARE_DEFAULT and p.parent == home))
 
 
-def common_style(style: render.Style, first: GroupMaps, second: GroupMaps | None) -> render.Style:
-    """``style``; with a second model's group and the shared scale, both groups normalized by one maximum."""
-    if second is None or not style.shared_scale:
-        return style
-    return dataclasses.replace(style, group_max=max(float(first.channels.max()), float(second.channels.max())))
-
-
 def compare_heading(label: str, expl: Explanation, group: GroupMaps, k: int = 3) -> str:
     """The compare row's heading: the second model, its probabilities for the class, and its own top-k."""
     order = np.argsort(-expl.probs_fc, kind="stable")[:k]
@@ -286,7 +280,7 @@ def gallery_atlas(loaded: LoadedModel, gallery: Gallery, target: int) -> tuple[n
 # -------------------------------------------------------------------------------------------- gallery
 
 
-class GalleryError(ValueError):
+class GalleryError(MclossError, ValueError):
     """The gallery index cannot be used; the message names the file and the reason."""
 
 
@@ -387,34 +381,6 @@ def display_image(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.nd
 # ---------------------------------------------------------------------------------------------- maps
 
 
-def draw_keypoints(
-    image: np.ndarray, keypoints_xy: np.ndarray, visible: np.ndarray, names: Sequence[str], *, min_side: int = 640
-) -> np.ndarray:
-    """Ground-truth keypoints as white-ringed dots with their part name, on a new image.
-
-    Images shorter than ``min_side`` are first enlarged by an integer factor (bicubic) so the labels stay
-    legible; ``keypoints_xy`` are in the pixels of ``image`` (pixel i covers [i, i+1)); each dot is drawn
-    on the pixel containing its point, as :func:`mcloss.explainability.render.draw_peaks` does.
-    """
-    out = np.ascontiguousarray(image)
-    factor = max(1, int(np.ceil(min_side / max(1, min(out.shape[:2])))))
-    if factor > 1:
-        out = cv2.resize(out, (out.shape[1] * factor, out.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
-    else:
-        out = out.copy()
-    r = max(4, min(out.shape[:2]) // 100)
-    scale = max(0.45, min(out.shape[:2]) / 800.0)
-    pts = np.asarray(keypoints_xy, dtype=np.float64).reshape(-1, 2) * factor
-    for (x, y), vis, name in zip(pts, visible, names, strict=True):
-        if not vis:
-            continue
-        p = (int(np.floor(x)), int(np.floor(y)))
-        cv2.circle(out, p, r + 2, (255, 255, 255), -1, cv2.LINE_AA)
-        cv2.circle(out, p, r, (20, 20, 20), -1, cv2.LINE_AA)
-        org = (p[0] + r + 5, p[1] + r // 2 + 4)
-        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 5, cv2.LINE_AA)
-        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
-    return out
 
 
 def sample_annotations(
@@ -438,156 +404,14 @@ def sample_annotations(
     return PartAnnotations(tuple(part_names), sample.keypoints, labels), note
 
 
-def _resample_regions(regions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A region map (original pixels) at another size, nearest pixel centre (labels never blend)."""
-    h0, w0 = regions.shape
-    h, w = shape
-    ys = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
-    return regions[ys[:, None], xs[None, :]]
 
 
-def _ascii(text: str) -> str:
-    """OpenCV's Hershey fonts draw ASCII only: accents stripped, the rest dropped."""
-    return unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii") or "?"
 
 
-def _label(
-    out: np.ndarray,
-    text: str,
-    box: tuple[int, int, int, int],
-    busy: np.ndarray,
-    keep_clear: np.ndarray,
-    scale: float,
-    offset: int,
-) -> None:
-    """Dark text with a white halo beside the region ``box`` (x0, y0, x1, y1), kept inside ``out``: right,
-    left, above or below it, whichever covers least of ``busy`` (the object and earlier labels, updated) and
-    above all of ``keep_clear`` (the defining parts)."""
-    text = _ascii(text)
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
-    h, w = busy.shape
-    x0, y0, x1, y1 = box
-    xc, yc = (x0 + x1 - tw) // 2, (y0 + y1 + th) // 2
-    candidates = [(x1 + offset, yc), (x0 - offset - tw, yc), (xc, y0 - offset), (xc, y1 + offset + th)]
-    best, best_cost = None, None
-    for x, y in candidates:
-        x = int(np.clip(x, 4, max(4, w - tw - 4)))
-        y = int(np.clip(y, th + 4, max(th + 4, h - base - 4)))
-        rows, cols = slice(max(0, y - th), y + base), slice(x, x + tw)
-        cost = float(busy[rows, cols].mean() + 4.0 * keep_clear[rows, cols].mean()) if tw and th else 0.0
-        if best_cost is None or cost < best_cost - 1e-9:
-            best, best_cost = (x, y), cost
-    x, y = best
-    busy[max(0, y - th - 4) : y + base + 4, max(0, x - 4) : x + tw + 4] = True
-    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 6, cv2.LINE_AA)
-    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
 
 
-def _legend(width: int, scale: float, entries: Sequence[tuple[str, tuple[int, int, int], bool]]) -> np.ndarray:
-    """A white strip with one swatch (filled, or outlined) and label per entry, wrapped onto rows."""
-    row_h = int(round(40 * scale))
-    sw = int(round(row_h * 0.55))
-    pad = max(6, row_h // 3)
-    rows: list[list[tuple[int, str, tuple[int, int, int], bool]]] = [[]]
-    x = pad
-    for text, color, filled in entries:
-        text = _ascii(text)
-        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
-        need = sw + 8 + tw + 2 * pad
-        if rows[-1] and x + need > width:
-            rows.append([])
-            x = pad
-        rows[-1].append((x, text, color, filled))
-        x += need
-    out = np.full((row_h * len(rows) + pad // 2, width, 3), 255, np.uint8)
-    for r, items in enumerate(rows):
-        yc = r * row_h + row_h // 2 + pad // 4
-        for x0, text, color, filled in items:
-            p0, p1 = (x0, yc - sw // 2), (x0 + sw, yc + sw // 2)
-            if filled:
-                cv2.rectangle(out, p0, p1, color, -1)
-                cv2.rectangle(out, p0, p1, (40, 40, 40), 1)
-            else:
-                cv2.rectangle(out, p0, p1, color, max(2, sw // 6))
-            org = (x0 + sw + 8, yc + int(10 * scale))
-            cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (30, 30, 30), 2, cv2.LINE_AA)
-    return out
 
 
-def draw_defining_parts(
-    image: np.ndarray,
-    regions: np.ndarray,
-    defining: Sequence[int],
-    part_names: Sequence[str],
-    keypoints: np.ndarray | None = None,
-    *,
-    min_side: int = 640,
-) -> np.ndarray:
-    """A class's defining parts on the image: in full colour and outlined (:data:`DEFINING_RGB`) and named,
-    the other parts outlined thinly (:data:`OTHER_PART_RGB`), everything else faded; a legend below.
-
-    Args:
-        image: RGB uint8 view of the original (any size, same aspect ratio).
-        regions: [H, W] region map in original pixels (0 none, i + 1 part i, larger the object).
-        defining: 0-based indices of the defining parts.
-        part_names: the parts' names.
-        keypoints: [P, 3] (x, y, visible) in original pixels: the defining ones are dotted (regions from
-            keypoints are rings around them); None with a label map.
-        min_side: images shorter than this are first enlarged by an integer factor (as :func:`draw_keypoints`).
-    """
-    img = np.ascontiguousarray(image)
-    factor = max(1, int(np.ceil(min_side / max(1, min(img.shape[:2])))))
-    if factor > 1:
-        img = cv2.resize(img, (img.shape[1] * factor, img.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
-    h, w = img.shape[:2]
-    num_parts = len(part_names)
-    reg = _resample_regions(np.asarray(regions), (h, w))
-    on_part = (reg >= 1) & (reg <= num_parts)
-    wanted = sorted({int(d) for d in defining if 0 <= int(d) < num_parts})
-    is_def = on_part & np.isin(reg - 1, wanted)
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)[..., None]
-    keep = np.where(reg > 0, 0.6, 0.35)[..., None]  # the object stays more visible than the background
-    faded = keep * (0.5 * grey + 0.5 * img.astype(np.float32)) + (1.0 - keep) * 255.0
-    out = np.where(is_def[..., None], img.astype(np.float32), faded)
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-    side = min(h, w)
-    thick = max(2, side // 150)
-    scale = max(0.55, side / 640.0)
-    for p in range(num_parts):
-        mask = (reg == p + 1).astype(np.uint8)
-        if not mask.any() or p in wanted:
-            continue
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, OTHER_PART_RGB, max(1, thick // 2), cv2.LINE_AA)
-    anchors: list[tuple[int, tuple[int, int]]] = []
-    for p in wanted:
-        mask = (reg == p + 1).astype(np.uint8)
-        if not mask.any():
-            continue
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, (40, 40, 40), thick + 2, cv2.LINE_AA)
-        cv2.drawContours(out, contours, -1, DEFINING_RGB, thick, cv2.LINE_AA)
-        ys, xs = np.nonzero(mask)
-        if keypoints is not None and p < len(keypoints) and keypoints[p][2] > 0:
-            k = (w / regions.shape[1], h / regions.shape[0])
-            c = (int(np.floor(keypoints[p][0] * k[0])), int(np.floor(keypoints[p][1] * k[1])))
-            r = max(4, side // 100)
-            cv2.circle(out, c, r + 2, (255, 255, 255), -1, cv2.LINE_AA)  # as draw_keypoints dots them
-            cv2.circle(out, c, r, (20, 20, 20), -1, cv2.LINE_AA)
-        anchors.append((p, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
-    busy = reg > 0
-    for p, box in anchors:
-        _label(out, part_names[p], box, busy, is_def, scale, thick + 4)
-    shown = [part_names[p] for p, _ in anchors]
-    hidden = [part_names[p] for p in wanted if part_names[p] not in shown]
-    entries = [(f"defining: {join_names(shown)}" if shown else "defining: not visible here", DEFINING_RGB, True)]
-    if hidden:
-        entries.append((f"not visible: {join_names(hidden)}", (200, 200, 200), True))
-    if (on_part & ~is_def).any():
-        entries.append(("other parts", OTHER_PART_RGB, False))
-    return np.concatenate([out, _legend(w, scale, entries)], axis=0)
 
 
 def defining_caption(summary: DefiningSummary, from_masks: bool, radius_px: float | None = None) -> str:

@@ -3,14 +3,15 @@
 The public API is imported lazily: ``import mcloss`` is cheap, and ``mcloss.explain`` (say) loads only
 the modules it needs.
 
-Packages:
-    core: channel groups, the loss, the model, checkpoints, transforms, devices.
+Packages, in layers (each imports only its own and those above it in this list):
+    core: channel groups, the loss, the model, checkpoints, transforms, file primitives, devices, errors.
+    metrics: pure metric math (localization, defining-part mass).
     data: safe image I/O, dataset readers (CUB, ImageFolder, torchvision), input files, ``synth``, the
         parts that define each class (``defining``).
-    explainability: explanations (channel maps, CCMP, Grad-CAM), rendering, export, benchmark.
-    evaluation: classification accuracy, localization metrics, ``parts``.
+    explainability: map kinds, explanations (channel maps, CCMP, Grad-CAM), rendering, export, benchmark.
+    evaluation: classification accuracy, ``parts``, faithfulness, sanity checks.
     training: configuration, the epoch loop, resume, run-directory writer, DDP, interrupts.
-    cli: the ``mcloss`` command (the only place that parses arguments or prints).
+    cli: the ``mcloss`` command (the only place that parses arguments, prints or draws progress bars).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from mcloss.core.version import __version__
 
 #: public name → module that defines it
 _EXPORTS: dict[str, str] = {
@@ -34,6 +35,11 @@ _EXPORTS: dict[str, str] = {
     "normalize_groups": "mcloss.core.groups",
     "split_channels": "mcloss.core.groups",
     "CheckpointError": "mcloss.core.checkpoint",
+    "MclossError": "mcloss.core.errors",
+    "ParameterError": "mcloss.core.errors",
+    "OutputError": "mcloss.core.errors",
+    "UnknownClassError": "mcloss.core.errors",
+    "OutOfRangeError": "mcloss.core.errors",
     "default_checkpoint": "mcloss.core.checkpoint",
     "load_checkpoint": "mcloss.core.checkpoint",
     "read_metadata": "mcloss.core.checkpoint",
@@ -54,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "PartAnnotations": "mcloss.data.annotations",
     "image_annotations": "mcloss.data.annotations",
     # explainability
+    "MapKind": "mcloss.explainability.kinds",
+    "register_map_kind": "mcloss.explainability.kinds",
     "DefiningSummary": "mcloss.explainability.defining",
     "defining_summaries": "mcloss.explainability.defining",
     "defining_summary": "mcloss.explainability.defining",
@@ -105,7 +113,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
         save_checkpoint,
     )
     from mcloss.core.device import resolve_device
-    from mcloss.core.errors import DatasetError
+    from mcloss.core.errors import (
+        DatasetError,
+        MclossError,
+        OutOfRangeError,
+        OutputError,
+        ParameterError,
+        UnknownClassError,
+    )
     from mcloss.core.groups import normalize_groups, split_channels
     from mcloss.core.loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss
     from mcloss.core.model import FCHead, MCModel, build_model, model_guard
@@ -122,6 +137,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from mcloss.explainability.explanation import Explanation, GroupMaps, explain, explain_tensor
     from mcloss.explainability.geometry import channel_peaks, to_original
     from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights
+    from mcloss.explainability.kinds import MapKind, register_map_kind
     from mcloss.explainability.render import Style, explanation_figure, explanation_montage, overlay
     from mcloss.training.config import TrainConfig, make_config
     from mcloss.training.loop import train

@@ -31,7 +31,7 @@ from mcloss.core.files import atomic_path, atomic_write_json, atomic_write_text
 from mcloss.data.cub import CUBDataset
 from mcloss.data.io import load_image
 from mcloss.data.synth import DESIGNS
-from mcloss.evaluation.parts import run_parts
+from mcloss.evaluation.parts import evaluate_parts
 from mcloss.explainability.explanation import explain
 from mcloss.explainability.render import Style, montage, montage_tiles
 
@@ -94,7 +94,7 @@ def run_one(
         return json.loads(cached.read_text())
     train_seconds = run_training(train_args(data, run, row, seed, epochs, size, stage), run, epochs)
     model = load_checkpoint(run / "last.safetensors")
-    s = run_parts(model, fresh, split="test", steps=8, seed=seed, faithfulness=faithfulness).summary
+    s = evaluate_parts(model, fresh, split="test", steps=8, seed=seed, faithfulness=faithfulness).summary
     m = s["methods"]
     d = s["defining"]["methods"]
     result = {
@@ -162,6 +162,22 @@ def report(
     figure_rows: str,
     stage: int = 4,
 ) -> str:
+    lines = _setup_section(seeds, epochs, data, fresh, command, stage) + _result_tables(results)
+    lines += [
+        "",
+        f"![channel groups per row]({figure_name})",
+        "",
+        f"Each row: one fresh-seed image, then the true class's channels and part composite under {figure_rows}, "
+        f"training seed {seeds[0]}.",
+        "",
+        f"What these numbers mean, and how they compare with the paper: [ablation_discussion.md]({discussion}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _setup_section(seeds: list[int], epochs: int, data: dict, fresh: dict, command: str, stage: int) -> list[str]:
+    """The report's title and its setup: data, model, metrics, training, seeds."""
     size = data["size"]
     train_per_class = data["per_class"] - int(data["per_class"] * data["test_fraction"] + 0.5)
     stride = {2: 4, 3: 8, 4: 16}[stage]
@@ -202,6 +218,13 @@ def report(
         "so that the runs fit a 2-core CPU (training seconds per run below); its models are less "
         "trained than the default.",
         "",
+    ]
+    return lines
+
+
+def _result_tables(results: list[dict]) -> list[str]:
+    """The results: mean ± std per row over its seeds, then one line per run."""
+    lines = [
         "## Results",
         "",
         "| row | " + " | ".join(label for _, label in COLUMNS) + " |",
@@ -224,17 +247,7 @@ def report(
             f"{r['distinct_parts']:.2f} | {separated} | {r['overlap']:.3f} | {r['train_seconds']:.0f} | "
             f"{'bf16' if r.get('cpu_bf16') else 'fp32'} |"
         )
-    lines += [
-        "",
-        f"![channel groups per row]({figure_name})",
-        "",
-        f"Each row: one fresh-seed image, then the true class's channels and part composite under {figure_rows}, "
-        f"training seed {seeds[0]}.",
-        "",
-        f"What these numbers mean, and how they compare with the paper: [ablation_discussion.md]({discussion}).",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import torch
 
+from mcloss.cli._common import progress_bar
 from mcloss.cli.train import main as train_main
 from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
 from mcloss.core.device import cpu_has_native_bf16
 from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mcloss.core.model import MCModel
 from mcloss.data.cub import CUBDataset
 from mcloss.data.datasets import build_datasets
 from mcloss.data.io import encode_image, load_image
 from mcloss.data.synth import generate_dataset, is_synth_output
 from mcloss.evaluation.classification import evaluate
-from mcloss.evaluation.parts import run_parts, summary_table, write_outputs
-from mcloss.evaluation.parts_report import baseline_block, verdict
+from mcloss.evaluation.parts import evaluate_parts, summary_table, write_outputs
+from mcloss.evaluation.parts_report import baseline_block
 from mcloss.explainability.explanation import explain
 from mcloss.metrics.mass import CI_LEVEL
 from mcloss.training.run_dir import read_metrics
@@ -147,7 +149,7 @@ def top1(model, root: Path) -> dict:
     return scores
 
 
-def make_gallery(fresh: Path, out: Path, model, count: int = 24) -> list[dict]:
+def make_gallery(fresh: Path, out: Path, model: MCModel, count: int = 24) -> list[dict]:
     """Copy ``count`` fresh-seed test images (spread over the classes) with their keypoints and labels.
 
     The gallery takes, per class in file order, the images the model classifies correctly (FC head), so
@@ -200,13 +202,20 @@ def make_gallery(fresh: Path, out: Path, model, count: int = 24) -> list[dict]:
     return samples
 
 
-def score_parts(model, fresh: Path, out: Path, limit: int | None, faithfulness: bool = True) -> dict:
+def score_parts(model: MCModel, fresh: Path, out: Path, limit: int | None, faithfulness: bool = True) -> dict:
     """``mcloss parts`` of ``model`` on the fresh set, cached in ``out`` (the step is resumable)."""
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
-    result = run_parts(model, fresh, split="test", limit=limit, steps=10, progress=True, faithfulness=faithfulness)
+    with progress_bar("parts", unit="img", leave=False) as progress:
+        result = evaluate_parts(model, fresh, split="test", limit=limit, steps=10, progress=progress, faithfulness=faithfulness)
     write_outputs(result, out, result.summary["config"])
     return result.summary
+
+
+def verdict(ci: Sequence[float]) -> str:
+    """Where a paired interval of a quotient lies against 1: "above", "below", or a "tie" (it holds 1)."""
+    lo, hi = ci
+    return "above" if lo > 1 else "below" if hi < 1 else "tie"
 
 
 def _met(ok: bool) -> str:
@@ -290,59 +299,8 @@ def _versus_note(defining: dict) -> str:
 
 
 def model_card(card: dict, parts_md: str) -> str:
-    m = card["metrics"]
-    ds = card["dataset"]
-    fh, fw = card["feature_hw"]
-    lines = [
-        "# Default checkpoint: `default.safetensors`",
-        "",
-        f"An MC-Loss ResNet-18 trained from scratch on mcloss's synthetic fine-grained bird-parts dataset: the stem and "
-        f"layer1, then layer{LAST_STAGE} widened to K = 3 × classes channels at stride 1 (layers after it dropped), so F is "
-        f"{fh} × {fw} at {IMG_SIZE} px from a receptive field about a part's size; the official FC head. "
-        "The same facts are in the checkpoint's metadata (`mcloss.load_checkpoint(...).card`).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| classes | {ds['classes']} (ξ = 3 channels each, K = {3 * ds['classes']}) |",
-        f"| dataset | `{card['dataset_command']}` |",
-        "| class design | " + DESIGN_NOTES[ds.get("design", "single")] + " |",
-        "| defining parts | the parts each class changes from the base bird (`card['defining_parts']`) |",
-        f"| fresh-seed set | `{card['fresh_command']}` |",
-        f"| training | `{card['train_command']}` |",
-        f"| CE-only twin | `{card['ce_twin']['train_command']}` ({card['ce_twin']['train_seconds'] / 60:.1f} min), "
-        f"shipped as `{TWIN_NAME}` |",
-        f"| input | {IMG_SIZE} px, {fh} × {fw} maps (`--last-stage {LAST_STAGE}`); with the official layer4 at stride 1 "
-        "(14 × 14) the channels' mass covered the whole bird (`docs/ablation_discussion.md`) |",
-        f"| loss | CE + {card['alpha']}·L_dis + {card['beta']}·L_div (official from-scratch weights); L_dis pools each "
-        f"masked CCMP map by the mean of its top {card.get('dis_topk', 1.0) * 100:g} % positions (`--dis-topk`; the "
-        "official spatial mean is 1) |",
-        f"| epochs | {card['epochs']} (best FC top-1 at epoch {card['epoch']}) |",
-        f"| training time | {card['train_seconds'] / 60:.1f} min on {card['machine']} |",
-        "| precision | "
-        + ("bf16 autocast of the training step (`--cpu-bf16`: this CPU computes bf16 natively); evaluation in fp32"
-           if "--cpu-bf16" in card["train_command"] else "fp32")
-        + " |",
-        "| regenerate | `make default-checkpoint` (the default, its CE-only twin, scoring, this card) |",
-        "",
-        "## Accuracy",
-        "",
-        "| split | images | FC head top-1 | MC head top-1 | FC top-5 | MC top-5 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key, label in (("test", "test split (seed 0)"), ("fresh", "fresh instances (seed 1)")):
-        r = m[key]
-        lines.append(
-            f"| {label} | {r['n']} | {r['fc_top1']:.3f} | {r['mc_top1']:.3f} | {r['fc_top5']:.3f} | {r['mc_top5']:.3f} |"
-        )
-    share = card.get("dis_topk", 1.0)
-    if "mc_gap_top1" in m["fresh"]:
-        lines += [
-            "",
-            f"The MC head reads each class's channel group as L_dis was trained to: CCMP, then the mean of its top "
-            f"{share * 100:g} % positions (`mc_pool_share` in the checkpoint's config). With the official global "
-            f"average pooling instead, which no longer matches the training, it reaches {m['fresh']['mc_gap_top1']:.3f} "
-            "top-1 on the fresh instances.",
-        ]
+    """checkpoints/README.md: what the default is, its accuracy, its parts scores against the goals, the gallery."""
+    lines = [*_card_facts(card), *_card_accuracy(card["metrics"], card.get("dis_topk", 1.0))]
     lines += [
         "",
         "## Defining parts and part localization on the fresh-seed set (`mcloss parts --baseline` with the CE twin)",
@@ -374,6 +332,83 @@ def model_card(card: dict, parts_md: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_facts(card: dict) -> list[str]:
+    """The card's title, what the model is, and the table of how it was made."""
+    ds = card["dataset"]
+    fh, fw = card["feature_hw"]
+    return [
+        "# Default checkpoint: `default.safetensors`",
+        "",
+        f"An MC-Loss ResNet-18 trained from scratch on mcloss's synthetic fine-grained bird-parts dataset: the stem and "
+        f"layer1, then layer{LAST_STAGE} widened to K = 3 × classes channels at stride 1 (layers after it dropped), so F is "
+        f"{fh} × {fw} at {IMG_SIZE} px from a receptive field about a part's size; the official FC head. "
+        "The same facts are in the checkpoint's metadata (`mcloss.load_checkpoint(...).card`).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| classes | {ds['classes']} (ξ = 3 channels each, K = {3 * ds['classes']}) |",
+        f"| dataset | `{card['dataset_command']}` |",
+        "| class design | " + DESIGN_NOTES[ds.get("design", "single")] + " |",
+        "| defining parts | the parts each class changes from the base bird (`card['defining_parts']`) |",
+        f"| fresh-seed set | `{card['fresh_command']}` |",
+        f"| training | `{card['train_command']}` |",
+        f"| CE-only twin | `{card['ce_twin']['train_command']}` ({card['ce_twin']['train_seconds'] / 60:.1f} min), "
+        f"shipped as `{TWIN_NAME}` |",
+        f"| input | {IMG_SIZE} px, {fh} × {fw} maps (`--last-stage {LAST_STAGE}`); with the official layer4 at stride 1 "
+        "(14 × 14) the channels' mass covered the whole bird (`docs/ablation_discussion.md`) |",
+        f"| loss | CE + {card['alpha']}·L_dis + {card['beta']}·L_div (official from-scratch weights); L_dis pools each "
+        f"masked CCMP map by the mean of its top {card.get('dis_topk', 1.0) * 100:g} % positions (`--dis-topk`; the "
+        "official spatial mean is 1) |",
+        f"| epochs | {card['epochs']} (best FC top-1 at epoch {card['epoch']}) |",
+        f"| training time | {card['train_seconds'] / 60:.1f} min on {card['machine']} |",
+        "| precision | "
+        + ("bf16 autocast of the training step (`--cpu-bf16`: this CPU computes bf16 natively); evaluation in fp32"
+           if "--cpu-bf16" in card["train_command"] else "fp32")
+        + " |",
+        "| regenerate | `make default-checkpoint` (the default, its CE-only twin, scoring, this card) |",
+        "",
+    ]
+
+
+def _card_accuracy(m: dict, share: float) -> list[str]:
+    """Both heads' accuracy on the test split and the fresh instances (and the MC head with plain GAP)."""
+    lines = [
+        "## Accuracy",
+        "",
+        "| split | images | FC head top-1 | MC head top-1 | FC top-5 | MC top-5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in (("test", "test split (seed 0)"), ("fresh", "fresh instances (seed 1)")):
+        r = m[key]
+        lines.append(
+            f"| {label} | {r['n']} | {r['fc_top1']:.3f} | {r['mc_top1']:.3f} | {r['fc_top5']:.3f} | {r['mc_top5']:.3f} |"
+        )
+    if "mc_gap_top1" in m["fresh"]:
+        lines += [
+            "",
+            f"The MC head reads each class's channel group as L_dis was trained to: CCMP, then the mean of its top "
+            f"{share * 100:g} % positions (`mc_pool_share` in the checkpoint's config). With the official global "
+            f"average pooling instead, which no longer matches the training, it reaches {m['fresh']['mc_gap_top1']:.3f} "
+            "top-1 on the fresh instances.",
+        ]
+    return lines
+
+
+def _card_parts(summary: dict, twin_summary: dict) -> dict:
+    """The card's ``parts`` entry: the default's defining-part and peak scores, and its twin's defining parts."""
+    return {
+        "defining": summary["defining"],
+        "ce_twin_defining": twin_summary["defining"],
+        "images": summary["images"],
+        "hit_radius": summary["hit_radius"],
+        "channels": summary["methods"]["channels"],
+        "gradcam": summary["methods"]["gradcam"],
+        "random": summary["methods"]["random"],
+        "channel_part_matrix_normalized": summary["channel_part_matrix_normalized"],
+        "part_names": summary["part_names"],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -414,17 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ce_twin": {"train_command": "mcloss train " + " ".join(train_command(Path("DIR"), Path("RUN"), args.epochs, "ce")),
                         "train_seconds": round(twin_seconds, 1), "fresh": top1(twin, fresh)},
             "machine": machine(),
-            "parts": {
-                "defining": summary["defining"],
-                "ce_twin_defining": twin_summary["defining"],
-                "images": summary["images"],
-                "hit_radius": summary["hit_radius"],
-                "channels": summary["methods"]["channels"],
-                "gradcam": summary["methods"]["gradcam"],
-                "random": summary["methods"]["random"],
-                "channel_part_matrix_normalized": summary["channel_part_matrix_normalized"],
-                "part_names": summary["part_names"],
-            },
+            "parts": _card_parts(summary, twin_summary),
         }
     )
     card.pop("data_root", None)
@@ -440,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def save_small(model, target: Path) -> None:
+def save_small(model: MCModel, target: Path) -> None:
     """Save ``model``; in float16 when float32 would exceed MAX_BYTES."""
     save_checkpoint(model, target)
     if target.stat().st_size > MAX_BYTES:

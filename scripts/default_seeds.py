@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.files import atomic_write_json, atomic_write_text
-from mcloss.evaluation.parts_report import ratio_with_ci, verdict
+from mcloss.evaluation.parts_report import ratio_with_ci
 from mcloss.metrics.mass import CI_LEVEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +34,7 @@ from default_checkpoint import (  # noqa: E402
     score_parts,
     top1,
     train_command,
+    verdict,
 )
 
 #: (column, key of a seed's row, format)
@@ -118,7 +119,8 @@ def _run_dirs(work: Path, seed: int, variant: str | None) -> tuple[Path, Path]:
     return work / f"default-train-seed{seed}", work / f"default-parts-seed{seed}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with the combinations a variant needs checked (exits 2 with the reason)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds besides the default's 0")
     parser.add_argument("--work", default="runs", help="the work dir of make default-checkpoint")
@@ -140,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--variant needs --train-args or other --epochs than the default's")
     if args.epochs != EPOCHS and not args.variant:
         parser.error(f"--epochs other than the default's {EPOCHS} needs --variant (it would retrain the default's runs)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments(argv)
     extra = shlex.split(args.train_args)
 
     work = Path(args.work)

@@ -27,6 +27,7 @@ import torch
 
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.files import atomic_write_json
+from mcloss.core.model import MCModel
 from mcloss.data.cub import CUBDataset
 from mcloss.data.io import load_image
 from mcloss.evaluation.parts import resolve_defining
@@ -55,7 +56,7 @@ def positive_shares(alpha: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
     return {k: float(positive[kinds == k].sum() / total) if total > 0 else float("nan") for k in KINDS}
 
 
-def gradcam_weights(model, x: torch.Tensor, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def gradcam_weights(model: MCModel, x: torch.Tensor, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(α [B, K], F [B, K, h, w]): Grad-CAM's channel weights of the FC head for the classes ``labels``, and F."""
     features = model.forward_features(x).detach().requires_grad_(True)
     logits = model.head_logits(features)

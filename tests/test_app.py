@@ -24,7 +24,7 @@ from streamlit.testing.v1 import AppTest
 import mcloss
 from mcloss.core.transforms import Geometry
 from mcloss.data.io import ImageLoadError
-from mcloss.explainability import render
+from mcloss.explainability import kinds, render
 from mcloss.explainability.explanation import Explanation, GroupMaps
 from mcloss.explainability.geometry import channel_peaks
 from mcloss.metrics import localization as metrics
@@ -611,7 +611,7 @@ def test_keypoint_dots_sit_on_the_pixel_containing_the_point():
     img = np.zeros((10, 12, 3), np.uint8)
     for factor, min_side in ((1, 10), (4, 40)):
         # the dot's dark core (radius r, colour (20, 20, 20)) is centred on pixel floor(x·factor)
-        out = view.draw_keypoints(img, np.array([[3.2, 5.9]]), np.array([True]), [""], min_side=min_side)
+        out = render.draw_keypoints(img, np.array([[3.2, 5.9]]), np.array([True]), [""], min_side=min_side)
         assert out.shape == (10 * factor, 12 * factor, 3)
         ys, xs = np.nonzero((out == 20).all(-1))
         assert (round(xs.mean()), round(ys.mean())) == (int(3.2 * factor), int(5.9 * factor))
@@ -683,7 +683,7 @@ def test_compare_view_draws_the_second_model_on_one_scale(twin_env, tmp_path, ga
     ea = mcloss.explain(first, image, "top2")
     eb = mcloss.explain(twin, image, ea.prediction)
     base = view.display_image(image)
-    style = view.common_style(view.style_for("inferno", 0.5, True, True, False), ea.groups[0], eb.groups[0])
+    style = render.common_style(view.style_for("inferno", 0.5, True, True, False), ea.groups[0], eb.groups[0])
     assert style.group_max == max(float(ea.groups[0].channels.max()), float(eb.groups[0].channels.max()))
     want = [t.image for t in render.group_tiles(base, ea, ea.groups[0], style)]
     want += [t.image for t in render.group_tiles(base, eb, eb.groups[0], style)]
@@ -732,7 +732,7 @@ def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, 
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w.image)
     # and the montage is built from the same tiles: at tile height, each tile sits in it unchanged
-    thumb = render.resize_to_height(view.display_image(image), style.tile_height)
+    thumb, _ = render.thumbnail(view.display_image(image), style.tile_height)
     tiles = render.montage_tiles(thumb, expl, 0, style)
     np.testing.assert_array_equal(tiles[1].image, render.group_tiles(thumb, expl, expl.groups[0], style)[0].image)
     picture = expl.montage(0, style, image=thumb)
@@ -832,13 +832,13 @@ def test_draw_defining_parts_keeps_them_in_colour_and_outlines_them():
     regions = np.zeros((40, 40), np.int32)
     regions[5:15, 5:15] = 1  # crown: defining
     regions[25:35, 25:35] = 2  # wing: other
-    out = view.draw_defining_parts(img, regions, [0], PARTS, min_side=80)
+    out = render.draw_defining_parts(img, regions, [0], PARTS, min_side=80)
     assert out.shape[1] == 80 and out.shape[0] > 80  # enlarged ×2, a legend strip below
     assert (out[20, 20] == img[0, 0]).all()  # inside the defining part: the image's own colour
     assert not (out[60, 60] == img[0, 0]).all()  # the other part is faded
-    assert ((out[:80] == view.DEFINING_RGB).all(-1)).any()  # the outline
+    assert ((out[:80] == render.DEFINING_RGB).all(-1)).any()  # the outline
     legend = out[80:]
-    assert ((legend == view.DEFINING_RGB).all(-1)).any() and (legend == 255).any()
+    assert ((legend == render.DEFINING_RGB).all(-1)).any() and (legend == 255).any()
 
 
 def test_sample_annotations_fall_back_to_keypoints_on_a_bad_mask(tmp_path):
@@ -853,3 +853,54 @@ def test_sample_annotations_fall_back_to_keypoints_on_a_bad_mask(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"part_names": PARTS, "samples": [entry]}))
     with pytest.raises(view.GalleryError, match="mask 'gone.png' is missing"):
         view.load_gallery(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ a new map kind
+
+
+def _mean_channel(p, rank, targets):
+    return p.features.detach().mean(dim=1)  # [B, h, w]: the mean over every channel of F
+
+
+@pytest.fixture
+def toy_kind() -> Iterator:
+    """A map kind registered for one test (the mean of F), with its peak kept; removed afterwards."""
+    kind = kinds.register(
+        kinds.MapKind(
+            "mean_f", "Mean of F", _mean_channel, "mean F {name}", "mean of F · p {prob:.2f}", "mean of F for {name}",
+            "mean_f", peak=True,
+        )
+    )
+    yield kind
+    kinds.unregister(kind.name)
+
+
+def test_a_registered_map_kind_reaches_explain_montage_npz_json_and_app(toy_kind, env, checkpoint, gallery_dir, tmp_path):
+    """One register() call, no other edit: the kind is computed in the pass, drawn in the montage, saved in the
+    npz and the json, and offered and shown by the app."""
+    model = mcloss.load_checkpoint(checkpoint)
+    image = mcloss.load_image(gallery_dir / "bird_0.png")
+    plain = mcloss.explain(model, image)
+    expl = mcloss.explain(model, image, maps=("gradcam", "mean_f"))
+    group = expl.groups[0]
+    want = model.forward_features(model.transform(image)[None]).detach().mean(dim=1)[0].numpy()
+    np.testing.assert_allclose(group.mean_f, want, rtol=1e-5, atol=1e-6)
+    assert group.maps["mean_f"] is group.mean_f and plain.groups[0].mean_f is None
+    assert "mean_f" in kinds.parse_maps("channels,mean_f")
+    # the montage: one more tile, titled by the kind, drawn after Grad-CAM
+    titles = [t.title for t in render.montage_tiles(expl.view, expl, 0, render.Style())]
+    assert titles[-2].startswith("Grad-CAM") and titles[-1] == f"mean F {group.name}"
+    assert expl.montage().shape[1] > plain.montage().shape[1]
+    assert expl.overlay("mean_f").shape == expl.view.shape
+    # the npz and the json
+    record = expl.save(tmp_path / "bird")
+    with np.load(tmp_path / "bird.npz") as npz:
+        np.testing.assert_array_equal(npz["mean_f"], group.mean_f)
+    assert record["targets"][0]["mean_f"]["peak_xy"] == [float(v) for v in group.map_peaks["mean_f"]]
+    assert json.loads((tmp_path / "bird.json").read_text())["mean_f"] == record["mean_f"]
+    # the app: a toggle with the kind's label, and its tile with the kind's caption
+    assert toy_kind in view.optional_kinds() and view.kind_label(toy_kind) == "Mean of F"
+    at = run_app(mean_f=True)
+    assert_clean(at)
+    assert any(c.startswith("mean of F · p ") for c in captions(at))
+    assert [t.label for t in at.toggle if t.key == "mean_f"] == ["Mean of F"]

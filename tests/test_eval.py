@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mcloss.cli.eval import main
-from mcloss.evaluation.classification import format_report
+from mcloss.core.errors import DatasetError
+from mcloss.evaluation.classification import evaluate, format_report
 
 
 @pytest.fixture
@@ -56,3 +58,16 @@ def test_bad_inputs_fail_with_one_line(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mcloss eval: error: {other}: ") and "do not match" in err
     assert main(["--checkpoint", str(checkpoint), "--data", str(root), "--dataset", "nope"]) == 2
+
+
+def test_evaluate_reports_progress_per_batch_and_refuses_an_empty_split(make_model):
+    model = make_model(2)
+    batches = [(torch.rand(2, 3, 64, 64), torch.tensor([0, 1])) for _ in range(3)]
+    seen: list[tuple[int, int]] = []
+    evaluate(model, batches, "cpu", progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    seen.clear()
+    evaluate(model, batches, "cpu", limit_batches=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+    with pytest.raises(DatasetError, match="no samples were evaluated"):
+        evaluate(model, [], "cpu")

@@ -228,7 +228,7 @@ def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
     assert cli_main([*base, "--shard", "2/2"]) == 2
     assert "--shard" in capsys.readouterr().err
     # bad counts and sizes: exit 2, one line naming the flag, before anything is written
-    bad = {("--topk", "-3"): "--topk", ("--batch-size", "0"): "--batch-size", ("--tile-height", "0"): "tile height",
+    bad = {("--topk", "-3"): "--topk", ("--batch-size", "0"): "--batch-size", ("--tile-height", "0"): "--tile-height",
            ("--target", "99"): "class index 99"}  # fmt: skip
     for (flag, value), says in bad.items():
         assert cli_main([*base, flag, value]) == 2, flag
@@ -503,3 +503,50 @@ def test_a_failing_lane_stops_the_export_and_keeps_what_was_written(tmp_path, tw
     monkeypatch.setattr(export_module, "explain", explain)  # a re-run finishes the rest and skips the done ones
     again = export(model, _export_config(src, out), device=torch.device("cpu"), checkpoint_sha256="x")
     assert (again.skipped, again.written) == (len(finished), 9 - len(finished))
+
+
+def test_inputs_live_in_the_data_layer_and_travel_to_workers(tmp_path):
+    import pickle
+
+    from mcloss.data import inputs
+    from mcloss.explainability import atlas, explanation
+    from mcloss.explainability import export as export_module
+    from mcloss.explainability.explanation import prepare, view_maker
+
+    assert atlas.ImageFiles is inputs.ImageFiles and atlas.collate_items is inputs.collate_items
+    assert "ImageFiles" not in export_module.__all__ and explanation.PreparedImage is inputs.PreparedImage
+    _rgb(60, 30).save(tmp_path / "i.png")
+    model = tiny_model(4)
+    files = collect_inputs([str(tmp_path / "i.png")]).files + [collect_inputs([str(tmp_path)]).files[0]]
+    # the view maker goes to DataLoader workers with the dataset: it pickles, and makes the thumbnail prepare() keeps
+    dataset = pickle.loads(pickle.dumps(inputs.ImageFiles(files, model.transform, view_maker("height", 24))))
+    index, item = dataset[0]
+    same = prepare(model, tmp_path / "i.png", view="height", view_size=24)
+    assert index == 0 and isinstance(item, inputs.PreparedImage) and item.view.shape == same.view.shape == (24, 48, 3)
+    assert np.array_equal(item.view, same.view) and torch.equal(item.x, same.x) and item.geometry == same.geometry
+    assert inputs.ImageFiles(files, model.transform)[0][1].view is None
+    assert inputs.collate_items([(0, item)]) == [(0, item)]
+    with pytest.raises(ValueError, match="view must be"):
+        view_maker("wide")
+
+
+def test_explanation_save_writes_what_the_export_writes(tmp_path):
+    from mcloss.explainability.explanation import explain, prepare
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one lane: the same float sums in both
+    try:
+        model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
+        image = tmp_path / "x.png"
+        _rgb(70, 40, 5).save(image)
+        config = ExportConfig(checkpoint="tiny", input=[str(image)], out=str(tmp_path / "out"), target="top2",
+                              style=Style(tile_height=48), topk=3, workers=0)  # fmt: skip
+        assert export(model, config, device=torch.device("cpu"), checkpoint_sha256="x").written == 1
+        options = json.loads((tmp_path / "out" / "x.png.json").read_text())["options"]
+        exp = explain(model, prepare(model, image, view="height", view_size=48), "top2")
+        (tmp_path / "saved").mkdir()
+        exp.save(tmp_path / "saved" / "x.png", Style(tile_height=48), topk=3, options=options)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("x.png.png", "x.png.r2.png", "x.png.npz", "x.png.json"):
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name

@@ -100,7 +100,7 @@ def test_tile_height_is_bounded_and_stated():
 
     text = build_parser().format_help()
     assert "letterboxed" in text and str(render.MAX_TILE_HEIGHT) in text
-    with pytest.raises(ValueError, match="tile height"):
+    with pytest.raises(ValueError, match="tile_height"):
         render.Style(tile_height=render.MAX_TILE_HEIGHT + 1)
 
 

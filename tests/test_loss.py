@@ -193,19 +193,17 @@ def test_mcloss_combines_with_recipe_weights():
     logits = torch.randn(2, 3, generator=g)
     targets = torch.tensor([2, 0])
     mask = draw_channel_mask(3, 9, generator=g)
-    loss = MCLoss.from_recipe("official-scratch", 3)
+    loss = MCLoss(3, *RECIPE_WEIGHTS["official-scratch"])
     out = loss(logits, feats, targets, mask=mask)
     dis, div = mutual_channel_loss(feats, targets, 3, mask=mask)
     ce = F.cross_entropy(logits, targets)
     torch.testing.assert_close(out.total, ce + 1.5 * dis + 20.0 * div)
     torch.testing.assert_close(out.ce, ce)
-    pre = MCLoss.from_recipe("official-pretrained", 3)(logits, feats, targets, mask=mask)
+    pre = MCLoss(3, *RECIPE_WEIGHTS["official-pretrained"])(logits, feats, targets, mask=mask)
     torch.testing.assert_close(pre.total, ce + 0.0005 * (dis + 10 * div))
     assert RECIPE_WEIGHTS["official-scratch"] == (1.5, 20.0)
     ce_only = MCLoss(3, 0.0, 0.0)(logits, feats, targets, mask=mask)
     torch.testing.assert_close(ce_only.total, ce)
-    with pytest.raises(ValueError, match="unknown recipe"):
-        MCLoss.from_recipe("nope", 3)
 
 
 def test_dis_topk_pools_the_largest_share_of_each_class_map():

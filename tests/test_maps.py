@@ -284,5 +284,5 @@ def test_single_image_takes_a_list_of_targets_and_a_scalar_label():
     assert len(gen) == 2 and gen[0].prediction == gen[1].prediction
     with pytest.raises(ValueError, match="batch_size"):
         explain(model, [img], batch_size=0)
-    with pytest.raises(TypeError, match="PIL images, paths or PreparedImages"):
+    with pytest.raises(mcloss.ParameterError, match="PIL images, paths or PreparedImages"):
         explain(model, [img, 3])

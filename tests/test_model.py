@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 import mcloss
 from mcloss import build_model, ccmp
+from mcloss.core.errors import OutOfRangeError, ParameterError, UnknownClassError
 from mcloss.core.model import load_backbone_weights
 
 
@@ -29,10 +30,12 @@ def test_interface(tiny):
     assert tiny.groups == [3, 3, 3, 3] and tiny.class_names == list("abcd")
     assert tiny.group_slice(2) == slice(6, 9)
     assert tiny.class_index("c") == 2 and tiny.class_index(1) == 1 and tiny.class_index("3") == 3
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as unknown:  # an UnknownClassError: a KeyError whose text is the message
         tiny.class_index("zebra")
-    with pytest.raises(IndexError):
+    assert isinstance(unknown.value, UnknownClassError) and str(unknown.value) == "unknown class 'zebra'"
+    with pytest.raises(IndexError) as outside:
         tiny.group_slice(4)
+    assert isinstance(outside.value, OutOfRangeError)
 
 
 def test_mc_head_pools_as_l_dis_was_trained(tmp_path):
@@ -107,8 +110,9 @@ def test_local_weights_file(tmp_path):
     pth = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), pth)
     torch.testing.assert_close(load_backbone_weights("resnet18", str(pth)).conv1.weight, ref.conv1.weight)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(ParameterError, match="missing.pth: weights file not found") as info:
         load_backbone_weights("resnet18", str(tmp_path / "missing.pth"))
+    assert info.value.parameters == ("pretrained",)
 
 
 def test_wrong_or_broken_weights_file_is_refused(tmp_path):
@@ -139,8 +143,9 @@ def test_offline_weights_give_clear_error(monkeypatch):
 
     # torchvision binds the loader by name in models._api, so patch it there (patching torch.hub would still download)
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="offline.*--pretrained /path"):
+    with pytest.raises(ParameterError, match="offline.*pass their file instead") as info:
         load_backbone_weights("resnet18", "IMAGENET1K_V1")
+    assert info.value.parameter == "pretrained" and "--" not in str(info.value)  # it names no flag
     with pytest.raises(ValueError, match="unknown weights"):
         load_backbone_weights("resnet18", "NOT_A_WEIGHT")
 
@@ -164,9 +169,9 @@ def test_resnet_last_stage_gives_finer_maps(stage, hw, tmp_path):
 
 
 def test_last_stage_needs_a_resnet_with_fixed_xi():
-    with pytest.raises(ValueError, match="last stage"):
+    with pytest.raises(ParameterError, match="last_stage"):
         build_model("vgg16", 2, xi=3, img_size=64, last_stage=2)
-    with pytest.raises(ValueError, match="last stage"):
+    with pytest.raises(ValueError, match="last_stage"):
         build_model("resnet18", 2, xi=None, img_size=64, last_stage=3)
-    with pytest.raises(ValueError, match="last stage"):
+    with pytest.raises(ValueError, match="last_stage"):
         build_model("resnet18", 2, xi=3, img_size=64, last_stage=1)

@@ -15,6 +15,7 @@ from torch import nn
 
 import mcloss
 from mcloss.cli.parts import main as parts_main
+from mcloss.core.errors import ParameterError
 from mcloss.core.loss import ccmp
 from mcloss.core.model import MCModel
 from mcloss.core.transforms import EvalTransform
@@ -136,9 +137,9 @@ def test_planted_peaks_land_exactly_on_keypoints(tmp_path):
 def test_channels_on_distinct_parts_hit_every_part(tmp_path):
     assign = [["red", "green", "blue"], ["white", "white", "white"]]
     ds = dataset(tmp_path, assign, n=6)
-    result = P.run_parts(planted_model(assign), ds, faithfulness=False)
+    result = P.evaluate_parts(planted_model(assign), ds, faithfulness=False)
     s = result.summary
-    assert s == P.evaluate_parts(planted_model(assign), ds, faithfulness=False)
+    assert s == P.evaluate_parts(planted_model(assign), ds, faithfulness=False).summary
     ch = s["methods"]["channels"]
     assert ch["hit_rate"] == 1.0 and ch["peaks"] == 18
     row = result.per_image[0]
@@ -161,7 +162,7 @@ def test_separated_parts_merge_nearby_parts_at_a_large_radius(tmp_path):
     # at radius 0.3 × 64 = 19.2 px (2 r = 38.4 px) some of the three parts (≥ 24 px apart) are one location
     assign = [["red", "green", "blue"], ["white", "white", "white"]]
     ds = dataset(tmp_path, assign, n=6)
-    result = P.run_parts(planted_model(assign), ds, radius=0.3, faithfulness=False)
+    result = P.evaluate_parts(planted_model(assign), ds, radius=0.3, faithfulness=False)
     expected = []
     for rec in ds.records:
         xy = rec.parts[:, :2]
@@ -176,7 +177,7 @@ def test_separated_parts_merge_nearby_parts_at_a_large_radius(tmp_path):
 
 def test_channels_on_one_part_hit_one_distinct_part(tmp_path):
     assign = [["green", "green", "green"], ["white", "white", "white"]]
-    s = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), faithfulness=False)
+    s = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), faithfulness=False).summary
     ch = s["methods"]["channels"]
     assert ch["hit_rate"] == 1.0
     assert ch["distinct_parts"] == 1.0
@@ -186,7 +187,7 @@ def test_channels_on_one_part_hit_one_distinct_part(tmp_path):
 
 def test_peaks_far_from_parts_never_hit(tmp_path):
     assign = [["white", "white", "white"], ["red", "green", "blue"]]
-    s = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), faithfulness=False)
+    s = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), faithfulness=False).summary
     ch = s["methods"]["channels"]
     assert ch["hit_rate"] == 0.0 and ch["distinct_parts"] == 0.0
     assert s["channel_part_hits"] == [[0, 0, 0]] * 3
@@ -198,8 +199,8 @@ def test_the_true_class_group_is_scored(tmp_path):
     # class 0 watches the decoy, class 1 the parts: images of class 1 must score 1.0, of class 0 zero
     assign = [["white", "white", "white"], ["red", "green", "blue"]]
     model = planted_model(assign)
-    s1 = P.evaluate_parts(model, dataset(tmp_path / "a", assign, n=3, labels=[1, 1, 1]), faithfulness=False)
-    s0 = P.evaluate_parts(model, dataset(tmp_path / "b", assign, n=3, labels=[0, 0, 0]), faithfulness=False)
+    s1 = P.evaluate_parts(model, dataset(tmp_path / "a", assign, n=3, labels=[1, 1, 1]), faithfulness=False).summary
+    s0 = P.evaluate_parts(model, dataset(tmp_path / "b", assign, n=3, labels=[0, 0, 0]), faithfulness=False).summary
     assert s1["methods"]["channels"]["hit_rate"] == 1.0 and s1["methods"]["channels"]["distinct_parts"] == 3.0
     assert s0["methods"]["channels"]["hit_rate"] == 0.0
 
@@ -208,7 +209,7 @@ def test_invisible_parts_are_ignored(tmp_path):
     # the blue part is marked invisible in every image: the blue channel's peak sits on it but is a miss
     assign = [["red", "green", "blue"], ["white"] * 3]
     ds = dataset(tmp_path, assign, n=4, invisible={i: [2] for i in range(4)})
-    s = P.evaluate_parts(planted_model(assign), ds, faithfulness=False)
+    s = P.evaluate_parts(planted_model(assign), ds, faithfulness=False).summary
     ch = s["methods"]["channels"]
     assert ch["hit_rate"] == pytest.approx(2 / 3)
     assert ch["distinct_parts"] == 2.0
@@ -219,10 +220,20 @@ def test_invisible_parts_are_ignored(tmp_path):
 def test_images_without_visible_parts_count_for_accuracy_only(tmp_path):
     assign = [["red", "green", "blue"], ["white"] * 3]
     ds = dataset(tmp_path, assign, n=3, invisible={0: [0, 1, 2]})
-    result = P.run_parts(planted_model(assign), ds, faithfulness=False)
+    result = P.evaluate_parts(planted_model(assign), ds, faithfulness=False)
     assert result.summary["images"] == 3 and result.summary["scored_images"] == 2
     assert result.summary["methods"]["channels"]["peaks"] == 6
     assert result.per_image[0]["visible_parts"] == 0 and "channel_hits" not in result.per_image[0]
+
+
+def test_progress_counts_every_image_skipped_ones_too(tmp_path):
+    assign = [["red", "green", "blue"], ["white"] * 3]
+    ds = dataset(tmp_path, assign, n=5)
+    ds.records[1].path.write_bytes(b"not an image")
+    seen: list[tuple[int, int]] = []
+    result = P.evaluate_parts(planted_model(assign), ds, faithfulness=False, batch_size=2,
+                              progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+    assert seen == [(i, 5) for i in range(6)] and len(result.summary["skipped_images"]) == 1
 
 
 def test_dead_channel_has_no_peak(tmp_path):
@@ -232,7 +243,7 @@ def test_dead_channel_has_no_peak(tmp_path):
     with torch.no_grad():
         model.features[0].weight[2] = 0.0
         model.features[0].bias[2] = 0.0
-    s = P.evaluate_parts(model, dataset(tmp_path, assign, n=3), faithfulness=False)
+    s = P.evaluate_parts(model, dataset(tmp_path, assign, n=3), faithfulness=False).summary
     assert s["methods"]["channels"]["hit_rate"] == pytest.approx(2 / 3)
     assert s["channel_part_matrix"][2] == [0, 0, 0]
 
@@ -241,9 +252,9 @@ def test_random_baseline_is_seeded_and_near_chance(tmp_path):
     assign = [["red", "green", "blue"], ["white"] * 3]
     ds = dataset(tmp_path, assign, n=40)
     model = planted_model(assign)
-    a = P.run_parts(model, ds, faithfulness=False, seed=3)
-    b = P.run_parts(model, ds, faithfulness=False, seed=3)
-    c = P.run_parts(model, ds, faithfulness=False, seed=4)
+    a = P.evaluate_parts(model, ds, faithfulness=False, seed=3)
+    b = P.evaluate_parts(model, ds, faithfulness=False, seed=3)
+    c = P.evaluate_parts(model, ds, faithfulness=False, seed=4)
     col = [(r["random_hits"], r["random_distinct"]) for r in a.per_image]
     assert col == [(r["random_hits"], r["random_distinct"]) for r in b.per_image]
     assert col != [(r["random_hits"], r["random_distinct"]) for r in c.per_image]
@@ -256,11 +267,12 @@ def test_radius_and_size_reference(tmp_path):
     # peaks are exact, so any radius hits; the rule is reported and the pixel radius follows it
     assign = [["red", "green", "blue"], ["white"] * 3]
     ds = dataset(tmp_path, assign, n=2)
-    r = P.run_parts(planted_model(assign), ds, faithfulness=False, radius=0.1, size_reference="diagonal")
+    r = P.evaluate_parts(planted_model(assign), ds, faithfulness=False, radius=0.1, size_reference="diagonal")
     assert r.per_image[0]["radius_px"] == pytest.approx(0.1 * math.hypot(W0, H0))
     assert "diagonal" in r.summary["hit_radius"]
-    with pytest.raises(ValueError, match="size reference"):
-        P.run_parts(planted_model(assign), ds, size_reference="min")
+    with pytest.raises(ParameterError, match="^size_reference must be one of") as info:  # named as in Python
+        P.evaluate_parts(planted_model(assign), ds, size_reference="min")
+    assert info.value.parameter == "size_reference"
 
 
 # ----------------------------------------------------------------------------------------- faithfulness
@@ -300,7 +312,7 @@ def test_baselines():
 def test_ccmp_map_is_more_faithful_than_random(tmp_path):
     # the head reads only the coloured cells, which the CCMP map ranks first
     assign = [["red", "green", "blue"], ["white"] * 3]
-    r = P.run_parts(planted_model(assign), dataset(tmp_path, assign, n=4), steps=8, baseline="mean")
+    r = P.evaluate_parts(planted_model(assign), dataset(tmp_path, assign, n=4), steps=8, baseline="mean")
     m = r.summary["methods"]
     assert m["channels"]["deletion_auc"] < m["random"]["deletion_auc"] - 0.1
     assert m["channels"]["insertion_auc"] > m["random"]["insertion_auc"] + 0.1
@@ -363,7 +375,12 @@ def test_cli_bad_inputs_fail_with_one_line(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err.strip()
     assert "nope" in err and len(err.splitlines()) == 1
     assert parts_main(["--checkpoint", str(checkpoint), "--data", str(root), "--radius", "0", "--out", str(tmp_path / "o4")]) == 2
-    assert capsys.readouterr().err.strip() == "mcloss parts: error: radius must be > 0, got 0.0"
+    assert capsys.readouterr().err.strip() == "mcloss parts: error: --radius must be > 0, got 0.0"
+    # the library names parameters (steps, perturbation_batch); the command names them as its flags
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(root), "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "mcloss parts: error: --steps must be >= 1, got 0"
+    assert parts_main(["--checkpoint", str(checkpoint), "--data", str(root), "--perturbation-batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "mcloss parts: error: --perturbation-batch must be >= 1, got 0"
     other = write_cub(tmp_path / "other", part_layouts(1), [0], ["sparrow", "finch"])
     assert parts_main(["--checkpoint", str(checkpoint), "--data", str(other), "--out", str(tmp_path / "o3")]) == 2
     assert "do not match" in capsys.readouterr().err
@@ -432,7 +449,7 @@ def defining_summary(tmp_path: Path, model: MCModel, *, masks: bool) -> dict:
     root = write_cub(tmp_path / "cub", layouts, [0] * 4, ["class_0"])
     if masks:
         write_masks(root, layouts)
-    result = P.run_parts(model, root, faithfulness=False, defining={"class_0": ["red"]})
+    result = P.evaluate_parts(model, root, faithfulness=False, defining={"class_0": ["red"]})
     return result.summary["defining"]
 
 
@@ -481,9 +498,9 @@ def test_defining_parts_come_from_the_card_without_dataset_ones(tmp_path):
     layouts = part_layouts(2)
     root = write_cub(tmp_path / "cub", layouts, [0, 0], ["class_0"])
     model = planted_model([["green", "green", "green"]])
-    assert P.run_parts(model, root, faithfulness=False).summary["defining"]["methods"] == {}
+    assert P.evaluate_parts(model, root, faithfulness=False).summary["defining"]["methods"] == {}
     model.card = {"defining_parts": {"class_0": ["green"]}}
-    block = P.run_parts(model, root, faithfulness=False).summary["defining"]
+    block = P.evaluate_parts(model, root, faithfulness=False).summary["defining"]
     assert block["source"] == "checkpoint card"
     assert block["methods"]["ccmp"]["peak_share"] == 1.0
 

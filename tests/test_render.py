@@ -12,6 +12,13 @@ from mcloss import explain
 from mcloss.explainability import render
 
 
+def _lut(name: str) -> np.ndarray:
+    """[256, 3] uint8 RGB of a matplotlib colormap, computed here as the reference."""
+    import matplotlib
+
+    return (matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
 @pytest.fixture(scope="module")
 def model() -> mcloss.MCModel:
     return tiny_model(4)
@@ -29,9 +36,9 @@ def test_overlay_shape_dtype_and_alpha(w, h):
     assert out.shape == (h, w, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(render.overlay(img, m, alpha=0.0), img)
     full = render.overlay(img, np.full((h, w), 2.0), alpha=1.0)  # constant map → top colour everywhere
-    assert (full == render.colormap_lut("inferno")[255]).all()
+    assert (full == _lut("inferno")[255]).all()
     jet = render.overlay(img, np.zeros((h, w)), alpha=1.0, colormap="jet")
-    assert (jet == render.colormap_lut("jet")[0]).all()
+    assert (jet == _lut("jet")[0]).all()
     with pytest.raises(ValueError):
         render.overlay(img, m, alpha=1.5)
     with pytest.raises(ValueError):
@@ -47,25 +54,25 @@ def test_shared_scale_and_signed_maps():
     np.testing.assert_allclose(render.normalize_map(signed, signed=True), [[-1.0, 0.0, 0.5]])
     img = np.zeros((1, 3, 3), np.uint8)
     out = render.overlay(img, signed, alpha=1.0, signed=True)
-    lut = render.colormap_lut(render.DIVERGING)
+    lut = _lut(render.DIVERGING)
     np.testing.assert_array_equal(out[0, 0], lut[0])
     np.testing.assert_array_equal(out[0, 1], lut[128])  # 0 sits in the middle of the diverging map
     # a shared vmax dims the weaker map
     weak = render.overlay(img[:, :1], np.array([[1.0]]), alpha=1.0, vmax=4.0)
-    np.testing.assert_array_equal(weak[0, 0], render.colormap_lut("inferno")[64])
+    np.testing.assert_array_equal(weak[0, 0], _lut("inferno")[64])
 
 
 def test_colorize_and_strongest_match_their_numpy_definitions():
     rng = np.random.default_rng(3)
     m = np.concatenate([rng.random((40, 30)), np.arange(256)[None, :30] / 255.0, [[-0.2, 1.3, 1e9, np.inf, -np.inf] * 6]])
     m = m.astype(np.float32)
-    lut = render.colormap_lut("viridis")
+    lut = _lut("viridis")
     np.testing.assert_array_equal(render.colorize(m, "viridis"), lut[np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)])
     s = m * 2 - 1
     expect = lut[np.clip(np.rint((s + 1) * 0.5 * 255.0), 0, 255).astype(np.uint8)]
     np.testing.assert_array_equal(render.colorize(s, "viridis", signed=True), expect)
     maps = rng.integers(0, 3, (4, 20, 25)).astype(np.float32)  # many ties: the first channel wins, as argmax
-    winner, best = render._strongest(maps)
+    winner, best = render.colour._strongest(maps)
     np.testing.assert_array_equal(winner, maps.argmax(axis=0))
     np.testing.assert_array_equal(best, maps.max(axis=0))
 
@@ -126,7 +133,7 @@ def test_style_is_checked_and_drives_every_tile(model):
     own = render.group_tiles(img, e, g, render.Style(shared_scale=False, peaks=False))
     weakest = int(np.argmin(g.channels.max(axis=(1, 2))))
     assert shared[weakest].image.astype(int).sum() != own[weakest].image.astype(int).sum()
-    assert [t.slug for t in render.channel_gradcam_tiles(img, e, g, render.Style())] == ["gradcam_ch1", "gradcam_ch2", "gradcam_ch3"]
+    assert [t.slug for t in render.side_rows(img, e, g, render.Style())[0]] == ["gradcam_ch1", "gradcam_ch2", "gradcam_ch3"]
     # nearest upsampling shows blocks of feature cells: few distinct values per row
     near = render.map_overlay(img, e, g, "ccmp", 0, render.Style(interpolation="nearest", alpha=1.0))
     assert len(np.unique(near[32].reshape(-1, 3), axis=0)) <= e.feature_hw[1]

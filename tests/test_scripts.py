@@ -190,14 +190,14 @@ def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):
 def test_gradcam_groups_mass_ratios_are_those_of_mcloss_parts(tmp_path):
     from gradcam_groups import group_report
 
-    from mcloss.evaluation.parts import run_parts
+    from mcloss.evaluation.parts import evaluate_parts
 
     root = tmp_path / "varied"  # the default's classes, with part masks
     generate_dataset(root, classes=12, per_class=1, size=112, seed=3, test_fraction=1.0, design="varied", object_scale=1.6)
     report = group_report(str(CHECKPOINT), str(root))
     assert report["images"] == 12 and report["channel_share"]["own"] == pytest.approx(3 / 36)
     assert sum(report["positive_share"].values()) == pytest.approx(1.0)
-    methods = run_parts(mcloss.load_checkpoint(CHECKPOINT), root, faithfulness=False).summary["defining"]["methods"]
+    methods = evaluate_parts(mcloss.load_checkpoint(CHECKPOINT), root, faithfulness=False).summary["defining"]["methods"]
     for kind in ("gradcam", "ccmp"):
         assert report["mass_ratio"][kind] == pytest.approx(methods[kind]["mass_ratio"], rel=1e-4)
     assert all(report["mass_ratio"][f"gradcam_{k}"] > 0 for k in ("own", "sharing", "other"))

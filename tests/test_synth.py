@@ -174,9 +174,10 @@ def test_combo_classes_need_several_parts(n):
             states = [json.dumps(b.attributes[part], sort_keys=True) for b in birds]
             counts = {state: states.count(state) for state in states}
             assert len(counts) >= 2 and min(counts.values()) >= 2, (part, counts)
-    with pytest.raises(SynthError, match="--design combo"):
+    with pytest.raises(SynthError, match="for design combo") as info:  # the library names parameters, not flags
         class_definitions(33, "combo")
-    with pytest.raises(SynthError, match="--design must be one of"):
+    assert info.value.parameters == ("classes", "design")
+    with pytest.raises(SynthError, match="^design must be one of"):
         class_definitions(4, "grid")
 
 

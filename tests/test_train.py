@@ -256,10 +256,14 @@ def test_loss_variants_set_the_weights():
     assert (dis_pre.alpha, dis_pre.beta) == (0.0005, 0.0)
     mc = make_config(data="d", out="o", backbone="resnet18", alpha=2.0)
     assert (mc.alpha, mc.beta) == (2.0, 20.0)
-    with pytest.raises(TrainError, match="--loss ce"):
+    with pytest.raises(TrainError, match="^loss ce .* non-zero alpha/beta$") as info:  # parameters, not flags
         make_config(data="d", out="o", backbone="resnet18", loss="ce", alpha=1.0)
-    with pytest.raises(TrainError, match="--loss dis"):
+    assert info.value.parameters == ("loss", "alpha", "beta")
+    with pytest.raises(TrainError, match="^loss dis"):
         make_config(data="d", out="o", backbone="resnet18", loss="dis", beta=1.0)
+    with pytest.raises(TrainError, match="^lr must be > 0$") as info:
+        make_config(data="d", out="o", backbone="resnet18", lr=-1.0)
+    assert info.value.parameter == "lr"
 
 
 def test_official_recipes():
@@ -274,7 +278,7 @@ def test_official_recipes():
     overridden = make_config("official-pretrained", data="d", out="o", lr=0.01, xi="auto", epochs=5)
     assert (overridden.lr, overridden.xi, overridden.epochs) == (0.01, None, 5)
     assert set(RECIPES) == {"official-scratch", "official-pretrained"}
-    with pytest.raises(TrainError, match="--backbone is required"):
+    with pytest.raises(TrainError, match="backbone is required"):
         make_config(data="d", out="o")
 
 

@@ -25,20 +25,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: mcloss COMMAND [options]", "", "commands:"]
+    lines = ["usage: mcloss [--debug] COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run 'mcloss COMMAND --help' for a command's options."]
+    lines += [
+        "",
+        "Run 'mcloss COMMAND --help' for a command's options. --debug (or MCLOSS_DEBUG=1) shows the traceback of",
+        "an error. Exit codes: 0 done, 2 bad arguments or unusable inputs, 1 an unexpected error (export: also",
+        "some inputs rejected), 130 interrupted.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a subcommand; returns the process exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(args) and args[0] == "--debug"
+    if debug:
+        args = args[1:]
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
     if args[0] == "--version":
-        from mcloss import __version__
+        from mcloss.core.version import __version__
 
         print(f"mcloss {__version__}")
         return 0
@@ -46,14 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mcloss: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    from mcloss.core.device import keep_tensors_in_heap  # here: 'mcloss --help' imports no torch
+    from mcloss.cli._common import crash, debug_mode, debugging
 
-    keep_tensors_in_heap()  # batch forwards on a CPU, 1.4× faster in a fresh process
-    try:
-        return int(module.main(rest) or 0)
-    except SystemExit as exc:  # argparse has printed the reason (or --help)
-        return exc.code if isinstance(exc.code, int) else 2
+    with debug_mode(debug):
+        try:
+            module = importlib.import_module(COMMANDS[command][0])
+            from mcloss.core.device import keep_tensors_in_heap  # here: 'mcloss --help' imports no torch
+
+            keep_tensors_in_heap()  # batch forwards on a CPU, 1.4× faster in a fresh process
+            return int(module.main(rest) or 0)
+        except SystemExit as exc:  # argparse has printed the reason (or --help)
+            return exc.code if isinstance(exc.code, int) else 2
+        except Exception as exc:  # the command's own run() reports its errors; this is for the rest
+            return crash(command, exc, debugging())
 
 
 if __name__ == "__main__":

@@ -1,44 +1,65 @@
-"""What every ``mcloss`` command shares: common arguments, the default checkpoint, errors → exit codes."""
+"""What every ``mcloss`` command shares: common arguments, the default checkpoint, errors → exit codes.
+
+Exit codes: 0 done; 2 bad arguments or unusable inputs (argparse's usage errors and every
+:class:`~mcloss.core.errors.MclossError`, one line on stderr, its parameters written as the command's flags);
+1 a fault (any other exception: one line ``error: <Type>: <reason>``, and the traceback with ``--debug`` or
+``MCLOSS_DEBUG=1``), or, for ``mcloss export``, some inputs rejected; 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any
 
 from mcloss.core.checkpoint import CHECKPOINT_ENV, default_checkpoint
-from mcloss.core.errors import first_line
+from mcloss.core.errors import MclossError, OutputError, ParameterError, Progress, first_line
 
 __all__ = [
+    "DEBUG_ENV",
     "EXIT_OK",
+    "EXIT_FAULT",
     "EXIT_REJECTED",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
-    "USAGE_ERRORS",
     "add_checkpoint",
     "check_at_least",
+    "debug_mode",
+    "debugging",
     "progress_bar",
+    "progress_bars",
     "add_device",
     "checkpoint_path",
     "command_line",
+    "crash",
     "fail",
+    "flag_table",
+    "naming_flags",
     "run",
     "say",
+    "writing_to",
 ]
 
 EXIT_OK = 0
+#: An unexpected error (a fault, not the user's input): one line, the traceback with ``--debug``.
+EXIT_FAULT = 1
 #: Some inputs were rejected (the rest was done).
 EXIT_REJECTED = 1
 #: Bad arguments or unusable inputs: nothing (more) was done.
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-#: Exceptions that mean "this input or argument cannot be used", reported as one line with exit 2.
-USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, IndexError, RuntimeError, OSError)
+#: Set to 1 to show the traceback of an error (as ``--debug`` does).
+DEBUG_ENV = "MCLOSS_DEBUG"
+_DEBUG: ContextVar[bool] = ContextVar("mcloss_debug", default=False)
 
 
 def say(command: str, message: str) -> None:
@@ -46,11 +67,72 @@ def say(command: str, message: str) -> None:
     print(f"mcloss {command}: {message}", file=sys.stderr)
 
 
-def fail(command: str, exc: BaseException) -> int:
-    """Report an exception as one line (``mcloss <command>: error: <reason>``); returns :data:`EXIT_USAGE`."""
+@contextlib.contextmanager
+def debug_mode(on: bool = True) -> Iterator[None]:
+    """While active, commands show tracebacks as with ``--debug`` (``mcloss --debug COMMAND``)."""
+    token = _DEBUG.set(on)
+    try:
+        yield
+    finally:
+        _DEBUG.reset(token)
+
+
+def debugging() -> bool:
+    """Whether errors show their traceback: ``--debug`` before the command, or ``MCLOSS_DEBUG`` set (not 0)."""
+    return _DEBUG.get() or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def flag_table(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination → its long flag (``batch_size`` → ``--batch-size``), from the parser's options."""
+    table = {}
+    for action in parser._actions:
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if longs and action.dest not in table:
+            table[action.dest] = longs[0]
+    return table
+
+
+def naming_flags(message: str, parameters: Sequence[str], flags: Mapping[str, str]) -> str:
+    """``message`` with the first mention of each of ``parameters`` written as its flag in ``flags``.
+
+    A mention ``name=True`` becomes the flag alone (``download=True`` → ``--download``). A parameter without
+    a flag stays as it is; one with a flag that the message does not mention puts the flag in front
+    (``--lr: ...``).
+    """
+    for name in parameters:
+        flag = flags.get(name)
+        if flag is None:
+            continue
+        mention = re.compile(rf"(?<![\w./\\-]){re.escape(name)}(?:=True\b)?(?![\w/\\-]|\.\w)")
+        message, found = mention.subn(lambda _, flag=flag: flag, message, count=1)
+        if not found:
+            message = f"{flag}: {message}"
+    return message
+
+
+def fail(command: str, exc: BaseException, flags: Mapping[str, str] | None = None) -> int:
+    """Report an exception as one line (``mcloss <command>: error: <reason>``); returns :data:`EXIT_USAGE`.
+
+    The parameters a :class:`~mcloss.core.errors.MclossError` names are written as their ``flags``.
+    """
     reason = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else first_line(exc, limit=None)
+    if isinstance(exc, MclossError) and flags:
+        reason = naming_flags(reason, exc.parameters, flags)
     say(command, f"error: {reason}")
     return EXIT_USAGE
+
+
+def crash(command: str, exc: BaseException, debug: bool = False) -> int:
+    """Report an unexpected exception: its traceback when ``debug``, then one line
+    (``mcloss <command>: error: <Type>: <reason>``); returns :data:`EXIT_FAULT`."""
+    if debug:
+        _print_traceback(exc)
+    say(command, f"error: {type(exc).__name__}: {first_line(exc, limit=None)}")
+    return EXIT_FAULT
+
+
+def _print_traceback(exc: BaseException) -> None:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 def run(
@@ -58,26 +140,57 @@ def run(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
     body: Callable[[argparse.Namespace], int | None],
-    errors: tuple[type[BaseException], ...] = USAGE_ERRORS,
+    *,
+    flags: Mapping[str, str] | None = None,
 ) -> int:
     """Parse ``argv`` and run a command's body; returns the exit code.
 
-    ``--help`` gives 0 and a usage error 2 (one line on stderr says why); any of ``errors`` raised by the body
-    becomes one line on stderr (:func:`fail`) and exit code 2.
+    ``--help`` gives 0 and a usage error 2 (one line on stderr says why). A
+    :class:`~mcloss.core.errors.MclossError` raised by the body becomes one line on stderr (:func:`fail`),
+    its parameters written as the parser's flags (``flags`` adds or overrides parameter → flag), and exit
+    code 2; Ctrl-C exits 130; any other exception is a fault (:func:`crash`, exit 1). The parser gains
+    ``--debug``, which (like ``MCLOSS_DEBUG=1``) shows the traceback of an error.
     """
     def one_line(message: str) -> None:  # argparse's usage block would bury the reason
         print(f"mcloss {command}: error: {message} (see mcloss {command} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show the traceback of an error")  # fmt: skip
     parser.error = one_line
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    debug = bool(vars(args).pop("debug", False)) or debugging()
     try:
         return int(body(args) or 0)
-    except errors as exc:
-        return fail(command, exc)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except MclossError as exc:
+        if debug:
+            _print_traceback(exc)
+        return fail(command, exc, flag_table(parser) | dict(flags or {}))
+    except KeyboardInterrupt as exc:
+        if debug:
+            _print_traceback(exc)
+        print(file=sys.stderr)
+        say(command, "interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return crash(command, exc, debug)
+
+
+@contextlib.contextmanager
+def writing_to(path: str | os.PathLike, flag: str = "--out") -> Iterator[None]:
+    """Turn an OSError while writing a command's outputs into an OutputError naming ``flag`` and ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot write results ({exc})") from exc
 
 
 def command_line(command: str, argv: Sequence[str] | None) -> str:
@@ -115,35 +228,58 @@ def checkpoint_path(given: str | None) -> Path:
             hint = f" (named by ${CHECKPOINT_ENV})"
         else:
             hint = f" (the default; set {CHECKPOINT_ENV}, train one, or pass --checkpoint)"
-        raise ValueError(f"{path}: checkpoint not found{hint}")
+        raise ParameterError(f"{path}: checkpoint not found{hint}")
     return path
 
 
 def check_at_least(*checks: tuple[str, float, float]) -> None:
-    """Raise ValueError naming the first ``(flag, value, least)`` whose value is below its least."""
-    for flag, value, least in checks:
+    """Raise a ParameterError naming the first ``(parameter, value, least)`` whose value is below its least."""
+    for name, value, least in checks:
         if value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+            raise ParameterError(f"{name} must be >= {least}, got {value}", parameter=name)
 
 
 @contextlib.contextmanager
-def progress_bar(desc: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+def progress_bar(
+    desc: str, enabled: bool = True, *, unit: str = "img", leave: bool = True
+) -> Iterator[Progress | None]:
     """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (None when not ``enabled``). The bar
-    is made on the first report, when the total is known, starting at ``done``, and closed on exit."""
+    is made on the first report, when the total is known, starting at ``done``, and closed on exit
+    (``leave=False``: and cleared)."""
+    with progress_bars(enabled, unit=unit, leave=leave) as bars:
+        yield None if bars is None else bars(desc)
+
+
+@contextlib.contextmanager
+def progress_bars(
+    enabled: bool = True, *, unit: str = "it", leave: bool = False
+) -> Iterator[Callable[[str], Progress] | None]:
+    """Progress bars for a run of passes, one after another: ``bars(desc)`` closes the previous pass's bar and
+    returns the new pass's ``progress(done, total)`` callback (see :func:`progress_bar`); None when not
+    ``enabled``. Every bar is closed on exit."""
     if not enabled:
         yield None
         return
-    bars = []
+    shown: list[Any] = []
 
-    def report(done: int, total: int) -> None:
-        if not bars:
-            from tqdm import tqdm
+    def start(desc: str) -> Progress:
+        for bar in shown:
+            bar.close()
+        shown.clear()
+        mine: list[Any] = []
 
-            bars.append(tqdm(total=total, initial=done, unit="img", desc=desc, file=sys.stderr))
-        bars[0].update(done - bars[0].n)
+        def report(done: int, total: int) -> None:
+            if not mine:
+                from tqdm import tqdm
+
+                mine.append(tqdm(total=total, initial=done, unit=unit, desc=desc, leave=leave, file=sys.stderr))
+                shown.append(mine[0])
+            mine[0].update(done - mine[0].n)
+
+        return report
 
     try:
-        yield report
+        yield start
     finally:
-        for bar in bars:
+        for bar in shown:
             bar.close()

@@ -16,14 +16,17 @@ from mcloss.cli._common import (
     command_line,
     progress_bar,
     run,
+    writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import DatasetError, ParameterError
 from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 from mcloss.data.cub import CUBDataset
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import encode_image
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
+from mcloss.metrics.localization import DEFAULT_HIT_RADIUS
 
 __all__ = ["build_parser", "main", "summary_markdown"]
 
@@ -45,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
     p.add_argument("--noise", type=float, default=0.2, help="std of the Gaussian input noise for stability")
     p.add_argument("--no-stability", action="store_true", help="skip the noisy second pass")
-    p.add_argument("--radius", type=float, default=0.12, help="hit radius as a fraction of max(width, height)")
+    p.add_argument(
+        "--radius", type=float, default=DEFAULT_HIT_RADIUS, help="hit radius as a fraction of max(width, height)"
+    )
     p.add_argument("--patch", type=float, default=0.25, help="patch side as a fraction of max(width, height)")
     add_device(p)
     p.add_argument("--no-progress", action="store_true")
@@ -79,24 +84,27 @@ def summary_markdown(summary: dict, title: str) -> str:
 
 
 def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    check_at_least(("--top", args.top, 1), ("--batch-size", args.batch_size, 1))
+    check_at_least(("top", args.top, 1), ("batch_size", args.batch_size, 1))
     if args.workers < 0 or args.noise < 0:
-        raise ValueError("--workers and --noise must be >= 0")
+        raise ParameterError("workers and noise must be >= 0", parameter=("workers", "noise"))
     if not args.radius > 0 or not 0 < args.patch <= 1:
-        raise ValueError(f"--radius must be > 0 and --patch in (0, 1], got {args.radius} and {args.patch}")
+        raise ParameterError(
+            f"radius must be > 0 and patch in (0, 1], got {args.radius} and {args.patch}", parameter=("radius", "patch")
+        )
     checkpoint = checkpoint_path(args.checkpoint)
     if not Path(args.data).is_dir():
-        raise ValueError(f"{args.data}: dataset directory not found")
+        raise DatasetError(f"{args.data}: dataset directory not found")
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint, device)
     inputs = AtlasInputs.from_cub(CUBDataset(args.data, args.split))
     if not inputs.paths:
-        raise ValueError(f"{args.data}: the {args.split} split has no images")
+        raise DatasetError(f"{args.data}: the {args.split} split has no images")
     classes = None
     if args.classes:
         classes = [int(c) if c.isdigit() else c for c in args.classes]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing_to(out):
+        out.mkdir(parents=True, exist_ok=True)
     try:
         with progress_bar("atlas", not args.no_progress) as progress:
             summary = build_atlas(
@@ -110,11 +118,12 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return EXIT_INTERRUPTED
     summary["config"] = {"command": command_line("atlas", argv), "checkpoint": str(checkpoint.resolve()),
                          "data": str(Path(args.data).resolve()), "split": args.split}  # fmt: skip
-    for name in summary["classes"]:
-        atomic_write_bytes(out / "sheets" / f"{sanitize_component(name)}.png", encode_image(contact_sheet(summary, name)))
-    atomic_write_json(out / "atlas.json", summary)
     text = summary_markdown(summary, checkpoint.name)
-    atomic_write_text(out / "summary.md", text)
+    with writing_to(out):
+        for name in summary["classes"]:
+            atomic_write_bytes(out / "sheets" / f"{sanitize_component(name)}.png", encode_image(contact_sheet(summary, name)))
+        atomic_write_json(out / "atlas.json", summary)
+        atomic_write_text(out / "summary.md", text)
     print(text)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run
+from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run, writing_to
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import ParameterError
 from mcloss.core.files import atomic_write_json
 from mcloss.core.model import build_model
 from mcloss.core.provenance import versions
@@ -51,19 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON report; 2 on a usage error."""
-    return run("bench", build_parser(), argv, _bench, errors=(ValueError, RuntimeError, OSError))
+    return run("bench", build_parser(), argv, _bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
-        raise ValueError(f"--paths: unknown {', '.join(unknown)} (choose from {', '.join(PATHS)})")
+        raise ParameterError(f"paths: unknown {', '.join(unknown)} (choose from {', '.join(PATHS)})", parameter="paths")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.checkpoint and args.backbone:
-        raise ValueError("give --checkpoint or --backbone, not both")
+        raise ParameterError("give checkpoint or backbone, not both", parameter=("checkpoint", "backbone"))
     if args.backbone:
         torch.manual_seed(0)
         model = build_model(args.backbone, args.classes, xi=args.xi, img_size=args.img_size)
@@ -93,5 +94,6 @@ def _bench(args: argparse.Namespace) -> int:
     }
     print(f"{source} on {device} ({report['setup']['device_name']}), batch {args.batch_size}, median of {args.repeats}")
     print(format_table(report))
-    atomic_write_json(args.json, report)
+    with writing_to(args.json, "--json"):
+        atomic_write_json(args.json, report)
     return 0

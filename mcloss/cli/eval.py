@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run
+from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, progress_bar, run, writing_to
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import DatasetError, MclossError, ParameterError
 from mcloss.core.files import atomic_write_json
 from mcloss.data.datasets import DATASET_KINDS, build_datasets, class_mismatch
 from mcloss.evaluation.classification import evaluate, format_report
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be >= 1 and --workers >= 0")
+        raise ParameterError("batch_size must be >= 1 and workers >= 0", parameter=("batch_size", "workers"))
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint_path(args.checkpoint), device)
     if device.type == "cuda":
@@ -52,14 +53,15 @@ def _eval(args: argparse.Namespace) -> int:
     _, test_ds, class_names = build_datasets(args.data, args.dataset, model.transform, model.transform, download=args.download)
     mismatch = class_mismatch(class_names, model.class_names)
     if mismatch:
-        raise ValueError(f"{args.data}: {mismatch}")
+        raise DatasetError(f"{args.data}: {mismatch}")
     loader = DataLoader(
         test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
     try:
-        result = evaluate(model, loader, device, amp=not args.no_amp, progress=sys.stderr.isatty())
-    except ValueError as exc:
-        raise ValueError(f"{args.data}: {exc}") from exc
+        with progress_bar("eval", sys.stderr.isatty(), unit="it", leave=False) as progress:
+            result = evaluate(model, loader, device, amp=not args.no_amp, progress=progress)
+    except MclossError as exc:  # an empty split, an unreadable image
+        raise DatasetError(f"{args.data}: {exc}") from exc
     print(format_report(result, args.checkpoint, model.num_classes))
     if args.json:
         payload = {
@@ -71,5 +73,6 @@ def _eval(args: argparse.Namespace) -> int:
             "fc": {"top1": result["fc_top1"], f"top{result['topk']}": result["fc_top5"]},
             "mc": {"top1": result["mc_top1"], f"top{result['topk']}": result["mc_top5"]},
         }
-        atomic_write_json(args.json, payload)
+        with writing_to(args.json, "--json"):
+            atomic_write_json(args.json, payload)
     return 0

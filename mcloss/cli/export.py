@@ -7,6 +7,7 @@ The exit status is 1 when any input was rejected (listed in errors.csv and on st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,9 @@ from mcloss.cli._common import (
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.distributed import DistContext, launched_by_torchrun
-from mcloss.explainability.explanation import DEFAULT_MAPS, MAP_KINDS, parse_maps
+from mcloss.core.errors import ParameterError
+from mcloss.explainability import kinds
+from mcloss.explainability.explanation import DEFAULT_MAPS, parse_maps
 from mcloss.explainability.export import (
     ExportConfig,
     ExportResult,
@@ -45,6 +48,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    style, config = Style(), _config_defaults()  # each default is defined once, by the library
     p = argparse.ArgumentParser(prog="mcloss export", description="Batch-export channel maps and Grad-CAM.")
     add_checkpoint(p)
     p.add_argument("--input", nargs="+", help="image files, directories (recursive) or globs (required)")
@@ -54,26 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="only merge the shard files in OUT (written by --shard i/n jobs) into manifest.json, index.csv and "
         "errors.csv; under torchrun rank 0 merges by itself",
     )  # fmt: skip
-    p.add_argument("--target", default="pred", help="pred | pred_mc | label | topK | class index or name")
-    p.add_argument("--maps", default=",".join(DEFAULT_MAPS), help=f"comma list of {','.join(MAP_KINDS)}")
-    p.add_argument("--colormap", default="inferno")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0 = image only)")
+    p.add_argument("--target", default=config["target"], help="pred | pred_mc | label | topK | class index or name")
+    p.add_argument("--maps", default=",".join(DEFAULT_MAPS), help=f"comma list of {','.join(kinds.names())}")
+    p.add_argument("--colormap", default=style.colormap)
+    p.add_argument("--alpha", type=float, default=style.alpha, help="heatmap opacity (0 = image only)")
     p.add_argument("--shared-scale", action="store_true", help="normalize a channel group by one max")
     p.add_argument(
-        "--tile-height", type=int, default=224,
+        "--tile-height", type=int, default=style.tile_height,
         help=f"montage tile height in pixels, {MIN_TILE_HEIGHT}..{MAX_TILE_HEIGHT}; images beyond "
         f"{MAX_TILE_ASPECT:g}:1 either way are letterboxed, and a montage over {MONTAGE_MAX_PIXELS / 1e6:g} MP "
         "gets shorter tiles",
     )  # fmt: skip
-    p.add_argument("--topk", type=int, default=5, help="entries in the json's topk list")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
+    p.add_argument("--topk", type=int, default=config["topk"], help="entries in the json's topk list")
+    p.add_argument("--batch-size", type=int, default=config["batch_size"])
+    p.add_argument("--workers", type=int, default=config["workers"], help="DataLoader decoding workers (0 = in process)")
     add_device(p)
     p.add_argument(
-        "--shard", default="0/1",
+        "--shard", default="/".join(map(str, config["shard"])),
         help="i/n: process every n-th input starting at i (under torchrun: the rank's share, set by itself)",
     )  # fmt: skip
-    p.add_argument("--method", choices=("fused", "captum"), default="fused", help="Grad-CAM implementation")
+    p.add_argument("--method", choices=("fused", "captum"), default=config["method"], help="Grad-CAM implementation")
     p.add_argument(
         "--compare", metavar="CHECKPOINT",
         help="a second checkpoint with the same classes (e.g. checkpoints/ce-baseline.safetensors): explained for "
@@ -88,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_defaults() -> dict:
+    """:class:`ExportConfig`'s defaults, by field name."""
+    return {f.name: f.default for f in dataclasses.fields(ExportConfig) if f.default is not dataclasses.MISSING}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the export; returns 0, or 1 when any input was rejected, or 2 on a usage error."""
     return run("export", build_parser(), argv, _export)
@@ -96,17 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.merge is not None:
         if args.input or args.out:
-            raise ValueError("--merge OUT takes no --input or --out")
+            raise ParameterError("--merge OUT takes no --input or --out")
         return _report(merge_shards(args.merge), "merged")
     if not args.input or not args.out:
-        raise ValueError("the following arguments are required: --input, --out (or --merge OUT)")
+        raise ParameterError("the following arguments are required: --input, --out (or --merge OUT)")
     style = Style(colormap=args.colormap, alpha=args.alpha, shared_scale=args.shared_scale, tile_height=args.tile_height)
     shard = parse_shard(args.shard)
     maps = parse_maps(args.maps)  # bad options fail before the checkpoint is read
     ckpt = checkpoint_path(args.checkpoint)
     second = checkpoint_path(args.compare) if args.compare else None
     if launched_by_torchrun() and shard != (0, 1):
-        raise ValueError("--shard is set by torchrun (one shard per rank); leave it out")
+        raise ParameterError("--shard is set by torchrun (one shard per rank); leave it out")
     ctx, device = DistContext.setup(args.device)
     try:
         if ctx.enabled:

@@ -8,13 +8,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, command_line, run, say
+import torch
+
+from mcloss.cli._common import (
+    add_checkpoint,
+    add_device,
+    check_at_least,
+    checkpoint_path,
+    command_line,
+    progress_bar,
+    run,
+    say,
+    writing_to,
+)
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import DatasetError, MclossError, ParameterError
+from mcloss.core.model import MCModel
 from mcloss.evaluation.faithfulness import BASELINES
-from mcloss.evaluation.parts import check_arguments, run_parts
-from mcloss.evaluation.parts_report import baseline_block, summary_table, write_outputs
-from mcloss.metrics.localization import SIZE_REFERENCES
+from mcloss.evaluation.parts import check_arguments, evaluate_parts
+from mcloss.evaluation.parts_report import PartsResult, baseline_block, summary_table, write_outputs
+from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, SIZE_REFERENCES
 
 __all__ = ["build_parser", "main"]
 
@@ -28,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint(p)
     p.add_argument("--data", required=True, help="CUB-layout dataset root with parts/part_locs.txt")
     p.add_argument("--split", default="test", choices=["test", "train", "all"])
-    p.add_argument("--radius", type=float, default=0.12, help="hit radius as a fraction of the image size (default 0.12)")
+    p.add_argument(
+        "--radius", type=float, default=DEFAULT_HIT_RADIUS,
+        help=f"hit radius as a fraction of the image size (default {DEFAULT_HIT_RADIUS})",
+    )  # fmt: skip
     p.add_argument(
         "--size-reference",
         default="max",
@@ -62,56 +79,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns 0, or 2 on bad arguments or unusable inputs (one line on stderr); unreadable images are
     skipped, one line each on stderr.
     """
-    return run("parts", build_parser(), argv, lambda args: _parts(args, argv))
+    # the library's deletion fill is "baseline"; this command's --baseline is a second checkpoint
+    return run("parts", build_parser(), argv, lambda args: _parts(args, argv), flags={"baseline": "--deletion-fill"})
 
 
 def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"parts-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    if (out / "summary.json").exists() and not args.overwrite:
-        raise ValueError(f"--out {out}: already holds a parts run; pass --overwrite or choose another --out")
-    if args.baseline in BASELINES and not Path(args.baseline).exists():
-        raise ValueError(
-            f"--baseline {args.baseline}: --baseline now names a baseline checkpoint; the deletion fill is "
-            f"--deletion-fill {args.baseline}"
-        )
-    check_arguments(
-        args.radius, args.size_reference, args.topk_percent, args.steps, args.deletion_fill, args.limit,
-        args.batch_size, args.seed,
-    )  # fmt: skip
-    if args.perturbation_batch < 1:
-        raise ValueError(f"perturbation batch must be >= 1, got {args.perturbation_batch}")
+    _check(args, out)
     checkpoint = checkpoint_path(args.checkpoint)  # its error names the path
     baseline = checkpoint_path(args.baseline) if args.baseline else None
     device = resolve_device(args.device)
     models = [(checkpoint, load_checkpoint(checkpoint, device))]
     if baseline is not None:
         models.append((baseline, load_checkpoint(baseline, device)))
-    results = []
-    for path, model in models:
-        try:
-            results.append(
-                run_parts(
-                    model,
-                    args.data,
-                    split=args.split,
-                    radius=args.radius,
-                    size_reference=args.size_reference,
-                    topk_percent=args.topk_percent,
-                    steps=args.steps,
-                    baseline=args.deletion_fill,
-                    faithfulness=not args.no_faithfulness,
-                    limit=args.limit,
-                    batch_size=args.batch_size,
-                    perturbation_batch=args.perturbation_batch,
-                    device=device,
-                    seed=args.seed,
-                    progress=sys.stderr.isatty(),
-                )
-            )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ValueError(_naming_the_data(str(exc), args.data, path)) from exc
+    results = [_evaluate(args, model, path, device) for path, model in models]
     result = results[0]
     for skipped in result.summary["skipped_images"]:
         say("parts", f"skipped {skipped['reason']}")
@@ -127,15 +108,45 @@ def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         **result.summary["config"],
         "hit_radius": result.summary["hit_radius"],
     }
-    try:
+    with writing_to(out):
         write_outputs(result, out, run_config)
         if baseline is not None:
             write_outputs(results[1], out / "baseline", run_config | {"checkpoint": str(baseline.resolve())})
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write results ({exc})") from exc
     print(summary_table(result.summary))
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
+
+
+def _check(args: argparse.Namespace, out: Path) -> None:
+    """Refuse unusable options before any checkpoint is read."""
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out}: exists and is not a directory")
+    if (out / "summary.json").exists() and not args.overwrite:
+        raise ParameterError(f"--out {out}: already holds a parts run; pass --overwrite or choose another --out")
+    if args.baseline in BASELINES and not Path(args.baseline).exists():
+        raise ParameterError(
+            f"--baseline {args.baseline}: --baseline now names a baseline checkpoint; the deletion fill is "
+            f"--deletion-fill {args.baseline}"
+        )
+    check_arguments(
+        args.radius, args.size_reference, args.topk_percent, args.steps, args.deletion_fill, args.limit,
+        args.batch_size, args.seed,
+    )  # fmt: skip
+    check_at_least(("perturbation_batch", args.perturbation_batch, 1))
+
+
+def _evaluate(args: argparse.Namespace, model: MCModel, checkpoint: Path, device: torch.device) -> PartsResult:
+    """:func:`evaluate_parts` of one checkpoint, with a progress bar; its errors name the data."""
+    try:
+        with progress_bar("parts", sys.stderr.isatty(), leave=False) as progress:
+            return evaluate_parts(
+                model, args.data, split=args.split, radius=args.radius, size_reference=args.size_reference,
+                topk_percent=args.topk_percent, steps=args.steps, baseline=args.deletion_fill,
+                faithfulness=not args.no_faithfulness, limit=args.limit, batch_size=args.batch_size,
+                perturbation_batch=args.perturbation_batch, device=device, seed=args.seed, progress=progress,
+            )  # fmt: skip
+    except MclossError as exc:
+        raise DatasetError(_naming_the_data(str(exc), args.data, checkpoint), parameter=exc.parameters) from exc
 
 
 def _naming_the_data(message: str, data: str, checkpoint: Path) -> str:

@@ -18,9 +18,11 @@ from mcloss.cli._common import (
     command_line,
     run,
     say,
+    writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import DatasetError
 from mcloss.core.files import atomic_write_json
 from mcloss.data.cub import CUBDataset
 from mcloss.data.io import ImageLoadError
@@ -56,22 +58,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    check_at_least(("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1), ("--draws", args.draws, 1))
+    check_at_least(("limit", args.limit, 1), ("batch_size", args.batch_size, 1), ("draws", args.draws, 1))
     out = Path(args.out) if args.out else Path("runs") / f"sanity-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = checkpoint_path(args.checkpoint)
     if not Path(args.data).is_dir():
-        raise ValueError(f"{args.data}: dataset directory not found")
+        raise DatasetError(f"{args.data}: dataset directory not found")
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint, device)
     records = CUBDataset(args.data, args.split).records
     if not records:
-        raise ValueError(f"{args.data}: the {args.split} split has no images")
+        raise DatasetError(f"{args.data}: the {args.split} split has no images")
     count = min(args.limit, len(records))
     pick = sorted({round(i * (len(records) - 1) / max(1, count - 1)) for i in range(count)})
     inputs, targets = [], []
     for rec in (records[i] for i in pick):
         if not 0 <= rec.label < model.num_classes:
-            raise ValueError(f"{rec.path}: class {rec.label} is not a class of {checkpoint}")
+            raise DatasetError(f"{rec.path}: class {rec.label} is not a class of {checkpoint}")
         try:
             inputs.append(prepare(model.transform, rec.path, view=None).x)
         except ImageLoadError as exc:
@@ -79,7 +81,7 @@ def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             continue
         targets.append(int(rec.label))
     if not inputs:
-        raise ValueError(f"{args.data}: no readable images")
+        raise DatasetError(f"{args.data}: no readable images")
     x = torch.stack(inputs).to(device)
     batches = [(x[i : i + args.batch_size], targets[i : i + args.batch_size]) for i in range(0, len(targets), args.batch_size)]
     summary = run_sanity(model, batches, seed=args.seed, draws=args.draws)
@@ -88,11 +90,9 @@ def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         "data": str(Path(args.data).resolve()), "split": args.split, "limit": args.limit, "draws": args.draws,
         "seed": args.seed, "device": str(device),
     }  # fmt: skip
-    try:
+    with writing_to(out):
         write_sanity(summary, out, checkpoint.name)
         atomic_write_json(out / "config.json", summary["config"])
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write results ({exc})") from exc
     print(summary_markdown(summary, checkpoint.name))
     print(f"\nwrote {out}", file=sys.stderr)
     return 0

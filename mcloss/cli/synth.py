@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from mcloss.cli._common import run
-from mcloss.data.synth import DESIGNS, SynthError, generate_dataset
+from mcloss.data.synth import DESIGNS, generate_dataset
 from mcloss.data.synth.design import JPEG_QUALITY
 
 __all__ = ["build_parser", "main"]
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the dataset and print what was written; 2 on bad arguments or an unusable --out."""
-    return run("synth", build_parser(), argv, _synth, errors=(SynthError, OSError))
+    return run("synth", build_parser(), argv, _synth)
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 
-from mcloss.cli._common import EXIT_INTERRUPTED, EXIT_OK, command_line, fail, run, say
+from mcloss.cli._common import EXIT_INTERRUPTED, EXIT_OK, command_line, fail, progress_bars, run, say
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import ParameterError
 from mcloss.core.transforms import NORMALIZATIONS
 from mcloss.data.datasets import DATASET_KINDS
 from mcloss.training.config import (
@@ -18,18 +19,14 @@ from mcloss.training.config import (
     OPTIMIZERS,
     RECIPES,
     SCHEDULES,
-    TrainError,
     config_for_resume,
     make_config,
 )
 from mcloss.training.loop import train
-from mcloss.training.run_dir import RunDirError
 
 __all__ = ["build_parser", "main"]
 
 COMMAND = "train"
-#: Errors that mean "this run cannot start or continue as asked": one line on stderr, exit code 2.
-ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def _xi(text: str) -> int | str:
@@ -45,8 +42,17 @@ def _xi(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mcloss train",
-        description="Train an MC-Loss (or CE-only) model. Unset options take the --recipe's values (GUIDE §1).",
+        description="Train an MC-Loss (or CE-only) model. Unset options take the --recipe's values (the official "
+        "recipes: README.md, \"Training\").",
     )
+    _data_and_model_options(p)
+    _loss_options(p)
+    _optimization_options(p)
+    _run_options(p)
+    return p
+
+
+def _data_and_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="dataset root (required unless --resume)")
     g.add_argument("--dataset", choices=DATASET_KINDS, help="dataset layout (default auto)")
@@ -60,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "later stages for finer maps from a smaller receptive field",
     )  # fmt: skip
     g.add_argument("--xi", type=_xi, help="channels per class, or 'auto' for the uneven split of the native width")
+
+
+def _loss_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSSES, help="mc: CE + α·L_dis + β·L_div (default); ce: CE only; dis: CE + α·L_dis")
     g.add_argument("--alpha", type=float, help="weight of L_dis (scratch 1.5, pretrained 0.0005)")
@@ -79,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "first half of the epochs (default: --dis-topk throughout)",
     )  # fmt: skip
     g.add_argument("--drop", type=int, help="channels masked per group in L_dis (default: 1 of 3, 4 of 10/11)")
+
+
+def _optimization_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--recipe", choices=list(RECIPES), help="official-scratch (default) or official-pretrained (default with --pretrained)")
     g.add_argument("--epochs", type=int)
@@ -91,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (official, with --momentum) or adamw")
     g.add_argument("--backbone-lr-factor", type=float, help="pretrained backbone lr = lr × this (pretrained recipe 0.1)")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), help="half (0.5/0.5) or imagenet")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -104,13 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(AVX512-BF16, AMX), slower elsewhere; evaluation stays fp32 (default off)",
     )  # fmt: skip
     g.add_argument("--limit-batches", type=int, help="at most N train and N test batches per epoch (for tests)")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mcloss train``; returns 0 when done, 2 on bad input, 130 when interrupted."""
     parser = build_parser()
-    return run(COMMAND, parser, argv, lambda args: _train(parser, args, command_line(COMMAND, argv)), errors=ERRORS)
+    return run(COMMAND, parser, argv, lambda args: _train(parser, args, command_line(COMMAND, argv)))
 
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
@@ -124,24 +138,19 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
         else:
             if "data" not in given:
                 parser.print_usage(sys.stderr)
-                return fail(COMMAND, TrainError("--data is required (unless --resume)"))
+                return fail(COMMAND, ParameterError("--data is required (unless --resume)"))
             pretrained = given.get("pretrained")
             recipe = args.recipe or (
                 "official-pretrained" if pretrained and str(pretrained).lower() != "none" else "official-scratch"
             )
             config = make_config(recipe, out=args.out, **given)
-        try:
-            resolve_device(config.device)
-        except RuntimeError as exc:  # CUDA asked for but absent
-            raise TrainError(str(exc)) from None
-        with _show_run_messages():
-            summary = train(config, progress=sys.stderr.isatty())
+        resolve_device(config.device)  # CUDA asked for but absent: fails before the run directory is touched
+        with _show_run_messages(), progress_bars(sys.stderr.isatty()) as bars:
+            summary = train(config, progress=bars)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         say(COMMAND, "interrupted before an epoch completed; nothing was written")
         return EXIT_INTERRUPTED
-    except (TrainError, RunDirError) as exc:  # ours are one line, shown whole: many end in what to do instead
-        return fail(COMMAND, exc)
     if summary["status"] == "interrupted":
         if summary["rank"] == 0:
             done = summary["epochs_completed"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mcloss.core.errors import ParameterError
+
 __all__ = ["resolve_device", "autocast", "cpu_has_native_bf16", "keep_tensors_in_heap"]
 
 #: glibc's mallopt parameters (<malloc.h>).
@@ -25,14 +27,18 @@ MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda|cuda:N`` into a device; ``auto`` picks CUDA when present."""
+    """Turn ``auto|cpu|cuda|cuda:N`` into a device; ``auto`` picks CUDA when present.
+
+    Raises:
+        ParameterError: an unknown name, or CUDA asked for on a machine without it.
+    """
     name = (name or "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        raise ParameterError(f"device {name}: CUDA is not available on this machine; use cpu or auto", parameter="device")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise ParameterError(f"device must be auto, cpu or cuda, got {name!r}", parameter="device")
     return torch.device(name)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from mcloss.core.device import resolve_device
+from mcloss.core.errors import MclossError
 
 __all__ = ["DistContext", "launched_by_torchrun"]
 
@@ -46,7 +47,7 @@ class DistContext:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
             if local >= torch.cuda.device_count():
-                raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")
+                raise MclossError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are visible")
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():

@@ -4,13 +4,27 @@ Every error the library raises on purpose derives from :class:`MclossError`; its
 the parameter (``lr``, not a command-line flag) and the reason, on one line. The ``mcloss`` command turns
 exactly these into exit code 2; anything else is a fault and exits 1. Most also derive from the built-in
 type a caller would expect (``ValueError`` for a bad value), so ``except ValueError`` keeps working.
+
+An error about parameters lists them in :attr:`MclossError.parameters`, spelled as in Python
+(``batch_size``), and its message mentions each of them, the first mention being the parameter's name
+itself: ``ParameterError("lr must be > 0, got -1.0", parameter="lr")``. The command line writes that first
+mention as the command's flag (``--lr must be > 0, got -1.0``), so the library never spells a flag.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["first_line", "MclossError", "ParameterError", "DatasetError", "Progress"]
+__all__ = [
+    "first_line",
+    "MclossError",
+    "ParameterError",
+    "DatasetError",
+    "OutputError",
+    "UnknownClassError",
+    "OutOfRangeError",
+    "Progress",
+]
 
 #: Progress callbacks: called as ``progress(done, total)``; the library never draws a bar itself.
 Progress = Callable[[int, int], None]
@@ -23,7 +37,23 @@ def first_line(exc: BaseException, limit: int | None = 200) -> str:
 
 
 class MclossError(Exception):
-    """Base of every error mcloss raises on purpose: an input or a parameter it cannot use."""
+    """Base of every error mcloss raises on purpose: an input or a parameter it cannot use.
+
+    Args:
+        *args: the message (one line), as for any exception.
+        parameter: the parameter (or parameters) the message names, spelled as in Python; the first mention
+            of each in the message is its name (see the module docstring).
+    """
+
+    def __init__(self, *args: object, parameter: str | Sequence[str] | None = None) -> None:
+        super().__init__(*args)
+        #: The parameters the message names, in Python spelling (empty when it names none).
+        self.parameters: tuple[str, ...] = (parameter,) if isinstance(parameter, str) else tuple(parameter or ())
+
+    @property
+    def parameter(self) -> str | None:
+        """The first parameter the message names, or None."""
+        return self.parameters[0] if self.parameters else None
 
 
 class ParameterError(MclossError, ValueError):
@@ -32,3 +62,18 @@ class ParameterError(MclossError, ValueError):
 
 class DatasetError(MclossError, ValueError):
     """A dataset root is missing or malformed; the message names the path and what was expected."""
+
+
+class OutputError(MclossError, OSError):
+    """An output path cannot be written (or its folder made); the message names the path and the reason."""
+
+
+class UnknownClassError(MclossError, KeyError):
+    """A class name the model does not have."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr of it
+        return Exception.__str__(self)
+
+
+class OutOfRangeError(MclossError, IndexError):
+    """An index outside its range (a class index, a channel of a group); the message gives the range."""

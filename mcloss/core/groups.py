@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mcloss.core.errors import ParameterError
+
 __all__ = ["normalize_groups", "split_channels", "group_index", "default_drop"]
 
 
@@ -18,24 +20,24 @@ def normalize_groups(groups: int | Sequence[int], num_channels: int | None = Non
     """
     if isinstance(groups, int):
         if groups < 1:
-            raise ValueError(f"group size must be >= 1, got {groups}")
+            raise ParameterError(f"group size must be >= 1, got {groups}", parameter="groups")
         if num_channels is None:
-            raise ValueError("num_channels is required when groups is an int")
+            raise ParameterError("num_channels is required when groups is an int", parameter="num_channels")
         if num_channels % groups:
-            raise ValueError(f"{num_channels} channels do not split into groups of {groups}")
+            raise ParameterError(f"{num_channels} channels do not split into groups of {groups}", parameter="groups")
         return [groups] * (num_channels // groups)
     sizes = [int(g) for g in groups]
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"group sizes must be a non-empty list of positive ints, got {sizes[:8]}")
+        raise ParameterError(f"group sizes must be a non-empty list of positive ints, got {sizes[:8]}", parameter="groups")
     if num_channels is not None and sum(sizes) != num_channels:
-        raise ValueError(f"group sizes sum to {sum(sizes)} but the feature map has {num_channels} channels")
+        raise ParameterError(f"group sizes sum to {sum(sizes)} but the feature map has {num_channels} channels")
     return sizes
 
 
 def split_channels(num_channels: int, num_classes: int) -> list[int]:
     """Split K channels over C classes as the official pretrained code does (e.g. 2048/200 → 152×10 + 48×11)."""
     if num_classes < 1 or num_channels < num_classes:
-        raise ValueError(f"cannot split {num_channels} channels over {num_classes} classes")
+        raise ParameterError(f"cannot split {num_channels} channels over {num_classes} classes")
     base, extra = divmod(num_channels, num_classes)
     return [base] * (num_classes - extra) + [base + 1] * extra
 

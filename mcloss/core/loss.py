@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.groups import default_drop, group_index, normalize_groups
 
 __all__ = [
@@ -45,7 +46,7 @@ def ccmp(features: torch.Tensor, groups: int | Sequence[int]) -> torch.Tensor:
 def top_share_mean(values: torch.Tensor, share: float) -> torch.Tensor:
     """The mean of the largest ``share`` of the last dimension (at least one value; 1 = the plain mean)."""
     if not 0 < share <= 1:
-        raise ValueError(f"share must be in (0, 1], got {share}")
+        raise ParameterError(f"share must be in (0, 1], got {share}", parameter="share")
     n = values.shape[-1]
     count = max(1, round(share * n))
     if count >= n:
@@ -122,14 +123,14 @@ def mutual_channel_loss(
         ``1 − mean_{b,c}(Σ_hw CCMP(softmax_hw F) / ξ_c)`` (official ``loss_2``).
     """
     if features.dim() != 4:
-        raise ValueError(f"features must be [B, K, H, W], got shape {tuple(features.shape)}")
+        raise ParameterError(f"features must be [B, K, H, W], got shape {tuple(features.shape)}", parameter="features")
     b, k = features.shape[:2]
     sizes = normalize_groups(groups, k)
     if mask is None:
         mask = draw_channel_mask(sizes, drop=drop, generator=generator)
     mask = mask.to(device=features.device, dtype=features.dtype)
     if mask.shape not in ((k,), (b, k)):
-        raise ValueError(f"mask must be [K]={k} or [B, K]=({b}, {k}), got {tuple(mask.shape)}")
+        raise ParameterError(f"mask must be [K]={k} or [B, K]=({b}, {k}), got {tuple(mask.shape)}", parameter="mask")
     mask = mask.view(1, k, 1, 1) if mask.dim() == 1 else mask.view(b, k, 1, 1)
 
     dis_logits = top_share_mean(ccmp(features * mask, sizes).flatten(2), dis_topk)
@@ -173,14 +174,6 @@ class MCLoss(nn.Module):
         self.beta = float(beta)
         self.drop = drop
         self.dis_topk = float(dis_topk)
-
-    @classmethod
-    def from_recipe(cls, recipe: str, groups: int | Sequence[int], **kwargs) -> MCLoss:
-        """Build the loss with an official recipe's weights ("official-scratch" or "official-pretrained")."""
-        if recipe not in RECIPE_WEIGHTS:
-            raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPE_WEIGHTS)}")
-        alpha, beta = RECIPE_WEIGHTS[recipe]
-        return cls(groups, alpha, beta, **kwargs)
 
     def forward(
         self,

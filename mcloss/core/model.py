@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from mcloss.core.errors import OutOfRangeError, ParameterError, UnknownClassError
 from mcloss.core.groups import normalize_groups, split_channels
 from mcloss.core.loss import ccmp, top_share_mean
 from mcloss.core.transforms import EvalTransform
@@ -75,7 +76,7 @@ class MCModel(nn.Module):
         self.head = head
         self.groups = list(groups)
         if len(class_names) != len(self.groups):
-            raise ValueError(f"{len(class_names)} class names for {len(self.groups)} channel groups")
+            raise ParameterError(f"{len(class_names)} class names for {len(self.groups)} channel groups")
         self.class_names = list(class_names)
         self.transform = transform
         self.config = dict(config)
@@ -120,7 +121,7 @@ class MCModel(nn.Module):
     def group_slice(self, cls: int) -> slice:
         """The channel slice of class ``cls``."""
         if not 0 <= cls < self.num_classes:
-            raise IndexError(f"class index {cls} out of range [0, {self.num_classes})")
+            raise OutOfRangeError(f"class index {cls} out of range [0, {self.num_classes})")
         start = sum(self.groups[:cls])
         return slice(start, start + self.groups[cls])
 
@@ -133,7 +134,7 @@ class MCModel(nn.Module):
             return self.class_names.index(cls)
         if cls.strip().lstrip("-").isdigit():
             return self.class_index(int(cls))
-        raise KeyError(f"unknown class {cls!r}")
+        raise UnknownClassError(f"unknown class {cls!r}")
 
 
 @contextlib.contextmanager
@@ -168,7 +169,7 @@ def _resnet_stage(block: type[nn.Module], inplanes: int, width: int, blocks: int
     expansion = block.expansion
     planes = width // expansion
     if planes * expansion != width:
-        raise ValueError(f"{block.__name__} stage width {width} is not a multiple of {expansion}")
+        raise ParameterError(f"{block.__name__} stage width {width} is not a multiple of {expansion}")
     downsample = None
     if stride != 1 or inplanes != width:
         downsample = nn.Sequential(
@@ -210,7 +211,7 @@ def _generic_trunk(net: nn.Module) -> nn.Module:
     children = list(net.named_children())
     cut = next((i for i, (name, _) in enumerate(children) if name in ("avgpool", "fc", "classifier", "head")), None)
     if cut is None or cut == 0:
-        raise ValueError(f"cannot find the last feature map of {type(net).__name__}")
+        raise ParameterError(f"cannot find the last feature map of {type(net).__name__}", parameter="backbone")
     return nn.Sequential(*[m for _, m in children[:cut]])
 
 
@@ -221,20 +222,21 @@ def load_backbone_weights(name: str, pretrained: str | None) -> nn.Module:
     path = Path(pretrained)
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"{pretrained}: weights file not found")
+            raise ParameterError(f"{pretrained}: weights file not found", parameter="pretrained")
         net = torchvision.models.get_model(name, weights=None)
         _load_weights_file(net, path, name)
         return net
     try:
         weights = torchvision.models.get_model_weights(name)[pretrained]
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"unknown weights {pretrained!r} for {name}") from exc
+        raise ParameterError(f"unknown weights {pretrained!r} for {name}", parameter="pretrained") from exc
     try:
         return torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as exc:
-        raise RuntimeError(
+        raise ParameterError(
             f"cannot fetch {name} weights {pretrained} (offline?): {exc.__class__.__name__}; "
-            "download them elsewhere and pass --pretrained /path/to/weights.pth"
+            "download them elsewhere and pass their file instead (/path/to/weights.pth)",
+            parameter="pretrained",
         ) from exc
 
 
@@ -259,11 +261,11 @@ def _load_weights_file(net: nn.Module, path: Path, name: str) -> None:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or truncated file, or a pickle with code (refused by weights_only)
         kind = "safetensors" if path.suffix == ".safetensors" else "weights-only PyTorch"
-        raise ValueError(f"{path}: not a readable {kind} weights file ({type(exc).__name__})") from None
+        raise ParameterError(f"{path}: not a readable {kind} weights file ({type(exc).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
+        raise ParameterError(f"{path}: not a state dict of tensors")
     own = net.state_dict()
     trunk = [k for k in own if not k.startswith(_CLASSIFIER_PREFIXES) and not k.endswith("num_batches_tracked")]
     missing = [k for k in trunk if k not in state]
@@ -271,7 +273,7 @@ def _load_weights_file(net: nn.Module, path: Path, name: str) -> None:
     misshaped = [k for k in trunk if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or misshaped:
         example = (missing or unexpected or misshaped)[0]
-        raise ValueError(
+        raise ParameterError(
             f"{path}: not {name} weights ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(misshaped)} mis-shaped tensors; e.g. {example!r})"
         )
@@ -315,34 +317,20 @@ def build_model(
             a model trained with ``--dis-topk s`` gets s, the pool its L_dis scored classes by.
     """
     if not 0 < mc_pool_share <= 1:
-        raise ValueError(f"mc_pool_share must be in (0, 1], got {mc_pool_share}")
+        raise ParameterError(f"mc_pool_share must be in (0, 1], got {mc_pool_share}", parameter="mc_pool_share")
     name = backbone.lower()
     net = load_backbone_weights(name, pretrained)
     stage_index = 4 if last_stage is None else int(last_stage)
     if stage_index != 4 and (not isinstance(net, tv_resnet.ResNet) or xi is None or stage_index not in (2, 3)):
-        raise ValueError(f"last stage {last_stage} needs a ResNet with a fixed xi and a stage of 2, 3 or 4")
+        raise ParameterError(
+            f"last_stage {last_stage} needs a ResNet with a fixed xi and a stage of 2, 3 or 4", parameter=("last_stage", "xi")
+        )
     if xi is None:
         sizes = split_channels(_probe_channels(_native_trunk(net), img_size), num_classes)
     else:
         sizes = normalize_groups(int(xi), int(xi) * num_classes)
     k = sum(sizes)
-
-    if name.startswith("vgg16"):
-        trunk = _vgg_trunk(net, k)
-    elif isinstance(net, tv_resnet.ResNet):
-        if xi is None:
-            trunk = _resnet_trunk(net, net.layer4)
-        else:
-            stage = getattr(net, f"layer{stage_index}")
-            inplanes = stage[0].conv1.in_channels
-            widened = _resnet_stage(type(stage[0]), inplanes, k, len(stage), stride=1)
-            trunk = _resnet_trunk(net, widened, stage_index)
-    elif xi is None:
-        trunk = _Features(_generic_trunk(net))
-    else:
-        base = _generic_trunk(net)
-        trunk = _Features(base, nn.Conv2d(_probe_channels(base, img_size), k, kernel_size=1), nn.ReLU())
-
+    trunk = _trunk(net, name, k, fixed_xi=xi is not None, stage_index=stage_index, img_size=img_size)
     fh, fw = _probe_hw(trunk, img_size)
     grid = tuple(head_grid) if head_grid else (min(HEAD_GRID_MAX, max(1, fh // 2)), min(HEAD_GRID_MAX, max(1, fw // 2)))
     head = FCHead(k, len(sizes), grid)
@@ -361,6 +349,24 @@ def build_model(
     }
     tf = transform or EvalTransform.for_recipe("official-scratch", img_size)
     return MCModel(trunk, head, sizes, names, tf, config, card)
+
+
+def _trunk(net: nn.Module, name: str, k: int, *, fixed_xi: bool, stage_index: int, img_size: int) -> nn.Module:
+    """The part of ``net`` that gives F with ``k`` channels: VGG16 and ResNets widened as the official code does
+    (a ResNet with an uneven split keeps its own layer4), any other classifier's last map (+ a 1×1 conv to K)."""
+    if name.startswith("vgg16"):
+        return _vgg_trunk(net, k)
+    if isinstance(net, tv_resnet.ResNet):
+        if not fixed_xi:
+            return _resnet_trunk(net, net.layer4)
+        stage = getattr(net, f"layer{stage_index}")
+        inplanes = stage[0].conv1.in_channels
+        widened = _resnet_stage(type(stage[0]), inplanes, k, len(stage), stride=1)
+        return _resnet_trunk(net, widened, stage_index)
+    if not fixed_xi:
+        return _Features(_generic_trunk(net))
+    base = _generic_trunk(net)
+    return _Features(base, nn.Conv2d(_probe_channels(base, img_size), k, kernel_size=1), nn.ReLU())
 
 
 def _native_trunk(net: nn.Module) -> nn.Module:

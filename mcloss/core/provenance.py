@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+from mcloss.core.version import __version__
+
 __all__ = ["versions"]
 
 
@@ -13,8 +15,6 @@ def versions() -> dict[str, str | None]:
     import numpy
     import torch
     import torchvision
-
-    from mcloss import __version__
 
     try:
         captum: str | None = importlib.metadata.version("captum")

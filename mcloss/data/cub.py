@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mcloss.core.errors import DatasetError, first_line
+from mcloss.core.errors import DatasetError, ParameterError, first_line
 from mcloss.data.io import MAX_IMAGE_PIXELS, load_image
 
 __all__ = [
@@ -182,7 +182,7 @@ class CUBDataset(Dataset):
         with_parts: bool = False,
     ) -> None:
         if split not in ("train", "test", "all"):
-            raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+            raise ParameterError(f"split must be 'train', 'test' or 'all', got {split!r}", parameter="split")
         found = find_cub_root(root)
         if found is None:
             missing = [name for name in (*CUB_FILES, "images/") if not (Path(root) / name.rstrip("/")).exists()]
@@ -437,19 +437,15 @@ def _transform_with_points(transform: Callable, image: Image.Image, xy: np.ndarr
         return tensor, geometry(*image.size).to_input(xy)
     out = transform(image, xy)
     if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(
+        raise ParameterError(
             "with_parts=True needs an EvalTransform (with .geometry) or a TrainTransform-like "
-            f"callable(image, points) -> (tensor, points); got {type(transform).__name__}"
+            f"callable(image, points) -> (tensor, points); got {type(transform).__name__}",
+            parameter="transform",
         )
     return out[0], np.asarray(out[1], dtype=np.float64)
 
 
-
-
 # ------------------------------------------------------------------------------------------- labels by file
-
-_LABELS_BY_ROOT: dict[Path, dict[Path, int] | DatasetError | None] = {}
-_LABELS_LOCK = threading.Lock()
 
 
 def cub_label(path: str | os.PathLike) -> int | None:

@@ -126,8 +126,11 @@ def _torchvision_split(kind: str, root: Path, split: str | tuple[str, ...], tran
         try:
             parts.append(cls(str(root), **kwargs))
         except RuntimeError as exc:
-            hint = "" if download else "; pass download=True (--download) to fetch it"
-            raise DatasetError(f"{root}: {cls_name} split {one!r} not found (expected {root / folder}/...{hint}): {exc}") from None
+            hint = "" if download else "; pass download=True to fetch it"
+            raise DatasetError(
+                f"{root}: {cls_name} split {one!r} not found (expected {root / folder}/...{hint}): {exc}",
+                parameter=() if download else "download",
+            ) from None
     return parts[0] if len(parts) == 1 else _Concat(parts)
 
 
@@ -206,7 +209,9 @@ def build_datasets(
     root = Path(root)
     if dataset in TORCHVISION_SPLITS:
         if not root.is_dir() and not download:
-            raise DatasetError(f"{root}: dataset directory not found (pass download=True to fetch {dataset})")
+            raise DatasetError(
+                f"{root}: dataset directory not found (pass download=True to fetch {dataset})", parameter="download"
+            )
         return _torchvision_datasets(dataset, root, train_transform, eval_transform, download)
     kind = detect_dataset(root) if dataset == "auto" else dataset
     if not root.is_dir():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcloss.core.errors import DatasetError
+from mcloss.core.errors import DatasetError, ParameterError
 from mcloss.data.cub import find_cub_root, read_class_names
 from mcloss.data.synth.design import FORMAT_NAME
 from mcloss.data.synth.writing import read_synth_meta
@@ -175,11 +175,11 @@ def cub_defining_parts(root: str | os.PathLike, top: int = 2) -> dict[str, list[
     None when either file is absent (or ``root`` is not a CUB-layout dataset).
 
     Raises:
-        ValueError: ``top`` < 1.
+        ParameterError: ``top`` < 1.
         DatasetError: an attribute file is malformed (the message names it).
     """
     if int(top) < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
+        raise ParameterError(f"top must be >= 1, got {top}", parameter="top")
     base = find_cub_root(root)
     if base is None:
         return None

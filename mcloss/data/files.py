@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mcloss.core.errors import ParameterError
+
 __all__ = ["IMAGE_EXTENSIONS", "InputFile", "Inputs", "collect_inputs", "output_path", "sanitize_component"]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -133,5 +135,5 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None =
 def output_path(out_dir: Path, key: str) -> Path:
     """``out_dir / key``, refusing a key that would land outside ``out_dir``."""
     if not _same_or_inside(out_dir / key, out_dir.resolve()):
-        raise ValueError(f"output {key!r} would escape {out_dir}")
+        raise ParameterError(f"output {key!r} would escape {out_dir}")
     return out_dir / key

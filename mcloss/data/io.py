@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mcloss.core.errors import MclossError, first_line
+from mcloss.core.errors import MclossError, ParameterError, first_line
 
 __all__ = ["encode_image", "encode_png", "ImageLoadError", "load_image", "MAX_IMAGE_PIXELS"]
 
@@ -152,7 +152,7 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = 90) -> byt
     if fmt == "png":
         return encode_png(img)
     if fmt not in ("jpeg", "jpg"):
-        raise ValueError(f"image format must be 'png' or 'jpeg', got {fmt!r}")
+        raise ParameterError(f"image format must be 'png' or 'jpeg', got {fmt!r}", parameter="fmt")
     ok, buf = cv2.imencode(".jpg", img if gray else cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise OSError("JPEG encoding failed")
@@ -163,7 +163,7 @@ def _checked_image(rgb: np.ndarray) -> np.ndarray:
     """``rgb`` as a C-contiguous uint8 [H, W, 3] or [H, W] array with at least one pixel, else ValueError."""
     img = np.asarray(rgb)
     if img.dtype != np.uint8 or not (img.ndim == 2 or img.ndim == 3 and img.shape[2] == 3) or img.size == 0:
-        raise ValueError(f"expected an RGB [H, W, 3] or grayscale [H, W] uint8 image, got {img.dtype} {img.shape}")
+        raise ParameterError(f"expected an RGB [H, W, 3] or grayscale [H, W] uint8 image, got {img.dtype} {img.shape}")
     return np.ascontiguousarray(img)
 
 

@@ -1,2 +1,2 @@
-"""Evaluation: classification accuracy of both heads, localization metrics, ``mcloss parts`` and its report,
-and deletion/insertion faithfulness."""
+"""Evaluation: classification accuracy of both heads, ``mcloss parts`` (localization and defining-part
+metrics, from :mod:`mcloss.metrics`) and its report, deletion/insertion faithfulness and sanity checks."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mcloss.core.device import autocast
+from mcloss.core.errors import DatasetError, Progress
 from mcloss.core.model import MCModel, model_guard
 
 __all__ = ["evaluate", "evaluation_sums", "summarize_sums", "format_report", "SUM_FIELDS"]
@@ -32,12 +32,14 @@ def evaluation_sums(
     *,
     amp: bool = True,
     limit_batches: int | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Accumulate FC-head CE loss and top-1/top-5 hits of both heads over ``batches``.
 
     One forward per batch gives F; the FC head (``head_logits``) and the MC head (``mc_logits``) both
-    read it. The model's train/eval mode is restored afterwards.
+    read it. The model's train/eval mode is restored afterwards. ``progress`` is called as
+    ``(batches done, batches in total)`` before the first batch and after each (when ``batches`` has a
+    length).
 
     Returns:
         A float64 tensor on ``device`` with the sums in :data:`SUM_FIELDS` order (summable across ranks).
@@ -45,8 +47,13 @@ def evaluation_sums(
     k = min(5, model.num_classes)
     sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
     channels_last = device.type == "cuda"
+    total = None
+    if progress is not None and isinstance(batches, Sized):
+        total = len(batches) if limit_batches is None else min(limit_batches, len(batches))
+    if total is not None:
+        progress(0, total)
     with model_guard(model):
-        for index, (images, targets) in enumerate(tqdm(batches, desc="eval", leave=False, disable=not progress)):
+        for index, (images, targets) in enumerate(batches):
             if limit_batches is not None and index >= limit_batches:
                 break
             images = images.to(device, non_blocking=True)
@@ -62,6 +69,8 @@ def evaluation_sums(
             mc1, mc5 = _topk_hits(mc, targets, k)
             loss = F.cross_entropy(fc, targets, reduction="sum")
             sums += torch.stack([loss.double(), fc1, fc5, mc1, mc5, torch.tensor(len(targets), device=device)]).double()
+            if total is not None:
+                progress(index + 1, total)
     return sums
 
 
@@ -70,7 +79,7 @@ def summarize_sums(sums: torch.Tensor, num_classes: int) -> dict:
     values = dict(zip(SUM_FIELDS, sums.detach().cpu().tolist(), strict=True))
     n = int(values["n"])
     if n == 0:
-        raise ValueError("no samples were evaluated (empty test split?)")
+        raise DatasetError("no samples were evaluated (empty test split?)")
     return {
         "n": n,
         "topk": min(5, num_classes),
@@ -89,7 +98,7 @@ def evaluate(
     *,
     amp: bool = True,
     limit_batches: int | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """Top-1/top-5 of the FC head and the MC head (CCMP of unmasked F, pooled as L_dis was trained), and the FC-head CE loss.
 
@@ -99,7 +108,7 @@ def evaluate(
         device: where the batches are sent.
         amp: bf16 autocast on CUDA.
         limit_batches: stop after this many batches.
-        progress: show a tqdm bar.
+        progress: called as ``(batches done, batches in total)`` (see :func:`evaluation_sums`).
 
     Returns:
         ``{"n", "topk", "loss", "fc_top1", "fc_top5", "mc_top1", "mc_top5"}``; accuracies in 0..1;

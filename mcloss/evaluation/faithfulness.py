@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
 from mcloss.core.device import autocast
+from mcloss.core.errors import ParameterError
 from mcloss.core.model import MCModel
 from mcloss.metrics import localization as M
 
@@ -33,7 +34,7 @@ def baseline_input(x: torch.Tensor, baseline: str = "blur") -> torch.Tensor:
     if baseline == "mean":
         return torch.zeros_like(x)
     if baseline != "blur":
-        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        raise ParameterError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}", parameter="baseline")
     h, w = x.shape[-2:]
     sigma = max(h, w) / 45.0
     kernel = 2 * math.ceil(2 * sigma) + 1

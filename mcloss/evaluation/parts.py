@@ -37,14 +37,14 @@ be read are skipped and listed in the summary's ``skipped_images``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from mcloss.core.errors import DatasetError, ParameterError, Progress
 from mcloss.core.files import json_safe
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.datasets import class_mismatch
@@ -77,7 +77,6 @@ __all__ = [
     "PartsResult",
     "check_arguments",
     "evaluate_parts",
-    "run_parts",
     "score_group",
     "perturbation_curves",
     "baseline_input",
@@ -197,30 +196,19 @@ def _open_dataset(dataset_or_root: Any, split: str) -> Any:
 
     root = Path(dataset_or_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset directory not found")
+        raise DatasetError(f"{root}: dataset directory not found")
     return CUBDataset(root, split, with_parts=True)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_parts(model: MCModel, dataset_or_root: Any, **kwargs: Any) -> dict:
-    """Part-localization and faithfulness summary of ``model`` on a CUB-layout split with part keypoints.
-
-    Takes the same keyword arguments as :func:`run_parts`; returns its ``summary`` (JSON-friendly: rows
-    ``channels``/``gradcam``/``random`` with hit rate, distinct parts, overlap and deletion/insertion AUC,
-    the channel × part matrix, part histograms, mean curves and both heads' top-1; undefined values,
-    e.g. the overlap of Grad-CAM or AUCs without ``faithfulness``, are None).
-    """
-    return run_parts(model, dataset_or_root, **kwargs).summary
-
-
-def run_parts(
+def evaluate_parts(
     model: MCModel,
     dataset_or_root: Any,
     *,
     split: str = "test",
-    radius: float = 0.12,
+    radius: float = M.DEFAULT_HIT_RADIUS,
     size_reference: str = "max",
     topk_percent: float = 10.0,
     steps: int = 16,
@@ -231,7 +219,7 @@ def run_parts(
     perturbation_batch: int = 128,
     device: torch.device | str | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: Progress | None = None,
     defining: dict[str, Sequence[str]] | None = None,
 ) -> PartsResult:
     """Score the true class's channel group of every image (see the module docstring).
@@ -253,113 +241,173 @@ def run_parts(
         perturbation_batch: most step images per forward pass.
         device: where to run (default: the model's device).
         seed: seeds the random baseline (per image: ``(seed, image_id)``).
-        progress: show a progress bar.
+        progress: called as ``(images done, images in total)``, skipped ones included.
         defining: class name → defining regions (part names); default the dataset's, else the card's.
 
     Returns:
-        The result; images that could not be read are skipped, not raised, and listed (image_id, path,
-        reason) in its ``summary["skipped_images"]``.
+        The result: its ``summary`` is JSON-friendly (rows ``channels``/``gradcam``/``random`` with hit rate,
+        distinct parts, overlap and deletion/insertion AUC, the channel × part matrix, part histograms, mean
+        curves, both heads' top-1 and the defining-part block; undefined values, e.g. the overlap of Grad-CAM
+        or AUCs without ``faithfulness``, are None). Images that could not be read are skipped, not raised,
+        and listed (image_id, path, reason) in ``summary["skipped_images"]``.
 
     Raises:
-        ValueError: bad arguments, classes that do not match the model, no keypoints, no readable images.
+        ParameterError: a bad argument (named).
+        DatasetError: classes that do not match the model, no images or keypoints, no readable images.
     """
     check_arguments(radius, size_reference, topk_percent, steps, baseline, limit, batch_size, seed)
     dataset = _open_dataset(dataset_or_root, split)
+    items, part_names = _scorable_items(dataset, model, limit)
+    defining_by_label, defining_names, defining_source = resolve_defining(dataset, model, part_names, defining)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    options = _Options(radius, size_reference, topk_percent, steps, baseline, faithfulness, perturbation_batch, seed, dev)
+    tally = _Tally(len(items), progress)
+    with model_guard(model):
+        for start in range(0, len(items), batch_size):
+            _score_batch(model, items[start : start + batch_size], dataset, part_names, defining_by_label, options, tally)
+    if not tally.rows:
+        raise DatasetError(f"none of the {len(items)} images could be read")
+    stacked = tally.stacked_curves()
+    config = {"split": split, "radius": radius, "size_reference": size_reference, "topk_percent": topk_percent,
+              "steps": steps, "baseline": baseline, "faithfulness": faithfulness, "limit": limit, "seed": seed}  # fmt: skip
+    summary = _summarize(tally.rows, tally.scores, stacked, part_names, model, config, tally.skipped)
+    summary["defining"] = json_safe(
+        _summarize_defining(tally.scores, model.class_names, part_names, defining_names, defining_source, len(items))
+    )
+    return PartsResult(summary, tally.rows, stacked)
+
+
+def check_arguments(
+    radius: float,
+    size_reference: str,
+    topk_percent: float,
+    steps: int,
+    baseline: str,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Check :func:`evaluate_parts`'s arguments before any work is done.
+
+    Raises:
+        ParameterError: the first bad argument, named, with its value.
+    """
+    checks = (
+        (radius > 0, "radius", f"must be > 0, got {radius}"),
+        (size_reference in M.SIZE_REFERENCES, "size_reference",
+         f"must be one of {', '.join(M.SIZE_REFERENCES)}, got {size_reference!r}"),
+        (0 < topk_percent <= 100, "topk_percent", f"must be in (0, 100], got {topk_percent}"),
+        (steps >= 1, "steps", f"must be >= 1, got {steps}"),
+        (baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}, got {baseline!r}"),
+        (limit is None or limit >= 1, "limit", f"must be >= 1, got {limit}"),
+        (batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}"),
+        (seed >= 0, "seed", f"must be >= 0, got {seed}"),
+    )  # fmt: skip
+    for ok, name, rule in checks:
+        if not ok:
+            raise ParameterError(f"{name} {rule}", parameter=name)
+
+
+def _scorable_items(dataset: Any, model: MCModel, limit: int | None) -> tuple[list[_Item], list[str]]:
+    """The images to score (the first ``limit``) and the part names; refuses other classes or no keypoints."""
     mismatch = class_mismatch(getattr(dataset, "class_names", model.class_names), model.class_names)
     if mismatch:
-        raise ValueError(mismatch)
+        raise DatasetError(mismatch)
     part_names = list(getattr(dataset, "part_names", []) or [])
     items = _items(dataset)
     if limit is not None:
         items = items[:limit]
     if not items:
-        raise ValueError("no images to evaluate (empty split)")
+        raise DatasetError("no images to evaluate (empty split)")
     num_parts = len(part_names) or max(len(it.keypoints) for it in items)
     if num_parts == 0 or all(len(it.keypoints) == 0 for it in items):
-        raise ValueError("the dataset has no part keypoints (parts/parts.txt, parts/part_locs.txt)")
-    part_names = part_names or [f"part_{i}" for i in range(num_parts)]
-    defining_by_label, defining_names, defining_source = resolve_defining(dataset, model, part_names, defining)
-
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    amp = dev.type == "cuda"
-    model.to(dev)
-    rows: list[dict] = []
-    scores: list[dict] = []
-    skipped: list[dict] = []
-    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in METHODS}
-    bar = tqdm(total=len(items), desc="parts", unit="img", disable=not progress, leave=False)
-    with model_guard(model), bar:
-        for start in range(0, len(items), batch_size):
-            chunk, images = [], []
-            for it in items[start : start + batch_size]:
-                try:
-                    images.append(load_image(it.path))
-                    chunk.append(it)
-                except ImageLoadError as exc:
-                    skipped.append({"image_id": it.image_id, "path": str(it.path), "reason": str(exc)})
-            if not chunk:
-                bar.update(len(items[start : start + batch_size]))
-                continue
-            explanations = explain(
-                model, images, [it.label for it in chunk], labels=[it.label for it in chunk],
-                maps=("channels", "gradcam"), device=dev,
-            )  # fmt: skip
-            for it, image, ex in zip(chunk, images, explanations, strict=True):
-                row, score, curve = _evaluate_one(
-                    model, it, image, ex, part_names, radius, size_reference, topk_percent, steps, baseline,
-                    faithfulness, perturbation_batch, dev, amp, seed, defining_by_label.get(it.label, []), dataset,
-                )  # fmt: skip
-                rows.append(row)
-                scores.append(score)
-                for method, pair in curve.items():
-                    curves[method].append(pair)
-                bar.update(1)
-    if not rows:
-        raise ValueError(f"none of the {len(items)} images could be read")
-
-    stacked = {m: (np.stack([c[0] for c in cs]), np.stack([c[1] for c in cs])) for m, cs in curves.items() if cs}
-    config = {
-        "split": split,
-        "radius": radius,
-        "size_reference": size_reference,
-        "topk_percent": topk_percent,
-        "steps": steps,
-        "baseline": baseline,
-        "faithfulness": faithfulness,
-        "limit": limit,
-        "seed": seed,
-    }
-    summary = _summarize(rows, scores, stacked, part_names, model, config, skipped)
-    summary["defining"] = json_safe(
-        _summarize_defining(scores, model.class_names, part_names, defining_names, defining_source, len(items))
-    )
-    return PartsResult(summary, rows, stacked)
+        raise DatasetError("the dataset has no part keypoints (parts/parts.txt, parts/part_locs.txt)")
+    return items, part_names or [f"part_{i}" for i in range(num_parts)]
 
 
-def check_arguments(
-    radius: float, size_reference: str, topk: float, steps: int, baseline: str, limit: int | None, batch: int, seed: int
+@dataclass(frozen=True)
+class _Options:
+    """How each image is scored: :func:`evaluate_parts`'s arguments and the device."""
+
+    radius: float
+    size_reference: str
+    topk_percent: float
+    steps: int
+    baseline: str
+    faithfulness: bool
+    perturbation_batch: int
+    seed: int
+    device: torch.device
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class _Tally:
+    """What the images gave so far (rows, scores, curves per method, skipped images); reports the progress
+    (0 done when made, then one more per image scored or skipped)."""
+
+    total: int
+    progress: Progress | None = None
+    done: int = 0
+    rows: list[dict] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=lambda: {m: [] for m in METHODS})
+
+    def __post_init__(self) -> None:
+        if self.progress is not None:
+            self.progress(0, self.total)
+
+    def add(self, row: dict, score: dict, curve: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.rows.append(row)
+        self.scores.append(score)
+        for method, pair in curve.items():
+            self.curves[method].append(pair)
+        self._tick()
+
+    def skip(self, item: _Item, reason: Exception) -> None:
+        self.skipped.append({"image_id": item.image_id, "path": str(item.path), "reason": str(reason)})
+        self._tick()
+
+    def _tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def stacked_curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Method → (deletion [N, steps+1], insertion [N, steps+1]), for the methods with curves."""
+        return {m: (np.stack([c[0] for c in cs]), np.stack([c[1] for c in cs])) for m, cs in self.curves.items() if cs}
+
+
+def _score_batch(
+    model: MCModel,
+    chunk: Sequence[_Item],
+    dataset: Any,
+    part_names: Sequence[str],
+    defining_by_label: dict[int, list[int]],
+    options: _Options,
+    tally: _Tally,
 ) -> None:
-    """Check :func:`run_parts`'s arguments before any work is done.
-
-    Raises:
-        ValueError: the first bad argument, named, with its value.
-    """
-    if not radius > 0:
-        raise ValueError(f"radius must be > 0, got {radius}")
-    if size_reference not in M.SIZE_REFERENCES:
-        raise ValueError(f"size reference must be one of {', '.join(M.SIZE_REFERENCES)}, got {size_reference!r}")
-    if not 0 < topk <= 100:
-        raise ValueError(f"top-k percent must be in (0, 100], got {topk}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    if batch < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    """Explain a batch of images for their true classes and score each; unreadable images are skipped."""
+    items, images = [], []
+    for it in chunk:
+        try:
+            images.append(load_image(it.path))
+            items.append(it)
+        except ImageLoadError as exc:
+            tally.skip(it, exc)
+    if not items:
+        return
+    explanations = explain(
+        model, images, [it.label for it in items], labels=[it.label for it in items],
+        maps=("channels", "gradcam"), device=options.device,
+    )  # fmt: skip
+    for it, image, ex in zip(items, images, explanations, strict=True):
+        tally.add(*_evaluate_one(model, it, image, ex, part_names, defining_by_label.get(it.label, []), dataset, options))
 
 
 def _evaluate_one(
@@ -368,34 +416,47 @@ def _evaluate_one(
     image: Any,
     ex: Explanation,
     part_names: Sequence[str],
-    radius: float,
-    size_reference: str,
-    topk_percent: float,
-    steps: int,
-    baseline: str,
-    faithfulness: bool,
-    perturbation_batch: int,
-    dev: torch.device,
-    amp: bool,
-    seed: int,
     defining: Sequence[int],
     dataset: Any,
+    options: _Options,
 ) -> tuple[dict, dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One image's per-image row, its scores and its deletion/insertion curves (by method)."""
     group = ex.groups[0]
     width, height = ex.image_size
-    radius_px = M.hit_radius(width, height, radius, size_reference)
-    rng = np.random.default_rng([seed, item.image_id])
-    corners = ex.geometry.to_original(np.array([[0.0, 0.0], [ex.geometry.crop[2], ex.geometry.crop[3]]]))
-    box = (max(0.0, corners[0, 0]), max(0.0, corners[0, 1]), min(width, corners[1, 0]), min(height, corners[1, 1]))
+    radius_px = M.hit_radius(width, height, options.radius, options.size_reference)
+    rng = np.random.default_rng([options.seed, item.image_id])
     xi = len(group.channels)
-    random_xy = M.random_points(rng, xi, box)
+    random_xy = M.random_points(rng, xi, _seen_box(ex))
     random_map = rng.random(ex.feature_hw)
-    score = score_group(group, item.keypoints, radius_px, random_xy, topk_percent)
+    score = score_group(group, item.keypoints, radius_px, random_xy, options.topk_percent)
     visible = int((item.keypoints[:, 2] > 0).sum()) if len(item.keypoints) else 0
     score["scored"] = visible > 0
     score["xi"] = xi
     score["label"] = item.label
+    row = _image_row(item, ex, score, part_names, radius_px, visible)
+    maps = {"ccmp": group.ccmp, "gradcam": group.gradcam, "random": random_map}
+    score["defining"] = _score_defining(group, maps, ex, item, defining, len(part_names), radius_px, random_xy, dataset)
+    row.update(_defining_row(score["defining"], part_names, defining))
+    curve: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if options.faithfulness:
+        curve = _curves(model, image, ex, item.label, random_map, rng, options)
+        fractions = M.step_fractions(options.steps)
+        for method, (deletion, insertion) in curve.items():
+            row[f"deletion_auc_{method}"] = M.trapezoid_auc(deletion, fractions)
+            row[f"insertion_auc_{method}"] = M.trapezoid_auc(insertion, fractions)
+    return row, score, curve
 
+
+def _seen_box(ex: Explanation) -> tuple[float, float, float, float]:
+    """The part of the original image the network sees (its crop), clipped to the image: (x0, y0, x1, y1)."""
+    width, height = ex.image_size
+    corners = ex.geometry.to_original(np.array([[0.0, 0.0], [ex.geometry.crop[2], ex.geometry.crop[3]]]))
+    return max(0.0, corners[0, 0]), max(0.0, corners[0, 1]), min(width, corners[1, 0]), min(height, corners[1, 1])
+
+
+def _image_row(item: _Item, ex: Explanation, score: dict, part_names: Sequence[str], radius_px: float, visible: int) -> dict:
+    """The per-image CSV columns of the predictions and the peak-based localization scores."""
+    width, height = ex.image_size
     row: dict[str, Any] = {
         "image_id": item.image_id,
         "path": str(item.path),
@@ -407,7 +468,7 @@ def _evaluate_one(
         "height": height,
         "radius_px": radius_px,
         "visible_parts": visible,
-        "channels": xi,
+        "channels": score["xi"],
         "overlap": score["overlap"],
     }
     if visible:
@@ -424,24 +485,28 @@ def _evaluate_one(
             random_distinct=score["random_distinct"],
             random_separated=score["random_separated"],
         )
-    maps = {"ccmp": group.ccmp, "gradcam": group.gradcam, "random": random_map}
-    score["defining"] = _score_defining(group, maps, ex, item, defining, len(part_names), radius_px, random_xy, dataset)
-    row.update(_defining_row(score["defining"], part_names, defining))
-    curve: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if faithfulness:
-        x = model.transform.apply(image, ex.geometry).to(dev)
-        gradcam = group.gradcam if group.gradcam is not None else np.zeros(ex.feature_hw, np.float32)
-        maps = {"channels": group.ccmp, "gradcam": gradcam, "random": random_map}
-        deletion, insertion = perturbation_curves(
-            model, x, item.label, list(maps.values()), steps=steps, baseline=baseline, rng=rng,
-            max_batch=perturbation_batch, amp=amp,
-        )  # fmt: skip
-        fractions = M.step_fractions(steps)
-        for i, method in enumerate(maps):
-            curve[method] = (deletion[i], insertion[i])
-            row[f"deletion_auc_{method}"] = M.trapezoid_auc(deletion[i], fractions)
-            row[f"insertion_auc_{method}"] = M.trapezoid_auc(insertion[i], fractions)
-    return row, score, curve
+    return row
+
+
+def _curves(
+    model: MCModel,
+    image: Any,
+    ex: Explanation,
+    target: int,
+    random_map: np.ndarray,
+    rng: np.random.Generator,
+    options: _Options,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Deletion and insertion curves of the CCMP map, Grad-CAM and the random map (method → the pair)."""
+    group = ex.groups[0]
+    x = model.transform.apply(image, ex.geometry).to(options.device)
+    gradcam = group.gradcam if group.gradcam is not None else np.zeros(ex.feature_hw, np.float32)
+    maps = {"channels": group.ccmp, "gradcam": gradcam, "random": random_map}
+    deletion, insertion = perturbation_curves(
+        model, x, target, list(maps.values()), steps=options.steps, baseline=options.baseline, rng=rng,
+        max_batch=options.perturbation_batch, amp=options.amp,
+    )  # fmt: skip
+    return {method: (deletion[i], insertion[i]) for i, method in enumerate(maps)}
 
 
 def _part_name(part_names: Sequence[str], index: int) -> str:
@@ -466,16 +531,43 @@ def _summarize(
     num_parts = len(part_names)
     scored = [s for s in scores if s["scored"]]
     xi_max = max(s["xi"] for s in scores)
-    ch_hits = np.concatenate([s["channel_hits"] for s in scored]) if scored else np.zeros(0, bool)
-    rnd_hits = np.concatenate([s["random_hits"] for s in scored]) if scored else np.zeros(0, bool)
     ch_parts = [s["channel_parts"] for s in scored]
     matrix = M.channel_part_matrix(ch_parts, num_parts, xi_max)
     matrix_hits = M.channel_part_matrix(
         [np.where(s["channel_hits"], s["channel_parts"], -1) for s in scored], num_parts, xi_max
     )
+    methods = _peak_methods(scores, scored, num_parts)
+    mean_curves = _faithfulness_methods(methods, rows, curves)
+    n = len(rows)
+    summary = {
+        "format": "mcloss-parts/1",
+        "images": n,
+        "scored_images": len(scored),
+        "skipped_images": skipped,
+        "classes": model.num_classes,
+        "channels_per_group": sorted({s["xi"] for s in scores}),
+        "part_names": part_names,
+        "top1_fc": sum(r["pred_fc"] == r["label"] for r in rows) / n,
+        "top1_mc": sum(r["pred_mc"] == r["label"] for r in rows) / n,
+        "hit_radius": f"{config['radius']} × {_SIZE_TEXT[config['size_reference']]} of the original image",
+        "methods": methods,
+        "channel_part_matrix": matrix.tolist(),
+        "channel_part_matrix_normalized": M.normalize_rows(matrix).tolist(),
+        "channel_part_hits": matrix_hits.tolist(),
+        "curves": {"fractions": M.step_fractions(config["steps"]).tolist(), **mean_curves} if mean_curves else {},
+        "config": config,
+    }
+    return json_safe(summary)
+
+
+def _peak_methods(scores: list[dict], scored: list[dict], num_parts: int) -> dict[str, dict]:
+    """The peak-based rows of the summary: the channels, Grad-CAM and the random points."""
+    ch_hits = np.concatenate([s["channel_hits"] for s in scored]) if scored else np.zeros(0, bool)
+    rnd_hits = np.concatenate([s["random_hits"] for s in scored]) if scored else np.zeros(0, bool)
+    ch_parts = [s["channel_parts"] for s in scored]
     gc_parts = np.array([s["gradcam_part"] for s in scored], dtype=np.int64)
     gc_hits = np.array([s["gradcam_hit"] for s in scored], dtype=bool)
-    methods: dict[str, dict] = {
+    return {
         "channels": {
             "peaks": int(ch_hits.size),
             "hit_rate": M.hit_rate(ch_hits),
@@ -503,7 +595,12 @@ def _summarize(
             ).tolist(),
         },
     }
-    fractions = M.step_fractions(config["steps"]).tolist()
+
+
+def _faithfulness_methods(
+    methods: dict[str, dict], rows: list[dict], curves: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, dict]:
+    """Add each method's mean deletion/insertion AUC (NaN without curves) to ``methods``; the mean curves."""
     mean_curves: dict[str, dict] = {}
     for method in METHODS:
         if method in curves:
@@ -516,26 +613,7 @@ def _summarize(
         else:
             methods[method]["deletion_auc"] = float("nan")
             methods[method]["insertion_auc"] = float("nan")
-    n = len(rows)
-    summary = {
-        "format": "mcloss-parts/1",
-        "images": n,
-        "scored_images": len(scored),
-        "skipped_images": skipped,
-        "classes": model.num_classes,
-        "channels_per_group": sorted({s["xi"] for s in scores}),
-        "part_names": part_names,
-        "top1_fc": sum(r["pred_fc"] == r["label"] for r in rows) / n,
-        "top1_mc": sum(r["pred_mc"] == r["label"] for r in rows) / n,
-        "hit_radius": f"{config['radius']} × {_SIZE_TEXT[config['size_reference']]} of the original image",
-        "methods": methods,
-        "channel_part_matrix": matrix.tolist(),
-        "channel_part_matrix_normalized": M.normalize_rows(matrix).tolist(),
-        "channel_part_hits": matrix_hits.tolist(),
-        "curves": {"fractions": fractions, **mean_curves} if mean_curves else {},
-        "config": config,
-    }
-    return json_safe(summary)
+    return mean_curves
 
 
 _SIZE_TEXT = {"max": "max(width, height)", "sqrt-area": "sqrt(width · height)", "diagonal": "the diagonal"}
@@ -568,7 +646,7 @@ def _score_defining(
     try:
         regions = crop_regions(labels, item.keypoints, ex.geometry, radius_px)
     except ValueError as exc:
-        raise ValueError(f"{item.path}: {exc}") from None
+        raise DatasetError(f"{item.path}: {exc}") from None
     from_masks = labels is not None
     if regions is None:
         return {"scored": False}
@@ -657,34 +735,7 @@ def _summarize_defining(
     if not scored:
         return block
     for kind in DEFINING_MAPS:
-        on_part = on_defining = 0
-        chance = 0.0
-        for s in scored:
-            for label in s["peaks"].get(kind, []):
-                if 1 <= label <= num_parts:
-                    on_part += 1
-                    on_defining += int(label - 1 in s["defining"])
-                    chance += s["chance"]
-        peaks = sum(len(s["peaks"].get(kind, [])) for s in scored)
-        per_image = [s["ratios"].get(kind, []) for s in scored]
-        ratios = [r for values in per_image for r in values]
-        entry: dict[str, Any] = {
-            "peaks": peaks,
-            "peaks_on_parts": on_part,
-            "peak_share": on_defining / on_part if on_part else float("nan"),
-            "peak_chance": chance / on_part if on_part else float("nan"),
-            "mass_ratio": W.geometric_mean(ratios),
-            "mass_ratio_ci": list(W.geometric_mean_ci(per_image)),
-            "mass_ratios": sum(1 for r in ratios if np.isfinite(r)),
-        }
-        if masks:
-            entry["rank_accuracy"] = _nanmean([r for s in scored for r in s["rank"].get(kind, [])])
-            entry["rank_chance"] = _nanmean([s["rank_chance"] for s in scored if s["rank"]])
-            entry["energy_object"] = _nanmean([e for s in scored for e in s["energy_object"].get(kind, [])])
-            entry["energy_defining"] = _nanmean([e for s in scored for e in s["energy_defining"].get(kind, [])])
-            parts = [p for s in scored for p in s["energy_parts"].get(kind, [])]
-            entry["energy_parts"] = np.nanmean(np.stack(parts), axis=0).tolist() if parts else []
-        block["methods"][kind] = entry
+        block["methods"][kind] = _defining_entry(scored, kind, num_parts, masks)
     block["versus_gradcam"] = _versus_gradcam(scored, block["methods"])
     per_class: dict[str, dict] = {}
     for label in sorted({lab for lab, _ in labelled}):
@@ -696,3 +747,35 @@ def _summarize_defining(
     block["per_class"] = per_class
     return block
 
+
+def _defining_entry(scored: list[dict], kind: str, num_parts: int, masks: bool) -> dict[str, Any]:
+    """One map kind's row of the defining-part block: peaks on a defining part (and chance), mass ratio, and
+    with part masks the rank accuracy and energies."""
+    on_part = on_defining = 0
+    chance = 0.0
+    for s in scored:
+        for label in s["peaks"].get(kind, []):
+            if 1 <= label <= num_parts:
+                on_part += 1
+                on_defining += int(label - 1 in s["defining"])
+                chance += s["chance"]
+    peaks = sum(len(s["peaks"].get(kind, [])) for s in scored)
+    per_image = [s["ratios"].get(kind, []) for s in scored]
+    ratios = [r for values in per_image for r in values]
+    entry: dict[str, Any] = {
+        "peaks": peaks,
+        "peaks_on_parts": on_part,
+        "peak_share": on_defining / on_part if on_part else float("nan"),
+        "peak_chance": chance / on_part if on_part else float("nan"),
+        "mass_ratio": W.geometric_mean(ratios),
+        "mass_ratio_ci": list(W.geometric_mean_ci(per_image)),
+        "mass_ratios": sum(1 for r in ratios if np.isfinite(r)),
+    }
+    if masks:
+        entry["rank_accuracy"] = _nanmean([r for s in scored for r in s["rank"].get(kind, [])])
+        entry["rank_chance"] = _nanmean([s["rank_chance"] for s in scored if s["rank"]])
+        entry["energy_object"] = _nanmean([e for s in scored for e in s["energy_object"].get(kind, [])])
+        entry["energy_defining"] = _nanmean([e for s in scored for e in s["energy_defining"].get(kind, [])])
+        parts = [p for s in scored for p in s["energy_parts"].get(kind, [])]
+        entry["energy_parts"] = np.nanmean(np.stack(parts), axis=0).tolist() if parts else []
+    return entry

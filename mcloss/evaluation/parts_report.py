@@ -89,10 +89,10 @@ SUMMARY_COLUMNS = (
 
 @dataclass
 class PartsResult:
-    """What :func:`mcloss.evaluation.parts.run_parts` measured.
+    """What :func:`mcloss.evaluation.parts.evaluate_parts` measured.
 
     Attributes:
-        summary: the aggregate numbers (what ``evaluate_parts`` returns; JSON-friendly). Images that could
+        summary: the aggregate numbers (JSON-friendly). Images that could
             not be read are listed in ``summary["skipped_images"]`` (image_id, path, reason).
         per_image: one row per evaluated image (keys :data:`PER_IMAGE_COLUMNS`).
         curves: method → (deletion [N, steps+1], insertion [N, steps+1]) probabilities, or empty.
@@ -179,12 +179,6 @@ def ratio_with_ci(value: float, ci: Sequence[float] | None, unit: str = "×") ->
     if ci is not None and len(ci) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in ci):
         text += f" ({ci[0]:.2f}–{ci[1]:.2f})"
     return text
-
-
-def verdict(ci: Sequence[float]) -> str:
-    """Where a paired interval of a quotient lies against 1: "above", "below", or a "tie" (it holds 1)."""
-    lo, hi = ci
-    return "above" if lo > 1 else "below" if hi < 1 else "tie"
 
 
 def baseline_block(summary: dict, checkpoint: str | Path) -> dict:

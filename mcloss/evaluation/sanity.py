@@ -28,6 +28,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.model import MCModel, model_guard
 from mcloss.explainability.gradcam import fused_gradcam, gradcam_from_weights
 
@@ -58,7 +59,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps (flattened); 0 when exactly one is constant, NaN when both are."""
     x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if x.size != y.size:
-        raise ValueError(f"maps of {x.size} and {y.size} values")
+        raise ParameterError(f"maps of {x.size} and {y.size} values")
     flat_x, flat_y = np.ptp(x) == 0, np.ptp(y) == 0
     if flat_x and flat_y:
         return float("nan")
@@ -78,7 +79,7 @@ def ssim(a: np.ndarray, b: np.ndarray, *, sigma: float = 1.5) -> float:
     ``sigma`` cells, the usual constants for a data range of 1)."""
     x, y = _unit(a), _unit(b)
     if x.shape != y.shape or x.ndim != 2:
-        raise ValueError(f"SSIM needs two maps of one 2-D shape, got {x.shape} and {y.shape}")
+        raise ParameterError(f"SSIM needs two maps of one 2-D shape, got {x.shape} and {y.shape}")
     c1, c2 = 0.01**2, 0.03**2
 
     def blur(m: np.ndarray) -> np.ndarray:
@@ -273,7 +274,7 @@ def random_logit(
     gen = generator or torch.Generator().manual_seed(0)
     n = model.num_classes
     if n < 2:
-        raise ValueError("the random-logit check needs at least 2 classes")
+        raise ParameterError("the random-logit check needs at least 2 classes", parameter="model")
     others = [int((t + 1 + torch.randint(n - 1, (1,), generator=gen)) % n) for t in targets]
     return others, _similarities(class_maps(model, x, targets), class_maps(model, x, others))
 
@@ -299,6 +300,29 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
+def _knockouts_and_random_logits(
+    model: MCModel, batches: Sequence[tuple[torch.Tensor, Sequence[int]]], *, seed: int, draws: int
+) -> tuple[dict[str, list[float]], list[int], list[int], dict[str, dict[str, list[float]]]]:
+    """Group knockout and random logit over the batches, one random stream for both (seeded by ``seed``):
+    (logit drops by key, targets, the other class per image, similarities by map kind and measure)."""
+    gen = torch.Generator().manual_seed(seed)
+    knock: dict[str, list[float]] = {k: [] for k in ("fc_own", "fc_random", "mc_own", "mc_random")}
+    targets: list[int] = []
+    random_rows: dict[str, dict[str, list[float]]] = {k: {"spearman": [], "ssim": []} for k in MAP_KINDS}
+    others: list[int] = []
+    for x, t in batches:
+        drops = group_knockout(model, x, t, draws=draws, generator=gen)
+        for key, values in drops.items():
+            knock[key] += [float(v) for v in values]
+        targets += [int(c) for c in t]
+        chosen, sims = random_logit(model, x, t, generator=gen)
+        others += chosen
+        for kind in MAP_KINDS:
+            for m in ("spearman", "ssim"):
+                random_rows[kind][m] += sims[kind][m]
+    return knock, targets, others, random_rows
+
+
 def run_sanity(
     model: MCModel,
     batches: Sequence[tuple[torch.Tensor, Sequence[int]]],
@@ -315,21 +339,7 @@ def run_sanity(
         draws: random knockout draws per image.
     """
     cascade = cascading_randomization(model, batches, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    knock: dict[str, list[float]] = {k: [] for k in ("fc_own", "fc_random", "mc_own", "mc_random")}
-    targets: list[int] = []
-    random_rows: dict[str, dict[str, list[float]]] = {k: {"spearman": [], "ssim": []} for k in MAP_KINDS}
-    others: list[int] = []
-    for x, t in batches:
-        drops = group_knockout(model, x, t, draws=draws, generator=gen)
-        for key, values in drops.items():
-            knock[key] += [float(v) for v in values]
-        targets += [int(c) for c in t]
-        chosen, sims = random_logit(model, x, t, generator=gen)
-        others += chosen
-        for kind in MAP_KINDS:
-            for m in ("spearman", "ssim"):
-                random_rows[kind][m] += sims[kind][m]
+    knock, targets, others, random_rows = _knockouts_and_random_logits(model, batches, seed=seed, draws=draws)
     per_class = {}
     for c in sorted(set(targets)):
         rows = [i for i, t in enumerate(targets) if t == c]

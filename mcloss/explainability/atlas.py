@@ -34,12 +34,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.files import atomic_path, atomic_write_json
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.files import InputFile
+from mcloss.data.inputs import ImageFiles, collate_items
 from mcloss.data.io import load_image
-from mcloss.explainability.export import ImageFiles, collate_items
-from mcloss.metrics.localization import hit_radius, nearest_keypoints
+from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, hit_radius, nearest_keypoints
 
 __all__ = ["CONSISTENT", "AtlasInputs", "build_atlas", "contact_sheet", "patch_box", "running_topk"]
 
@@ -147,7 +148,7 @@ def build_atlas(
     workers: int = 0,
     device: torch.device | None = None,
     noise: float | None = 0.2,
-    radius: float = 0.12,
+    radius: float = DEFAULT_HIT_RADIUS,
     patch: float = 0.25,
     state: str | Path | None = None,
     save_every: int = 20,
@@ -165,7 +166,7 @@ def build_atlas(
     device = device or next(model.parameters()).device
     classes = list(range(model.num_classes)) if classes is None else [model.class_index(c) for c in classes]
     if top < 1:
-        raise ValueError(f"--top must be >= 1, got {top}")
+        raise ParameterError(f"top must be >= 1, got {top}", parameter="top")
     tracked = [ch for c in classes for ch in range(model.group_slice(c).start, model.group_slice(c).stop)]
     sel = torch.tensor(tracked, device=device)
     options = _options(model, inputs, classes, top, noise, model_id)
@@ -223,7 +224,7 @@ def build_atlas(
         raise
     _save_state(state_path, options, running, meta)
     if not meta["sizes"]:
-        raise ValueError("no readable image in the atlas inputs")
+        raise ParameterError("inputs: no readable image in the atlas inputs", parameter="inputs")
     return _summarize(model, inputs, classes, tracked, running, meta, radius, patch, top)
 
 

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from mcloss.core.device import autocast
+from mcloss.core.errors import ParameterError
 from mcloss.data.io import encode_image
+from mcloss.explainability.render.layout import DEFAULT_TILE_HEIGHT
 
 __all__ = ["PATHS", "GOALS", "PRECISIONS", "time_path", "run_benchmark", "format_table"]
 
@@ -155,7 +157,7 @@ def run_benchmark(
     repeats: int = 5,
     warmup: int = 1,
     paths: Sequence[str] = PATHS,
-    tile_height: int = 224,
+    tile_height: int = DEFAULT_TILE_HEIGHT,
     seed: int = 0,
     precision: str = "auto",
     workers: int = 0,
@@ -167,9 +169,9 @@ def run_benchmark(
     ``precision``: one of :data:`PRECISIONS`; ``workers``: the export path's decoding workers.
     """
     if export_batches < 1:
-        raise ValueError(f"export_batches must be >= 1, got {export_batches}")
+        raise ParameterError(f"export_batches must be >= 1, got {export_batches}", parameter="export_batches")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", parameter="precision")
     amp = device.type == "cuda" if precision == "auto" else precision == "bf16"
     channels_last = amp and device.type == "cuda"
     model = model.to(device).eval()

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mcloss.core.errors import DatasetError
 from mcloss.core.transforms import Geometry
 from mcloss.data.annotations import PartAnnotations
 from mcloss.data.defining import defining_indices
 from mcloss.explainability.geometry import crop_mask, to_original
 from mcloss.metrics import mass
-from mcloss.metrics.localization import hit_radius
+from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, hit_radius
 
 if TYPE_CHECKING:
     from mcloss.explainability.explanation import Explanation, GroupMaps
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 #: Keypoint hit radius as a fraction of max(width, height): ``mcloss parts``' and the app's default.
-DEFAULT_RADIUS = 0.12
+DEFAULT_RADIUS = DEFAULT_HIT_RADIUS
 #: ``DefiningSummary.source`` values (the export json's ``defining_mass_ratio.source``).
 SOURCE_IMAGE = "image"
 SOURCE_CARD = "fresh-set card"
@@ -211,7 +212,7 @@ def crop_regions(
     if labels is not None:
         regions = np.asarray(labels).astype(np.int32)
         if regions.shape != (h, w):
-            raise ValueError(f"part label map is {regions.shape[1]}×{regions.shape[0]}, the image {w}×{h}")
+            raise DatasetError(f"part label map is {regions.shape[1]}×{regions.shape[0]}, the image {w}×{h}")
     elif keypoints is not None and len(keypoints):
         regions = mass.keypoint_regions(keypoints, (w, h), radius_px)
     else:

@@ -16,6 +16,7 @@ An :class:`Explanation` carries the class names, the geometry and a view of the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,29 +28,26 @@ import torch
 from PIL import Image
 
 from mcloss.core.device import autocast
+from mcloss.core.errors import ParameterError
+from mcloss.core.model import model_guard
 from mcloss.core.transforms import Geometry
-from mcloss.data.io import load_image
-from mcloss.explainability import render
+from mcloss.data.inputs import PreparedImage, ViewMaker, prepare_image
+from mcloss.explainability import kinds, render
 from mcloss.explainability.geometry import channel_peaks
-from mcloss.explainability.gradcam import (
-    captum_channel_gradcam,
-    captum_gradcam,
-    captum_guided_gradcam,
-    fused_gradcam,
-    gradcam_from_weights,
-    model_guard,
-)
+from mcloss.explainability.kinds import ExplainPass, parse_maps
 from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from mcloss.core.model import MCModel
+    from mcloss.core.transforms import EvalTransform
     from mcloss.explainability.defining import DefiningSummary
+    from mcloss.explainability.kinds import MapKind
     from mcloss.explainability.outputs import Comparison
 
 __all__ = [
     "DEFAULT_MAPS",
-    "MAP_KINDS",
     "Explanation",
     "GroupMaps",
     "PreparedImage",
@@ -57,25 +55,11 @@ __all__ = [
     "explain_tensor",
     "parse_maps",
     "prepare",
+    "view_maker",
 ]
 
-#: The maps an explanation can hold (the CLI's ``--maps`` vocabulary).
-MAP_KINDS = ("channels", "gradcam", "channel_gradcam", "guided")
-DEFAULT_MAPS = ("channels", "gradcam")
-
-
-def parse_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
-    """``"channels,gradcam"`` or a sequence of kinds → a tuple of known kinds (``channels`` always first).
-
-    Raises:
-        ValueError: an unknown kind (the message lists the known ones).
-    """
-    items = maps.split(",") if isinstance(maps, str) else list(maps)
-    kinds = [str(m).strip() for m in items if str(m).strip()]
-    unknown = sorted(set(kinds) - set(MAP_KINDS))
-    if unknown:
-        raise ValueError(f"--maps: unknown {', '.join(unknown)} (choose from {', '.join(MAP_KINDS)})")
-    return tuple(k for k in MAP_KINDS if k == "channels" or k in kinds)
+#: The kinds computed unless ``maps`` says otherwise (from :mod:`mcloss.explainability.kinds`).
+DEFAULT_MAPS = kinds.default_names()
 
 
 @dataclass
@@ -90,10 +74,13 @@ class GroupMaps:
         peaks_feature: [ξ, 2] int (x, y) argmax cell of each channel.
         peaks_xy: [ξ, 2] float (x, y) of those cell centres in original-image pixels.
         peak_values: [ξ] float32.
-        gradcam: [h, w] float32 ReLU Grad-CAM of the FC-head logit of ``target``, or None.
-        gradcam_peak_xy: [2] float, its argmax cell centre in original pixels, or None.
-        channel_gradcam: [ξ, h, w] float32 per-channel ReLU Grad-CAM of the group's channels, or None.
-        guided: [H_in, W_in] float32 signed Guided Grad-CAM at input resolution (summed over RGB), or None.
+        maps: the other computed kinds' maps by kind name (:mod:`mcloss.explainability.kinds`), each also
+            readable as an attribute, None when not computed: ``gradcam`` [h, w] float32 ReLU Grad-CAM of the
+            FC-head logit of ``target``; ``channel_gradcam`` [ξ, h, w] float32 per-channel ReLU Grad-CAM of
+            the group's channels; ``guided`` [H_in, W_in] float32 signed Guided Grad-CAM at input resolution
+            (summed over RGB).
+        map_peaks: (x, y) in original pixels of the argmax cell of each computed kind that keeps a peak
+            (``gradcam_peak_xy`` reads Grad-CAM's).
         prob: FC-head probability of ``target``.
         prob_mc: MC-head probability of ``target``.
     """
@@ -105,12 +92,25 @@ class GroupMaps:
     peaks_feature: np.ndarray
     peaks_xy: np.ndarray
     peak_values: np.ndarray
-    gradcam: np.ndarray | None = None
-    gradcam_peak_xy: np.ndarray | None = None
-    channel_gradcam: np.ndarray | None = None
-    guided: np.ndarray | None = None
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    map_peaks: dict[str, np.ndarray] = field(default_factory=dict)
     prob: float = float("nan")
     prob_mc: float = float("nan")
+
+    if TYPE_CHECKING:  # the built-in kinds, read through __getattr__
+        gradcam: np.ndarray | None
+        channel_gradcam: np.ndarray | None
+        guided: np.ndarray | None
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_") and name not in ("maps", "map_peaks") and name in kinds.names():
+            return self.__dict__.get("maps", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def gradcam_peak_xy(self) -> np.ndarray | None:
+        """[2] float, Grad-CAM's argmax cell centre in original pixels, or None."""
+        return self.map_peaks.get("gradcam")
 
 
 @dataclass
@@ -164,13 +164,13 @@ class Explanation:
         if image is not None:
             return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
         if self.view is None:
-            raise ValueError("this explanation holds no view of its image; pass image=")
+            raise ParameterError("image: this explanation holds no view of its image; pass image=", parameter="image")
         return self.view
 
     def tiles(
         self, group: int = 0, style: render.Style | None = None, *, image: np.ndarray | Image.Image | None = None
     ) -> list[render.Tile]:
-        """The tiles of one target (rank ``group``): ξ channels, CCMP, parts, Grad-CAM, Guided Grad-CAM.
+        """The montage tiles of one target (rank ``group``): ξ channels, CCMP, parts, Grad-CAM, Guided Grad-CAM.
 
         Drawn at the size of the view (or of ``image``); see :func:`mcloss.explainability.render.group_tiles`.
         """
@@ -188,9 +188,10 @@ class Explanation:
         """One map over the image, RGB uint8 at the size of the view (or of ``image``).
 
         Args:
-            kind: ``"channel"``, ``"ccmp"``, ``"gradcam"``, ``"channel_gradcam"`` or ``"guided"``.
+            kind: a map kind (``"channels"``, ``"gradcam"``, ``"channel_gradcam"``, ``"guided"``, any
+                registered one) or ``"ccmp"``; ``"channel"`` means ``"channels"``.
             group: rank of the target.
-            channel: channel within the group (for ``channel`` and ``channel_gradcam``).
+            channel: channel within the group (for per-channel kinds).
             style: display settings (default :class:`~mcloss.explainability.render.Style`).
             image: another view of the original to draw on.
         """
@@ -246,39 +247,45 @@ class Explanation:
         killed run left for these outputs (an export sweeps each folder once); ``montage=False`` writes no
         PNG (no view is needed then). Returns the JSON record.
         """
-        from mcloss.explainability.outputs import write_explanation
+        from mcloss.explainability.outputs import OutputOptions, write_explanation
 
-        style = style or render.Style()
+        output = OutputOptions(
+            style=style or render.Style(), topk=topk, options=options, clean_temps=clean_temps, montage=montage
+        )
         view = self._view(image) if montage else None
-        return write_explanation(self, Path(path), view, style, topk, defining, options, compare, clean_temps, montage)
+        return write_explanation(self, Path(path), view=view, output=output, defining=defining, compare=compare)
 
 
 # ------------------------------------------------------------------------------------------- explain
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """One image ready for the network.
-
-    Attributes:
-        x: [3, H, W] the eval transform's output.
-        geometry: how the original lands on ``x``.
-        view: RGB uint8 view of the original for drawing (any size, same aspect ratio), or None.
-        source: the file it came from, or None.
-    """
-
-    x: torch.Tensor
-    geometry: Geometry
-    view: np.ndarray | None = None
-    source: str | None = None
 
 
 ImageInput = Image.Image | str | os.PathLike | PreparedImage
 _IMAGE_TYPES = (Image.Image, str, os.PathLike, PreparedImage)
 
 
+def _thumbnail_view(image: np.ndarray, *, height: int) -> np.ndarray:
+    return render.thumbnail(image, height)[0]
+
+
+def view_maker(view: str | None, view_size: int = render.VIEW_MAX_SIDE) -> ViewMaker | None:
+    """The function that makes the view :func:`prepare` keeps (picklable, for DataLoader workers): ``"fit"``
+    (long side at most ``view_size``), ``"height"`` (a montage thumbnail of ``view_size`` rows, see
+    :func:`mcloss.explainability.render.thumbnail`), or None (no view).
+
+    Raises:
+        ValueError: another ``view``.
+    """
+    if view == "fit":
+        return functools.partial(render.fit_view, max_side=view_size)
+    if view == "height":
+        return functools.partial(_thumbnail_view, height=view_size)
+    if view is not None:
+        raise ParameterError(f"view must be 'fit', 'height' or None, got {view!r}", parameter="view")
+    return None
+
+
 def prepare(
-    model,
+    model: MCModel | EvalTransform,
     image: Image.Image | str | os.PathLike,
     *,
     view: str | None = "fit",
@@ -294,21 +301,7 @@ def prepare(
             (a montage thumbnail of ``view_size`` rows, see :func:`mcloss.explainability.render.thumbnail`), or None (no view).
         view_size: pixels of that side.
     """
-    transform = getattr(model, "transform", model)
-    source = None
-    if not isinstance(image, Image.Image):
-        source = os.fspath(image)
-        image = load_image(image)
-    geo = transform.geometry(*image.size)
-    x = transform.apply(image, geo)
-    kept = None
-    if view == "fit":
-        kept = render.fit_view(np.asarray(image), view_size)
-    elif view == "height":
-        kept = render.thumbnail(np.asarray(image), view_size)[0]
-    elif view is not None:
-        raise ValueError(f"view must be 'fit', 'height' or None, got {view!r}")
-    return PreparedImage(x, geo, kept, source)
+    return prepare_image(getattr(model, "transform", model), image, view_maker(view, view_size))
 
 
 def _as_items(images: Any) -> tuple[bool, list]:
@@ -318,15 +311,18 @@ def _as_items(images: Any) -> tuple[bool, list]:
     try:
         items = list(images)
     except TypeError:
-        raise TypeError(f"images must be a PIL image, a path, a PreparedImage or a list of them, not {type(images).__name__}") from None
+        raise ParameterError(
+            f"images must be a PIL image, a path, a PreparedImage or a list of them, not {type(images).__name__}",
+            parameter="images",
+        ) from None
     bad = [type(it).__name__ for it in items if not isinstance(it, _IMAGE_TYPES)]
     if bad:
-        raise TypeError(f"images must be PIL images, paths or PreparedImages, got {bad[0]}")
+        raise ParameterError(f"images must be PIL images, paths or PreparedImages, got {bad[0]}", parameter="images")
     return False, items
 
 
 def explain(
-    model,
+    model: MCModel,
     images: ImageInput | Sequence[ImageInput],
     targets: TargetSpec | Sequence[TargetSpec] = "pred",
     *,
@@ -364,13 +360,13 @@ def explain(
     if single and labels is not None and not isinstance(labels, (list, tuple)):
         labels = [labels]
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    kinds = parse_maps(maps)
+        raise ParameterError(f"batch_size must be >= 1, got {batch_size}", parameter="batch_size")
+    names = parse_maps(maps)
     prepared = [it if isinstance(it, PreparedImage) else prepare(model, it) for it in items]
     batch_targets = per_image(targets, len(items))
     batch_labels = list(labels) if labels is not None else [None] * len(items)
     if len(batch_labels) != len(items):
-        raise ValueError(f"{len(batch_labels)} labels for {len(items)} images")
+        raise ParameterError(f"labels: {len(batch_labels)} labels for {len(items)} images", parameter="labels")
     results: list = [None] * len(items)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, item in enumerate(prepared):
@@ -385,7 +381,7 @@ def explain(
                 [prepared[i].geometry for i in idx],
                 [batch_targets[i] for i in idx],
                 labels=[batch_labels[i] for i in idx],
-                maps=kinds,
+                maps=names,
                 method=method,
                 device=device,
                 amp=amp,
@@ -397,7 +393,7 @@ def explain(
 
 
 def explain_tensor(
-    model,
+    model: MCModel,
     x: torch.Tensor,
     geometries: Sequence[Geometry],
     targets: TargetSpec | Sequence[TargetSpec] = "pred",
@@ -427,104 +423,96 @@ def explain_tensor(
         One Explanation per image (without a view; :func:`explain` adds it).
     """
     if method not in ("fused", "captum"):
-        raise ValueError(f"method must be 'fused' or 'captum', got {method!r}")
+        raise ParameterError(f"method must be 'fused' or 'captum', got {method!r}", parameter="method")
     batch = x.shape[0]
     if len(geometries) != batch:
-        raise ValueError(f"{len(geometries)} geometries for a batch of {batch}")
+        raise ParameterError(f"geometries: {len(geometries)} for a batch of {batch}", parameter="geometries")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     amp = dev.type == "cuda" if amp is None else amp
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     x = x.to(dev, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    kinds = parse_maps(maps)
-    gradcam, channel_gradcam, guided = ("gradcam" in kinds), ("channel_gradcam" in kinds), ("guided" in kinds)
-    fused = (gradcam or channel_gradcam) and method == "fused"
+    chosen = [kinds.get(name) for name in parse_maps(maps)]
+    fused = method == "fused" and any(k.needs_gradients for k in chosen)
 
     with model_guard(model, freeze=True):
-        with torch.no_grad(), autocast(dev, enabled=amp):
-            feats = model.forward_features(x)
-        feats = feats.float().contiguous()
-        if fused:
-            feats = feats.detach().requires_grad_(True)
-        with torch.set_grad_enabled(fused), autocast(dev, enabled=amp):
-            logits = model.head_logits(feats)
-        logits = logits.float()
+        feats, logits = _forward(model, x, dev, amp=amp, fused=fused)
         with torch.no_grad():
             probs_fc = torch.softmax(logits, dim=1).cpu().numpy()
             probs_mc = torch.softmax(model.mc_logits(feats.detach()), dim=1).float().cpu().numpy()
         per_image = resolve_targets(model, targets, probs_fc, probs_mc, labels)
         depth = max(len(t) for t in per_image)
+        computed = _compute_maps(ExplainPass(model, x, feats, logits, method, depth), chosen, per_image)
 
-        cams: list[torch.Tensor | None] = [None] * depth  # per rank: [B, h, w]
-        chan_cams: list[torch.Tensor | None] = [None] * depth  # per rank: [B, K, h, w]
-        guided_maps: list[torch.Tensor | None] = [None] * depth
-        for r in range(depth):
-            # images with fewer targets repeat their last one at deeper ranks (the result is discarded)
-            rank_targets = [t[min(r, len(t) - 1)] for t in per_image]
-            if fused:
-                weights = fused_gradcam(feats, logits, rank_targets, retain_graph=r < depth - 1)
-                f = feats.detach()
-                if gradcam:
-                    cams[r] = gradcam_from_weights(f, weights)
-                if channel_gradcam:
-                    chan_cams[r] = gradcam_from_weights(f, weights, per_channel=True)
-            elif gradcam or channel_gradcam:
-                if gradcam:
-                    cams[r] = captum_gradcam(model, x, rank_targets).float()
-                if channel_gradcam:
-                    chan_cams[r] = captum_channel_gradcam(model, x, rank_targets).float()
-            if guided:
-                guided_maps[r] = captum_guided_gradcam(model, x, rank_targets).float().sum(dim=1)
-
-    f = feats.detach()
     picked = [(b, r, model.group_slice(t)) for b in range(batch) for r, t in enumerate(per_image[b])]
-    group_np = _target_groups([f] * depth, picked)
-    chan_np = _target_groups(chan_cams, picked) if channel_gradcam else {}
-    cams_np = [None if c is None else c.cpu().numpy() for c in cams]
-    guided_np = [None if g is None else g.cpu().numpy() for g in guided_maps]
-    feature_hw = (int(f.shape[2]), int(f.shape[3]))
+    host = {k.name: _to_host(computed[k.name], k, picked) for k in chosen}
+    feature_hw = (int(feats.shape[2]), int(feats.shape[3]))
     label_list = list(labels) if labels is not None else [None] * batch
     results = []
-    for b in range(batch):
-        geo = geometries[b]
-        groups = []
-        for r, t in enumerate(per_image[b]):
-            chans = np.ascontiguousarray(group_np[b, r], dtype=np.float32)
-            peaks, values = channel_peaks(chans)
-            gm = GroupMaps(
-                target=t,
-                name=model.class_names[t],
-                channels=chans,
-                ccmp=chans.max(axis=0),
-                peaks_feature=peaks,
-                peaks_xy=geo.feature_to_original(peaks, feature_hw),
-                peak_values=values,
-                prob=float(probs_fc[b, t]),
-                prob_mc=float(probs_mc[b, t]),
-            )
-            if cams_np[r] is not None:
-                gm.gradcam = np.ascontiguousarray(cams_np[r][b], dtype=np.float32)
-                gxy, _ = channel_peaks(gm.gradcam[None])
-                gm.gradcam_peak_xy = geo.feature_to_original(gxy, feature_hw)[0]
-            if (b, r) in chan_np:
-                gm.channel_gradcam = np.ascontiguousarray(chan_np[b, r], dtype=np.float32)
-            if guided_np[r] is not None:
-                gm.guided = np.ascontiguousarray(guided_np[r][b], dtype=np.float32)
-            groups.append(gm)
+    for b, geo in enumerate(geometries):
+        groups = [_group_maps(model, host, (b, r, t), geo, feature_hw) for r, t in enumerate(per_image[b])]
+        for gm in groups:
+            gm.prob, gm.prob_mc = float(probs_fc[b, gm.target]), float(probs_mc[b, gm.target])
+        label = None if label_list[b] is None else int(label_list[b])
         results.append(
             Explanation(
-                image_size=tuple(geo.original),
-                geometry=geo,
-                feature_hw=feature_hw,
-                probs_fc=probs_fc[b],
-                probs_mc=probs_mc[b],
-                groups=groups,
-                label=None if label_list[b] is None else int(label_list[b]),
-                class_names=tuple(model.class_names),
+                tuple(geo.original), geo, feature_hw, probs_fc[b], probs_mc[b], groups, label, tuple(model.class_names)
             )
         )
     return results
+
+
+def _forward(model: MCModel, x: torch.Tensor, dev: torch.device, *, amp: bool, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """F (float32; a leaf that requires grad when ``fused``) and the FC-head logits computed from it."""
+    with torch.no_grad(), autocast(dev, enabled=amp):
+        feats = model.forward_features(x)
+    feats = feats.float().contiguous()
+    if fused:
+        feats = feats.detach().requires_grad_(True)
+    with torch.set_grad_enabled(fused), autocast(dev, enabled=amp):
+        logits = model.head_logits(feats)
+    return feats, logits.float()
+
+
+def _compute_maps(p: ExplainPass, chosen: Sequence[MapKind], per_image: list[list[int]]) -> dict[str, list[torch.Tensor]]:
+    """{kind: one batch of maps per target rank}, rank by rank, in table order."""
+    out: dict[str, list[torch.Tensor]] = {k.name: [] for k in chosen}
+    for r in range(p.depth):
+        # images with fewer targets repeat their last one at deeper ranks (the result is discarded)
+        rank_targets = [t[min(r, len(t) - 1)] for t in per_image]
+        for k in chosen:
+            out[k.name].append(k.compute(p, r, rank_targets))
+    return out
+
+
+def _to_host(per_rank: list[torch.Tensor], kind: MapKind, picked: list[tuple[int, int, slice]]) -> dict:
+    """{(image, rank): that target's map of ``kind`` as numpy}: of a per-channel kind only the target's group
+    leaves the device."""
+    if kind.per_channel:
+        return _target_groups(per_rank, picked)
+    on_host = [m.cpu().numpy() for m in per_rank]
+    return {(b, r): on_host[r][b] for b, r, _ in picked}
+
+
+def _group_maps(
+    model: MCModel, host: dict[str, dict], key: tuple[int, int, int], geo: Geometry, feature_hw: tuple[int, int]
+) -> GroupMaps:
+    """The GroupMaps of target ``t`` at rank ``r`` of image ``b`` (``key``), its peaks in original pixels."""
+    b, r, t = key
+    chans = np.ascontiguousarray(host[kinds.CHANNELS][b, r], dtype=np.float32)
+    peaks, values = channel_peaks(chans)
+    gm = GroupMaps(
+        t, model.class_names[t], chans, chans.max(axis=0), peaks, geo.feature_to_original(peaks, feature_hw), values
+    )
+    for name, maps in host.items():
+        if name == kinds.CHANNELS:
+            continue
+        gm.maps[name] = np.ascontiguousarray(maps[b, r], dtype=np.float32)
+        if kinds.get(name).peak:
+            xy, _ = channel_peaks(gm.maps[name][None])
+            gm.map_peaks[name] = geo.feature_to_original(xy, feature_hw)[0]
+    return gm
 
 
 def _target_groups(maps: Sequence[torch.Tensor], picked: list[tuple[int, int, slice]]) -> dict:

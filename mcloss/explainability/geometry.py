@@ -9,6 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.transforms import Geometry
 
 __all__ = ["INTERPOLATIONS", "channel_peaks", "crop_mask", "to_original"]
@@ -51,10 +52,10 @@ def to_original(
         [H, W] float32.
     """
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        raise ParameterError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}", parameter="interpolation")
     src = np.ascontiguousarray(np.asarray(map_hw, dtype=np.float32))
     if src.ndim != 2:
-        raise ValueError(f"expected a 2-D map, got shape {src.shape}")
+        raise ParameterError(f"map_hw: expected a 2-D map, got shape {src.shape}", parameter="map_hw")
     w0, h0 = geometry.original
     w, h = size or (w0, h0)
     affine = geometry.original_to_feature_affine(src.shape)

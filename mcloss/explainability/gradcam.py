@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.model import model_guard
 
 __all__ = [
@@ -56,7 +57,7 @@ def fused_gradcam(
     """
     index = torch.as_tensor(list(targets), dtype=torch.long, device=logits.device)
     if index.shape[0] != logits.shape[0]:
-        raise ValueError(f"{index.shape[0]} targets for a batch of {logits.shape[0]}")
+        raise ParameterError(f"targets: {index.shape[0]} targets for a batch of {logits.shape[0]}", parameter="targets")
     score = logits.gather(1, index[:, None]).sum()
     (grad,) = torch.autograd.grad(score, features, retain_graph=retain_graph)
     return grad.float().mean(dim=(2, 3))
@@ -67,7 +68,7 @@ def _target_list(targets: int | Sequence[int], batch: int) -> list[int]:
         return [targets] * batch
     out = [int(t) for t in targets]
     if len(out) != batch:
-        raise ValueError(f"{len(out)} targets for a batch of {batch}")
+        raise ParameterError(f"targets: {len(out)} targets for a batch of {batch}", parameter="targets")
     return out
 
 

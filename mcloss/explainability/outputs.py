@@ -35,21 +35,31 @@ import io
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.files import atomic_write_bytes, atomic_write_json
 from mcloss.data.io import encode_image
+from mcloss.explainability import kinds
 from mcloss.explainability.render import Style, compare_montage, explanation_montage
 
 if TYPE_CHECKING:
     from mcloss.explainability.defining import DefiningSummary
     from mcloss.explainability.explanation import Explanation, GroupMaps
 
-__all__ = ["Comparison", "explanation_arrays", "explanation_record", "png_name", "stale_temps", "write_explanation"]
+__all__ = [
+    "Comparison",
+    "OutputOptions",
+    "explanation_arrays",
+    "explanation_record",
+    "png_name",
+    "stale_temps",
+    "write_explanation",
+]
 
 
 def png_name(name: str, rank: int) -> str:
@@ -58,7 +68,7 @@ def png_name(name: str, rank: int) -> str:
 
 
 def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
-    """The raw maps and probabilities of the npz file."""
+    """The raw maps and probabilities of the npz file (each computed kind under its name)."""
     arrays: dict[str, np.ndarray] = {
         "probs": exp.probs_fc.astype(np.float32),
         "probs_mc": exp.probs_mc.astype(np.float32),
@@ -67,13 +77,26 @@ def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
     }
     for rank, gm in enumerate(exp.groups, start=1):
         sfx = "" if rank == 1 else f"_r{rank}"
-        arrays[f"channels{sfx}"] = gm.channels
+        arrays[f"{kinds.CHANNELS}{sfx}"] = gm.channels
         arrays[f"peaks_xy{sfx}"] = gm.peaks_xy.astype(np.float64)
-        for key in ("gradcam", "channel_gradcam", "guided"):
-            value = getattr(gm, key)
-            if value is not None:
-                arrays[f"{key}{sfx}"] = value
+        arrays |= {f"{name}{sfx}": value for name, value in _computed(gm)}
     return arrays
+
+
+def _computed(gm: GroupMaps) -> list[tuple[str, np.ndarray]]:
+    """(name, map) of the kinds other than ``channels`` that ``gm`` holds, in table order."""
+    return [(k.name, gm.maps[k.name]) for k in kinds.kinds() if gm.maps.get(k.name) is not None]
+
+
+def _peak_kinds() -> list[str]:
+    """The kinds that keep a peak (their peaks are in the json), in table order."""
+    return [k.name for k in kinds.kinds() if k.peak]
+
+
+def _peak_entries(gm: GroupMaps) -> dict:
+    """The json's entry of every kind that keeps a peak: ``{"peak_xy": [x, y]}``, or null when not computed."""
+    peaks = {name: gm.map_peaks.get(name) for name in _peak_kinds()}
+    return {name: None if xy is None else {"peak_xy": [float(v) for v in xy]} for name, xy in peaks.items()}
 
 
 def _target_entry(gm: GroupMaps, rank: int, png: str | None, defining: DefiningSummary | None = None) -> dict:
@@ -87,7 +110,7 @@ def _target_entry(gm: GroupMaps, rank: int, png: str | None, defining: DefiningS
             {"channel": i, "peak_xy": [float(v) for v in gm.peaks_xy[i]], "peak_value": float(gm.peak_values[i])}
             for i in range(len(gm.channels))
         ],
-        "gradcam": None if gm.gradcam_peak_xy is None else {"peak_xy": [float(v) for v in gm.gradcam_peak_xy]},
+        **_peak_entries(gm),
         "png": png,
         "defining_parts": [] if defining is None else list(defining.parts),
     }
@@ -101,7 +124,7 @@ def _aligned(exp: Explanation, defining: Sequence[DefiningSummary | None] | None
     if defining is None:
         return [None] * len(exp.groups)
     if len(defining) != len(exp.groups):
-        raise ValueError(f"{len(defining)} defining-part summaries for {len(exp.groups)} targets")
+        raise ParameterError(f"defining: {len(defining)} defining-part summaries for {len(exp.groups)} targets", parameter="defining")
     return list(defining)
 
 
@@ -138,7 +161,7 @@ def explanation_record(
         "label": None if exp.label is None else {"index": exp.label, "name": exp.class_name(exp.label)},
         "target": {"index": entries[0]["index"], "name": entries[0]["name"], "prob": entries[0]["prob"]},
         "channels": entries[0]["channels"],
-        "gradcam": entries[0]["gradcam"],
+        **{name: entries[0][name] for name in _peak_kinds()},
         "feature_hw": list(exp.feature_hw),
         "geometry": {"resized": list(exp.geometry.resized), "crop": list(exp.geometry.crop)},
         "targets": entries,
@@ -163,7 +186,7 @@ class Comparison:
     def record(self, topk: int) -> dict:
         """The json's ``compare``: the second model's name, predictions, topk and per-target entries."""
         rec = explanation_record(self.explanation, topk)
-        keep = ("prediction", "prediction_mc", "topk", "target", "channels", "gradcam", "feature_hw", "targets")
+        keep = ("prediction", "prediction_mc", "topk", "target", "channels", *_peak_kinds(), "feature_hw", "targets")
         out = {"checkpoint": self.titles[1], "sha256": self.sha256} | {k: rec[k] for k in keep}
         for entry in out["targets"]:
             entry.pop("png", None)
@@ -213,17 +236,35 @@ def _stems_of(output: str) -> list[str]:
     return [stem, ranked.group(1)] if ranked else [stem]
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """The settings one run applies to every explanation it writes (:meth:`Explanation.save` makes one per
+    call, ``mcloss export`` one per run).
+
+    Attributes:
+        style: how the montages are drawn (``style.tile_height`` rows per tile).
+        topk: entries in the json's ``topk`` list.
+        options: recorded as the json's ``options`` when given (``mcloss export`` records its settings).
+        clean_temps: first remove the temps a killed run left for an image's outputs (:func:`stale_temps`);
+            an export sweeps each folder once for all its images instead.
+        montage: False: no PNG, only the npz and the json (``mcloss export --no-montage``).
+    """
+
+    style: Style = field(default_factory=Style)
+    topk: int = 5
+    options: dict | None = None
+    clean_temps: bool = True
+    montage: bool = True
+
+
 def write_explanation(
     exp: Explanation,
     base: Path,
+    *,
     view: np.ndarray | None,
-    style: Style,
-    topk: int = 5,
+    output: OutputOptions,
     defining: Sequence[DefiningSummary | None] | None = None,
-    options: dict | None = None,
     compare: Comparison | None = None,
-    clean_temps: bool = True,
-    montage: bool = True,
 ) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
 
@@ -231,34 +272,29 @@ def write_explanation(
         exp: the explanation (its ``source`` is the json's ``file``).
         base: the output stem.
         view: RGB uint8 view of the original to draw the montages on (None without montages).
-        style: how the montages are drawn (``style.tile_height`` rows per tile).
-        topk: entries in the json's ``topk`` list.
+        output: the run's settings (style, topk, recorded options, temp cleaning, montages).
         defining: the targets' defining-part summaries (see :func:`explanation_record`).
-        options: recorded as the json's ``options`` when given (``mcloss export`` records its settings).
         compare: a second model's explanation of the same image and targets (``mcloss export --compare``):
             each montage shows both models, one above the other (:func:`compare_montage`), the npz adds its
             arrays prefixed ``compare_``, and the json its record under ``compare``.
-        clean_temps: first remove the temps a killed run left for these outputs (:func:`stale_temps`); an
-            export sweeps each folder once for all its images instead.
-        montage: False: no PNG, only the npz and the json (``mcloss export --no-montage``).
     """
-    if montage and view is None:
-        raise ValueError("drawing the montages needs a view of the image")
-    if clean_temps:
+    if output.montage and view is None:
+        raise ParameterError("view: drawing the montages needs a view of the image", parameter="view")
+    if output.clean_temps:
         for tmp in stale_temps(base.parent, {base.name}):
             tmp.unlink(missing_ok=True)
-    record = explanation_record(exp, topk, base.name, defining, montage)
-    if options is not None:
-        record["options"] = options
+    record = explanation_record(exp, output.topk, base.name, defining, output.montage)
+    if output.options is not None:
+        record["options"] = output.options
     arrays = explanation_arrays(exp)
     if compare is not None:
-        record["compare"] = compare.record(topk)
+        record["compare"] = compare.record(output.topk)
         arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
-    for rank in range(1, len(exp.groups) + 1) if montage else ():  # each target's montage
+    for rank in range(1, len(exp.groups) + 1) if output.montage else ():  # each target's montage
         if compare is None:
-            picture = explanation_montage(view, exp, rank - 1, style)
+            picture = explanation_montage(view, exp, rank - 1, output.style)
         else:
-            picture = compare_montage(view, exp, compare.explanation, rank - 1, style, compare.titles)
+            picture = compare_montage(view, exp, compare.explanation, rank - 1, output.style, compare.titles)
         atomic_write_bytes(base.parent / png_name(base.name, rank), encode_image(picture))
     atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(arrays))
     atomic_write_json(base.parent / f"{base.name}.json", record)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mcloss.core.errors import ParameterError
+
 __all__ = ["TargetSpec", "check_target", "per_image", "resolve_targets"]
 
 TargetSpec = int | str | Sequence[int | str]
@@ -37,7 +39,7 @@ def _parse(model, spec: int | str) -> tuple[str, int]:
     if m:
         k = int(m.group(1))
         if not 1 <= k <= model.num_classes:
-            raise ValueError(f"target {s!r}: k must be in [1, {model.num_classes}]")
+            raise ParameterError(f"target {s!r}: k must be in [1, {model.num_classes}]", parameter="target")
         return "top", k
     return "class", model.class_index(s)
 
@@ -59,7 +61,7 @@ def _one_target(model, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray,
         return [int(np.argmax(probs_mc))]
     if kind == "label":
         if label is None:
-            raise ValueError("target 'label' needs a label for every image")
+            raise ParameterError("target 'label' needs a label for every image", parameter="target")
         return [model.class_index(int(label))]
     if kind == "top":
         return [int(i) for i in np.argsort(-probs, kind="stable")[:value]]
@@ -77,7 +79,7 @@ def resolve_targets(
     batch = probs_fc.shape[0]
     labels = list(labels) if labels is not None else [None] * batch
     if len(labels) != batch:
-        raise ValueError(f"{len(labels)} labels for {batch} images")
+        raise ParameterError(f"labels: {len(labels)} labels for {batch} images", parameter="labels")
     out = []
     for b, item in enumerate(per_image(spec, batch)):
         items = [item] if isinstance(item, (str, int, np.integer)) else list(item)
@@ -87,7 +89,7 @@ def resolve_targets(
                 if t not in resolved:
                     resolved.append(t)
         if not resolved:
-            raise ValueError(f"no target for image {b}")
+            raise ParameterError(f"target: no target for image {b}", parameter="target")
         out.append(resolved)
     return out
 
@@ -98,7 +100,7 @@ def per_image(targets: TargetSpec | Sequence[TargetSpec], batch: int) -> list:
         return [targets] * batch
     targets = list(targets)
     if len(targets) != batch:
-        raise ValueError(f"{len(targets)} per-image targets for {batch} images")
+        raise ParameterError(f"targets: {len(targets)} per-image targets for {batch} images", parameter="targets")
     return targets
 
 

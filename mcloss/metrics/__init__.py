@@ -1,4 +1,5 @@
-"""Pure metric math on numpy arrays (no models, no files): the lowest layer, usable from every other.
+"""Pure metric math on numpy arrays (no models, no files), usable from every layer above core: it imports
+only numpy and :mod:`mcloss.core.errors`.
 
 Modules:
     localization: hit radii, nearest keypoints, peak hits, top-k masks, IoU, perturbation steps and AUC.

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from mcloss.core.errors import ParameterError
+
 __all__ = [
+    "DEFAULT_HIT_RADIUS",
     "SIZE_REFERENCES",
     "image_size_reference",
     "hit_radius",
@@ -40,6 +43,8 @@ __all__ = [
     "perturbation_masks",
 ]
 
+#: The hit radius every command, the app and the library default to, as a fraction of the image size.
+DEFAULT_HIT_RADIUS = 0.12
 #: Accepted definitions of "image size" for the hit radius.
 SIZE_REFERENCES = ("max", "sqrt-area", "diagonal")
 
@@ -52,20 +57,20 @@ def image_size_reference(width: float, height: float, reference: str = "max") ->
         reference: ``"max"`` = max(w, h) (default), ``"sqrt-area"`` = √(w·h), ``"diagonal"`` = √(w² + h²).
     """
     if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}×{height}")
+        raise ParameterError(f"image size must be positive, got {width}×{height}")
     if reference == "max":
         return float(max(width, height))
     if reference == "sqrt-area":
         return math.sqrt(float(width) * float(height))
     if reference == "diagonal":
         return math.hypot(float(width), float(height))
-    raise ValueError(f"size reference must be one of {', '.join(SIZE_REFERENCES)}, got {reference!r}")
+    raise ParameterError(f"size reference must be one of {', '.join(SIZE_REFERENCES)}, got {reference!r}", parameter="reference")
 
 
 def hit_radius(width: float, height: float, radius: float, reference: str = "max") -> float:
     """The hit radius in pixels: ``radius × image_size_reference(width, height, reference)``."""
     if not radius > 0:
-        raise ValueError(f"radius must be > 0, got {radius}")
+        raise ParameterError(f"radius must be > 0, got {radius}", parameter="radius")
     return float(radius) * image_size_reference(width, height, reference)
 
 
@@ -151,7 +156,7 @@ def topk_mask(values: np.ndarray, percent: float) -> np.ndarray:
     """
     v = np.asarray(values, dtype=np.float64)
     if not 0 < percent <= 100:
-        raise ValueError(f"top-k percent must be in (0, 100], got {percent}")
+        raise ParameterError(f"top-k percent must be in (0, 100], got {percent}", parameter="percent")
     if v.size == 0:
         return np.zeros(v.shape, dtype=bool)
     k = max(1, math.ceil(percent / 100.0 * v.size - 1e-9))
@@ -196,9 +201,9 @@ def channel_part_matrix(assignments: Iterable[np.ndarray], num_parts: int, num_c
     matrix = np.zeros((xi, num_parts), dtype=np.int64)
     for r in rows:
         if len(r) > xi:
-            raise ValueError(f"assignment of {len(r)} channels for a {xi}-row matrix")
+            raise ParameterError(f"assignment of {len(r)} channels for a {xi}-row matrix")
         if r.size and r.max() >= num_parts:
-            raise ValueError(f"part index {int(r.max())} out of range for {num_parts} parts")
+            raise ParameterError(f"part index {int(r.max())} out of range for {num_parts} parts")
         ch = np.flatnonzero(r >= 0)
         np.add.at(matrix, (ch, r[ch]), 1)
     return matrix
@@ -221,7 +226,7 @@ def random_points(rng: np.random.Generator, count: int, box: Sequence[float]) ->
     """[count, 2] points uniform in the box (x0, y0, x1, y1), i.e. x ∈ [x0, x1), y ∈ [y0, y1)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"empty box {tuple(box)}")
+        raise ParameterError(f"empty box {tuple(box)}")
     u = rng.random((int(count), 2))
     return np.stack([x0 + u[:, 0] * (x1 - x0), y0 + u[:, 1] * (y1 - y0)], axis=1)
 
@@ -230,17 +235,17 @@ def trapezoid_auc(values: np.ndarray, fractions: np.ndarray | None = None) -> fl
     """Area under a curve by the trapezoid rule; ``fractions`` defaults to evenly spaced on [0, 1]."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size < 2:
-        raise ValueError("a curve needs at least two points")
+        raise ParameterError("a curve needs at least two points")
     f = np.linspace(0.0, 1.0, v.size) if fractions is None else np.asarray(fractions, dtype=np.float64).ravel()
     if f.shape != v.shape:
-        raise ValueError(f"{f.size} fractions for {v.size} values")
+        raise ParameterError(f"{f.size} fractions for {v.size} values")
     return float(np.sum((v[1:] + v[:-1]) * np.diff(f)) / 2.0)
 
 
 def step_fractions(steps: int) -> np.ndarray:
     """[steps + 1] fractions 0, 1/steps, …, 1."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ParameterError(f"steps must be >= 1, got {steps}", parameter="steps")
     return np.linspace(0.0, 1.0, int(steps) + 1)
 
 
@@ -258,7 +263,7 @@ def saliency_rank(saliency: np.ndarray, rng: np.random.Generator | None = None) 
     s = np.asarray(saliency, dtype=np.float64)
     flat = s.ravel()
     if np.isnan(flat).any():
-        raise ValueError("saliency map contains NaN")
+        raise ParameterError("saliency map contains NaN")
     tiebreak = rng.permutation(flat.size) if rng is not None else np.arange(flat.size)
     order = np.lexsort((tiebreak, -flat))
     rank = np.empty(flat.size, dtype=np.int64)

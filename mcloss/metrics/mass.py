@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from mcloss.core.errors import ParameterError
+
 __all__ = [
     "RATIO_CLIP",
     "keypoint_regions",
@@ -85,7 +87,7 @@ def mass_ratio(values: np.ndarray, regions: np.ndarray, defining: Sequence[int],
         num_parts: number of parts P.
     """
     if np.shape(values) != np.shape(regions):
-        raise ValueError(f"map {np.shape(values)} and region map {np.shape(regions)} differ in shape")
+        raise ParameterError(f"map {np.shape(values)} and region map {np.shape(regions)} differ in shape")
     area = region_areas(regions, num_parts)
     mass = _part_mass(values, regions, num_parts)
     is_def = np.zeros(num_parts, bool)
@@ -114,7 +116,7 @@ def paired(per_image: Sequence[Iterable[float]], versus: Sequence[Iterable[float
     """Two maps' values over the same images, kept where both have a finite positive value (an image where one
     map has none, e.g. a Grad-CAM that is zero after its ReLU, drops out of both)."""
     if len(versus) != len(per_image):
-        raise ValueError(f"versus has {len(versus)} images, per_image {len(per_image)}: a paired comparison needs the same images")
+        raise ParameterError(f"versus has {len(versus)} images, per_image {len(per_image)}: a paired comparison needs the same images")
     pairs = [(list(a), list(b)) for a, b in zip(per_image, versus, strict=True)]
     kept = [(a, b) for a, b in pairs if _finite_positive(a).size and _finite_positive(b).size]
     return [a for a, _ in kept], [b for _, b in kept]
@@ -165,7 +167,7 @@ def geometric_mean_ci(
     report is reproducible.
     """
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise ParameterError(f"level must be in (0, 1), got {level}", parameter="level")
     if versus is not None:
         per_image, versus = paired(per_image, versus)
     sums, counts = _log_sums(per_image)
@@ -217,7 +219,7 @@ def energy_shares(values: np.ndarray, regions: np.ndarray, num_parts: int, silho
         return {"object": float("nan"), "parts": np.full(num_parts, np.nan)}
     inside = np.asarray(silhouette) >= 0.5 if silhouette is not None else np.asarray(regions) > 0
     if inside.shape != v.shape:
-        raise ValueError(f"map {v.shape} and silhouette {inside.shape} differ in shape")
+        raise ParameterError(f"map {v.shape} and silhouette {inside.shape} differ in shape")
     return {"object": float(v[inside].sum() / total), "parts": _part_mass(v, regions, num_parts) / total}
 
 

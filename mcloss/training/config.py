@@ -28,7 +28,8 @@ LOSSES = ("mc", "ce", "dis")
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 
-#: The official recipes (GUIDE §1). Explicit settings override them.
+#: The official recipes (README.md, "The method, as computed here" and "Training"): the official
+#: from-scratch recipe and the official pretrained ResNet-50 recipe. Explicit settings override them.
 RECIPES: dict[str, dict[str, Any]] = {
     "official-scratch": {
         "backbone": None,
@@ -117,45 +118,49 @@ class TrainConfig:
     command: str = ""
 
     def validate(self) -> None:
-        """Raise TrainError for out-of-range or inconsistent settings."""
-        checks = [
-            (self.dataset in DATASET_KINDS, f"--dataset must be one of {', '.join(DATASET_KINDS)}"),
-            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
-            (self.normalization in NORMALIZATIONS, f"--normalization must be one of {', '.join(NORMALIZATIONS)}"),
-            (self.xi is None or self.xi >= 1, "--xi must be >= 1 (or 'auto')"),
-            (self.last_stage in (None, 2, 3, 4), "--last-stage must be 2, 3 or 4"),
-            (self.drop is None or self.drop >= 0, "--drop must be >= 0"),
-            (self.div_warmup >= 0, "--div-warmup must be >= 0"),
-            (0 < self.dis_topk <= 1, "--dis-topk must be in (0, 1]"),
+        """Raise TrainError for out-of-range or inconsistent settings (naming them)."""
+        for ok, names, message in self._checks():
+            if not ok:
+                raise TrainError(message, parameter=names)
+        if self.loss == "ce" and (self.alpha or self.beta):
+            raise TrainError("loss ce trains with CE only: alpha and beta must be 0", parameter="loss")
+        if self.loss == "dis" and self.beta:
+            raise TrainError("loss dis trains with CE + L_dis: beta must be 0", parameter="loss")
+
+    def _checks(self) -> list[tuple[bool, str | tuple[str, ...], str]]:
+        """(holds, the settings it is about, what it requires), in the order they are checked."""
+        return [
+            (self.dataset in DATASET_KINDS, "dataset", f"dataset must be one of {', '.join(DATASET_KINDS)}"),
+            (self.loss in LOSSES, "loss", f"loss must be one of {', '.join(LOSSES)}"),
+            (self.schedule in SCHEDULES, "schedule", f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.recipe in RECIPES, "recipe", f"recipe must be one of {', '.join(RECIPES)}"),
+            (self.normalization in NORMALIZATIONS, "normalization", f"normalization must be one of {', '.join(NORMALIZATIONS)}"),
+            (self.xi is None or self.xi >= 1, "xi", "xi must be >= 1 (or 'auto')"),
+            (self.last_stage in (None, 2, 3, 4), "last_stage", "last_stage must be 2, 3 or 4"),
+            (self.drop is None or self.drop >= 0, "drop", "drop must be >= 0"),
+            (self.div_warmup >= 0, "div_warmup", "div_warmup must be >= 0"),
+            (0 < self.dis_topk <= 1, "dis_topk", "dis_topk must be in (0, 1]"),
             (
                 self.dis_topk_from is None or self.dis_topk <= self.dis_topk_from <= 1,
-                "--dis-topk-from must be in [--dis-topk, 1]",
+                ("dis_topk_from", "dis_topk"),
+                "dis_topk_from must be in [dis_topk, 1]",
             ),
-            (self.alpha >= 0 and self.beta >= 0, "--alpha and --beta must be >= 0"),
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.batch_size >= 2, "--batch-size must be >= 2 (the FC head has BatchNorm)"),
-            (self.img_size >= 16, "--img-size must be >= 16"),
-            (self.lr > 0, "--lr must be > 0"),
-            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.backbone_lr_factor > 0, "--backbone-lr-factor must be > 0"),
-            (self.workers >= 0, "--workers must be >= 0"),
-            (self.seed >= 0, "--seed must be >= 0"),
-            (self.limit_batches is None or self.limit_batches >= 1, "--limit-batches must be >= 1"),
-            (bool(self.backbone), "--backbone is required"),
-            (bool(self.data), "--data is required"),
-            (bool(self.out), "--out is required"),
+            (self.alpha >= 0 and self.beta >= 0, ("alpha", "beta"), "alpha and beta must be >= 0"),
+            (self.epochs >= 1, "epochs", "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch_size", "batch_size must be >= 2 (the FC head has BatchNorm)"),
+            (self.img_size >= 16, "img_size", "img_size must be >= 16"),
+            (self.lr > 0, "lr", "lr must be > 0"),
+            (0 <= self.momentum < 1, "momentum", "momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", "weight_decay must be >= 0"),
+            (self.backbone_lr_factor > 0, "backbone_lr_factor", "backbone_lr_factor must be > 0"),
+            (self.workers >= 0, "workers", "workers must be >= 0"),
+            (self.seed >= 0, "seed", "seed must be >= 0"),
+            (self.limit_batches is None or self.limit_batches >= 1, "limit_batches", "limit_batches must be >= 1"),
+            (bool(self.backbone), "backbone", "backbone is required"),
+            (bool(self.data), "data", "data is required"),
+            (bool(self.out), "out", "out is required"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainError(message)
-        if self.loss == "ce" and (self.alpha or self.beta):
-            raise TrainError("--loss ce trains with CE only: alpha and beta must be 0")
-        if self.loss == "dis" and self.beta:
-            raise TrainError("--loss dis trains with CE + L_dis: beta must be 0")
 
 
 def _normalize_override(key: str, value: Any) -> Any:
@@ -176,7 +181,7 @@ def make_config(recipe: str = "official-scratch", **overrides: Any) -> TrainConf
     random initialization.
     """
     if recipe not in RECIPES:
-        raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        raise TrainError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}", parameter="recipe")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - known - {"recipe"})
     if unknown:
@@ -185,15 +190,19 @@ def make_config(recipe: str = "official-scratch", **overrides: Any) -> TrainConf
     loss = given.get("loss", "mc")
     if loss == "ce":
         if given.get("alpha") or given.get("beta"):
-            raise TrainError("--loss ce trains with CE only; do not also give a non-zero --alpha/--beta")
+            raise TrainError(
+                "loss ce trains with CE only; do not also give a non-zero alpha/beta", parameter=("loss", "alpha", "beta")
+            )
         given["alpha"], given["beta"] = 0.0, 0.0
     elif loss == "dis":
         if given.get("beta"):
-            raise TrainError("--loss dis trains with CE + alpha·L_dis; do not also give a non-zero --beta")
+            raise TrainError(
+                "loss dis trains with CE + alpha·L_dis; do not also give a non-zero beta", parameter=("loss", "beta")
+            )
         given["beta"] = 0.0
     values = {**RECIPES[recipe], **given, "recipe": recipe}
     if not values.get("backbone"):
-        raise TrainError(f"--backbone is required with --recipe {recipe}")
+        raise TrainError(f"backbone is required with recipe {recipe}", parameter=("backbone", "recipe"))
     config = TrainConfig(**values)
     config.validate()
     return config
@@ -218,10 +227,11 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any] | None = None) 
             raise TrainError(f"unknown setting {key!r}")
         value = _normalize_override(key, value)
         if value != saved[key]:
-            flag = "--" + key.replace("_", "-")
+            may_change = ("epochs", "workers", "device", "amp", "cpu_bf16", "limit_batches", "data")
             raise TrainError(
-                f"{flag} {value} differs from the run's {saved[key]} ({out}/config.json); a resumed run keeps its "
-                "configuration (only --epochs, --workers, --device, --no-amp, --cpu-bf16, --limit-batches and --data may change)"
+                f"{key} {value} differs from the run's {saved[key]} ({out}/config.json); a resumed run keeps its "
+                f"configuration (only {', '.join(may_change[:-1])} and {may_change[-1]} may change)",
+                parameter=(key, *may_change),
             )
     values.update(out=str(out), resume=True)
     config = TrainConfig(**values)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mcloss.core.device import autocast
 from mcloss.core.distributed import DistContext
+from mcloss.core.errors import Progress
 from mcloss.core.loss import MCLoss
 from mcloss.core.model import MCModel
 from mcloss.evaluation.classification import evaluation_sums, summarize_sums
@@ -46,12 +46,25 @@ from mcloss.training.setup import (
 )
 from mcloss.training.writer import RunWriter
 
-__all__ = ["train", "train_one_epoch", "epoch_row", "div_warmup_factor", "dis_topk_share", "TRAIN_SUM_FIELDS"]
+__all__ = [
+    "train",
+    "train_one_epoch",
+    "epoch_row",
+    "div_warmup_factor",
+    "dis_topk_share",
+    "PassProgress",
+    "TRAIN_SUM_FIELDS",
+]
 
 log = logging.getLogger(__name__)
 
 #: The order of the sums returned by :func:`train_one_epoch`.
 TRAIN_SUM_FIELDS = ("loss", "ce", "dis", "div", "correct", "n")
+
+#: Progress of a run of passes: called with a pass's name (``"epoch 3/300"`` for an epoch's training batches,
+#: ``"eval"`` for its test batches) when the pass starts, it returns that pass's ``progress(done, total)``
+#: callback (or None).
+PassProgress = Callable[[str], Progress | None]
 
 
 def div_warmup_factor(progress: float, warmup: float) -> float:
@@ -86,7 +99,7 @@ def train_one_epoch(
     epoch: int,
     device: torch.device,
     on_batch_end: Callable[[int, int], None] | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """One epoch of optimizer steps (at most ``config.limit_batches``), β warmed up per step.
 
@@ -94,6 +107,8 @@ def train_one_epoch(
         net: returns (F, FC-head logits) for a batch (:class:`~mcloss.training.setup.FeaturesAndLogits`, maybe DDP).
         epoch: 1-based; ``criterion.beta`` is ``config.beta`` × :func:`div_warmup_factor` and
             ``criterion.dis_topk`` is :func:`dis_topk_share`.
+        on_batch_end: called as ``(epoch, batch_index)`` after each optimizer step.
+        progress: called as ``(steps done, steps in the epoch)`` before the first step and after each.
 
     Returns:
         A float64 tensor on ``device``: sums over the samples in :data:`TRAIN_SUM_FIELDS` order.
@@ -102,8 +117,9 @@ def train_one_epoch(
     sums = torch.zeros(len(TRAIN_SUM_FIELDS), dtype=torch.float64, device=device)
     limit = config.limit_batches
     total = len(loader) if limit is None else min(limit, len(loader))
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
-    for index, (images, targets) in enumerate(bar):
+    if progress is not None:
+        progress(0, total)
+    for index, (images, targets) in enumerate(loader):
         if limit is not None and index >= limit:
             break
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -124,7 +140,8 @@ def train_one_epoch(
         sums += torch.cat([parts, torch.stack([correct.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])])
         if on_batch_end is not None:
             on_batch_end(epoch, index)
-    bar.close()
+        if progress is not None:
+            progress(index + 1, total)
     return sums
 
 
@@ -138,7 +155,10 @@ def epoch_row(epoch: int, lr: float, train_sums: list[float], test: dict, second
     if n == 0:
         raise TrainError(f"epoch {epoch}: no training batch was run")
     if not all(np.isfinite(train_sums)):
-        raise TrainError(f"epoch {epoch}: the training loss is not finite; try a lower --lr (nothing was saved for this epoch)")
+        raise TrainError(
+            f"epoch {epoch}: the training loss is not finite; try a lower lr (nothing was saved for this epoch)",
+            parameter="lr",
+        )
     loss, ce, dis, div, correct = (value / n for value in train_sums[:5])
     return {
         "epoch": epoch,
@@ -175,11 +195,11 @@ class _Run:
         guard: InterruptGuard,
         on_batch_end: Callable[[int, int], None] | None,
         on_epoch_end: Callable[[int, dict, MCModel], None] | None,
-        progress: bool,
+        progress: PassProgress | None,
     ) -> None:
         self.config, self.ctx, self.device, self.guard = config, ctx, device, guard
         self.on_batch_end, self.on_epoch_end = on_batch_end, on_epoch_end
-        self.progress = ctx.is_main and progress
+        self.progress = progress if ctx.is_main else None
 
     def run(self) -> dict:
         """Set up (or resume), then train the remaining epochs; returns :func:`train`'s summary."""
@@ -206,7 +226,7 @@ class _Run:
         seed_all(cfg.seed)
         train_ds, test_ds, class_names = load_datasets(cfg, ctx)
         if start.record is not None and start.record.get("class_names") != class_names:
-            raise TrainError(f"--data {cfg.data}: its classes differ from the run's ({cfg.out}/config.json)")
+            raise TrainError(f"data {cfg.data}: its classes differ from the run's ({cfg.out}/config.json)", parameter="data")
         model = make_model(cfg, class_names, pretrained=state is None)
         if state is not None:
             backbone_names = set(state["backbone_parameters"])
@@ -251,12 +271,14 @@ class _Run:
         self.loaders.start_epoch(epoch)
         train_sums = train_one_epoch(
             self.net, self.criterion, self.optimizer, self.loaders.train, cfg,
-            epoch=epoch, device=self.device, on_batch_end=self.on_batch_end, progress=self.progress,
+            epoch=epoch, device=self.device, on_batch_end=self.on_batch_end,
+            progress=self._pass(f"epoch {epoch}/{cfg.epochs}"),
         )  # fmt: skip
         ctx.broadcast_buffers(self.model)  # the last step updated each rank's BatchNorm statistics locally
         test_sums = evaluation_sums(
-            self.model, self.loaders.test, self.device, amp=cfg.amp, limit_batches=cfg.limit_batches, progress=self.progress
-        )
+            self.model, self.loaders.test, self.device, amp=cfg.amp, limit_batches=cfg.limit_batches,
+            progress=self._pass("eval"),
+        )  # fmt: skip
         sums = ctx.all_reduce_sum(torch.cat([train_sums, test_sums]))
         test = summarize_sums(sums[len(train_sums) :], self.model.num_classes)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -275,6 +297,9 @@ class _Run:
             self.completed = epoch
         if ctx.is_main:
             log.info(_epoch_line(row, cfg.epochs))
+
+    def _pass(self, name: str) -> Progress | None:
+        return None if self.progress is None else self.progress(name)
 
     def _resume_state(self, rng: list[dict]) -> dict:
         return {
@@ -308,7 +333,7 @@ def train(
     *,
     on_batch_end: Callable[[int, int], None] | None = None,
     on_epoch_end: Callable[[int, dict, MCModel], None] | None = None,
-    progress: bool = False,
+    progress: PassProgress | None = None,
 ) -> dict:
     """Train (or, with ``config.resume``, continue) a run; returns a run summary.
 
@@ -322,7 +347,7 @@ def train(
         on_batch_end: called as ``(epoch, batch_index)`` after each optimizer step.
         on_epoch_end: called as ``(epoch, metrics_row, model)`` on every rank before the epoch's files are
             written (the model holds the epoch's final weights).
-        progress: show tqdm bars of the batches (rank 0 only).
+        progress: progress of each pass, its batches counted (:data:`PassProgress`; rank 0 only).
 
     Returns:
         ``{"status": "complete"|"interrupted", "out", "run_id", "epochs_completed", "epochs",

@@ -70,21 +70,24 @@ def prepare_run_dir(config: TrainConfig) -> RunStart:
         if f.name not in RESUME_OVERRIDABLE and f.name not in ("out", "resume") and saved.get(f.name, f.default) != getattr(config, f.name)
     ]
     if changed:
-        raise TrainError(f"--resume: {out}: the configuration differs from the saved run in {', '.join(changed)}")
+        raise TrainError(
+            f"resume: {out}: the configuration differs from the saved run in {', '.join(changed)}", parameter="resume"
+        )
     state = load_resume_state(out / "resume.pt")
     if state.get("run_id") != run.get("run_id"):
-        raise RunDirError(f"--resume: {out}/resume.pt belongs to another run than {out}/config.json")
+        raise RunDirError(f"resume: {out}/resume.pt belongs to another run than {out}/config.json", parameter="resume")
     epoch = int(state["epoch"])
     last = out / "last.safetensors"
     if not last.is_file():
-        raise RunDirError(f"--resume: {out} has no last.safetensors (the model weights to resume from)")
+        raise RunDirError(f"resume: {out} has no last.safetensors (the model weights to resume from)", parameter="resume")
     card = read_metadata(last)["card"]
     if card.get("run_id") != run.get("run_id"):
-        raise RunDirError(f"--resume: {last} belongs to another run than {out}/config.json")
+        raise RunDirError(f"resume: {last} belongs to another run than {out}/config.json", parameter="resume")
     if card.get("epoch") != epoch:
         raise RunDirError(
-            f"--resume: {last} is from epoch {card.get('epoch')} but resume.pt from epoch {epoch} "
-            "(the run was killed while saving); cannot resume exactly"
+            f"resume: {last} is from epoch {card.get('epoch')} but resume.pt from epoch {epoch} "
+            "(the run was killed while saving); cannot resume exactly",
+            parameter="resume",
         )
     rows = read_metrics(out / "metrics.csv", upto=epoch)
     return RunStart(run_id=run["run_id"], record=run, state=state, rows=rows)
@@ -109,7 +112,7 @@ def load_last_weights(out: str | Path, model: MCModel) -> None:
     path = Path(out) / "last.safetensors"
     last = load_checkpoint(path)
     if last.config.get("groups") != model.groups or last.class_names != model.class_names:
-        raise RunDirError(f"--resume: {path} does not match the run's model (groups or class names differ)")
+        raise RunDirError(f"resume: {path} does not match the run's model (groups or class names differ)", parameter="resume")
     model.load_state_dict(last.state_dict())
 
 

@@ -63,12 +63,13 @@ def check_fresh_run_dir(out: str | Path) -> None:
     """Refuse to start a new run in a directory that already holds one."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {out}: exists and is not a directory")
+        raise RunDirError(f"out {out}: exists and is not a directory", parameter="out")
     present = [name for name in RUN_FILES if (path / name).exists()]
     if present:
         raise RunDirError(
-            f"--out {out}: already holds a training run ({', '.join(present)}); "
-            "pass --resume to continue it, or choose another --out"
+            f"out {out}: already holds a training run ({', '.join(present)}); "
+            "pass resume to continue it, or choose another directory",
+            parameter=("out", "resume"),
         )
 
 
@@ -76,16 +77,16 @@ def read_run_config(out: str | Path) -> dict:
     """Read a run's config.json for resuming; refuse missing or foreign directories."""
     path = Path(out)
     if not path.is_dir():
-        raise RunDirError(f"--resume: {out} does not exist or is not a directory; nothing to resume")
+        raise RunDirError(f"resume: {out} does not exist or is not a directory; nothing to resume", parameter="resume")
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise RunDirError(f"--resume: {out} is not an mcloss training run (no config.json)")
+        raise RunDirError(f"resume: {out} is not an mcloss training run (no config.json)", parameter="resume")
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"--resume: {cfg}: unreadable run configuration ({exc})") from None
+        raise RunDirError(f"resume: {cfg}: unreadable run configuration ({exc})", parameter="resume") from None
     if not isinstance(data, dict) or data.get("format") != RUN_FORMAT or not isinstance(data.get("config"), dict):
-        raise RunDirError(f"--resume: {cfg}: not an mcloss training run (format is not {RUN_FORMAT!r})")
+        raise RunDirError(f"resume: {cfg}: not an mcloss training run (format is not {RUN_FORMAT!r})", parameter="resume")
     return data
 
 
@@ -206,11 +207,11 @@ def load_resume_state(path: str | Path) -> dict:
     """Load a resume state with ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and primitives."""
     p = Path(path)
     if not p.is_file():
-        raise RunDirError(f"--resume: {p.parent} has no resume.pt (no completed epoch to resume from)")
+        raise RunDirError(f"resume: {p.parent} has no resume.pt (no completed epoch to resume from)", parameter="resume")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
-        raise RunDirError(f"--resume: {p}: {_refusal(exc)}") from None
+        raise RunDirError(f"resume: {p}: {_refusal(exc)}", parameter="resume") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise RunDirError(f"--resume: {p}: not an mcloss resume state (format is not {RESUME_FORMAT!r})")
+        raise RunDirError(f"resume: {p}: not an mcloss resume state (format is not {RESUME_FORMAT!r})", parameter="resume")
     return state

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 from mcloss.core.device import cpu_has_native_bf16
 from mcloss.core.distributed import DistContext
-from mcloss.core.errors import first_line
+from mcloss.core.errors import MclossError, first_line
 from mcloss.core.loss import trained_pool_share
 from mcloss.core.model import MCModel, build_model, load_backbone_weights
 from mcloss.core.transforms import EvalTransform, TrainTransform
@@ -95,9 +95,9 @@ def load_datasets(config: TrainConfig, ctx: DistContext) -> tuple[Any, Any, list
         ctx.barrier()
     train_ds, test_ds, class_names = result
     if len(train_ds) == 0:
-        raise TrainError(f"--data {config.data}: the training split is empty")
+        raise TrainError(f"data {config.data}: the training split is empty", parameter="data")
     if len(test_ds) == 0:
-        raise TrainError(f"--data {config.data}: the test split is empty")
+        raise TrainError(f"data {config.data}: the test split is empty", parameter="data")
     return train_ds, test_ds, list(class_names)
 
 
@@ -133,9 +133,10 @@ def make_model(config: TrainConfig, class_names: list[str], *, pretrained: bool 
             last_stage=config.last_stage,
             mc_pool_share=trained_pool_share(config.dis_topk, config.alpha),
         )
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+    except (MclossError, RuntimeError, ValueError, FileNotFoundError) as exc:  # ours, or torchvision's (unknown backbone)
         raise TrainError(
-            f"--backbone {config.backbone} (--pretrained {config.pretrained}, --img-size {config.img_size}): {first_line(exc)}"
+            f"backbone {config.backbone} (pretrained {config.pretrained}, img_size {config.img_size}): {first_line(exc)}",
+            parameter=("backbone", "pretrained", "img_size"),
         ) from None
 
 
@@ -229,7 +230,9 @@ def build_loaders(train_ds: Any, test_ds: Any, config: TrainConfig, ctx: DistCon
         TrainError: the batch does not split over the ranks, or too few training images.
     """
     if config.batch_size % ctx.world_size:
-        raise TrainError(f"--batch-size {config.batch_size} does not split evenly over {ctx.world_size} processes")
+        raise TrainError(
+            f"batch_size {config.batch_size} does not split evenly over {ctx.world_size} processes", parameter="batch_size"
+        )
     per_rank = config.batch_size // ctx.world_size
     generator = torch.Generator()
     if ctx.enabled:
@@ -240,7 +243,7 @@ def build_loaders(train_ds: Any, test_ds: Any, config: TrainConfig, ctx: DistCon
         test_part = test_ds
     per_rank_samples = len(sampler)
     if per_rank_samples < 2:
-        raise TrainError(f"--data {config.data}: too few training images for {ctx.world_size} process(es)")
+        raise TrainError(f"data {config.data}: too few training images for {ctx.world_size} process(es)", parameter="data")
     pin = device.type == "cuda"
     train = DataLoader(
         train_ds,

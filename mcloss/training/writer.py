@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mcloss.core.checkpoint import save_checkpoint
+from mcloss.core.errors import OutputError
 from mcloss.core.files import atomic_write_json
 from mcloss.core.model import MCModel
 from mcloss.core.provenance import versions
@@ -77,7 +78,20 @@ class RunWriter:
             model: the model with the epoch's weights; its ``card`` is set for each checkpoint.
             improved: also write best.safetensors.
             resume_state: optimizer, scheduler, best_acc, best_epoch, backbone_parameters, rng and world_size.
+
+        Raises:
+            OutputError: a file cannot be written (the message names ``out`` and the reason).
         """
+        try:
+            self._write_epoch(rows, model, improved=improved, resume_state=resume_state)
+        except OSError as exc:
+            raise OutputError(
+                f"out {self.out}: cannot write epoch {rows[-1]['epoch']} ({exc})", parameter="out"
+            ) from exc
+
+    def _write_epoch(
+        self, rows: Sequence[dict], model: MCModel, *, improved: bool, resume_state: dict[str, Any]
+    ) -> None:
         row = rows[-1]
         epoch = row["epoch"]
         if epoch == self.start_epoch + 1:

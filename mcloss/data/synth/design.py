@@ -210,7 +210,7 @@ _DESIGN_CACHE: dict[str, list[tuple[tuple[str, dict[str, str]], ...]]] = {}
 
 def _designed(design: str) -> list[tuple[tuple[str, dict[str, str]], ...]]:
     if design not in DESIGNS:
-        raise SynthError(f"--design must be one of {', '.join(DESIGNS)}, got {design!r}")
+        raise SynthError(f"design must be one of {', '.join(DESIGNS)}, got {design!r}", parameter="design")
     if design not in _DESIGN_CACHE:
         _DESIGN_CACHE[design] = _design() if design == "single" else _combo_design()  # varied: combo's classes
     return _DESIGN_CACHE[design]
@@ -230,7 +230,9 @@ def class_definitions(num_classes: int, design: str = "single") -> list[BirdClas
     """
     total = max_classes(design)
     if not 2 <= num_classes <= total:
-        raise SynthError(f"--classes must be between 2 and {total} for --design {design}, got {num_classes}")
+        raise SynthError(
+            f"classes must be between 2 and {total} for design {design}, got {num_classes}", parameter=("classes", "design")
+        )
     classes = []
     for changes in _designed(design)[:num_classes]:
         attributes = {part: dict(values) for part, values in BASE_ATTRIBUTES.items()}

@@ -359,6 +359,15 @@ def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_sca
 
     inside = owner[pad : pad + size, pad : pad + size]
     seen = np.where(occluded > 0, 0, inside)
+    parts, bbox = _keypoints_and_box(owner, inside, seen, centres, size)
+    return RenderedBird(img, parts, bbox, seen.astype(np.uint8))
+
+
+def _keypoints_and_box(
+    owner: np.ndarray, inside: np.ndarray, seen: np.ndarray, centres: dict[str, np.ndarray], size: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The part keypoints [P, 3] (x, y, visible: a part counts as visible when enough of it is seen and its
+    centre is in the image) and the bird's box (x, y, w, h) from the ownership maps (padded, in-image, seen)."""
     parts = np.zeros((len(PART_NAMES), 3))
     for i, name in enumerate(PART_NAMES):
         code = _OWNER[name]
@@ -369,7 +378,7 @@ def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_sca
             parts[i] = (x, y, 1.0)
     ys, xs = np.nonzero(inside)
     bbox = (float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min()))
-    return RenderedBird(img, parts, bbox, seen.astype(np.uint8))
+    return parts, bbox
 
 
 def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

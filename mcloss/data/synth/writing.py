@@ -19,10 +19,12 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mcloss.core.errors import OutputError
 from mcloss.core.files import default_mode
 from mcloss.data.io import encode_image
 from mcloss.data.synth.design import (
@@ -102,13 +104,14 @@ def _check_out(out: Path) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise SynthError(f"--out {out}: {ancestor} is not a directory")
+        raise SynthError(f"out {out}: {ancestor} is not a directory", parameter="out")
     if out.exists() and not out.is_dir():
-        raise SynthError(f"--out {out}: exists and is not a directory")
+        raise SynthError(f"out {out}: exists and is not a directory", parameter="out")
     if out.is_dir() and any(out.iterdir()) and not is_synth_output(out):
         raise SynthError(
-            f"--out {out}: directory is not empty and is not a previous 'mcloss synth' output "
-            "(no synth.json); choose a new or empty directory"
+            f"out {out}: directory is not empty and is not a previous 'mcloss synth' output "
+            "(no synth.json); choose a new or empty directory",
+            parameter="out",
         )
 
 
@@ -116,13 +119,58 @@ def _split_counts(per_class: int, test_fraction: float) -> tuple[int, int]:
     n_test = int(math.floor(per_class * test_fraction + 0.5))
     if 0.0 < test_fraction < 1.0:
         if per_class < 2:
-            raise SynthError(f"--per-class {per_class} cannot be split into train and test; use at least 2")
+            raise SynthError(
+                f"per_class {per_class} cannot be split into train and test; use at least 2", parameter="per_class"
+            )
         n_test = min(max(n_test, 1), per_class - 1)
     return per_class - n_test, n_test
 
 
 def _fmt(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".") if v != int(v) else f"{v:.1f}"
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The arguments of one :func:`generate_dataset` call, as given."""
+
+    classes: int
+    per_class: int
+    size: int
+    seed: int
+    test_fraction: float
+    jpeg_quality: int
+    workers: int
+    object_scale: float
+    design: str
+
+    def check(self) -> None:
+        """Raise SynthError naming the first unusable argument."""
+        for name, value, low in (("classes", self.classes, 2), ("per_class", self.per_class, 1)):
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise SynthError(f"{name} must be an integer >= {low}, got {value!r}", parameter=name)
+        checks = (
+            (isinstance(self.size, (int, np.integer)) and 32 <= self.size <= 4096, "size",
+             f"must be an integer between 32 and 4096 pixels, got {self.size!r}"),
+            (isinstance(self.seed, (int, np.integer)) and self.seed >= 0, "seed",
+             f"must be a non-negative integer, got {self.seed!r}"),
+            (0.0 <= float(self.test_fraction) <= 1.0, "test_fraction", f"must be between 0 and 1, got {self.test_fraction}"),
+            (1 <= int(self.jpeg_quality) <= 100, "jpeg_quality", f"must be between 1 and 100, got {self.jpeg_quality}"),
+            (int(self.workers) >= 1, "workers", f"must be >= 1, got {self.workers}"),
+            (0.25 <= float(self.object_scale) <= 2.5, "object_scale", f"must be between 0.25 and 2.5, got {self.object_scale}"),
+        )  # fmt: skip
+        for ok, name, rule in checks:
+            if not ok:
+                raise SynthError(f"{name} {rule}", parameter=name)
+
+    def command(self) -> str:
+        """The ``mcloss synth`` command that writes the same dataset (recorded in synth.json)."""
+        return (
+            f"mcloss synth --out DIR --classes {self.classes} --per-class {self.per_class} --size {self.size} "
+            f"--seed {self.seed} --test-fraction {float(self.test_fraction)} --jpeg-quality {self.jpeg_quality}"
+            + (f" --object-scale {float(self.object_scale)}" if float(self.object_scale) != 1.0 else "")
+            + (f" --design {self.design}" if self.design != "single" else "")
+        )
 
 
 def generate_dataset(
@@ -146,102 +194,20 @@ def generate_dataset(
 
     Raises:
         SynthError: invalid counts/size/seed or an unusable output directory.
+        OutputError: the dataset cannot be written (the message names ``out`` and the reason).
     """
-    for label, value, low in (("--classes", classes, 2), ("--per-class", per_class, 1)):
-        if not isinstance(value, (int, np.integer)) or value < low:
-            raise SynthError(f"{label} must be an integer >= {low}, got {value!r}")
-    if not isinstance(size, (int, np.integer)) or not 32 <= size <= 4096:
-        raise SynthError(f"--size must be an integer between 32 and 4096 pixels, got {size!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise SynthError(f"--seed must be a non-negative integer, got {seed!r}")
-    if not 0.0 <= float(test_fraction) <= 1.0:
-        raise SynthError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise SynthError(f"--jpeg-quality must be between 1 and 100, got {jpeg_quality}")
-    if int(workers) < 1:
-        raise SynthError(f"--workers must be >= 1, got {workers}")
-    if not 0.25 <= float(object_scale) <= 2.5:
-        raise SynthError(f"--object-scale must be between 0.25 and 2.5, got {object_scale}")
+    request = _Request(classes, per_class, size, seed, test_fraction, jpeg_quality, workers, object_scale, design)
+    request.check()
     birds = class_definitions(int(classes), design)
     n_train, n_test = _split_counts(int(per_class), float(test_fraction))
     out = Path(out)
     _check_out(out)
-
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700
     try:
-        jobs, lines = [], {"images": [], "labels": [], "split": []}
-        for c, bird in enumerate(birds):
-            folder = f"{c + 1:03d}.{bird.name}"
-            for top in ("images", SEGMENTATIONS_DIR, PART_MASKS_DIR):
-                (tmp / top / folder).mkdir(parents=True)
-            for k in range(per_class):
-                index = c * per_class + k
-                rel = f"{folder}/{bird.name}_{index + 1:05d}.jpg"
-                jobs.append((index, int(seed), int(size), bird, str(tmp), rel, int(jpeg_quality), float(object_scale)))
-                lines["images"].append(f"{index + 1} {rel}")
-                lines["labels"].append(f"{index + 1} {c + 1}")
-                lines["split"].append(f"{index + 1} {1 if k < n_train else 0}")
-        if workers > 1 and len(jobs) > 1:
-            # threads, not forked processes: forking a process that already runs torch/OpenMP threads can
-            # deadlock; OpenCV drawing and JPEG encoding release the GIL
-            with ThreadPoolExecutor(int(workers)) as pool:
-                results = list(pool.map(_render_job, jobs, chunksize=16))
-        else:
-            results = [_render_job(job) for job in jobs]
-
-        boxes = [f"{i + 1} " + " ".join(_fmt(v) for v in bbox) for i, (bbox, _) in enumerate(results)]
-        locs = [
-            f"{i + 1} {p + 1} {x:.2f} {y:.2f} {int(v)}"
-            for i, (_, parts) in enumerate(results)
-            for p, (x, y, v) in enumerate(parts)
-        ]
-        texts = {
-            "images.txt": lines["images"],
-            "classes.txt": [f"{c + 1} {c + 1:03d}.{bird.name}" for c, bird in enumerate(birds)],
-            "image_class_labels.txt": lines["labels"],
-            "train_test_split.txt": lines["split"],
-            "bounding_boxes.txt": boxes,
-            "parts/parts.txt": [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)],
-            "parts/part_locs.txt": locs,
-        }
-        (tmp / "parts").mkdir()
-        for rel, rows in texts.items():
-            (tmp / rel).write_text("\n".join(rows) + "\n", encoding="utf-8")
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "classes": int(classes),
-            "per_class": int(per_class),
-            "size": int(size),
-            "seed": int(seed),
-            "test_fraction": float(test_fraction),
-            "jpeg_quality": int(jpeg_quality),
-            "object_scale": float(object_scale),
-            "design": design,
-            "command": f"mcloss synth --out DIR --classes {classes} --per-class {per_class} --size {size} "
-            f"--seed {seed} --test-fraction {float(test_fraction)} --jpeg-quality {jpeg_quality}"
-            + (f" --object-scale {float(object_scale)}" if float(object_scale) != 1.0 else "")
-            + (f" --design {design}" if design != "single" else ""),
-            "split": {"train_per_class": n_train, "test_per_class": n_test},
-            "parts": list(PART_NAMES),
-            "class_parts": list(CLASS_PARTS),
-            "attributes": {part: {k: list(v) for k, v in attrs.items()} for part, attrs in ATTRIBUTES.items()},
-            "base": BASE_ATTRIBUTES,
-            "class_definitions": [{"id": c + 1, **bird.to_dict()} for c, bird in enumerate(birds)],
-            "min_visible_fraction": MIN_VISIBLE_FRACTION,
-            "coordinates": "original pixels, pixel i covers [i, i+1); invisible parts are 0 0 0 as in CUB",
-            "masks": _masks_meta(),
-        }
-        (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        images = _write_dataset(out, request, birds, n_train, n_test)
+    except OSError as exc:
+        raise OutputError(f"out {out}: cannot write the dataset ({exc})", parameter="out") from exc
     seconds = time.perf_counter() - start
-    images = len(jobs)
     return {
         "out": str(out),
         "classes": int(classes),
@@ -253,6 +219,104 @@ def generate_dataset(
         "test": n_test * int(classes),
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 1) if seconds > 0 else float("inf"),
+    }
+
+
+def _write_dataset(out: Path, request: _Request, birds: list[BirdClass], n_train: int, n_test: int) -> int:
+    """Write the whole dataset to a temporary sibling of ``out``, then move it into place; the image count."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700
+    try:
+        jobs, lines = _plan_images(tmp, request, birds, n_train)
+        results = _render_all(jobs, int(request.workers))
+        texts = _index_texts(birds, lines, results)
+        (tmp / "parts").mkdir()
+        for rel, rows in texts.items():
+            (tmp / rel).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        meta = _synth_meta(request, birds, n_train, n_test)
+        (tmp / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(jobs)
+
+
+def _plan_images(
+    tmp: Path, request: _Request, birds: list[BirdClass], n_train: int
+) -> tuple[list[tuple], dict[str, list[str]]]:
+    """Make every class's folders under ``tmp``; the render jobs and the lines of the image index files."""
+    jobs, lines = [], {"images": [], "labels": [], "split": []}
+    for c, bird in enumerate(birds):
+        folder = f"{c + 1:03d}.{bird.name}"
+        for top in ("images", SEGMENTATIONS_DIR, PART_MASKS_DIR):
+            (tmp / top / folder).mkdir(parents=True)
+        for k in range(request.per_class):
+            index = c * request.per_class + k
+            rel = f"{folder}/{bird.name}_{index + 1:05d}.jpg"
+            jobs.append((index, int(request.seed), int(request.size), bird, str(tmp), rel,
+                         int(request.jpeg_quality), float(request.object_scale)))  # fmt: skip
+            lines["images"].append(f"{index + 1} {rel}")
+            lines["labels"].append(f"{index + 1} {c + 1}")
+            lines["split"].append(f"{index + 1} {1 if k < n_train else 0}")
+    return jobs, lines
+
+
+def _render_all(jobs: list[tuple], workers: int) -> list[tuple[list[float], list[list[float]]]]:
+    """Run the render jobs, in ``workers`` threads; their (bbox, parts) in job order."""
+    if workers > 1 and len(jobs) > 1:
+        # threads, not forked processes: forking a process that already runs torch/OpenMP threads can
+        # deadlock; OpenCV drawing and JPEG encoding release the GIL
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(_render_job, jobs, chunksize=16))
+    return [_render_job(job) for job in jobs]
+
+
+def _index_texts(
+    birds: list[BirdClass], lines: dict[str, list[str]], results: list[tuple[list[float], list[list[float]]]]
+) -> dict[str, list[str]]:
+    """The CUB index files (path relative to the root → lines)."""
+    boxes = [f"{i + 1} " + " ".join(_fmt(v) for v in bbox) for i, (bbox, _) in enumerate(results)]
+    locs = [
+        f"{i + 1} {p + 1} {x:.2f} {y:.2f} {int(v)}"
+        for i, (_, parts) in enumerate(results)
+        for p, (x, y, v) in enumerate(parts)
+    ]
+    return {
+        "images.txt": lines["images"],
+        "classes.txt": [f"{c + 1} {c + 1:03d}.{bird.name}" for c, bird in enumerate(birds)],
+        "image_class_labels.txt": lines["labels"],
+        "train_test_split.txt": lines["split"],
+        "bounding_boxes.txt": boxes,
+        "parts/parts.txt": [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)],
+        "parts/part_locs.txt": locs,
+    }
+
+
+def _synth_meta(request: _Request, birds: list[BirdClass], n_train: int, n_test: int) -> dict:
+    """synth.json: the arguments, the split, the parts and attributes, every class's definition, the masks."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "classes": int(request.classes),
+        "per_class": int(request.per_class),
+        "size": int(request.size),
+        "seed": int(request.seed),
+        "test_fraction": float(request.test_fraction),
+        "jpeg_quality": int(request.jpeg_quality),
+        "object_scale": float(request.object_scale),
+        "design": request.design,
+        "command": request.command(),
+        "split": {"train_per_class": n_train, "test_per_class": n_test},
+        "parts": list(PART_NAMES),
+        "class_parts": list(CLASS_PARTS),
+        "attributes": {part: {k: list(v) for k, v in attrs.items()} for part, attrs in ATTRIBUTES.items()},
+        "base": BASE_ATTRIBUTES,
+        "class_definitions": [{"id": c + 1, **bird.to_dict()} for c, bird in enumerate(birds)],
+        "min_visible_fraction": MIN_VISIBLE_FRACTION,
+        "coordinates": "original pixels, pixel i covers [i, i+1); invisible parts are 0 0 0 as in CUB",
+        "masks": _masks_meta(),
     }
 
 

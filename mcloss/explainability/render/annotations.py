@@ -1,0 +1,135 @@
+"""Ground truth on the image: keypoints with their part names, and a class's defining parts outlined and
+named (the app's pictures; the same conventions as the tiles)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from mcloss.explainability.defining import join_names
+from mcloss.explainability.render.text import halo_label, legend_strip
+
+__all__ = ["DEFINING_RGB", "OTHER_PART_RGB", "draw_keypoints", "draw_defining_parts"]
+
+
+#: Outline of a class's defining parts, and of the other parts, in the defining-parts picture.
+DEFINING_RGB = (255, 176, 0)
+
+
+OTHER_PART_RGB = (96, 96, 96)
+
+
+def draw_keypoints(
+    image: np.ndarray, keypoints_xy: np.ndarray, visible: np.ndarray, names: Sequence[str], *, min_side: int = 640
+) -> np.ndarray:
+    """Ground-truth keypoints as white-ringed dots with their part name, on a new image.
+
+    Images shorter than ``min_side`` are first enlarged by an integer factor (bicubic) so the labels stay
+    legible; ``keypoints_xy`` are in the pixels of ``image`` (pixel i covers [i, i+1)); each dot is drawn
+    on the pixel containing its point, as :func:`mcloss.explainability.render.draw_peaks` does.
+    """
+    out = np.ascontiguousarray(image)
+    factor = max(1, int(np.ceil(min_side / max(1, min(out.shape[:2])))))
+    if factor > 1:
+        out = cv2.resize(out, (out.shape[1] * factor, out.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
+    else:
+        out = out.copy()
+    r = max(4, min(out.shape[:2]) // 100)
+    scale = max(0.45, min(out.shape[:2]) / 800.0)
+    pts = np.asarray(keypoints_xy, dtype=np.float64).reshape(-1, 2) * factor
+    for (x, y), vis, name in zip(pts, visible, names, strict=True):
+        if not vis:
+            continue
+        p = (int(np.floor(x)), int(np.floor(y)))
+        cv2.circle(out, p, r + 2, (255, 255, 255), -1, cv2.LINE_AA)
+        cv2.circle(out, p, r, (20, 20, 20), -1, cv2.LINE_AA)
+        org = (p[0] + r + 5, p[1] + r // 2 + 4)
+        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 5, cv2.LINE_AA)
+        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
+    return out
+
+
+def _resample_regions(regions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A region map (original pixels) at another size, nearest pixel centre (labels never blend)."""
+    h0, w0 = regions.shape
+    h, w = shape
+    ys = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(np.int64), h0 - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(np.int64), w0 - 1)
+    return regions[ys[:, None], xs[None, :]]
+
+
+def draw_defining_parts(
+    image: np.ndarray,
+    regions: np.ndarray,
+    defining: Sequence[int],
+    part_names: Sequence[str],
+    keypoints: np.ndarray | None = None,
+    *,
+    min_side: int = 640,
+) -> np.ndarray:
+    """A class's defining parts on the image: in full colour and outlined (:data:`DEFINING_RGB`) and named,
+    the other parts outlined thinly (:data:`OTHER_PART_RGB`), everything else faded; a legend below.
+
+    Args:
+        image: RGB uint8 view of the original (any size, same aspect ratio).
+        regions: [H, W] region map in original pixels (0 none, i + 1 part i, larger the object).
+        defining: 0-based indices of the defining parts.
+        part_names: the parts' names.
+        keypoints: [P, 3] (x, y, visible) in original pixels: the defining ones are dotted (regions from
+            keypoints are rings around them); None with a label map.
+        min_side: images shorter than this are first enlarged by an integer factor (as :func:`draw_keypoints`).
+    """
+    img = np.ascontiguousarray(image)
+    factor = max(1, int(np.ceil(min_side / max(1, min(img.shape[:2])))))
+    if factor > 1:
+        img = cv2.resize(img, (img.shape[1] * factor, img.shape[0] * factor), interpolation=cv2.INTER_CUBIC)
+    h, w = img.shape[:2]
+    num_parts = len(part_names)
+    reg = _resample_regions(np.asarray(regions), (h, w))
+    on_part = (reg >= 1) & (reg <= num_parts)
+    wanted = sorted({int(d) for d in defining if 0 <= int(d) < num_parts})
+    is_def = on_part & np.isin(reg - 1, wanted)
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)[..., None]
+    keep = np.where(reg > 0, 0.6, 0.35)[..., None]  # the object stays more visible than the background
+    faded = keep * (0.5 * grey + 0.5 * img.astype(np.float32)) + (1.0 - keep) * 255.0
+    out = np.where(is_def[..., None], img.astype(np.float32), faded)
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    side = min(h, w)
+    thick = max(2, side // 150)
+    scale = max(0.55, side / 640.0)
+    for p in range(num_parts):
+        mask = (reg == p + 1).astype(np.uint8)
+        if not mask.any() or p in wanted:
+            continue
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, OTHER_PART_RGB, max(1, thick // 2), cv2.LINE_AA)
+    anchors: list[tuple[int, tuple[int, int]]] = []
+    for p in wanted:
+        mask = (reg == p + 1).astype(np.uint8)
+        if not mask.any():
+            continue
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, (40, 40, 40), thick + 2, cv2.LINE_AA)
+        cv2.drawContours(out, contours, -1, DEFINING_RGB, thick, cv2.LINE_AA)
+        ys, xs = np.nonzero(mask)
+        if keypoints is not None and p < len(keypoints) and keypoints[p][2] > 0:
+            k = (w / regions.shape[1], h / regions.shape[0])
+            c = (int(np.floor(keypoints[p][0] * k[0])), int(np.floor(keypoints[p][1] * k[1])))
+            r = max(4, side // 100)
+            cv2.circle(out, c, r + 2, (255, 255, 255), -1, cv2.LINE_AA)  # as draw_keypoints dots them
+            cv2.circle(out, c, r, (20, 20, 20), -1, cv2.LINE_AA)
+        anchors.append((p, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+    busy = reg > 0
+    for p, box in anchors:
+        halo_label(out, part_names[p], box, busy, is_def, scale, thick + 4)
+    shown = [part_names[p] for p, _ in anchors]
+    hidden = [part_names[p] for p in wanted if part_names[p] not in shown]
+    entries = [(f"defining: {join_names(shown)}" if shown else "defining: not visible here", DEFINING_RGB, True)]
+    if hidden:
+        entries.append((f"not visible: {join_names(hidden)}", (200, 200, 200), True))
+    if (on_part & ~is_def).any():
+        entries.append(("other parts", OTHER_PART_RGB, False))
+    return np.concatenate([out, legend_strip(w, scale, entries)], axis=0)

@@ -1,0 +1,115 @@
+"""Text on RGB uint8 images: titles, labels with a halo, legends (OpenCV Hershey fonts, ASCII only)."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from mcloss.explainability.render.layout import _blank
+
+__all__ = ["composite_legend", "halo_label", "legend_strip"]
+
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+_TEXT_RGB = (30, 30, 30)
+
+
+def _ascii(text: str) -> str:
+    """OpenCV's Hershey fonts draw ASCII only: strip accents, replace the rest with '?'."""
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") or "?"
+
+
+def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int) -> None:
+    """Draw text (RGB colour) in place, shrinking then shortening it with '..' to fit ``max_width``."""
+    thickness = 1
+    text = _ascii(text)
+    (tw, _), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    if tw > max_width and tw > 0:
+        scale = max(0.3, scale * max_width / tw)
+    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > max_width:
+        text = text[:-3] + ".." if len(text) > 3 else text[:-1]
+    cv2.putText(img, text, org, _FONT, scale, _TEXT_RGB, thickness, cv2.LINE_AA)
+
+
+def composite_legend(
+    colors: np.ndarray, labels: Sequence[str], *, width: int, row_height: int = 18
+) -> np.ndarray:
+    """A small legend strip [len·row_height, width, 3]: a colour swatch and a label per channel."""
+    n = len(labels)
+    out = _blank(max(1, n) * row_height, width)
+    scale = row_height / 40.0
+    for i, text in enumerate(labels):
+        y0 = i * row_height
+        sw = row_height - 6
+        c = tuple(int(v) for v in colors[i])
+        cv2.rectangle(out, (4, y0 + 3), (4 + sw, y0 + 3 + sw), c, -1)
+        _put_text(out, text, (10 + sw, y0 + row_height - 5), scale, width - 14 - sw)
+    return out
+
+
+def halo_label(
+    out: np.ndarray,
+    text: str,
+    box: tuple[int, int, int, int],
+    busy: np.ndarray,
+    keep_clear: np.ndarray,
+    scale: float,
+    offset: int,
+) -> None:
+    """Dark text with a white halo beside the region ``box`` (x0, y0, x1, y1), kept inside ``out``: right,
+    left, above or below it, whichever covers least of ``busy`` (the object and earlier labels, updated) and
+    above all of ``keep_clear`` (the defining parts)."""
+    text = _ascii(text)
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+    h, w = busy.shape
+    x0, y0, x1, y1 = box
+    xc, yc = (x0 + x1 - tw) // 2, (y0 + y1 + th) // 2
+    candidates = [(x1 + offset, yc), (x0 - offset - tw, yc), (xc, y0 - offset), (xc, y1 + offset + th)]
+    best, best_cost = None, None
+    for x, y in candidates:
+        x = int(np.clip(x, 4, max(4, w - tw - 4)))
+        y = int(np.clip(y, th + 4, max(th + 4, h - base - 4)))
+        rows, cols = slice(max(0, y - th), y + base), slice(x, x + tw)
+        cost = float(busy[rows, cols].mean() + 4.0 * keep_clear[rows, cols].mean()) if tw and th else 0.0
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = (x, y), cost
+    x, y = best
+    busy[max(0, y - th - 4) : y + base + 4, max(0, x - 4) : x + tw + 4] = True
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 6, cv2.LINE_AA)
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
+
+
+def legend_strip(width: int, scale: float, entries: Sequence[tuple[str, tuple[int, int, int], bool]]) -> np.ndarray:
+    """A white strip with one swatch (filled, or outlined) and label per entry, wrapped onto rows."""
+    row_h = int(round(40 * scale))
+    sw = int(round(row_h * 0.55))
+    pad = max(6, row_h // 3)
+    rows: list[list[tuple[int, str, tuple[int, int, int], bool]]] = [[]]
+    x = pad
+    for text, color, filled in entries:
+        text = _ascii(text)
+        (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+        need = sw + 8 + tw + 2 * pad
+        if rows[-1] and x + need > width:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, text, color, filled))
+        x += need
+    out = np.full((row_h * len(rows) + pad // 2, width, 3), 255, np.uint8)
+    for r, items in enumerate(rows):
+        yc = r * row_h + row_h // 2 + pad // 4
+        for x0, text, color, filled in items:
+            p0, p1 = (x0, yc - sw // 2), (x0 + sw, yc + sw // 2)
+            if filled:
+                cv2.rectangle(out, p0, p1, color, -1)
+                cv2.rectangle(out, p0, p1, (40, 40, 40), 1)
+            else:
+                cv2.rectangle(out, p0, p1, color, max(2, sw // 6))
+            org = (x0 + sw + 8, yc + int(10 * scale))
+            cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (30, 30, 30), 2, cv2.LINE_AA)
+    return out
