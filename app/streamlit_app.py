@@ -33,10 +33,11 @@ from mcloss.core.device import resolve_device  # noqa: E402
 from mcloss.core.errors import first_line  # noqa: E402
 from mcloss.data.annotations import PartAnnotations  # noqa: E402
 from mcloss.data.io import ImageLoadError, encode_image  # noqa: E402
-from mcloss.explainability import render  # noqa: E402
+from mcloss.explainability import kinds, render  # noqa: E402
 from mcloss.explainability.defining import DefiningSummary, defining_summary, has_defining_parts  # noqa: E402
 from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
-from mcloss.metrics.localization import hit_radius  # noqa: E402
+from mcloss.explainability.gradcam import GRADCAM_METHODS  # noqa: E402
+from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, hit_radius  # noqa: E402
 
 __all__ = ["main"]
 
@@ -242,15 +243,15 @@ def sidebar_controls() -> tuple[render.Style, dict]:
     )
     peaks = st.sidebar.toggle("Peak markers", value=True, key="peaks")
     with st.sidebar.expander("More maps"):
-        maps = view.DEFAULT_MAPS + tuple(
-            k.name for k in view.optional_kinds() if st.toggle(view.kind_label(k), value=False, key=k.name)
+        maps = kinds.default_names() + tuple(
+            k.name for k in view.optional_kinds() if st.toggle(view.kind_label(k), value=False, key=view.toggle_key(k))
         )
         method = st.radio(
-            "Grad-CAM engine", ["fused", "captum"], key="method", horizontal=True,
+            "Grad-CAM engine", list(GRADCAM_METHODS), key="method", horizontal=True,
             help="fused: gradients of the same forward pass; captum: Captum LayerGradCam (the reference)",
         )
         radius = st.number_input(
-            "Part hit radius (× image size)", 0.01, 1.0, view.HIT_RADIUS, 0.01, key="radius",
+            "Part hit radius (× image size)", 0.01, 1.0, DEFAULT_HIT_RADIUS, 0.01, key="radius",
             help="a channel peak hits a ground-truth part within this fraction of max(width, height)",
         )
     style = view.style_for(colormap, float(alpha), scale == "shared group", bool(peaks), upsampling == "nearest")

@@ -34,7 +34,7 @@ from mcloss.evaluation.sanity import group_knockout
 from mcloss.explainability import kinds, render
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
-from mcloss.explainability.explanation import DEFAULT_MAPS, Explanation, GroupMaps, explain, prepare
+from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
 from mcloss.metrics import localization as metrics
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "MAX_PIXELS",
     "DISPLAY_MAX_SIDE",
     "TILE_HEIGHT",
-    "HIT_RADIUS",
     "COLORMAPS",
     "default_checkpoint",
     "samples_dir",
@@ -68,7 +67,7 @@ __all__ = [
     "explain_locked",
     "optional_kinds",
     "kind_label",
-    "DEFAULT_MAPS",
+    "toggle_key",
     "GalleryError",
     "Sample",
     "Gallery",
@@ -101,8 +100,6 @@ MONTAGE_HELP = (
     f"one row of tiles, {TILE_HEIGHT} px tall; an image beyond {render.MAX_TILE_ASPECT:g}:1 is letterboxed and a "
     f"montage over {render.MONTAGE_MAX_PIXELS / 1e6:g} MP gets shorter tiles"
 )
-#: Default hit radius for ground-truth parts, as a fraction of max(width, height).
-HIT_RADIUS = metrics.DEFAULT_HIT_RADIUS
 COLORMAPS = (render.DEFAULT_COLORMAP, "viridis", "magma", "plasma", "turbo", "jet")
 
 
@@ -174,6 +171,11 @@ def optional_kinds() -> list[kinds.MapKind]:
     return [k for k in kinds.kinds() if not k.default]
 
 
+def toggle_key(kind: kinds.MapKind) -> str:
+    """The app's session key of a kind's toggle (``map_`` + its name: no kind can clash with another widget)."""
+    return f"map_{kind.name}"
+
+
 def kind_label(kind: kinds.MapKind) -> str:
     """A kind's toggle label (slow kinds say so)."""
     return f"{kind.label} (slower)" if kind.extra_passes else kind.label
@@ -185,10 +187,11 @@ def explain_locked(
     targets: Sequence[int | str],
     *,
     method: str = "fused",
-    maps: Sequence[str] = DEFAULT_MAPS,
+    maps: Sequence[str] | None = None,
 ) -> tuple[Explanation, float]:
     """Explain one image for ``targets`` (class indices or specs like ``"top2"``) under the model's lock
-    (:func:`mcloss.explain` toggles eval mode and ``requires_grad``, so calls must not interleave).
+    (:func:`mcloss.explain` toggles eval mode and ``requires_grad``, so calls must not interleave); ``maps``
+    default the kinds computed by default.
 
     Returns the explanation and its wall time in seconds.
     """
@@ -381,8 +384,6 @@ def display_image(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.nd
 # ---------------------------------------------------------------------------------------------- maps
 
 
-
-
 def sample_annotations(
     sample: Sample, part_names: Sequence[str], image_size: tuple[int, int]
 ) -> tuple[PartAnnotations, str | None]:
@@ -402,16 +403,6 @@ def sample_annotations(
                 )
                 labels = None
     return PartAnnotations(tuple(part_names), sample.keypoints, labels), note
-
-
-
-
-
-
-
-
-
-
 
 
 def defining_caption(summary: DefiningSummary, from_masks: bool, radius_px: float | None = None) -> str:
@@ -450,7 +441,7 @@ def channel_parts(
     keypoints: np.ndarray,
     part_names: Sequence[str],
     image_size: tuple[int, int],
-    radius: float = HIT_RADIUS,
+    radius: float = metrics.DEFAULT_HIT_RADIUS,
 ) -> tuple[list[ChannelPart], float]:
     """Nearest visible part of each channel peak and whether it lies within ``radius × max(W, H)``.
 

@@ -6,6 +6,7 @@ Uploads are injected the way the file uploader's callback stores them: ``session
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -177,7 +178,7 @@ def test_gallery_sample_renders_with_ground_truth(env, checkpoint, gallery_dir):
     # per-channel peak values and nearest ground-truth part, as mcloss.metrics.localization defines them
     kps = np.array(json.loads((gallery_dir / "index.json").read_text())["samples"][0]["parts"])
     part, dist = metrics.nearest_keypoints(group.peaks_xy, kps)
-    radius = metrics.hit_radius(96, 72, view.HIT_RADIUS)
+    radius = metrics.hit_radius(96, 72, metrics.DEFAULT_HIT_RADIUS)
     for i in range(3):
         assert caps[1 + i].startswith(f"channel {i + 1}/3 · peak {group.peak_values[i]:.3g} · {PARTS[part[i]]} ")
         assert ("hit" if dist[i] <= radius else "miss") in caps[1 + i]
@@ -237,8 +238,8 @@ def test_controls_rerender_without_running_the_model(env, explain_calls):
 def test_extra_maps_per_channel_and_guided_gradcam(env, explain_calls):
     at = run_app()
     n = len(explain_calls)
-    at.session_state["channel_gradcam"] = True
-    at.session_state["guided"] = True
+    at.session_state["map_channel_gradcam"] = True
+    at.session_state["map_guided"] = True
     at.run()
     assert_clean(at)
     assert not at.error
@@ -791,7 +792,7 @@ def test_gallery_sample_marks_the_defining_parts_and_states_the_ratio(defining_e
     caps = captions(at)
     shown = 0
     for g in expl.groups:
-        summary = defining_summary(model.card, g, expl.geometry, annotations, radius=view.HIT_RADIUS)
+        summary = defining_summary(model.card, g, expl.geometry, annotations, radius=metrics.DEFAULT_HIT_RADIUS)
         if g.name == "Plain":
             assert summary is None and not any(f"**{g.name}**:" in n for n in notes)
             continue
@@ -900,7 +901,11 @@ def test_a_registered_map_kind_reaches_explain_montage_npz_json_and_app(toy_kind
     assert json.loads((tmp_path / "bird.json").read_text())["mean_f"] == record["mean_f"]
     # the app: a toggle with the kind's label, and its tile with the kind's caption
     assert toy_kind in view.optional_kinds() and view.kind_label(toy_kind) == "Mean of F"
-    at = run_app(mean_f=True)
+    at = run_app(map_mean_f=True)
     assert_clean(at)
     assert any(c.startswith("mean of F · p ") for c in captions(at))
-    assert [t.label for t in at.toggle if t.key == "mean_f"] == ["Mean of F"]
+    assert [t.label for t in at.toggle if t.key == "map_mean_f"] == ["Mean of F"]
+    # and a name that already means something in the outputs is refused
+    for taken in ("prob", "gradcam", "compare_x", "mean_f_peak_xy"):
+        with pytest.raises(mcloss.ParameterError, match=repr(taken)):
+            mcloss.register_map_kind(dataclasses.replace(toy_kind, name=taken))

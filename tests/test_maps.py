@@ -14,7 +14,7 @@ import mcloss
 from mcloss import explain
 from mcloss.core.model import FCHead, MCModel
 from mcloss.core.transforms import EvalTransform, Geometry
-from mcloss.explainability.explanation import PreparedImage, explain_tensor, parse_maps
+from mcloss.explainability.explanation import GroupMaps, PreparedImage, explain_tensor, parse_maps
 from mcloss.explainability.geometry import channel_peaks, crop_mask, to_original
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target, resolve_targets
@@ -286,3 +286,31 @@ def test_single_image_takes_a_list_of_targets_and_a_scalar_label():
         explain(model, [img], batch_size=0)
     with pytest.raises(mcloss.ParameterError, match="PIL images, paths or PreparedImages"):
         explain(model, [img, 3])
+
+
+def test_group_maps_hold_every_kind_as_an_attribute():
+    """Kinds' maps live in GroupMaps.maps and read, write, construct, replace, copy and pickle as attributes."""
+    import copy
+    import dataclasses
+    import pickle
+
+    ch = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
+    cam = np.ones((2, 2), np.float32)
+    gm = GroupMaps(0, "a", ch, ch.max(0), np.zeros((3, 2), int), np.zeros((3, 2)), ch.max((1, 2)),
+                   gradcam=cam, gradcam_peak_xy=np.array([1.0, 2.0]))  # fmt: skip
+    assert gm.maps["gradcam"] is cam and gm.gradcam is cam and gm.gradcam_peak_xy.tolist() == [1.0, 2.0]
+    assert gm.guided is None and gm.channel_gradcam is None
+    gm.guided = np.zeros((8, 8), np.float32)
+    assert set(gm.maps) == {"gradcam", "guided"}
+    plain = dataclasses.replace(gm, gradcam=None)
+    assert plain.gradcam is None and gm.gradcam is cam  # the copy has its own dicts
+    twin = copy.copy(gm)
+    twin.guided = None
+    assert gm.guided is not None and twin.guided is None
+    back = pickle.loads(pickle.dumps(gm))
+    np.testing.assert_array_equal(back.gradcam, cam)
+    assert back.gradcam_peak_xy.tolist() == [1.0, 2.0]
+    with pytest.raises(TypeError, match="xray"):
+        GroupMaps(0, "a", ch, ch.max(0), np.zeros((3, 2), int), np.zeros((3, 2)), ch.max((1, 2)), xray=cam)
+    with pytest.raises(AttributeError):
+        gm.guided_peak_xy  # noqa: B018 - Guided Grad-CAM keeps no peak

@@ -12,7 +12,7 @@ from mcloss import explain
 from mcloss.explainability import render
 
 
-def _lut(name: str) -> np.ndarray:
+def reference_lut(name: str) -> np.ndarray:
     """[256, 3] uint8 RGB of a matplotlib colormap, computed here as the reference."""
     import matplotlib
 
@@ -36,9 +36,9 @@ def test_overlay_shape_dtype_and_alpha(w, h):
     assert out.shape == (h, w, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(render.overlay(img, m, alpha=0.0), img)
     full = render.overlay(img, np.full((h, w), 2.0), alpha=1.0)  # constant map → top colour everywhere
-    assert (full == _lut("inferno")[255]).all()
+    assert (full == reference_lut("inferno")[255]).all()
     jet = render.overlay(img, np.zeros((h, w)), alpha=1.0, colormap="jet")
-    assert (jet == _lut("jet")[0]).all()
+    assert (jet == reference_lut("jet")[0]).all()
     with pytest.raises(ValueError):
         render.overlay(img, m, alpha=1.5)
     with pytest.raises(ValueError):
@@ -54,19 +54,19 @@ def test_shared_scale_and_signed_maps():
     np.testing.assert_allclose(render.normalize_map(signed, signed=True), [[-1.0, 0.0, 0.5]])
     img = np.zeros((1, 3, 3), np.uint8)
     out = render.overlay(img, signed, alpha=1.0, signed=True)
-    lut = _lut(render.DIVERGING)
+    lut = reference_lut(render.DIVERGING)
     np.testing.assert_array_equal(out[0, 0], lut[0])
     np.testing.assert_array_equal(out[0, 1], lut[128])  # 0 sits in the middle of the diverging map
     # a shared vmax dims the weaker map
     weak = render.overlay(img[:, :1], np.array([[1.0]]), alpha=1.0, vmax=4.0)
-    np.testing.assert_array_equal(weak[0, 0], _lut("inferno")[64])
+    np.testing.assert_array_equal(weak[0, 0], reference_lut("inferno")[64])
 
 
 def test_colorize_and_strongest_match_their_numpy_definitions():
     rng = np.random.default_rng(3)
     m = np.concatenate([rng.random((40, 30)), np.arange(256)[None, :30] / 255.0, [[-0.2, 1.3, 1e9, np.inf, -np.inf] * 6]])
     m = m.astype(np.float32)
-    lut = _lut("viridis")
+    lut = reference_lut("viridis")
     np.testing.assert_array_equal(render.colorize(m, "viridis"), lut[np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)])
     s = m * 2 - 1
     expect = lut[np.clip(np.rint((s + 1) * 0.5 * 255.0), 0, 255).astype(np.uint8)]

@@ -256,9 +256,16 @@ def test_loss_variants_set_the_weights():
     assert (dis_pre.alpha, dis_pre.beta) == (0.0005, 0.0)
     mc = make_config(data="d", out="o", backbone="resnet18", alpha=2.0)
     assert (mc.alpha, mc.beta) == (2.0, 20.0)
-    with pytest.raises(TrainError, match="^loss ce .* non-zero alpha/beta$") as info:  # parameters, not flags
+    with pytest.raises(TrainError, match="^loss ce .* alpha and beta must then be 0") as info:  # parameters, not flags
         make_config(data="d", out="o", backbone="resnet18", loss="ce", alpha=1.0)
     assert info.value.parameters == ("loss", "alpha", "beta")
+    # the command line names each of them as its flag, once
+    from mcloss.cli._common import naming_flags
+
+    flags = {"loss": "--loss", "alpha": "--alpha", "beta": "--beta"}
+    assert naming_flags(str(info.value), info.value.parameters, flags) == (
+        "--loss ce trains with CE only; --alpha and --beta must then be 0 or not given"
+    )
     with pytest.raises(TrainError, match="^loss dis"):
         make_config(data="d", out="o", backbone="resnet18", loss="dis", beta=1.0)
     with pytest.raises(TrainError, match="^lr must be > 0$") as info:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import re
 import shlex
@@ -32,6 +33,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "add_checkpoint",
     "check_at_least",
+    "defaults_of",
     "debug_mode",
     "debugging",
     "progress_bar",
@@ -230,6 +232,16 @@ def checkpoint_path(given: str | None) -> Path:
             hint = f" (the default; set {CHECKPOINT_ENV}, train one, or pass --checkpoint)"
         raise ParameterError(f"{path}: checkpoint not found{hint}")
     return path
+
+
+def defaults_of(function: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword defaults of a library function, so that its command's flags default to the same values
+    without writing them again."""
+    return {
+        name: param.default
+        for name, param in inspect.signature(function).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
 
 
 def check_at_least(*checks: tuple[str, float, float]) -> None:

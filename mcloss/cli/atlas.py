@@ -14,6 +14,7 @@ from mcloss.cli._common import (
     check_at_least,
     checkpoint_path,
     command_line,
+    defaults_of,
     progress_bar,
     run,
     writing_to,
@@ -26,7 +27,6 @@ from mcloss.data.cub import CUBDataset
 from mcloss.data.files import sanitize_component
 from mcloss.data.io import encode_image
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
-from mcloss.metrics.localization import DEFAULT_HIT_RADIUS
 
 __all__ = ["build_parser", "main", "summary_markdown"]
 
@@ -38,20 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
         "CUB-layout dataset (one forward pass per batch, a running top-k on the device), the part its top "
         "activations land on and its purity, part consistency and stability under input noise.",
     )
+    default = defaults_of(build_atlas)
     add_checkpoint(p)
     p.add_argument("--data", required=True, help="CUB-layout dataset root (part keypoints label the channels)")
     p.add_argument("--split", default="test", choices=["test", "train", "all"])
     p.add_argument("--out", required=True, help="output directory (a rerun with the same options resumes)")
-    p.add_argument("--top", type=int, default=16, help="patches per channel (default 16)")
+    p.add_argument("--top", type=int, default=default["top"], help=f"patches per channel (default {default['top']})")
     p.add_argument("--classes", nargs="+", help="class names or 0-based indices (default all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=default["batch_size"])
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
-    p.add_argument("--noise", type=float, default=0.2, help="std of the Gaussian input noise for stability")
+    p.add_argument(
+        "--noise", type=float, default=default["noise"], help="std of the Gaussian input noise for stability"
+    )
     p.add_argument("--no-stability", action="store_true", help="skip the noisy second pass")
     p.add_argument(
-        "--radius", type=float, default=DEFAULT_HIT_RADIUS, help="hit radius as a fraction of max(width, height)"
+        "--radius", type=float, default=default["radius"], help="hit radius as a fraction of max(width, height)"
     )
-    p.add_argument("--patch", type=float, default=0.25, help="patch side as a fraction of max(width, height)")
+    p.add_argument(
+        "--patch", type=float, default=default["patch"], help="patch side as a fraction of max(width, height)"
+    )
     add_device(p)
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -23,12 +23,14 @@ from mcloss.cli._common import (
     progress_bar,
     run,
     say,
+    writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.distributed import DistContext, launched_by_torchrun
 from mcloss.core.errors import ParameterError
+from mcloss.core.model import MCModel
 from mcloss.explainability import kinds
-from mcloss.explainability.explanation import DEFAULT_MAPS, parse_maps
+from mcloss.explainability.explanation import parse_maps
 from mcloss.explainability.export import (
     ExportConfig,
     ExportResult,
@@ -36,6 +38,7 @@ from mcloss.explainability.export import (
     merge_shards,
     parse_shard,
 )
+from mcloss.explainability.gradcam import GRADCAM_METHODS
 from mcloss.explainability.render import (
     MAX_TILE_ASPECT,
     MAX_TILE_HEIGHT,
@@ -59,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "errors.csv; under torchrun rank 0 merges by itself",
     )  # fmt: skip
     p.add_argument("--target", default=config["target"], help="pred | pred_mc | label | topK | class index or name")
-    p.add_argument("--maps", default=",".join(DEFAULT_MAPS), help=f"comma list of {','.join(kinds.names())}")
+    p.add_argument(
+        "--maps", default=",".join(kinds.default_names()),
+        help=f"comma list of {','.join(kinds.names())} (default {','.join(kinds.default_names())})",
+    )  # fmt: skip
     p.add_argument("--colormap", default=style.colormap)
     p.add_argument("--alpha", type=float, default=style.alpha, help="heatmap opacity (0 = image only)")
     p.add_argument("--shared-scale", action="store_true", help="normalize a channel group by one max")
@@ -77,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", default="/".join(map(str, config["shard"])),
         help="i/n: process every n-th input starting at i (under torchrun: the rank's share, set by itself)",
     )  # fmt: skip
-    p.add_argument("--method", choices=("fused", "captum"), default=config["method"], help="Grad-CAM implementation")
+    p.add_argument("--method", choices=GRADCAM_METHODS, default=config["method"], help="Grad-CAM implementation")
     p.add_argument(
         "--compare", metavar="CHECKPOINT",
         help="a second checkpoint with the same classes (e.g. checkpoints/ce-baseline.safetensors): explained for "
@@ -106,7 +112,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.merge is not None:
         if args.input or args.out:
             raise ParameterError("--merge OUT takes no --input or --out")
-        return _report(merge_shards(args.merge), "merged")
+        with writing_to(args.merge, "--merge"):
+            return _report(merge_shards(args.merge), "merged")
     if not args.input or not args.out:
         raise ParameterError("the following arguments are required: --input, --out (or --merge OUT)")
     style = Style(colormap=args.colormap, alpha=args.alpha, shared_scale=args.shared_scale, tile_height=args.tile_height)
@@ -132,19 +139,23 @@ def _export(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             other = None if other is None else other.to(memory_format=torch.channels_last)
-        result = _run(model, config, device, progress=not args.no_progress and ctx.is_main, compare=other)
+        with writing_to(config.out):
+            result = _run(model, config, device, progress=not args.no_progress and ctx.is_main, compare=other)
         code = _report(result, "exported" if not ctx.enabled else f"exported by rank {ctx.rank}")
         if not ctx.enabled:
             return code
         ctx.barrier()  # every rank's shard files are written
         if ctx.is_main:
-            code = max(code, _report(merge_shards(config.out, ctx.world_size), "merged"))
+            with writing_to(config.out):
+                code = max(code, _report(merge_shards(config.out, ctx.world_size), "merged"))
         return code
     finally:
         ctx.close()
 
 
-def _run(model, config: ExportConfig, device: torch.device, *, progress: bool, compare=None) -> ExportResult:
+def _run(
+    model: MCModel, config: ExportConfig, device: torch.device, *, progress: bool, compare: MCModel | None = None
+) -> ExportResult:
     with progress_bar("export", progress) as report:
         return export(model, config, device=device, progress=report, compare_model=compare)
 

@@ -16,6 +16,7 @@ from mcloss.cli._common import (
     check_at_least,
     checkpoint_path,
     command_line,
+    defaults_of,
     progress_bar,
     run,
     say,
@@ -28,7 +29,7 @@ from mcloss.core.model import MCModel
 from mcloss.evaluation.faithfulness import BASELINES
 from mcloss.evaluation.parts import check_arguments, evaluate_parts
 from mcloss.evaluation.parts_report import PartsResult, baseline_block, summary_table, write_outputs
-from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, SIZE_REFERENCES
+from mcloss.metrics.localization import SIZE_REFERENCES
 
 __all__ = ["build_parser", "main"]
 
@@ -39,24 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Part-localization (channel peaks vs part keypoints) and faithfulness (deletion/insertion) "
         "metrics of the true class's channel group, against Grad-CAM and a random baseline.",
     )
+    default = defaults_of(evaluate_parts)
     add_checkpoint(p)
     p.add_argument("--data", required=True, help="CUB-layout dataset root with parts/part_locs.txt")
-    p.add_argument("--split", default="test", choices=["test", "train", "all"])
+    p.add_argument("--split", default=default["split"], choices=["test", "train", "all"])
     p.add_argument(
-        "--radius", type=float, default=DEFAULT_HIT_RADIUS,
-        help=f"hit radius as a fraction of the image size (default {DEFAULT_HIT_RADIUS})",
+        "--radius", type=float, default=default["radius"],
+        help=f"hit radius as a fraction of the image size (default {default['radius']})",
     )  # fmt: skip
     p.add_argument(
         "--size-reference",
-        default="max",
+        default=default["size_reference"],
         choices=list(SIZE_REFERENCES),
         help="image size for the radius: max(w, h) (default), sqrt(w·h) or the diagonal, of the original image",
     )
-    p.add_argument("--topk-percent", type=float, default=10.0, help="top-k %% mask per channel for the overlap")
-    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
     p.add_argument(
-        "--deletion-fill", default="blur", choices=list(BASELINES), help="deleted pixels become: blur (default) or mean"
+        "--topk-percent", type=float, default=default["topk_percent"], help="top-k %% mask per channel for the overlap"
     )
+    p.add_argument("--steps", type=int, default=default["steps"], help=f"deletion/insertion steps (default {default['steps']})")
+    p.add_argument(
+        "--deletion-fill", default=default["baseline"], choices=list(BASELINES),
+        help=f"deleted pixels become: blur or mean (default {default['baseline']})",
+    )  # fmt: skip
     p.add_argument(
         "--baseline", metavar="CHECKPOINT",
         help="a second checkpoint (e.g. a CE-only twin) scored the same way on the same images; its rows join the "
@@ -64,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion (much faster on a CPU)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--batch-size", type=int, default=16, help="images per explain pass")
-    p.add_argument("--perturbation-batch", type=int, default=128, help="most step images per forward pass")
+    p.add_argument("--batch-size", type=int, default=default["batch_size"], help="images per explain pass")
+    p.add_argument(
+        "--perturbation-batch", type=int, default=default["perturbation_batch"], help="most step images per forward pass"
+    )
     add_device(p)
     p.add_argument("--out", help="output directory (default runs/parts-<timestamp>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
+    p.add_argument("--seed", type=int, default=default["seed"], help="seed of the random baselines")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier parts run in --out")
     return p
 

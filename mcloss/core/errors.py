@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 __all__ = [
+    "check_callback",
     "first_line",
     "MclossError",
     "ParameterError",
@@ -77,3 +78,16 @@ class UnknownClassError(MclossError, KeyError):
 
 class OutOfRangeError(MclossError, IndexError):
     """An index outside its range (a class index, a channel of a group); the message gives the range."""
+
+
+def check_callback(value: object, parameter: str = "progress") -> None:
+    """Refuse a ``progress`` (or other callback) parameter that is neither None nor callable (e.g. the
+    ``progress=True`` of older versions), before any work is done.
+
+    Raises:
+        ParameterError: naming ``parameter``.
+    """
+    if value is not None and not callable(value):
+        raise ParameterError(
+            f"{parameter} must be a callable or None, got {type(value).__name__} {value!r}", parameter=parameter
+        )

@@ -216,7 +216,13 @@ def _generic_trunk(net: nn.Module) -> nn.Module:
 
 
 def load_backbone_weights(name: str, pretrained: str | None) -> nn.Module:
-    """Build a torchvision classifier, with weights by torchvision enum name or from a local file."""
+    """Build a torchvision classifier, with weights by torchvision enum name or from a local file.
+
+    Raises:
+        ParameterError: an unknown backbone or weights name, a missing weights file, weights not at hand.
+    """
+    if name not in torchvision.models.list_models():
+        raise ParameterError(f"backbone: unknown torchvision model {name!r}", parameter="backbone")
     if pretrained is None or pretrained.lower() in ("", "none"):
         return torchvision.models.get_model(name, weights=None)
     path = Path(pretrained)
@@ -250,7 +256,7 @@ def _load_weights_file(net: nn.Module, path: Path, name: str) -> None:
     Every trunk tensor must be present with its shape; the classifier head may differ or be absent.
 
     Raises:
-        ValueError: the file cannot be read or does not hold ``name`` weights (message names the file).
+        ParameterError: the file cannot be read or does not hold ``name`` weights (message names the file).
     """
     try:
         if path.suffix == ".safetensors":

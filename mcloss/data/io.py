@@ -160,7 +160,7 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = 90) -> byt
 
 
 def _checked_image(rgb: np.ndarray) -> np.ndarray:
-    """``rgb`` as a C-contiguous uint8 [H, W, 3] or [H, W] array with at least one pixel, else ValueError."""
+    """``rgb`` as a C-contiguous uint8 [H, W, 3] or [H, W] array with at least one pixel, else ParameterError."""
     img = np.asarray(rgb)
     if img.dtype != np.uint8 or not (img.ndim == 2 or img.ndim == 3 and img.shape[2] == 3) or img.size == 0:
         raise ParameterError(f"expected an RGB [H, W, 3] or grayscale [H, W] uint8 image, got {img.dtype} {img.shape}")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mcloss.core.device import autocast
-from mcloss.core.errors import DatasetError, Progress
+from mcloss.core.errors import DatasetError, Progress, check_callback
 from mcloss.core.model import MCModel, model_guard
 
 __all__ = ["evaluate", "evaluation_sums", "summarize_sums", "format_report", "SUM_FIELDS"]
@@ -114,6 +114,7 @@ def evaluate(
         ``{"n", "topk", "loss", "fc_top1", "fc_top5", "mc_top1", "mc_top5"}``; accuracies in 0..1;
         ``topk`` is 5, or the class count when there are fewer classes.
     """
+    check_callback(progress)
     device = torch.device(device)
     sums = evaluation_sums(model, loader, device, amp=amp, limit_batches=limit_batches, progress=progress)
     return summarize_sums(sums, model.num_classes)

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcloss.core.errors import DatasetError, ParameterError, Progress
+from mcloss.core.errors import DatasetError, ParameterError, Progress, check_callback
 from mcloss.core.files import json_safe
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.datasets import class_mismatch
@@ -256,6 +256,7 @@ def evaluate_parts(
         DatasetError: classes that do not match the model, no images or keypoints, no readable images.
     """
     check_arguments(radius, size_reference, topk_percent, steps, baseline, limit, batch_size, seed)
+    check_callback(progress)
     dataset = _open_dataset(dataset_or_root, split)
     items, part_names = _scorable_items(dataset, model, limit)
     defining_by_label, defining_names, defining_source = resolve_defining(dataset, model, part_names, defining)

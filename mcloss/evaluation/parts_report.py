@@ -102,6 +102,10 @@ class PartsResult:
     per_image: list[dict] = field(default_factory=list)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
+    def __getitem__(self, key: str) -> Any:
+        """``result["methods"]`` reads the summary, as the dict that ``evaluate_parts`` returned before."""
+        return self.summary[key]
+
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -33,7 +33,7 @@ from mcloss.core.model import MCModel, model_guard
 from mcloss.explainability.gradcam import fused_gradcam, gradcam_from_weights
 
 __all__ = [
-    "MAP_KINDS",
+    "SANITY_MAPS",
     "SIMILARITY_PASS",
     "cascade_steps",
     "cascading_randomization",
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: The map kinds compared.
-MAP_KINDS = ("channels", "ccmp", "gradcam")
+SANITY_MAPS = ("channels", "ccmp", "gradcam")
 #: A check of "the maps changed" passes when the mean Spearman correlation is below this.
 SIMILARITY_PASS = 0.5
 
@@ -118,7 +118,7 @@ def _similarities(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> d
     """Per map kind, per image: Spearman and SSIM between ``ref`` and ``other`` (channels: channel i with
     channel i, up to the smaller group, and the mean over them)."""
     out: dict[str, dict[str, list[float]]] = {}
-    for kind in MAP_KINDS:
+    for kind in SANITY_MAPS:
         rho, sim = [], []
         for a, b in zip(ref[kind], other[kind], strict=True):
             pairs = list(zip(a, b, strict=False)) if kind == "channels" else [(a, b)]
@@ -178,7 +178,7 @@ def cascading_randomization(
 
 
 def _merge(parts: list[dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
-    return {k: {m: [v for p in parts for v in p[k][m]] for m in ("spearman", "ssim")} for k in MAP_KINDS}
+    return {k: {m: [v for p in parts for v in p[k][m]] for m in ("spearman", "ssim")} for k in SANITY_MAPS}
 
 
 # ------------------------------------------------------------------------------------------- knockout
@@ -308,7 +308,7 @@ def _knockouts_and_random_logits(
     gen = torch.Generator().manual_seed(seed)
     knock: dict[str, list[float]] = {k: [] for k in ("fc_own", "fc_random", "mc_own", "mc_random")}
     targets: list[int] = []
-    random_rows: dict[str, dict[str, list[float]]] = {k: {"spearman": [], "ssim": []} for k in MAP_KINDS}
+    random_rows: dict[str, dict[str, list[float]]] = {k: {"spearman": [], "ssim": []} for k in SANITY_MAPS}
     others: list[int] = []
     for x, t in batches:
         drops = group_knockout(model, x, t, draws=draws, generator=gen)
@@ -317,7 +317,7 @@ def _knockouts_and_random_logits(
         targets += [int(c) for c in t]
         chosen, sims = random_logit(model, x, t, generator=gen)
         others += chosen
-        for kind in MAP_KINDS:
+        for kind in SANITY_MAPS:
             for m in ("spearman", "ssim"):
                 random_rows[kind][m] += sims[kind][m]
     return knock, targets, others, random_rows
@@ -350,7 +350,7 @@ def run_sanity(
     }
     last = cascade[-1]
     checks = [_map_check(f"cascading randomization: {kind}", f"{kind} maps after every block is re-initialized",
-                         _stats(last[kind]["spearman"])["mean"], "the trained model's") for kind in MAP_KINDS]  # fmt: skip
+                         _stats(last[kind]["spearman"])["mean"], "the trained model's") for kind in SANITY_MAPS]  # fmt: skip
     checks += [
         {"check": f"group knockout: {v.head} head", "value": v.difference, "passed": v.depends, "line": v.sentence()}
         for v in verdicts.values()
@@ -362,14 +362,14 @@ def run_sanity(
         "steps": [row["randomized"] for row in cascade],
         "cascade": [
             {"step": r["step"], "randomized": r["randomized"],
-             **{f"{k}_{m}": _stats(r[k][m]) for k in MAP_KINDS for m in ("spearman", "ssim")}}
+             **{f"{k}_{m}": _stats(r[k][m]) for k in SANITY_MAPS for m in ("spearman", "ssim")}}
             for r in cascade
         ],  # fmt: skip
         "cascade_per_image": cascade,
         "knockout": {"per_image": knock | {"target": targets}, "per_class": per_class,
                      "overall": {key: _stats(v) for key, v in knock.items()},
                      "verdicts": {h: v.__dict__ | {"sentence": v.sentence()} for h, v in verdicts.items()}},  # fmt: skip
-        "random_logit": {"other": others, **{f"{k}_{m}": _stats(random_rows[k][m]) for k in MAP_KINDS for m in ("spearman", "ssim")},
+        "random_logit": {"other": others, **{f"{k}_{m}": _stats(random_rows[k][m]) for k in SANITY_MAPS for m in ("spearman", "ssim")},
                          "per_image": random_rows},  # fmt: skip
         "checks": checks,
     }

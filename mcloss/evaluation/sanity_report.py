@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mcloss.core.files import atomic_write_json, atomic_write_text, csv_text, new_figure, save_figure
-from mcloss.evaluation.sanity import MAP_KINDS
+from mcloss.evaluation.sanity import SANITY_MAPS
 
 __all__ = ["summary_markdown", "write_sanity"]
 
@@ -20,10 +20,10 @@ def summary_markdown(summary: dict, title: str) -> str:
     for c in summary["checks"]:
         lines.append(f"- **{'passed' if c['passed'] else 'FAILED'}** — {c['check']}: {c['line']}")
     lines += ["", "## Cascading randomization (mean over images; step 0 is the trained model)", ""]
-    head = " | ".join(f"{k} {m}" for k in MAP_KINDS for m in _MEASURES)
-    lines += [f"| step | re-initialized | {head} |", "|---|---|" + "---|" * (len(MAP_KINDS) * len(_MEASURES))]
+    head = " | ".join(f"{k} {m}" for k in SANITY_MAPS for m in _MEASURES)
+    lines += [f"| step | re-initialized | {head} |", "|---|---|" + "---|" * (len(SANITY_MAPS) * len(_MEASURES))]
     for r in summary["cascade"]:
-        cells = " | ".join(f"{r[f'{k}_{m}']['mean']:.3f}" for k in MAP_KINDS for m in _MEASURES)
+        cells = " | ".join(f"{r[f'{k}_{m}']['mean']:.3f}" for k in SANITY_MAPS for m in _MEASURES)
         lines.append(f"| {r['step']} | {r['randomized']} | {cells} |")
     lines += ["", "## Group knockout per class (logit drop, mean ± std over the class's images)", ""]
     lines += ["| class | images | FC: own group | FC: random channels | MC: own group | MC: random channels |",
@@ -35,9 +35,9 @@ def summary_markdown(summary: dict, title: str) -> str:
     lines += [
         "",
         "Random logit: the class's maps against another class's on the same image, mean Spearman "
-        + ", ".join(f"{k} {rl[f'{k}_spearman']['mean']:.3f}" for k in MAP_KINDS)
+        + ", ".join(f"{k} {rl[f'{k}_spearman']['mean']:.3f}" for k in SANITY_MAPS)
         + "; SSIM "
-        + ", ".join(f"{k} {rl[f'{k}_ssim']['mean']:.3f}" for k in MAP_KINDS)
+        + ", ".join(f"{k} {rl[f'{k}_ssim']['mean']:.3f}" for k in SANITY_MAPS)
         + ".",
         "",
     ]
@@ -48,7 +48,7 @@ def _cascade_figure(summary: dict, path: Path) -> None:
     fig = new_figure((8.0, 3.4))
     steps = [r["randomized"] for r in summary["cascade"]]
     for ax, measure in zip(fig.subplots(1, 2, sharey=True), _MEASURES, strict=True):
-        for kind in MAP_KINDS:
+        for kind in SANITY_MAPS:
             mean = np.array([r[f"{kind}_{measure}"]["mean"] for r in summary["cascade"]])
             std = np.array([r[f"{kind}_{measure}"]["std"] for r in summary["cascade"]])
             ax.plot(range(len(steps)), mean, marker="o", label=kind)
@@ -84,14 +84,14 @@ def write_sanity(summary: dict, out: str | Path, title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     cascade_rows = [
         {"step": r["step"], "randomized": r["randomized"],
-         **{f"{k}_{m}_{s}": r[f"{k}_{m}"][s] for k in MAP_KINDS for m in _MEASURES for s in ("mean", "std")}}
+         **{f"{k}_{m}_{s}": r[f"{k}_{m}"][s] for k in SANITY_MAPS for m in _MEASURES for s in ("mean", "std")}}
         for r in summary["cascade"]
     ]  # fmt: skip
     knock = summary["knockout"]["per_image"]
     knock_rows = [{"image": i, "target": knock["target"][i], **{k: knock[k][i] for k in ("fc_own", "fc_random", "mc_own", "mc_random")}}
                   for i in range(len(knock["target"]))]  # fmt: skip
     rl = summary["random_logit"]
-    random_rows = [{"image": i, "other": rl["other"][i], **{f"{k}_{m}": rl["per_image"][k][m][i] for k in MAP_KINDS for m in _MEASURES}}
+    random_rows = [{"image": i, "other": rl["other"][i], **{f"{k}_{m}": rl["per_image"][k][m][i] for k in SANITY_MAPS for m in _MEASURES}}
                    for i in range(len(rl["other"]))]  # fmt: skip
     files = {
         "cascade.csv": csv_text(list(cascade_rows[0]), cascade_rows),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from mcloss.core.errors import ParameterError
+from mcloss.core.errors import DatasetError, ParameterError, Progress, check_callback
 from mcloss.core.files import atomic_path, atomic_write_json
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.files import InputFile
@@ -153,7 +153,7 @@ def build_atlas(
     state: str | Path | None = None,
     save_every: int = 20,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     model_id: str | None = None,
 ) -> dict:
     """Run the atlas pass over ``inputs`` (see the module docstring); returns a JSON-friendly summary.
@@ -161,8 +161,11 @@ def build_atlas(
     ``model_id`` (e.g. the checkpoint's sha256) is part of what a saved ``state`` must match.
 
     Raises:
-        ValueError: an unknown class, ``top`` < 1, or no readable image.
+        UnknownClassError, OutOfRangeError: an unknown class.
+        ParameterError: ``top`` < 1 or ``progress`` not callable.
+        DatasetError: no readable image.
     """
+    check_callback(progress)
     device = device or next(model.parameters()).device
     classes = list(range(model.num_classes)) if classes is None else [model.class_index(c) for c in classes]
     if top < 1:
@@ -224,7 +227,7 @@ def build_atlas(
         raise
     _save_state(state_path, options, running, meta)
     if not meta["sizes"]:
-        raise ParameterError("inputs: no readable image in the atlas inputs", parameter="inputs")
+        raise DatasetError("no readable image in the atlas inputs")
     return _summarize(model, inputs, classes, tracked, running, meta, radius, patch, top)
 
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from mcloss.core.device import autocast
 from mcloss.core.errors import ParameterError
 from mcloss.data.io import encode_image
 from mcloss.explainability.render.layout import DEFAULT_TILE_HEIGHT
+
+if TYPE_CHECKING:
+    from mcloss.core.model import MCModel
 
 __all__ = ["PATHS", "GOALS", "PRECISIONS", "time_path", "run_benchmark", "format_table"]
 
@@ -150,7 +154,7 @@ def _paths(
 
 
 def run_benchmark(
-    model,
+    model: MCModel,
     device: torch.device,
     *,
     batch_size: int = 16,

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from mcloss.explainability.explanation import Explanation, GroupMaps
 
 __all__ = [
-    "DEFAULT_RADIUS",
     "SOURCE_CARD",
     "SOURCE_IMAGE",
     "DefiningSummary",
@@ -55,8 +54,6 @@ __all__ = [
     "part_regions",
 ]
 
-#: Keypoint hit radius as a fraction of max(width, height): ``mcloss parts``' and the app's default.
-DEFAULT_RADIUS = DEFAULT_HIT_RADIUS
 #: ``DefiningSummary.source`` values (the export json's ``defining_mass_ratio.source``).
 SOURCE_IMAGE = "image"
 SOURCE_CARD = "fresh-set card"
@@ -185,13 +182,13 @@ def card_mass_ratios(card: Mapping[str, Any] | None, class_name: str) -> tuple[f
 # ------------------------------------------------------------------------------------------- the image
 
 
-def part_regions(annotations: PartAnnotations, geometry: Geometry, radius: float = DEFAULT_RADIUS) -> np.ndarray | None:
+def part_regions(annotations: PartAnnotations, geometry: Geometry, radius: float = DEFAULT_HIT_RADIUS) -> np.ndarray | None:
     """The image's [H, W] region map limited to the network's crop; None when the annotations place no part.
 
     From the label map when there is one, else from the visible keypoints within ``radius × max(W, H)``.
 
     Raises:
-        ValueError: the label map is not the image's size.
+        DatasetError: the label map is not the image's size.
     """
     w, h = geometry.original
     return crop_regions(annotations.labels, annotations.keypoints, geometry, hit_radius(w, h, radius))
@@ -206,7 +203,7 @@ def crop_regions(
     ``mcloss parts``.
 
     Raises:
-        ValueError: the label map is not the image's size.
+        DatasetError: the label map is not the image's size.
     """
     w, h = geometry.original
     if labels is not None:
@@ -235,7 +232,7 @@ def defining_summary(
     geometry: Geometry,
     annotations: PartAnnotations | None = None,
     *,
-    radius: float = DEFAULT_RADIUS,
+    radius: float = DEFAULT_HIT_RADIUS,
 ) -> DefiningSummary | None:
     """What to show about ``group``'s class: its defining parts and the image's (else the card's) ratios.
 
@@ -272,7 +269,7 @@ def defining_summaries(
     explanation: Explanation,
     annotations: PartAnnotations | None = None,
     *,
-    radius: float = DEFAULT_RADIUS,
+    radius: float = DEFAULT_HIT_RADIUS,
 ) -> list[DefiningSummary | None]:
     """:func:`defining_summary` of each target of an explanation, in rank order."""
     if not has_defining_parts(card):

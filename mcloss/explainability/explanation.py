@@ -34,6 +34,7 @@ from mcloss.core.transforms import Geometry
 from mcloss.data.inputs import PreparedImage, ViewMaker, prepare_image
 from mcloss.explainability import kinds, render
 from mcloss.explainability.geometry import channel_peaks
+from mcloss.explainability.gradcam import GRADCAM_METHODS
 from mcloss.explainability.kinds import ExplainPass, parse_maps
 from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets
 
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from mcloss.explainability.outputs import Comparison
 
 __all__ = [
-    "DEFAULT_MAPS",
     "Explanation",
     "GroupMaps",
     "PreparedImage",
@@ -58,11 +58,7 @@ __all__ = [
     "view_maker",
 ]
 
-#: The kinds computed unless ``maps`` says otherwise (from :mod:`mcloss.explainability.kinds`).
-DEFAULT_MAPS = kinds.default_names()
-
-
-@dataclass
+@dataclass(init=False)
 class GroupMaps:
     """The maps of one target class for one image (raw values, feature resolution unless noted).
 
@@ -74,13 +70,14 @@ class GroupMaps:
         peaks_feature: [ξ, 2] int (x, y) argmax cell of each channel.
         peaks_xy: [ξ, 2] float (x, y) of those cell centres in original-image pixels.
         peak_values: [ξ] float32.
-        maps: the other computed kinds' maps by kind name (:mod:`mcloss.explainability.kinds`), each also
-            readable as an attribute, None when not computed: ``gradcam`` [h, w] float32 ReLU Grad-CAM of the
-            FC-head logit of ``target``; ``channel_gradcam`` [ξ, h, w] float32 per-channel ReLU Grad-CAM of
-            the group's channels; ``guided`` [H_in, W_in] float32 signed Guided Grad-CAM at input resolution
+        maps: the other computed kinds' maps by kind name (:mod:`mcloss.explainability.kinds`). Each is also
+            an attribute (None when not computed; assigning one sets or, with None, removes it, and the
+            constructor takes them as keywords): ``gradcam`` [h, w] float32 ReLU Grad-CAM of the FC-head
+            logit of ``target``; ``channel_gradcam`` [ξ, h, w] float32 per-channel ReLU Grad-CAM of the
+            group's channels; ``guided`` [H_in, W_in] float32 signed Guided Grad-CAM at input resolution
             (summed over RGB).
-        map_peaks: (x, y) in original pixels of the argmax cell of each computed kind that keeps a peak
-            (``gradcam_peak_xy`` reads Grad-CAM's).
+        map_peaks: [2] (x, y) in original pixels of the argmax cell of each computed kind that keeps a peak;
+            also the attribute ``<kind>_peak_xy`` (``gradcam_peak_xy``).
         prob: FC-head probability of ``target``.
         prob_mc: MC-head probability of ``target``.
     """
@@ -97,20 +94,69 @@ class GroupMaps:
     prob: float = float("nan")
     prob_mc: float = float("nan")
 
-    if TYPE_CHECKING:  # the built-in kinds, read through __getattr__
+    if TYPE_CHECKING:  # the built-in kinds, read and written through maps / map_peaks
         gradcam: np.ndarray | None
+        gradcam_peak_xy: np.ndarray | None
         channel_gradcam: np.ndarray | None
         guided: np.ndarray | None
 
-    def __getattr__(self, name: str) -> Any:
-        if not name.startswith("_") and name not in ("maps", "map_peaks") and name in kinds.names():
-            return self.__dict__.get("maps", {}).get(name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    def __init__(
+        self,
+        target: int,
+        name: str,
+        channels: np.ndarray,
+        ccmp: np.ndarray,
+        peaks_feature: np.ndarray,
+        peaks_xy: np.ndarray,
+        peak_values: np.ndarray,
+        maps: dict[str, np.ndarray] | None = None,
+        map_peaks: dict[str, np.ndarray] | None = None,
+        prob: float = float("nan"),
+        prob_mc: float = float("nan"),
+        **kind_maps: np.ndarray | None,
+    ) -> None:
+        self.target, self.name, self.channels, self.ccmp = target, name, channels, ccmp
+        self.peaks_feature, self.peaks_xy, self.peak_values = peaks_feature, peaks_xy, peak_values
+        self.maps, self.map_peaks = dict(maps or {}), dict(map_peaks or {})  # a copy shares no dict
+        self.prob, self.prob_mc = prob, prob_mc
+        for key, value in kind_maps.items():
+            if _kind_slot(key) is None:
+                raise TypeError(f"GroupMaps() got an unexpected keyword argument {key!r}")
+            setattr(self, key, value)
 
-    @property
-    def gradcam_peak_xy(self) -> np.ndarray | None:
-        """[2] float, Grad-CAM's argmax cell centre in original pixels, or None."""
-        return self.map_peaks.get("gradcam")
+    def __getattr__(self, name: str) -> Any:  # only when the usual lookup fails
+        slot = _kind_slot(name)
+        if slot is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        store, key = slot
+        return self.__dict__.get(store, {}).get(key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        slot = _kind_slot(name)
+        if slot is None:
+            object.__setattr__(self, name, value)
+            return
+        store, key = slot
+        if value is None:
+            self.__dict__[store].pop(key, None)
+        else:
+            self.__dict__[store][key] = value
+
+    def __copy__(self) -> GroupMaps:
+        return dataclasses.replace(self)
+
+
+def _kind_slot(name: str) -> tuple[str, str] | None:
+    """Where the attribute ``name`` of a GroupMaps lives: ("maps", kind) for a kind's map, ("map_peaks",
+    kind) for ``<kind>_peak_xy`` of a kind that keeps a peak; None for any other name."""
+    if name.startswith("_") or name == kinds.CHANNELS:
+        return None
+    if name in kinds.names():
+        return "maps", name
+    kind = name.removesuffix("_peak_xy")
+    if kind != name and kind in kinds.names() and kinds.get(kind).peak:
+        return "map_peaks", kind
+    return None
 
 
 @dataclass
@@ -273,7 +319,7 @@ def view_maker(view: str | None, view_size: int = render.VIEW_MAX_SIDE) -> ViewM
     :func:`mcloss.explainability.render.thumbnail`), or None (no view).
 
     Raises:
-        ValueError: another ``view``.
+        ParameterError: another ``view``.
     """
     if view == "fit":
         return functools.partial(render.fit_view, max_side=view_size)
@@ -326,7 +372,7 @@ def explain(
     images: ImageInput | Sequence[ImageInput],
     targets: TargetSpec | Sequence[TargetSpec] = "pred",
     *,
-    maps: str | Sequence[str] = DEFAULT_MAPS,
+    maps: str | Sequence[str] | None = None,
     labels: Sequence[int | None] | None = None,
     method: str = "fused",
     device: torch.device | str | None = None,
@@ -340,7 +386,8 @@ def explain(
         images: a PIL RGB image (EXIF applied), an image path, a :class:`PreparedImage`, or a list of them.
         targets: one spec for every image, or one per image (:mod:`mcloss.explainability.targets`); for a
             single image, a list of specs asks for several targets.
-        maps: which maps, e.g. ``("channels", "gradcam")`` or ``"channels,gradcam,guided"``.
+        maps: which maps, e.g. ``("channels", "gradcam")`` or ``"channels,gradcam,guided"`` (default: the
+            kinds computed by default, :func:`mcloss.explainability.kinds.default_names`).
         labels: true classes (one per image, or one int for a single image), for ``"label"`` targets and
             ``Explanation.label``.
         method: ``"fused"`` or ``"captum"`` Grad-CAM.
@@ -399,7 +446,7 @@ def explain_tensor(
     targets: TargetSpec | Sequence[TargetSpec] = "pred",
     *,
     labels: Sequence[int | None] | None = None,
-    maps: str | Sequence[str] = DEFAULT_MAPS,
+    maps: str | Sequence[str] | None = None,
     method: str = "fused",
     device: torch.device | str | None = None,
     amp: bool | None = None,
@@ -422,8 +469,8 @@ def explain_tensor(
     Returns:
         One Explanation per image (without a view; :func:`explain` adds it).
     """
-    if method not in ("fused", "captum"):
-        raise ParameterError(f"method must be 'fused' or 'captum', got {method!r}", parameter="method")
+    if method not in GRADCAM_METHODS:
+        raise ParameterError(f"method must be one of {', '.join(GRADCAM_METHODS)}, got {method!r}", parameter="method")
     batch = x.shape[0]
     if len(geometries) != batch:
         raise ParameterError(f"geometries: {len(geometries)} for a batch of {batch}", parameter="geometries")

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress
+from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress, check_callback
 from mcloss.core.files import atomic_write_json, atomic_write_text, csv_text, file_sha256
 from mcloss.core.model import model_guard
 from mcloss.core.provenance import versions
@@ -61,8 +61,9 @@ from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.inputs import ImageFiles, PreparedImage, collate_items
+from mcloss.explainability import kinds
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
-from mcloss.explainability.explanation import DEFAULT_MAPS, explain, parse_maps, view_maker
+from mcloss.explainability.explanation import explain, parse_maps, view_maker
 from mcloss.explainability.outputs import Comparison, OutputOptions, stale_temps, write_explanation
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
@@ -129,7 +130,7 @@ class ExportConfig:
     input: Sequence[str]
     out: str
     target: str = "pred"
-    maps: Sequence[str] = DEFAULT_MAPS
+    maps: Sequence[str] | None = None
     style: Style = field(default_factory=Style)
     topk: int = 5
     batch_size: int = 16
@@ -281,7 +282,7 @@ def plan_export(
     what an earlier run left there (see :func:`export` for the arguments); nothing is removed or written.
 
     Raises:
-        ParameterError, ValueError, KeyError, IndexError: an unusable option (unknown map kind, target or
+        ParameterError, UnknownClassError, OutOfRangeError: an unusable option (unknown map kind, target or
             class, a second model that does not match), before any work is done.
     """
     maps = parse_maps(config.maps)
@@ -452,9 +453,10 @@ def export(
         compare_model: the MCModel of ``config.compare`` (on ``device``; same class names), or None.
 
     Raises:
-        ParameterError, ValueError, KeyError, IndexError: an unusable option (unknown map kind, target or
+        ParameterError, UnknownClassError, OutOfRangeError: an unusable option (unknown map kind, target or
             class), before any work is done.
     """
+    check_callback(progress)
     plan = plan_export(model, config, checkpoint_sha256=checkpoint_sha256, compare_model=compare_model)
     _remove_stale_temps(plan)
     t0 = time.perf_counter()
@@ -606,10 +608,11 @@ def cpu_lanes(device: torch.device, maps: Sequence[str], method: str) -> int:
     and they spin while a writer holds one. So a CPU export runs lanes instead: each takes the next decoded
     batch, explains it with its share of torch's threads and then draws and writes that batch's files itself,
     and the lanes keep every core busy with no spin. A GPU export keeps one model thread with writers beside
-    it. Captum's Grad-CAM and Guided Grad-CAM put hooks on the shared model, which two batches at once would
-    both trip on, so those exports take one lane.
+    it. Captum's Grad-CAM and the kinds that run passes of their own (``MapKind.extra_passes``: Guided Grad-CAM)
+    put hooks on the shared model, which two batches at once would both trip on, so those exports take one lane.
     """
-    if device.type != "cpu" or method != "fused" or "guided" in maps or torch.get_num_threads() < CPU_LANES:
+    hooked = any(kinds.get(name).extra_passes for name in maps)
+    if device.type != "cpu" or method != "fused" or hooked or torch.get_num_threads() < CPU_LANES:
         return 1
     return CPU_LANES
 

@@ -21,6 +21,7 @@ from mcloss.core.errors import ParameterError
 from mcloss.core.model import model_guard
 
 __all__ = [
+    "GRADCAM_METHODS",
     "model_guard",
     "fused_gradcam",
     "gradcam_from_weights",
@@ -28,6 +29,10 @@ __all__ = [
     "captum_channel_gradcam",
     "captum_guided_gradcam",
 ]
+
+#: The Grad-CAM implementations: gradients w.r.t. F from the prediction pass, or Captum's LayerGradCam.
+GRADCAM_METHODS = ("fused", "captum")
+
 
 def gradcam_from_weights(features: torch.Tensor, weights: torch.Tensor, *, per_channel: bool = False) -> torch.Tensor:
     """ReLU Grad-CAM from F [B, K, h, w] and channel weights [B, K] (the spatial mean of dScore/dF).
@@ -38,7 +43,6 @@ def gradcam_from_weights(features: torch.Tensor, weights: torch.Tensor, *, per_c
     if per_channel:
         return torch.relu(scaled)
     return torch.relu(scaled.sum(dim=1))
-
 
 def fused_gradcam(
     features: torch.Tensor, logits: torch.Tensor, targets: Sequence[int], *, retain_graph: bool = False

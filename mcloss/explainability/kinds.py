@@ -17,6 +17,7 @@ Built in, in this order (the order of tiles, npz arrays and json keys):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANNELS",
+    "RESERVED",
     "ExplainPass",
     "MapKind",
     "default_names",
@@ -183,11 +185,29 @@ def _guided(p: ExplainPass, rank: int, targets: list[int]) -> torch.Tensor:
 
 _TABLE: dict[str, MapKind] = {}
 
+#: Names a kind cannot take: they already mean something in GroupMaps, the npz, the json or ``map_overlay``.
+RESERVED = frozenset({
+    "target", "name", "ccmp", "peaks_feature", "peaks_xy", "peak_values", "maps", "map_peaks", "prob", "prob_mc",
+    "channel", "probs", "probs_mc", "targets", "rank", "index", "png", "defining_parts", "defining_mass_ratio",
+    "file", "image_size", "prediction", "prediction_mc", "topk", "label", "feature_hw", "geometry", "outputs",
+    "options", "compare",
+})  # fmt: skip
+
+
+def _check_name(name: str) -> None:
+    """Refuse a kind name that is taken, reserved, or would read as another key (``compare_…``, ``…_r2``,
+    ``…_peak_xy``)."""
+    if name in _TABLE:
+        raise ParameterError(f"map kind {name!r} is already registered", parameter="kind")
+    clash = re.fullmatch(r"compare_.*|.*_r\d+|.*_peak_xy", name)
+    if name in RESERVED or clash:
+        raise ParameterError(f"map kind name {name!r} is reserved (it names something else in the outputs)", parameter="kind")
+
 
 def register(kind: MapKind) -> MapKind:
-    """Add a kind after the others (its name must be new); returns it. Also ``mcloss.register_map_kind``."""
-    if kind.name in _TABLE:
-        raise ParameterError(f"map kind {kind.name!r} is already registered")
+    """Add a kind after the others (its name must be new and not reserved); returns it. Also
+    ``mcloss.register_map_kind``."""
+    _check_name(kind.name)
     _TABLE[kind.name] = kind
     return kind
 
@@ -198,7 +218,7 @@ register_map_kind = register
 def unregister(name: str) -> None:
     """Remove a kind added by :func:`register` (the built-in ones stay)."""
     if name in _BUILT_IN:
-        raise ParameterError(f"map kind {name!r} is built in")
+        raise ParameterError(f"map kind {name!r} is built in", parameter="name")
     _TABLE.pop(name, None)
 
 
@@ -225,13 +245,15 @@ def get(name: str) -> MapKind:
         raise ParameterError(f"unknown map kind {name!r} (choose from {', '.join(_TABLE)})") from None
 
 
-def parse_maps(maps: str | Sequence[str]) -> tuple[str, ...]:
+def parse_maps(maps: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"channels,gradcam"`` or a sequence of names → a tuple of known names in table order (``channels``
-    always first).
+    always first); None → the kinds computed by default (:func:`default_names`).
 
     Raises:
         ParameterError: an unknown kind (the message names ``maps`` and lists the known kinds).
     """
+    if maps is None:
+        return default_names()
     items = maps.split(",") if isinstance(maps, str) else list(maps)
     wanted = [str(m).strip() for m in items if str(m).strip()]
     unknown = sorted(set(wanted) - set(_TABLE))

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mcloss.core.errors import ParameterError
+
+if TYPE_CHECKING:
+    from mcloss.core.model import MCModel
 
 __all__ = ["TargetSpec", "check_target", "per_image", "resolve_targets"]
 
@@ -23,12 +27,12 @@ _TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
 _KEYWORDS = ("pred", "pred_mc", "label")
 
 
-def _parse(model, spec: int | str) -> tuple[str, int]:
+def _parse(model: MCModel, spec: int | str) -> tuple[str, int]:
     """One spec → (kind, value): ("pred"|"pred_mc"|"label", 0), ("top", K) or ("class", index).
 
     Raises:
-        KeyError, IndexError: an unknown class name or an out-of-range index.
-        ValueError: ``topK`` with K outside [1, classes].
+        UnknownClassError, OutOfRangeError: an unknown class name or an out-of-range index.
+        ParameterError: ``topK`` with K outside [1, classes].
     """
     if isinstance(spec, (int, np.integer)):
         return "class", model.class_index(int(spec))
@@ -44,7 +48,7 @@ def _parse(model, spec: int | str) -> tuple[str, int]:
     return "class", model.class_index(s)
 
 
-def check_target(model, spec: int | str) -> int | str:
+def check_target(model: MCModel, spec: int | str) -> int | str:
     """Validate one spec before any work: a keyword or ``topK`` comes back lower-case, a class name or
     index as its 0-based index (errors as :func:`resolve_targets` raises them)."""
     kind, value = _parse(model, spec)
@@ -53,7 +57,7 @@ def check_target(model, spec: int | str) -> int | str:
     return f"top{value}" if kind == "top" else kind
 
 
-def _one_target(model, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray, label: int | None) -> list[int]:
+def _one_target(model: MCModel, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray, label: int | None) -> list[int]:
     kind, value = _parse(model, spec)
     if kind == "pred":
         return [int(np.argmax(probs))]
@@ -69,7 +73,7 @@ def _one_target(model, spec: int | str, probs: np.ndarray, probs_mc: np.ndarray,
 
 
 def resolve_targets(
-    model,
+    model: MCModel,
     spec: TargetSpec | Sequence[TargetSpec],
     probs_fc: np.ndarray,
     probs_mc: np.ndarray,

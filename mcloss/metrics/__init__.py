@@ -5,3 +5,5 @@ Modules:
     localization: hit radii, nearest keypoints, peak hits, top-k masks, IoU, perturbation steps and AUC.
     mass: mass per area on a class's defining parts, geometric means and their bootstrap intervals.
 """
+
+__all__ = ["localization", "mass"]

@@ -23,7 +23,11 @@ import numpy as np
 from mcloss.core.errors import ParameterError
 
 __all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "CI_LEVEL",
     "RATIO_CLIP",
+    "paired",
+    "paired_quotient",
     "keypoint_regions",
     "region_areas",
     "mass_ratio",

@@ -65,8 +65,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Settings a resumed run may change; everything else is fixed by the run's config.json.
-RESUME_OVERRIDABLE = ("epochs", "workers", "device", "amp", "cpu_bf16", "limit_batches", "data", "download", "command")
+#: Settings a user may change when resuming a run; everything else is fixed by the run's config.json.
+RESUME_CHANGEABLE = ("epochs", "workers", "device", "amp", "cpu_bf16", "limit_batches", "data")
+#: What a resume takes from the new call rather than from config.json: those, and how it was called.
+RESUME_OVERRIDABLE = (*RESUME_CHANGEABLE, "download", "command")
 
 
 class TrainError(MclossError, ValueError):
@@ -191,7 +193,7 @@ def make_config(recipe: str = "official-scratch", **overrides: Any) -> TrainConf
     if loss == "ce":
         if given.get("alpha") or given.get("beta"):
             raise TrainError(
-                "loss ce trains with CE only; do not also give a non-zero alpha/beta", parameter=("loss", "alpha", "beta")
+                "loss ce trains with CE only; alpha and beta must then be 0 or not given", parameter=("loss", "alpha", "beta")
             )
         given["alpha"], given["beta"] = 0.0, 0.0
     elif loss == "dis":
@@ -227,7 +229,7 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any] | None = None) 
             raise TrainError(f"unknown setting {key!r}")
         value = _normalize_override(key, value)
         if value != saved[key]:
-            may_change = ("epochs", "workers", "device", "amp", "cpu_bf16", "limit_batches", "data")
+            may_change = RESUME_CHANGEABLE
             raise TrainError(
                 f"{key} {value} differs from the run's {saved[key]} ({out}/config.json); a resumed run keeps its "
                 f"configuration (only {', '.join(may_change[:-1])} and {may_change[-1]} may change)",

@@ -18,7 +18,7 @@ from torch import nn
 
 from mcloss.core.device import autocast
 from mcloss.core.distributed import DistContext
-from mcloss.core.errors import Progress
+from mcloss.core.errors import Progress, check_callback
 from mcloss.core.loss import MCLoss
 from mcloss.core.model import MCModel
 from mcloss.evaluation.classification import evaluation_sums, summarize_sums
@@ -354,6 +354,7 @@ def train(
         "best_epoch", "best_test_acc_fc", "last", "metrics", "world_size", "rank"}``.
     """
     config.validate()
+    check_callback(progress)
     ctx, device = DistContext.setup(config.device)
     try:
         with InterruptGuard() as guard:

@@ -72,10 +72,10 @@ def seed_all(seed: int) -> None:
 
 
 def warn_if_bf16_is_emulated(config: TrainConfig, device: torch.device) -> None:
-    """Warn (logging) when ``--cpu-bf16`` would run on a CPU that only emulates bf16."""
+    """Warn (logging) when ``cpu_bf16`` would run on a CPU that only emulates bf16."""
     if config.cpu_bf16 and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning(
-            "--cpu-bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 is emulated and slower than fp32"
+            "cpu_bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 is emulated and slower than fp32"
         )
 
 

@@ -21,7 +21,7 @@ Every public name of the parts is importable from here (``render.Style``); the p
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 _PARTS = ("colour", "layout", "text", "tiles", "compose", "figure", "annotations")
 
@@ -50,3 +50,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_exports()))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
+    from mcloss.explainability.render.annotations import *  # noqa: F403
+    from mcloss.explainability.render.colour import *  # noqa: F403
+    from mcloss.explainability.render.compose import *  # noqa: F403
+    from mcloss.explainability.render.figure import *  # noqa: F403
+    from mcloss.explainability.render.layout import *  # noqa: F403
+    from mcloss.explainability.render.text import *  # noqa: F403
+    from mcloss.explainability.render.tiles import *  # noqa: F403

@@ -14,10 +14,9 @@ from mcloss.explainability.render.text import halo_label, legend_strip
 __all__ = ["DEFINING_RGB", "OTHER_PART_RGB", "draw_keypoints", "draw_defining_parts"]
 
 
-#: Outline of a class's defining parts, and of the other parts, in the defining-parts picture.
+#: Outline of a class's defining parts in the defining-parts picture.
 DEFINING_RGB = (255, 176, 0)
-
-
+#: Outline of the other parts.
 OTHER_PART_RGB = (96, 96, 96)
 
 

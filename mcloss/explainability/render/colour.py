@@ -13,9 +13,21 @@ import cv2
 import numpy as np
 
 from mcloss.core.errors import ParameterError
-from mcloss.explainability.render.layout import _check_image
+from mcloss.explainability.render.layout import check_image
 
-__all__ = ["DEFAULT_COLORMAP", "DIVERGING", "normalize_map", "normalize_group", "colorize", "overlay", "draw_peaks", "draw_contour", "part_colors", "part_composite"]
+__all__ = [
+    "colormap_lut",
+    "DEFAULT_COLORMAP",
+    "DIVERGING",
+    "normalize_map",
+    "normalize_group",
+    "colorize",
+    "overlay",
+    "draw_peaks",
+    "draw_contour",
+    "part_colors",
+    "part_composite",
+]
 
 
 #: The default colormap of every overlay (perceptually uniform; ``jet`` matches published figures).
@@ -25,7 +37,12 @@ DIVERGING = "RdBu_r"
 
 
 @lru_cache(maxsize=32)
-def _lut(name: str) -> np.ndarray:
+def colormap_lut(name: str) -> np.ndarray:
+    """[256, 3] uint8 RGB lookup table of a matplotlib colormap (cached, read-only).
+
+    Raises:
+        ParameterError: an unknown colormap.
+    """
     import matplotlib
 
     try:
@@ -64,10 +81,10 @@ def colorize(norm_map: np.ndarray, colormap: str = DEFAULT_COLORMAP, *, signed: 
     m = np.asarray(norm_map, dtype=np.float32)
     t = (m + 1.0) * 0.5 if signed else m
     if t.ndim != 2 or t.size == 0:
-        return _lut(colormap)[np.clip(np.rint(t * 255.0), 0, 255).astype(np.uint8)]
+        return colormap_lut(colormap)[np.clip(np.rint(t * 255.0), 0, 255).astype(np.uint8)]
     # the same for a 2-D map in OpenCV, about 5× faster: its rounding is numpy's (half to even)
     idx = cv2.convertScaleAbs(np.clip(t, 0.0, 1.0), alpha=255.0)
-    return cv2.LUT(cv2.merge([idx, idx, idx]), _lut(colormap).reshape(256, 1, 3))
+    return cv2.LUT(cv2.merge([idx, idx, idx]), colormap_lut(colormap).reshape(256, 1, 3))
 
 
 def _fit(map_hw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -101,7 +118,7 @@ def overlay(
         peaks_xy: [N, 2] (x, y) pixel positions to mark.
         contour: draw the iso-line at this fraction of ``vmax`` (e.g. 0.5).
     """
-    img = _check_image(image)
+    img = check_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise ParameterError(f"alpha must be in [0, 1], got {alpha}", parameter="alpha")
     m = _fit(map_hw, img.shape[:2])
@@ -123,7 +140,7 @@ def draw_peaks(
     size: int | None = None,
 ) -> np.ndarray:
     """Mark (x, y) points with a cross in a white-outlined ring; returns a new image."""
-    out = _check_image(image).copy()
+    out = check_image(image).copy()
     pts = np.asarray(peaks_xy, dtype=np.float64).reshape(-1, 2)
     r = size or max(4, min(out.shape[:2]) // 28)
     for i, (x, y) in enumerate(pts):
@@ -139,7 +156,7 @@ def draw_contour(
     image: np.ndarray, norm_map: np.ndarray, level: float = 0.5, color: tuple[int, int, int] = (255, 255, 255)
 ) -> np.ndarray:
     """Draw the iso-line ``norm_map == level`` (map in [0, 1], resized to the image) on a copy of it."""
-    out = _check_image(image).copy()
+    out = check_image(image).copy()
     m = _fit(norm_map, out.shape[:2])
     mask = (m >= level).astype(np.uint8)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -189,7 +206,7 @@ def part_composite(
         gamma: < 1 lifts weak activations.
         vmax: with ``shared_scale``, the maximum to normalize by (default the group's own).
     """
-    img = _check_image(image)
+    img = check_image(image)
     maps = np.stack([_fit(m, img.shape[:2]) for m in np.asarray(channel_maps, dtype=np.float32)])
     cols = part_colors(len(maps)) if colors is None else np.asarray(colors, dtype=np.uint8)
     norm = normalize_group(maps, shared=shared_scale, vmax=vmax)

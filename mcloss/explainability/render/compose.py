@@ -12,29 +12,43 @@ from mcloss.core.errors import OutOfRangeError, ParameterError
 from mcloss.explainability import kinds
 from mcloss.explainability.render.layout import (
     DEFAULT_TILE_HEIGHT,
-    _blank,
-    _check_image,
-    _fit_width,
-    _within_cap,
+    blank_canvas,
+    check_image,
+    fit_width,
     letterbox,
     montage_height,
     thumbnail,
+    within_cap,
 )
-from mcloss.explainability.render.text import _put_text
+from mcloss.explainability.render.text import put_text
 from mcloss.explainability.render.tiles import Style, Tile, ccmp_tile, channel_tile
 
 if TYPE_CHECKING:
     from mcloss.explainability.explanation import Explanation, GroupMaps
     from mcloss.explainability.kinds import MapKind
 
-__all__ = ["titled_tile", "montage", "present_kinds", "group_tiles", "side_rows", "overlay_names", "map_overlay", "common_style", "explanation_tile_height", "montage_tiles", "explanation_montage", "compare_montage"]
+__all__ = [
+    "header_text",
+    "titled_tile",
+    "montage",
+    "present_kinds",
+    "group_tiles",
+    "side_rows",
+    "overlay_names",
+    "map_overlay",
+    "common_style",
+    "explanation_tile_height",
+    "montage_tiles",
+    "explanation_montage",
+    "compare_montage",
+]
 
 
 def titled_tile(image: np.ndarray, title: str, *, title_height: int = 22) -> np.ndarray:
     """An image with a white title strip above it (text fitted to the image width)."""
-    img = _check_image(image)
-    strip = _blank(title_height, img.shape[1])
-    _put_text(strip, title, (3, title_height - 7), title_height / 40.0, img.shape[1] - 6)
+    img = check_image(image)
+    strip = blank_canvas(title_height, img.shape[1])
+    put_text(strip, title, (3, title_height - 7), title_height / 40.0, img.shape[1] - 6)
     return np.concatenate([strip, img], axis=0)
 
 
@@ -64,19 +78,19 @@ def montage(
         img = letterbox(tile[0], height)
         col = titled_tile(img, tile[1], title_height=title_height)
         if len(tile) > 2 and tile[2] is not None:
-            col = np.concatenate([col, _fit_width(_check_image(tile[2]), col.shape[1])], axis=0)
+            col = np.concatenate([col, fit_width(check_image(tile[2]), col.shape[1])], axis=0)
         cols.append(col)
     full_h = max(c.shape[0] for c in cols)
-    row = _blank(full_h + gutter, sum(c.shape[1] for c in cols) + gutter * (len(cols) + 1))  # gutters around
+    row = blank_canvas(full_h + gutter, sum(c.shape[1] for c in cols) + gutter * (len(cols) + 1))  # gutters around
     x = gutter
     for c in cols:
         row[: c.shape[0], x : x + c.shape[1]] = c
         x += c.shape[1] + gutter
     if header:
-        strip = _blank(title_height + 6, row.shape[1])
-        _put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter)
+        strip = blank_canvas(title_height + 6, row.shape[1])
+        put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter)
         row = np.concatenate([strip, row], axis=0)
-    return _within_cap(row)  # only a caller's huge height is scaled down here
+    return within_cap(row)  # only a caller's huge height is scaled down here
 
 
 def present_kinds(group: GroupMaps, *, montage: bool | None = None) -> list[MapKind]:
@@ -99,13 +113,13 @@ def group_tiles(view: np.ndarray, explanation: Explanation, group: GroupMaps, st
         group: the target's maps.
         style: display settings.
     """
-    view = _check_image(view)
+    view = check_image(view)
     return [tile for k in present_kinds(group, montage=True) for tile in k.tiles(view, explanation, group, style)]
 
 
 def side_rows(view: np.ndarray, explanation: Explanation, group: GroupMaps, style: Style) -> list[list[Tile]]:
     """The tiles of the computed kinds that montages leave out (per-channel Grad-CAM), one row per kind."""
-    view = _check_image(view)
+    view = check_image(view)
     return [k.tiles(view, explanation, group, style) for k in present_kinds(group, montage=False)]
 
 
@@ -125,7 +139,7 @@ def map_overlay(
     name = kinds.CHANNELS if kind == "channel" else kind
     if name not in overlay_names():
         raise ParameterError(f"kind must be one of {', '.join(overlay_names())}, got {kind!r}", parameter="kind")
-    view = _check_image(view)
+    view = check_image(view)
     if name == "ccmp":
         return ccmp_tile(view, explanation, group, style).image
     k = kinds.get(name)
@@ -138,7 +152,7 @@ def map_overlay(
     return k.tiles(view, explanation, group, style)[channel if k.per_channel else 0].image
 
 
-def _header(explanation: Explanation, gm: GroupMaps) -> str:
+def header_text(explanation: Explanation, gm: GroupMaps) -> str:
     p, q = explanation.prediction, explanation.prediction_mc
     text = (
         f"target {gm.name} (FC {gm.prob:.2f}, MC {gm.prob_mc:.2f})   "
@@ -176,7 +190,7 @@ def explanation_montage(
     """
     style = style or Style()
     tiles = montage_tiles(image, explanation, group, style)
-    header = _header(explanation, explanation.groups[group])
+    header = header_text(explanation, explanation.groups[group])
     header = f"{title}: {header}" if title else header
     height = explanation_tile_height(image, explanation, group, style)
     return montage([(t.image, t.title, t.footer) for t in tiles], height=height, header=header)
@@ -203,4 +217,4 @@ def compare_montage(
     rows = [explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return _within_cap(np.concatenate([rows[0], _blank(6, width), rows[1]], axis=0))
+    return within_cap(np.concatenate([rows[0], blank_canvas(6, width), rows[1]], axis=0))

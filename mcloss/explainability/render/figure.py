@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mcloss.explainability.render.compose import _header, explanation_tile_height, montage_tiles
-from mcloss.explainability.render.layout import _fit_width
+from mcloss.explainability.render.compose import explanation_tile_height, header_text, montage_tiles
+from mcloss.explainability.render.layout import fit_width
 from mcloss.explainability.render.tiles import Style
 
 if TYPE_CHECKING:
@@ -31,10 +31,10 @@ def explanation_figure(
     fig = Figure(figsize=(sum(widths) / dpi + 0.2 * len(tiles), height / dpi * 1.35 + 0.6), dpi=dpi)
     axes = fig.subplots(1, len(tiles), gridspec_kw={"width_ratios": widths})
     for ax, tile in zip(np.atleast_1d(axes), tiles, strict=True):
-        img = tile.image if tile.footer is None else np.concatenate([tile.image, _fit_width(tile.footer, tile.image.shape[1])])
+        img = tile.image if tile.footer is None else np.concatenate([tile.image, fit_width(tile.footer, tile.image.shape[1])])
         ax.imshow(img)
         ax.set_title(tile.title, fontsize=8)
         ax.set_axis_off()
-    fig.suptitle(_header(explanation, explanation.groups[group]), fontsize=9)
+    fig.suptitle(header_text(explanation, explanation.groups[group]), fontsize=9)
     fig.tight_layout()
     return fig

@@ -9,7 +9,24 @@ import numpy as np
 
 from mcloss.core.errors import ParameterError
 
-__all__ = ["DEFAULT_TILE_HEIGHT", "VIEW_MAX_SIDE", "MAX_TILE_ASPECT", "MAX_TILE_HEIGHT", "MIN_TILE_HEIGHT", "MONTAGE_MAX_PIXELS", "tile_box", "pad_to_aspect", "letterbox", "montage_height", "thumbnail", "fit_view"]
+__all__ = [
+    "check_image",
+    "blank_canvas",
+    "fit_width",
+    "within_cap",
+    "DEFAULT_TILE_HEIGHT",
+    "VIEW_MAX_SIDE",
+    "MAX_TILE_ASPECT",
+    "MAX_TILE_HEIGHT",
+    "MIN_TILE_HEIGHT",
+    "MONTAGE_MAX_PIXELS",
+    "tile_box",
+    "pad_to_aspect",
+    "letterbox",
+    "montage_height",
+    "thumbnail",
+    "fit_view",
+]
 
 
 _BG = 255  # the background's value in every channel (white)
@@ -39,12 +56,12 @@ MIN_TILE_HEIGHT = 16
 MONTAGE_MAX_PIXELS = 24_000_000
 
 
-def _blank(rows: int, cols: int) -> np.ndarray:
+def blank_canvas(rows: int, cols: int) -> np.ndarray:
     """A background-coloured RGB uint8 canvas of rows × cols."""
     return np.full((rows, cols, 3), _BG, np.uint8)
 
 
-def _check_image(image: np.ndarray) -> np.ndarray:
+def check_image(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ParameterError(f"expected an RGB uint8 image [H, W, 3], got {img.dtype} {img.shape}")
@@ -67,7 +84,7 @@ def _resize(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return cv2.resize(img, (cols, rows), interpolation=interp)
 
 
-def _within_cap(picture: np.ndarray) -> np.ndarray:
+def within_cap(picture: np.ndarray) -> np.ndarray:
     """``picture``, scaled down (aspect kept) when it has more than MONTAGE_MAX_PIXELS pixels."""
     pixels = picture.shape[0] * picture.shape[1]
     if pixels <= MONTAGE_MAX_PIXELS:
@@ -79,7 +96,7 @@ def _within_cap(picture: np.ndarray) -> np.ndarray:
 def pad_to_aspect(image: np.ndarray, rows: int | None = None) -> np.ndarray:
     """Pad (white, centred) so that width ÷ height lies in [1/MAX_TILE_ASPECT, MAX_TILE_ASPECT], and to at
     least ``rows`` rows; an image already inside is returned as is."""
-    img = _check_image(image)
+    img = check_image(image)
     h, w = img.shape[:2]
     want_h = max(h, rows or 0, int(np.ceil(w / MAX_TILE_ASPECT)))
     want_w = max(w, int(np.ceil(want_h / MAX_TILE_ASPECT)))
@@ -92,7 +109,7 @@ def pad_to_aspect(image: np.ndarray, rows: int | None = None) -> np.ndarray:
 def letterbox(image: np.ndarray, height: int) -> np.ndarray:
     """The image as a montage tile of exactly ``height`` rows: scaled into :func:`tile_box`, then padded to
     at most MAX_TILE_ASPECT:1 either way (an ordinary image is only scaled)."""
-    img = _check_image(image)
+    img = check_image(image)
     return pad_to_aspect(_resize(img, *tile_box(img.shape[:2], height)), height)
 
 
@@ -111,7 +128,7 @@ def montage_height(size_hw: tuple[int, int], tiles: int, tile_height: int, *, ex
     return height
 
 
-def _fit_width(img: np.ndarray, width: int) -> np.ndarray:
+def fit_width(img: np.ndarray, width: int) -> np.ndarray:
     if img.shape[1] >= width:
         return img[:, :width]
     return np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=255)
@@ -120,14 +137,14 @@ def _fit_width(img: np.ndarray, width: int) -> np.ndarray:
 def thumbnail(image: np.ndarray, height: int) -> tuple[np.ndarray, float]:
     """The image scaled into a ``height``-row tile (:func:`tile_box`: ``height`` rows, or fewer for an image
     wider than MAX_TILE_ASPECT:1) and the scale factor (thumbnail px per original px)."""
-    img = _check_image(image)
+    img = check_image(image)
     thumb = _resize(img, *tile_box(img.shape[:2], height))
     return thumb, thumb.shape[1] / img.shape[1]
 
 
 def fit_view(image: np.ndarray, max_side: int | None = VIEW_MAX_SIDE) -> np.ndarray:
     """The image downscaled (area filter) so that its long side is at most ``max_side`` (None: as is)."""
-    img = _check_image(image)
+    img = check_image(image)
     h, w = img.shape[:2]
     if max_side is None or max(h, w) <= max_side:
         return img

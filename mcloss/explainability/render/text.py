@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from mcloss.explainability.render.layout import _blank
+from mcloss.explainability.render.layout import blank_canvas
 
-__all__ = ["composite_legend", "halo_label", "legend_strip"]
+__all__ = ["put_text", "composite_legend", "halo_label", "legend_strip"]
 
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -24,7 +24,7 @@ def _ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") or "?"
 
 
-def _put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int) -> None:
+def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int) -> None:
     """Draw text (RGB colour) in place, shrinking then shortening it with '..' to fit ``max_width``."""
     thickness = 1
     text = _ascii(text)
@@ -41,14 +41,14 @@ def composite_legend(
 ) -> np.ndarray:
     """A small legend strip [len·row_height, width, 3]: a colour swatch and a label per channel."""
     n = len(labels)
-    out = _blank(max(1, n) * row_height, width)
+    out = blank_canvas(max(1, n) * row_height, width)
     scale = row_height / 40.0
     for i, text in enumerate(labels):
         y0 = i * row_height
         sw = row_height - 6
         c = tuple(int(v) for v in colors[i])
         cv2.rectangle(out, (4, y0 + 3), (4 + sw, y0 + 3 + sw), c, -1)
-        _put_text(out, text, (10 + sw, y0 + row_height - 5), scale, width - 14 - sw)
+        put_text(out, text, (10 + sw, y0 + row_height - 5), scale, width - 14 - sw)
     return out
 
 

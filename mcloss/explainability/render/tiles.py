@@ -12,7 +12,7 @@ from mcloss.core.errors import ParameterError
 from mcloss.explainability.geometry import INTERPOLATIONS, to_original
 from mcloss.explainability.render.colour import (
     DEFAULT_COLORMAP,
-    _lut,
+    colormap_lut,
     draw_peaks,
     overlay,
     part_colors,
@@ -30,7 +30,15 @@ if TYPE_CHECKING:
     from mcloss.explainability.explanation import Explanation, GroupMaps
     from mcloss.explainability.kinds import MapKind
 
-__all__ = ["Style", "Tile", "ccmp_tile", "channel_group_tiles", "channel_tile", "map_tile", "per_channel_tiles"]
+__all__ = [
+    "Style",
+    "Tile",
+    "ccmp_tile",
+    "channel_group_tiles",
+    "channel_tile",
+    "map_tile",
+    "per_channel_tiles",
+]
 
 
 #: Rows of the colour bar that ties a channel's tile to its colour in the part composite.
@@ -80,7 +88,7 @@ class Style:
                 f"tile_height must be {MIN_TILE_HEIGHT}..{MAX_TILE_HEIGHT} pixels, got {self.tile_height}",
                 parameter="tile_height",
             )
-        _lut(self.colormap)  # an unknown colormap fails here, before any work (ParameterError)
+        colormap_lut(self.colormap)  # an unknown colormap fails here, before any work (ParameterError)
 
 
 @dataclass(frozen=True)
