@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8501
 STAMP := $(VENV)/.installed
 
-.PHONY: app test test-fast demo lint default-checkpoint default-seeds ablation ablation-224-combo ablation-128 ablation-224-single bench chromium clean
+.PHONY: app test test-fast side-by-side demo lint default-checkpoint default-seeds ablation ablation-224-combo ablation-128 ablation-224-single bench chromium clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mcloss app tests benchmarks scripts
+
+## A change that must not alter behaviour: every command's outputs at BASE and in this working tree, compared
+## file by file (scripts/side_by_side/; ~12 min on 2 CPU cores). BASE=HEAD compares the uncommitted change.
+BASE ?= HEAD
+side-by-side: $(STAMP)
+	bash scripts/side_by_side/check.sh $(BASE)
 
 ## Export heatmaps for the shipped sample gallery (CLI demo).
 demo: $(STAMP)
