@@ -7,7 +7,6 @@ The exit status is 1 when any input was rejected (listed in errors.csv and on st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from mcloss.cli._common import (
     add_checkpoint,
     add_device,
     checkpoint_path,
+    defaults_of,
     progress_bar,
     run,
     say,
@@ -51,7 +51,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    style, config = Style(), _config_defaults()  # each default is defined once, by the library
+    style, config = Style(), defaults_of(ExportConfig)  # each default is defined once, by the library
     p = argparse.ArgumentParser(prog="mcloss export", description="Batch-export channel maps and Grad-CAM.")
     add_checkpoint(p)
     p.add_argument("--input", nargs="+", help="image files, directories (recursive) or globs (required)")
@@ -97,10 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
-
-def _config_defaults() -> dict:
-    """:class:`ExportConfig`'s defaults, by field name."""
-    return {f.name: f.default for f in dataclasses.fields(ExportConfig) if f.default is not dataclasses.MISSING}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

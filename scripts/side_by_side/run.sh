@@ -68,6 +68,15 @@ fi
 printf 'step\trc\tseconds\n' > "$LOG/timings.tsv"
 T0=$(date +%s.%N)
 
+# finished NAME RC T0: record a step's exit code and wall time (log/NAME.rc, log/timings.tsv, a line on stderr)
+finished() {
+    local secs
+    secs=$(awk "BEGIN { print $(date +%s.%N) - $3 }")
+    echo "$2" > "$LOG/$1.rc"
+    printf '%s\t%s\t%.1f\n' "$1" "$2" "$secs" >> "$LOG/timings.tsv"
+    printf '%-28s rc=%-3s %6.1f s\n' "$1" "$2" "$secs" >&2
+}
+
 # step NAME ARGS...: run `PYTHON -m mcloss ARGS` from TREE; stdout, stderr, exit code and the command line go to
 # log/NAME.{out,err,rc,cmd}. THREADS=N before `step` sets OMP/MKL threads for that step.
 step() {
@@ -77,14 +86,10 @@ step() {
     printf '%q ' mcloss "$@" > "$LOG/$name.cmd"
     echo >> "$LOG/$name.cmd"
     [ "$threads" != 1 ] && echo "# OMP_NUM_THREADS=$threads" >> "$LOG/$name.cmd"
-    local t0 t1 rc
+    local t0
     t0=$(date +%s.%N)
     OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads "$PY" -m mcloss "$@" > "$LOG/$name.out" 2> "$LOG/$name.err" < /dev/null
-    rc=$?
-    t1=$(date +%s.%N)
-    echo "$rc" > "$LOG/$name.rc"
-    printf '%s\t%s\t%.1f\n' "$name" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" >> "$LOG/timings.tsv"
-    printf '%-28s rc=%-3s %6.1f s\n' "$name" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" >&2
+    finished "$name" $? "$t0"
 }
 
 # step_py NAME ARGS...: like step, but runs `PYTHON ARGS` (a script on stdin with `-`)
@@ -93,14 +98,10 @@ step_py() {
     shift
     printf '%q ' python "$@" > "$LOG/$name.cmd"
     echo >> "$LOG/$name.cmd"
-    local t0 t1 rc
+    local t0
     t0=$(date +%s.%N)
     "$PY" "$@" > "$LOG/$name.out" 2> "$LOG/$name.err"
-    rc=$?
-    t1=$(date +%s.%N)
-    echo "$rc" > "$LOG/$name.rc"
-    printf '%s\t%s\t%.1f\n' "$name" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" >> "$LOG/timings.tsv"
-    printf '%-28s rc=%-3s %6.1f s\n' "$name" "$rc" "$(awk "BEGIN { print $t1 - $t0 }")" >&2
+    finished "$name" $? "$t0"
 }
 
 # snapshot NAME DIR: copy the small bookkeeping files of an export folder (they are rewritten by the next run)

@@ -20,12 +20,14 @@ Every public name of the parts is importable from here (``render.Style``); the p
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import TYPE_CHECKING, Any
 
 _PARTS = ("colour", "layout", "text", "tiles", "compose", "figure", "annotations")
 
 
+@functools.cache
 def _exports() -> dict[str, str]:
     """public name → the part that defines it (read from each part's ``__all__``)."""
     table = {}
