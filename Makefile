@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[app,test]"
+	$(BIN)/pip install -q -e ".[app,test,interop]"
+	$(BIN)/pip install -q --no-deps "quantus>=0.6,<0.7"
 	touch $(STAMP)
 
 ## Start the Streamlit app on the embedded default checkpoint.

@@ -73,9 +73,10 @@ def _file_key(path: Path) -> str:
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
-def _load_uploaded(key: str, label: str, _data: bytes) -> view.LoadedModel:
-    """Load uploaded checkpoint bytes once per content hash (``key``); no copy stays on disk."""
-    return view.load_uploaded(_data, label, key, resolve_device("auto"))
+def _load_uploaded(key: str, label: str, _data: bytes, names: tuple[str, ...] | None) -> view.LoadedModel:
+    """Load (or import) uploaded checkpoint bytes once per content hash and names (``key``); no copy stays on
+    disk."""
+    return view.load_uploaded(_data, label, key, resolve_device("auto"), names)
 
 
 def sidebar_model() -> view.LoadedModel | None:
@@ -94,18 +95,24 @@ def sidebar_model() -> view.LoadedModel | None:
     try:
         if choice == UPLOAD_CHOICE:
             up = st.sidebar.file_uploader(
-                "Checkpoint file (.safetensors)", type=["safetensors"], key="ckpt_upload",
-                max_upload_size=view.MAX_CHECKPOINT_MB,
+                "Checkpoint file (.safetensors, or a .pth / .pt state dict to import)",
+                type=["safetensors", "pth", "pt"], key="ckpt_upload", max_upload_size=view.MAX_CHECKPOINT_MB,
             )  # fmt: skip
             if up is None:
-                st.sidebar.info(f"Upload an mcloss `.safetensors` checkpoint (up to {view.MAX_CHECKPOINT_MB} MB).")
+                st.sidebar.info(
+                    f"Upload an mcloss `.safetensors` checkpoint, or a state dict saved by the official MC-Loss "
+                    f"scripts, FGVCLib, Kurumi233's code or torchvision (up to {view.MAX_CHECKPOINT_MB} MB)."
+                )
                 return None
             too_large = view.upload_error(up.name, up.size, view.MAX_CHECKPOINT_MB)
             if too_large:
                 raise CheckpointError(too_large)
+            names = _uploaded_names() if Path(up.name).suffix.lower() in view.IMPORT_SUFFIXES else None
             data = up.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            key = f"sha256:{digest}:{hashlib.sha256(repr(names).encode()).hexdigest()[:16]}"
             with st.spinner(f"Loading {up.name}…"):
-                return _described(_load_uploaded(f"sha256:{hashlib.sha256(data).hexdigest()}", up.name, data))
+                return _described(_load_uploaded(key, up.name, data, names))
         else:
             p = Path(choice)
             if not p.is_file():
@@ -123,6 +130,20 @@ def sidebar_model() -> view.LoadedModel | None:
         log.exception("checkpoint load failed")
         st.sidebar.error(f"Could not load the checkpoint: {type(exc).__name__}: {first_line(exc)}")
         return None
+
+
+def _uploaded_names() -> tuple[str, ...] | None:
+    """The optional class-names file that goes with an imported state dict (None: ``class_000``, …)."""
+    up = st.sidebar.file_uploader(
+        "Class names (optional: a text file, one per line, in the source's class order)", type=["txt"],
+        key="names_upload", max_upload_size=1,
+    )  # fmt: skip
+    if up is None:
+        return None
+    too_large = view.upload_error(up.name, up.size, 1)
+    if too_large:
+        raise CheckpointError(too_large)
+    return tuple(view.read_names(up.getvalue(), up.name))
 
 
 def sidebar_compare(first: view.LoadedModel | None) -> view.LoadedModel | None:
@@ -161,6 +182,12 @@ def _described(loaded: view.LoadedModel) -> view.LoadedModel:
         f"{m.config['backbone']} · {m.num_classes} classes · ξ = {'/'.join(map(str, xi))} · "
         f"input {m.config['img_size']} px · maps {feat[0]}×{feat[1]}"
     )
+    source = m.card.get("source") if m.card.get("imported") else None
+    if isinstance(source, dict):
+        st.sidebar.caption(
+            f"imported from {source.get('layout')} ({source.get('file')}) · no training record · input "
+            f"{m.card.get('transform_preset', '?')}"
+        )
     return loaded
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, project_checkpoints
 from mcloss.core.errors import DatasetError, MclossError
+from mcloss.core.model import MCModel
 from mcloss.data.annotations import PartAnnotations
 from mcloss.data.cub import read_label_map
 from mcloss.data.files import sanitize_component
@@ -35,6 +36,7 @@ from mcloss.explainability import kinds, render
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
+from mcloss.interop.sources import import_model
 from mcloss.metrics import localization as metrics
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "upload_error",
     "upload_record",
     "load_uploaded",
+    "read_names",
+    "IMPORT_SUFFIXES",
     "knockout_locked",
     "knockout_note",
     "KNOCKOUT_DRAWS",
@@ -149,6 +153,10 @@ def load_model(path: str, label: str, key: str, device: torch.device) -> LoadedM
         model = load_checkpoint(path, device=device)
     except CheckpointError as exc:
         raise CheckpointError(str(exc).replace(str(path), label)) from None
+    return _validated(model, label, key, device, t0)
+
+
+def _validated(model: MCModel, label: str, key: str, device: torch.device, t0: float) -> LoadedModel:
     size = int(model.config.get("img_size", 224))
     try:
         explain(model, Image.new("RGB", (size, size), (128, 128, 128)), "pred", device=device)
@@ -157,13 +165,53 @@ def load_model(path: str, label: str, key: str, device: torch.device) -> LoadedM
     return LoadedModel(model, threading.Lock(), device, key, label, time.perf_counter() - t0)
 
 
-def load_uploaded(data: bytes, label: str, key: str, device: torch.device) -> LoadedModel:
+#: Uploads imported on the fly (another project's state dict) rather than loaded as mcloss checkpoints.
+IMPORT_SUFFIXES = (".pth", ".pt")
+
+
+def load_uploaded(
+    data: bytes, label: str, key: str, device: torch.device, names: Sequence[str] | None = None
+) -> LoadedModel:
     """:func:`load_model` for uploaded bytes: they pass through a private temporary folder that is removed
-    as soon as the model is loaded (or refused), so no uploaded checkpoint outlives the call."""
+    as soon as the model is loaded (or refused), so no uploaded checkpoint outlives the call.
+
+    A ``.pth`` or ``.pt`` upload is another project's state dict, imported on the fly
+    (:func:`mcloss.interop.sources.import_model`, read with ``weights_only=True``, never unpickled), with
+    ``names`` as its class names (default ``class_000``, …).
+    """
+    t0 = time.perf_counter()
+    suffix = Path(label).suffix.lower()
     with tempfile.TemporaryDirectory(prefix="mcloss-upload-") as tmp:
-        path = Path(tmp) / "upload.safetensors"
+        if suffix not in IMPORT_SUFFIXES:
+            path = Path(tmp) / "upload.safetensors"
+            path.write_bytes(data)
+            return load_model(str(path), label, key, device)
+        path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
-        return load_model(str(path), label, key, device)
+        try:
+            model = import_model(path, classes=names)
+        except MclossError as exc:
+            raise CheckpointError(str(exc).replace(str(path), label)) from None
+    model.card["source"]["file"] = Path(label).name  # the uploaded name, not the temporary copy's
+    return _validated(model.to(device), label, key, device, t0)
+
+
+def read_names(data: bytes, label: str) -> list[str]:
+    """Class names from an uploaded text file, one per line (blank lines skipped).
+
+    Raises:
+        CheckpointError: not UTF-8 text, no names, or a name twice; the message names ``label``.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{label}: not a UTF-8 text file of class names") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise CheckpointError(f"{label}: no class names found")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{label}: class name {next(n for n in names if names.count(n) > 1)!r} appears twice")
+    return names
 
 
 def optional_kinds() -> list[kinds.MapKind]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -295,3 +296,49 @@ def test_browser_compare_view_and_atlas(page, server):
     _no_traceback(pg)
     pg.get_by_text("gallery images: ch 1:").first.wait_for(state="visible")
     pg.screenshot(path=str(ARTIFACTS / "app_atlas.png"), full_page=True)
+
+
+def test_browser_imports_a_state_dict_with_its_class_names(page, server, tmp_path):
+    """A .pth state dict of the official ResNet-18 script, uploaded with a names file, is imported on the fly;
+    a whole pickled model is refused in one line and runs nothing."""
+    import transcribed as T
+
+    pg = page
+    pg.goto(server)
+    _wait_overlays(pg)
+    sidebar = pg.locator('[data-testid="stSidebar"]')
+    sidebar.locator('[data-testid="stSelectbox"]').first.click()
+    pg.get_by_role("option", name="Upload a checkpoint…").click()
+    ckpt_input = sidebar.locator('[data-testid="stFileUploader"]').filter(has_text="Checkpoint file").locator(
+        "input[type=file]"
+    )
+    whole = tmp_path / "whole.pth"
+    subprocess.run(
+        [sys.executable, "-c", "import torch, sys\nclass model_bn(torch.nn.Linear): pass\n"
+         "torch.save(model_bn(2, 2), sys.argv[1])", str(whole)],
+        check=True,
+    )  # fmt: skip
+    ckpt_input.set_input_files(str(whole))
+    alert = sidebar.locator('[data-testid="stAlert"]').filter(has_text="Checkpoint not usable")
+    alert.wait_for(state="visible")
+    said = alert.inner_text()  # Markdown shows __main__ as a bold "main" (issue 26: messages as text)
+    assert "whole.pth: holds pickled Python objects (" in said and "model_bn)" in said and "state_dict()" in said
+    _no_traceback(pg)
+
+    state = tmp_path / "official_resnet18.pth"
+    T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=9).save(state)
+    ckpt_input.set_input_files(str(state))
+    alert.wait_for(state="detached")
+    _wait_overlays(pg)
+    sidebar.get_by_text("imported from official-resnet (official_resnet18.pth)").wait_for(state="visible")
+    assert pg.get_by_text("class_000").count() + pg.get_by_text("class_001").count() >= 1
+    names = tmp_path / "names.txt"
+    names.write_text("Ivory_Gull\nJet_Crow\nKhaki_Finch\nLilac_Wren\n")
+    sidebar.locator('[data-testid="stFileUploader"]').filter(has_text="Class names").locator(
+        "input[type=file]"
+    ).set_input_files(str(names))
+    pg.get_by_text(re.compile(r"(Ivory_Gull|Jet_Crow|Khaki_Finch|Lilac_Wren) — prediction")).first.wait_for()
+    _wait_overlays(pg)
+    assert "class_00" not in pg.locator('[data-testid="stMain"]').inner_text()
+    pg.screenshot(path=str(ARTIFACTS / "app_imported.png"), full_page=True)
+    _no_traceback(pg)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("core", "metrics", "data", "explainability", "evaluation", "training", "cli", "app")
+LAYERS = ("core", "metrics", "data", "explainability", "evaluation", "interop", "training", "cli", "app")
 #: cli and app are one layer: neither imports the other.
 RANK = {name: i for i, name in enumerate(LAYERS)} | {"app": LAYERS.index("cli")}
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "atlas": ("mcloss.cli.atlas", "each channel's top patches across a dataset, with part, purity and consistency"),
     "sanity": ("mcloss.cli.sanity", "randomization, group-knockout and random-logit sanity checks"),
     "bench": ("mcloss.cli.bench", "throughput benchmark of the explainability paths"),
+    "import": ("mcloss.cli.import_", "import a checkpoint of the official code, FGVCLib, Kurumi233 or torchvision"),
 }
 
 

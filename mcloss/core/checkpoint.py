@@ -11,10 +11,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
-from mcloss.core.errors import MclossError, first_line
+from mcloss.core.errors import MclossError, ParameterError, first_line
 from mcloss.core.files import atomic_write_bytes
 from mcloss.core.loss import trained_pool_share
-from mcloss.core.model import MCModel, build_model
+from mcloss.core.model import HeadSpec, MCModel, build_model
 from mcloss.core.transforms import EvalTransform
 
 __all__ = [
@@ -39,8 +39,6 @@ _DEFAULT_NAME = "default.safetensors"
 MAX_CLASSES = 10_000
 MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
 _CONFIG_KEYS = ("backbone", "num_classes", "xi", "groups", "img_size", "head_grid")
-#: The FC head's tensors whose shapes give the class count and F's width × grid (see ``FCHead``).
-_HEAD_OUT, _HEAD_IN = "head.classifier.4.weight", "head.classifier.0.running_mean"
 
 
 def project_checkpoints() -> Path:
@@ -157,6 +155,10 @@ def _check_metadata(label: str, meta: dict) -> None:
     grid = config["head_grid"]
     if not isinstance(grid, list) or len(grid) != 2 or not all(_is_int(g) and 1 <= g <= 64 for g in grid):
         raise CheckpointError(f"{label}: metadata head_grid must be two integers in 1..64, got {grid!r}")
+    _head_spec(label, config)
+    widen = config.get("vgg_widen")
+    if widen is not None and not (isinstance(widen, list) and all(isinstance(w, str) for w in widen)):
+        raise CheckpointError(f"{label}: metadata vgg_widen must be a list of convolution names, got {widen!r}")
     share = config.get("mc_pool_share", 1.0)
     if not _is_number(share) or not 0 < share <= 1:
         raise CheckpointError(f"{label}: metadata mc_pool_share must be a number in (0, 1], got {share!r}")
@@ -165,20 +167,39 @@ def _check_metadata(label: str, meta: dict) -> None:
         raise CheckpointError(f"{label}: metadata class_names must be {n} strings, got {len(names)} entries")
 
 
+def _head_spec(label: str, config: dict) -> HeadSpec:
+    """The prediction head the metadata describes: its ``head``, or the official FC head at ``head_grid`` for a
+    checkpoint saved before heads were described."""
+    if "head" not in config:
+        return HeadSpec("max", tuple(config["head_grid"]))
+    try:
+        spec = HeadSpec.from_dict(config["head"])
+    except ParameterError as exc:
+        raise CheckpointError(f"{label}: metadata {exc}") from None
+    if list(spec.grid) != config["head_grid"]:
+        raise CheckpointError(f"{label}: metadata head grid {list(spec.grid)} disagrees with head_grid {config['head_grid']}")
+    return spec
+
+
 def _check_shapes(label: str, config: dict, shapes: dict[str, list[int]]) -> None:
-    """The FC head's tensor shapes in the safetensors header must agree with the metadata's classes and groups."""
-    for key in (_HEAD_OUT, _HEAD_IN):
-        if key not in shapes:
-            raise CheckpointError(f"{label}: weights lack {key} (not an mcloss model)")
-    classes = shapes[_HEAD_OUT][0]
-    if classes != config["num_classes"]:
-        raise CheckpointError(f"{label}: metadata says {config['num_classes']} classes but the weights have {classes}")
-    gh, gw = config["head_grid"]
-    width = sum(config["groups"]) * gh * gw
-    if shapes[_HEAD_IN] != [width]:
+    """The head's tensor shapes in the safetensors header must agree with the metadata's classes, groups and head."""
+    spec = _head_spec(label, config)
+    expected = {"head." + k: v for k, v in spec.tensor_shapes(sum(config["groups"]), config["num_classes"]).items()}
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{label}: weights lack {missing[0]} (not an mcloss model with this head)")
+    out_key = f"head.classifier.{len(spec.layers) - 1}.weight"
+    if shapes[out_key][0] != config["num_classes"]:
+        raise CheckpointError(f"{label}: metadata says {config['num_classes']} classes but the weights have {shapes[out_key][0]}")
+    first = next(iter(expected))
+    if shapes[first] != expected[first]:
         raise CheckpointError(
-            f"{label}: metadata groups and head_grid give {width} head inputs but the weights have {shapes[_HEAD_IN]}"
+            f"{label}: metadata groups and head_grid give {expected[first][-1]} head inputs but the weights have "
+            f"{shapes[first][-1:]}"
         )
+    wrong = [k for k, shape in expected.items() if shapes[k] != shape]
+    if wrong:
+        raise CheckpointError(f"{label}: weight {wrong[0]} has shape {shapes[wrong[0]]}, the metadata's head gives {expected[wrong[0]]}")
 
 
 def _header_shapes(label: str, path: str | os.PathLike) -> dict[str, list[int]]:
@@ -213,8 +234,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             card=meta["card"],
             last_stage=config.get("last_stage"),
             mc_pool_share=_mc_pool_share(config, meta["card"]),
+            head=_head_spec(label, config),
+            vgg_widen=config.get("vgg_widen"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ParameterError) as exc:
         raise CheckpointError(f"{label}: metadata does not describe a buildable model ({first_line(exc)})") from None
     if model.groups != list(config["groups"]):
         raise CheckpointError(f"{label}: channel groups in metadata do not match the architecture")

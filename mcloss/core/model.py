@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,18 @@ from mcloss.core.groups import normalize_groups, split_channels
 from mcloss.core.loss import ccmp, top_share_mean
 from mcloss.core.transforms import EvalTransform
 
-__all__ = ["MCModel", "FCHead", "build_model", "load_backbone_weights", "model_guard", "ModelConfig"]
+__all__ = [
+    "MCModel",
+    "FCHead",
+    "Head",
+    "HeadSpec",
+    "OFFICIAL_HEAD_LAYERS",
+    "VGG_WIDEN",
+    "build_model",
+    "load_backbone_weights",
+    "model_guard",
+    "ModelConfig",
+]
 
 ModelConfig = dict[str, Any]
 
@@ -25,23 +37,107 @@ ModelConfig = dict[str, Any]
 HEAD_GRID_MAX = 14
 
 
-class FCHead(nn.Module):
-    """The official prediction head: max-pool to a grid, BN, Linear→512, BN, ELU, Linear→classes."""
+#: The official prediction head's layers (see :class:`HeadSpec`).
+OFFICIAL_HEAD_LAYERS = ("bn", "linear:512", "bn", "elu", "linear")
+#: The activations and other width-keeping layers a head may name.
+_HEAD_ACTIVATIONS = {"elu": lambda: nn.ELU(inplace=True), "relu": lambda: nn.ReLU(inplace=True), "dropout": nn.Dropout}
+#: Bounds on a head's description, checked before anything is built.
+MAX_HEAD_LAYERS, MAX_HEAD_WIDTH = 16, 65536
 
-    def __init__(self, channels: int, num_classes: int, grid: Sequence[int], hidden: int = 512) -> None:
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A prediction head on F: a max or average pool to a grid, flattened, then a stack of layers.
+
+    Attributes:
+        pool: "max" (the official head's 2 × 2 max-pool, as an adaptive max-pool to ``grid``) or "avg"
+            (torchvision's global average pool, ``grid`` (1, 1)).
+        grid: (h, w) of the pooled map.
+        layers: tokens, in order: "bn" (BatchNorm1d of the current width), "linear:N" (Linear to N),
+            "elu", "relu", "dropout", and a last "linear" to the class count. The official head is
+            :data:`OFFICIAL_HEAD_LAYERS`; a torchvision ResNet's is ("linear",).
+    """
+
+    pool: str = "max"
+    grid: tuple[int, int] = (7, 7)
+    layers: tuple[str, ...] = OFFICIAL_HEAD_LAYERS
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("max", "avg"):
+            raise ParameterError(f"head pool must be max or avg, got {self.pool!r}", parameter="head")
+        if len(self.grid) != 2 or not all(isinstance(g, int) and 1 <= g <= 64 for g in self.grid):
+            raise ParameterError(f"head grid must be two integers in 1..64, got {self.grid!r}", parameter="head")
+        layers = list(self.layers)
+        if not 1 <= len(layers) <= MAX_HEAD_LAYERS or layers[-1] != "linear":
+            raise ParameterError(
+                f"head layers must be 1..{MAX_HEAD_LAYERS} tokens ending in 'linear', got {layers!r}", parameter="head"
+            )
+        for token in layers[:-1]:
+            if token not in ("bn", *_HEAD_ACTIVATIONS) and _linear_width(token) is None:
+                raise ParameterError(f"unknown head layer {token!r}", parameter="head")
+
+    def to_dict(self) -> dict:
+        return {"pool": self.pool, "grid": list(self.grid), "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HeadSpec:
+        if not isinstance(d, dict) or not isinstance(d.get("grid"), list) or not isinstance(d.get("layers"), list):
+            raise ParameterError(f"head must be an object with pool, grid and layers, got {d!r}", parameter="head")
+        return cls(str(d.get("pool")), tuple(d["grid"]), tuple(str(t) for t in d["layers"]))
+
+    def tensor_shapes(self, channels: int, num_classes: int) -> dict[str, list[int]]:
+        """Every tensor of the head's state dict (keys below ``head.``) with its shape, without building it."""
+        width = channels * self.grid[0] * self.grid[1]
+        shapes: dict[str, list[int]] = {}
+        for i, token in enumerate(self.layers):
+            if token == "bn":
+                shapes |= {f"classifier.{i}.{k}": [width] for k in ("weight", "bias", "running_mean", "running_var")}
+                shapes[f"classifier.{i}.num_batches_tracked"] = []
+            elif token.startswith("linear"):
+                out = num_classes if i == len(self.layers) - 1 else _linear_width(token)
+                shapes |= {f"classifier.{i}.weight": [out, width], f"classifier.{i}.bias": [out]}
+                width = out
+        return shapes
+
+
+def _linear_width(token: str) -> int | None:
+    """N of a "linear:N" token (None for anything else, or N out of bounds)."""
+    name, _, width = token.partition(":")
+    if name != "linear" or not width.isdigit() or not 1 <= int(width) <= MAX_HEAD_WIDTH:
+        return None
+    return int(width)
+
+
+class Head(nn.Module):
+    """A prediction head built from a :class:`HeadSpec`; its state-dict keys are ``classifier.<i>.*``."""
+
+    def __init__(self, channels: int, num_classes: int, spec: HeadSpec) -> None:
         super().__init__()
-        gh, gw = grid
-        self.pool = nn.AdaptiveMaxPool2d((gh, gw))
-        self.classifier = nn.Sequential(
-            nn.BatchNorm1d(channels * gh * gw),
-            nn.Linear(channels * gh * gw, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ELU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.spec = spec
+        self.pool = (nn.AdaptiveMaxPool2d if spec.pool == "max" else nn.AdaptiveAvgPool2d)(spec.grid)
+        width = channels * spec.grid[0] * spec.grid[1]
+        layers: list[nn.Module] = []
+        for i, token in enumerate(spec.layers):
+            if token == "bn":
+                layers.append(nn.BatchNorm1d(width))
+            elif token.startswith("linear"):
+                out = num_classes if i == len(spec.layers) - 1 else _linear_width(token)
+                layers.append(nn.Linear(width, out))
+                width = out
+            else:
+                layers.append(_HEAD_ACTIVATIONS[token]())
+        self.classifier = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(features), 1))
+
+
+class FCHead(Head):
+    """The official prediction head: max-pool to a grid, BN, Linear→512, BN, ELU, Linear→classes."""
+
+    def __init__(self, channels: int, num_classes: int, grid: Sequence[int], hidden: int = 512) -> None:
+        layers = ("bn", f"linear:{hidden}", "bn", "elu", "linear")
+        super().__init__(channels, num_classes, HeadSpec("max", (int(grid[0]), int(grid[1])), layers))
 
 
 class _Features(nn.Sequential):
@@ -186,21 +282,29 @@ def _resnet_trunk(net: tv_resnet.ResNet, last: nn.Module, last_stage: int = 4) -
     return _Features(net.conv1, net.bn1, net.relu, net.maxpool, *native, last)
 
 
-def _vgg_trunk(net: nn.Module, channels: int) -> _Features:
-    """VGG16 with conv4_3 and conv5_3 widened to K and the last pool removed (the official layout)."""
+#: The VGG16 convolutions the official code widens to K; an earlier official script and Kurumi233's widen only conv5_3.
+VGG_WIDEN = ("conv4_3", "conv5_3")
+#: Position of each widenable convolution among VGG16's 13.
+_VGG16_CONVS = {"conv4_3": 9, "conv5_3": 12}
+
+
+def _vgg_trunk(net: nn.Module, channels: int, widen: Sequence[str]) -> _Features:
+    """VGG16's features without the last pool, each of ``widen`` (conv4_3, conv5_3) widened to K channels with its
+    BatchNorm (when the net has BN) and the convolution that reads it (the official layout widens both)."""
     layers = list(net.features.children())[:-1]
     convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
-    c43, c51, c53 = convs[9], convs[10], convs[12]
-    for idx in (c43, c53):
-        old = layers[idx]
-        layers[idx] = nn.Conv2d(old.in_channels, channels, 3, padding=1)
-    old = layers[c51]
-    layers[c51] = nn.Conv2d(channels, old.out_channels, 3, padding=1)
+    for name in widen:
+        pos = _VGG16_CONVS[name]
+        idx = convs[pos]
+        layers[idx] = nn.Conv2d(layers[idx].in_channels, channels, 3, padding=1)
+        if isinstance(layers[idx + 1], nn.BatchNorm2d):
+            layers[idx + 1] = nn.BatchNorm2d(channels)
+        if pos + 1 < len(convs):
+            reader = convs[pos + 1]
+            layers[reader] = nn.Conv2d(channels, layers[reader].out_channels, 3, padding=1)
     for i in range(len(layers)):
         if isinstance(layers[i], nn.ReLU):
             layers[i] = nn.ReLU(inplace=False) if i == len(layers) - 1 else nn.ReLU(inplace=True)
-        if isinstance(layers[i], nn.BatchNorm2d) and i - 1 in (c43, c53):
-            layers[i] = nn.BatchNorm2d(channels)
     return _Features(*layers)
 
 
@@ -300,6 +404,8 @@ def build_model(
     card: dict | None = None,
     last_stage: int | None = None,
     mc_pool_share: float = 1.0,
+    head: HeadSpec | None = None,
+    vgg_widen: Sequence[str] | None = None,
 ) -> MCModel:
     """Build an MCModel.
 
@@ -321,6 +427,10 @@ def build_model(
             a smaller receptive field (resnet18 at 224 px: stage 4 → 14 × 14, stage 3 → 28 × 28, 2 → 56 × 56).
         mc_pool_share: the MC head's pool (:attr:`MCModel.mc_pool_share`): 1 is the official global average;
             a model trained with ``--dis-topk s`` gets s, the pool its L_dis scored classes by.
+        head: the prediction head (default: the official FC head at ``head_grid``); an imported torchvision
+            classifier keeps its own (global average pool + Linear).
+        vgg_widen: VGG16 only: the convolutions widened to K (default :data:`VGG_WIDEN` with a fixed ``xi``,
+            none when the backbone's own channels are split).
     """
     if not 0 < mc_pool_share <= 1:
         raise ParameterError(f"mc_pool_share must be in (0, 1], got {mc_pool_share}", parameter="mc_pool_share")
@@ -336,10 +446,17 @@ def build_model(
     else:
         sizes = normalize_groups(int(xi), int(xi) * num_classes)
     k = sum(sizes)
-    trunk = _trunk(net, name, k, fixed_xi=xi is not None, stage_index=stage_index, img_size=img_size)
-    fh, fw = _probe_hw(trunk, img_size)
-    grid = tuple(head_grid) if head_grid else (min(HEAD_GRID_MAX, max(1, fh // 2)), min(HEAD_GRID_MAX, max(1, fw // 2)))
-    head = FCHead(k, len(sizes), grid)
+    widen = _check_widen(name, vgg_widen, fixed_xi=xi is not None)
+    trunk = _trunk(net, name, k, fixed_xi=xi is not None, stage_index=stage_index, img_size=img_size, widen=widen)
+    _, width, fh, fw = _probe(trunk, img_size)
+    if width != k:
+        raise ParameterError(f"{name} gives F with {width} channels, not the {k} of the groups", parameter=("xi", "vgg_widen"))
+    if head is None:
+        grid = tuple(head_grid) if head_grid else (min(HEAD_GRID_MAX, max(1, fh // 2)), min(HEAD_GRID_MAX, max(1, fw // 2)))
+        head = HeadSpec("max", (int(grid[0]), int(grid[1])))
+    elif head_grid and tuple(head_grid) != head.grid:
+        raise ParameterError(f"head_grid {list(head_grid)} disagrees with the head's grid {list(head.grid)}", parameter="head_grid")
+    grid = head.grid
     names = list(class_names) if class_names is not None else [f"class_{i:03d}" for i in range(len(sizes))]
     config: ModelConfig = {
         "backbone": name,
@@ -352,16 +469,35 @@ def build_model(
         "pretrained": pretrained,
         "last_stage": stage_index,
         "mc_pool_share": float(mc_pool_share),
+        "head": head.to_dict(),
     }
+    if widen is not None:
+        config["vgg_widen"] = list(widen)
     tf = transform or EvalTransform.for_recipe("official-scratch", img_size)
-    return MCModel(trunk, head, sizes, names, tf, config, card)
+    return MCModel(trunk, Head(k, len(sizes), head), sizes, names, tf, config, card)
 
 
-def _trunk(net: nn.Module, name: str, k: int, *, fixed_xi: bool, stage_index: int, img_size: int) -> nn.Module:
+def _check_widen(name: str, widen: Sequence[str] | None, *, fixed_xi: bool) -> tuple[str, ...] | None:
+    """The VGG16 convolutions to widen (None for other backbones)."""
+    if not name.startswith("vgg16"):
+        if widen:
+            raise ParameterError(f"vgg_widen applies to VGG16 only, not {name}", parameter="vgg_widen")
+        return None
+    if widen is None:
+        return VGG_WIDEN if fixed_xi else ()
+    unknown = [w for w in widen if w not in _VGG16_CONVS]
+    if unknown or len(set(widen)) != len(widen):
+        raise ParameterError(f"vgg_widen takes distinct names among {list(_VGG16_CONVS)}, got {list(widen)}", parameter="vgg_widen")
+    return tuple(w for w in VGG_WIDEN if w in widen)
+
+
+def _trunk(
+    net: nn.Module, name: str, k: int, *, fixed_xi: bool, stage_index: int, img_size: int, widen: Sequence[str] | None
+) -> nn.Module:
     """The part of ``net`` that gives F with ``k`` channels: VGG16 and ResNets widened as the official code does
     (a ResNet with an uneven split keeps its own layer4), any other classifier's last map (+ a 1×1 conv to K)."""
     if name.startswith("vgg16"):
-        return _vgg_trunk(net, k)
+        return _vgg_trunk(net, k, widen or ())
     if isinstance(net, tv_resnet.ResNet):
         if not fixed_xi:
             return _resnet_trunk(net, net.layer4)
@@ -394,8 +530,3 @@ def _probe(module: nn.Module, img_size: int) -> torch.Size:
 
 def _probe_channels(module: nn.Module, img_size: int) -> int:
     return int(_probe(module, img_size)[1])
-
-
-def _probe_hw(module: nn.Module, img_size: int) -> tuple[int, int]:
-    shape = _probe(module, img_size)
-    return int(shape[2]), int(shape[3])

@@ -767,6 +767,8 @@ def _defining_entry(scored: list[dict], kind: str, num_parts: int, masks: bool) 
         "peaks": peaks,
         "peaks_on_parts": on_part,
         "peak_share": on_defining / on_part if on_part else float("nan"),
+        # Quantus's PointingGame on the defining-part mask: the share of all peaks that land on a defining part
+        "pointing_game": on_defining / peaks if peaks else float("nan"),
         "peak_chance": chance / on_part if on_part else float("nan"),
         "mass_ratio": W.geometric_mean(ratios),
         "mass_ratio_ci": list(W.geometric_mean_ci(per_image)),

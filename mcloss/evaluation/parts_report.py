@@ -128,10 +128,10 @@ def defining_table(summary: dict) -> str:
         return ""
     masks = block.get("regions") == "part masks"
     head = (
-        "| model | map of the true class | peaks on a defining part (of peaks on a part) | chance "
+        "| model | map of the true class | peaks on a defining part (of peaks on a part) | chance | pointing game "
         f"| mass ratio defining ÷ other parts ({CI_LEVEL * 100:g} % CI) |"
     )
-    rule = "|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|"
     if masks:
         head += " rank accuracy (chance) | mass in the object | mass on defining parts |"
         rule += "---|---|---|"
@@ -143,6 +143,7 @@ def defining_table(summary: dict) -> str:
         for kind, m in part["methods"].items():
             line = (
                 f"| {name} | {DEFINING_LABELS.get(kind, kind)} | {_fmt(m['peak_share'])} | {_fmt(m['peak_chance'])} "
+                f"| {_fmt(m.get('pointing_game'))} "
                 f"| {ratio_with_ci(m['mass_ratio'], m.get('mass_ratio_ci'))} |"
             )
             if masks:
@@ -157,7 +158,8 @@ def defining_table(summary: dict) -> str:
         f"another visible part); defining parts from the {block['source']}; regions from {block['regions']}. "
         "Mass ratio: mass per area on the defining parts ÷ mass per area on the other visible parts, geometric "
         "mean over images (and channels); 1× = no preference. Chance: the defining parts' share of the visible "
-        "part area.",
+        "part area. Pointing game: the share of all peaks on a defining part (Quantus's PointingGame on the "
+        "defining-part mask).",
     ]
     versus = [
         f"{DEFINING_LABELS[kind]} ÷ Grad-CAM {ratio_with_ci(v['quotient'], v['ci'])}"

@@ -1,0 +1,1 @@
+"""Interoperability: models from other projects in, maps out to Captum and Quantus."""

@@ -1,0 +1,669 @@
+"""Bring your own model: read MC-Loss and CE checkpoints written by other projects, safely, into an MCModel.
+
+Each project's layout is one :class:`Layout` in :data:`LAYOUTS`: how its keys map onto mcloss's (the rules are
+written from reading each project's code), how F, the groups and the head follow from its tensors, and the input
+transform its scripts evaluate with. Files are read with safetensors or ``torch.load(weights_only=True)``; a
+file that needs unpickling (a whole pickled model) is refused, never run.
+
+Layouts (``--from`` source in brackets):
+
+- ``official-vgg16`` [official]: PRIS-CV ``model_bn``: ``features_1`` (VGG16-BN's first 34 layers, conv4_3 at ξ·C)
+  and ``features_2`` (conv5_x, conv5_3 at ξ·C); head 2 × 2 max-pool, BN1d, Linear→512, BN1d, ELU, Linear.
+- ``official-vgg16-early`` [official]: the first scripts' ``model_bn`` with one ``features`` (a whole VGG whose
+  conv5_3 alone is widened, and an unused ``features.classifier``).
+- ``official-resnet`` [official]: ``features`` = a ResNet's children up to layer4 (ResNet-18: layer4 at ξ·C
+  planes and stride 1; ResNet-50: torchvision's own 2048 channels split 10/11), head MaxPool2d(14), BN1d, ….
+- ``fgvclib-vgg16`` [fgvclib]: FGVCLib's MCL: ``backbone.features`` (VGG16 without BN, conv4_3 and conv5_3 at
+  ξ·C), an unused ``backbone.classifier``, 2 × 2 max-pool, ``heads.classifiers.0`` (BN1d, Linear, BN1d, ReLU,
+  Linear).
+- ``kurumi`` [kurumi]: Kurumi233's ``ckpt.pth`` ``{'net', 'metric', 'acc', 'epoch'}``: from scratch, VGG16-BN up to
+  conv5_2 then ``last_conv`` to ξ·C; pretrained, a ResNet's children up to layer4 with an adaptive max-pool;
+  the metric ``dense`` (the official head) or ``linear``. Its ``setting.txt`` gives the input size.
+- ``torchvision`` [torchvision]: a torchvision ResNet or VGG16(-BN) classifier fine-tuned with its own head (a CE
+  model): its channels are split over the classes as the official code splits them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mcloss.core.errors import MclossError, ParameterError, first_line
+from mcloss.core.files import file_sha256
+from mcloss.core.groups import split_channels
+from mcloss.core.model import HeadSpec, MCModel, build_model
+from mcloss.core.transforms import NORMALIZATIONS, EvalTransform
+from mcloss.data.cub import clean_class_name, find_cub_root, read_class_names
+
+__all__ = [
+    "LAYOUTS",
+    "SOURCES",
+    "TRANSFORM_PRESETS",
+    "Layout",
+    "SourceError",
+    "SourceWeights",
+    "detect_layout",
+    "import_checkpoint",
+    "import_model",
+    "read_class_list",
+    "read_source",
+]
+
+#: The ``--from`` choices besides ``auto``.
+SOURCES = ("official", "fgvclib", "kurumi", "torchvision")
+#: Largest source file read (a VGG16 MC-Loss state dict is about 180 MB).
+MAX_SOURCE_BYTES = 4 << 30
+
+
+class SourceError(MclossError, ValueError):
+    """A source checkpoint cannot be imported; the message names the file and the reason."""
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class SourceWeights:
+    """A source file's tensors, its keys with every ``module.`` segment removed (DataParallel's), nested state
+    dicts flattened with their key as prefix (``{'net': …, 'metric': …}`` → ``net.…``, ``metric.…``).
+
+    Attributes:
+        path: the file.
+        state: key → tensor.
+        extras: the file's non-tensor top-level entries (e.g. Kurumi233's ``acc`` and ``epoch``).
+        sha256: the file's digest.
+        module_infix: whether keys carried ``module.`` (saved from a DataParallel model).
+    """
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    extras: dict = field(default_factory=dict)
+    sha256: str = ""
+    module_infix: bool = False
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+_MODULE = re.compile(r"(^|\.)module\.")
+#: Wrapper keys whose value is the whole state dict.
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net_state_dict")
+
+
+def read_source(path: str | os.PathLike) -> SourceWeights:
+    """Read a state dict from ``.safetensors`` or a PyTorch file, without unpickling anything.
+
+    Raises:
+        SourceError: missing, empty, corrupt, a pickled model (with how to re-save a state dict), or no tensors.
+    """
+    p = Path(path)
+    label = str(path)
+    if not p.is_file():
+        raise SourceError(f"{label}: no such file")
+    size = p.stat().st_size
+    if size < 8:
+        raise SourceError(f"{label}: empty or truncated file, not a checkpoint")
+    if size > MAX_SOURCE_BYTES:
+        raise SourceError(f"{label}: {size / 2**30:.1f} GiB, more than the {MAX_SOURCE_BYTES >> 30} GiB a model file may be")
+    raw = _load(p, label)
+    state, extras = _flatten(raw, label)
+    module_infix = any(_MODULE.search(k) for k in state)
+    normalized = {_MODULE.sub(r"\1", k): v for k, v in state.items()}
+    if len(normalized) != len(state):
+        raise SourceError(f"{label}: keys collide once DataParallel's 'module.' is removed")
+    return SourceWeights(p, normalized, extras, file_sha256(p), module_infix)
+
+
+def _load(p: Path, label: str) -> object:
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SourceError(f"{label}: not a valid safetensors file ({first_line(exc)})") from None
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:
+            raise SourceError(f"{label}: not a readable PyTorch file (corrupt, or not a checkpoint)") from None
+        raise SourceError(
+            f"{label}: holds pickled Python objects ({found.group(1)}), not a state dict, and mcloss never unpickles "
+            "code; re-save the weights from the script that trained it: torch.save(net.state_dict(), 'weights.pth')"
+        ) from None
+    except Exception as exc:  # truncated zip, not a PyTorch file at all
+        raise SourceError(f"{label}: not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})") from None
+
+
+def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
+    if not isinstance(raw, dict):
+        raise SourceError(f"{label}: holds a {type(raw).__name__}, not a state dict")
+    for key in _WRAPPERS:
+        if isinstance(raw.get(key), dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values()):
+            extras = {k: v for k, v in raw.items() if k != key and _is_scalar(v)}
+            return dict(raw[key]), extras
+    state: dict[str, torch.Tensor] = {}
+    extras = {}
+    for key, value in raw.items():
+        if isinstance(value, torch.Tensor):
+            state[str(key)] = value
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            state |= {f"{key}.{k}": v for k, v in value.items()}
+        elif _is_scalar(value):
+            extras[str(key)] = value
+    if not state:
+        raise SourceError(f"{label}: holds no tensors (keys: {', '.join(map(str, list(raw)[:6]))})")
+    return state, extras
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+# --------------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one source file becomes an MCModel: the model to build and the key rules.
+
+    Attributes:
+        rules: (source prefix, mcloss prefix, index shift) in order; the shift is added to the integer that
+            follows the prefix (``features_2.6.`` → ``features.40.``).
+        dropped: source prefixes that the source model never uses in its forward (left out, and recorded).
+        preset: the input transform its scripts evaluate with (:data:`TRANSFORM_PRESETS`; ``kurumi``: by size).
+        default_size: the input side its scripts use.
+        head_pool: the pool before its head (max: the official 2 × 2 or 14 × 14 max-pool; avg: torchvision's).
+        head_act: the activation of an official-shaped head (ELU in the official code, ReLU in FGVCLib's).
+    """
+
+    backbone: str
+    rules: tuple[tuple[str, str, int], ...]
+    dropped: tuple[str, ...] = ()
+    preset: str = "official"
+    default_size: int = 224
+    head_pool: str = "max"
+    head_act: str = "elu"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One project's checkpoint layout.
+
+    Attributes:
+        name: its name (``official-vgg16``, …).
+        source: its ``--from`` value.
+        description: one line for messages and the card.
+        matches: whether a file's keys are of this layout.
+        plan: the model and key rules for a file of this layout.
+    """
+
+    name: str
+    source: str
+    description: str
+    matches: Callable[[dict[str, torch.Tensor]], bool]
+    plan: Callable[[SourceWeights, str | None], Plan]
+
+
+def _has(state: dict, *keys: str) -> bool:
+    return all(k in state for k in keys)
+
+
+def _any_prefix(state: dict, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in state)
+
+
+#: torchvision ResNet stage names → MCModel trunk positions (stem conv, bn, relu, maxpool, then layer1..4).
+_RESNET_RULES = (("conv1.", "features.0.", 0), ("bn1.", "features.1.", 0)) + tuple(
+    (f"layer{i}.", f"features.{3 + i}.", 0) for i in range(1, 5)
+)
+#: torchvision ResNets by (blocks per stage, bottleneck).
+_RESNETS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+
+
+def _resnet_arch(state: dict, prefix: str, label: str, arch: str | None) -> str:
+    """The torchvision ResNet whose stages a trunk's keys (``prefix`` + 4..7) have."""
+    blocks = tuple(
+        len({k[len(p) :].split(".")[0] for k in state if k.startswith(p)}) for p in (f"{prefix}{s}." for s in range(4, 8))
+    )
+    bottleneck = f"{prefix}7.0.conv3.weight" in state
+    name = _RESNETS.get((blocks, bottleneck))
+    if name is None:
+        raise SourceError(f"{label}: a ResNet with stages of {list(blocks)} blocks is not one torchvision builds")
+    if arch and arch != name:
+        raise SourceError(f"{label}: the weights are a {name}, not the {arch} of --arch")
+    return name
+
+
+def _official_vgg(src: SourceWeights, arch: str | None) -> Plan:
+    rules = (("features_1.", "features.", 0), ("features_2.", "features.", 34), ("classifier.", "head.classifier.", 0))
+    return Plan(_vgg_arch(arch, "vgg16_bn"), rules)
+
+
+def _official_vgg_early(src: SourceWeights, arch: str | None) -> Plan:
+    rules = (("features.features.", "features.", 0), ("classifier.", "head.classifier.", 0))
+    return Plan(_vgg_arch(arch, "vgg16_bn"), rules, dropped=("features.classifier.",))
+
+
+def _official_resnet(src: SourceWeights, arch: str | None) -> Plan:
+    name = _resnet_arch(src.state, "features.", src.label, arch)
+    rules = (("features.", "features.", 0), ("classifier.", "head.classifier.", 0))
+    bottleneck = name not in ("resnet18", "resnet34")
+    # the official ResNet-50 script: Resize((600, 600)) + CenterCrop(448); ResNet-18 from scratch: 224 × 224
+    return Plan(name, rules, preset="official-crop" if bottleneck else "official", default_size=448 if bottleneck else 224)
+
+
+def _fgvclib_vgg(src: SourceWeights, arch: str | None) -> Plan:
+    rules = (("backbone.features.", "features.", 0), ("heads.classifiers.0.", "head.classifier.", 0))
+    return Plan(_vgg_arch(arch, "vgg16"), rules, dropped=("backbone.classifier.",), head_act="relu")
+
+
+def _kurumi(src: SourceWeights, arch: str | None) -> Plan:
+    metric = (("metric.dense.", "head.classifier.", 0), ("metric.fc.", "head.classifier.0.", 0))
+    if _any_prefix(src.state, "net.last_conv."):
+        # BaseModel_scratch: vgg16_bn features[:-4] (up to conv5_2's ReLU), then conv5_3 to ξ·C, BN, ReLU
+        rules = (("net.backbone.", "features.", 0), ("net.last_conv.", "features.", 40), *metric)
+        return Plan(_vgg_arch(arch, "vgg16_bn"), rules, preset="kurumi")
+    name = _resnet_arch(src.state, "net.backbone.", src.label, arch)
+    return Plan(name, (("net.backbone.", "features.", 0), *metric), preset="kurumi", default_size=448)
+
+
+def _torchvision(src: SourceWeights, arch: str | None) -> Plan:
+    if "fc.weight" in src.state:
+        stages = {f"features.{3 + int(k[5])}.{k[7:]}": 0 for k in src.state if re.match(r"layer[1-4]\.", k)}
+        name = _resnet_arch(stages, "features.", src.label, arch)
+        return Plan(name, (*_RESNET_RULES, ("fc.", "head.classifier.0.", 0)), preset="torchvision", head_pool="avg")
+    name = "vgg16_bn" if "features.1.running_mean" in src.state else "vgg16"
+    if arch and arch != name:
+        raise SourceError(f"{src.label}: the weights are a {name}, not the {arch} of --arch")
+    return Plan(name, (("features.", "features.", 0), ("classifier.", "head.classifier.", 0)), preset="torchvision")
+
+
+def _vgg_arch(arch: str | None, default: str) -> str:
+    if arch and arch != default:
+        raise ParameterError(f"this layout is a {default}, not the {arch} of arch", parameter="arch")
+    return default
+
+
+LAYOUTS: tuple[Layout, ...] = (
+    Layout(
+        "official-vgg16", "official", "PRIS-CV model_bn, VGG16 in features_1/features_2",
+        lambda s: _has(s, "features_1.0.weight", "classifier.1.weight") and _any_prefix(s, "features_2."),
+        _official_vgg,
+    ),
+    Layout(
+        "official-vgg16-early", "official", "PRIS-CV model_bn of the first scripts, one features = a whole VGG",
+        lambda s: _has(s, "features.features.0.weight", "classifier.1.weight"),
+        _official_vgg_early,
+    ),
+    Layout(
+        "official-resnet", "official", "PRIS-CV model_bn on a ResNet (ResNet-18 from scratch, ResNet-50 pretrained)",
+        lambda s: _has(s, "features.0.weight", "features.7.0.conv1.weight", "classifier.1.weight"),
+        _official_resnet,
+    ),
+    Layout(
+        "fgvclib-vgg16", "fgvclib", "FGVCLib MCL: backbone.features VGG16 without BN, heads.classifiers.0",
+        lambda s: _has(s, "backbone.features.0.weight", "heads.classifiers.0.1.weight"),
+        _fgvclib_vgg,
+    ),
+    Layout(
+        "kurumi", "kurumi", "Kurumi233 ckpt.pth {'net', 'metric', 'acc', 'epoch'}",
+        lambda s: _has(s, "net.backbone.0.weight") and (_any_prefix(s, "metric.dense.") or "metric.fc.weight" in s),
+        _kurumi,
+    ),
+    Layout(
+        "torchvision", "torchvision", "a torchvision ResNet or VGG16 classifier with its own head (a CE model)",
+        lambda s: _has(s, "conv1.weight", "layer4.0.conv1.weight", "fc.weight")
+        or _has(s, "features.0.weight", "classifier.0.weight", "classifier.6.weight"),
+        _torchvision,
+    ),
+)
+
+
+def detect_layout(src: SourceWeights, source: str = "auto") -> Layout:
+    """The one layout (of ``source``, or of any with ``auto``) whose keys the file has.
+
+    Raises:
+        SourceError: no layout fits, or more than one does (the message names them).
+    """
+    if source != "auto" and source not in SOURCES:
+        raise ParameterError(f"layout must be auto or one of {', '.join(SOURCES)}, got {source!r}", parameter="layout")
+    candidates = [lay for lay in LAYOUTS if source in ("auto", lay.source)]
+    fits = [lay for lay in candidates if lay.matches(src.state)]
+    if len(fits) > 1:
+        names = " and ".join(lay.name for lay in fits)
+        raise SourceError(f"{src.label}: fits two layouts, {names}; choose one with --from")
+    if not fits:
+        example = ", ".join(list(src.state)[:3])
+        within = "any known layout" if source == "auto" else f"a {source} layout"
+        raise SourceError(f"{src.label}: not {within} (keys begin {example}); see mcloss import --help")
+    return fits[0]
+
+
+# --------------------------------------------------------------------------------------------------- mapping
+
+
+def _map_keys(src: SourceWeights, plan: Plan, layout: Layout) -> dict[str, torch.Tensor]:
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in src.state.items():
+        if key.startswith(plan.dropped):
+            continue
+        for prefix, target, shift in plan.rules:
+            if key.startswith(prefix):
+                rest = key[len(prefix) :]
+                if shift:
+                    index, _, tail = rest.partition(".")
+                    rest = f"{int(index) + shift}.{tail}"
+                mapped[target + rest] = tensor
+                break
+        else:
+            raise SourceError(f"{src.label}: key {key!r} has no place in layout {layout.name}")
+    return mapped
+
+
+#: Convolution indices of torchvision's VGG16 features, with and without BN.
+_VGG_CONVS = {
+    True: (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40),
+    False: (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
+}
+
+
+def _trunk_width(backbone: str, mapped: dict[str, torch.Tensor], label: str) -> tuple[int, list[str] | None]:
+    """K (F's channels) from the trunk's last layer, and the VGG16 convolutions widened to it."""
+    if backbone.startswith("vgg16"):
+        convs = _VGG_CONVS[backbone == "vgg16_bn"]
+        c43, c53 = (mapped.get(f"features.{convs[i]}.weight") for i in (9, 12))
+        if c43 is None or c53 is None:
+            raise SourceError(f"{label}: the VGG16 trunk lacks conv4_3 or conv5_3")
+        k = int(c53.shape[0])
+        widen = [n for n, conv in (("conv4_3", c43), ("conv5_3", c53)) if int(conv.shape[0]) == k and k != 512]
+        return k, widen
+    last = "features.7.0.conv3.weight" if "features.7.0.conv3.weight" in mapped else "features.7.0.conv2.weight"
+    if last not in mapped:
+        raise SourceError(f"{label}: the ResNet trunk lacks {last}")
+    return int(mapped[last].shape[0]), None
+
+
+def _head_spec(mapped: dict[str, torch.Tensor], k: int, plan: Plan, label: str) -> tuple[HeadSpec, int]:
+    """The head the mapped keys describe (official BN/Linear/BN/act/Linear, a single Linear, or VGG's MLP), and C."""
+    weights = [key for key in mapped if re.fullmatch(r"head\.classifier\.\d+\.weight", key) and mapped[key].dim() == 2]
+    linears = sorted(int(key.split(".")[2]) for key in weights)
+    if not linears:
+        raise SourceError(f"{label}: no head Linear layer found")
+    first = mapped[f"head.classifier.{linears[0]}.weight"]
+    first_bn = mapped.get("head.classifier.0.running_mean")
+    width = int(first_bn.shape[0]) if first_bn is not None else int(first.shape[1])
+    cells, rem = divmod(width, k)
+    side = math.isqrt(cells)
+    if rem or side * side != cells:
+        raise SourceError(f"{label}: the head reads {width} inputs, not K = {k} channels × a square grid")
+    classes = int(mapped[f"head.classifier.{linears[-1]}.weight"].shape[0])
+    if first_bn is not None:  # the official head: BN, Linear→H, BN, activation, Linear
+        layers = ("bn", f"linear:{first.shape[0]}", "bn", plan.head_act, "linear")
+        return HeadSpec("max", (side, side), layers), classes
+    if linears == [0]:
+        return HeadSpec(plan.head_pool, (side, side), ("linear",)), classes
+    if linears == [0, 3, 6]:  # torchvision's VGG classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+        hidden = [mapped[f"head.classifier.{i}.weight"].shape[0] for i in (0, 3)]
+        layers = (f"linear:{hidden[0]}", "relu", "dropout", f"linear:{hidden[1]}", "relu", "dropout", "linear")
+        return HeadSpec("max", (side, side), layers), classes
+    raise SourceError(f"{label}: a head with Linear layers at {linears} is not one mcloss knows")
+
+
+def _official(size: int) -> tuple[EvalTransform, str]:
+    return EvalTransform((size, size), None, *NORMALIZATIONS["half"]), f"resize to {size} × {size}, no crop, mean and std 0.5"
+
+
+def _official_crop(size: int) -> tuple[EvalTransform, str]:
+    side = round(size * 600 / 448)
+    return (
+        EvalTransform((side, side), (size, size), *NORMALIZATIONS["half"]),
+        f"resize to {side} × {side}, centre crop {size}, mean and std 0.5",
+    )
+
+
+def _kurumi_crop(size: int) -> tuple[EvalTransform, str]:
+    return (
+        EvalTransform((600, 600), (size, size), *NORMALIZATIONS["imagenet"]),
+        f"resize to 600 × 600, centre crop {size}, ImageNet mean and std",
+    )
+
+
+def _torchvision_preset(size: int) -> tuple[EvalTransform, str]:
+    short = round(size * 256 / 224)
+    return (
+        EvalTransform(short, (size, size), *NORMALIZATIONS["imagenet"]),
+        f"resize the shorter side to {short}, centre crop {size}, ImageNet mean and std",
+    )
+
+
+#: Input transforms by name, each a function of the input side: the official scripts' from scratch (and FGVCLib's,
+#: and Kurumi233's at 224), the official ResNet-50's, Kurumi233's pretrained at other sizes, torchvision's eval.
+TRANSFORM_PRESETS: dict[str, Callable[[int], tuple[EvalTransform, str]]] = {
+    "official": _official,
+    "official-crop": _official_crop,
+    "kurumi-crop": _kurumi_crop,
+    "torchvision": _torchvision_preset,
+}
+
+
+def _kurumi_setting(src: SourceWeights, setting: str | os.PathLike | None) -> dict[str, str]:
+    """Kurumi233's ``setting.txt`` (``k:v`` lines) beside the checkpoint, or the one given."""
+    path = Path(setting) if setting else src.path.with_name("setting.txt")
+    if not path.is_file():
+        if setting:
+            raise SourceError(f"{path}: no such setting file")
+        return {}
+    values = {}
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({first_line(exc)})") from None
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
+def import_model(
+    source: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    layout: str = "auto",
+    arch: str | None = None,
+    img_size: int | None = None,
+    setting: str | os.PathLike | None = None,
+    preset: str | None = None,
+) -> MCModel:
+    """Build an MCModel from another project's checkpoint, with the same logits and F as the source model.
+
+    Args:
+        source: the file (``.pth``, ``.pt``, ``.bin`` or ``.safetensors``).
+        classes: class names in the source's class order (default ``class_000``, …).
+        layout: ``auto`` or a source (:data:`SOURCES`); ``auto`` recognises the layout from the keys.
+        arch: the backbone, checked against the weights (``resnet50``, ``vgg16_bn``, …).
+        img_size: the input side (default: the one the source's scripts evaluate at).
+        setting: Kurumi233's ``setting.txt`` (default: the one beside the checkpoint).
+        preset: the input transform (:data:`TRANSFORM_PRESETS`; default: the one the source's scripts evaluate
+            with). A model fine-tuned with other preprocessing than its project's default says so here.
+
+    Raises:
+        SourceError: the file cannot be read or mapped; ParameterError: a bad argument.
+    """
+    src = read_source(source)
+    lay = detect_layout(src, layout)
+    plan = lay.plan(src, arch)
+    mapped = _map_keys(src, plan, lay)
+    k, widen = _trunk_width(plan.backbone, mapped, src.label)
+    head, num_classes = _head_spec(mapped, k, plan, src.label)
+    kurumi = _kurumi_setting(src, setting) if lay.source == "kurumi" else {}
+    size = img_size or int(kurumi.get("inp_size") or plan.default_size)
+    split = lay.source == "torchvision" or (plan.backbone.startswith("resnet") and k == _native_width(plan.backbone))
+    if split:
+        xi, groups = None, split_channels(k, num_classes)
+    elif k % num_classes:
+        raise SourceError(f"{src.label}: {k} channels do not split into {num_classes} equal class groups")
+    else:
+        xi = k // num_classes
+        groups = [xi] * num_classes
+    if kurumi.get("eps") and xi is not None and kurumi["eps"].isdigit() and int(kurumi["eps"]) != xi:
+        raise SourceError(f"{src.label}: setting.txt says eps {kurumi['eps']} but the weights have {xi} channels per class")
+    names = _class_names(classes, num_classes, src.label)
+    if preset is None:
+        preset = plan.preset if plan.preset != "kurumi" else ("official" if size == 224 else "kurumi-crop")
+    if preset not in TRANSFORM_PRESETS:
+        raise ParameterError(f"preset must be one of {', '.join(TRANSFORM_PRESETS)}, got {preset!r}", parameter="preset")
+    transform, described = TRANSFORM_PRESETS[preset](size)
+    model = _build(plan, lay, src, num_classes, xi, names, size, transform, head, widen)
+    if model.groups != groups:
+        raise SourceError(f"{src.label}: mcloss would split the channels differently from the source")
+    _check_grid(model, head, size, src.label)
+    _load_mapped(model, mapped, src, lay)
+    model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
+    return model.eval()
+
+
+def _native_width(backbone: str) -> int:
+    return 512 if backbone in ("resnet18", "resnet34") else 2048
+
+
+def _class_names(classes: Sequence[str] | None, num_classes: int, label: str) -> list[str] | None:
+    if classes is None:
+        return None
+    names = list(classes)
+    if len(names) != num_classes:
+        raise SourceError(f"{label}: the weights have {num_classes} classes but {len(names)} class names were given")
+    return names
+
+
+def _build(plan: Plan, lay: Layout, src: SourceWeights, num_classes: int, xi: int | None, names, size: int,
+           transform: EvalTransform, head: HeadSpec, widen: list[str] | None) -> MCModel:
+    try:
+        return build_model(
+            plan.backbone, num_classes, xi=xi, class_names=names, img_size=size, transform=transform,
+            head=head, vgg_widen=widen,
+        )
+    except ParameterError as exc:
+        raise SourceError(f"{src.label}: cannot build the {lay.name} model ({exc})") from None
+
+
+def _check_grid(model: MCModel, head: HeadSpec, size: int, label: str) -> None:
+    """A head that flattens a grid reads the source's exact grid only at the map size the source pooled from."""
+    fh, fw = model.config["feature_hw"]
+    if head.grid != (1, 1) and (fh // 2, fw // 2) != head.grid:
+        raise SourceError(
+            f"{label}: at {size} px F is {fh} × {fw}, but the head flattens a {head.grid[0]} × {head.grid[1]} grid "
+            f"made by a 2 × 2 pool; import at the source's input size"
+        )
+
+
+def _load_mapped(model: MCModel, mapped: dict[str, torch.Tensor], src: SourceWeights, lay: Layout) -> None:
+    own = model.state_dict()
+    unexpected = [k for k in mapped if k not in own]
+    if unexpected:
+        raise SourceError(f"{src.label}: {len(unexpected)} tensors have no place in the {lay.name} model (e.g. {unexpected[0]})")
+    missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise SourceError(f"{src.label}: {len(missing)} tensors of the {lay.name} model are missing (e.g. {missing[0]})")
+    for key, tensor in mapped.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise SourceError(f"{src.label}: tensor for {key} has shape {tuple(tensor.shape)}, the model needs {tuple(own[key].shape)}")
+    state = {k: v.to(own[k].dtype) for k, v in mapped.items()}
+    state |= {k: own[k] for k in own if k not in state}  # num_batches_tracked of files saved before it existed
+    model.load_state_dict(state)
+
+
+def _card(src: SourceWeights, lay: Layout, plan: Plan, preset: str, setting: dict[str, str]) -> dict:
+    rules = [[p, t] if not s else [f"{p}<i>", f"{t}<i+{s}>"] for p, t, s in plan.rules]
+    card = {
+        "imported": True,
+        "training": None,
+        "loss": "ce" if lay.source == "torchvision" else "mc",
+        "source": {
+            "format": lay.source,
+            "layout": lay.name,
+            "description": lay.description,
+            "file": src.path.name,
+            "sha256": src.sha256,
+            "data_parallel_keys": src.module_infix,
+            "key_mapping": rules,
+            "dropped": list(plan.dropped),
+            "extras": src.extras,
+        },
+        "transform_preset": preset,
+    }
+    if setting:
+        card["source"]["setting"] = setting
+    return card
+
+
+# ----------------------------------------------------------------------------------------------- class names
+
+
+def read_class_list(spec: str | os.PathLike) -> list[str]:
+    """Class names in a source's class order, from a text file (one per line), a CUB root (``classes.txt``), or
+    an ImageFolder root (its sorted sub-folder names, the order torchvision's ImageFolder and the official
+    scripts use; a numeric ``001.`` prefix is dropped from the shown name, not from the order).
+
+    Raises:
+        SourceError: missing, empty, duplicate or unreadable names.
+    """
+    path = Path(spec)
+    label = str(spec)
+    if path.is_dir():
+        cub = find_cub_root(path)
+        if cub is not None or (path / "classes.txt").is_file():
+            names = read_class_names(cub or path)
+        else:
+            folders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+            names = [clean_class_name(n) for n in folders]
+    elif path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{label}: cannot read the class names ({first_line(exc)})") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        raise SourceError(f"{label}: no such class-names file or folder")
+    if not names:
+        raise SourceError(f"{label}: no class names found")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SourceError(f"{label}: class name {dup!r} appears twice")
+    return names
+
+
+def import_checkpoint(source: str | os.PathLike, out: str | os.PathLike, **options) -> MCModel:
+    """:func:`import_model`, then write the model as an ordinary mcloss checkpoint at ``out`` (atomically).
+
+    Raises:
+        SourceError, ParameterError: as :func:`import_model`; ParameterError: ``out`` is not ``*.safetensors``
+            or is the source itself.
+    """
+    out_path = Path(out)
+    if out_path.suffix != ".safetensors":
+        raise ParameterError(f"out must be a .safetensors file, got {out}", parameter="out")
+    if out_path.exists() and out_path.resolve() == Path(source).resolve():
+        raise ParameterError(f"out {out} is the source file itself", parameter="out")
+    from mcloss.core.checkpoint import save_checkpoint
+
+    model = import_model(source, **options)
+    save_checkpoint(model, out_path)
+    return model

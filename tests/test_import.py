@@ -1,0 +1,280 @@
+"""``mcloss import``: checkpoints of the official code, FGVCLib, Kurumi233 and torchvision, read safely and exactly.
+
+Each source model is our own transcription of that project's code (``transcribed.py``), filled with random
+weights and non-trivial BN statistics, saved the way that project saves it, then imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transcribed as T
+
+from mcloss.cli import main as cli
+from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.errors import ParameterError
+from mcloss.core.groups import split_channels
+from mcloss.interop.sources import SourceError, import_checkpoint, import_model, read_class_list, read_source
+
+
+def _mc_reference(f: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """CCMP then GAP over each consecutive group of the source's F, written out by hand."""
+    out, start = [], 0
+    for size in groups:
+        out.append(f[:, start : start + size].amax(1).mean((1, 2)))
+        start += size
+    return torch.stack(out, 1)
+
+
+def _save(src, path: Path, setting: dict | None) -> None:
+    if setting is not None:
+        src.save(path, setting)
+    else:
+        src.save(path)
+
+
+#: (id, source builder, input side, setting.txt, layout, backbone, groups, transform resize/crop/mean[0])
+CASES = [
+    ("official-vgg16-cuda", lambda: T.OfficialVGG(200, 3), 224, None, "official-vgg16", "vgg16_bn", [3] * 200,
+     ([224, 224], None, 0.5)),
+    ("official-vgg16-early", lambda: T.OfficialVGG(20, 3, early=True), 224, None, "official-vgg16-early", "vgg16_bn",
+     [3] * 20, ([224, 224], None, 0.5)),
+    ("official-resnet18", lambda: T.OfficialResNet("resnet18", 20, 3), 224, None, "official-resnet", "resnet18",
+     [3] * 20, ([224, 224], None, 0.5)),
+    ("official-resnet50", lambda: T.OfficialResNet("resnet50", 200), 448, None, "official-resnet", "resnet50",
+     [10] * 152 + [11] * 48, ([600, 600], [448, 448], 0.5)),
+    ("fgvclib-vgg16", lambda: T.FGVCLibMCL(20, 3), 224, None, "fgvclib-vgg16", "vgg16", [3] * 20,
+     ([224, 224], None, 0.5)),
+    ("kurumi-scratch-dense", lambda: T.Kurumi(20, 3), 224, {"model_name": "vgg16bn", "eps": 3, "inp_size": 224},
+     "kurumi", "vgg16_bn", [3] * 20, ([224, 224], None, 0.5)),
+    ("kurumi-scratch-linear", lambda: T.Kurumi(20, 3, metric="linear"), 224, {"eps": 3, "inp_size": 224}, "kurumi",
+     "vgg16_bn", [3] * 20, ([224, 224], None, 0.5)),
+    ("kurumi-resnet50", lambda: T.Kurumi(200, pretrained="resnet50"), 448, {"pretrained": 1, "inp_size": 448},
+     "kurumi", "resnet50", [10] * 152 + [11] * 48, ([600, 600], [448, 448], 0.485)),
+    ("torchvision-resnet50", lambda: T.TorchvisionCE("resnet50", 20), 224, None, "torchvision", "resnet50",
+     split_channels(2048, 20), (256, [224, 224], 0.485)),
+    ("torchvision-resnet34", lambda: T.TorchvisionCE("resnet34", 7), 224, None, "torchvision", "resnet34",
+     split_channels(512, 7), (256, [224, 224], 0.485)),
+    ("torchvision-vgg16_bn", lambda: T.TorchvisionCE("vgg16_bn", 20), 224, None, "torchvision", "vgg16_bn",
+     split_channels(512, 20), (256, [224, 224], 0.485)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_each_layout_imports_exactly(case, tmp_path):
+    _, make, size, setting, layout, backbone, groups, (resize, crop, mean0) = case
+    src = T.randomize(make(), seed=3)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_logits, ref_f = src(x)
+    path = tmp_path / "ckpt.pth"
+    _save(src, path, setting)
+
+    model = import_model(path)
+    with torch.no_grad():
+        f = model.forward_features(x)
+        logits, mc = model.head_logits(f), model.mc_logits(f)
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() <= 1e-4
+    assert (f - ref_f).abs().max().item() <= 1e-5 * max(1.0, ref_f.abs().max().item())
+    assert model.groups == groups and model.config["backbone"] == backbone
+    assert torch.allclose(mc, _mc_reference(ref_f, groups), rtol=1e-5, atol=1e-5)
+    assert model.forward(x).argmax(1).tolist() == ref_logits.argmax(1).tolist()
+
+    card = model.card
+    assert card["imported"] is True and card["training"] is None
+    assert card["source"]["layout"] == layout and card["source"]["file"] == "ckpt.pth"
+    assert card["source"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card["source"]["key_mapping"], "the key mapping used is recorded"
+    tf = model.transform.to_dict()
+    assert (tf["resize"], tf["crop"], tf["mean"][0]) == (resize, crop, mean0)
+
+
+def test_official_keys_with_and_without_the_dataparallel_infix(tmp_path):
+    src = T.randomize(T.OfficialResNet("resnet18", 5, 3), seed=1)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref, _ = src(x)
+    src.save(tmp_path / "cpu.pth", data_parallel=False)
+    src.save(tmp_path / "cuda.pth", data_parallel=True)
+    assert any(".module." in k for k in torch.load(tmp_path / "cuda.pth", weights_only=True))
+    for name, infix in (("cpu.pth", False), ("cuda.pth", True)):
+        model = import_model(tmp_path / name)
+        assert model.card["source"]["data_parallel_keys"] is infix
+        with torch.no_grad():
+            assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_the_written_checkpoint_loads_as_an_ordinary_one(tmp_path):
+    src = T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=2)
+    src.save(tmp_path / "w.pth")
+    names = ["Albatross", "Bunting", "Crow", "Dove"]
+    made = import_checkpoint(tmp_path / "w.pth", tmp_path / "m.safetensors", classes=names)
+    loaded = load_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.class_names == names and loaded.card == json.loads(json.dumps(made.card))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), made(x))
+    assert loaded.config["head"]["grid"] == [1, 1]  # MaxPool2d(14) on the 14 × 14 map
+
+
+def test_auto_names_both_layouts_when_two_fit(tmp_path):
+    official = T.randomize(T.OfficialResNet("resnet18", 4, 3)).state_dict()
+    tv = T.TorchvisionCE("resnet18", 4).net.state_dict()
+    torch.save(official | tv, tmp_path / "both.pth")
+    with pytest.raises(SourceError, match=r"both\.pth: fits two layouts, official-resnet and torchvision; choose one"):
+        import_model(tmp_path / "both.pth")
+
+
+def test_a_named_source_that_does_not_fit_is_refused(tmp_path):
+    T.FGVCLibMCL(4, 3).save(tmp_path / "fgvclib.pth")
+    with pytest.raises(SourceError, match=r"fgvclib\.pth: not a kurumi layout \(keys begin backbone\.features"):
+        import_model(tmp_path / "fgvclib.pth", layout="kurumi")
+    with pytest.raises(ParameterError, match="layout must be auto or one of"):
+        import_model(tmp_path / "fgvclib.pth", layout="timm")
+    with pytest.raises(SourceError, match="weights are a resnet18, not the resnet50 of --arch"):
+        T.TorchvisionCE("resnet18", 4).save(tmp_path / "tv.pth")
+        import_model(tmp_path / "tv.pth", arch="resnet50")
+
+
+_PICKLER = """
+import os, sys, torch
+from torch import nn
+
+class model_bn(nn.Module):  # defined in __main__, as the official scripts define it
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(4, 2)
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+
+torch.save(model_bn(), sys.argv[1] + "/whole.pth")
+torch.save({"net": Payload()}, sys.argv[1] + "/payload.pth")
+"""
+
+
+def test_a_pickled_model_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+    subprocess.run([sys.executable, "-c", _PICKLER, str(tmp_path), str(marker)], check=True)
+    with pytest.raises(SourceError) as info:
+        import_model(tmp_path / "whole.pth")
+    message = str(info.value)
+    assert "whole.pth: holds pickled Python objects (__main__.model_bn)" in message
+    assert "torch.save(net.state_dict(), 'weights.pth')" in message and "\n" not in message
+    with pytest.raises(SourceError, match="payload.pth: holds pickled Python objects"):
+        import_model(tmp_path / "payload.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "empty or truncated"), (b"\x80\x02garbage" * 4, "not a readable PyTorch file"), (None, "no such file")],
+)
+def test_unreadable_sources_give_one_line_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "src.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SourceError, match=rf"src\.pth: {reason}"):
+        read_source(path)
+
+
+def test_truncated_and_tensorless_files(tmp_path):
+    T.OfficialResNet("resnet18", 4, 3).save(tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"cut\.pth: not a readable PyTorch file"):
+        read_source(tmp_path / "cut.pth")
+    torch.save({"acc": 0.5, "epoch": 3}, tmp_path / "meta.pth")
+    with pytest.raises(SourceError, match=r"meta\.pth: holds no tensors"):
+        read_source(tmp_path / "meta.pth")
+
+
+def test_class_names_from_a_file_an_imagefolder_root_and_a_cub_root(tmp_path):
+    (tmp_path / "names.txt").write_text("Crow\nAlbatross\n\nBunting\n")
+    assert read_class_list(tmp_path / "names.txt") == ["Crow", "Albatross", "Bunting"]
+    root = tmp_path / "train"
+    for name in ("010.Wren", "002.Crow", "001.Albatross", ".cache"):
+        (root / name).mkdir(parents=True)
+    (root / "notes.txt").write_text("not a class")
+    assert read_class_list(root) == ["Albatross", "Crow", "Wren"]  # ImageFolder's sorted order
+    cub = tmp_path / "CUB_200_2011"
+    cub.mkdir()
+    (cub / "classes.txt").write_text("2 002.Crow\n1 001.Albatross\n")
+    assert read_class_list(cub) == ["Albatross", "Crow"]
+    (tmp_path / "dup.txt").write_text("Crow\nCrow\n")
+    with pytest.raises(SourceError, match=r"dup\.txt: class name 'Crow' appears twice"):
+        read_class_list(tmp_path / "dup.txt")
+    T.OfficialResNet("resnet18", 4, 3).save(tmp_path / "w.pth")
+    with pytest.raises(SourceError, match="the weights have 4 classes but 3 class names were given"):
+        import_model(tmp_path / "w.pth", classes=read_class_list(root))
+
+
+def test_kurumi_setting_is_read_and_checked(tmp_path):
+    T.Kurumi(4, 3).save(tmp_path / "ckpt.pth", {"eps": 5, "inp_size": 224})
+    with pytest.raises(SourceError, match="setting.txt says eps 5 but the weights have 3 channels per class"):
+        import_model(tmp_path / "ckpt.pth")
+    model = import_model(tmp_path / "ckpt.pth", setting=_write(tmp_path / "other.txt", "eps:3\ninp_size:224\n"))
+    assert model.card["source"]["setting"]["eps"] == "3" and model.card["source"]["extras"] == {"acc": 0.6617, "epoch": 211}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_flattening_head_refuses_another_input_size(tmp_path):
+    T.OfficialVGG(4, 3).save(tmp_path / "vgg.pth")
+    with pytest.raises(SourceError, match="head flattens a 7 × 7 grid"):
+        import_model(tmp_path / "vgg.pth", img_size=256)
+
+
+def test_cli_import_writes_a_checkpoint_and_says_what_it_read(tmp_path, capsys):
+    T.randomize(T.TorchvisionCE("resnet18", 3)).save(tmp_path / "ce.pth")
+    _write(tmp_path / "names.txt", "a\nb\nc\n")
+    out = tmp_path / "ce.safetensors"
+    argv = ["import", str(tmp_path / "ce.pth"), "--out", str(out), "--classes", str(tmp_path / "names.txt")]
+    assert cli([*argv, "--preset", "official"]) == 0
+    said = capsys.readouterr().out
+    assert "(torchvision) as resnet18: 3 classes x 170/171 channels" in said and "head linear" in said
+    model = load_checkpoint(out)
+    assert model.card["loss"] == "ce" and model.transform.to_dict()["crop"] is None
+    assert cli([*argv, "--from", "fgvclib"]) == 2
+    assert "not a fgvclib layout" in capsys.readouterr().err
+    assert cli([*argv[:3], str(tmp_path / "x.pth"), *argv[4:]]) == 2
+    assert "--out must be a .safetensors file" in capsys.readouterr().err
+
+
+def test_an_imported_model_runs_every_command(tmp_path, capsys):
+    """Export, atlas, sanity, parts, eval and bench on an imported official ResNet-18 and a torchvision CE twin."""
+    from mcloss.data.synth import generate_dataset
+
+    data = tmp_path / "synth"
+    generate_dataset(data, 4, 2, 96, 0)
+    T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=5).save(tmp_path / "mc.pth")
+    T.randomize(T.TorchvisionCE("resnet18", 4), seed=6).save(tmp_path / "ce.pth")
+    for name, extra in (("mc", []), ("ce", ["--preset", "official"])):
+        argv = ["import", str(tmp_path / f"{name}.pth"), "--out", str(tmp_path / f"{name}.safetensors"), "--classes", str(data)]
+        assert cli([*argv, *extra]) == 0
+    mc, ce = str(tmp_path / "mc.safetensors"), str(tmp_path / "ce.safetensors")
+    images = str(data / "images")
+    commands = [
+        ["export", "--checkpoint", mc, "--input", images, "--out", str(tmp_path / "exp"), "--compare", ce],
+        ["atlas", "--checkpoint", ce, "--data", str(data), "--out", str(tmp_path / "atlas")],
+        ["sanity", "--checkpoint", mc, "--data", str(data), "--limit", "4", "--draws", "1", "--out", str(tmp_path / "san")],
+        ["parts", "--checkpoint", mc, "--data", str(data), "--out", str(tmp_path / "parts")],
+        ["eval", "--checkpoint", ce, "--data", str(data)],
+        ["bench", "--checkpoint", mc, "--json", str(tmp_path / "b.json"), "--repeats", "1", "--warmup", "0",
+         "--paths", "forward_only,channel_maps_and_gradcam", "--batch-size", "2"],
+    ]
+    for argv in commands:
+        assert cli(argv) == 0, (argv[0], capsys.readouterr().err)
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["counts"]["ok"] == 8
+    assert (tmp_path / "atlas" / "index.html").exists() or any((tmp_path / "atlas").iterdir())
