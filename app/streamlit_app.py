@@ -101,7 +101,8 @@ def sidebar_model() -> view.LoadedModel | None:
             if up is None:
                 st.sidebar.info(
                     f"Upload an mcloss `.safetensors` checkpoint, or a state dict saved by the official MC-Loss "
-                    f"scripts, FGVCLib, Kurumi233's code or torchvision (up to {view.MAX_CHECKPOINT_MB} MB)."
+                    f"scripts, FGVCLib, Kurumi233's code or torchvision (up to {view.MAX_CHECKPOINT_MB} MB; import a "
+                    "larger file with `mcloss import` first, which leaves out FGVCLib's unused classifier)."
                 )
                 return None
             too_large = view.upload_error(up.name, up.size, view.MAX_CHECKPOINT_MB)

@@ -36,7 +36,7 @@ from mcloss.explainability import kinds, render
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
-from mcloss.interop.sources import import_model
+from mcloss.interop.sources import import_model, parse_class_names
 from mcloss.metrics import localization as metrics
 
 __all__ = [
@@ -203,15 +203,9 @@ def read_names(data: bytes, label: str) -> list[str]:
         CheckpointError: not UTF-8 text, no names, or a name twice; the message names ``label``.
     """
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{label}: not a UTF-8 text file of class names") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
-        raise CheckpointError(f"{label}: no class names found")
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"{label}: class name {next(n for n in names if names.count(n) > 1)!r} appears twice")
-    return names
+        return parse_class_names(data, label)
+    except MclossError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def optional_kinds() -> list[kinds.MapKind]:

@@ -10,6 +10,7 @@ Packages, in layers (each imports only its own and those above it in this list):
         parts that define each class (``defining``).
     explainability: map kinds, explanations (channel maps, CCMP, Grad-CAM), rendering, export, benchmark.
     evaluation: classification accuracy, ``parts``, faithfulness, sanity checks.
+    interop: other projects' checkpoints in (``mcloss import``), maps out to Captum and Quantus.
     training: configuration, the epoch loop, resume, run-directory writer, DDP, interrupts.
     cli: the ``mcloss`` command (the only place that parses arguments, prints or draws progress bars).
 """
@@ -26,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     # core
     "MCModel": "mcloss.core.model",
     "FCHead": "mcloss.core.model",
+    "HeadSpec": "mcloss.core.model",
     "build_model": "mcloss.core.model",
     "MCLoss": "mcloss.core.loss",
     "MCLossOutput": "mcloss.core.loss",
@@ -48,6 +50,10 @@ _EXPORTS: dict[str, str] = {
     "Geometry": "mcloss.core.transforms",
     "TrainTransform": "mcloss.core.transforms",
     "resolve_device": "mcloss.core.device",
+    # interop
+    "import_model": "mcloss.interop.sources",
+    "import_checkpoint": "mcloss.interop.sources",
+    "ChannelGroupAttribution": "mcloss.interop.captum",
     # data
     "ImageLoadError": "mcloss.data.io",
     "load_image": "mcloss.data.io",
@@ -123,7 +129,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     )
     from mcloss.core.groups import normalize_groups, split_channels
     from mcloss.core.loss import MCLoss, MCLossOutput, ccmp, draw_channel_mask, mutual_channel_loss
-    from mcloss.core.model import FCHead, MCModel, build_model, model_guard
+    from mcloss.core.model import FCHead, HeadSpec, MCModel, build_model, model_guard
     from mcloss.core.transforms import EvalTransform, Geometry, TrainTransform
     from mcloss.data.annotations import PartAnnotations, image_annotations
     from mcloss.data.cub import CUBDataset, is_cub_layout
@@ -139,5 +145,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from mcloss.explainability.gradcam import captum_gradcam, fused_gradcam, gradcam_from_weights
     from mcloss.explainability.kinds import MapKind, register_map_kind
     from mcloss.explainability.render import Style, explanation_figure, explanation_montage, overlay
+    from mcloss.interop.captum import ChannelGroupAttribution
+    from mcloss.interop.sources import import_checkpoint, import_model
     from mcloss.training.config import TrainConfig, make_config
     from mcloss.training.loop import train

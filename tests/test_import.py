@@ -81,7 +81,7 @@ def test_each_layout_imports_exactly(case, tmp_path):
         f = model.forward_features(x)
         logits, mc = model.head_logits(f), model.mc_logits(f)
     assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() <= 1e-4
-    assert (f - ref_f).abs().max().item() <= 1e-5 * max(1.0, ref_f.abs().max().item())
+    assert (f - ref_f).abs().max().item() <= 1e-5
     assert model.groups == groups and model.config["backbone"] == backbone
     assert torch.allclose(mc, _mc_reference(ref_f, groups), rtol=1e-5, atol=1e-5)
     assert model.forward(x).argmax(1).tolist() == ref_logits.argmax(1).tolist()
@@ -229,10 +229,40 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_a_flattening_head_refuses_another_input_size(tmp_path):
+def test_a_fixed_pool_refuses_another_input_size(tmp_path):
+    """The source's head max-pools fixed cells (2 × 2 before VGG's 7 × 7 grid, 14 × 14 in the official ResNets):
+    at another size mcloss's adaptive pool would read other cells, so the import refuses instead of differing."""
     T.OfficialVGG(4, 3).save(tmp_path / "vgg.pth")
-    with pytest.raises(SourceError, match="head flattens a 7 × 7 grid"):
-        import_model(tmp_path / "vgg.pth", img_size=256)
+    with pytest.raises(SourceError, match=r"at 240 px F is 15 × 15, but the source's head max-pools 2 × 2 cells"):
+        import_model(tmp_path / "vgg.pth", img_size=240)
+    T.OfficialResNet("resnet50", 4).save(tmp_path / "r50.pth")
+    with pytest.raises(SourceError, match=r"F is 16 × 16.*needs F of 14 × 14"):
+        import_model(tmp_path / "r50.pth", img_size=512)
+    with pytest.raises(ParameterError, match=r"img_size must be in 16\.\.1024, got 2000"):
+        import_model(tmp_path / "r50.pth", img_size=2000)
+    model = import_model(tmp_path / "r50.pth")
+    assert model.config["img_size"] == 448 and model.config["feature_hw"] == [14, 14]
+
+
+def test_a_tensor_that_claims_more_than_its_storage_is_refused(tmp_path):
+    """A stride-0 view in a tiny file could claim tens of GB; it is refused before any shape is used."""
+    state = T.OfficialResNet("resnet18", 4, 3).state_dict()
+    state["features.0.weight"] = torch.zeros(1).expand(3_000_000, 512, 3, 3)
+    torch.save(state, tmp_path / "bomb.pth")
+    assert (tmp_path / "bomb.pth").stat().st_size < 100_000_000
+    with pytest.raises(SourceError, match=r"bomb\.pth: tensor 'features\.0\.weight' claims more elements than"):
+        read_source(tmp_path / "bomb.pth")
+
+
+def test_kurumi_pretrained_vgg_is_refused_by_name_and_resnet_groups_are_noted(tmp_path):
+    T.Kurumi(4, pretrained="vgg16bn").save(tmp_path / "ckpt.pth", {"pretrained": 1, "inp_size": 224})
+    with pytest.raises(SourceError, match="Kurumi233's pretrained vgg16bn .* is not a layout mcloss builds"):
+        import_model(tmp_path / "ckpt.pth")
+    T.Kurumi(4, pretrained="resnet18", metric="linear").save(tmp_path / "ckpt.pth", {"pretrained": 1, "inp_size": "x"})
+    with pytest.raises(SourceError, match=r"setting\.txt: inp_size must be an integer, got 'x'"):
+        import_model(tmp_path / "ckpt.pth")
+    model = import_model(tmp_path / "ckpt.pth", img_size=224)
+    assert model.groups == [128] * 4 and "assumed" in model.card["source"]["groups"]
 
 
 def test_cli_import_writes_a_checkpoint_and_says_what_it_read(tmp_path, capsys):

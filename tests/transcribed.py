@@ -5,7 +5,7 @@ and a ``save(path)`` that writes its checkpoint the way that project does. Writt
 
 - PRIS-CV/Mutual-Channel-Loss ``CUB-200-2011.py`` (``model_bn`` on a VGG whose conv4_3 and conv5_3 have ξ·C
   channels, features split at layer 34, each submodule wrapped in DataParallel under CUDA), its first versions
-  (one ``features`` = the whole VGG, only conv5_3 widened), ``CUB-200-2011_ResNet18.py`` (layer4 at ξ·C planes,
+  (one ``features`` = the VGG's features, only conv5_3 widened), ``CUB-200-2011_ResNet18.py`` (layer4 at ξ·C planes,
   stride 1, MaxPool2d(14) head) and the removed ``MC_ResNet50.py`` (torchvision ResNet-50, 448 px);
 - FGVCLib's ``backbones/vgg.py`` (no BN, conv4_3 and conv5_3 at 600, no last pool, an unused classifier),
   ``encoders/pooling.py`` (2 × 2 max-pool) and ``heads/classifier_2fc.py`` (BN, Linear, BN, ReLU, Linear);
@@ -61,8 +61,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class OfficialVGG(nn.Module):
-    """PRIS-CV ``model_bn`` on VGG16-BN; ``early`` is the first scripts' variant (one ``features`` holding a VGG
-    with an unused Linear(512, 10), only conv5_3 widened)."""
+    """PRIS-CV ``model_bn`` on VGG16-BN; ``early`` is the first scripts' variant: ``net = VGG('VGG16').features``
+    kept whole as ``self.features`` (one Sequential), with only conv5_3 widened."""
 
     def __init__(self, classes: int = 200, xi: int = 3, *, early: bool = False) -> None:
         super().__init__()
@@ -72,10 +72,7 @@ class OfficialVGG(nn.Module):
         layers = [*_vgg_layers(cfg, True), nn.AvgPool2d(1, 1)]
         self.early = early
         if early:
-            vgg = nn.Module()
-            vgg.features = nn.Sequential(*layers)
-            vgg.classifier = nn.Linear(512, 10)
-            self.features = vgg
+            self.features = nn.Sequential(*layers)
         else:
             self.features_1 = nn.Sequential(*layers[:34])
             self.features_2 = nn.Sequential(*layers[34:])
@@ -83,7 +80,7 @@ class OfficialVGG(nn.Module):
         self.classifier = _dense(k * 7 * 7, classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features.features(x) if self.early else self.features_2(self.features_1(x))
+        f = self.features(x) if self.early else self.features_2(self.features_1(x))
         return self.classifier(self.max(f).flatten(1)), f
 
     def save(self, path, *, data_parallel: bool = True) -> None:
@@ -163,8 +160,8 @@ class Kurumi(nn.Module):
             )
             self.net.maxpool = nn.MaxPool2d(2, 2)
             width = classes * eps * 7 * 7
-        else:
-            net = torchvision.models.get_model(pretrained, weights=None)
+        else:  # BaseModel: its 'vgg16bn' is torchvision's vgg16 (no BN), features and avgpool kept
+            net = torchvision.models.get_model("vgg16" if pretrained == "vgg16bn" else pretrained, weights=None)
             self.net.backbone = nn.Sequential(*list(net.children())[:-2])
             self.net.maxpool = nn.AdaptiveMaxPool2d((1, 1))
             width = 2048 if pretrained == "resnet50" else 512

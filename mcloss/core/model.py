@@ -25,6 +25,7 @@ __all__ = [
     "HeadSpec",
     "OFFICIAL_HEAD_LAYERS",
     "VGG_WIDEN",
+    "vgg16_conv_index",
     "build_model",
     "load_backbone_weights",
     "model_guard",
@@ -65,7 +66,7 @@ class HeadSpec:
     def __post_init__(self) -> None:
         if self.pool not in ("max", "avg"):
             raise ParameterError(f"head pool must be max or avg, got {self.pool!r}", parameter="head")
-        if len(self.grid) != 2 or not all(isinstance(g, int) and 1 <= g <= 64 for g in self.grid):
+        if len(self.grid) != 2 or not all(type(g) is int and 1 <= g <= 64 for g in self.grid):
             raise ParameterError(f"head grid must be two integers in 1..64, got {self.grid!r}", parameter="head")
         layers = list(self.layers)
         if not 1 <= len(layers) <= MAX_HEAD_LAYERS or layers[-1] != "linear":
@@ -286,6 +287,20 @@ def _resnet_trunk(net: tv_resnet.ResNet, last: nn.Module, last_stage: int = 4) -
 VGG_WIDEN = ("conv4_3", "conv5_3")
 #: Position of each widenable convolution among VGG16's 13.
 _VGG16_CONVS = {"conv4_3": 9, "conv5_3": 12}
+#: VGG16's configuration ("D"): convolution widths and "M" for the 2 × 2 max-pools.
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_conv_index(name: str, batch_norm: bool) -> int:
+    """The index in torchvision's VGG16 ``features`` of a widenable convolution (``conv4_3``, ``conv5_3``)."""
+    position, index = _VGG16_CONVS[name], 0
+    for item in _VGG16_CFG:
+        if item != "M":
+            if position == 0:
+                return index
+            position -= 1
+        index += 1 if item == "M" else (3 if batch_norm else 2)
+    raise ParameterError(f"VGG16 has no convolution {name!r}", parameter="vgg_widen")
 
 
 def _vgg_trunk(net: nn.Module, channels: int, widen: Sequence[str]) -> _Features:

@@ -9,7 +9,8 @@ randomisation (MPRT, eMPRT) and faithfulness metrics run on channel-group maps.
 
 The maps are brought to the input's size as ``mcloss parts`` brings them to the image (bilinear, cell centres on
 pixel centres: :func:`mcloss.explainability.geometry.to_original`), so a metric that both compute gives the same
-number on the same images and masks. Quantus itself is not imported here: install it to call its metrics
+number on the same images and masks, when the model's transform is a plain resize to the input size (Quantus
+scores on the input grid; ``mcloss parts`` on the original image, which a crop or an aspect change makes differ). Quantus itself is not imported here: install it to call its metrics
 (``pip install --no-deps quantus``; see the README).
 """
 

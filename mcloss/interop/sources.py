@@ -9,8 +9,8 @@ Layouts (``--from`` source in brackets):
 
 - ``official-vgg16`` [official]: PRIS-CV ``model_bn``: ``features_1`` (VGG16-BN's first 34 layers, conv4_3 at ξ·C)
   and ``features_2`` (conv5_x, conv5_3 at ξ·C); head 2 × 2 max-pool, BN1d, Linear→512, BN1d, ELU, Linear.
-- ``official-vgg16-early`` [official]: the first scripts' ``model_bn`` with one ``features`` (a whole VGG whose
-  conv5_3 alone is widened, and an unused ``features.classifier``).
+- ``official-vgg16-early`` [official]: the first scripts' ``model_bn``, whose ``features`` is the whole VGG16-BN
+  ``features`` (one Sequential, conv5_3 alone widened).
 - ``official-resnet`` [official]: ``features`` = a ResNet's children up to layer4 (ResNet-18: layer4 at ξ·C
   planes and stride 1; ResNet-50: torchvision's own 2048 channels split 10/11), head MaxPool2d(14), BN1d, ….
 - ``fgvclib-vgg16`` [fgvclib]: FGVCLib's MCL: ``backbone.features`` (VGG16 without BN, conv4_3 and conv5_3 at
@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
+from mcloss.core.checkpoint import MAX_CLASSES, MAX_IMG_SIZE, MIN_IMG_SIZE
 from mcloss.core.errors import MclossError, ParameterError, first_line
 from mcloss.core.files import file_sha256
 from mcloss.core.groups import split_channels
-from mcloss.core.model import HeadSpec, MCModel, build_model
+from mcloss.core.model import VGG_WIDEN, HeadSpec, MCModel, build_model, vgg16_conv_index
 from mcloss.core.transforms import NORMALIZATIONS, EvalTransform
 from mcloss.data.cub import clean_class_name, find_cub_root, read_class_names
 
@@ -52,13 +53,16 @@ __all__ = [
     "detect_layout",
     "import_checkpoint",
     "import_model",
+    "parse_class_names",
     "read_class_list",
     "read_source",
 ]
 
+#: Most non-tensor entries of a file kept for the card (Kurumi233's ``acc`` and ``epoch``).
+MAX_EXTRAS = 16
 #: The ``--from`` choices besides ``auto``.
 SOURCES = ("official", "fgvclib", "kurumi", "torchvision")
-#: Largest source file read (a VGG16 MC-Loss state dict is about 180 MB).
+#: Largest source file read (an official VGG16 state dict at 200 classes is about 120 MB, FGVCLib's about 0.6 GB).
 MAX_SOURCE_BYTES = 4 << 30
 
 
@@ -115,6 +119,10 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
         raise SourceError(f"{label}: {size / 2**30:.1f} GiB, more than the {MAX_SOURCE_BYTES >> 30} GiB a model file may be")
     raw = _load(p, label)
     state, extras = _flatten(raw, label)
+    for key, tensor in state.items():
+        # a view claims no more memory than its storage holds (a stride-0 view can claim terabytes)
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise SourceError(f"{label}: tensor {key!r} claims more elements than its storage holds")
     module_infix = any(_MODULE.search(k) for k in state)
     normalized = {_MODULE.sub(r"\1", k): v for k, v in state.items()}
     if len(normalized) != len(state):
@@ -150,8 +158,8 @@ def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise SourceError(f"{label}: holds a {type(raw).__name__}, not a state dict")
     for key in _WRAPPERS:
         if isinstance(raw.get(key), dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values()):
-            extras = {k: v for k, v in raw.items() if k != key and _is_scalar(v)}
-            return dict(raw[key]), extras
+            extras = {str(k)[:80]: v[:200] if isinstance(v, str) else v for k, v in raw.items() if k != key and _is_scalar(v)}
+            return dict(raw[key]), dict(list(extras.items())[:MAX_EXTRAS])
     state: dict[str, torch.Tensor] = {}
     extras = {}
     for key, value in raw.items():
@@ -159,8 +167,8 @@ def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
             state[str(key)] = value
         elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
             state |= {f"{key}.{k}": v for k, v in value.items()}
-        elif _is_scalar(value):
-            extras[str(key)] = value
+        elif _is_scalar(value) and len(extras) < MAX_EXTRAS:
+            extras[str(key)[:80]] = value[:200] if isinstance(value, str) else value
     if not state:
         raise SourceError(f"{label}: holds no tensors (keys: {', '.join(map(str, list(raw)[:6]))})")
     return state, extras
@@ -185,6 +193,9 @@ class Plan:
         default_size: the input side its scripts use.
         head_pool: the pool before its head (max: the official 2 × 2 or 14 × 14 max-pool; avg: torchvision's).
         head_act: the activation of an official-shaped head (ELU in the official code, ReLU in FGVCLib's).
+        pool_kernel: the fixed max-pool kernel before the source's head (2 for the VGG heads' 2 × 2 pool, 14 for
+            the official ResNets' MaxPool2d(14)); mcloss's adaptive pool reads the same cells only when F is
+            exactly kernel × grid. None: the source pools adaptively or globally (any size).
     """
 
     backbone: str
@@ -194,6 +205,7 @@ class Plan:
     default_size: int = 224
     head_pool: str = "max"
     head_act: str = "elu"
+    pool_kernel: int | None = 2
 
 
 @dataclass(frozen=True)
@@ -253,12 +265,12 @@ def _resnet_arch(state: dict, prefix: str, label: str, arch: str | None) -> str:
 
 def _official_vgg(src: SourceWeights, arch: str | None) -> Plan:
     rules = (("features_1.", "features.", 0), ("features_2.", "features.", 34), ("classifier.", "head.classifier.", 0))
-    return Plan(_vgg_arch(arch, "vgg16_bn"), rules)
+    return Plan(_vgg_arch(src, arch, "vgg16_bn"), rules)
 
 
 def _official_vgg_early(src: SourceWeights, arch: str | None) -> Plan:
-    rules = (("features.features.", "features.", 0), ("classifier.", "head.classifier.", 0))
-    return Plan(_vgg_arch(arch, "vgg16_bn"), rules, dropped=("features.classifier.",))
+    rules = (("features.", "features.", 0), ("classifier.", "head.classifier.", 0))
+    return Plan(_vgg_arch(src, arch, "vgg16_bn"), rules)
 
 
 def _official_resnet(src: SourceWeights, arch: str | None) -> Plan:
@@ -266,12 +278,13 @@ def _official_resnet(src: SourceWeights, arch: str | None) -> Plan:
     rules = (("features.", "features.", 0), ("classifier.", "head.classifier.", 0))
     bottleneck = name not in ("resnet18", "resnet34")
     # the official ResNet-50 script: Resize((600, 600)) + CenterCrop(448); ResNet-18 from scratch: 224 × 224
-    return Plan(name, rules, preset="official-crop" if bottleneck else "official", default_size=448 if bottleneck else 224)
+    preset = "official-crop" if bottleneck else "official"
+    return Plan(name, rules, preset=preset, default_size=448 if bottleneck else 224, pool_kernel=14)
 
 
 def _fgvclib_vgg(src: SourceWeights, arch: str | None) -> Plan:
     rules = (("backbone.features.", "features.", 0), ("heads.classifiers.0.", "head.classifier.", 0))
-    return Plan(_vgg_arch(arch, "vgg16"), rules, dropped=("backbone.classifier.",), head_act="relu")
+    return Plan(_vgg_arch(src, arch, "vgg16"), rules, dropped=("backbone.classifier.",), head_act="relu")
 
 
 def _kurumi(src: SourceWeights, arch: str | None) -> Plan:
@@ -279,26 +292,30 @@ def _kurumi(src: SourceWeights, arch: str | None) -> Plan:
     if _any_prefix(src.state, "net.last_conv."):
         # BaseModel_scratch: vgg16_bn features[:-4] (up to conv5_2's ReLU), then conv5_3 to ξ·C, BN, ReLU
         rules = (("net.backbone.", "features.", 0), ("net.last_conv.", "features.", 40), *metric)
-        return Plan(_vgg_arch(arch, "vgg16_bn"), rules, preset="kurumi")
+        return Plan(_vgg_arch(src, arch, "vgg16_bn"), rules, preset="kurumi")
+    if "net.backbone.0.0.weight" in src.state:
+        raise SourceError(
+            f"{src.label}: Kurumi233's pretrained vgg16bn (a VGG16 whose F is the map after its last pool) is not a "
+            "layout mcloss builds"
+        )
     name = _resnet_arch(src.state, "net.backbone.", src.label, arch)
-    return Plan(name, (("net.backbone.", "features.", 0), *metric), preset="kurumi", default_size=448)
+    return Plan(name, (("net.backbone.", "features.", 0), *metric), preset="kurumi", default_size=448, pool_kernel=None)
 
 
 def _torchvision(src: SourceWeights, arch: str | None) -> Plan:
     if "fc.weight" in src.state:
         stages = {f"features.{3 + int(k[5])}.{k[7:]}": 0 for k in src.state if re.match(r"layer[1-4]\.", k)}
         name = _resnet_arch(stages, "features.", src.label, arch)
-        return Plan(name, (*_RESNET_RULES, ("fc.", "head.classifier.0.", 0)), preset="torchvision", head_pool="avg")
-    name = "vgg16_bn" if "features.1.running_mean" in src.state else "vgg16"
-    if arch and arch != name:
-        raise SourceError(f"{src.label}: the weights are a {name}, not the {arch} of --arch")
+        rules = (*_RESNET_RULES, ("fc.", "head.classifier.0.", 0))
+        return Plan(name, rules, preset="torchvision", head_pool="avg", pool_kernel=None)
+    name = _vgg_arch(src, arch, "vgg16_bn" if "features.1.running_mean" in src.state else "vgg16")
     return Plan(name, (("features.", "features.", 0), ("classifier.", "head.classifier.", 0)), preset="torchvision")
 
 
-def _vgg_arch(arch: str | None, default: str) -> str:
-    if arch and arch != default:
-        raise ParameterError(f"this layout is a {default}, not the {arch} of arch", parameter="arch")
-    return default
+def _vgg_arch(src: SourceWeights, arch: str | None, name: str) -> str:
+    if arch and arch != name:
+        raise SourceError(f"{src.label}: the weights are a {name}, not the {arch} of --arch")
+    return name
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -308,8 +325,9 @@ LAYOUTS: tuple[Layout, ...] = (
         _official_vgg,
     ),
     Layout(
-        "official-vgg16-early", "official", "PRIS-CV model_bn of the first scripts, one features = a whole VGG",
-        lambda s: _has(s, "features.features.0.weight", "classifier.1.weight"),
+        "official-vgg16-early", "official", "PRIS-CV model_bn of the first scripts, one features = VGG16-BN's",
+        lambda s: _has(s, "features.0.weight", "features.40.weight", "classifier.0.running_mean")
+        and "features.7.0.conv1.weight" not in s,
         _official_vgg_early,
     ),
     Layout(
@@ -324,7 +342,8 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
     Layout(
         "kurumi", "kurumi", "Kurumi233 ckpt.pth {'net', 'metric', 'acc', 'epoch'}",
-        lambda s: _has(s, "net.backbone.0.weight") and (_any_prefix(s, "metric.dense.") or "metric.fc.weight" in s),
+        lambda s: (_has(s, "net.backbone.0.weight") or _has(s, "net.backbone.0.0.weight"))
+        and (_any_prefix(s, "metric.dense.") or "metric.fc.weight" in s),
         _kurumi,
     ),
     Layout(
@@ -377,18 +396,10 @@ def _map_keys(src: SourceWeights, plan: Plan, layout: Layout) -> dict[str, torch
     return mapped
 
 
-#: Convolution indices of torchvision's VGG16 features, with and without BN.
-_VGG_CONVS = {
-    True: (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40),
-    False: (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
-}
-
-
 def _trunk_width(backbone: str, mapped: dict[str, torch.Tensor], label: str) -> tuple[int, list[str] | None]:
     """K (F's channels) from the trunk's last layer, and the VGG16 convolutions widened to it."""
     if backbone.startswith("vgg16"):
-        convs = _VGG_CONVS[backbone == "vgg16_bn"]
-        c43, c53 = (mapped.get(f"features.{convs[i]}.weight") for i in (9, 12))
+        c43, c53 = (mapped.get(f"features.{vgg16_conv_index(n, backbone == 'vgg16_bn')}.weight") for n in VGG_WIDEN)
         if c43 is None or c53 is None:
             raise SourceError(f"{label}: the VGG16 trunk lacks conv4_3 or conv5_3")
         k = int(c53.shape[0])
@@ -514,7 +525,7 @@ def import_model(
     k, widen = _trunk_width(plan.backbone, mapped, src.label)
     head, num_classes = _head_spec(mapped, k, plan, src.label)
     kurumi = _kurumi_setting(src, setting) if lay.source == "kurumi" else {}
-    size = img_size or int(kurumi.get("inp_size") or plan.default_size)
+    size = _input_size(img_size, kurumi, plan, src, setting)
     split = lay.source == "torchvision" or (plan.backbone.startswith("resnet") and k == _native_width(plan.backbone))
     if split:
         xi, groups = None, split_channels(k, num_classes)
@@ -523,6 +534,8 @@ def import_model(
     else:
         xi = k // num_classes
         groups = [xi] * num_classes
+    if num_classes > MAX_CLASSES:
+        raise SourceError(f"{src.label}: {num_classes} classes, more than the {MAX_CLASSES} mcloss takes")
     if kurumi.get("eps") and xi is not None and kurumi["eps"].isdigit() and int(kurumi["eps"]) != xi:
         raise SourceError(f"{src.label}: setting.txt says eps {kurumi['eps']} but the weights have {xi} channels per class")
     names = _class_names(classes, num_classes, src.label)
@@ -534,10 +547,24 @@ def import_model(
     model = _build(plan, lay, src, num_classes, xi, names, size, transform, head, widen)
     if model.groups != groups:
         raise SourceError(f"{src.label}: mcloss would split the channels differently from the source")
-    _check_grid(model, head, size, src.label)
+    _check_grid(model, head, plan, src.label)
     _load_mapped(model, mapped, src, lay)
     model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
+    model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split)
     return model.eval()
+
+
+def _groups_note(lay: Layout, k: int, num_classes: int, split: bool) -> str:
+    """How the class groups were found, for the card."""
+    if not split:
+        return f"{k} channels in {num_classes} groups of {k // num_classes}, consecutive (class c owns [ξc, ξc + ξ))"
+    note = f"{k} channels split over {num_classes} classes as the official code splits them (the larger groups last)"
+    if lay.source == "kurumi":
+        note += (
+            "; assumed: Kurumi233's train.py keeps cnums and cgroups as constants, not in setting.txt, and its README "
+            "trains ResNet-50 with cnums [10, 11] over cgroups [152, 48], this split"
+        )
+    return note
 
 
 def _native_width(backbone: str) -> int:
@@ -564,14 +591,31 @@ def _build(plan: Plan, lay: Layout, src: SourceWeights, num_classes: int, xi: in
         raise SourceError(f"{src.label}: cannot build the {lay.name} model ({exc})") from None
 
 
-def _check_grid(model: MCModel, head: HeadSpec, size: int, label: str) -> None:
-    """A head that flattens a grid reads the source's exact grid only at the map size the source pooled from."""
+def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str) -> None:
+    """A source whose head max-pools with a fixed kernel reads the same cells as mcloss's adaptive pool only when
+    F is exactly kernel × grid (the source's own input size); refuse any other size rather than differ."""
     fh, fw = model.config["feature_hw"]
-    if head.grid != (1, 1) and (fh // 2, fw // 2) != head.grid:
+    k = plan.pool_kernel
+    if k and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
         raise SourceError(
-            f"{label}: at {size} px F is {fh} × {fw}, but the head flattens a {head.grid[0]} × {head.grid[1]} grid "
-            f"made by a 2 × 2 pool; import at the source's input size"
+            f"{label}: at {model.config['img_size']} px F is {fh} × {fw}, but the source's head max-pools "
+            f"{k} × {k} cells into a {head.grid[0]} × {head.grid[1]} grid, which needs F of {k * head.grid[0]} × "
+            f"{k * head.grid[1]}; import at the source's input size"
         )
+
+
+def _input_size(img_size: int | None, setting: dict[str, str], plan: Plan, src: SourceWeights, path) -> int:
+    """The input side: given, else Kurumi233's ``inp_size``, else the layout's; within mcloss's bounds."""
+    if img_size is None and setting.get("inp_size"):
+        value = setting["inp_size"]
+        if not value.isdigit():
+            where = path or src.path.with_name("setting.txt")
+            raise SourceError(f"{where}: inp_size must be an integer, got {value!r}")
+        img_size = int(value)
+    size = plan.default_size if img_size is None else int(img_size)
+    if not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
+        raise ParameterError(f"img_size must be in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}, got {size}", parameter="img_size")
+    return size
 
 
 def _load_mapped(model: MCModel, mapped: dict[str, torch.Tensor], src: SourceWeights, lay: Layout) -> None:
@@ -636,12 +680,28 @@ def read_class_list(spec: str | os.PathLike) -> list[str]:
             names = [clean_class_name(n) for n in folders]
     elif path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            return parse_class_names(path.read_bytes(), label)
+        except OSError as exc:
             raise SourceError(f"{label}: cannot read the class names ({first_line(exc)})") from None
-        names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         raise SourceError(f"{label}: no such class-names file or folder")
+    return _checked_names(names, label)
+
+
+def parse_class_names(data: bytes, label: str) -> list[str]:
+    """Class names from the bytes of a text file, one per line (blank lines skipped).
+
+    Raises:
+        SourceError: not UTF-8, no names, or a name twice; the message names ``label``.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SourceError(f"{label}: not a UTF-8 text file of class names") from None
+    return _checked_names([line.strip() for line in text.splitlines() if line.strip()], label)
+
+
+def _checked_names(names: list[str], label: str) -> list[str]:
     if not names:
         raise SourceError(f"{label}: no class names found")
     if len(set(names)) != len(names):
