@@ -176,6 +176,16 @@ def _wait_overlays(pg) -> None:
     _wait_rerun_done(pg)
 
 
+def _checkpoint_uploader(pg):
+    """Choose "Upload a checkpoint…" in the sidebar: the sidebar and the checkpoint file input."""
+    sidebar = pg.locator('[data-testid="stSidebar"]')
+    sidebar.locator('[data-testid="stSelectbox"]').first.click()
+    pg.get_by_role("option", name="Upload a checkpoint…").click()
+    return sidebar, sidebar.locator('[data-testid="stFileUploader"]').filter(has_text="Checkpoint file").locator(
+        "input[type=file]"
+    )
+
+
 def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     pg = page
     # 1. the gallery sample renders first, with its ground-truth parts
@@ -257,12 +267,7 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     _no_traceback(pg)
 
     # 5. an uploaded checkpoint: a broken one gets a sidebar error, a good one works
-    sidebar = pg.locator('[data-testid="stSidebar"]')
-    sidebar.locator('[data-testid="stSelectbox"]').first.click()
-    pg.get_by_role("option", name="Upload a checkpoint…").click()
-    ckpt_input = sidebar.locator('[data-testid="stFileUploader"]').filter(has_text="Checkpoint file").locator(
-        "input[type=file]"
-    )
+    sidebar, ckpt_input = _checkpoint_uploader(pg)
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"not a checkpoint at all")
     ckpt_input.set_input_files(str(fake))
@@ -306,12 +311,7 @@ def test_browser_imports_a_state_dict_with_its_class_names(page, server, tmp_pat
     pg = page
     pg.goto(server)
     _wait_overlays(pg)
-    sidebar = pg.locator('[data-testid="stSidebar"]')
-    sidebar.locator('[data-testid="stSelectbox"]').first.click()
-    pg.get_by_role("option", name="Upload a checkpoint…").click()
-    ckpt_input = sidebar.locator('[data-testid="stFileUploader"]').filter(has_text="Checkpoint file").locator(
-        "input[type=file]"
-    )
+    sidebar, ckpt_input = _checkpoint_uploader(pg)
     whole = tmp_path / "whole.pth"
     subprocess.run(
         [sys.executable, "-c", "import torch, sys\nclass model_bn(torch.nn.Linear): pass\n"

@@ -526,16 +526,7 @@ def import_model(
     head, num_classes = _head_spec(mapped, k, plan, src.label)
     kurumi = _kurumi_setting(src, setting) if lay.source == "kurumi" else {}
     size = _input_size(img_size, kurumi, plan, src, setting)
-    split = lay.source == "torchvision" or (plan.backbone.startswith("resnet") and k == _native_width(plan.backbone))
-    if split:
-        xi, groups = None, split_channels(k, num_classes)
-    elif k % num_classes:
-        raise SourceError(f"{src.label}: {k} channels do not split into {num_classes} equal class groups")
-    else:
-        xi = k // num_classes
-        groups = [xi] * num_classes
-    if num_classes > MAX_CLASSES:
-        raise SourceError(f"{src.label}: {num_classes} classes, more than the {MAX_CLASSES} mcloss takes")
+    xi, groups = _groups(lay, plan, k, num_classes, src.label)
     if kurumi.get("eps") and xi is not None and kurumi["eps"].isdigit() and int(kurumi["eps"]) != xi:
         raise SourceError(f"{src.label}: setting.txt says eps {kurumi['eps']} but the weights have {xi} channels per class")
     names = _class_names(classes, num_classes, src.label)
@@ -544,17 +535,35 @@ def import_model(
     if preset not in TRANSFORM_PRESETS:
         raise ParameterError(f"preset must be one of {', '.join(TRANSFORM_PRESETS)}, got {preset!r}", parameter="preset")
     transform, described = TRANSFORM_PRESETS[preset](size)
-    model = _build(plan, lay, src, num_classes, xi, names, size, transform, head, widen)
+    model = _build(
+        plan, lay, src, num_classes, xi, class_names=names, img_size=size, transform=transform, head=head,
+        vgg_widen=widen,
+    )
     if model.groups != groups:
         raise SourceError(f"{src.label}: mcloss would split the channels differently from the source")
     _check_grid(model, head, plan, src.label)
     _load_mapped(model, mapped, src, lay)
     model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
-    model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split)
+    model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split=xi is None)
     return model.eval()
 
 
-def _groups_note(lay: Layout, k: int, num_classes: int, split: bool) -> str:
+def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) -> tuple[int | None, list[int]]:
+    """ξ (None for a split of the backbone's own channels) and the group sizes: the official consecutive groups
+    of ξ = K / C, or K split over C as the official ResNet-50 splits its 2048 (torchvision CE models too)."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise SourceError(f"{label}: {num_classes} classes, outside the 1..{MAX_CLASSES} mcloss takes")
+    native = plan.backbone.startswith("resnet") and k == _native_width(plan.backbone)
+    if lay.source == "torchvision" or native:
+        if k < num_classes:
+            raise SourceError(f"{label}: {k} channels cannot give each of {num_classes} classes a group")
+        return None, split_channels(k, num_classes)
+    if k % num_classes:
+        raise SourceError(f"{label}: {k} channels do not split into {num_classes} equal class groups")
+    return k // num_classes, [k // num_classes] * num_classes
+
+
+def _groups_note(lay: Layout, k: int, num_classes: int, *, split: bool) -> str:
     """How the class groups were found, for the card."""
     if not split:
         return f"{k} channels in {num_classes} groups of {k // num_classes}, consecutive (class c owns [ξc, ξc + ξ))"
@@ -580,13 +589,9 @@ def _class_names(classes: Sequence[str] | None, num_classes: int, label: str) ->
     return names
 
 
-def _build(plan: Plan, lay: Layout, src: SourceWeights, num_classes: int, xi: int | None, names, size: int,
-           transform: EvalTransform, head: HeadSpec, widen: list[str] | None) -> MCModel:
+def _build(plan: Plan, lay: Layout, src: SourceWeights, num_classes: int, xi: int | None, **options) -> MCModel:
     try:
-        return build_model(
-            plan.backbone, num_classes, xi=xi, class_names=names, img_size=size, transform=transform,
-            head=head, vgg_widen=widen,
-        )
+        return build_model(plan.backbone, num_classes, xi=xi, **options)
     except ParameterError as exc:
         raise SourceError(f"{src.label}: cannot build the {lay.name} model ({exc})") from None
 
