@@ -32,7 +32,7 @@ from mcloss.core.checkpoint import CheckpointError  # noqa: E402
 from mcloss.core.device import resolve_device  # noqa: E402
 from mcloss.core.errors import first_line  # noqa: E402
 from mcloss.data.annotations import PartAnnotations  # noqa: E402
-from mcloss.data.io import ImageLoadError, encode_image  # noqa: E402
+from mcloss.data.io import DEFAULT_QUALITY, IMAGE_FORMATS, ImageLoadError, encode_image  # noqa: E402
 from mcloss.explainability import kinds, render  # noqa: E402
 from mcloss.explainability.defining import DefiningSummary, defining_summary, has_defining_parts  # noqa: E402
 from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
@@ -447,19 +447,25 @@ def downloads(
     source_name: str, base, expl: Explanation, groups: list[GroupMaps], tiles: dict, style: render.Style,
     label: int | None, defining: list[DefiningSummary | None] | None = None,
 ) -> None:
-    """Montage PNG and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
+    """The montage (PNG, JPEG or WebP) and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
     stem = Path(source_name).stem
     gi = expl.groups.index(groups[0])
+    row = st.container(horizontal=True)
+    chosen = row.segmented_control(
+        "Montage format", tuple(IMAGE_FORMATS), default="png", key="montage_format", required=True,
+        format_func=lambda f: f.upper(), label_visibility="collapsed",
+        help=f"PNG is lossless; JPEG (quality {DEFAULT_QUALITY}, 4:4:4) and WebP are smaller and lossy",
+    )  # fmt: skip
+    fmt = IMAGE_FORMATS[chosen or "png"]
 
-    def montage_png() -> bytes:
-        return encode_image(expl.montage(gi, style, image=base))
+    def montage() -> bytes:
+        return encode_image(expl.montage(gi, style, image=base), fmt.name, full_chroma=True)
 
     def bundle() -> bytes:
         return view.export_zip(source_name, base, expl, groups, style, tiles, label=label, topk=TOPK, defining=defining)
 
-    row = st.container(horizontal=True)
     row.download_button(
-        "Montage (PNG)", montage_png, file_name=f"{stem}_montage.png", mime="image/png",
+        f"Montage ({fmt.name.upper()})", montage, file_name=f"{stem}_montage{fmt.suffix}", mime=fmt.mime,
         icon=":material/image:", on_click="ignore", key="dl_montage", help=view.MONTAGE_HELP,
     )
     row.download_button(

@@ -256,6 +256,13 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     montage = Path(dl.value.path()).read_bytes()
     assert dl.value.suggested_filename == "second_bird_montage.png"
     assert montage.startswith(b"\x89PNG") and Image.open(io.BytesIO(montage)).size[0] > 1000
+    pg.get_by_role("button", name="JPG").click()  # the montage format, then the same montage as a JPEG
+    _wait_rerun_done(pg)
+    with pg.expect_download() as dl:
+        pg.get_by_role("button", name="Montage (JPG)").click()
+    jpeg = Path(dl.value.path()).read_bytes()
+    assert dl.value.suggested_filename == "second_bird_montage.jpg" and jpeg.startswith(b"\xff\xd8")
+    assert Image.open(io.BytesIO(jpeg)).size == Image.open(io.BytesIO(montage)).size and len(jpeg) < len(montage)
     with pg.expect_download() as dl:
         pg.get_by_role("button", name="Everything (ZIP)").click()
     with zipfile.ZipFile(Path(dl.value.path())) as zf:

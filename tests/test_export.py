@@ -262,6 +262,8 @@ def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpo
                 np.testing.assert_array_equal(a[key], b[key])
         rec_full, rec_data = (json.loads((d / f"{name}.json").read_text()) for d in (full, data))
         assert [t["png"] for t in rec_data["targets"]] == [None, None]
+        assert [t["montage"] for t in rec_data["targets"]] == [None, None]
+        assert [t["montage"] for t in rec_full["targets"]] == [t["png"] for t in rec_full["targets"]]
         assert rec_data["outputs"] == [f"{name}.npz", f"{name}.json"]
         drawing = {"colormap", "alpha", "shared_scale", "tile_height"}
         assert "montage" not in rec_full["options"] and drawing <= rec_full["options"].keys()  # as before the flag
@@ -269,7 +271,7 @@ def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpo
         assert rec_data["options"] == {**kept, "montage": False}
         for rec in (rec_full, rec_data):
             for t in rec["targets"]:
-                t.pop("png")
+                t.pop("png"), t.pop("montage")
             rec.pop("outputs"), rec.pop("options")
         assert rec_data == rec_full
     rows = list(csv.reader((tmp_path / "data" / "index.csv").open()))

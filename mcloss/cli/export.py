@@ -29,6 +29,7 @@ from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.distributed import DistContext, launched_by_torchrun
 from mcloss.core.errors import ParameterError
 from mcloss.core.model import MCModel
+from mcloss.data.io import IMAGE_FORMATS
 from mcloss.explainability import kinds
 from mcloss.explainability.explanation import parse_maps
 from mcloss.explainability.export import (
@@ -92,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--no-montage", action="store_true",
-        help="write only each image's npz (raw maps) and json, no montage PNG: for exports that feed metrics",
+        help="write only each image's npz (raw maps) and json, no montage: for exports that feed metrics",
+    )  # fmt: skip
+    p.add_argument(
+        "--montage-format", choices=tuple(IMAGE_FORMATS), default=config["montage_format"],
+        help="montage files: png (lossless, the default), jpg (libjpeg-turbo, 4:4:4; the fastest) or webp "
+        "(smallest, slowest); a re-run in another format re-does each image and removes its old montages",
+    )  # fmt: skip
+    p.add_argument(
+        "--quality", type=int, default=config["quality"],
+        help=f"jpg / webp quality 1..100 (default {config['quality']}: a JPEG montage within 38 dB PSNR of its PNG)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -128,7 +138,7 @@ def _export(args: argparse.Namespace) -> int:
             checkpoint=str(ckpt), input=list(args.input), out=str(Path(args.out)), target=args.target, maps=maps,
             style=style, topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device),
             shard=shard, method=args.method, compare=None if second is None else str(second),
-            montage=not args.no_montage,
+            montage=not args.no_montage, montage_format=args.montage_format, quality=args.quality,
         )  # fmt: skip
         model = load_checkpoint(ckpt, device)
         other = None if second is None else load_checkpoint(second, device)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO
 
 import cv2
@@ -16,7 +18,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mcloss.core.errors import MclossError, ParameterError, first_line
 
-__all__ = ["encode_image", "encode_png", "ImageLoadError", "load_image", "MAX_IMAGE_PIXELS"]
+__all__ = [
+    "DEFAULT_QUALITY",
+    "IMAGE_FORMATS",
+    "ImageFormat",
+    "encode_image",
+    "encode_png",
+    "image_format",
+    "ImageLoadError",
+    "load_image",
+    "MAX_IMAGE_PIXELS",
+]
 
 
 #: Images with more pixels than this are refused as decompression bombs (PIL's default × 2 ≈ 179 MP).
@@ -138,25 +150,86 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = 90) -> bytes:
-    """Encode an RGB [H, W, 3] or grayscale [H, W] uint8 image as PNG or JPEG bytes (deterministic, no metadata).
+@dataclass(frozen=True)
+class ImageFormat:
+    """One format the image encoder writes.
+
+    Attributes:
+        name: its name (``--montage-format``).
+        suffix: the file suffix.
+        mime: the MIME type (downloads).
+        lossy: whether ``quality`` applies.
+        encode: (image, quality, full_chroma) → bytes; image RGB [H, W, 3] or grayscale [H, W] uint8,
+            C-contiguous; ``full_chroma`` asks a format that subsamples colour not to.
+    """
+
+    name: str
+    suffix: str
+    mime: str
+    lossy: bool
+    encode: Callable[[np.ndarray, int, bool], bytes]
+
+
+#: The default quality of the lossy formats: a JPEG montage at 92 (4:4:4) stays above 38 dB PSNR of its PNG (39.3 dB
+#: on a textured photograph-like image, 42.4 dB on a synthetic bird; at 90, 38.1 and 41.3).
+DEFAULT_QUALITY = 92
+
+
+def _jpeg(img: np.ndarray, quality: int, full_chroma: bool) -> bytes:
+    """libjpeg-turbo through OpenCV; 4:2:0 unless ``full_chroma`` (4:4:4: montages are thin colour lines, text
+    and heatmaps, where 4:2:0 costs 4-5 dB: at 90, 37 dB against 42 dB on a synthetic bird's montage)."""
+    bgr = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    if full_chroma:
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    ok, buf = cv2.imencode(".jpg", bgr, params)
+    if not ok:
+        raise OSError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _webp(img: np.ndarray, quality: int, full_chroma: bool) -> bytes:
+    """libwebp through Pillow at method 0, its fastest (OpenCV's default effort took 2.5-3.5× longer)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="WEBP", quality=int(quality), method=0)
+    return buf.getvalue()
+
+
+#: The formats of :func:`encode_image`, by name (``jpeg`` is ``jpg``).
+IMAGE_FORMATS: dict[str, ImageFormat] = {
+    "png": ImageFormat("png", ".png", "image/png", False, lambda img, _q, _c: encode_png(img)),
+    "jpg": ImageFormat("jpg", ".jpg", "image/jpeg", True, _jpeg),
+    "webp": ImageFormat("webp", ".webp", "image/webp", True, _webp),
+}
+
+
+def image_format(name: str) -> ImageFormat:
+    """The format called ``name`` (``jpeg`` is ``jpg``).
+
+    Raises:
+        ParameterError: an unknown format.
+    """
+    fmt = IMAGE_FORMATS.get("jpg" if name == "jpeg" else name)
+    if fmt is None:
+        raise ParameterError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {name!r}", parameter="fmt")
+    return fmt
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = DEFAULT_QUALITY, full_chroma: bool = False) -> bytes:
+    """Encode an RGB [H, W, 3] or grayscale [H, W] uint8 image (deterministic, no metadata).
 
     Args:
         rgb: the image, RGB channel order, or a 2-D grayscale array (label maps, masks), written as one
             8-bit channel unchanged.
-        fmt: ``"png"`` (lossless, :func:`encode_png`) or ``"jpeg"``.
-        quality: JPEG quality 1..100.
+        fmt: ``"png"`` (lossless, :func:`encode_png`), ``"jpg"`` (or ``"jpeg"``) or ``"webp"``.
+        quality: the lossy formats' quality, 1..100.
+        full_chroma: JPEG without chroma subsampling (4:4:4), as montages are written.
     """
     img = _checked_image(rgb)
-    gray = img.ndim == 2
-    if fmt == "png":
-        return encode_png(img)
-    if fmt not in ("jpeg", "jpg"):
-        raise ParameterError(f"image format must be 'png' or 'jpeg', got {fmt!r}", parameter="fmt")
-    ok, buf = cv2.imencode(".jpg", img if gray else cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise OSError("JPEG encoding failed")
-    return buf.tobytes()
+    chosen = image_format(fmt)
+    if chosen.lossy and not (isinstance(quality, int) and 1 <= quality <= 100):
+        raise ParameterError(f"quality must be an integer in 1..100, got {quality!r}", parameter="quality")
+    return chosen.encode(img, quality, full_chroma)
 
 
 def _checked_image(rgb: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ forward, then Captum ``LayerGradCam.attribute`` for the predicted class), ``pyto
 device, the pass of :func:`mcloss.explainability.atlas.build_atlas`) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
 itself: ``export_batches`` batches of JPEGs of synthetic birds, decoded, explained, drawn and written as
 PNG/NPZ/JSON to a temp dir, with the export's own overlap of model and writing (lanes on a CPU, writer threads
-beside the model on a GPU); random pixels would make the PNG encoder, not the export, the subject) and
+beside the model on a GPU); random pixels would make the PNG encoder, not the export, the subject),
+``export_jpg`` and ``export_webp`` (the same export with JPEG or WebP montages at the default quality) and
 ``export_no_montage`` (the same export with ``--no-montage``: npz and json only). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
 ``bf16`` force one. On CUDA clocks are read after a synchronize.
 """
@@ -42,6 +43,8 @@ PATHS = (
     "captum_gradcam",
     "pytorch_grad_cam",
     "export_end_to_end",
+    "export_jpg",
+    "export_webp",
     "export_no_montage",
     "atlas",
 )
@@ -51,12 +54,13 @@ GOALS = (
     ("channel_maps_and_gradcam / captum_gradcam", "channel_maps_and_gradcam", "captum_gradcam", 1.5),
     ("channel_maps_and_gradcam / pytorch_grad_cam", "channel_maps_and_gradcam", "pytorch_grad_cam", 2.0),
     ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.7),
-    ("export_no_montage / forward_only", "export_no_montage", "forward_only", 0.7),
+    ("export_jpg / forward_only", "export_jpg", "forward_only", 0.7),
+    ("export_no_montage / forward_only", "export_no_montage", "forward_only", 0.8),
     ("atlas / forward_only", "atlas", "forward_only", 0.8),
 )
 PRECISIONS = ("auto", "fp32", "bf16")
 #: the paths that run the export over the JPEGs
-EXPORTS = {"export_end_to_end", "export_no_montage"}
+EXPORTS = {"export_end_to_end", "export_jpg", "export_webp", "export_no_montage"}
 
 
 def time_path(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
@@ -127,12 +131,12 @@ def _paths(
             f = model.forward_features(x)
             return running_topk((empty.float(), empty.long(), empty.long()), f.float(), ids, 16)
 
-    def exporting(montage: bool) -> Callable[[], object]:
+    def exporting(montage: bool, montage_format: str = "png") -> Callable[[], object]:
         def run():
             config = ExportConfig(
                 checkpoint="benchmark", input=[folder], out=tempfile.mkdtemp(dir=scratch),
                 style=Style(tile_height=tile_height), batch_size=x.shape[0], workers=workers, device=str(device),
-                montage=montage,
+                montage=montage, montage_format=montage_format,
             )  # fmt: skip
             result = export(model, config, device=device, amp=amp, checkpoint_sha256="benchmark")
             if result.written != len(jpegs):  # a timing of a failing export would flatter it
@@ -148,6 +152,8 @@ def _paths(
         "captum_gradcam": captum_gradcam,
         "pytorch_grad_cam": pytorch_grad_cam,
         "export_end_to_end": exporting(montage=True),
+        "export_jpg": exporting(montage=True, montage_format="jpg"),
+        "export_webp": exporting(montage=True, montage_format="webp"),
         "export_no_montage": exporting(montage=False),
         "atlas": atlas,
     }
@@ -221,7 +227,7 @@ def _bird_jpegs(folder: Path, count: int, side: int, seed: int) -> list[Path]:
     paths = []
     for i in range(count):
         path = folder / f"bird{i:03d}.jpg"
-        path.write_bytes(encode_image(render_bird(birds[i % len(birds)], side, instance_rng(seed, i), 1.6).image, "jpeg"))
+        path.write_bytes(encode_image(render_bird(birds[i % len(birds)], side, instance_rng(seed, i), 1.6).image, "jpeg", quality=90))
         paths.append(path)
     return paths
 

@@ -32,6 +32,7 @@ from mcloss.core.errors import ParameterError
 from mcloss.core.model import model_guard
 from mcloss.core.transforms import Geometry
 from mcloss.data.inputs import PreparedImage, ViewMaker, prepare_image
+from mcloss.data.io import DEFAULT_QUALITY
 from mcloss.explainability import kinds, render
 from mcloss.explainability.geometry import channel_peaks
 from mcloss.explainability.gradcam import GRADCAM_METHODS
@@ -283,6 +284,8 @@ class Explanation:
         compare: Comparison | None = None,
         clean_temps: bool = True,
         montage: bool = True,
+        montage_format: str = "png",
+        quality: int = DEFAULT_QUALITY,
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
@@ -291,12 +294,14 @@ class Explanation:
         that made the outputs) goes into the json as ``options``; ``compare`` adds a second model
         (:class:`mcloss.explainability.outputs.Comparison`); ``clean_temps=False`` skips removing the temps a
         killed run left for these outputs (an export sweeps each folder once); ``montage=False`` writes no
-        PNG (no view is needed then). Returns the JSON record.
+        montage (no view is needed then); ``montage_format`` ``jpg`` or ``webp`` (at ``quality``) writes
+        ``<path>.jpg`` / ``<path>.webp`` instead of the PNG. Returns the JSON record.
         """
         from mcloss.explainability.outputs import OutputOptions, write_explanation
 
         output = OutputOptions(
-            style=style or render.Style(), topk=topk, options=options, clean_temps=clean_temps, montage=montage
+            style=style or render.Style(), topk=topk, options=options, clean_temps=clean_temps, montage=montage,
+            montage_format=montage_format, quality=quality,
         )
         view = self._view(image) if montage else None
         return write_explanation(self, Path(path), view=view, output=output, defining=defining, compare=compare)

@@ -61,6 +61,7 @@ from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.inputs import ImageFiles, PreparedImage, collate_items
+from mcloss.data.io import DEFAULT_QUALITY, image_format
 from mcloss.explainability import kinds
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import explain, parse_maps, view_maker
@@ -123,7 +124,9 @@ class ExportConfig:
         method: ``fused`` or ``captum`` Grad-CAM.
         compare: a second checkpoint with the same classes, explained for the same targets and drawn in the
             same montages, or None.
-        montage: draw and write each target's montage PNG; False writes the npz and the json only.
+        montage: draw and write each target's montage; False writes the npz and the json only.
+        montage_format: ``png`` (lossless, the default), ``jpg`` or ``webp`` (:data:`mcloss.data.io.IMAGE_FORMATS`).
+        quality: the lossy formats' quality, 1..100 (recorded only for them).
     """
 
     checkpoint: str
@@ -140,8 +143,13 @@ class ExportConfig:
     method: str = "fused"
     compare: str | None = None
     montage: bool = True
+    montage_format: str = "png"
+    quality: int = DEFAULT_QUALITY
 
     def __post_init__(self) -> None:
+        image_format(self.montage_format)
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise ParameterError(f"quality must be an integer in 1..100, got {self.quality!r}", parameter="quality")
         for name, value, low in (("topk", self.topk, 0), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
             if not isinstance(value, int) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}", parameter=name)
@@ -173,6 +181,8 @@ class ExportConfig:
             "shared_scale": self.style.shared_scale,
             "tile_height": self.style.tile_height,
         }
+        if self.montage_format != "png":  # a PNG export records what it always did
+            drawing |= {"montage_format": self.montage_format, "quality": self.quality}
         return {
             "target": self.target,
             "maps": list(parse_maps(self.maps)),
@@ -297,7 +307,10 @@ def plan_export(
     files = found.files[shard_i::shard_n]
     bases = {f.key: output_path(out, f.key) for f in files}
     records = {f.key: _record(bases[f.key]) for f in files}
-    output = OutputOptions(style=config.style, topk=config.topk, options=wanted, clean_temps=False, montage=config.montage)
+    output = OutputOptions(
+        style=config.style, topk=config.topk, options=wanted, clean_temps=False, montage=config.montage,
+        montage_format=config.montage_format, quality=config.quality,
+    )
     return ExportPlan(
         config=config, out=out, sha256=sha256, maps=maps, target=target, files=files,
         problems=list(found.problems) if shard_i == 0 else [],  # reported once, by shard 0
@@ -328,17 +341,15 @@ def _check_compare(
 
 
 def _remove_stale_temps(plan: ExportPlan) -> None:
-    """Remove the temps a killed run left for the outputs to export, and the montages of those it left
-    unfinished (no json): one listing per output folder."""
-    by_folder: dict[Path, tuple[set[str], set[str]]] = {}
+    """Remove the temps a killed run left for the outputs to export, and the montages (any format) of the
+    images to write again, which a killed run left unfinished or an earlier run made with other options (another
+    format, fewer targets): one listing per output folder."""
+    by_folder: dict[Path, set[str]] = {}
     for f in plan.todo:
         base = plan.bases[f.key]
-        stems, unfinished = by_folder.setdefault(base.parent, (set(), set()))
-        stems.add(base.name)
-        if plan.records[f.key] is None:
-            unfinished.add(base.name)
-    for folder, (stems, unfinished) in by_folder.items():
-        for tmp in stale_temps(folder, stems, unfinished):
+        by_folder.setdefault(base.parent, set()).add(base.name)
+    for folder, stems in by_folder.items():
+        for tmp in stale_temps(folder, stems, stems):
             tmp.unlink(missing_ok=True)
 
 

@@ -188,7 +188,7 @@ _TABLE: dict[str, MapKind] = {}
 #: Names a kind cannot take: they already mean something in GroupMaps, the npz, the json or ``map_overlay``.
 RESERVED = frozenset({
     "target", "name", "ccmp", "peaks_feature", "peaks_xy", "peak_values", "maps", "map_peaks", "prob", "prob_mc",
-    "channel", "probs", "probs_mc", "targets", "rank", "index", "png", "defining_parts", "defining_mass_ratio",
+    "channel", "probs", "probs_mc", "targets", "rank", "index", "png", "montage", "defining_parts", "defining_mass_ratio",
     "file", "image_size", "prediction", "prediction_mc", "topk", "label", "feature_hw", "geometry", "outputs",
     "options", "compare",
 })  # fmt: skip

@@ -3,7 +3,8 @@
 For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
 
 - ``<base>.png``: the montage of the first target (original | ξ channels | CCMP | parts | Grad-CAM); the
-  target of rank r ≥ 2 adds ``<base>.r<r>.png``.
+  target of rank r ≥ 2 adds ``<base>.r<r>.png``. With ``montage_format`` ``jpg`` or ``webp`` they are
+  ``<base>.jpg`` / ``<base>.webp`` (and ``.r<r>.jpg`` ...) instead.
 - ``<base>.npz``: ``channels`` [ξ, h, w] raw F slice at feature resolution, ``gradcam`` [h, w] raw (ReLU
   Grad-CAM of the FC-head logit) when computed, ``channel_gradcam`` [ξ, h, w] and ``guided`` [H_in, W_in]
   when computed, ``probs`` (FC head), ``probs_mc`` (MC head), ``target`` (int), ``peaks_xy`` [ξ, 2]
@@ -12,9 +13,11 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   [width, height] after EXIF, ``prediction`` {index, name, prob}, ``prediction_mc``, ``topk``
   [{index, name, prob}], ``label`` (or null), ``target`` {index, name, prob}, ``channels`` [{channel,
   peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
-  ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, png,
+  ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, montage
+  (the montage's file), png (the same when it is a PNG, else null),
   defining_parts} per rank, plus ``defining_mass_ratio`` where known) and ``outputs`` (file names).
-  Without montages (``mcloss export --no-montage``) no PNG is written and each target's ``png`` is null.
+  Without montages (``mcloss export --no-montage``) no montage is written and each target's ``montage`` and
+  ``png`` are null.
   With ``--compare``, ``compare`` holds the second model's ``checkpoint``, ``sha256``, predictions, ``topk``
   and ``targets`` (same classes, same order), the npz its arrays prefixed ``compare_``, and every montage
   shows both models.
@@ -43,7 +46,7 @@ import numpy as np
 
 from mcloss.core.errors import ParameterError
 from mcloss.core.files import atomic_write_bytes, atomic_write_json
-from mcloss.data.io import encode_image
+from mcloss.data.io import DEFAULT_QUALITY, IMAGE_FORMATS, encode_image, image_format
 from mcloss.explainability import kinds
 from mcloss.explainability.render import Style, compare_montage, explanation_montage
 
@@ -56,15 +59,17 @@ __all__ = [
     "OutputOptions",
     "explanation_arrays",
     "explanation_record",
-    "png_name",
+    "montage_name",
     "stale_temps",
     "write_explanation",
 ]
 
 
-def png_name(name: str, rank: int) -> str:
-    """The montage file of the target of ``rank`` (1-based) for an output stem named ``name``."""
-    return f"{name}.png" if rank == 1 else f"{name}.r{rank}.png"
+def montage_name(name: str, rank: int, fmt: str = "png") -> str:
+    """The montage file of the target of ``rank`` (1-based) for an output stem named ``name``, in format ``fmt``
+    (:data:`mcloss.data.io.IMAGE_FORMATS`): ``a.jpg.png``, ``a.jpg.r2.png``, ``a.jpg.jpg``, ..."""
+    suffix = image_format(fmt).suffix
+    return f"{name}{suffix}" if rank == 1 else f"{name}.r{rank}{suffix}"
 
 
 def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
@@ -99,7 +104,7 @@ def _peak_entries(gm: GroupMaps) -> dict:
     return {name: None if xy is None else {"peak_xy": [float(v) for v in xy]} for name, xy in peaks.items()}
 
 
-def _target_entry(gm: GroupMaps, rank: int, png: str | None, defining: DefiningSummary | None = None) -> dict:
+def _target_entry(gm: GroupMaps, rank: int, montage: str | None, defining: DefiningSummary | None = None) -> dict:
     entry = {
         "rank": rank,
         "index": gm.target,
@@ -111,7 +116,8 @@ def _target_entry(gm: GroupMaps, rank: int, png: str | None, defining: DefiningS
             for i in range(len(gm.channels))
         ],
         **_peak_entries(gm),
-        "png": png,
+        "png": montage if montage is not None and montage.endswith(".png") else None,
+        "montage": montage,
         "defining_parts": [] if defining is None else list(defining.parts),
     }
     ratio = None if defining is None else defining.record()
@@ -134,6 +140,7 @@ def explanation_record(
     name: str | None = None,
     defining: Sequence[DefiningSummary | None] | None = None,
     montage: bool = True,
+    montage_format: str = "png",
 ) -> dict:
     """The json record (see the module docstring).
 
@@ -143,11 +150,12 @@ def explanation_record(
         name: the output stem's file name (default the source's).
         defining: one :class:`~mcloss.explainability.defining.DefiningSummary` (or None) per target, from
             :func:`~mcloss.explainability.defining.defining_summaries`; default none known.
-        montage: whether the montages are written (else each target's ``png`` is null).
+        montage: whether the montages are written (else each target's ``montage`` and ``png`` are null).
+        montage_format: their format (``png`` names the file under ``png`` too, as before other formats).
     """
     stem = name if name is not None else Path(exp.source or "image").name
     entries = [
-        _target_entry(gm, rank, png_name(stem, rank) if montage else None, d)
+        _target_entry(gm, rank, montage_name(stem, rank, montage_format) if montage else None, d)
         for rank, (gm, d) in enumerate(zip(exp.groups, _aligned(exp, defining), strict=True), start=1)
     ]
     pred, pred_mc = exp.prediction, exp.prediction_mc
@@ -165,7 +173,7 @@ def explanation_record(
         "feature_hw": list(exp.feature_hw),
         "geometry": {"resized": list(exp.geometry.resized), "crop": list(exp.geometry.crop)},
         "targets": entries,
-        "outputs": [e["png"] for e in entries if e["png"]] + [f"{stem}.npz", f"{stem}.json"],
+        "outputs": [e["montage"] for e in entries if e["montage"]] + [f"{stem}.npz", f"{stem}.json"],
     }
 
 
@@ -190,6 +198,7 @@ class Comparison:
         out = {"checkpoint": self.titles[1], "sha256": self.sha256} | {k: rec[k] for k in keep}
         for entry in out["targets"]:
             entry.pop("png", None)
+            entry.pop("montage", None)
         return out
 
 
@@ -204,8 +213,9 @@ def stale_temps(directory: Path, stems: set[str], unfinished: set[str] = frozens
     ``.<output>.<8 random characters>.tmp<suffix>`` (``atomic_path``'s names) where ``<output>`` is exactly
     one of a stem's output names (``<stem>.png``, ``<stem>.r<r>.png``, ``<stem>.npz``, ``<stem>.json``), so
     that another image's live temps (``a.png.png`` beside ``a.png``) are never touched. With ``unfinished``
-    (stems without a json, which a killed run may have left half done), also their montage PNGs: a re-run in
-    another mode or with fewer targets would not write over them. One directory listing for every stem: a
+    (stems to be written again: without a json, which a killed run may have left half done, or made with other
+    options), also their montages in every format: a re-run in another format, mode or with fewer targets would
+    not write over them. One directory listing for every stem: a
     listing per image would make an export of n images in a folder O(n²)."""
     found = []
     try:
@@ -215,10 +225,14 @@ def stale_temps(directory: Path, stems: set[str], unfinished: set[str] = frozens
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
         temp = bool(match) and any(stem in stems for stem in _stems_of(match.group(1)))
-        montage = bool(unfinished) and entry.name.endswith(".png") and any(s in unfinished for s in _stems_of(entry.name))
+        montage = bool(unfinished) and _is_montage(entry.name) and any(s in unfinished for s in _stems_of(entry.name))
         if temp or montage:
             found.append(Path(entry.path))
     return found
+
+
+def _is_montage(name: str) -> bool:
+    return name.endswith(tuple(f.suffix for f in IMAGE_FORMATS.values()))
 
 
 _TEMP_NAME = re.compile(r"^\.(.+)\.[^.]{8}\.tmp(?:\.[^.]*)?$", re.DOTALL)
@@ -229,9 +243,10 @@ def _stems_of(output: str) -> list[str]:
     for ext in (".npz", ".json"):
         if output.endswith(ext):
             return [output[: -len(ext)]]
-    if not output.endswith(".png"):
+    suffix = next((f.suffix for f in IMAGE_FORMATS.values() if output.endswith(f.suffix)), None)
+    if suffix is None:
         return []
-    stem = output[:-4]
+    stem = output[: -len(suffix)]
     ranked = re.fullmatch(r"(.+)\.r\d+", stem, re.DOTALL)
     return [stem, ranked.group(1)] if ranked else [stem]
 
@@ -247,7 +262,9 @@ class OutputOptions:
         options: recorded as the json's ``options`` when given (``mcloss export`` records its settings).
         clean_temps: first remove the temps a killed run left for an image's outputs (:func:`stale_temps`);
             an export sweeps each folder once for all its images instead.
-        montage: False: no PNG, only the npz and the json (``mcloss export --no-montage``).
+        montage: False: no montage, only the npz and the json (``mcloss export --no-montage``).
+        montage_format: ``png`` (lossless), ``jpg`` (4:4:4) or ``webp`` (:data:`mcloss.data.io.IMAGE_FORMATS`).
+        quality: the lossy formats' quality, 1..100.
     """
 
     style: Style = field(default_factory=Style)
@@ -255,6 +272,17 @@ class OutputOptions:
     options: dict | None = None
     clean_temps: bool = True
     montage: bool = True
+    montage_format: str = "png"
+    quality: int = DEFAULT_QUALITY
+
+    def __post_init__(self) -> None:
+        image_format(self.montage_format)
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise ParameterError(f"quality must be an integer in 1..100, got {self.quality!r}", parameter="quality")
+
+    def encode(self, picture: np.ndarray) -> bytes:
+        """A montage's bytes in this run's format."""
+        return encode_image(picture, self.montage_format, quality=self.quality, full_chroma=True)
 
 
 def write_explanation(
@@ -283,7 +311,7 @@ def write_explanation(
     if output.clean_temps:
         for tmp in stale_temps(base.parent, {base.name}):
             tmp.unlink(missing_ok=True)
-    record = explanation_record(exp, output.topk, base.name, defining, output.montage)
+    record = explanation_record(exp, output.topk, base.name, defining, output.montage, output.montage_format)
     if output.options is not None:
         record["options"] = output.options
     arrays = explanation_arrays(exp)
@@ -295,7 +323,7 @@ def write_explanation(
             picture = explanation_montage(view, exp, rank - 1, output.style)
         else:
             picture = compare_montage(view, exp, compare.explanation, rank - 1, output.style, compare.titles)
-        atomic_write_bytes(base.parent / png_name(base.name, rank), encode_image(picture))
+        atomic_write_bytes(base.parent / montage_name(base.name, rank, output.montage_format), output.encode(picture))
     atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(arrays))
     atomic_write_json(base.parent / f"{base.name}.json", record)
     return record
