@@ -5,7 +5,10 @@ On a GPU (the sizes the issue asks for):
 - ``mcloss bench`` paths for ResNet-18 at 224 px and ResNet-50 at 448 px (200 classes, the official ξ split),
   in fp32 and in bf16 + channels_last;
 - a 2-epoch MC-Loss training run on synthetic birds with bf16 autocast, then ``--resume`` to a third epoch;
-- app-style latency: one uploaded image explained for its top-2 classes (the app's call), median of repeats.
+- app-style latency: one uploaded image explained for its top-2 classes (the app's call), median of repeats;
+- montage encoding (issue 27): a batch of 16 real montages encoded as PNG and as JPEG on the CPU (mcloss's
+  encoders), and as JPEG by ``torchvision.io.encode_jpeg`` on the device (nvJPEG on CUDA: the montages are
+  uploaded, encoded there, and only the bytes come back), with each JPEG's PSNR against the PNG.
 
 ``--smoke`` runs the same code at tiny sizes on whatever device there is (the test suite runs it on the
 CPU). Clocks are read after ``torch.cuda.synchronize``. Run from the repository root:
@@ -155,6 +158,56 @@ def app_latency(device: torch.device, repeats: int, smoke: bool) -> dict:
             "met": median <= APP_LATENCY_GOAL_S}  # fmt: skip
 
 
+def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
+    """Milliseconds per montage for PNG and JPEG on the CPU and JPEG by torchvision on ``device``, batch of 16."""
+    import io
+
+    import torchvision
+
+    from mcloss.core.checkpoint import default_checkpoint, load_checkpoint
+    from mcloss.data.io import DEFAULT_QUALITY, encode_image
+    from mcloss.data.synth import class_definitions, instance_rng, render_bird
+    from mcloss.explainability.render import Style
+
+    checkpoint = default_checkpoint()
+    if checkpoint.is_file() and not smoke:
+        model = load_checkpoint(checkpoint, device)
+    else:
+        torch.manual_seed(0)
+        model = build_model("resnet18", 4, xi=2, img_size=32).to(device).eval()
+    birds = class_definitions(12, "varied")
+    montages = []
+    for i in range(2 if smoke else 16):
+        image = render_bird(birds[i % len(birds)], 224, instance_rng(1, i), 1.6).image
+        montages.append(explain(model, Image.fromarray(image), "pred", device=device).montage(0, Style(), image=image))
+    tensors = [torch.from_numpy(m).permute(2, 0, 1).contiguous() for m in montages]
+
+    def timed(fn) -> float:
+        fn()
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000 / len(montages)
+
+    def on_device():
+        return torchvision.io.encode_jpeg([t.to(device, non_blocking=True) for t in tensors], quality=DEFAULT_QUALITY)
+
+    report = {
+        "montages": len(montages), "size": list(montages[0].shape[:2]), "quality": DEFAULT_QUALITY,
+        "png_cpu_ms": timed(lambda: [encode_image(m) for m in montages]),
+        "jpg_cpu_ms": timed(lambda: [encode_image(m, "jpg", full_chroma=True) for m in montages]),
+        "jpg_torchvision_ms": timed(on_device), "torchvision_device": str(device),
+    }  # fmt: skip
+    decoded = [np.asarray(Image.open(io.BytesIO(bytes(b.cpu().numpy()))).convert("RGB")) for b in on_device()]
+    mse = [np.mean((d.astype(np.float64) - m.astype(np.float64)) ** 2) for d, m in zip(decoded, montages, strict=True)]
+    report["jpg_torchvision_psnr_db"] = float(min(10 * np.log10(255.0**2 / max(e, 1e-12)) for e in mse))
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the JSON report")
@@ -169,11 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
         report["training"] = train_and_resume(device, Path(tmp), args.smoke)
     report["app_latency"] = app_latency(device, 3 if args.smoke else 20, args.smoke)
+    report["montage_encoding"] = montage_encoding(device, 1 if args.smoke else 10, args.smoke)
     atomic_write_json(args.out, report)
     print(json.dumps({
         "device": report["device"]["name"],
         "bench": [{k: r[k] for k in ("backbone", "precision", "images_per_s")} for r in report["bench"]],
         "training_ok": report["training"]["ok"], "app_latency_s": report["app_latency"]["median_s"],
+        "montage_encoding": report["montage_encoding"],
     }, indent=1))  # fmt: skip
     return 0 if report["training"]["ok"] else 1
 

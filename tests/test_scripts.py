@@ -168,6 +168,10 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     assert training["ok"] and training["epochs"] == [1, 2, 3] and training["exit_codes"] == [0, 0]
     latency = report["app_latency"]
     assert len(latency["times_s"]) == 3 and latency["median_s"] == pytest.approx(sorted(latency["times_s"])[1])
+    encoding = report["montage_encoding"]
+    assert encoding["torchvision_device"] == "cpu" and encoding["montages"] == 2
+    assert all(encoding[k] > 0 for k in ("png_cpu_ms", "jpg_cpu_ms", "jpg_torchvision_ms"))
+    assert encoding["jpg_torchvision_psnr_db"] >= 30  # torchvision's JPEG is 4:2:0: a few dB under mcloss's 4:4:4
 
 
 def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):
