@@ -125,7 +125,7 @@ def sidebar_model() -> view.LoadedModel | None:
         with st.spinner(f"Loading {shown}…"):
             return _described(_load_model(key, path, shown))
     except CheckpointError as exc:
-        st.sidebar.error(f"Checkpoint not usable: {exc}")
+        st.sidebar.error(f"Checkpoint not usable: {view.text(exc)}")
         return None
     except Exception as exc:
         log.exception("checkpoint load failed")
@@ -169,7 +169,7 @@ def sidebar_compare(first: view.LoadedModel | None) -> view.LoadedModel | None:
         st.sidebar.error(f"Second model not usable: {exc}")
         return None
     if list(second.model.class_names) != list(first.model.class_names):
-        st.sidebar.warning(f"{Path(choice).name} has other classes than {first.label}: nothing to compare.")
+        st.sidebar.warning(f"{view.text(Path(choice).name)} has other classes than {view.text(first.label)}: nothing to compare.")
         return None
     return second
 
@@ -186,8 +186,8 @@ def _described(loaded: view.LoadedModel) -> view.LoadedModel:
     source = m.card.get("source") if m.card.get("imported") else None
     if isinstance(source, dict):
         st.sidebar.caption(
-            f"imported from {source.get('layout')} ({source.get('file')}) · no training record · input "
-            f"{m.card.get('transform_preset', '?')}"
+            f"imported from {view.text(source.get('layout'))} ({view.text(source.get('file'))}) · no training record · "
+            f"input {view.text(m.card.get('transform_preset', '?'))}"
         )
     return loaded
 
@@ -324,7 +324,7 @@ def prediction_panel(expl: Explanation, class_names: list[str], base, title: str
         if label is not None:
             ok = expl.prediction == label
             st.markdown(
-                f"Ground truth: **{class_names[label]}** — FC head {'correct' if ok else 'wrong'}"
+                f"Ground truth: **{view.text(class_names[label])}** — FC head {'correct' if ok else 'wrong'}"
                 f" · MC head {'correct' if expl.prediction_mc == label else 'wrong'}"
             )
         df = pd.DataFrame(view.topk_rows(expl, class_names, TOPK))
@@ -426,7 +426,7 @@ def _atlas(model_key: str, gallery_folder: str, target: int, _loaded: view.Loade
 
 def atlas_panel(loaded: view.LoadedModel, gallery: view.Gallery, group: GroupMaps) -> None:
     """The class's channels across the gallery, each with its top patches (built only when asked for)."""
-    label = f"Atlas: where {group.name}'s channels fire most across the gallery"
+    label = f"Atlas: where {view.text(group.name)}'s channels fire most across the gallery"
     if not st.toggle(label, value=False, key=f"atlas_{loaded.key[-16:]}_{group.target}"):
         return
     result = _atlas(loaded.key, str(gallery.folder), int(group.target), _loaded=loaded, _gallery=gallery)
@@ -504,7 +504,7 @@ def explain_and_show(
     w, h = expl.image_size
     prediction_panel(expl, names, shown, f"{name} · {w}×{h} px", label)
     if sample is not None and label is None:
-        st.caption(f"Ground truth {sample.class_name!r} is not a class of this checkpoint.")
+        st.caption(f"Ground truth {view.text(sample.class_name)} is not a class of this checkpoint.")
 
     st.divider()
     order = [int(i) for i in (-expl.probs_fc).argsort(kind="stable")]
@@ -535,7 +535,7 @@ def explain_and_show(
         role = "prediction" if g.target == expl.prediction else ("runner-up" if compare and rank else "selected")
         drops = _knockout(loaded.key, digest, g.target, _loaded=loaded, _image=image)
         heading = (
-            f"#### {g.name} <span style='color:#888;font-size:0.8em'>— {role} · FC {g.prob:.2f} · "
+            f"#### {view.text(g.name)} <span style='color:#888;font-size:0.8em'>— {role} · FC {g.prob:.2f} · "
             f"MC {g.prob_mc:.2f} · channels {_channel_range(model, g.target)}</span>\n\n"
             f"<span style='color:#888;font-size:0.8em'>{view.knockout_note(drops, len(g.channels))}</span>"
         )

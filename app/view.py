@@ -9,9 +9,11 @@ and the tests can call the same functions the app calls.
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -47,6 +49,7 @@ __all__ = [
     "upload_record",
     "load_uploaded",
     "read_names",
+    "text",
     "IMPORT_SUFFIXES",
     "knockout_locked",
     "knockout_note",
@@ -286,12 +289,30 @@ def compare_choices(first: Path | None) -> list[Path]:
     return sorted(out, key=lambda p: not (p.name == COMPARE_DEFAULT and p.parent == home))
 
 
+#: Characters Streamlit's Markdown acts on inside a line: escapes, code, emphasis, links and images, strikethrough,
+#: math, tables, and the ``:``, ``.`` and ``@`` of bare URLs, ``www.`` names and e-mail addresses, which it would
+#: turn into links (``<``, ``>`` and ``&`` are HTML-escaped first).
+_MARKDOWN = re.compile(r"([\\`*_\[\]~$|:.@])")
+_WWW = re.compile(r"(?i)\bwww(?=\\\.)")
+
+
+def text(value: object) -> str:
+    """``value`` as literal text inside one line of the app's Markdown (and its HTML, where a heading allows it):
+    line breaks become spaces, HTML is escaped, then every inline Markdown mark is backslashed. Class names and
+    file names are data from files: a checkpoint's names must never become markup, links or requests."""
+    line = _MARKDOWN.sub(r"\\\1", html.escape(" ".join(str(value).splitlines()), quote=True))
+    # GFM finds bare URLs, www. names and e-mail addresses after escapes are resolved: a word joiner (U+2060,
+    # invisible) after each ``:``, ``@`` and ``www`` keeps them text
+    line = line.replace("\\:", "\\:\u2060").replace("\\@", "\\@\u2060")
+    return _WWW.sub("\\g<0>\u2060", line)
+
+
 def compare_heading(label: str, expl: Explanation, group: GroupMaps, k: int = 3) -> str:
     """The compare row's heading: the second model, its probabilities for the class, and its own top-k."""
     order = np.argsort(-expl.probs_fc, kind="stable")[:k]
-    top = ", ".join(f"{expl.class_name(int(i))} {expl.probs_fc[i]:.2f}" for i in order)
+    top = ", ".join(f"{text(expl.class_name(int(i)))} {expl.probs_fc[i]:.2f}" for i in order)
     return (
-        f"##### {label} <span style='color:#888;font-size:0.8em'>— the same class, {group.name} · FC {group.prob:.2f} "
+        f"##### {text(label)} <span style='color:#888;font-size:0.8em'>— the same class, {text(group.name)} · FC {group.prob:.2f} "
         f"· MC {group.prob_mc:.2f} · its top-{k}: {top}</span>"
     )
 
@@ -456,8 +477,8 @@ def defining_caption(summary: DefiningSummary, from_masks: bool, radius_px: floa
 def defining_note(summary: DefiningSummary) -> str:
     """The markdown beside the picture (or alone, when the image's parts are not located): the defining
     parts, where the figure comes from, and the ratio sentence."""
-    names = join_names([f"**{p}**" for p in summary.parts])
-    lines = [f"Defining parts of **{summary.class_name}**: {names}."]
+    names = join_names([f"**{text(p)}**" for p in summary.parts])
+    lines = [f"Defining parts of **{text(summary.class_name)}**: {names}."]
     if summary.regions is not None and not summary.indices:
         lines[0] += " None of them is among this image's annotated parts, so they are not marked."
     elif not summary.located:
@@ -465,7 +486,7 @@ def defining_note(summary: DefiningSummary) -> str:
     if summary.located and summary.source != SOURCE_IMAGE:
         lines.append("No figure on this image: the network sees no defining part, or no other part, or empty maps.")
     sentence = summary.sentence
-    lines.append(sentence or "The checkpoint's card records no fresh-set mass ratio for this class.")
+    lines.append(text(sentence) if sentence else "The checkpoint's card records no fresh-set mass ratio for this class.")
     return "\n\n".join(lines)
 
 
@@ -547,9 +568,9 @@ def agreement(explanation: Explanation, class_names: Sequence[str]) -> tuple[boo
     p, q = explanation.prediction, explanation.prediction_mc
     fc, mc = explanation.probs_fc, explanation.probs_mc
     if p == q:
-        return True, f"Both heads predict **{class_names[p]}** (FC {fc[p]:.2f} · MC {mc[q]:.2f})."
+        return True, f"Both heads predict **{text(class_names[p])}** (FC {fc[p]:.2f} · MC {mc[q]:.2f})."
     return False, (
-        f"The heads disagree: FC → **{class_names[p]}** ({fc[p]:.2f}), MC → **{class_names[q]}** ({mc[q]:.2f})."
+        f"The heads disagree: FC → **{text(class_names[p])}** ({fc[p]:.2f}), MC → **{text(class_names[q])}** ({mc[q]:.2f})."
     )
 
 

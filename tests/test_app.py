@@ -7,8 +7,10 @@ Uploads are injected the way the file uploader's callback stores them: ``session
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 import json
+import re
 import sys
 import threading
 import zipfile
@@ -42,6 +44,11 @@ PARTS = ["crown", "wing", "tail"]
 
 # ------------------------------------------------------------------------------------------ fixtures
 
+
+
+def as_shown(markdown: str) -> str:
+    """What a Markdown string of the app shows: :func:`view.text`'s escapes undone (backslashes, HTML entities)."""
+    return html.unescape(re.sub(r"\\([\\`*_\[\]~$|:.@])", r"\1", markdown.replace("\u2060", "")))
 
 def _picture(seed: int, size: tuple[int, int] = (96, 72)) -> tuple[np.ndarray, list[list[float]]]:
     """An RGB picture with three coloured squares ('parts'); the third keypoint is invisible."""
@@ -191,7 +198,7 @@ def test_gallery_sample_renders_with_ground_truth(env, checkpoint, gallery_dir):
     agree = expl.prediction == expl.prediction_mc
     box = at.success if agree else at.warning
     assert len(box) == 1 and CLASSES[pred] in box[0].value
-    assert any(f"Ground truth: **{CLASSES[0]}**" in m.value for m in at.markdown)
+    assert any(f"Ground truth: **{CLASSES[0]}**" in as_shown(m.value) for m in at.markdown)
 
 
 def test_controls_rerender_without_running_the_model(env, explain_calls):
@@ -226,8 +233,8 @@ def test_controls_rerender_without_running_the_model(env, explain_calls):
     sel.set_value(cls).run()
     assert_clean(at)
     assert len(explain_calls) == n + 1 and explain_calls[-1] == [[cls]]
-    assert at.markdown[-1].value.startswith(f"#### {CLASSES[cls]} ") or any(
-        m.value.startswith(f"#### {CLASSES[cls]} ") for m in at.markdown
+    assert as_shown(at.markdown[-1].value).startswith(f"#### {CLASSES[cls]} ") or any(
+        as_shown(m.value).startswith(f"#### {CLASSES[cls]} ") for m in at.markdown
     )
     at.selectbox(key=sel.key).set_value(pred).run()
     at.selectbox(key=sel.key).set_value(cls).run()
@@ -379,7 +386,7 @@ def test_bad_checkpoint_shows_error(env, monkeypatch, tmp_path):
     monkeypatch.setenv("MCLOSS_CHECKPOINT", str(bad))
     at = run_app()
     assert_clean(at)
-    errors = [e.value for e in at.sidebar.error]
+    errors = [as_shown(e.value) for e in at.sidebar.error]
     assert len(errors) == 1
     assert errors[0].startswith("Checkpoint not usable: ") and "broken.safetensors" in errors[0]
     assert "safetensors" in errors[0].split("broken.safetensors", 1)[1]
@@ -392,7 +399,7 @@ def test_missing_checkpoint_names_the_path(env, monkeypatch, tmp_path):
     monkeypatch.setenv("MCLOSS_CHECKPOINT", str(missing))
     at = run_app()
     assert_clean(at)
-    errors = [e.value for e in at.sidebar.error]
+    errors = [as_shown(e.value) for e in at.sidebar.error]
     assert len(errors) == 1 and str(missing) in errors[0] and "no such checkpoint" in errors[0]
 
 
@@ -788,7 +795,7 @@ def test_gallery_sample_marks_the_defining_parts_and_states_the_ratio(defining_e
     expl = mcloss.explain(model, image, [["top2"]])
     _, parts = _picture(0)
     annotations = PartAnnotations(tuple(PARTS), np.array(parts), _part_mask(parts))
-    notes = [m.value for m in at.markdown]
+    notes = [as_shown(m.value) for m in at.markdown]
     caps = captions(at)
     shown = 0
     for g in expl.groups:
@@ -797,8 +804,8 @@ def test_gallery_sample_marks_the_defining_parts_and_states_the_ratio(defining_e
             assert summary is None and not any(f"**{g.name}**:" in n for n in notes)
             continue
         shown += 1
-        assert view.defining_note(summary) in notes
-        assert summary.sentence in view.defining_note(summary)
+        assert as_shown(view.defining_note(summary)) in notes
+        assert summary.sentence in as_shown(view.defining_note(summary))
         assert f"defining parts of {g.name}: {DEFINING[g.name][0]} · regions from the part masks" in caps
         if summary.source == "image":
             assert summary.sentence.startswith(f"On this image, the CCMP map of {g.name} puts ")
@@ -813,7 +820,7 @@ def test_upload_names_the_defining_parts_and_shows_the_fresh_set_figure(defining
     assert not at.error
     model = mcloss.load_checkpoint(defining_checkpoint)
     expl = mcloss.explain(model, Image.fromarray(img), [["top2"]])
-    notes = [m.value for m in at.markdown]
+    notes = [as_shown(m.value) for m in at.markdown]
     names = [g.name for g in expl.groups if g.name != "Plain"]
     assert names
     for name in names:

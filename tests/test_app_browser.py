@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mcloss
@@ -348,4 +349,42 @@ def test_browser_imports_a_state_dict_with_its_class_names(page, server, tmp_pat
     _wait_overlays(pg)
     assert "class_00" not in pg.locator('[data-testid="stMain"]').inner_text()
     pg.screenshot(path=str(ARTIFACTS / "app_imported.png"), full_page=True)
+    _no_traceback(pg)
+
+
+HOSTILE_NAMES = [
+    "<iframe src='http://127.0.0.1:9/iframe'></iframe>",
+    "<img src='http://127.0.0.1:9/img.png'>",
+    "[click](http://127.0.0.1:9/link) **bold** $x$",
+    "<style>body{display:none}</style>",
+]
+
+
+def test_browser_class_names_are_text_and_request_nothing(page, server, tmp_path):
+    """A checkpoint whose class names hold HTML, Markdown links and styles: every name shows as the text it is,
+    and the page fetches nothing from anywhere but the app."""
+    torch.manual_seed(0)
+    model = mcloss.build_model("resnet18", 4, xi=3, img_size=64, class_names=HOSTILE_NAMES)
+    path = tmp_path / "hostile.safetensors"
+    mcloss.save_checkpoint(model, path)
+    pg = page
+    foreign: list[str] = []
+    pg.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else foreign.append(r.url))
+    pg.goto(server)
+    _wait_overlays(pg)
+    sidebar, ckpt_input = _checkpoint_uploader(pg)
+    ckpt_input.set_input_files(str(path))
+    pg.get_by_text("— prediction").first.wait_for()
+    _wait_overlays(pg)
+    main = pg.locator('[data-testid="stMain"]')
+    body = main.inner_text().replace("\u2060", "")  # the word joiners that keep URLs text
+    shown = [name for name in HOSTILE_NAMES if name in body]
+    assert shown, body[:1500]  # the predicted class's heading and the heads' sentence show the name verbatim
+    assert main.locator("iframe").count() == 0 and main.locator("img[src*='127.0.0.1:9']").count() == 0
+    links = main.locator("a[href*='127.0.0.1:9']")
+    assert links.count() == 0, links.first.evaluate("a => a.parentElement.parentElement.outerHTML")
+    assert pg.locator("style", has_text="display:none").count() == 0
+    assert pg.evaluate("getComputedStyle(document.body).display") != "none"
+    pg.screenshot(path=str(ARTIFACTS / "app_hostile_names.png"), full_page=True)
+    assert foreign == []
     _no_traceback(pg)

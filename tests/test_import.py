@@ -209,7 +209,7 @@ def test_class_names_from_a_file_an_imagefolder_root_and_a_cub_root(tmp_path):
     (cub / "classes.txt").write_text("2 002.Crow\n1 001.Albatross\n")
     assert read_class_list(cub) == ["Albatross", "Crow"]
     (tmp_path / "dup.txt").write_text("Crow\nCrow\n")
-    with pytest.raises(SourceError, match=r"dup\.txt: class name 'Crow' appears twice"):
+    with pytest.raises(SourceError, match=r"dup\.txt: 'Crow' appears twice"):
         read_class_list(tmp_path / "dup.txt")
     T.OfficialResNet("resnet18", 4, 3).save(tmp_path / "w.pth")
     with pytest.raises(SourceError, match="the weights have 4 classes but 3 class names were given"):

@@ -24,7 +24,7 @@ from mcloss.core.device import resolve_device
 from mcloss.core.errors import DatasetError, ParameterError
 from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 from mcloss.data.cub import CUBDataset
-from mcloss.data.files import sanitize_component
+from mcloss.data.files import unique_file_stems
 from mcloss.data.io import encode_image
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 
@@ -125,8 +125,8 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                          "data": str(Path(args.data).resolve()), "split": args.split}  # fmt: skip
     text = summary_markdown(summary, checkpoint.name)
     with writing_to(out):
-        for name in summary["classes"]:
-            atomic_write_bytes(out / "sheets" / f"{sanitize_component(name)}.png", encode_image(contact_sheet(summary, name)))
+        for name, stem in zip(summary["classes"], unique_file_stems(summary["classes"]), strict=True):
+            atomic_write_bytes(out / "sheets" / f"{stem}.png", encode_image(contact_sheet(summary, name)))
         atomic_write_json(out / "atlas.json", summary)
         atomic_write_text(out / "summary.md", text)
     print(text)

@@ -14,7 +14,7 @@ from safetensors.torch import save as save_bytes
 from mcloss.core.errors import MclossError, ParameterError, first_line
 from mcloss.core.files import atomic_write_bytes
 from mcloss.core.loss import trained_pool_share
-from mcloss.core.model import HeadSpec, MCModel, build_model
+from mcloss.core.model import HeadSpec, MCModel, build_model, check_class_names
 from mcloss.core.transforms import EvalTransform
 
 __all__ = [
@@ -165,6 +165,10 @@ def _check_metadata(label: str, meta: dict) -> None:
     names = meta["class_names"]
     if len(names) != n or not all(isinstance(c, str) for c in names):
         raise CheckpointError(f"{label}: metadata class_names must be {n} strings, got {len(names)} entries")
+    try:
+        check_class_names(names)
+    except ParameterError as exc:
+        raise CheckpointError(f"{label}: metadata {exc}") from None
 
 
 def _head_spec(label: str, config: dict) -> HeadSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "VGG_WIDEN",
     "vgg16_conv_index",
     "build_model",
+    "check_class_names",
     "load_backbone_weights",
     "model_guard",
     "ModelConfig",
@@ -141,6 +143,33 @@ class FCHead(Head):
         super().__init__(channels, num_classes, HeadSpec("max", (int(grid[0]), int(grid[1])), layers))
 
 
+#: Characters a class name may not hold: C0/C1 controls, and the bidirectional overrides and isolates that make
+#: text display in another order than it reads.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def check_class_names(names: Sequence[str]) -> list[str]:
+    """The class names as a list, checked: non-empty strings without control characters, each once.
+
+    Names are data from files (a checkpoint's metadata, a names file): shown as text, used in file names.
+
+    Raises:
+        ParameterError: a name that is not a string, is empty, holds a control character, or appears twice.
+    """
+    out = list(names)
+    seen: set[str] = set()
+    for i, name in enumerate(out):
+        if not isinstance(name, str) or not name.strip():
+            raise ParameterError(f"class_names: name {i} must be a non-empty string, got {name!r}", parameter="class_names")
+        bad = next((c for c in name if unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS), None)
+        if bad is not None:
+            raise ParameterError(f"class_names: name {i} {name!r} holds the control character U+{ord(bad):04X}", parameter="class_names")
+        if name in seen:
+            raise ParameterError(f"class_names: {name!r} appears twice", parameter="class_names")
+        seen.add(name)
+    return out
+
+
 class _Features(nn.Sequential):
     """The backbone trunk; its output is F (this module is ``MCModel.feature_layer``)."""
 
@@ -174,7 +203,7 @@ class MCModel(nn.Module):
         self.groups = list(groups)
         if len(class_names) != len(self.groups):
             raise ParameterError(f"{len(class_names)} class names for {len(self.groups)} channel groups")
-        self.class_names = list(class_names)
+        self.class_names = check_class_names(class_names)
         self.transform = transform
         self.config = dict(config)
         self.card = dict(card or {})

@@ -12,7 +12,15 @@ from pathlib import Path
 
 from mcloss.core.errors import ParameterError
 
-__all__ = ["IMAGE_EXTENSIONS", "InputFile", "Inputs", "collect_inputs", "output_path", "sanitize_component"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "InputFile",
+    "Inputs",
+    "collect_inputs",
+    "output_path",
+    "sanitize_component",
+    "unique_file_stems",
+]
 
 IMAGE_EXTENSIONS = frozenset(
     [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jpe"]
@@ -33,6 +41,21 @@ def sanitize_component(part: str) -> str:
     safe = _SAFE.sub("_", part).strip()
     safe = safe.lstrip(".") or "_"
     return safe[:200]
+
+
+def unique_file_stems(names: Sequence[str]) -> list[str]:
+    """One safe, distinct file stem per name (:func:`sanitize_component`): a name that is safe as it stands
+    keeps it; one that sanitizing changed, or that would meet another's stem on a case-insensitive file system,
+    gets ``~<its index>`` (``.`` → ``_~0``, ``..`` → ``_~1``, ``a/b`` → ``a_b~2`` beside ``a_b``)."""
+    stems: list[str] = []
+    taken: set[str] = set()
+    for i, name in enumerate(names):
+        stem = sanitize_component(name)
+        if stem != name or stem.lower() in taken:  # "~" is never in a safe name: these cannot meet one
+            stem = f"{stem[:190]}~{i}"
+        taken.add(stem.lower())
+        stems.append(stem)
+    return stems
 
 
 def _key_for(parts: Sequence[str]) -> str:

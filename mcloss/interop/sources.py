@@ -39,7 +39,7 @@ from mcloss.core.checkpoint import MAX_CLASSES, MAX_IMG_SIZE, MIN_IMG_SIZE
 from mcloss.core.errors import MclossError, ParameterError, first_line
 from mcloss.core.files import file_sha256
 from mcloss.core.groups import split_channels
-from mcloss.core.model import VGG_WIDEN, HeadSpec, MCModel, build_model, vgg16_conv_index
+from mcloss.core.model import VGG_WIDEN, HeadSpec, MCModel, build_model, check_class_names, vgg16_conv_index
 from mcloss.core.transforms import NORMALIZATIONS, EvalTransform
 from mcloss.data.cub import clean_class_name, find_cub_root, read_class_names
 
@@ -709,10 +709,10 @@ def parse_class_names(data: bytes, label: str) -> list[str]:
 def _checked_names(names: list[str], label: str) -> list[str]:
     if not names:
         raise SourceError(f"{label}: no class names found")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise SourceError(f"{label}: class name {dup!r} appears twice")
-    return names
+    try:
+        return check_class_names(names)
+    except ParameterError as exc:
+        raise SourceError(f"{label}: {str(exc).removeprefix('class_names: ')}") from None
 
 
 def import_checkpoint(source: str | os.PathLike, out: str | os.PathLike, **options) -> MCModel:
