@@ -112,7 +112,7 @@ def sidebar_model() -> view.LoadedModel | None:
             data = up.getvalue()
             digest = hashlib.sha256(data).hexdigest()
             key = f"sha256:{digest}:{hashlib.sha256(repr(names).encode()).hexdigest()[:16]}"
-            with st.spinner(f"Loading {up.name}…"):
+            with st.spinner(f"Loading {view.text(up.name)}…"):
                 return _described(_load_uploaded(key, up.name, data, names))
         else:
             p = Path(choice)
@@ -122,7 +122,7 @@ def sidebar_model() -> view.LoadedModel | None:
                     "or upload one)"
                 )
             key, path, shown = _file_key(p), str(p), p.name
-        with st.spinner(f"Loading {shown}…"):
+        with st.spinner(f"Loading {view.text(shown)}…"):
             return _described(_load_model(key, path, shown))
     except CheckpointError as exc:
         st.sidebar.error(f"Checkpoint not usable: {view.text(exc)}")
@@ -163,10 +163,10 @@ def sidebar_compare(first: view.LoadedModel | None) -> view.LoadedModel | None:
     )  # fmt: skip
     try:
         p = Path(choice)
-        with st.spinner(f"Loading {p.name}…"):
+        with st.spinner(f"Loading {view.text(p.name)}…"):
             second = _load_model(_file_key(p), str(p), p.name)
     except CheckpointError as exc:
-        st.sidebar.error(f"Second model not usable: {exc}")
+        st.sidebar.error(f"Second model not usable: {view.text(exc)}")
         return None
     if list(second.model.class_names) != list(first.model.class_names):
         st.sidebar.warning(f"{view.text(Path(choice).name)} has other classes than {view.text(first.label)}: nothing to compare.")
@@ -614,10 +614,10 @@ def _page() -> None:
     try:
         explain_and_show(loaded, source, style, options, second)
     except ImageLoadError as exc:
-        st.error(f"Cannot read the image: {exc}")
+        st.error(f"Cannot read the image: {view.text(exc)}")
     except Exception as exc:
         log.exception("explaining %s failed", source.get("name"))
-        st.error(f"Could not explain {source.get('name')}: {type(exc).__name__}: {first_line(exc)}")
+        st.error(f"Could not explain {view.text(source.get('name'))}: {type(exc).__name__}: {view.text(first_line(exc))}")
 
 
 main()

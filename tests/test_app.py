@@ -295,7 +295,7 @@ def test_oversized_image_upload_is_refused_on_the_server(env):
     assert view.upload_record("ok.png", 3, lambda: b"abc") == {"name": "ok.png", "data": b"abc", "error": None}
     at = run_app(source="Upload", upload=record)
     assert_clean(at)
-    assert [e.value for e in at.error] == [f"Cannot read the image: huge.png: upload too large (50.0 MB, limit {view.MAX_UPLOAD_MB} MB)"]
+    assert [as_shown(e.value) for e in at.error] == [f"Cannot read the image: huge.png: upload too large (50.0 MB, limit {view.MAX_UPLOAD_MB} MB)"]
     assert not at.get("image")
 
 
@@ -329,7 +329,7 @@ def test_broken_upload_shows_one_error_and_the_app_recovers(env, name):
     at = run_app(**upload(name, _broken_bytes(name)))
     assert_clean(at)
     assert len(at.error) == 1
-    message = at.error[0].value
+    message = as_shown(at.error[0].value)
     assert message.startswith(f"Cannot read the image: {name}: ")
     assert BROKEN[name][1] in message
     assert "\n" not in message and "Traceback" not in message
@@ -353,7 +353,7 @@ def test_unexpected_failure_is_one_sentence_and_next_input_works(env, monkeypatc
     monkeypatch.setattr(render, "group_tiles", broken)
     at = run_app()
     assert_clean(at)
-    assert [e.value for e in at.error] == ["Could not explain bird_0.png: RuntimeError: boom"]
+    assert [as_shown(e.value) for e in at.error] == ["Could not explain bird_0.png: RuntimeError: boom"]
     monkeypatch.setattr(render, "group_tiles", real)
     at.run()
     assert not at.error and len(captions(at)) == 7
