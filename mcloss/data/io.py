@@ -20,6 +20,7 @@ from mcloss.core.errors import MclossError, ParameterError, first_line
 
 __all__ = [
     "DEFAULT_QUALITY",
+    "check_encoding",
     "IMAGE_FORMATS",
     "ImageFormat",
     "encode_image",
@@ -226,10 +227,19 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = DEFAULT_QU
         full_chroma: JPEG without chroma subsampling (4:4:4), as montages are written.
     """
     img = _checked_image(rgb)
+    return check_encoding(fmt, quality).encode(img, quality, full_chroma)
+
+
+def check_encoding(fmt: str, quality: int) -> ImageFormat:
+    """The format called ``fmt``, with ``quality`` checked (an integer in 1..100).
+
+    Raises:
+        ParameterError: an unknown format or a quality out of range.
+    """
     chosen = image_format(fmt)
-    if chosen.lossy and not (isinstance(quality, int) and 1 <= quality <= 100):
+    if not (isinstance(quality, int) and not isinstance(quality, bool) and 1 <= quality <= 100):
         raise ParameterError(f"quality must be an integer in 1..100, got {quality!r}", parameter="quality")
-    return chosen.encode(img, quality, full_chroma)
+    return chosen
 
 
 def _checked_image(rgb: np.ndarray) -> np.ndarray:

@@ -61,7 +61,7 @@ from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
 from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.inputs import ImageFiles, PreparedImage, collate_items
-from mcloss.data.io import DEFAULT_QUALITY, image_format
+from mcloss.data.io import DEFAULT_QUALITY, check_encoding
 from mcloss.explainability import kinds
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import explain, parse_maps, view_maker
@@ -147,9 +147,7 @@ class ExportConfig:
     quality: int = DEFAULT_QUALITY
 
     def __post_init__(self) -> None:
-        image_format(self.montage_format)
-        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
-            raise ParameterError(f"quality must be an integer in 1..100, got {self.quality!r}", parameter="quality")
+        check_encoding(self.montage_format, self.quality)
         for name, value, low in (("topk", self.topk, 0), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
             if not isinstance(value, int) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}", parameter=name)

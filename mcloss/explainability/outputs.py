@@ -46,7 +46,7 @@ import numpy as np
 
 from mcloss.core.errors import ParameterError
 from mcloss.core.files import atomic_write_bytes, atomic_write_json
-from mcloss.data.io import DEFAULT_QUALITY, IMAGE_FORMATS, encode_image, image_format
+from mcloss.data.io import DEFAULT_QUALITY, IMAGE_FORMATS, check_encoding, encode_image, image_format
 from mcloss.explainability import kinds
 from mcloss.explainability.render import Style, compare_montage, explanation_montage
 
@@ -276,9 +276,7 @@ class OutputOptions:
     quality: int = DEFAULT_QUALITY
 
     def __post_init__(self) -> None:
-        image_format(self.montage_format)
-        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
-            raise ParameterError(f"quality must be an integer in 1..100, got {self.quality!r}", parameter="quality")
+        check_encoding(self.montage_format, self.quality)
 
     def encode(self, picture: np.ndarray) -> bytes:
         """A montage's bytes in this run's format."""
