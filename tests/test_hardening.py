@@ -304,9 +304,11 @@ def test_out_inside_input_is_never_read_back(tmp_path, checkpoint):
         assert _export(checkpoint, "--input", str(src), "--out", str(out), "--tile-height", "32") == 0
     jsons = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if p.name != "manifest.json")
     assert jsons == ["in/chelsea.png.json"]
-    # naming the output folder (or a file in it) as an input is an error, not an input
-    assert _export(checkpoint, "--input", str(out), str(out / "in" / "chelsea.png.png"), "--out", str(out)) == 1
-    assert len(_errors(out)) == 2 and all("output folder" in r for r in _errors(out).values())
+    # a file in the output folder named as an input is an error, not an input; the output folder itself as an
+    # input is refused outright (issue 26: its index, errors and manifest would land among the inputs)
+    assert _export(checkpoint, "--input", str(out / "in" / "chelsea.png.png"), "--out", str(out)) == 1
+    assert len(_errors(out)) == 1 and all("output folder" in r for r in _errors(out).values())
+    assert _export(checkpoint, "--input", str(out), "--out", str(out)) == 2
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -414,3 +416,48 @@ def test_a_comparison_montage_stays_within_the_cap():
     eb = mcloss.explain(b, image, [[ea.prediction]])
     picture = render.compare_montage(ea.view, ea, eb, 0, render.Style(tile_height=2048), ("a", "b"))
     assert picture.shape[0] * picture.shape[1] <= render.MONTAGE_MAX_PIXELS
+
+
+def test_a_file_name_that_is_not_utf8_never_sinks_an_export(tmp_path, capsys):
+    """Issue 26 item 2: such a name is exported (or rejected in errors.csv) like any other, the index, errors and
+    manifest are written, the csv holds the name as valid UTF-8 with its odd bytes as \\xNN, the json keeps it
+    losslessly, and a re-run finds the work done."""
+    from mcloss.cli.export import main as export_main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(src / "good.png")
+    bad = os.fsencode(src) + b"/bad\xff\xfe.png"
+    Image.new("RGB", (48, 40), (30, 200, 30)).save(bad)
+    with open(os.fsencode(src) + b"/broken\xfe.jpg", "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "out"
+    args = ["--input", str(src), "--out", str(out), "--no-progress"]
+    assert export_main(args) == 1  # one input rejected, the others exported
+    err = capsys.readouterr().err
+    assert "2 exported" in err and "broken\\xfe.jpg: not a recognized image format" in err
+    index = (out / "index.csv").read_bytes().decode("utf-8")
+    assert "bad\\xff\\xfe.png" in index and "good.png" in index
+    errors = (out / "errors.csv").read_bytes().decode("utf-8")
+    assert "broken\\xfe.jpg" in errors
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["ok"] == 2 and manifest["counts"]["failed"] == 1
+    record = json.loads(next(p for p in out.rglob("*.json") if p.name.startswith("bad")).read_text())
+    assert os.fsencode(record["file"]) == bad
+    assert export_main(args) == 1
+    assert "0 exported, 2 already done, 1 rejected" in capsys.readouterr().err
+
+
+def test_an_export_into_its_own_input_folder_is_refused(tmp_path, capsys):
+    """Issue 26 item 10: ``--out`` equal to ``--input`` (or holding it) would write index.csv, errors.csv and
+    manifest.json, and the montages, among the inputs; it is refused before anything is written."""
+    from mcloss.cli.export import main as export_main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(src / "good.png")
+    for out in (src, tmp_path):
+        assert export_main(["--input", str(src), "--out", str(out), "--no-progress"]) == 2
+        assert f"--out {out} is the input folder {src} or holds it" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == ["good.png"] and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert export_main(["--input", str(src), "--out", str(src / "out"), "--no-progress"]) == 0  # inside it: fine

@@ -28,6 +28,7 @@ from mcloss.cli._common import (
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.distributed import DistContext, launched_by_torchrun
 from mcloss.core.errors import ParameterError
+from mcloss.core.files import printable
 from mcloss.core.model import MCModel
 from mcloss.data.io import IMAGE_FORMATS
 from mcloss.explainability import kinds
@@ -174,5 +175,5 @@ def _report(result: ExportResult, verb: str) -> int:
         f"{result.written} {verb}{redone}, {result.skipped} already done, {len(result.errors)} rejected → {result.out}",
     )
     for _source, reason in result.errors:
-        print(f"  rejected: {reason}", file=sys.stderr)
+        print(f"  rejected: {printable(reason)}", file=sys.stderr)
     return EXIT_REJECTED if result.errors else EXIT_OK

@@ -27,6 +27,7 @@ __all__ = [
     "csv_text",
     "default_mode",
     "file_sha256",
+    "printable",
     "json_safe",
 ]
 
@@ -164,4 +165,15 @@ def _csv_cell(value: Any, float_format: str, nan: str) -> str:
         return ""
     if isinstance(value, float):
         return nan if math.isnan(value) else format(value, float_format)
-    return str(value)
+    return printable(str(value))
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 text: a file name's bytes that are not UTF-8 (which Python carries as lone
+    surrogates) become ``\\xNN``; any other text is returned as it is. JSON needs none of this: it writes such
+    characters as ``\\udcNN`` escapes, which read back to the same name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text

@@ -296,6 +296,7 @@ def plan_export(
     maps = parse_maps(config.maps)
     target = check_target(model, str(config.target))  # an unknown class or a bad topK fails before any work
     out = Path(config.out)
+    _check_out_apart(out, config.input)
     out.mkdir(parents=True, exist_ok=True)
     sha256 = checkpoint_sha256 or file_sha256(Path(config.checkpoint))
     titles, compare_sha = _check_compare(model, config, compare_model)
@@ -336,6 +337,20 @@ def _check_compare(
             parameter="compare",
         )
     return (Path(config.checkpoint).name, Path(config.compare).name), file_sha256(Path(config.compare))
+
+
+def _check_out_apart(out: Path, inputs: Sequence[str]) -> None:
+    """Refuse an output folder that is an input folder itself (or one of its parents): the index, errors and
+    manifest would land among the inputs. A folder beside or inside the inputs is fine (it is left out of them).
+
+    Raises:
+        ParameterError: ``out`` is an input folder or contains one.
+    """
+    target = out.resolve()
+    for given in inputs:
+        folder = Path(given)
+        if folder.is_dir() and (folder.resolve() == target or target in folder.resolve().parents):
+            raise ParameterError(f"out {out} is the input folder {given} or holds it; choose another folder", parameter="out")
 
 
 def _remove_stale_temps(plan: ExportPlan) -> None:
