@@ -314,22 +314,33 @@ def test_out_inside_input_is_never_read_back(tmp_path, checkpoint):
 # ------------------------------------------------------------------------------------------ messages
 
 
-def _float64_tiff(path: Path, w: int = 4, h: int = 3) -> None:
-    entries = [(256, w), (257, h), (258, 64), (259, 1), (262, 1), (273, 0), (277, 1), (278, h), (279, w * h * 8),
-               (339, 3)]  # fmt: skip
-    data_at = 8 + 2 + 12 * len(entries) + 4
+def _float64_tiff(path: Path, w: int = 4, h: int = 3, samples: int = 1) -> None:
+    """A TIFF of 64-bit float samples (``samples`` a pixel: with 3, BitsPerSample's three SHORTs do not fit in
+    its entry, which then holds their offset)."""
+    entries = [(256, w), (257, h), (258, 64), (259, 1), (262, 1 if samples == 1 else 2), (273, 0), (277, samples),
+               (278, h), (279, w * h * 8 * samples), (339, 3)]  # fmt: skip
+    extra_at = 8 + 2 + 12 * len(entries) + 4  # the out-of-entry BitsPerSample values, then the pixels
+    data_at = extra_at + (2 * samples if samples > 2 else 0)
     out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
     for tag, value in entries:
         value = data_at if tag == 273 else value
         kind = 4 if tag in (273, 279) else 3
-        out += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0))
-    path.write_bytes(out + struct.pack("<I", 0) + bytes(w * h * 8))
+        if tag == 258 and samples > 2:
+            out += struct.pack("<HHII", tag, 3, samples, extra_at)
+            continue
+        n = samples if tag == 258 else 1
+        out += struct.pack("<HHI", tag, kind, n) + (struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, value if n == 2 else 0))
+    extra = struct.pack(f"<{samples}H", *[64] * samples) if samples > 2 else b""
+    path.write_bytes(out + struct.pack("<I", 0) + extra + bytes(w * h * 8 * samples))
 
 
 def test_messages_name_the_real_reason(tmp_path):
     _float64_tiff(tmp_path / "f64.tif")
     with pytest.raises(ImageLoadError, match=r"TIFF whose pixel format .*\(64-bit floating-point samples\)"):
         load_image(tmp_path / "f64.tif")
+    _float64_tiff(tmp_path / "rgb64.tif", samples=3)  # issue 26: was "206-bit floating-point samples"
+    with pytest.raises(ImageLoadError, match=r"TIFF whose pixel format .*\(3 × 64-bit floating-point samples\)"):
+        load_image(tmp_path / "rgb64.tif")
     Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 MP, over Pillow's own 179 MP guard
     with pytest.raises(ImageLoadError) as info:
         load_image(tmp_path / "bomb.png", max_pixels=40_000_000)

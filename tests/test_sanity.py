@@ -150,3 +150,20 @@ def test_cli_spreads_the_images_over_a_split_smaller_than_the_limit(tmp_path, ca
     out = tmp_path / "s"
     assert cli_main(["sanity", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--draws", "1"]) == 0
     assert json.loads((out / "sanity.json").read_text())["images"] == len(CUBDataset(data, "test").records)
+
+
+def test_too_few_images_give_numbers_but_no_verdict(tmp_path):
+    """Issue 26 item 10: ``--limit 1`` gave passed / FAILED from one image; below MIN_VERDICT_IMAGES the checks
+    keep their numbers and say there are too few images for a verdict."""
+    from mcloss.evaluation.sanity import MIN_VERDICT_IMAGES
+    from mcloss.evaluation.sanity_report import summary_markdown
+
+    model = tiny_model(3, img_size=32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    summary = run_sanity(model, [(x, [0, 1])], draws=2)
+    assert MIN_VERDICT_IMAGES > 2 and all(c["passed"] is None for c in summary["checks"])
+    assert all(c["line"].startswith(f"too few images for a verdict (2 of the {MIN_VERDICT_IMAGES} it needs); ")
+               for c in summary["checks"])  # fmt: skip
+    assert all(c["value"] is not None for c in summary["checks"][:3])
+    md = summary_markdown(summary, "tiny")
+    assert md.count("- **no verdict**") == 6 and "**passed**" not in md and "**FAILED**" not in md

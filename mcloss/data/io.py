@@ -113,22 +113,28 @@ def _unidentified(source: str | os.PathLike | IO[bytes]) -> str:
 
 
 def _tiff_samples(head: bytes) -> str | None:
-    """``"64-bit floating-point"`` etc. from the first IFD of a TIFF header (inline values only), or None."""
+    """``"64-bit floating-point"`` (or ``"3 × 64-bit floating-point"`` for three samples a pixel) from the first
+    IFD of a TIFF header, or None. A tag's SHORT values sit in its entry when two fit there, else at the offset
+    the entry holds (issue 26: reading that offset as the value gave "206-bit")."""
     end = "<" if head[:2] == b"II" else ">"
     try:
         (offset,) = struct.unpack(end + "I", head[4:8])
         (count,) = struct.unpack(end + "H", head[offset : offset + 2])
-        tags = {}
+        tags: dict[int, tuple[int, int]] = {}
         for i in range(count):
-            tag, kind, n = struct.unpack(end + "HHI", head[offset + 2 + 12 * i : offset + 10 + 12 * i])
-            if kind == 3 and n >= 1:  # SHORT: the first value sits in the entry
-                tags[tag] = struct.unpack(end + "H", head[offset + 10 + 12 * i : offset + 12 + 12 * i])[0]
+            entry = offset + 2 + 12 * i
+            tag, kind, n = struct.unpack(end + "HHI", head[entry : entry + 8])
+            if kind == 3 and n >= 1:  # SHORT
+                at = entry + 8 if n <= 2 else struct.unpack(end + "I", head[entry + 8 : entry + 12])[0]
+                tags[tag] = (struct.unpack(end + "H", head[at : at + 2])[0], n)
     except struct.error:
         return None
-    bits, fmt = tags.get(258), tags.get(339, 1)
-    if bits is None:
+    if 258 not in tags:
         return None
-    return f"{bits}-bit {_TIFF_SAMPLE_FORMATS.get(fmt, f'format-{fmt}')}"
+    bits, samples = tags[258]
+    fmt = tags.get(339, (1, 1))[0]
+    kind = f"{bits}-bit {_TIFF_SAMPLE_FORMATS.get(fmt, f'format-{fmt}')}"
+    return f"{samples} × {kind}" if samples > 1 else kind
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -40,6 +40,7 @@ __all__ = [
     "class_maps",
     "group_knockout",
     "knockout_verdict",
+    "MIN_VERDICT_IMAGES",
     "random_logit",
     "rank_correlation",
     "run_sanity",
@@ -253,6 +254,10 @@ class KnockoutVerdict:
         )
 
 
+#: Fewest images from which the checks give a verdict (passed or failed); with fewer they give their numbers only.
+MIN_VERDICT_IMAGES = 5
+
+
 def knockout_verdict(own: np.ndarray, random: np.ndarray, head: str) -> KnockoutVerdict:
     """Depends when the mean paired difference own − random is positive and over twice its standard error."""
     own, random = np.asarray(own, np.float64), np.asarray(random, np.float64)
@@ -357,6 +362,10 @@ def run_sanity(
     ]
     checks.append(_map_check("random logit: ccmp", "CCMP map of the class", _stats(random_rows["ccmp"]["spearman"])["mean"],
                              "another class's on the same image"))  # fmt: skip
+    if len(targets) < MIN_VERDICT_IMAGES:  # numbers still shown; no pass or fail from so few images
+        for c in checks:
+            c["passed"] = None
+            c["line"] = f"too few images for a verdict ({len(targets)} of the {MIN_VERDICT_IMAGES} it needs); {c['line']}"
     return {
         "images": len(targets),
         "steps": [row["randomized"] for row in cascade],

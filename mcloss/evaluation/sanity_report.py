@@ -18,7 +18,8 @@ def summary_markdown(summary: dict, title: str) -> str:
     """One line per check (passed or not, with its number), then the cascade table."""
     lines = [f"# Sanity checks: {title}", "", f"{summary['images']} images, each explained for its true class.", ""]
     for c in summary["checks"]:
-        lines.append(f"- **{'passed' if c['passed'] else 'FAILED'}** — {c['check']}: {c['line']}")
+        status = "no verdict" if c["passed"] is None else "passed" if c["passed"] else "FAILED"
+        lines.append(f"- **{status}** — {c['check']}: {c['line']}")
     lines += ["", "## Cascading randomization (mean over images; step 0 is the trained model)", ""]
     head = " | ".join(f"{k} {m}" for k in SANITY_MAPS for m in _MEASURES)
     lines += [f"| step | re-initialized | {head} |", "|---|---|" + "---|" * (len(SANITY_MAPS) * len(_MEASURES))]
