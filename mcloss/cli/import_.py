@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(TRANSFORM_PRESETS), default=None,
                    help="input transform (default: the source's): official = resize to N x N, mean and std 0.5; "
                    "official-crop = resize to N*600/448 square, centre crop N; kurumi-crop = resize to 600 x 600, "
-                   "centre crop N, ImageNet normalization; torchvision = shorter side N*256/224, centre crop N, ImageNet")
+                   "centre crop N, ImageNet normalization; kurumi = official at 224, else kurumi-crop; torchvision = shorter side N*256/224, centre crop N, ImageNet")
     p.add_argument("--setting", default=None, help="Kurumi233's setting.txt (default: the one beside SOURCE)")
     return p
 

@@ -231,8 +231,12 @@ def stale_temps(directory: Path, stems: set[str], unfinished: set[str] = frozens
     return found
 
 
+#: The file suffixes a montage can have, one per image format.
+_MONTAGE_SUFFIXES = tuple(f.suffix for f in IMAGE_FORMATS.values())
+
+
 def _is_montage(name: str) -> bool:
-    return name.endswith(tuple(f.suffix for f in IMAGE_FORMATS.values()))
+    return name.endswith(_MONTAGE_SUFFIXES)
 
 
 _TEMP_NAME = re.compile(r"^\.(.+)\.[^.]{8}\.tmp(?:\.[^.]*)?$", re.DOTALL)
@@ -243,7 +247,7 @@ def _stems_of(output: str) -> list[str]:
     for ext in (".npz", ".json"):
         if output.endswith(ext):
             return [output[: -len(ext)]]
-    suffix = next((f.suffix for f in IMAGE_FORMATS.values() if output.endswith(f.suffix)), None)
+    suffix = next((s for s in _MONTAGE_SUFFIXES if output.endswith(s)), None)
     if suffix is None:
         return []
     stem = output[: -len(suffix)]

@@ -189,7 +189,7 @@ class Plan:
         rules: (source prefix, mcloss prefix, index shift) in order; the shift is added to the integer that
             follows the prefix (``features_2.6.`` → ``features.40.``).
         dropped: source prefixes that the source model never uses in its forward (left out, and recorded).
-        preset: the input transform its scripts evaluate with (:data:`TRANSFORM_PRESETS`; ``kurumi``: by size).
+        preset: the input transform its scripts evaluate with (:data:`TRANSFORM_PRESETS`).
         default_size: the input side its scripts use.
         head_pool: the pool before its head (max: the official 2 × 2 or 14 × 14 max-pool; avg: torchvision's).
         head_act: the activation of an official-shaped head (ELU in the official code, ReLU in FGVCLib's).
@@ -464,11 +464,17 @@ def _torchvision_preset(size: int) -> tuple[EvalTransform, str]:
     )
 
 
-#: Input transforms by name, each a function of the input side: the official scripts' from scratch (and FGVCLib's,
-#: and Kurumi233's at 224), the official ResNet-50's, Kurumi233's pretrained at other sizes, torchvision's eval.
+def _kurumi(size: int) -> tuple[EvalTransform, str]:
+    """Kurumi233's dataload.py: at 224 the official transform, at any other size its 600 × 600 + crop."""
+    return _official(size) if size == 224 else _kurumi_crop(size)
+
+
+#: Input transforms by name, each a function of the input side: the official scripts' from scratch (and FGVCLib's),
+#: the official ResNet-50's, Kurumi233's (by size, or its crop), torchvision's eval.
 TRANSFORM_PRESETS: dict[str, Callable[[int], tuple[EvalTransform, str]]] = {
     "official": _official,
     "official-crop": _official_crop,
+    "kurumi": _kurumi,
     "kurumi-crop": _kurumi_crop,
     "torchvision": _torchvision_preset,
 }
@@ -530,8 +536,7 @@ def import_model(
     if kurumi.get("eps") and xi is not None and kurumi["eps"].isdigit() and int(kurumi["eps"]) != xi:
         raise SourceError(f"{src.label}: setting.txt says eps {kurumi['eps']} but the weights have {xi} channels per class")
     names = _class_names(classes, num_classes, src.label)
-    if preset is None:
-        preset = plan.preset if plan.preset != "kurumi" else ("official" if size == 224 else "kurumi-crop")
+    preset = preset or plan.preset
     if preset not in TRANSFORM_PRESETS:
         raise ParameterError(f"preset must be one of {', '.join(TRANSFORM_PRESETS)}, got {preset!r}", parameter="preset")
     transform, described = TRANSFORM_PRESETS[preset](size)
