@@ -1,4 +1,5 @@
-"""mcloss channel explorer: what each class's channel group sees, next to Grad-CAM.
+"""mcloss channel explorer: what each class's channel group sees, next to Grad-CAM, and why one class and not
+another (Finer-CAM and the group contrast, in the "Why A, not B?" view).
 
 Run: ``streamlit run app/streamlit_app.py``. ``MCLOSS_CHECKPOINT`` overrides the default checkpoint
 (the project's ``checkpoints/default.safetensors``), ``MCLOSS_SAMPLES`` the gallery folder (``checkpoints/samples``).
@@ -15,7 +16,9 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import altair as alt
 import pandas as pd
@@ -34,10 +37,19 @@ from mcloss.core.errors import first_line  # noqa: E402
 from mcloss.data.annotations import PartAnnotations  # noqa: E402
 from mcloss.data.io import DEFAULT_QUALITY, IMAGE_FORMATS, ImageLoadError, encode_image  # noqa: E402
 from mcloss.explainability import kinds, render  # noqa: E402
-from mcloss.explainability.defining import DefiningSummary, defining_summary, has_defining_parts  # noqa: E402
+from mcloss.explainability.defining import (  # noqa: E402
+    DefiningSummary,
+    defining_summary,
+    has_defining_parts,
+    part_regions,
+)
 from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
 from mcloss.explainability.gradcam import GRADCAM_METHODS  # noqa: E402
 from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, hit_radius  # noqa: E402
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
 
 __all__ = ["main"]
 
@@ -45,6 +57,9 @@ log = logging.getLogger("mcloss.app")
 
 UPLOAD_CHOICE = "Upload a checkpoint…"
 TOPK = 5
+#: The two views under the prediction panel.
+GROUPS_VIEW = "Channel groups"
+WHY_VIEW = "Why A, not B?"
 
 
 def _configure_threads() -> None:
@@ -299,9 +314,11 @@ def _decoded(digest: str, name: str, _data: bytes):
 @st.cache_data(max_entries=64, show_spinner=False)
 def _explain(
     model_key: str, digest: str, targets: tuple, method: str, maps: tuple[str, ...], _loaded: view.LoadedModel, _image,
+    contrast: int | None = None,
 ) -> tuple[Explanation, float]:
-    """One explanation, cached by checkpoint, image bytes, classes and map options, with its seconds."""
-    return view.explain_locked(_loaded, _image, targets, method=method, maps=maps)
+    """One explanation, cached by checkpoint, image bytes, classes, map options and contrast class, with its
+    seconds."""
+    return view.explain_locked(_loaded, _image, targets, method=method, maps=maps, contrast=contrast)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -507,6 +524,45 @@ def explain_and_show(
         st.caption(f"Ground truth {view.text(sample.class_name)} is not a class of this checkpoint.")
 
     st.divider()
+    mode = st.segmented_control(
+        "View", (GROUPS_VIEW, WHY_VIEW), default=GROUPS_VIEW, key="view_mode", required=True,
+        label_visibility="collapsed",
+        help="Channel groups: what a class's channels see. Why A, not B?: what tells two classes apart.",
+    )  # fmt: skip
+    inputs = Inputs(loaded, digest, image, base, name, label, sample, gallery)
+    if mode == WHY_VIEW:
+        secs += why_view(inputs, expl, style, options)
+    else:
+        secs += groups_view(inputs, expl, style, options, second)
+    st.caption(
+        f"model {secs:.2f} s (cached until the image, checkpoint, class or map options change) · "
+        f"page {time.perf_counter() - t_start:.2f} s · {device_caption(loaded.device)}"
+    )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The input being explained, as the views below the prediction panel need it."""
+
+    loaded: view.LoadedModel
+    digest: str  # sha256 of the image bytes (the caches' key)
+    image: Image.Image  # decoded, EXIF orientation applied
+    base: np.ndarray  # its display copy (RGB uint8)
+    name: str
+    label: int | None  # the gallery sample's class, if it is one of the model's
+    sample: view.Sample | None
+    gallery: view.Gallery | None
+
+
+def groups_view(inputs: Inputs, expl: Explanation, style: render.Style, options: dict, second: view.LoadedModel | None) -> float:
+    """The channel groups of the chosen class (or of the top 2), each with its tiles, defining parts, second
+    model and atlas, then the downloads; returns the seconds spent in the model beyond ``expl``."""
+    loaded, digest, image, base, name = inputs.loaded, inputs.digest, inputs.image, inputs.base, inputs.name
+    label, sample, gallery = inputs.label, inputs.sample, inputs.gallery
+    model = loaded.model
+    names = list(model.class_names)
+    opts = (options["method"], options["maps"])
+    secs = 0.0
     order = [int(i) for i in (-expl.probs_fc).argsort(kind="stable")]
     c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
     can_compare = model.num_classes >= 2
@@ -556,10 +612,112 @@ def explain_and_show(
             atlas_panel(loaded, gallery, g)
     st.divider()
     downloads(name, base, expl, groups, all_tiles, style, label, summaries)
-    st.caption(
-        f"model {secs:.2f} s (cached until the image, checkpoint, class or map options change) · "
-        f"page {time.perf_counter() - t_start:.2f} s · {device_caption(loaded.device)}"
-    )
+    return secs
+
+
+# ------------------------------------------------------------------------------------ why A, not B
+
+
+def why_view(inputs: Inputs, expl: Explanation, style: render.Style, options: dict) -> float:
+    """Why A, not B?: A's Grad-CAM, Finer-CAM of A against B and the group contrast, the defining parts the two
+    classes share and those that tell them apart (marked when the image's parts are known), then both groups;
+    one explain call per pair (targets A and B, ``contrast=B``). Returns the seconds spent in the model."""
+    loaded, model = inputs.loaded, inputs.loaded.model
+    names = list(model.class_names)
+    if model.num_classes < 2:
+        st.info("This checkpoint has one class: there is no other class to tell it from.")
+        return 0.0
+    ctx = f"{inputs.digest[:16]}_{loaded.key[-16:]}"
+    order = [int(i) for i in (-expl.probs_fc).argsort(kind="stable")]
+    c1, c2 = st.columns(2)
+    a = c1.selectbox(
+        "A: the class to explain (default: the prediction; sorted by FC probability)", order,
+        format_func=lambda c: f"{names[c]}  ·  FC {expl.probs_fc[c]:.2f} · MC {expl.probs_mc[c]:.2f}",
+        key=f"why_a_{ctx}",
+    )  # fmt: skip
+    closest = view.closest_classes(expl.probs_fc, a)
+
+    def b_label(c: int) -> str:
+        if c == a:
+            return f"{names[c]}  (= A)"
+        return f"{names[c]}  ·  FC {expl.probs_fc[c]:.2f}" + ("  ·  closest to A" if c == closest[0] else "")
+
+    b = c2.selectbox(
+        "B: the class to tell it from (default: the closest, the FC logit nearest A's)", closest,
+        format_func=b_label, key=f"why_b_{ctx}_{a}",
+    )  # fmt: skip
+    if a == b:
+        st.warning(
+            f"A and B are the same class ({view.text(names[a])}): pick another class B to see what tells them apart.",
+            icon=":material/block:",
+        )
+        return 0.0
+    ex, secs = _explain(
+        loaded.key, inputs.digest, (a, b), options["method"], view.WHY_MAPS, _loaded=loaded, _image=inputs.image,
+        contrast=b,
+    )  # fmt: skip
+    ga, gb = ex.groups
+    st.markdown(f"### Why {view.text(ga.name)}, not {view.text(gb.name)}?")
+    pictures, words = _tell_apart_parts(inputs, ex, ga, gb, options)
+    maps = [kinds.get(k).tiles(inputs.base, ex, ga, style)[0] for k in ("gradcam", "finer", "contrast")]
+    notes = (view.GRADCAM_NOTE, view.FINER_NOTE, view.CONTRAST_NOTE)
+    cols = st.columns(5 if pictures else [1, 1, 1, 2], gap="small")
+    for col, tile, note in zip(cols, maps, notes, strict=False):
+        col.image(render.pad_to_aspect(tile.image), caption=tile.caption, width="stretch", alt=tile.alt)
+        col.caption(note)
+    for col, tile in zip(cols[3:], pictures, strict=False):
+        col.image(tile.image, caption=tile.caption, width="stretch", alt=tile.alt)
+    (st.container() if pictures else cols[3]).markdown("\n\n".join(words))
+
+    group_style = render.common_style(style, ga, gb)  # "shared group": both groups on one scale
+    closest_note = " · the FC logit nearest A's" if b == closest[0] else ""
+    all_tiles = {ga.name: maps + pictures, gb.name: []}
+    for g, role in ((ga, "A, the class to explain"), (gb, f"B, the class to tell it from{closest_note}")):
+        if g.target == ex.prediction:
+            role += " · the prediction"
+        st.markdown(view.why_heading(g, role, _channel_range(model, g.target)), unsafe_allow_html=True)
+        tiles = kinds.get(kinds.CHANNELS).tiles(inputs.base, ex, g, group_style)
+        if inputs.sample is not None and inputs.gallery is not None:
+            parts, _ = view.channel_parts(g, inputs.sample.keypoints, inputs.gallery.part_names, ex.image_size, options["radius"])
+            tiles = view.part_captions(tiles, parts)
+        show_tiles(tiles)
+        all_tiles[g.name] = tiles + all_tiles[g.name]
+    st.divider()
+    downloads(inputs.name, inputs.base, ex, [ga, gb], all_tiles, style, inputs.label)
+    return secs
+
+
+def _tell_apart_parts(
+    inputs: Inputs, ex: Explanation, ga: GroupMaps, gb: GroupMaps, options: dict
+) -> tuple[list[render.Tile], list[str]]:
+    """The pictures of the parts that tell A from B and of the parts they share (when the card knows the
+    classes' defining parts and the image's parts are annotated), and the Markdown paragraphs beside them."""
+    card = inputs.loaded.model.card
+    pc = view.parts_contrast(card, ga.name, gb.name)
+    if pc is None:
+        why = "lists no defining parts for them" if has_defining_parts(card) else "does not record its classes' defining parts"
+        return [], [f"The checkpoint's card {why}, so which parts the two classes share is unknown."]
+    words = [view.parts_contrast_note(pc)]
+    if inputs.sample is None or inputs.gallery is None:
+        words.append("Where these parts are in this image is unknown (no part annotations), so they are not marked.")
+        return [], words
+    annotations, note = view.sample_annotations(inputs.sample, inputs.gallery.part_names, ex.image_size)
+    regions = part_regions(annotations, ex.geometry, options["radius"])
+    shared, differing = pc.indices(annotations.part_names)
+    if regions is None or not (shared or differing):
+        words.append("None of these parts is among this image's annotated parts, so they are not marked.")
+        return [], words
+    from_masks = annotations.labels is not None
+    keypoints = None if from_masks else annotations.keypoints
+    how = "part masks" if from_masks else f"keypoints within {hit_radius(*ex.image_size, options['radius']):.0f} px"
+    sets = [("tell apart", differing, render.DEFINING_RGB), ("shared", shared, render.SHARED_RGB)]
+    image = render.draw_part_sets(inputs.base, regions, sets, annotations.part_names, keypoints)
+    what = "the parts that tell them apart and the shared parts, marked"
+    pictures = [render.Tile(image, "parts", view.parts_caption(pc, how), what, "parts_ab")]
+    ratios = view.tell_apart_ratios(ga, ex.geometry, regions, shared, differing, len(annotations.part_names))
+    sentence = view.tell_apart_note(ratios)
+    words += [view.text(w) for w in (sentence, note) if w]
+    return pictures, words
 
 
 @st.cache_data(max_entries=256, show_spinner=False)

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +36,19 @@ from mcloss.data.io import ImageLoadError, encode_image, load_image
 from mcloss.evaluation.sanity import group_knockout
 from mcloss.explainability import kinds, render
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
-from mcloss.explainability.defining import SOURCE_IMAGE, DefiningSummary, join_names
+from mcloss.explainability.contrast import ContrastSpec, nearest_classes
+from mcloss.explainability.defining import (
+    SOURCE_IMAGE,
+    DefiningSummary,
+    defining_indices,
+    format_ratio,
+    join_names,
+)
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
+from mcloss.explainability.geometry import to_original
 from mcloss.interop.sources import import_model, parse_class_names
 from mcloss.metrics import localization as metrics
+from mcloss.metrics import mass
 
 __all__ = [
     "IMAGE_TYPES",
@@ -89,6 +98,18 @@ __all__ = [
     "topk_rows",
     "agreement",
     "export_zip",
+    "WHY_MAPS",
+    "closest_classes",
+    "PartsContrast",
+    "parts_contrast",
+    "parts_contrast_note",
+    "parts_caption",
+    "tell_apart_ratios",
+    "tell_apart_note",
+    "why_heading",
+    "FINER_NOTE",
+    "CONTRAST_NOTE",
+    "GRADCAM_NOTE",
 ]
 
 #: Upload types offered by the file uploader (GIF and multi-page TIFF: first frame).
@@ -233,17 +254,21 @@ def explain_locked(
     *,
     method: str = "fused",
     maps: Sequence[str] | None = None,
+    contrast: ContrastSpec | None = None,
 ) -> tuple[Explanation, float]:
     """Explain one image for ``targets`` (class indices or specs like ``"top2"``) under the model's lock
     (:func:`mcloss.explain` toggles eval mode and ``requires_grad``, so calls must not interleave); ``maps``
-    default the kinds computed by default.
+    default the kinds computed by default; ``contrast``: the class B of the contrastive maps (see
+    :func:`mcloss.explain`).
 
     Returns the explanation and its wall time in seconds.
     """
     t0 = time.perf_counter()
     prepared = prepare(loaded.model, image, view=None)  # the app draws on its own display copy
     with loaded.lock:
-        out = explain(loaded.model, prepared, [list(targets)], maps=maps, method=method, device=loaded.device)
+        out = explain(
+            loaded.model, prepared, [list(targets)], maps=maps, method=method, device=loaded.device, contrast=contrast
+        )
     return out, time.perf_counter() - t0
 
 
@@ -543,6 +568,136 @@ def part_captions(tiles: Sequence[render.Tile], parts: Sequence[ChannelPart]) ->
         where = "no visible part" if p.part is None else f"{p.part} {'hit' if p.hit else 'miss'} ({p.distance:.0f} px)"
         out[i] = dataclasses.replace(out[i], caption=f"{out[i].caption} · {where}")
     return out
+
+
+# ---------------------------------------------------------------------------------------- why A, not B
+
+#: The maps of the "Why A, not B?" view, from one pass (targets A and B, ``contrast=B``): A's Grad-CAM for
+#: reference, Finer-CAM of A against B alone, and the group contrast of A's group against B's.
+WHY_MAPS = ("channels", "gradcam", "finer", "contrast")
+
+GRADCAM_NOTE = "Plain Grad-CAM of A, for reference: evidence for A, including the parts A shares with B."
+FINER_NOTE = (
+    "Finer-CAM explains the FC head's preference for A over B: Grad-CAM of A's logit minus B's (B the only "
+    "reference), so evidence both classes share cancels out."
+)
+CONTRAST_NOTE = (
+    "The group contrast shows where A's channels respond and B's do not (each group over its maximum; A's "
+    "channels that B's group also covers drop out). No gradient, no head."
+)
+
+
+def closest_classes(probs_fc: np.ndarray, target: int) -> list[int]:
+    """Every other class, the one whose FC-head logit is nearest ``target``'s first (what ``contrast="auto"``
+    picks as class B), then ``target`` itself.
+
+    Read from the probabilities: ``log p_i − log p_t = logit_i − logit_t``, so the order is the logits' own.
+    """
+    p = np.asarray(probs_fc, np.float64)
+    log_p = np.log(np.clip(p, np.finfo(np.float64).tiny, None))
+    return [*nearest_classes(log_p, int(target), len(p) - 1), int(target)]
+
+
+@dataclass(frozen=True)
+class PartsContrast:
+    """Which defining parts two classes share and which tell them apart (names as the card lists them).
+
+    Attributes:
+        a, b: the two classes.
+        shared: parts defining for both (in A's order).
+        only_a, only_b: parts defining for one of them only.
+    """
+
+    a: str
+    b: str
+    shared: tuple[str, ...]
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+
+    @property
+    def differing(self) -> tuple[str, ...]:
+        """The parts that tell A from B (defining for exactly one of the two), A's first."""
+        return self.only_a + self.only_b
+
+    def indices(self, part_names: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(shared, differing) 0-based indices into an image's ``part_names`` (a region covers its parts)."""
+        shared = defining_indices(self.shared, part_names)
+        differing = [i for i in defining_indices(self.differing, part_names) if i not in shared]
+        return shared, differing
+
+
+def parts_contrast(card: Mapping | None, a: str, b: str) -> PartsContrast | None:
+    """What the card's ``defining_parts`` say about A against B; None when it does not list both classes."""
+    table = card.get("defining_parts") if isinstance(card, Mapping) else None
+    if not isinstance(table, Mapping) or not all(isinstance(table.get(c), (list, tuple)) for c in (a, b)):
+        return None
+    pa, pb = [str(p) for p in table[a]], [str(p) for p in table[b]]
+    return PartsContrast(
+        a, b, tuple(p for p in pa if p in pb), tuple(p for p in pa if p not in pb), tuple(p for p in pb if p not in pa)
+    )
+
+
+def _parts_lists(pc: PartsContrast, esc: Callable[[object], str]) -> tuple[str, str]:
+    """(shared, tell apart) as words, each name passed through ``esc``."""
+    shared = join_names([esc(p) for p in pc.shared]) if pc.shared else "none"
+    sides = [
+        f"{join_names([esc(p) for p in parts])} ({esc(name)})" for parts, name in ((pc.only_a, pc.a), (pc.only_b, pc.b)) if parts
+    ]
+    return shared, ", ".join(sides) if sides else "none (the card lists the same defining parts for both)"
+
+
+def parts_contrast_note(pc: PartsContrast) -> str:
+    """The parts in one Markdown line (names escaped): ``Shared: head · Tell apart: belly (A), tail (B)``."""
+    shared, apart = _parts_lists(pc, text)
+    return f"Shared: {shared} · Tell apart: {apart}"
+
+
+def parts_caption(pc: PartsContrast, how: str) -> str:
+    """The plain-text caption (image captions are not Markdown) of the picture of the parts that tell A from B
+    (orange) and the parts they share (blue); ``how``: where the regions come from."""
+    shared, apart = _parts_lists(pc, str)
+    return f"tell apart (orange): {apart} · shared (blue): {shared} · regions from the {how}"
+
+
+#: The maps whose preference for the parts that tell A from B the view states, in its order.
+_RATIO_MAPS = (("contrast", "group contrast"), ("finer", "Finer-CAM"), ("gradcam", "Grad-CAM of A"), ("ccmp", "CCMP of A"))
+
+
+def tell_apart_ratios(
+    group: GroupMaps, geometry, regions: np.ndarray, shared: Sequence[int], differing: Sequence[int], num_parts: int
+) -> dict[str, float]:
+    """Each of A's maps' mass per area on the parts that tell A from B ÷ on the parts they share, on this image
+    (:func:`mcloss.metrics.mass.mass_ratio` with ``others``, as ``mcloss parts --contrast`` scores it); maps
+    without a finite ratio (a kind of part not visible, no mass) are left out."""
+    out = {}
+    for name, label in _RATIO_MAPS:
+        m = group.ccmp if name == "ccmp" else group.maps.get(name)
+        if m is None:
+            continue
+        values = np.clip(to_original(m, geometry), 0, None)
+        ratio = mass.mass_ratio(values, regions, differing, num_parts, others=shared)
+        if np.isfinite(ratio):
+            out[label] = float(ratio)
+    return out
+
+
+def tell_apart_note(ratios: dict[str, float]) -> str | None:
+    """The ratios in one sentence, or None without any."""
+    if not ratios:
+        return None
+    listed = ", ".join(f"{label} {format_ratio(r)}" for label, r in ratios.items())
+    return (
+        f"On this image, mass per area on the parts that tell them apart ÷ on the shared parts: {listed} "
+        "(1× = no preference)."
+    )
+
+
+def why_heading(group: GroupMaps, role: str, channels: str) -> str:
+    """A group's heading in the "Why A, not B?" view (HTML allowed; the name is escaped)."""
+    return (
+        f"#### {text(group.name)} <span style='color:#888;font-size:0.8em'>— {role} · FC {group.prob:.2f} · "
+        f"MC {group.prob_mc:.2f} · channels {channels}</span>"
+    )
 
 
 # ------------------------------------------------------------------------------------------ prediction

@@ -75,6 +75,9 @@ _EXPORTS: dict[str, str] = {
     "GroupMaps": "mcloss.explainability.explanation",
     "explain": "mcloss.explainability.explanation",
     "explain_tensor": "mcloss.explainability.explanation",
+    "Contrast": "mcloss.explainability.contrast",
+    "finer_weights": "mcloss.explainability.contrast",
+    "group_contrast": "mcloss.explainability.contrast",
     "channel_peaks": "mcloss.explainability.geometry",
     "to_original": "mcloss.explainability.geometry",
     "captum_gradcam": "mcloss.explainability.gradcam",
@@ -88,6 +91,7 @@ _EXPORTS: dict[str, str] = {
     # evaluation
     "evaluate": "mcloss.evaluation.classification",
     "evaluate_parts": "mcloss.evaluation.parts",
+    "evaluate_contrast": "mcloss.evaluation.contrast",
     # training
     "TrainConfig": "mcloss.training.config",
     "make_config": "mcloss.training.config",

@@ -849,6 +849,23 @@ def test_draw_defining_parts_keeps_them_in_colour_and_outlines_them():
     assert ((legend == render.DEFINING_RGB).all(-1)).any() and (legend == 255).any()
 
 
+def test_draw_part_sets_outlines_each_set_in_its_colour():
+    img = np.full((40, 40, 3), (30, 160, 200), np.uint8)
+    regions = np.zeros((40, 40), np.int32)
+    regions[5:15, 5:15] = 1  # crown: tells apart
+    regions[25:35, 25:35] = 2  # wing: shared
+    sets = [("tell apart", [0], render.DEFINING_RGB), ("shared", [1, 0], render.SHARED_RGB)]
+    out = render.draw_part_sets(img, regions, sets, PARTS, min_side=80)
+    picture, legend = out[:80], out[80:]
+    assert (picture[20, 20] == img[0, 0]).all() and (picture[60, 60] == img[0, 0]).all()  # both kept in colour
+    crown = picture[:40, :40].reshape(-1, 3).tolist()
+    wing = picture[40:, 40:].reshape(-1, 3).tolist()
+    assert list(render.DEFINING_RGB) in crown and list(render.SHARED_RGB) not in crown  # the crown is the first set's
+    assert list(render.SHARED_RGB) in wing and list(render.DEFINING_RGB) not in wing
+    for rgb in (render.DEFINING_RGB, render.SHARED_RGB):
+        assert ((legend == rgb).all(-1)).any()
+
+
 def test_sample_annotations_fall_back_to_keypoints_on_a_bad_mask(tmp_path):
     img, parts = _picture(0)
     Image.fromarray(img).save(tmp_path / "a.png")
@@ -916,3 +933,129 @@ def test_a_registered_map_kind_reaches_explain_montage_npz_json_and_app(toy_kind
     for taken in ("prob", "gradcam", "compare_x", "mean_f_peak_xy"):
         with pytest.raises(mcloss.ParameterError, match=repr(taken)):
             mcloss.register_map_kind(dataclasses.replace(toy_kind, name=taken))
+
+
+# ------------------------------------------------------------------------------------ why A, not B
+
+SHIPPED = REPO / "checkpoints" / "default.safetensors"
+SHIPPED_SAMPLES = REPO / "checkpoints" / "samples"
+
+
+@pytest.fixture
+def shipped_env(monkeypatch):
+    """The app on the shipped default checkpoint and its gallery (synthetic birds with part masks)."""
+    yield from _app_env(monkeypatch, SHIPPED, SHIPPED_SAMPLES)
+
+
+def _why_keys(at: AppTest) -> tuple[str, str]:
+    a = next(s.key for s in at.selectbox if s.key.startswith("why_a_"))
+    b = next(s.key for s in at.selectbox if s.key.startswith("why_b_"))
+    return a, b
+
+
+def test_why_a_not_b_view_on_the_shipped_default(shipped_env, explain_calls, shown):
+    """The view's defaults (A: the prediction, B: what contrast="auto" picks), its maps from one explain call
+    per pair, their "A vs B" captions, and the parts the two classes share and those that tell them apart."""
+    from mcloss.explainability.contrast import nearest_classes
+
+    gallery = view.load_gallery(SHIPPED_SAMPLES)
+    index = next(i for i, s in enumerate(gallery.samples) if s.class_name == "Orange_Head_Pink_Belly")
+    at = run_app(sample=index, view_mode="Why A, not B?")
+    assert_clean(at)
+    assert not at.error
+    model = mcloss.load_checkpoint(SHIPPED)
+    names = list(model.class_names)
+    image = mcloss.load_image(gallery.samples[index].path)
+    pred = mcloss.explain(model, image).prediction
+    auto = mcloss.explain(model, image, [pred], contrast="auto").groups[0].versus.other
+    logits = model(model.transform(image)[None]).detach()[0].numpy()
+    assert auto == nearest_classes(logits, pred, 1)[0]
+    a_key, b_key = _why_keys(at)
+    assert at.selectbox(key=a_key).value == pred and names[pred] == "Orange_Head_Pink_Belly"
+    assert at.selectbox(key=b_key).value == auto
+    assert len(at.selectbox(key=b_key).options) == len(names)  # every class, A itself last
+    assert explain_calls[-1] == [[pred, auto]]
+    A, B = names[pred], names[auto]
+    caps = captions(at)
+    assert f"Finer-CAM · {A} vs {B}" in caps and f"group contrast · {A} vs {B}" in caps
+    texts = [as_shown(m.value) for m in at.markdown]
+    assert f"### Why {A}, not {B}?" in texts
+    parts = model.card["defining_parts"]
+    shared = [p for p in parts[A] if p in parts[B]]
+    apart = ", ".join(
+        f"{' and '.join(ps)} ({c})"
+        for ps, c in (([p for p in parts[A] if p not in shared], A), ([p for p in parts[B] if p not in shared], B))
+        if ps
+    )
+    assert any(t.startswith(f"Shared: {' and '.join(shared) or 'none'} · Tell apart: {apart}") for t in texts), texts
+    notes = [c.value for c in at.caption]
+    assert view.FINER_NOTE in notes and view.CONTRAST_NOTE in notes
+
+    # the maps are the kinds' own tiles of that one explanation (one rendering path)
+    ex = mcloss.explain(model, image, [pred, auto], contrast=auto, maps=view.WHY_MAPS)
+    style = view.style_for("inferno", 0.5, False, True, False)
+    base = view.display_image(image)
+    want = [kinds.get(k).tiles(base, ex, ex.groups[0], style)[0].image for k in ("gradcam", "finer", "contrast")]
+    for got, w in zip(shown[1:4], want, strict=True):
+        assert got.shape == w.shape and np.abs(got.astype(int) - w).max() <= 1
+
+    # B as the issue's example: the orange head is shared; belly and tail tell the two apart
+    n = len(explain_calls)
+    other = names.index("Orange_Head_Forked_Tail")
+    at.selectbox(key=b_key).set_value(other).run()
+    assert_clean(at)
+    assert not at.error
+    assert len(explain_calls) == n + 1 and explain_calls[-1] == [[pred, other]]  # only the new pair runs
+    caps = captions(at)
+    assert f"Finer-CAM · {A} vs Orange_Head_Forked_Tail" in caps
+    assert f"group contrast · {A} vs Orange_Head_Forked_Tail" in caps
+    texts = [as_shown(m.value) for m in at.markdown]
+    assert f"### Why {A}, not Orange_Head_Forked_Tail?" in texts
+    line = "Shared: head · Tell apart: belly (Orange_Head_Pink_Belly), tail (Orange_Head_Forked_Tail)"
+    assert any(t.startswith(line) for t in texts), texts
+    # the gallery sample's part masks: both kinds of part marked, and each map's preference stated
+    assert (
+        "tell apart (orange): belly (Orange_Head_Pink_Belly), tail (Orange_Head_Forked_Tail) · shared (blue): head · "
+        "regions from the part masks"
+    ) in caps
+    ratio = next(p for t in texts for p in t.split("\n\n") if "mass per area on the parts that tell them apart" in p)
+    assert ratio.startswith("On this image, mass per area on the parts that tell them apart ÷ on the shared parts: group contrast ")
+    assert "Finer-CAM " in ratio and "Grad-CAM of A " in ratio
+    headings = [t for t in texts if t.startswith("#### ")]
+    assert headings[0].startswith(f"#### {A} ") and "A, the class to explain · the prediction" in headings[0]
+    assert headings[1].startswith("#### Orange_Head_Forked_Tail ") and "B, the class to tell it from" in headings[1]
+
+    # back to the closest class: cached; the same class twice: a message, no maps
+    at.selectbox(key=b_key).set_value(auto).run()
+    assert len(explain_calls) == n + 1
+    at.selectbox(key=b_key).set_value(pred).run()
+    assert_clean(at)
+    assert len(explain_calls) == n + 1
+    assert [as_shown(w.value) for w in at.warning if "same class" in w.value] == [
+        f"A and B are the same class ({A}): pick another class B to see what tells them apart."
+    ]
+    assert not any(c.startswith(("Finer-CAM", "group contrast")) for c in captions(at))
+
+
+def test_why_view_texts_are_escaped_and_need_the_card(env, checkpoint, gallery_dir):
+    """Class names in the view's Markdown are text; a card without defining parts says so; B defaults to the
+    class whose FC logit is nearest A's (read from the probabilities)."""
+    from mcloss.explainability.contrast import nearest_classes
+
+    logits = np.array([2.0, -1.0, 1.5, 3.0])
+    probs = np.exp(logits) / np.exp(logits).sum()
+    assert view.closest_classes(probs, 0) == [*nearest_classes(logits, 0, 3), 0] == [2, 3, 1, 0]
+    card = {"defining_parts": {"<b>A</b>": ["head", "belly"], "[B](http://x)": ["head", "tail"]}}
+    pc = view.parts_contrast(card, "<b>A</b>", "[B](http://x)")
+    note = view.parts_contrast_note(pc)
+    assert "<b>" not in note and "[B](" not in note and "\\[B\\]" in note
+    assert as_shown(note) == "Shared: head · Tell apart: belly (<b>A</b>), tail ([B](http://x))"
+    assert view.parts_caption(pc, "part masks") == (
+        "tell apart (orange): belly (<b>A</b>), tail ([B](http://x)) · shared (blue): head · regions from the part masks"
+    )
+    assert view.parts_contrast({}, "a", "b") is None and view.parts_contrast(card, "<b>A</b>", "C") is None
+    at = run_app(view_mode="Why A, not B?")  # the tiny checkpoint's card lists no defining parts
+    assert_clean(at)
+    assert not at.error
+    assert any("does not record its classes' defining parts" in as_shown(m.value) for m in at.markdown)
+    assert sum(c.startswith(("Finer-CAM · ", "group contrast · ")) for c in captions(at)) == 2

@@ -389,3 +389,64 @@ def test_browser_class_names_are_text_and_request_nothing(page, server, tmp_path
     pg.screenshot(path=str(ARTIFACTS / "app_hostile_names.png"), full_page=True)
     assert foreign == []
     _no_traceback(pg)
+
+
+def _loaded_images(pg, selector: str) -> int:
+    """How many images matching ``selector`` have finished loading with real pixels."""
+    return pg.eval_on_selector_all(selector, "els => els.filter(e => e.complete && e.naturalWidth > 0).length")
+
+
+def test_browser_why_a_not_b_view(page, server, app_env, tmp_path):
+    """An uploaded sample image, the "Why A, not B?" view, another class B: Finer-CAM and the group contrast
+    against that B are drawn, their images load, and the page shows no error."""
+    pg = page
+    pg.goto(server)
+    _wait_overlays(pg)
+    samples = Path(app_env["MCLOSS_SAMPLES"])
+    entries = json.loads((samples / "index.json").read_text())["samples"]
+    entry = entries[1 if len(entries) > 1 else 0]
+    picture = tmp_path / f"why_{Path(entry['file']).name}"
+    picture.write_bytes((samples / entry["file"]).read_bytes())
+    pg.locator('[data-testid="stSidebar"]').get_by_role("radio", name="Upload", exact=True).click()
+    pg.get_by_text("Upload an image or pick a gallery sample").wait_for()
+    _wait_rerun_done(pg)
+    pg.locator('[data-testid="stSidebar"] input[type=file]').set_input_files(str(picture))
+    pg.get_by_text(picture.name).first.wait_for()
+    _wait_overlays(pg)
+
+    t0 = time.perf_counter()
+    pg.get_by_text("Why A, not B?", exact=True).click()
+    finer, contrast = 'img[alt^="Finer-CAM of"]', 'img[alt^="group contrast of"]'
+    pg.locator(finer).first.wait_for(state="visible")
+    pg.locator(contrast).first.wait_for(state="visible")
+    _wait_rerun_done(pg)
+    print(f"\nwhy view -> maps visible: {time.perf_counter() - t0:.2f} s in the browser")
+    _no_traceback(pg)
+    heading = pg.get_by_text(re.compile(r"^Why .+, not .+\?$")).first.inner_text()
+    default_b = heading.rsplit(", not ", 1)[1].rstrip("?")
+
+    # pick another B: the second class in B's list (nearest logit first)
+    pg.locator('[data-testid="stSelectbox"]').filter(has_text="B: the class to tell it from").click()
+    option = pg.get_by_role("option").nth(1)
+    b = re.split(r"\s+·\s+|\s+\(= A\)", option.inner_text())[0].strip()  # "name · FC p", the label of the option
+    assert b and b != default_b
+    option.click()
+    for selector in (f'img[alt$=" against {b}"][alt^="Finer-CAM of"]', f'img[alt$=" against {b}"][alt^="group contrast of"]'):
+        pg.locator(selector).first.wait_for(state="visible")
+    _wait_rerun_done(pg)
+    pg.get_by_text(f", not {b}?").first.wait_for()
+    for selector in (finer, contrast):
+        pg.wait_for_function(
+            "s => { const e = [...document.querySelectorAll(s)]; return e.length > 0 && e.every(i => i.complete && i.naturalWidth > 0); }",
+            arg=selector,
+        )
+        assert _loaded_images(pg, selector) == pg.locator(selector).count() == 1
+    assert pg.get_by_text("Finer-CAM · ").count() >= 1 and pg.get_by_text("group contrast · ").count() >= 1
+    # an upload has no part annotations: the parts are named (when the card knows them), not marked
+    main = pg.locator('[data-testid="stMain"]')
+    said = main.inner_text().replace("\u2060", "")
+    assert "Tell apart:" in said or "does not record its classes' defining parts" in said
+    errors = main.locator('[data-testid="stAlert"]').filter(has_text=re.compile("Something went wrong|Could not explain"))
+    assert errors.count() == 0
+    _no_traceback(pg)
+    pg.screenshot(path=str(ARTIFACTS / "app_why_a_not_b.png"), full_page=True)

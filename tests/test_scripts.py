@@ -215,3 +215,18 @@ def test_gradcam_groups_sorts_channels_by_shared_defining_parts():
     assert group_kinds([1, 1], [[], []], 1).tolist() == ["other", "own"]  # no defining parts: shares with nobody
     shares = positive_shares(np.array([1.0, -1.0, 2.0, 0.0, 1.0, -5.0]), kinds)
     assert shares == {"own": 0.25, "sharing": 0.5, "other": 0.25}  # negative weights are not evidence
+
+
+def test_contrast_designs_scores_every_design_beside_the_maps(tmp_path):
+    from contrast_designs import design_blocks
+
+    from mcloss.explainability.contrast import CONTRAST_DESIGNS
+
+    root = tmp_path / "birds"
+    generate_dataset(root, classes=12, per_class=2, size=160, seed=4, test_fraction=1.0, object_scale=1.6, design="varied")
+    block = design_blocks([str(CHECKPOINT)], str(root), limit=4)[str(CHECKPOINT)]
+    methods = block["methods"]
+    assert {f"design_{d}" for d in CONTRAST_DESIGNS} < set(methods)
+    # the chosen design is the contrast map kind, and the "difference" design is the baseline row
+    assert methods["design_channels"]["mass_ratio"] == pytest.approx(methods["contrast"]["mass_ratio"])
+    assert methods["design_difference"]["mass_ratio"] == pytest.approx(methods["difference"]["mass_ratio"])

@@ -26,6 +26,7 @@ from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_writ
 from mcloss.data.cub import CUBDataset
 from mcloss.data.files import unique_file_stems
 from mcloss.data.io import encode_image
+from mcloss.evaluation.parts_report import coverage_markdown
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, contact_sheet
 
 __all__ = ["build_parser", "main", "summary_markdown"]
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def summary_markdown(summary: dict, title: str) -> str:
-    """The atlas in words: one line per channel, then consistency and stability."""
+    """The atlas in words: consistency and stability, the "distinct parts" count, then one line per channel."""
     c, s = summary["consistency"], summary["stability"]
     lines = [f"# Channel atlas: {title}", "", f"{summary['images']} images, top {summary['top']} patches per channel.", ""]
     if summary["has_parts"]:
@@ -79,6 +80,8 @@ def summary_markdown(summary: dict, title: str) -> str:
             lines.append(f"- Stability: {s['stable']} of {s['pairs']} (channel, image) pairs ({s['share']:.3f}) keep "
                          "their hit part under input noise.")  # fmt: skip
         lines.append("")
+    if summary.get("coverage") is not None:
+        lines += [coverage_markdown([(title, summary["coverage"])]), ""]
     for name, group in summary["classes"].items():
         for row in group["channels"]:
             what = "no part labels" if row["part"] is None else f"{row['part']}, {round(row['purity'] * len(row['top']))} of its top {len(row['top'])}"

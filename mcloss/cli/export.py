@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--maps", default=",".join(kinds.default_names()),
         help=f"comma list of {','.join(kinds.names())} (default {','.join(kinds.default_names())})",
     )  # fmt: skip
+    p.add_argument(
+        "--contrast", metavar="auto|CLASS",
+        help="also explain why each target and not another class: 'auto' (the class whose FC logit is nearest the "
+        "target's) or a class name or index; adds Finer-CAM and the group contrast (tiles 'A vs B', npz keys finer, "
+        "contrast and versus, each target's versus in the json)",
+    )  # fmt: skip
     p.add_argument("--colormap", default=style.colormap)
     p.add_argument("--alpha", type=float, default=style.alpha, help="heatmap opacity (0 = image only)")
     p.add_argument("--shared-scale", action="store_true", help="normalize a channel group by one max")
@@ -140,6 +146,7 @@ def _export(args: argparse.Namespace) -> int:
             style=style, topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device),
             shard=shard, method=args.method, compare=None if second is None else str(second),
             montage=not args.no_montage, montage_format=args.montage_format, quality=args.quality,
+            contrast=args.contrast,
         )  # fmt: skip
         model = load_checkpoint(ckpt, device)
         other = None if second is None else load_checkpoint(second, device)

@@ -25,7 +25,9 @@ from mcloss.cli._common import (
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.core.errors import DatasetError, MclossError, ParameterError
+from mcloss.core.files import atomic_write_json, atomic_write_text, json_safe
 from mcloss.core.model import MCModel
+from mcloss.evaluation.contrast import contrast_table, evaluate_contrast
 from mcloss.evaluation.faithfulness import BASELINES
 from mcloss.evaluation.parts import check_arguments, evaluate_parts
 from mcloss.evaluation.parts_report import PartsResult, baseline_block, summary_table, write_outputs
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tables and its own outputs go to OUT/baseline/",
     )  # fmt: skip
     p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion (much faster on a CPU)")
+    p.add_argument(
+        "--contrast", action="store_true",
+        help="also score the contrastive maps: on every pair of classes (A, B) that share a defining part and differ "
+        "in one, mass per area on the parts that tell them apart ÷ on the parts they share, of Grad-CAM and CCMP of A, "
+        "Finer-CAM (A vs B), the group contrast (A vs B), the plain CCMP difference and a random map "
+        "(OUT/contrast.json, OUT/contrast.md)",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=default["batch_size"], help="images per explain pass")
     p.add_argument(
@@ -115,11 +124,17 @@ def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         **result.summary["config"],
         "hit_radius": result.summary["hit_radius"],
     }
+    contrasts = [_contrast(args, model, path, device) for path, model in models] if args.contrast else []
     with writing_to(out):
         write_outputs(result, out, run_config)
         if baseline is not None:
             write_outputs(results[1], out / "baseline", run_config | {"checkpoint": str(baseline.resolve())})
+        if contrasts:
+            atomic_write_json(out / "contrast.json", {str(path): json_safe(block) for (path, _), block in zip(models, contrasts, strict=True)})
+            atomic_write_text(out / "contrast.md", _contrast_markdown(models, contrasts))
     print(summary_table(result.summary))
+    if contrasts:
+        print("\n" + _contrast_markdown(models, contrasts))
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 
@@ -154,6 +169,25 @@ def _evaluate(args: argparse.Namespace, model: MCModel, checkpoint: Path, device
             )  # fmt: skip
     except MclossError as exc:
         raise DatasetError(_naming_the_data(str(exc), args.data, checkpoint), parameter=exc.parameters) from exc
+
+
+def _contrast(args: argparse.Namespace, model: MCModel, checkpoint: Path, device: torch.device) -> dict:
+    """:func:`evaluate_contrast` of one checkpoint, with a progress bar; its errors name the data."""
+    try:
+        with progress_bar("contrast", sys.stderr.isatty(), leave=False) as progress:
+            return evaluate_contrast(
+                model, args.data, split=args.split, radius=args.radius, size_reference=args.size_reference,
+                limit=args.limit, batch_size=args.batch_size, device=device, seed=args.seed, progress=progress,
+            )  # fmt: skip
+    except MclossError as exc:
+        raise DatasetError(_naming_the_data(str(exc), args.data, checkpoint), parameter=exc.parameters) from exc
+
+
+def _contrast_markdown(models: list[tuple[Path, MCModel]], blocks: list[dict]) -> str:
+    """The contrast tables of each checkpoint, headed by its file name."""
+    return "\n".join(
+        contrast_table(block, f"## Contrastive maps: {path.name}\n") for (path, _), block in zip(models, blocks, strict=True)
+    )
 
 
 def _naming_the_data(message: str, data: str, checkpoint: Path) -> str:

@@ -29,6 +29,11 @@ For every image of a CUB-layout split with part keypoints, the TRUE class's chan
   any, else from the keypoints (each pixel within the hit radius of a visible keypoint belongs to the
   nearest one), both limited to the part of the image the network sees. Peaks here are the argmax of the
   map upsampled onto the original image. Classes without defining parts (the base bird) are not scored.
+* **Distinct parts, counted** (``summary["defining"]["coverage"]``, :mod:`mcloss.metrics.coverage`). On the
+  same images, each channel's part is the most frequent region of its peaks over the images of its class
+  (background and body = no part; a tie = no part); reported per class: whether the channels' parts cover
+  every defining part, how many they cover, distinct parts and the channels sharing a part, each with its
+  chance (each part-holding channel's part drawn from the class's visible part-area shares).
 
 The result and its output files are described in :mod:`mcloss.evaluation.parts_report`; images that cannot
 be read are skipped and listed in the summary's ``skipped_images``.
@@ -63,6 +68,7 @@ from mcloss.evaluation.parts_report import (
 from mcloss.explainability.defining import crop_regions
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain
 from mcloss.explainability.geometry import to_original
+from mcloss.metrics import coverage as C
 from mcloss.metrics import localization as M
 from mcloss.metrics import mass as W
 
@@ -665,6 +671,7 @@ def _score_defining(
         "defining": [int(d) for d in defining],
         "masks": from_masks,
         "chance": W.defining_chance(regions, defining, num_parts),
+        "part_area": area.tolist(),
         "rank_chance": float(target.sum() / target.size),
         "ratios": {}, "peaks": {}, "rank": {}, "energy_object": {}, "energy_defining": {}, "energy_parts": {},
     }  # fmt: skip
@@ -733,6 +740,9 @@ def _summarize_defining(
         "of_images": images,
         "methods": {},
     }
+    if source is not None:
+        counted = _coverage(labelled, class_names, part_names, classes)
+        block["coverage"] = {"regions": block["regions"], **counted}
     if not scored:
         return block
     for kind in DEFINING_MAPS:
@@ -747,6 +757,31 @@ def _summarize_defining(
         }
     block["per_class"] = per_class
     return block
+
+
+def _coverage(
+    labelled: list[tuple[int, dict]],
+    class_names: list[str],
+    part_names: list[str],
+    classes: dict[str, list[str]],
+) -> dict:
+    """The "distinct parts" count (:mod:`mcloss.metrics.coverage`) over the scored images: each channel's peak
+    region (0 / body = no part), the classes' defining parts (a region covers its parts) and the visible
+    part-area shares for the chance."""
+    from mcloss.data.defining import region_part_indices
+
+    num_parts = len(part_names)
+    peaks: dict[str, list[list[int]]] = {}
+    shares: dict[str, list[np.ndarray]] = {}
+    for label, d in labelled:
+        name = class_names[label]
+        on_part = [lab - 1 if 1 <= lab <= num_parts else C.NO_PART for lab in d["peaks"]["channels"]]
+        peaks.setdefault(name, []).append(on_part)
+        area = np.asarray(d["part_area"], dtype=np.float64)
+        shares.setdefault(name, []).append(area / area.sum())
+    defining = {cls: {r: region_part_indices(r, part_names) for r in rs} for cls, rs in classes.items()}
+    mean_shares = {cls: np.mean(v, axis=0).tolist() for cls, v in shares.items()}
+    return C.class_coverage(peaks, defining, part_names, mean_shares)
 
 
 def _defining_entry(scored: list[dict], kind: str, num_parts: int, masks: bool) -> dict[str, Any]:

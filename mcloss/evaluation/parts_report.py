@@ -20,6 +20,8 @@ from mcloss.metrics.mass import BOOTSTRAP_RESAMPLES, CI_LEVEL
 __all__ = [
     "DEFINING_LABELS",
     "baseline_block",
+    "coverage_markdown",
+    "coverage_table",
     "defining_table",
     "METHODS",
     "METHOD_LABELS",
@@ -179,6 +181,84 @@ def defining_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def coverage_table(summary: dict) -> str:
+    """The "distinct parts" count of a parts run (this model, and the baseline when there is one), or ""
+    when the run has no defining-part block."""
+    block = summary.get("defining")
+    if not isinstance(block, dict):
+        return ""
+    models = [("this model", block.get("coverage"))]
+    base = summary.get("baseline")
+    if isinstance(base, dict) and isinstance(base.get("defining"), dict):
+        models.append(("baseline model", base["defining"].get("coverage")))
+    return coverage_markdown(models)
+
+
+def _with_chance(text: str, chance: dict | None, key: str, digits: int) -> str:
+    value = None if chance is None else chance.get(key)
+    return text if value is None else f"{text} (chance {_fmt(value, digits)})"
+
+
+def _channel_text(part: str | None, share: float | None, status: str) -> str:
+    if part is not None:
+        return f"{part} ({_fmt(share, 2)})"
+    return {"tie": "tie", "none": "no part", "no peaks": "no peaks"}.get(status, "no part")
+
+
+def coverage_markdown(models: Sequence[tuple[str, dict | None]]) -> str:
+    """The "distinct parts" count in markdown: one summary row per model, then one row per class.
+
+    Args:
+        models: (model label, coverage block of :func:`mcloss.metrics.coverage.class_coverage`; None, or a
+            block whose ``source`` is None, when no defining parts are known).
+    """
+    lines = ["**Distinct parts, counted.**", ""]
+    known = [(name, c) for name, c in models if isinstance(c, dict) and c.get("summary")]
+    if not known:
+        unknown = all(c is None or c.get("source", "") is None for _, c in models)
+        lines.append("No defining parts known: coverage not counted." if unknown else
+                     "No image of a class with defining parts was scored: coverage not counted.")  # fmt: skip
+        return "\n".join(lines)
+    lines += [
+        "| model | classes fully covered | defining parts covered | distinct parts per group | duplicates "
+        "| channels on a shared part | channels with a part |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, c in known:
+        t, ch = c["summary"], c["summary"].get("chance")
+        full = f"{t['fully_covered']} of {t['classes']}"
+        covered = f"{t['defining_covered']} of {t['defining_parts']} = {_fmt(t['defining_covered_share'])}"
+        shared = f"{t['channels_on_shared_part']} of {t['channels']}"
+        lines.append(
+            f"| {name} | {_with_chance(full, ch, 'fully_covered', 1)} "
+            f"| {_with_chance(covered, ch, 'defining_covered_share', 3)} "
+            f"| {_with_chance(_fmt(t['distinct_parts_mean'], 2), ch, 'distinct_parts_mean', 2)} "
+            f"| {_with_chance(str(t['duplicates']), ch, 'duplicates', 1)} "
+            f"| {_with_chance(shared, ch, 'channels_on_shared_part', 1)} | {t['channels_with_part']} of {t['channels']} |"
+        )
+    classes = list(dict.fromkeys(cls for _, c in known for cls in c["per_class"]))
+    columns = "".join(f" {n}: each channel's part (share of its peaks) | covered |" for n, _ in known)
+    head = "| class | defining parts |" + columns
+    lines += ["", head, "|---|---|" + "---|---|" * len(known)]
+    for cls in classes:
+        rows = [c["per_class"].get(cls) for _, c in known]
+        first = next(r for r in rows if r is not None)
+        line = f"| {cls} | {', '.join(first['defining'])} |"
+        for r in rows:
+            if r is None:
+                line += " — | — |"
+                continue
+            each = zip(r["channel_parts"], r["channel_shares"], r["channel_status"], strict=True)
+            parts = "; ".join(f"{k + 1}: {_channel_text(p, sh, st)}" for k, (p, sh, st) in enumerate(each))
+            missed = f" (missed {', '.join(r['missed'])})" if r["missed"] else ""
+            line += f" {parts} | {r['covered_count']} of {r['defining_count']}{missed} |"
+        lines.append(line)
+    lines += ["", str(known[0][1].get("definition", ""))]
+    if known[0][1].get("regions"):
+        lines[-1] += f" Peaks' parts from {known[0][1]['regions']}."
+    return "\n".join(lines)
+
+
 def ratio_with_ci(value: float, ci: Sequence[float] | None, unit: str = "×") -> str:
     """``5.98× (5.41–6.60)``: a ratio and its interval (the ratio alone when there is none)."""
     text = f"{_fmt(value, 2)}{unit}"
@@ -196,8 +276,10 @@ def baseline_block(summary: dict, checkpoint: str | Path) -> dict:
 def summary_table(summary: dict) -> str:
     """The markdown tables: defining parts first (when known), then peaks and faithfulness per method."""
     defining = defining_table(summary)
+    coverage = coverage_table(summary)
     xi = "/".join(str(x) for x in summary["channels_per_group"])
-    lines = ([defining, ""] if defining else []) + [
+    lines = ([defining, ""] if defining else []) + ([coverage, ""] if coverage else [])
+    lines += [
         f"| maps | peaks | hit rate | distinct parts per group (of {xi}) | separated parts per group "
         "| overlap (top-k IoU) | deletion AUC ↓ | insertion AUC ↑ |",
         "|---|---|---|---|---|---|---|---|",

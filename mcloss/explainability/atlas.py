@@ -14,6 +14,13 @@ radius (``radius`` × max(width, height)), and each channel with its most freque
   part when Gaussian
   noise (``noise`` × the normalized input's unit) is added to the input; a second forward pass over those
   images (``noise=None`` skips it).
+- **Distinct parts, counted** (``coverage``, :mod:`mcloss.metrics.coverage`): where the classes' defining
+  parts are known (the inputs' ``defining``, else the checkpoint card's), each channel's part is the most
+  frequent part its own-class peaks hit (within the hit radius; a miss is "no part", a tie is no part);
+  per class, whether the channels' parts cover every defining part and how many channels share a part,
+  with the chance of part-holding channels drawn from the visible part-area shares (each pixel within the
+  hit radius of a visible keypoint belongs to the nearest one, limited to the network's crop). Images
+  without a visible keypoint are left out.
 
 The pass is resumable: ``state`` (a safetensors file of the running top-k plus a JSON sidecar of the
 options and per-image peaks) is written every ``save_every`` batches and when the pass is interrupted;
@@ -35,12 +42,16 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from mcloss.core.errors import DatasetError, ParameterError, Progress, check_callback
-from mcloss.core.files import atomic_path, atomic_write_json
+from mcloss.core.files import atomic_path, atomic_write_json, json_safe
 from mcloss.core.model import MCModel, model_guard
+from mcloss.data.defining import defining_parts, region_part_indices
 from mcloss.data.files import InputFile
 from mcloss.data.inputs import ImageFiles, collate_items
 from mcloss.data.io import load_image
+from mcloss.explainability.defining import crop_regions
+from mcloss.metrics import coverage as C
 from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, hit_radius, nearest_keypoints
+from mcloss.metrics.mass import region_areas
 
 __all__ = ["CONSISTENT", "AtlasInputs", "build_atlas", "contact_sheet", "patch_box", "running_topk"]
 
@@ -84,19 +95,23 @@ def patch_box(xy: Sequence[float], size: tuple[int, int], fraction: float) -> li
 
 @dataclass(frozen=True)
 class AtlasInputs:
-    """The images of an atlas: paths, labels, part keypoints ([P, 3] x, y, visible; or None) and part names."""
+    """The images of an atlas: paths, labels, part keypoints ([P, 3] x, y, visible; or None), part names and
+    the classes' defining parts (class name → part or region names; None when the dataset does not say)."""
 
     paths: list[str]
     labels: list[int]
     keypoints: list[np.ndarray | None]
     part_names: list[str]
+    defining: dict[str, list[str]] | None = None
 
     @classmethod
     def from_cub(cls, dataset) -> AtlasInputs:
-        """From a :class:`mcloss.data.cub.CUBDataset` split."""
+        """From a :class:`mcloss.data.cub.CUBDataset` split; the defining parts from its ``synth.json`` or
+        CUB attribute files (:func:`mcloss.data.defining.defining_parts`)."""
         kps = [None if r.parts is None else np.asarray(r.parts, np.float64).reshape(-1, 3) for r in dataset.records]
+        root = getattr(dataset, "root", None)
         return cls([str(r.path) for r in dataset.records], [int(r.label) for r in dataset.records], kps,
-                   list(dataset.part_names))  # fmt: skip
+                   list(dataset.part_names), None if root is None else defining_parts(root))  # fmt: skip
 
 
 def _options(
@@ -295,7 +310,51 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
                         "share": consistent / len(tracked) if tracked else None},
         "stability": {"pairs": stable_pairs, "stable": stable, "share": stable / stable_pairs if stable_pairs else None},
         "has_parts": any(k is not None and len(k) for k in inputs.keypoints),
+        "coverage": _coverage(model, inputs, classes, meta, radius),
     }  # fmt: skip
+
+
+def _defining(model: MCModel, inputs: AtlasInputs) -> tuple[dict[str, list[str]] | None, str | None]:
+    """The classes' defining parts and where they came from: the inputs', else the checkpoint card's."""
+    if inputs.defining is not None:
+        return inputs.defining, "dataset"
+    card = model.card.get("defining_parts") if isinstance(model.card, dict) else None
+    return (card, "checkpoint card") if isinstance(card, dict) else (None, None)
+
+
+def _coverage(
+    model: MCModel, inputs: AtlasInputs, classes: Sequence[int], meta: dict, radius: float
+) -> dict | None:
+    """The "distinct parts" count over the own-class peaks (see the module docstring); None without part
+    keypoints, ``summary`` None and a ``note`` without defining parts."""
+    names = inputs.part_names
+    if not names or not any(k is not None and len(k) for k in inputs.keypoints):
+        return None
+    defining, source = _defining(model, inputs)
+    block: dict = {"source": source, "regions": "keypoints within the hit radius"}
+    if not defining:
+        return block | {"per_class": {}, "summary": None, "note": "no defining parts known"}
+    wanted = {model.class_names[c] for c in classes}
+    regions = {cls: {r: region_part_indices(str(r), names) for r in rs} for cls, rs in defining.items()}
+    regions = {cls: v for cls, v in regions.items() if cls in wanted}
+    peaks: dict[str, list[list[int]]] = {}
+    shares: dict[str, list[np.ndarray]] = {}
+    for key, cells in meta["own"].items():
+        i = int(key)
+        kps = inputs.keypoints[i]
+        if kps is None or not len(kps) or not (kps[:, 2] > 0).any():
+            continue
+        name = model.class_names[inputs.labels[i]]
+        parts = [_cell_hit(model, inputs, i, cell, meta, radius) for cell in cells]
+        peaks.setdefault(name, []).append([C.NO_PART if p is None else p for p in parts])
+        w, h = meta["sizes"][key]
+        seen = crop_regions(None, kps, model.transform.geometry(w, h), hit_radius(w, h, radius))
+        area = region_areas(seen, len(names))
+        if area.sum() > 0:
+            shares.setdefault(name, []).append(area / area.sum())
+    mean_shares = {cls: np.mean(v, axis=0).tolist() for cls, v in shares.items()}
+    counted = C.class_coverage(peaks, regions, names, mean_shares)
+    return json_safe(block | counted)
 
 
 def _consistency(model, inputs, own, meta, radius) -> tuple[float | None, int | None]:

@@ -3,7 +3,8 @@
 Same model, batch and device for every path; warm-up, then the median of repeats (taken round-robin
 over the paths); images/s. Paths:
 ``forward_only`` (model forward under inference_mode), ``channel_maps`` (F slices + peaks for the
-predicted class), ``channel_maps_and_gradcam`` (plus fused Grad-CAM), ``captum_gradcam`` (a prediction
+predicted class), ``channel_maps_and_gradcam`` (plus fused Grad-CAM), ``contrastive`` (plus Finer-CAM and the
+group contrast against the nearest class, ``contrast="auto"``, from the same pass), ``captum_gradcam`` (a prediction
 forward, then Captum ``LayerGradCam.attribute`` for the predicted class), ``pytorch_grad_cam``
 (``GradCAM(model, [model.feature_layer])(x)``), ``atlas`` (F and a running top-16 of every channel on the
 device, the pass of :func:`mcloss.explainability.atlas.build_atlas`) and ``export_end_to_end`` (:func:`mcloss.explainability.export.export`
@@ -40,6 +41,7 @@ PATHS = (
     "forward_only",
     "channel_maps",
     "channel_maps_and_gradcam",
+    "contrastive",
     "captum_gradcam",
     "pytorch_grad_cam",
     "export_end_to_end",
@@ -51,6 +53,7 @@ PATHS = (
 #: (name, numerator, denominator, goal)
 GOALS = (
     ("channel_maps / forward_only", "channel_maps", "forward_only", 0.9),
+    ("contrastive / channel_maps_and_gradcam", "contrastive", "channel_maps_and_gradcam", 0.9),
     ("channel_maps_and_gradcam / captum_gradcam", "channel_maps_and_gradcam", "captum_gradcam", 1.5),
     ("channel_maps_and_gradcam / pytorch_grad_cam", "channel_maps_and_gradcam", "pytorch_grad_cam", 2.0),
     ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.7),
@@ -105,6 +108,12 @@ def _paths(
             model, x, geos, "pred", maps=("channels", "gradcam"), method="fused", device=device, amp=amp
         )
 
+    def contrastive():
+        return explain_tensor(
+            model, x, geos, "pred", maps=("channels", "gradcam", "finer", "contrast"), method="fused", device=device,
+            amp=amp, contrast="auto",
+        )  # fmt: skip
+
     def captum_gradcam():
         with torch.inference_mode(), autocast(device, enabled=amp):
             pred = model(x).argmax(dim=1)
@@ -149,6 +158,7 @@ def _paths(
         "forward_only": forward_only,
         "channel_maps": channel_maps,
         "channel_maps_and_gradcam": channel_maps_and_gradcam,
+        "contrastive": contrastive,
         "captum_gradcam": captum_gradcam,
         "pytorch_grad_cam": pytorch_grad_cam,
         "export_end_to_end": exporting(montage=True),

@@ -34,6 +34,7 @@ from mcloss.core.transforms import Geometry
 from mcloss.data.inputs import PreparedImage, ViewMaker, prepare_image
 from mcloss.data.io import DEFAULT_QUALITY
 from mcloss.explainability import kinds, render
+from mcloss.explainability.contrast import Contrast, ContrastSpec, check_contrast, resolve_contrasts
 from mcloss.explainability.geometry import channel_peaks
 from mcloss.explainability.gradcam import GRADCAM_METHODS
 from mcloss.explainability.kinds import ExplainPass, parse_maps
@@ -81,6 +82,7 @@ class GroupMaps:
             also the attribute ``<kind>_peak_xy`` (``gradcam_peak_xy``).
         prob: FC-head probability of ``target``.
         prob_mc: MC-head probability of ``target``.
+        versus: what the contrastive maps (``finer``, ``contrast``) contrast ``target`` with, or None.
     """
 
     target: int
@@ -94,12 +96,17 @@ class GroupMaps:
     map_peaks: dict[str, np.ndarray] = field(default_factory=dict)
     prob: float = float("nan")
     prob_mc: float = float("nan")
+    versus: Contrast | None = None
 
     if TYPE_CHECKING:  # the built-in kinds, read and written through maps / map_peaks
         gradcam: np.ndarray | None
         gradcam_peak_xy: np.ndarray | None
         channel_gradcam: np.ndarray | None
         guided: np.ndarray | None
+        finer: np.ndarray | None
+        finer_peak_xy: np.ndarray | None
+        contrast: np.ndarray | None
+        contrast_peak_xy: np.ndarray | None
 
     def __init__(
         self,
@@ -114,12 +121,13 @@ class GroupMaps:
         map_peaks: dict[str, np.ndarray] | None = None,
         prob: float = float("nan"),
         prob_mc: float = float("nan"),
+        versus: Contrast | None = None,
         **kind_maps: np.ndarray | None,
     ) -> None:
         self.target, self.name, self.channels, self.ccmp = target, name, channels, ccmp
         self.peaks_feature, self.peaks_xy, self.peak_values = peaks_feature, peaks_xy, peak_values
         self.maps, self.map_peaks = dict(maps or {}), dict(map_peaks or {})  # a copy shares no dict
-        self.prob, self.prob_mc = prob, prob_mc
+        self.prob, self.prob_mc, self.versus = prob, prob_mc, versus
         for key, value in kind_maps.items():
             if _kind_slot(key) is None:
                 raise TypeError(f"GroupMaps() got an unexpected keyword argument {key!r}")
@@ -383,6 +391,7 @@ def explain(
     device: torch.device | str | None = None,
     amp: bool | None = None,
     batch_size: int | None = None,
+    contrast: ContrastSpec | None = None,
 ) -> Explanation | list[Explanation]:
     """Explain one image or a list of them.
 
@@ -400,6 +409,10 @@ def explain(
         amp: bf16 autocast (default: on for CUDA).
         batch_size: most images per forward pass (default: all images of one input shape at once). Every
             image is decoded first; for long lists, call once per chunk.
+        contrast: why each target and not class B: ``"auto"`` (B is the class whose FC-head logit is nearest
+            the target's; Finer-CAM also takes the next two), a class name or a 0-based index. It adds the
+            contrastive maps (``finer``, ``contrast``) when ``maps`` names neither; naming one of them in
+            ``maps`` without a contrast means ``"auto"``. See :mod:`mcloss.explainability.contrast`.
 
     Returns:
         An Explanation for a single image, else a list in input order. Images whose inputs have the same
@@ -413,7 +426,9 @@ def explain(
         labels = [labels]
     if batch_size is not None and batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1, got {batch_size}", parameter="batch_size")
-    names = parse_maps(maps)
+    names, contrast = kinds.contrast_maps(parse_maps(maps), contrast)
+    if contrast is not None:
+        check_contrast(model, contrast)
     prepared = [it if isinstance(it, PreparedImage) else prepare(model, it) for it in items]
     batch_targets = per_image(targets, len(items))
     batch_labels = list(labels) if labels is not None else [None] * len(items)
@@ -437,6 +452,7 @@ def explain(
                 method=method,
                 device=device,
                 amp=amp,
+                contrast=contrast,
             )
             for i, e in zip(idx, out, strict=True):
                 e.view, e.source = prepared[i].view, prepared[i].source
@@ -456,6 +472,7 @@ def explain_tensor(
     device: torch.device | str | None = None,
     amp: bool | None = None,
     channels_last: bool | None = None,
+    contrast: ContrastSpec | None = None,
 ) -> list[Explanation]:
     """Explain a preprocessed batch with one forward pass.
 
@@ -470,6 +487,7 @@ def explain_tensor(
         device: where to run (default: the model's device).
         amp: bf16 autocast (default: on for CUDA).
         channels_last: channels-last memory format (default: on for CUDA).
+        contrast: the class each target is contrasted with (see :func:`explain`).
 
     Returns:
         One Explanation per image (without a view; :func:`explain` adds it).
@@ -485,8 +503,9 @@ def explain_tensor(
     x = x.to(dev, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    chosen = [kinds.get(name) for name in parse_maps(maps)]
-    fused = method == "fused" and any(k.needs_gradients for k in chosen)
+    names, contrast = kinds.contrast_maps(parse_maps(maps), contrast)
+    chosen = [kinds.get(name) for name in names]
+    fused = any(k.needs_gradients and (method == "fused" or k.fused_only) for k in chosen)
 
     with model_guard(model, freeze=True):
         feats, logits = _forward(model, x, dev, amp=amp, fused=fused)
@@ -495,7 +514,10 @@ def explain_tensor(
             probs_mc = torch.softmax(model.mc_logits(feats.detach()), dim=1).float().cpu().numpy()
         per_image = resolve_targets(model, targets, probs_fc, probs_mc, labels)
         depth = max(len(t) for t in per_image)
-        computed = _compute_maps(ExplainPass(model, x, feats, logits, method, depth), chosen, per_image)
+        contrasts = []
+        if contrast is not None:
+            contrasts = resolve_contrasts(model, contrast, logits.detach().float().cpu().numpy(), per_image)
+        computed = _compute_maps(ExplainPass(model, x, feats, logits, method, depth, contrasts), chosen, per_image)
 
     picked = [(b, r, model.group_slice(t)) for b in range(batch) for r, t in enumerate(per_image[b])]
     host = {k.name: _to_host(computed[k.name], k, picked) for k in chosen}
@@ -504,8 +526,9 @@ def explain_tensor(
     results = []
     for b, geo in enumerate(geometries):
         groups = [_group_maps(model, host, (b, r, t), geo, feature_hw) for r, t in enumerate(per_image[b])]
-        for gm in groups:
+        for r, gm in enumerate(groups):
             gm.prob, gm.prob_mc = float(probs_fc[b, gm.target]), float(probs_mc[b, gm.target])
+            gm.versus = contrasts[b][r] if contrasts else None
         label = None if label_list[b] is None else int(label_list[b])
         results.append(
             Explanation(

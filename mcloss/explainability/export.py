@@ -63,6 +63,7 @@ from mcloss.data.files import InputFile, collect_inputs, output_path
 from mcloss.data.inputs import ImageFiles, PreparedImage, collate_items
 from mcloss.data.io import DEFAULT_QUALITY, check_encoding
 from mcloss.explainability import kinds
+from mcloss.explainability.contrast import check_contrast
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import explain, parse_maps, view_maker
 from mcloss.explainability.outputs import Comparison, OutputOptions, stale_temps, write_explanation
@@ -127,6 +128,8 @@ class ExportConfig:
         montage: draw and write each target's montage; False writes the npz and the json only.
         montage_format: ``png`` (lossless, the default), ``jpg`` or ``webp`` (:data:`mcloss.data.io.IMAGE_FORMATS`).
         quality: the lossy formats' quality, 1..100 (recorded only for them).
+        contrast: ``"auto"`` or a class (name or index): each target is also explained against that class
+            (Finer-CAM and the group contrast, :mod:`mcloss.explainability.contrast`); None: no contrast.
     """
 
     checkpoint: str
@@ -145,6 +148,7 @@ class ExportConfig:
     montage: bool = True
     montage_format: str = "png"
     quality: int = DEFAULT_QUALITY
+    contrast: str | None = None
 
     def __post_init__(self) -> None:
         check_encoding(self.montage_format, self.quality)
@@ -181,9 +185,11 @@ class ExportConfig:
         }
         if self.montage_format != "png":  # a PNG export records what it always did
             drawing |= {"montage_format": self.montage_format, "quality": self.quality}
+        maps, contrast = kinds.contrast_maps(parse_maps(self.maps), self.contrast)
         return {
             "target": self.target,
-            "maps": list(parse_maps(self.maps)),
+            "maps": list(maps),
+            **({} if contrast is None else {"contrast": str(contrast)}),
             # an export with montages records what it always did; one without records no drawing settings,
             # which change none of its files
             **(drawing if self.montage else {"montage": False}),
@@ -234,7 +240,8 @@ class ExportPlan:
         config: the export's settings.
         out: the output directory.
         sha256: the checkpoint's sha256.
-        maps: the map kinds, parsed.
+        maps: the map kinds, parsed (with the contrastive ones under a contrast).
+        contrast: the contrast, checked against the model (``"auto"`` or a class index), or None.
         target: the target spec, checked against the model.
         files: the inputs of this shard, in input order.
         problems: (input, reason) of every input that gave no file (shard 0 reports them; others none).
@@ -251,6 +258,7 @@ class ExportPlan:
     out: Path
     sha256: str
     maps: tuple[str, ...]
+    contrast: int | str | None
     target: int | str
     files: list[InputFile]
     problems: list[tuple[str, str]]
@@ -293,8 +301,9 @@ def plan_export(
         ParameterError, UnknownClassError, OutOfRangeError: an unusable option (unknown map kind, target or
             class, a second model that does not match), before any work is done.
     """
-    maps = parse_maps(config.maps)
+    maps, contrast = kinds.contrast_maps(parse_maps(config.maps), config.contrast)
     target = check_target(model, str(config.target))  # an unknown class or a bad topK fails before any work
+    contrast = None if contrast is None else check_contrast(model, contrast)
     out = Path(config.out)
     _check_out_apart(out, config.input)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +320,7 @@ def plan_export(
         montage_format=config.montage_format, quality=config.quality,
     )
     return ExportPlan(
-        config=config, out=out, sha256=sha256, maps=maps, target=target, files=files,
+        config=config, out=out, sha256=sha256, maps=maps, contrast=contrast, target=target, files=files,
         problems=list(found.problems) if shard_i == 0 else [],  # reported once, by shard 0
         bases=bases, records=records, todo=[f for f in files if not _current(records[f.key], wanted, f.source)],
         output=output, titles=titles, compare_sha256=compare_sha, card=model.card,
@@ -530,7 +539,7 @@ def _explained(items: list, run: _Run) -> list[_Job]:
     prepared = [item for _, item in good]
     pass_ = functools.partial(
         explain, maps=plan.maps, labels=labels, method=plan.config.method, device=run.device, amp=run.amp,
-        batch_size=run.per_pass,
+        batch_size=run.per_pass, contrast=plan.contrast,
     )  # fmt: skip
     exps = pass_(run.model, prepared, plan.target)
     others = [None] * len(exps)

@@ -13,6 +13,11 @@ Built in, in this order (the order of tiles, npz arrays and json keys):
 - ``gradcam``: ReLU Grad-CAM of the FC-head logit, from the same pass (fused) or Captum's ``LayerGradCam``.
 - ``channel_gradcam``: per-channel Grad-CAM of the group's channels (shown by the app, not in montages).
 - ``guided``: Captum's Guided Grad-CAM at input resolution, signed (extra passes through the input).
+- ``finer``: Finer-CAM of the FC head, the target against its contrast's references (from the same pass).
+- ``contrast``: the group contrast, the target's channel group against class B's (no gradient).
+
+The last two are contrastive (:mod:`mcloss.explainability.contrast`): they need a class to contrast with,
+and their tiles are titled "A vs B".
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mcloss.core.errors import ParameterError
+from mcloss.explainability.contrast import finer_weights, group_contrast
 from mcloss.explainability.gradcam import (
     captum_channel_gradcam,
     captum_gradcam,
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mcloss.core.model import MCModel
+    from mcloss.explainability.contrast import Contrast
     from mcloss.explainability.explanation import Explanation, GroupMaps
     from mcloss.explainability.render.tiles import Style, Tile
 
@@ -46,6 +53,7 @@ __all__ = [
     "RESERVED",
     "ExplainPass",
     "MapKind",
+    "contrast_maps",
     "default_names",
     "get",
     "kinds",
@@ -71,6 +79,8 @@ class ExplainPass:
         logits: [B, C] FC-head logits computed from ``features``.
         method: ``"fused"`` or ``"captum"`` Grad-CAM.
         depth: the number of target ranks.
+        contrasts: per image, one :class:`~mcloss.explainability.contrast.Contrast` per target (empty when
+            no contrastive kind is computed).
     """
 
     model: MCModel
@@ -79,15 +89,21 @@ class ExplainPass:
     logits: torch.Tensor
     method: str
     depth: int
+    contrasts: list[list[Contrast]] = field(default_factory=list)
     _weights: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def gradcam_weights(self, rank: int, targets: Sequence[int]) -> torch.Tensor:
         """[B, K] Grad-CAM channel weights of the FC-head logits of ``targets`` (rank ``rank``), computed once
-        per rank from this pass; the graph is kept until the last rank."""
+        per rank from this pass (the graph lives as long as the pass)."""
         if rank not in self._weights:
-            retain = rank < self.depth - 1
-            self._weights[rank] = fused_gradcam(self.features, self.logits, list(targets), retain_graph=retain)
+            self._weights[rank] = fused_gradcam(self.features, self.logits, list(targets), retain_graph=True)
         return self._weights[rank]
+
+    def rank_contrasts(self, rank: int) -> list[Contrast]:
+        """Each image's contrast at ``rank`` (images with fewer targets repeat their last one)."""
+        if not self.contrasts:
+            raise ParameterError("a contrastive map needs a class to contrast with (contrast=)", parameter="contrast")
+        return [c[min(rank, len(c) - 1)] for c in self.contrasts]
 
 
 Compute = Callable[[ExplainPass, int, list[int]], torch.Tensor]
@@ -109,6 +125,9 @@ class MapKind:
             file stem, formatted with ``name`` (the class), ``prob`` (FC-head probability), ``channel``
             (1-based), ``xi`` (group size) and ``peak`` (the channel's peak value).
         needs_gradients: computed from gradients w.r.t. F (the pass keeps F's graph when the method is fused).
+        fused_only: computed from this pass's gradients whatever the Grad-CAM method (Finer-CAM).
+        contrastive: needs a class to contrast with (``explain(contrast=)``); its templates may use ``other``
+            (class B's name) and ``versus`` (B, with "+n" for Finer-CAM's further references).
         extra_passes: runs passes of its own through the input with hooks on the model (slower, and an export
             then explains one batch at a time).
         per_channel: one map per channel of the target's group.
@@ -131,6 +150,8 @@ class MapKind:
     alt: str
     slug: str
     needs_gradients: bool = False
+    fused_only: bool = False
+    contrastive: bool = False
     extra_passes: bool = False
     per_channel: bool = False
     at_input: bool = False
@@ -183,6 +204,18 @@ def _guided(p: ExplainPass, rank: int, targets: list[int]) -> torch.Tensor:
     return captum_guided_gradcam(p.model, p.x, targets).float().sum(dim=1)
 
 
+def _finer(p: ExplainPass, rank: int, targets: list[int]) -> torch.Tensor:
+    references = [c.references for c in p.rank_contrasts(rank)]
+    weights = finer_weights(p.features, p.logits, targets, references)
+    return gradcam_from_weights(p.features.detach(), weights)
+
+
+def _contrast(p: ExplainPass, rank: int, targets: list[int]) -> torch.Tensor:
+    feats, group = p.features.detach(), p.model.group_slice
+    pairs = zip(targets, p.rank_contrasts(rank), strict=True)
+    return torch.stack([group_contrast(feats[b, group(t)], feats[b, group(c.other)]) for b, (t, c) in enumerate(pairs)])
+
+
 _TABLE: dict[str, MapKind] = {}
 
 #: Names a kind cannot take: they already mean something in GroupMaps, the npz, the json or ``map_overlay``.
@@ -190,7 +223,7 @@ RESERVED = frozenset({
     "target", "name", "ccmp", "peaks_feature", "peaks_xy", "peak_values", "maps", "map_peaks", "prob", "prob_mc",
     "channel", "probs", "probs_mc", "targets", "rank", "index", "png", "montage", "defining_parts", "defining_mass_ratio",
     "file", "image_size", "prediction", "prediction_mc", "topk", "label", "feature_hw", "geometry", "outputs",
-    "options", "compare",
+    "options", "compare", "versus", "references",
 })  # fmt: skip
 
 
@@ -262,6 +295,17 @@ def parse_maps(maps: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(name for name in _TABLE if name == CHANNELS or name in wanted)
 
 
+def contrast_maps(names: Sequence[str], contrast: object | None) -> tuple[tuple[str, ...], object | None]:
+    """Kinds and contrast spec made consistent: a contrast adds every contrastive kind when none is chosen;
+    a contrastive kind without a contrast gets ``"auto"``. Returns (kind names in table order, contrast)."""
+    chosen = {k.name for k in kinds() if k.name in names and k.contrastive}
+    if contrast is None:
+        return tuple(names), ("auto" if chosen else None)
+    if not chosen:
+        names = [*names, *(k.name for k in kinds() if k.contrastive)]
+    return tuple(n for n in _TABLE if n in names), contrast
+
+
 _BUILT_IN_KINDS = (
     MapKind(
         CHANNELS, "Channels", _features, "ch {channel}/{xi}  peak {peak}", "channel {channel}/{xi} · peak {peak}",
@@ -280,6 +324,15 @@ _BUILT_IN_KINDS = (
     MapKind(
         "guided", "Guided Grad-CAM", _guided, "Guided Grad-CAM", "Guided Grad-CAM (signed)",
         "Guided Grad-CAM of {name}", "guided_gradcam", extra_passes=True, at_input=True, signed=True,
+    ),
+    MapKind(
+        "finer", "Finer-CAM", _finer, "Finer {name} vs {versus}", "Finer-CAM · {name} vs {versus}",
+        "Finer-CAM of {name} against {versus}", "finer", needs_gradients=True, fused_only=True, contrastive=True,
+        peak=True,
+    ),
+    MapKind(
+        "contrast", "Group contrast", _contrast, "{name} vs {other}", "group contrast · {name} vs {other}",
+        "group contrast of {name} against {other}", "contrast", contrastive=True, peak=True,
     ),
 )
 for _kind in _BUILT_IN_KINDS:

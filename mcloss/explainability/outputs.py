@@ -14,8 +14,12 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   [{index, name, prob}], ``label`` (or null), ``target`` {index, name, prob}, ``channels`` [{channel,
   peak_xy [x, y] original pixels, peak_value}], ``gradcam`` {peak_xy} (or null), ``feature_hw``,
   ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, montage
-  (the montage's file), png (the same when it is a PNG, else null),
-  defining_parts} per rank, plus ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  (the montage's file), png (the same when it is a PNG, else null), versus, defining_parts} per rank, plus
+  ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  With a contrast (``explain(contrast=)``, ``mcloss export --contrast``): ``finer`` and ``contrast`` {peak_xy}
+  beside ``gradcam``, each target's ``versus`` {index, name (class B), auto (picked from the logits),
+  references [{index, name, prob}] (Finer-CAM's, B first)} (else null), and in the npz ``finer`` and
+  ``contrast`` [h, w] and ``versus`` [R] (the references' indices, B first).
   Without montages (``mcloss export --no-montage``) no montage is written and each target's ``montage`` and
   ``png`` are null.
   With ``--compare``, ``compare`` holds the second model's ``checkpoint``, ``sha256``, predictions, ``topk``
@@ -85,6 +89,8 @@ def explanation_arrays(exp: Explanation) -> dict[str, np.ndarray]:
         arrays[f"{kinds.CHANNELS}{sfx}"] = gm.channels
         arrays[f"peaks_xy{sfx}"] = gm.peaks_xy.astype(np.float64)
         arrays |= {f"{name}{sfx}": value for name, value in _computed(gm)}
+        if gm.versus is not None:
+            arrays[f"versus{sfx}"] = np.array(gm.versus.references, np.int64)
     return arrays
 
 
@@ -104,7 +110,18 @@ def _peak_entries(gm: GroupMaps) -> dict:
     return {name: None if xy is None else {"peak_xy": [float(v) for v in xy]} for name, xy in peaks.items()}
 
 
-def _target_entry(gm: GroupMaps, rank: int, montage: str | None, defining: DefiningSummary | None = None) -> dict:
+def _versus_entry(gm: GroupMaps, probs: np.ndarray) -> dict | None:
+    """The json's ``versus``: class B, whether it was picked from the logits, and Finer-CAM's references."""
+    v = gm.versus
+    if v is None:
+        return None
+    refs = [{"index": i, "name": n, "prob": float(probs[i])} for i, n in zip(v.references, v.names, strict=True)]
+    return {"index": v.other, "name": v.names[0], "auto": v.auto, "references": refs}
+
+
+def _target_entry(
+    gm: GroupMaps, rank: int, montage: str | None, defining: DefiningSummary | None, probs: np.ndarray
+) -> dict:
     entry = {
         "rank": rank,
         "index": gm.target,
@@ -116,6 +133,7 @@ def _target_entry(gm: GroupMaps, rank: int, montage: str | None, defining: Defin
             for i in range(len(gm.channels))
         ],
         **_peak_entries(gm),
+        "versus": _versus_entry(gm, probs),
         "png": montage if montage is not None and montage.endswith(".png") else None,
         "montage": montage,
         "defining_parts": [] if defining is None else list(defining.parts),
@@ -155,7 +173,7 @@ def explanation_record(
     """
     stem = name if name is not None else Path(exp.source or "image").name
     entries = [
-        _target_entry(gm, rank, montage_name(stem, rank, montage_format) if montage else None, d)
+        _target_entry(gm, rank, montage_name(stem, rank, montage_format) if montage else None, d, exp.probs_fc)
         for rank, (gm, d) in enumerate(zip(exp.groups, _aligned(exp, defining), strict=True), start=1)
     ]
     pred, pred_mc = exp.prediction, exp.prediction_mc

@@ -2,8 +2,9 @@
 only numpy and :mod:`mcloss.core.errors`.
 
 Modules:
+    coverage: the "distinct parts" claim counted: each channel's majority part, coverage of the defining parts.
     localization: hit radii, nearest keypoints, peak hits, top-k masks, IoU, perturbation steps and AUC.
     mass: mass per area on a class's defining parts, geometric means and their bootstrap intervals.
 """
 
-__all__ = ["localization", "mass"]
+__all__ = ["coverage", "localization", "mass"]

@@ -78,17 +78,25 @@ def _part_mass(values: np.ndarray, regions: np.ndarray, num_parts: int) -> np.nd
     return np.bincount(labels, weights=v, minlength=num_parts + 2)[1 : num_parts + 1]
 
 
-def mass_ratio(values: np.ndarray, regions: np.ndarray, defining: Sequence[int], num_parts: int) -> float:
-    """Mass per area on the defining parts ÷ mass per area on the other visible parts.
+def mass_ratio(
+    values: np.ndarray,
+    regions: np.ndarray,
+    defining: Sequence[int],
+    num_parts: int,
+    others: Sequence[int] | None = None,
+) -> float:
+    """Mass per area on the defining parts ÷ mass per area on the other visible parts (or on ``others``).
 
     1.0 means no preference. NaN when no defining part or no other part is visible, or the map has no
-    mass on the parts at all; otherwise clipped to [1 / RATIO_CLIP, RATIO_CLIP].
+    mass on those parts at all; otherwise clipped to [1 / RATIO_CLIP, RATIO_CLIP].
 
     Args:
         values: [H, W] map on the original image (same shape as ``regions``).
         regions: [H, W] region map (see the module docstring).
         defining: 0-based indices of the defining parts.
         num_parts: number of parts P.
+        others: 0-based indices of the parts to compare with (default: every part not in ``defining``),
+            e.g. the parts two classes share, against the parts that tell them apart.
     """
     if np.shape(values) != np.shape(regions):
         raise ParameterError(f"map {np.shape(values)} and region map {np.shape(regions)} differ in shape")
@@ -96,10 +104,14 @@ def mass_ratio(values: np.ndarray, regions: np.ndarray, defining: Sequence[int],
     mass = _part_mass(values, regions, num_parts)
     is_def = np.zeros(num_parts, bool)
     is_def[[d for d in defining if 0 <= d < num_parts]] = True
-    def_area, other_area = area[is_def].sum(), area[~is_def].sum()
-    if def_area == 0 or other_area == 0 or mass.sum() <= 0:
+    is_other = ~is_def
+    if others is not None:
+        is_other = np.zeros(num_parts, bool)
+        is_other[[o for o in others if 0 <= o < num_parts]] = True
+    def_area, other_area = area[is_def].sum(), area[is_other].sum()
+    if def_area == 0 or other_area == 0 or mass[is_def | is_other].sum() <= 0:
         return float("nan")
-    def_density, other_density = mass[is_def].sum() / def_area, mass[~is_def].sum() / other_area
+    def_density, other_density = mass[is_def].sum() / def_area, mass[is_other].sum() / other_area
     if other_density <= 0:
         return RATIO_CLIP
     return float(np.clip(def_density / other_density, 1.0 / RATIO_CLIP, RATIO_CLIP))

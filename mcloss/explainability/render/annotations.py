@@ -11,13 +11,15 @@ import numpy as np
 from mcloss.explainability.defining import join_names
 from mcloss.explainability.render.text import halo_label, legend_strip
 
-__all__ = ["DEFINING_RGB", "OTHER_PART_RGB", "draw_keypoints", "draw_defining_parts"]
+__all__ = ["DEFINING_RGB", "OTHER_PART_RGB", "SHARED_RGB", "draw_defining_parts", "draw_keypoints", "draw_part_sets"]
 
 
 #: Outline of a class's defining parts in the defining-parts picture.
 DEFINING_RGB = (255, 176, 0)
 #: Outline of the other parts.
 OTHER_PART_RGB = (96, 96, 96)
+#: The outline of the parts two classes share, beside the :data:`DEFINING_RGB` parts that tell them apart.
+SHARED_RGB = (64, 170, 255)
 
 
 def draw_keypoints(
@@ -80,6 +82,27 @@ def draw_defining_parts(
             keypoints are rings around them); None with a label map.
         min_side: images shorter than this are first enlarged by an integer factor (as :func:`draw_keypoints`).
     """
+    return draw_part_sets(image, regions, [("defining", defining, DEFINING_RGB)], part_names, keypoints, min_side=min_side)
+
+
+def draw_part_sets(
+    image: np.ndarray,
+    regions: np.ndarray,
+    sets: Sequence[tuple[str, Sequence[int], tuple[int, int, int]]],
+    part_names: Sequence[str],
+    keypoints: np.ndarray | None = None,
+    *,
+    min_side: int = 640,
+) -> np.ndarray:
+    """Sets of parts on the image (e.g. the parts that tell two classes apart and the parts they share), as
+    :func:`draw_defining_parts` draws one: each set's parts in full colour, outlined in the set's colour and
+    named, the other parts outlined thinly, everything else faded; a legend below with one entry per set
+    (``"<label>: <its visible parts>"``).
+
+    Args:
+        sets: (label, 0-based part indices, RGB outline colour) per set; a part in two sets is drawn in the first.
+        image, regions, part_names, keypoints, min_side: as for :func:`draw_defining_parts`.
+    """
     img = np.ascontiguousarray(image)
     factor = max(1, int(np.ceil(min_side / max(1, min(img.shape[:2])))))
     if factor > 1:
@@ -88,7 +111,13 @@ def draw_defining_parts(
     num_parts = len(part_names)
     reg = _resample_regions(np.asarray(regions), (h, w))
     on_part = (reg >= 1) & (reg <= num_parts)
-    wanted = sorted({int(d) for d in defining if 0 <= int(d) < num_parts})
+    taken: set[int] = set()
+    chosen = []  # (label, its parts, colour), each part in the first set that names it
+    for label, indices, rgb in sets:
+        mine = sorted({int(d) for d in indices if 0 <= int(d) < num_parts} - taken)
+        taken |= set(mine)
+        chosen.append((label, mine, rgb))
+    wanted = sorted(taken)
     is_def = on_part & np.isin(reg - 1, wanted)
     grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)[..., None]
     keep = np.where(reg > 0, 0.6, 0.35)[..., None]  # the object stays more visible than the background
@@ -101,32 +130,36 @@ def draw_defining_parts(
     scale = max(0.55, side / 640.0)
     for p in range(num_parts):
         mask = (reg == p + 1).astype(np.uint8)
-        if not mask.any() or p in wanted:
+        if not mask.any() or p in taken:
             continue
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, OTHER_PART_RGB, max(1, thick // 2), cv2.LINE_AA)
-    anchors: list[tuple[int, tuple[int, int]]] = []
-    for p in wanted:
-        mask = (reg == p + 1).astype(np.uint8)
-        if not mask.any():
-            continue
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, (40, 40, 40), thick + 2, cv2.LINE_AA)
-        cv2.drawContours(out, contours, -1, DEFINING_RGB, thick, cv2.LINE_AA)
-        ys, xs = np.nonzero(mask)
-        if keypoints is not None and p < len(keypoints) and keypoints[p][2] > 0:
-            k = (w / regions.shape[1], h / regions.shape[0])
-            c = (int(np.floor(keypoints[p][0] * k[0])), int(np.floor(keypoints[p][1] * k[1])))
-            r = max(4, side // 100)
-            cv2.circle(out, c, r + 2, (255, 255, 255), -1, cv2.LINE_AA)  # as draw_keypoints dots them
-            cv2.circle(out, c, r, (20, 20, 20), -1, cv2.LINE_AA)
-        anchors.append((p, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+    anchors: list[tuple[int, tuple[int, int, int, int]]] = []
+    entries = []
+    hidden: list[str] = []
+    for label, mine, rgb in chosen:
+        shown = []
+        for p in mine:
+            mask = (reg == p + 1).astype(np.uint8)
+            if not mask.any():
+                hidden.append(part_names[p])
+                continue
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(out, contours, -1, (40, 40, 40), thick + 2, cv2.LINE_AA)
+            cv2.drawContours(out, contours, -1, rgb, thick, cv2.LINE_AA)
+            ys, xs = np.nonzero(mask)
+            if keypoints is not None and p < len(keypoints) and keypoints[p][2] > 0:
+                k = (w / regions.shape[1], h / regions.shape[0])
+                c = (int(np.floor(keypoints[p][0] * k[0])), int(np.floor(keypoints[p][1] * k[1])))
+                r = max(4, side // 100)
+                cv2.circle(out, c, r + 2, (255, 255, 255), -1, cv2.LINE_AA)  # as draw_keypoints dots them
+                cv2.circle(out, c, r, (20, 20, 20), -1, cv2.LINE_AA)
+            anchors.append((p, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+            shown.append(part_names[p])
+        entries.append((f"{label}: {join_names(shown)}" if shown else f"{label}: not visible here", rgb, True))
     busy = reg > 0
     for p, box in anchors:
         halo_label(out, part_names[p], box, busy, is_def, scale, thick + 4)
-    shown = [part_names[p] for p, _ in anchors]
-    hidden = [part_names[p] for p in wanted if part_names[p] not in shown]
-    entries = [(f"defining: {join_names(shown)}" if shown else "defining: not visible here", DEFINING_RGB, True)]
     if hidden:
         entries.append((f"not visible: {join_names(hidden)}", (200, 200, 200), True))
     if (on_part & ~is_def).any():

@@ -130,6 +130,8 @@ def _with_bar(image: np.ndarray, color: np.ndarray) -> np.ndarray:
 def _tile(image: np.ndarray, kind: MapKind, group: GroupMaps, **fields: object) -> Tile:
     """A tile titled by ``kind``'s templates (see :class:`~mcloss.explainability.kinds.MapKind`)."""
     values = {"name": group.name, "prob": group.prob, "xi": len(group.channels), **fields}
+    if group.versus is not None:
+        values |= {"other": group.versus.names[0], "versus": group.versus.label()}
     return Tile(
         image,
         kind.title.format(**values),
