@@ -158,7 +158,10 @@ def build_atlas(
 ) -> dict:
     """Run the atlas pass over ``inputs`` (see the module docstring); returns a JSON-friendly summary.
 
-    ``model_id`` (e.g. the checkpoint's sha256) is part of what a saved ``state`` must match.
+    ``model_id`` (e.g. the checkpoint's sha256) is part of what a saved ``state`` must match. Without a
+    visible keypoint in ``inputs`` (a CUB layout without ``parts/part_locs.txt``, say) the summary's
+    ``has_parts`` is false and its consistency counts are None: nothing was measured. Images that could not
+    be read are listed in its ``skipped`` (index → reason).
 
     Raises:
         UnknownClassError, OutOfRangeError: an unknown class.
@@ -247,6 +250,7 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     values, images, cells = (t.cpu().numpy() for t in running)
     fh, fw = meta["feature_hw"]
     names = inputs.part_names
+    has_parts = bool(names) and any(k is not None and len(k) and (k[:, 2] > 0).any() for k in inputs.keypoints)
     out_classes = {}
     consistent = 0
     stable_pairs = stable = 0
@@ -291,10 +295,10 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     return {
         "images": len(meta["sizes"]), "skipped": meta["skipped"], "top": top, "feature_hw": [fh, fw],
         "classes": out_classes,
-        "consistency": {"threshold": CONSISTENT, "consistent_channels": consistent, "channels": len(tracked),
-                        "share": consistent / len(tracked) if tracked else None},
+        "consistency": {"threshold": CONSISTENT, "consistent_channels": consistent if has_parts else None,
+                        "channels": len(tracked), "share": consistent / len(tracked) if tracked and has_parts else None},
         "stability": {"pairs": stable_pairs, "stable": stable, "share": stable / stable_pairs if stable_pairs else None},
-        "has_parts": any(k is not None and len(k) for k in inputs.keypoints),
+        "has_parts": has_parts,
     }  # fmt: skip
 
 
