@@ -202,3 +202,30 @@ def test_an_atlas_lists_its_skipped_images_on_stderr_and_in_the_summary(tmp_path
     assert "Skipped 2 unreadable images:" in text and all(f"- {p}" in text for p in broken)
     index = json.loads((out / "atlas.json").read_text())
     assert index["images"] == len(ds) - 2 and len(index["skipped"]) == 2
+
+
+def test_an_interrupted_atlas_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    ds, model, inputs = _birds(tmp_path)
+    whole_state = tmp_path / "whole.safetensors"
+    whole = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=whole_state)
+    noisy = json.loads(whole_state.with_suffix(".json").read_text())["noisy"]
+    assert len(noisy) == len(inputs.paths)
+
+    def stop_after(n):
+        def progress(done, total):
+            if done >= n:
+                raise KeyboardInterrupt
+
+        return progress
+
+    state = tmp_path / "state.safetensors"
+    for n in (4, 8):  # interrupted twice, then resumed to the end
+        with pytest.raises(KeyboardInterrupt):
+            build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state, progress=stop_after(n))
+        assert json.loads(state.with_suffix(".json").read_text())["done"] == n
+    resumed = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state)
+    assert json.loads(state.with_suffix(".json").read_text())["noisy"] == noisy  # every image's noisy peaks
+    assert resumed == whole
+    # the seed is what a state must match: another seed starts afresh and draws other noise
+    other = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state, seed=1)
+    assert json.loads(state.with_suffix(".json").read_text())["noisy"] != noisy and other["images"] == whole["images"]

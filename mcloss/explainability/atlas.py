@@ -11,9 +11,9 @@ radius (``radius`` × max(width, height)), and each channel with its most freque
   most often relative to the images where that part is visible; the channel is consistent when that share
   is at least 0.8. Reported: the share of consistent channels.
 - **Stability**: the share of (channel, image of its class) pairs whose peak hits a part and hits the same
-  part when Gaussian
-  noise (``noise`` × the normalized input's unit) is added to the input; a second forward pass over those
-  images (``noise=None`` skips it).
+  part when Gaussian noise (``noise`` × the normalized input's unit) is added to the input; a second
+  forward pass over those images (``noise=None`` skips it). Each image's noise comes from ``(seed, its
+  index)`` alone, so a resumed pass gives exactly the result of an uninterrupted one.
 
 The pass is resumable: ``state`` (a safetensors file of the running top-k plus a JSON sidecar of the
 options and per-image peaks) is written every ``save_every`` batches and when the pass is interrupted;
@@ -100,12 +100,23 @@ class AtlasInputs:
 
 
 def _options(
-    model: MCModel, inputs: AtlasInputs, classes: Sequence[int], top: int, noise: float | None, model_id: str | None
+    model: MCModel, inputs: AtlasInputs, classes: Sequence[int], top: int, noise: float | None, seed: int,
+    model_id: str | None,
 ) -> dict:
     """What a saved state must match to be resumed: the model, every input and label, and the settings."""
     digest = hashlib.sha256(json.dumps([inputs.paths, inputs.labels]).encode()).hexdigest()
-    return {"classes": list(classes), "top": top, "noise": noise, "images": len(inputs.paths), "inputs": digest,
-            "model_id": model_id, "model": model.class_names}  # fmt: skip
+    return {"classes": list(classes), "top": top, "noise": noise, "seed": seed, "images": len(inputs.paths),
+            "inputs": digest, "model_id": model_id, "model": model.class_names}  # fmt: skip
+
+
+def _image_noise(shape: Sequence[int], seed: int, index: int) -> torch.Tensor:
+    """The standard normal noise [*shape] (float32, CPU) of image ``index`` of an atlas pass with ``seed``.
+
+    It depends on nothing else (not the batch, nor where a resumed pass started), so an interrupted and
+    resumed pass adds the same noise to every image as an uninterrupted one.
+    """
+    rng = np.random.default_rng([int(seed), int(index)])
+    return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
 
 
 def _load_state(path: Path | None, options: dict, device: torch.device):
@@ -175,7 +186,7 @@ def build_atlas(
         raise ParameterError(f"top must be >= 1, got {top}", parameter="top")
     tracked = [ch for c in classes for ch in range(model.group_slice(c).start, model.group_slice(c).stop)]
     sel = torch.tensor(tracked, device=device)
-    options = _options(model, inputs, classes, top, noise, model_id)
+    options = _options(model, inputs, classes, top, noise, seed, model_id)
     state_path = None if state is None else Path(state)
     loaded = _load_state(state_path, options, device)
     empty = torch.empty(len(tracked), 0, device=device)
@@ -186,7 +197,6 @@ def build_atlas(
     loader = DataLoader(torch.utils.data.Subset(ImageFiles(files, model.transform, None), range(start, len(files))),
                         batch_size=batch_size, num_workers=workers, collate_fn=collate_items)  # fmt: skip
     position = {c: k for k, c in enumerate(classes)}
-    gen = torch.Generator().manual_seed(seed)
     feature_hw = None
     if progress is not None:
         progress(start, len(inputs.paths))
@@ -212,7 +222,8 @@ def build_atlas(
                     if noise is not None:
                         own = [b for b, (i, _) in enumerate(good) if inputs.labels[i] in position]
                         if own:
-                            xn = x[own] + noise * torch.randn(x[own].shape, generator=gen).to(device)
+                            draws = torch.stack([_image_noise(x.shape[1:], seed, good[b][0]) for b in own])
+                            xn = x[own] + noise * draws.to(device)
                             fn = model.forward_features(xn).float()
                             for k, b in enumerate(own):
                                 i = good[b][0]
