@@ -156,3 +156,76 @@ def test_an_interrupt_inside_a_batch_resumes_without_duplicates(tmp_path):
     other = build_atlas(tiny_model(2, img_size=48, last_stage=2, class_names=ds.class_names, seed=4), inputs,
                         top=2, batch_size=4, noise=None, state=state, model_id="other")  # fmt: skip
     assert other["images"] == len(inputs.paths)
+
+
+def _cli_birds(tmp_path):
+    data = tmp_path / "birds"
+    generate_dataset(data, 3, 4, 48, 0)
+    names = CUBDataset(data, "test").class_names
+    ckpt = tmp_path / "m.safetensors"
+    mcloss.save_checkpoint(tiny_model(3, img_size=48, last_stage=2, class_names=names), ckpt)
+    argv = ["atlas", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "atlas"), "--top", "2",
+            "--workers", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    return data, tmp_path / "atlas", argv
+
+
+def test_an_atlas_without_keypoints_says_so_instead_of_counting(tmp_path, capsys):
+    data, out, argv = _cli_birds(tmp_path)
+    (data / "parts" / "part_locs.txt").unlink()
+    assert cli_main(argv) == 0
+    said = capsys.readouterr().out
+    index = json.loads((out / "atlas.json").read_text())
+    assert not index["has_parts"]
+    assert index["consistency"]["consistent_channels"] is None and index["consistency"]["share"] is None
+    assert index["stability"]["share"] is None
+    text = (out / "summary.md").read_text()
+    for shown in (text, said):
+        assert "no keypoints" in shown and "of 9 channels" not in shown and "Part consistency:" not in shown
+    # with the keypoints, the count is given and "no keypoints" is not
+    generate_dataset(data, 3, 4, 48, 0)
+    assert cli_main(argv) == 0
+    text = (out / "summary.md").read_text()
+    assert "no keypoints" not in text and "of 9 channels" in text and json.loads((out / "atlas.json").read_text())["has_parts"]
+
+
+def test_an_atlas_lists_its_skipped_images_on_stderr_and_in_the_summary(tmp_path, capsys):
+    data, out, argv = _cli_birds(tmp_path)
+    ds = CUBDataset(data, "test")
+    broken = [ds.records[1].path, ds.records[4].path]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mcloss atlas: skipped ")]
+    assert len(lines) == 2 and all(str(p) in line for p, line in zip(broken, lines, strict=True))
+    text = (out / "summary.md").read_text()
+    assert "Skipped 2 unreadable images:" in text and all(f"- {p}" in text for p in broken)
+    index = json.loads((out / "atlas.json").read_text())
+    assert index["images"] == len(ds) - 2 and len(index["skipped"]) == 2
+
+
+def test_an_interrupted_atlas_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    ds, model, inputs = _birds(tmp_path)
+    whole_state = tmp_path / "whole.safetensors"
+    whole = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=whole_state)
+    noisy = json.loads(whole_state.with_suffix(".json").read_text())["noisy"]
+    assert len(noisy) == len(inputs.paths)
+
+    def stop_after(n):
+        def progress(done, total):
+            if done >= n:
+                raise KeyboardInterrupt
+
+        return progress
+
+    state = tmp_path / "state.safetensors"
+    for n in (4, 8):  # interrupted twice, then resumed to the end
+        with pytest.raises(KeyboardInterrupt):
+            build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state, progress=stop_after(n))
+        assert json.loads(state.with_suffix(".json").read_text())["done"] == n
+    resumed = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state)
+    assert json.loads(state.with_suffix(".json").read_text())["noisy"] == noisy  # every image's noisy peaks
+    assert resumed == whole
+    # the seed is what a state must match: another seed starts afresh and draws other noise
+    other = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state, seed=1)
+    assert json.loads(state.with_suffix(".json").read_text())["noisy"] != noisy and other["images"] == whole["images"]

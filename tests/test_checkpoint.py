@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from mcloss import CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint
+from mcloss.core.checkpoint import DIGEST_KEY, weights_digest
 from mcloss.core.transforms import EvalTransform
 
 
@@ -124,3 +125,93 @@ def test_malicious_pickle_is_never_unpickled(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------- weights' digest
+
+
+def _raw(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def _data_start(path) -> int:
+    import struct
+
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_saving_records_the_digest_of_the_tensors(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    meta, _ = _raw(path)
+    assert meta[DIGEST_KEY] == weights_digest(path) and len(meta[DIGEST_KEY]) == 64
+    half = tmp_path / "h.safetensors"
+    save_checkpoint(model, half, half=True)
+    assert _raw(half)[0][DIGEST_KEY] == weights_digest(half) != meta[DIGEST_KEY]
+
+
+def test_flipped_tensor_bytes_are_refused_naming_the_file(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    load_checkpoint(path)  # verified once: the next load of the changed file must not trust that
+    data = bytearray(path.read_bytes())
+    start = _data_start(path)
+    middle = start + (len(data) - start) // 2
+    for i in range(middle, middle + 4096):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message == f"{path}: tensor bytes do not match the digest recorded when it was saved (corrupted?)"
+    # one byte suffices, wherever it lies in the data region (the first and the last byte here)
+    for at in (start, len(data) - 1):
+        save_checkpoint(model, path)
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="do not match the digest"):
+            load_checkpoint(path)
+
+
+def test_a_checkpoint_saved_without_a_digest_still_loads(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    meta, state = _raw(path)
+    del meta[DIGEST_KEY]
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata=meta)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(old)(x), model(x))
+
+
+def test_a_metadata_only_change_keeps_the_digest_valid(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    meta, state = _raw(path)
+    meta["card"] = json.dumps({"seed": 5, "note": "rewritten without touching the weights" * 20})
+    edited = tmp_path / "edited.safetensors"
+    save_file(state, str(edited), metadata=meta)
+    assert weights_digest(edited) == weights_digest(path) == meta[DIGEST_KEY]
+    assert load_checkpoint(edited).card["note"].startswith("rewritten")
+    # the digest covers the header's tensor entries too: the same bytes under another dtype or shape differ
+    variants = {"f32": {"w": torch.zeros(4)}, "i32": {"w": torch.zeros(4, dtype=torch.int32)}, "2x2": {"w": torch.zeros(2, 2)}}
+    digests = set()
+    for name, tensors in variants.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        digests.add(weights_digest(tmp_path / f"{name}.safetensors"))
+    assert len(digests) == 3
+
+
+def test_a_malformed_digest_is_refused(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    meta, state = _raw(path)
+    meta[DIGEST_KEY] = "not a digest"
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"m\.safetensors: metadata {DIGEST_KEY} is not a sha256 hex digest"):
+        load_checkpoint(path)

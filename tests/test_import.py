@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import transcribed as T
+from safetensors import safe_open
 
 from mcloss.cli import main as cli
-from mcloss.core.checkpoint import load_checkpoint
+from mcloss.core.checkpoint import DIGEST_KEY, load_checkpoint, weights_digest
 from mcloss.core.errors import ParameterError
 from mcloss.core.groups import split_channels
 from mcloss.interop.sources import SourceError, import_checkpoint, import_model, read_class_list, read_source
@@ -224,6 +225,11 @@ def test_kurumi_setting_is_read_and_checked(tmp_path):
     assert model.card["source"]["setting"]["eps"] == "3" and model.card["source"]["extras"] == {"acc": 0.6617, "epoch": 211}
 
 
+def _raw_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -275,6 +281,7 @@ def test_cli_import_writes_a_checkpoint_and_says_what_it_read(tmp_path, capsys):
     assert "(torchvision) as resnet18: 3 classes x 170/171 channels" in said and "head linear" in said
     model = load_checkpoint(out)
     assert model.card["loss"] == "ce" and model.transform.to_dict()["crop"] is None
+    assert _raw_metadata(out)[DIGEST_KEY] == weights_digest(out)  # an imported checkpoint's weights are checked too
     assert cli([*argv, "--from", "fgvclib"]) == 2
     assert "not a fgvclib layout" in capsys.readouterr().err
     assert cli([*argv[:3], str(tmp_path / "x.pth"), *argv[4:]]) == 2

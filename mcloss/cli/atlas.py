@@ -17,12 +17,13 @@ from mcloss.cli._common import (
     defaults_of,
     progress_bar,
     run,
+    say,
     writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.core.errors import DatasetError, ParameterError
-from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
+from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, printable
 from mcloss.data.cub import CUBDataset
 from mcloss.data.files import unique_file_stems
 from mcloss.data.io import encode_image
@@ -69,10 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def summary_markdown(summary: dict, title: str) -> str:
-    """The atlas in words: consistency and stability, the "distinct parts" count, then one line per channel."""
+    """The atlas in words: the skipped images, consistency and stability (or that there are no keypoints),
+    the "distinct parts" count, then one line per channel."""
     c, s = summary["consistency"], summary["stability"]
     lines = [f"# Channel atlas: {title}", "", f"{summary['images']} images, top {summary['top']} patches per channel.", ""]
-    if summary["has_parts"]:
+    skipped = summary["skipped"]
+    if skipped:
+        lines.append(f"Skipped {len(skipped)} unreadable {'image' if len(skipped) == 1 else 'images'}:")
+        lines += [f"- {printable(skipped[k])}" for k in sorted(skipped, key=int)]
+        lines.append("")
+    if not summary["has_parts"]:
+        lines += ["- Part consistency and stability: no keypoints (no image has a visible part keypoint; a CUB "
+                  "layout keeps them in parts/part_locs.txt), so neither was measured.", ""]  # fmt: skip
+    else:
         share = "–" if c["share"] is None else f"{c['share']:.3f}"
         lines.append(f"- Part consistency: {c['consistent_channels']} of {c['channels']} channels ({share}) hit one part "
                      f"in ≥ {c['threshold']:.0%} of their class's images where it is visible.")  # fmt: skip
@@ -126,6 +136,8 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return EXIT_INTERRUPTED
     summary["config"] = {"command": command_line("atlas", argv), "checkpoint": str(checkpoint.resolve()),
                          "data": str(Path(args.data).resolve()), "split": args.split}  # fmt: skip
+    for k in sorted(summary["skipped"], key=int):
+        say("atlas", f"skipped {printable(summary['skipped'][k])}")
     text = summary_markdown(summary, checkpoint.name)
     with writing_to(out):
         for name, stem in zip(summary["classes"], unique_file_stems(summary["classes"]), strict=True):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import struct
 import sys
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,6 +25,7 @@ from mcloss.core.transforms import EvalTransform
 __all__ = [
     "CHECKPOINT_ENV",
     "CheckpointError",
+    "DIGEST_KEY",
     "FORMAT",
     "default_checkpoint",
     "project_checkpoints",
@@ -28,6 +34,7 @@ __all__ = [
     "MAX_IMG_SIZE",
     "read_metadata",
     "save_checkpoint",
+    "weights_digest",
 ]
 
 FORMAT = "mcloss/1"
@@ -39,6 +46,8 @@ _DEFAULT_NAME = "default.safetensors"
 MAX_CLASSES = 10_000
 MIN_IMG_SIZE, MAX_IMG_SIZE = 16, 1024
 _CONFIG_KEYS = ("backbone", "num_classes", "xi", "groups", "img_size", "head_grid")
+#: Metadata key of the sha256 of the weights (:func:`weights_digest`); checkpoints saved before it existed lack it.
+DIGEST_KEY = "weights_sha256"
 
 
 def project_checkpoints() -> Path:
@@ -85,7 +94,95 @@ def save_checkpoint(model: MCModel, path: str | os.PathLike, *, half: bool = Fal
         "transform": json.dumps(model.transform.to_dict()),
         "card": json.dumps(model.card),
     }
-    atomic_write_bytes(path, save_bytes(state, metadata=metadata))
+    data = save_bytes(state, metadata=metadata)
+    metadata[DIGEST_KEY] = _digest_of_bytes(data)
+    data = save_bytes(state, metadata=metadata)  # the tensors' entries and bytes do not depend on the metadata
+    atomic_write_bytes(path, data)
+
+
+# ------------------------------------------------------------------------------------------------ digest
+#
+# The digest covers the tensors, not the metadata: the header's tensor entries (name, dtype, shape, offsets),
+# canonically serialized, then the data region. A checkpoint's card can be rewritten without changing it.
+
+_CHUNK = 1 << 20
+#: Files whose digest matched, by (resolved path, device, inode, size, mtime_ns, ctime_ns, digest): a file is
+#: hashed once per process while it stays the same.
+_verified: set[tuple[str, int, int, int, int, int, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def _tensor_index(header: dict) -> bytes:
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    return json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _digest_of_bytes(data: bytes) -> str:
+    """The weights' digest of a safetensors file held in memory."""
+    return _digest_of_file("<memory>", io.BytesIO(data))
+
+
+def _header_of(label: str, f: BinaryIO) -> dict:
+    """The JSON header of an open safetensors file, leaving ``f`` at the start of the data region."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"{label}: empty or truncated file, not a safetensors checkpoint")
+    (n,) = struct.unpack("<Q", raw)
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, MemoryError, OverflowError):
+        raise CheckpointError(f"{label}: not a valid safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{label}: not a valid safetensors file (its header is not a JSON object)")
+    return header
+
+
+def _digest_of_file(label: str, f: BinaryIO) -> str:
+    h = hashlib.sha256(_tensor_index(_header_of(label, f)))
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a safetensors file's tensors: their header entries and bytes, not the metadata.
+
+    Raises:
+        CheckpointError: the file cannot be read or is not safetensors.
+    """
+    label = str(path)
+    try:
+        with open(path, "rb") as f:
+            return _digest_of_file(label, f)
+    except OSError as exc:
+        raise CheckpointError(f"{label}: cannot read ({first_line(exc)})") from None
+
+
+def _verify_weights(label: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose tensors differ from the digest recorded when it was saved (none recorded: pass).
+
+    A file that matched is not hashed again while its inode, size and modification and change times stay the same.
+    """
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            recorded = (_header_of(label, f).get("__metadata__") or {}).get(DIGEST_KEY)
+            if recorded is None:
+                return
+            if not (isinstance(recorded, str) and len(recorded) == 64 and set(recorded) <= set("0123456789abcdef")):
+                raise CheckpointError(f"{label}: metadata {DIGEST_KEY} is not a sha256 hex digest ({recorded!r:.80})")
+            key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, recorded)
+            with _verified_lock:
+                if key in _verified:
+                    return
+            f.seek(0)
+            actual = _digest_of_file(label, f)
+    except OSError as exc:
+        raise CheckpointError(f"{label}: cannot read ({first_line(exc)})") from None
+    if actual != recorded:
+        raise CheckpointError(f"{label}: tensor bytes do not match the digest recorded when it was saved (corrupted?)")
+    with _verified_lock:
+        _verified.add(key)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -218,13 +315,18 @@ def _header_shapes(label: str, path: str | os.PathLike) -> dict[str, list[int]]:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> MCModel:
     """Load an mcloss checkpoint into an MCModel in eval mode, without network access or unpickling.
 
+    A checkpoint whose metadata records the weights' digest (:data:`DIGEST_KEY`, written by
+    :func:`save_checkpoint`) must match it; one saved without a digest loads as before.
+
     Raises:
-        CheckpointError: missing, empty, corrupt, foreign or mismatched file.
+        CheckpointError: missing, empty, corrupt, foreign or mismatched file, or weights that differ from
+            their recorded digest.
     """
     label = str(path)
     meta = read_metadata(path)
     config = meta["config"]
     _check_shapes(label, config, _header_shapes(label, path))
+    _verify_weights(label, path)
     try:
         model = build_model(
             config["backbone"],

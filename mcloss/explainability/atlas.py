@@ -11,9 +11,9 @@ radius (``radius`` × max(width, height)), and each channel with its most freque
   most often relative to the images where that part is visible; the channel is consistent when that share
   is at least 0.8. Reported: the share of consistent channels.
 - **Stability**: the share of (channel, image of its class) pairs whose peak hits a part and hits the same
-  part when Gaussian
-  noise (``noise`` × the normalized input's unit) is added to the input; a second forward pass over those
-  images (``noise=None`` skips it).
+  part when Gaussian noise (``noise`` × the normalized input's unit) is added to the input; a second
+  forward pass over those images (``noise=None`` skips it). Each image's noise comes from ``(seed, its
+  index)`` alone, so a resumed pass gives exactly the result of an uninterrupted one.
 - **Distinct parts, counted** (``coverage``, :mod:`mcloss.metrics.coverage`): where the classes' defining
   parts are known (the inputs' ``defining``, else the checkpoint card's), each channel's part is the most
   frequent part its own-class peaks hit (within the hit radius; a miss is "no part", a tie is no part);
@@ -115,12 +115,23 @@ class AtlasInputs:
 
 
 def _options(
-    model: MCModel, inputs: AtlasInputs, classes: Sequence[int], top: int, noise: float | None, model_id: str | None
+    model: MCModel, inputs: AtlasInputs, classes: Sequence[int], top: int, noise: float | None, seed: int,
+    model_id: str | None,
 ) -> dict:
     """What a saved state must match to be resumed: the model, every input and label, and the settings."""
     digest = hashlib.sha256(json.dumps([inputs.paths, inputs.labels]).encode()).hexdigest()
-    return {"classes": list(classes), "top": top, "noise": noise, "images": len(inputs.paths), "inputs": digest,
-            "model_id": model_id, "model": model.class_names}  # fmt: skip
+    return {"classes": list(classes), "top": top, "noise": noise, "seed": seed, "images": len(inputs.paths),
+            "inputs": digest, "model_id": model_id, "model": model.class_names}  # fmt: skip
+
+
+def _image_noise(shape: Sequence[int], seed: int, index: int) -> torch.Tensor:
+    """The standard normal noise [*shape] (float32, CPU) of image ``index`` of an atlas pass with ``seed``.
+
+    It depends on nothing else (not the batch, nor where a resumed pass started), so an interrupted and
+    resumed pass adds the same noise to every image as an uninterrupted one.
+    """
+    rng = np.random.default_rng([int(seed), int(index)])
+    return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
 
 
 def _load_state(path: Path | None, options: dict, device: torch.device):
@@ -173,7 +184,10 @@ def build_atlas(
 ) -> dict:
     """Run the atlas pass over ``inputs`` (see the module docstring); returns a JSON-friendly summary.
 
-    ``model_id`` (e.g. the checkpoint's sha256) is part of what a saved ``state`` must match.
+    ``model_id`` (e.g. the checkpoint's sha256) is part of what a saved ``state`` must match. Without a
+    visible keypoint in ``inputs`` (a CUB layout without ``parts/part_locs.txt``, say) the summary's
+    ``has_parts`` is false and its consistency counts are None: nothing was measured. Images that could not
+    be read are listed in its ``skipped`` (index → reason).
 
     Raises:
         UnknownClassError, OutOfRangeError: an unknown class.
@@ -187,7 +201,7 @@ def build_atlas(
         raise ParameterError(f"top must be >= 1, got {top}", parameter="top")
     tracked = [ch for c in classes for ch in range(model.group_slice(c).start, model.group_slice(c).stop)]
     sel = torch.tensor(tracked, device=device)
-    options = _options(model, inputs, classes, top, noise, model_id)
+    options = _options(model, inputs, classes, top, noise, seed, model_id)
     state_path = None if state is None else Path(state)
     loaded = _load_state(state_path, options, device)
     empty = torch.empty(len(tracked), 0, device=device)
@@ -198,7 +212,6 @@ def build_atlas(
     loader = DataLoader(torch.utils.data.Subset(ImageFiles(files, model.transform, None), range(start, len(files))),
                         batch_size=batch_size, num_workers=workers, collate_fn=collate_items)  # fmt: skip
     position = {c: k for k, c in enumerate(classes)}
-    gen = torch.Generator().manual_seed(seed)
     feature_hw = None
     if progress is not None:
         progress(start, len(inputs.paths))
@@ -224,7 +237,8 @@ def build_atlas(
                     if noise is not None:
                         own = [b for b, (i, _) in enumerate(good) if inputs.labels[i] in position]
                         if own:
-                            xn = x[own] + noise * torch.randn(x[own].shape, generator=gen).to(device)
+                            draws = torch.stack([_image_noise(x.shape[1:], seed, good[b][0]) for b in own])
+                            xn = x[own] + noise * draws.to(device)
                             fn = model.forward_features(xn).float()
                             for k, b in enumerate(own):
                                 i = good[b][0]
@@ -262,6 +276,7 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     values, images, cells = (t.cpu().numpy() for t in running)
     fh, fw = meta["feature_hw"]
     names = inputs.part_names
+    has_parts = bool(names) and any(k is not None and len(k) and (k[:, 2] > 0).any() for k in inputs.keypoints)
     out_classes = {}
     consistent = 0
     stable_pairs = stable = 0
@@ -306,10 +321,10 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     return {
         "images": len(meta["sizes"]), "skipped": meta["skipped"], "top": top, "feature_hw": [fh, fw],
         "classes": out_classes,
-        "consistency": {"threshold": CONSISTENT, "consistent_channels": consistent, "channels": len(tracked),
-                        "share": consistent / len(tracked) if tracked else None},
+        "consistency": {"threshold": CONSISTENT, "consistent_channels": consistent if has_parts else None,
+                        "channels": len(tracked), "share": consistent / len(tracked) if tracked and has_parts else None},
         "stability": {"pairs": stable_pairs, "stable": stable, "share": stable / stable_pairs if stable_pairs else None},
-        "has_parts": any(k is not None and len(k) for k in inputs.keypoints),
+        "has_parts": has_parts,
         "coverage": _coverage(model, inputs, classes, meta, radius),
     }  # fmt: skip
 

@@ -37,6 +37,8 @@ import contextlib
 import csv
 import ctypes
 import functools
+import hashlib
+import io
 import json
 import os
 import signal
@@ -47,14 +49,22 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
 from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress, check_callback
-from mcloss.core.files import atomic_write_json, atomic_write_text, csv_text, file_sha256
+from mcloss.core.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+    file_sha256,
+    json_safe,
+    printable,
+)
 from mcloss.core.model import model_guard
 from mcloss.core.provenance import versions
 from mcloss.data.annotations import PartAnnotations, image_annotations
@@ -715,8 +725,11 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
     errors = _in_input_order(tally.errors, {f.source: k for k, f in enumerate(plan.files)})  # writes finish out of order
     suffix = shard_suffix(*plan.config.shard)
     rows = [_index_row(f, tally.records[f.key]) for f in plan.files if _current(tally.records[f.key], plan.wanted, f.source)]
-    atomic_write_text(plan.out / f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows))
-    atomic_write_text(plan.out / f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))
+    digests = {}
+    for name, text in ((f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows)), (f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))):
+        data = text.encode("utf-8")
+        atomic_write_bytes(plan.out / name, data)
+        digests[name] = hashlib.sha256(data).hexdigest()
     manifest = {
         "checkpoint": {"path": str(Path(plan.config.checkpoint).resolve()), "sha256": plan.sha256},
         "versions": versions(),
@@ -727,6 +740,8 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
         },  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if suffix:  # a shard, to be merged: sealed with the digests of its files and of its manifest
+        manifest = _sealed(manifest | {"files": digests})
     manifest_path = plan.out / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
     return ExportResult(plan.out, len(plan.files), tally.written, plan.redone, plan.skipped, errors, manifest_path)
@@ -764,25 +779,33 @@ def merge_shards(out: str | Path, shards: int | None = None) -> ExportResult:
     inputs (collected again from the manifest's ``input``), counts summed, each shard's device, counts and
     seconds under ``shards``. The shard files stay.
 
+    Nothing in the shards is trusted: each shard's manifest, index and errors must match the digests the
+    shard recorded when it finished, its counts must agree with its rows, no input may be listed twice and
+    no output may lie outside ``out``.
+
     ``shards``: merge only the split into that many shards (what a torchrun export just wrote), ignoring
     shard files of other splits left by earlier runs; by default there must be exactly one split.
 
     Raises:
-        MergeError: no shards, shards of different splits or options, or a missing or unreadable shard.
+        MergeError: no shards, shards of different splits or options, a missing, unreadable, truncated or
+            edited shard, counts that disagree with the rows, a duplicated input, or an output outside ``out``.
     """
     out_dir = Path(out)
     manifests = _shard_manifests(out_dir, shards)
     n = _check_shards(out_dir, manifests)
     first = manifests[(0, n)]
     order = {f.source: k for k, f in enumerate(collect_inputs(first["options"]["input"], exclude=out_dir).files)}
-    index, errors = [], []
+    index, errors, listed = [], [], {}
     for i in range(n):
-        index += _read_csv(out_dir / f"index{shard_suffix(i, n)}.csv", _INDEX_HEADER)
-        errors += _read_csv(out_dir / f"errors{shard_suffix(i, n)}.csv", _ERRORS_HEADER)
+        rows, failed = (_shard_rows(out_dir, manifests[(i, n)], i, n, kind) for kind in ("index", "errors"))
+        _check_rows(out_dir, i, n, manifests[(i, n)], (rows, failed), listed, order)
+        index += rows
+        errors += failed
     late = len(order)
     index.sort(key=lambda row: order.get(row[0], late))
     errors = _in_input_order(errors, order)
     manifest = _merged_manifest(manifests, n)
+    manifest["counts"]["failed"] = len(errors)  # the rows', which each shard's count was checked against
     atomic_write_text(out_dir / "index.csv", csv_text(_INDEX_HEADER, index))
     atomic_write_text(out_dir / "errors.csv", csv_text(_ERRORS_HEADER, errors))
     atomic_write_json(out_dir / "manifest.json", manifest)
@@ -793,8 +816,20 @@ def merge_shards(out: str | Path, shards: int | None = None) -> ExportResult:
     )  # fmt: skip
 
 
+def _digest(obj: dict) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces, ASCII)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def _sealed(manifest: dict) -> dict:
+    """``manifest`` as the JSON it will be read back as, with ``digest``: the sha256 of the rest."""
+    plain = json_safe(manifest)
+    return plain | {"digest": _digest(plain)}
+
+
 def _shard_manifests(out_dir: Path, shards: int | None) -> dict[tuple[int, int], dict]:
-    """The shard manifests in ``out_dir`` (of the split into ``shards``, or of any), by (i, n)."""
+    """The shard manifests in ``out_dir`` (of the split into ``shards``, or of any), by (i, n), each checked
+    against the digest it was sealed with."""
     pattern = "manifest.shard-*-of-*.json" if shards is None else f"manifest.shard-*-of-{int(shards)}.json"
     found = sorted(out_dir.glob(pattern))
     if not found:
@@ -803,11 +838,65 @@ def _shard_manifests(out_dir: Path, shards: int | None) -> dict[tuple[int, int],
     for path in found:
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-            i, n = manifest["options"]["shard"]
+            i, n = (int(v) for v in manifest["options"]["shard"])
+            counts = {k: int(manifest["counts"][k]) for k in ("inputs", "ok", "redone", "failed", "skipped")}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise MergeError(f"{path}: unreadable shard manifest ({type(exc).__name__}: {exc})") from None
-        manifests[(int(i), int(n))] = manifest
+        if path.name != f"manifest{shard_suffix(i, n)}.json":
+            raise MergeError(f"{path}: its options say it is shard {i} of {n}")
+        recorded = manifest.pop("digest", None)
+        if recorded is None or not isinstance(manifest.get("files"), dict):
+            raise MergeError(f"{path}: has no digest (not written by this version of mcloss export); export the shard again")
+        if _digest(manifest) != recorded:
+            raise MergeError(f"{path}: does not match the digest written when the shard finished (edited?)")
+        if min(counts.values()) < 0 or counts["redone"] > counts["ok"]:
+            raise MergeError(f"{path}: impossible counts {counts}")
+        manifests[(i, n)] = manifest
     return manifests
+
+
+def _shard_rows(out_dir: Path, manifest: dict, i: int, n: int, kind: str) -> list[list[str]]:
+    """The rows of shard ``i``'s index or errors file, after checking its bytes against the shard's digest."""
+    name = f"{kind}{shard_suffix(i, n)}.csv"
+    path = out_dir / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MergeError(f"{path}: unreadable shard file ({exc})") from None
+    if hashlib.sha256(data).hexdigest() != manifest["files"].get(name):
+        raise MergeError(f"{path}: does not match the digest shard {i} of {n} recorded when it finished (truncated or edited?)")
+    return _read_csv(path, data, _INDEX_HEADER if kind == "index" else _ERRORS_HEADER)
+
+
+def _check_rows(
+    out_dir: Path, i: int, n: int, manifest: dict, tables: tuple[list[list[str]], list[list[str]]], listed: dict,
+    inputs: dict[str, int],
+) -> None:
+    """Shard ``i``'s counts agree with its (index, errors) rows; no input is listed twice (``listed``: input →
+    where, over the shards so far; an input that gave no file, not in ``inputs``, may be rejected more than
+    once); every output lies inside the export."""
+    rows, failed = tables
+    counts = manifest["counts"]
+    if counts["ok"] + counts["skipped"] != len(rows) or counts["failed"] != len(failed):
+        raise MergeError(
+            f"{out_dir / f'manifest{shard_suffix(i, n)}.json'}: counts say {counts['ok'] + counts['skipped']} exported "
+            f"and {counts['failed']} rejected, but its index and errors files hold {len(rows)} and {len(failed)} rows"
+        )
+    for kind, table in (("index", rows), ("errors", failed)):
+        where = f"the {kind} of shard {i}"
+        for row in table:
+            if row[0] in listed and (kind == "index" or row[0] in inputs):
+                raise MergeError(f"{out_dir}: {printable(row[0])} is listed twice (in {listed[row[0]]} and {where})")
+            listed.setdefault(row[0], where)
+            bad = next((o for o in row[1].split(";") if o and not _inside(o)), None) if kind == "index" else None
+            if bad is not None:
+                raise MergeError(f"{out_dir}: {where} names an output outside the export ({printable(bad)!r})")
+
+
+def _inside(rel: str) -> bool:
+    """Whether an index row's output path stays inside the export: relative, with no ``..`` component."""
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and ".." not in p.parts and "\\" not in rel and not PureWindowsPath(rel).drive
 
 
 def _check_shards(out_dir: Path, manifests: dict[tuple[int, int], dict]) -> int:
@@ -848,14 +937,15 @@ def _merged_manifest(manifests: dict[tuple[int, int], dict], n: int) -> dict:
     }
 
 
-def _read_csv(path: Path, header: list[str]) -> list[list[str]]:
+def _read_csv(path: Path, data: bytes, header: list[str]) -> list[list[str]]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as exc:
         raise MergeError(f"{path}: unreadable shard file ({exc})") from None
     if not rows or rows[0] != header:
         raise MergeError(f"{path}: not an mcloss export shard file (header is not {','.join(header)})")
+    if any(len(row) != len(header) for row in rows[1:]):
+        raise MergeError(f"{path}: a row without the {len(header)} columns {','.join(header)}")
     return rows[1:]
 
 

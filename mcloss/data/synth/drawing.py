@@ -366,8 +366,12 @@ def render_bird(bird: BirdClass, size: int, rng: np.random.Generator, object_sca
 def _keypoints_and_box(
     owner: np.ndarray, inside: np.ndarray, seen: np.ndarray, centres: dict[str, np.ndarray], size: int
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """The part keypoints [P, 3] (x, y, visible: a part counts as visible when enough of it is seen and its
-    centre is in the image) and the bird's box (x, y, w, h) from the ownership maps (padded, in-image, seen)."""
+    """The part keypoints [P, 3] and the bird's box (x, y, w, h) from the ownership maps (padded, in-image, seen).
+
+    A part counts as visible when enough of it is seen and its centre is in the image. A visible keypoint
+    lies on a seen pixel of its own part, as in CUB: its centre where that is so, else the centre of the
+    part's seen pixel nearest to it (the legs' centre, for one, lies between the two legs).
+    """
     parts = np.zeros((len(PART_NAMES), 3))
     for i, name in enumerate(PART_NAMES):
         code = _OWNER[name]
@@ -375,10 +379,25 @@ def _keypoints_and_box(
         visible_px = int(np.count_nonzero(seen == code))
         x, y = centres[name]
         if total and visible_px >= MIN_VISIBLE_FRACTION * total and 0.0 <= x < size and 0.0 <= y < size:
-            parts[i] = (x, y, 1.0)
+            parts[i] = (*_on_part(seen == code, float(x), float(y)), 1.0)
     ys, xs = np.nonzero(inside)
     bbox = (float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min()))
     return parts, bbox
+
+
+def _on_part(mask: np.ndarray, x: float, y: float) -> tuple[float, float]:
+    """(x, y) when it lies on ``mask`` (also as written, to 2 decimals), else the nearest pixel centre on it."""
+    h, w = mask.shape
+
+    def on(px: float, py: float) -> bool:
+        col, row = math.floor(px), math.floor(py)
+        return 0 <= col < w and 0 <= row < h and bool(mask[row, col])
+
+    if on(x, y) and on(round(x, 2), round(y, 2)):
+        return x, y
+    ys, xs = np.nonzero(mask)
+    k = int(np.argmin((xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2))
+    return float(xs[k]) + 0.5, float(ys[k]) + 0.5
 
 
 def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
