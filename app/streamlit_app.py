@@ -337,7 +337,12 @@ def prediction_panel(expl: Explanation, class_names: list[str], base, title: str
     left.image(render.pad_to_aspect(base), caption=title, width="stretch", alt="input image")
     with right:
         agree, sentence = view.agreement(expl, class_names)
-        (st.success if agree else st.warning)(sentence, icon=":material/check_circle:" if agree else ":material/compare_arrows:")
+        level, note = view.domain_note(expl)
+        if level == "warning":  # no tick for an image the model does not know
+            st.warning(f"{note}\n\n{sentence}", icon=":material/warning:")
+        else:
+            (st.success if agree else st.warning)(sentence, icon=":material/check_circle:" if agree else ":material/compare_arrows:")
+            st.caption(note)
         if label is not None:
             ok = expl.prediction == label
             st.markdown(

@@ -97,6 +97,7 @@ __all__ = [
     "channel_parts",
     "topk_rows",
     "agreement",
+    "domain_note",
     "export_zip",
     "WHY_MAPS",
     "closest_classes",
@@ -726,6 +727,21 @@ def agreement(explanation: Explanation, class_names: Sequence[str]) -> tuple[boo
         return True, f"Both heads predict **{text(class_names[p])}** (FC {fc[p]:.2f} · MC {mc[q]:.2f})."
     return False, (
         f"The heads disagree: FC → **{text(class_names[p])}** ({fc[p]:.2f}), MC → **{text(class_names[q])}** ({mc[q]:.2f})."
+    )
+
+
+def domain_note(explanation: Explanation) -> tuple[str, str]:
+    """(level, Markdown) of the image's domain check: ``"warning"`` when the image is outside what the model
+    was trained on, ``"ok"`` inside, ``"unavailable"`` when the checkpoint has no domain statistics."""
+    verdict = explanation.domain
+    if verdict is None:
+        return "unavailable", "Domain check unavailable: this checkpoint holds no domain statistics (`mcloss domain` adds them)."
+    numbers = f"domain score {verdict.score:.4f}, threshold {verdict.threshold:.4f}"
+    if verdict.in_domain:
+        return "ok", f"In the domain the model was trained on ({numbers})."
+    return "warning", (
+        f"**This image looks unlike anything the model was trained on** ({numbers}: 95 % of held-out training-domain "
+        "images score below it). Its prediction and maps describe how the model reacts to it, not a class it knows."
     )
 
 

@@ -60,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "CUBDataset": "mcloss.data.cub",
     "is_cub_layout": "mcloss.data.cub",
     "DatasetError": "mcloss.core.errors",
+    "DomainCheck": "mcloss.core.domain",
     "build_datasets": "mcloss.data.datasets",
     "generate_dataset": "mcloss.data.synth",
     "defining_parts": "mcloss.data.defining",
@@ -92,6 +93,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "mcloss.evaluation.classification",
     "evaluate_parts": "mcloss.evaluation.parts",
     "evaluate_contrast": "mcloss.evaluation.contrast",
+    "fit_domain": "mcloss.evaluation.domain",
     # training
     "TrainConfig": "mcloss.training.config",
     "make_config": "mcloss.training.config",

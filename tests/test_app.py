@@ -1059,3 +1059,28 @@ def test_why_view_texts_are_escaped_and_need_the_card(env, checkpoint, gallery_d
     assert not at.error
     assert any("does not record its classes' defining parts" in as_shown(m.value) for m in at.markdown)
     assert sum(c.startswith(("Finer-CAM · ", "group contrast · ")) for c in captions(at)) == 2
+
+
+# ------------------------------------------------------------------------------------------ domain check
+
+
+def test_a_photo_gets_a_warning_not_a_tick_and_a_bird_passes(shipped_env):
+    """The shipped default knows synthetic birds only: a real photo is flagged in place of the agreement's tick."""
+    import skimage.data
+
+    at = run_app(**upload("astronaut.png", _encode(skimage.data.astronaut(), "PNG")))
+    assert_clean(at)
+    assert not at.success  # no green tick
+    warning = next(w for w in at.warning if "looks unlike anything the model was trained on" in w.value)
+    assert "domain score" in warning.value
+    assert "Both heads predict" in warning.value or "The heads disagree" in warning.value
+    at = run_app(sample=0)
+    assert_clean(at)
+    assert not any("looks unlike anything" in w.value for w in at.warning)
+    assert any(c.value.startswith("In the domain the model was trained on (domain score") for c in at.caption)
+
+
+def test_a_checkpoint_without_statistics_says_the_check_is_unavailable(env):
+    at = run_app()
+    assert_clean(at)
+    assert any(as_shown(c.value).startswith("Domain check unavailable") for c in at.caption)

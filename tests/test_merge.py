@@ -131,7 +131,7 @@ def test_an_output_outside_the_export_is_refused(out, capsys):
     index1 = out / "index.shard-1-of-2.csv"
     rows = _rows(index1)
     for bad in ("../../../../etc/passwd", "/etc/passwd", "img1.png.json;sub/../../x"):
-        _write_rows(index1, [*rows, [str(out.parent / "in" / "extra.png"), bad, "ant", "0.5", "ant"]])
+        _write_rows(index1, [*rows, [str(out.parent / "in" / "extra.png"), bad, "ant", "0.5", "ant", "", ""]])
         _refused(out, capsys, "does not match the digest")
         _reseal(out, 1, lambda m: m["counts"].update(ok=len(rows)))  # one more row than it exported
         _refused(out, capsys, "the index of shard 1 names an output outside the export")

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mcloss.cli.synth", "write a synthetic fine-grained parts dataset in CUB layout"),
     "train": ("mcloss.cli.train", "train an MC-Loss (or CE) model"),
     "eval": ("mcloss.cli.eval", "top-1/top-5 of both heads on a test split"),
+    "domain": ("mcloss.cli.domain", "fit a checkpoint's domain check (an out-of-domain warning) and measure it"),
     "export": ("mcloss.cli.export", "batch-export channel maps and Grad-CAM for images"),
     "parts": ("mcloss.cli.parts", "part-localization and faithfulness metrics"),
     "atlas": ("mcloss.cli.atlas", "each channel's top patches across a dataset, with part, purity and consistency"),

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument(
+        "--ood", metavar="INPUT", nargs="+",
+        help="out-of-domain images (folders, files, globs): the AUROC of the checkpoint's domain score, these against "
+        "the test split (needs a domain check: mcloss domain)",
+    )  # fmt: skip
     return p
 
 
@@ -48,6 +53,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise ParameterError("batch_size must be >= 1 and workers >= 0", parameter=("batch_size", "workers"))
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint_path(args.checkpoint), device)
+    if args.ood and model.domain is None:
+        raise ParameterError(
+            f"--ood: {args.checkpoint} has no domain check (domain check unavailable); add one with mcloss domain"
+        )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     _, test_ds, class_names = build_datasets(args.data, args.dataset, model.transform, model.transform, download=args.download)
@@ -63,6 +72,13 @@ def _eval(args: argparse.Namespace) -> int:
     except MclossError as exc:  # an empty split, an unreadable image
         raise DatasetError(f"{args.data}: {exc}") from exc
     print(format_report(result, args.checkpoint, model.num_classes))
+    ood = None
+    if args.ood:
+        from mcloss.cli.domain import ood_report
+        from mcloss.evaluation.domain import split_scores
+
+        inside = split_scores(model, test_ds, batch_size=args.batch_size, workers=args.workers, device=device)
+        ood = ood_report(model, inside, args.ood, "the test split")
     if args.json:
         payload = {
             "checkpoint": str(Path(args.checkpoint).resolve()),
@@ -72,6 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
             **result,
             "fc": {"top1": result["fc_top1"], f"top{result['topk']}": result["fc_top5"]},
             "mc": {"top1": result["mc_top1"], f"top{result['topk']}": result["mc_top5"]},
+            **({} if ood is None else {"domain": ood}),
         }
         with writing_to(args.json, "--json"):
             atomic_write_json(args.json, payload)

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
+from mcloss.core.domain import DomainCheck
 from mcloss.core.errors import MclossError, ParameterError, first_line
 from mcloss.core.files import atomic_write_bytes
 from mcloss.core.loss import trained_pool_share
@@ -347,6 +348,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{label}: metadata does not describe a buildable model ({first_line(exc)})") from None
     if model.groups != list(config["groups"]):
         raise CheckpointError(f"{label}: channel groups in metadata do not match the architecture")
+    if config.get("domain") is not None:
+        try:
+            model.set_domain(DomainCheck.from_config(config["domain"], model.num_channels))
+        except ParameterError as exc:
+            raise CheckpointError(f"{label}: {exc}") from None
     model.config.update({k: v for k, v in config.items() if k not in model.config})
     expected = model.state_dict()
     state = {}

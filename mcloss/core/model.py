@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from mcloss.core.domain import DomainCheck
 from mcloss.core.errors import OutOfRangeError, ParameterError, UnknownClassError
 from mcloss.core.groups import normalize_groups, split_channels
 from mcloss.core.loss import ccmp, top_share_mean
@@ -185,6 +186,7 @@ class MCModel(nn.Module):
         transform: the eval transform (PIL RGB image → normalized tensor).
         card: provenance and metrics.
         config: everything needed to rebuild the architecture (stored in checkpoints).
+        domain: the domain check (:class:`mcloss.core.domain.DomainCheck`), or None when the model has none.
     """
 
     def __init__(
@@ -207,6 +209,15 @@ class MCModel(nn.Module):
         self.transform = transform
         self.config = dict(config)
         self.card = dict(card or {})
+        self.domain: DomainCheck | None = None
+
+    def set_domain(self, check: DomainCheck | None) -> None:
+        """Attach (or, with None, remove) the domain check; its config goes into ``config["domain"]``."""
+        self.domain = check
+        if check is None:
+            self.config.pop("domain", None)
+        else:
+            self.config["domain"] = check.config()
 
     @property
     def feature_layer(self) -> nn.Module:

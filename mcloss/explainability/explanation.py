@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from mcloss.core.device import autocast
+from mcloss.core.domain import DomainVerdict
 from mcloss.core.errors import ParameterError
 from mcloss.core.model import model_guard
 from mcloss.core.transforms import Geometry
@@ -184,6 +185,9 @@ class Explanation:
         source: the file the image came from, when known.
         view: an RGB uint8 view of the original (any size, same aspect ratio) that the drawing methods
             use unless given another; None when the explanation was made from tensors only.
+        domain: the domain check of the image (:class:`mcloss.core.domain.DomainVerdict`: its score, the
+            threshold and whether it is in the domain), from the same pass; None when the model has no domain
+            check (domain check unavailable).
     """
 
     image_size: tuple[int, int]
@@ -196,6 +200,7 @@ class Explanation:
     class_names: tuple[str, ...] = ()
     source: str | None = None
     view: np.ndarray | None = field(default=None, repr=False, compare=False)
+    domain: DomainVerdict | None = None
 
     @property
     def prediction(self) -> int:
@@ -512,6 +517,7 @@ def explain_tensor(
         with torch.no_grad():
             probs_fc = torch.softmax(logits, dim=1).cpu().numpy()
             probs_mc = torch.softmax(model.mc_logits(feats.detach()), dim=1).float().cpu().numpy()
+        verdicts = model.domain.verdicts(feats) if model.domain is not None else [None] * batch
         per_image = resolve_targets(model, targets, probs_fc, probs_mc, labels)
         depth = max(len(t) for t in per_image)
         contrasts = []
@@ -532,7 +538,8 @@ def explain_tensor(
         label = None if label_list[b] is None else int(label_list[b])
         results.append(
             Explanation(
-                tuple(geo.original), geo, feature_hw, probs_fc[b], probs_mc[b], groups, label, tuple(model.class_names)
+                tuple(geo.original), geo, feature_hw, probs_fc[b], probs_mc[b], groups, label, tuple(model.class_names),
+                domain=verdicts[b],
             )
         )
     return results

@@ -716,7 +716,7 @@ def _export_in_lanes(run: _Run, loader: DataLoader, count: int) -> None:
 
 # ------------------------------------------------------------------------------------------- finish
 
-_INDEX_HEADER = ["file", "outputs", "prediction", "prob", "target"]
+_INDEX_HEADER = ["file", "outputs", "prediction", "prob", "target", "domain_score", "in_domain"]
 _ERRORS_HEADER = ["file", "reason"]
 
 
@@ -750,7 +750,10 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
 def _index_row(f: InputFile, rec: dict) -> list[str]:
     folder = f.key.rsplit("/", 1)[0] if "/" in f.key else ""
     outputs = [f"{folder}/{name}" if folder else name for name in rec["outputs"]]
-    return [f.source, ";".join(outputs), rec["prediction"]["name"], f"{rec['prediction']['prob']:.6f}", rec["target"]["name"]]
+    domain = rec.get("domain") or {}
+    score, inside = ("", "") if not domain.get("available") else (f"{domain['score']:.6f}", str(domain["in_domain"]).lower())
+    return [f.source, ";".join(outputs), rec["prediction"]["name"], f"{rec['prediction']['prob']:.6f}", rec["target"]["name"],
+            score, inside]  # fmt: skip
 
 
 def _in_input_order(errors: list, position: dict[str, int]) -> list:

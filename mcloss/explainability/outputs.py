@@ -16,6 +16,9 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   ``geometry`` {resized, crop}, ``targets`` ({rank, index, name, prob, prob_mc, channels, gradcam, montage
   (the montage's file), png (the same when it is a PNG, else null), versus, defining_parts} per rank, plus
   ``defining_mass_ratio`` where known) and ``outputs`` (file names).
+  ``domain``: the image's domain check, ``{available: true, score, threshold, in_domain}`` (in_domain: the
+  score is at most the threshold calibrated so that 95 % of held-out in-domain images pass), or
+  ``{available: false}`` for a model without domain statistics (see :mod:`mcloss.core.domain`).
   With a contrast (``explain(contrast=)``, ``mcloss export --contrast``): ``finer`` and ``contrast`` {peak_xy}
   beside ``gradcam``, each target's ``versus`` {index, name (class B), auto (picked from the logits),
   references [{index, name, prob}] (Finer-CAM's, B first)} (else null), and in the npz ``finer`` and
@@ -190,6 +193,7 @@ def explanation_record(
         **{name: entries[0][name] for name in _peak_kinds()},
         "feature_hw": list(exp.feature_hw),
         "geometry": {"resized": list(exp.geometry.resized), "crop": list(exp.geometry.crop)},
+        "domain": {"available": False} if exp.domain is None else {"available": True, **exp.domain.record()},
         "targets": entries,
         "outputs": [e["montage"] for e in entries if e["montage"]] + [f"{stem}.npz", f"{stem}.json"],
     }
@@ -212,7 +216,7 @@ class Comparison:
     def record(self, topk: int) -> dict:
         """The json's ``compare``: the second model's name, predictions, topk and per-target entries."""
         rec = explanation_record(self.explanation, topk)
-        keep = ("prediction", "prediction_mc", "topk", "target", "channels", *_peak_kinds(), "feature_hw", "targets")
+        keep = ("prediction", "prediction_mc", "topk", "target", "channels", *_peak_kinds(), "feature_hw", "domain", "targets")
         out = {"checkpoint": self.titles[1], "sha256": self.sha256} | {k: rec[k] for k in keep}
         for entry in out["targets"]:
             entry.pop("png", None)
