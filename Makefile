@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8501
 STAMP := $(VENV)/.installed
 
-.PHONY: app test test-fast side-by-side demo lint default-checkpoint default-seeds ablation ablation-224-combo ablation-128 ablation-224-single bench chromium clean
+.PHONY: app test test-fast side-by-side demo lint default-checkpoint rewrite-card default-seeds ablation ablation-224-combo ablation-128 ablation-224-single bench chromium clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,10 @@ demo: $(STAMP)
 ## ARGS go to the script, e.g. ARGS="--work runs/regen --out runs/regen/checkpoints" for a clean work dir.
 default-checkpoint: $(STAMP)
 	$(BIN)/python scripts/default_checkpoint.py $(ARGS)
+
+## Rewrite the default's card words (goals, text, checkpoints/README.md) from the scores it stores: no retraining, no tensor byte changes.
+rewrite-card: $(STAMP)
+	$(BIN)/python scripts/default_checkpoint.py --rewrite-card checkpoints/default.safetensors
 
 ## The default's recipe at training seeds 1 and 2 beside the shipped seed 0 → docs/default_seeds.md (~55 min; after default-checkpoint).
 default-seeds: $(STAMP)

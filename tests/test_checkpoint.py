@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from mcloss import CheckpointError, build_model, load_checkpoint, read_metadata, save_checkpoint
-from mcloss.core.checkpoint import DIGEST_KEY, weights_digest
+from mcloss.core.checkpoint import DIGEST_KEY, rewrite_card, weights_digest
 from mcloss.core.transforms import EvalTransform
 
 
@@ -215,3 +215,60 @@ def test_a_malformed_digest_is_refused(tmp_path, model):
     save_file(state, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match=rf"m\.safetensors: metadata {DIGEST_KEY} is not a sha256 hex digest"):
         load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------- card rewrite
+
+
+def test_rewriting_the_card_leaves_every_tensor_byte_as_it_was(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    meta, state = _raw(path)
+    before, data = weights_digest(path), path.read_bytes()
+    card = {"seed": 5, "goals": {"above Grad-CAM": "tie"}, "text": "# Card\n\n- Above Grad-CAM — tie ≥ ½."}
+    assert rewrite_card(path, card) == before
+    new_meta, new_state = _raw(path)
+    assert weights_digest(path) == before == new_meta[DIGEST_KEY]
+    assert path.read_bytes()[_data_start(path):] == data[8 + int.from_bytes(data[:8], "little"):]  # the data region
+    assert new_state.keys() == state.keys() and all(torch.equal(new_state[k], state[k]) for k in state)
+    # only the card changed: every other metadata key is as it was, and the model loads with the new card
+    assert {k: v for k, v in new_meta.items() if k != "card"} == {k: v for k, v in meta.items() if k != "card"}
+    assert read_metadata(path)["card"] == card
+    loaded = load_checkpoint(path)
+    assert loaded.card == card
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_rewriting_keeps_tensors_it_does_not_know_and_seals_a_file_saved_before_digests(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    meta, state = _raw(path)
+    del meta[DIGEST_KEY]
+    meta["extra"] = "kept"
+    state["domain.mean"] = torch.arange(7, dtype=torch.float64)  # a tensor a later version might add
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata=meta)
+    before = weights_digest(old)
+    assert rewrite_card(old, {"seed": 6}) == before
+    new_meta, new_state = _raw(old)
+    assert new_meta[DIGEST_KEY] == before == weights_digest(old) and new_meta["extra"] == "kept"
+    assert torch.equal(new_state["domain.mean"], state["domain.mean"]) and new_state.keys() == state.keys()
+    assert read_metadata(old)["card"] == {"seed": 6}
+
+
+def test_rewriting_refuses_a_corrupted_file_instead_of_sealing_it_anew(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the digest .*the card was not rewritten"):
+        rewrite_card(path, {"seed": 7})
+    assert path.read_bytes() == bytes(data)
+    save_checkpoint(model, path)
+    with pytest.raises(CheckpointError, match="a card must be a JSON object"):
+        rewrite_card(path, ["not", "a", "card"])  # type: ignore[arg-type]
+    with pytest.raises(CheckpointError, match="the card is not JSON"):
+        rewrite_card(path, {"ratio": float("nan")})
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        rewrite_card(tmp_path / "missing.safetensors", {})

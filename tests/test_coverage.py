@@ -173,6 +173,9 @@ def test_unknown_defining_parts_are_said_not_zeroed():
     assert C.class_coverage({"A": [[0]]}, {}, ["head"])["summary"] is None
     assert "No defining parts known" in coverage_markdown([("m", None)])
     assert "No defining parts known" in coverage_table({"defining": {"source": None, "methods": {}}})
+    # a block that knows its defining parts but was scored before they were counted (an older checkpoint card):
+    # no coverage section rather than "No defining parts known"
+    assert coverage_table({"defining": {"source": "dataset", "methods": {}}}) == ""
 
 
 # ------------------------------------------------------------------------------------------ mcloss parts

@@ -97,6 +97,21 @@ def test_default_seeds_report_names_each_seeds_missed_goals_and_the_spread():
     assert "| 4.30 ± 2.14 |" in mean  # CCMP: 6.0, 5.0, 1.9
 
 
+def test_default_seeds_report_says_tie_when_a_paired_interval_holds_1_and_counts_it_unmet():
+    from default_seeds import report, seed_row
+
+    twin = _defining(2.4, 0.8, 7.6, 0.7)
+    rows = []
+    for seed, ccmp_ci in enumerate([(1.01, 1.19), (0.99, 1.19), (0.80, 0.95)]):
+        defining = _defining(6.0, 7.0, 5.5, 0.86)  # every ratio above Grad-CAM's
+        defining["versus_gradcam"] = {"ccmp": {"quotient": 1.08, "ci": list(ccmp_ci)}, "channels": {"quotient": 1.3, "ci": [1.2, 1.45]}}
+        rows.append(seed_row(seed, {"fc_top1": 0.94, "mc_top1": 0.96}, defining, twin))
+    lines = report(rows, twin_channels=0.8).splitlines()
+    by_seed = {line.split("|")[1].strip(): line.rsplit("|", 2)[1].strip() for line in lines if line.startswith("| ")}
+    assert [by_seed[s] for s in "012"] == ["none", "above Grad-CAM (tie)", "above Grad-CAM"]
+    assert by_seed["mean ± std"] == "1 of 3 seeds meet every goal"
+
+
 def test_default_seeds_versus_table_calls_an_interval_that_holds_1_a_tie():
     from default_seeds import seed_row, versus_report
 

@@ -34,6 +34,7 @@ __all__ = [
     "MAX_CLASSES",
     "MAX_IMG_SIZE",
     "read_metadata",
+    "rewrite_card",
     "save_checkpoint",
     "weights_digest",
 ]
@@ -157,6 +158,59 @@ def weights_digest(path: str | os.PathLike) -> str:
             return _digest_of_file(label, f)
     except OSError as exc:
         raise CheckpointError(f"{label}: cannot read ({first_line(exc)})") from None
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    """A safetensors file of ``header`` (its tensor entries and ``__metadata__``) and the data region ``data``.
+
+    The header is padded with spaces to a multiple of 8 bytes, as safetensors writes it.
+    """
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def rewrite_card(path: str | os.PathLike, card: dict) -> str:
+    """Replace the card in an mcloss checkpoint's metadata atomically; every tensor byte stays as it was.
+
+    The header's tensor entries (whatever tensors the file holds) and the data region are copied unchanged, the
+    other metadata keys are kept, and the weights' digest (:data:`DIGEST_KEY`) is recorded: the one already
+    there, or for a file saved before digests, the one computed before the rewrite.
+
+    Returns:
+        the weights' digest, the same before and after.
+
+    Raises:
+        CheckpointError: not a readable mcloss checkpoint, a card that is not a JSON object, or tensors that no
+            longer match the digest the file records (a corrupted file is refused, not sealed anew).
+    """
+    label = str(path)
+    read_metadata(path)  # an mcloss checkpoint whose metadata is valid
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{label}: a card must be a JSON object, got {type(card).__name__}")
+    try:
+        text = json.dumps(card, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{label}: the card is not JSON ({first_line(exc)})") from None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{label}: cannot read ({first_line(exc)})") from None
+    stream = io.BytesIO(data)
+    header = _header_of(label, stream)
+    region = data[stream.tell():]
+    before = _digest_of_bytes(data)
+    metadata = dict(header.get("__metadata__") or {})
+    if metadata.get(DIGEST_KEY, before) != before:
+        raise CheckpointError(f"{label}: tensor bytes do not match the digest recorded when it was saved (corrupted?); "
+                              "the card was not rewritten")  # fmt: skip
+    metadata.update({"card": text, DIGEST_KEY: before})
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    rewritten = _safetensors_bytes({"__metadata__": metadata, **entries}, region)
+    if _digest_of_bytes(rewritten) != before or not rewritten.endswith(region):
+        raise CheckpointError(f"{label}: rewriting the card would change the tensors; nothing written")
+    atomic_write_bytes(path, rewritten)
+    return before
 
 
 def _verify_weights(label: str, path: str | os.PathLike) -> None:

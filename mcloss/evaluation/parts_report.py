@@ -183,7 +183,8 @@ def defining_table(summary: dict) -> str:
 
 def coverage_table(summary: dict) -> str:
     """The "distinct parts" count of a parts run (this model, and the baseline when there is one), or ""
-    when the run has no defining-part block."""
+    when the run has no defining-part block or was scored before the count existed (a block that knows its
+    defining parts but has no ``coverage``, as in a checkpoint card written then)."""
     block = summary.get("defining")
     if not isinstance(block, dict):
         return ""
@@ -191,6 +192,8 @@ def coverage_table(summary: dict) -> str:
     base = summary.get("baseline")
     if isinstance(base, dict) and isinstance(base.get("defining"), dict):
         models.append(("baseline model", base["defining"].get("coverage")))
+    if block.get("source") is not None and all(c is None for _, c in models):
+        return ""
     return coverage_markdown(models)
 
 
@@ -291,9 +294,11 @@ def summary_table(summary: dict) -> str:
             f"| {_fmt(m.get('separated_parts'), 2)} | {_fmt(m['overlap'])} | {_fmt(m['deletion_auc'])} "
             f"| {_fmt(m['insertion_auc'])} |"
         )
+    # a checkpoint card written before it kept the count of scored images has none
+    scored = f" ({summary['scored_images']} with visible parts)" if "scored_images" in summary else ""
     lines += [
         "",
-        f"{summary['images']} images ({summary['scored_images']} with visible parts); "
+        f"{summary['images']} images{scored}; "
         f"top-1 FC head {summary['top1_fc']:.3f}, MC head {summary['top1_mc']:.3f}; "
         f"hit radius {summary['hit_radius']}. Separated parts count hit parts whose keypoints are less than "
         "two hit radii apart (a peak between them could hit either) as one.",
