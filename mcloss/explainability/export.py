@@ -35,14 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import functools
 import hashlib
 import io
 import json
 import os
-import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -55,6 +52,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
+from mcloss.core import processes
 from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress, check_callback
 from mcloss.core.files import (
     atomic_write_bytes,
@@ -102,7 +100,6 @@ __all__ = [
     "shard_suffix",
 ]
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Threads that draw, encode and write each batch's files while the model runs the next batch (OpenCV and
 #: zlib release the GIL).
 WRITER_THREADS = 2
@@ -950,12 +947,7 @@ def _read_csv(path: Path, data: bytes, header: list[str]) -> list[list[str]]:
 
 
 def die_with_parent(_worker_id: int = 0, *, parent: int | None = None) -> None:
-    """DataLoader ``worker_init_fn``: on Linux the worker gets SIGKILL when the export process ``parent``
-    (its pid, read before the fork) dies, even by SIGKILL, instead of lingering with its memory; elsewhere
-    torch's own parent check remains."""
-    parent = os.getppid() if parent is None else parent
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    """DataLoader ``worker_init_fn``: the worker gets SIGKILL when the export process ``parent`` (its pid, read
+    before the fork) dies, even by SIGKILL, instead of lingering with its memory
+    (:func:`mcloss.core.processes.die_with_parent`)."""
+    processes.die_with_parent(parent)
