@@ -224,3 +224,19 @@ def test_lock_is_gone_after_success_and_after_an_error(tmp_path, checkpoint, ima
     # an unusable option fails before the folder (and its lock) is made
     assert main(_args(checkpoint, images, tmp_path / "o5", "--target", "zebra")) == 2
     assert not (tmp_path / "o5").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_export_into_a_held_folder_is_refused_by_rank_0_alone(tmp_path, checkpoint, images):
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mcloss", "export",
+           *_args(checkpoint, images, out)]  # fmt: skip
+    with _holder(out) as holder:
+        before = _listing(out)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode != 0
+        said = [line for line in proc.stderr.splitlines() if "in use by a live export" in line]
+        assert len(said) == 1 and f"{out}: in use by a live export (pid {holder.pid}" in said[0], proc.stderr[-3000:]
+        assert _listing(out) == before
