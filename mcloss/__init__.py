@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "MclossError": "mcloss.core.errors",
     "ParameterError": "mcloss.core.errors",
     "OutputError": "mcloss.core.errors",
+    "FolderBusyError": "mcloss.core.errors",
     "UnknownClassError": "mcloss.core.errors",
     "OutOfRangeError": "mcloss.core.errors",
     "default_checkpoint": "mcloss.core.checkpoint",
@@ -127,6 +128,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; nothing is imported at run time
     from mcloss.core.device import resolve_device
     from mcloss.core.errors import (
         DatasetError,
+        FolderBusyError,
         MclossError,
         OutOfRangeError,
         OutputError,

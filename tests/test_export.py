@@ -371,6 +371,7 @@ def test_torchrun_two_cpu_ranks_match_one_process_and_merge(tmp_path, checkpoint
     assert proc.returncode == 1, proc.stderr[-3000:]
     for i in range(2):
         assert (ranks / f"manifest.shard-{i}-of-2.json").is_file() and (ranks / f"index.shard-{i}-of-2.csv").is_file()
+    assert not list(ranks.glob(".mcloss-export*")), "rank 0's lock on --out outlived the export"
     _same_outputs(single, ranks)  # per-image outputs, index.csv and errors.csv
     merged = json.loads((ranks / "manifest.json").read_text())
     one = json.loads((single / "manifest.json").read_text())

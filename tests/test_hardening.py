@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -472,3 +473,51 @@ def test_an_export_into_its_own_input_folder_is_refused(tmp_path, capsys):
         assert f"--out {out} is the input folder {src} or holds it" in capsys.readouterr().err
     assert sorted(p.name for p in src.iterdir()) == ["good.png"] and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     assert export_main(["--input", str(src), "--out", str(src / "out"), "--no-progress"]) == 0  # inside it: fine
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_torchrun_ranks_die_with_their_launcher(tmp_path, checkpoint):
+    """Issue 26: after a SIGKILL of torchrun, its ranks (re-parented, in sessions of their own) and their decoding
+    workers kept exporting beside a re-run."""
+    src = tmp_path / "in"
+    src.mkdir()
+    ramp = np.linspace(0, 255, 320 * 240 * 3).reshape(240, 320, 3).astype(np.uint8)  # compresses to a few KB
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    total = 3000  # far more than the ranks export before they are killed: unkilled, they take a minute or more
+    for i in range(total):
+        (src / f"img{i:04d}.png").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mcloss", "export", "--checkpoint",
+           str(checkpoint), "--input", str(src), "--out", str(out), "--batch-size", "1", "--workers", "2",
+           "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+    ranks: set[int] = set()
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not list(out.glob("in/*.json")):  # the ranks are exporting
+            assert launcher.poll() is None, "torchrun ended before it was killed"
+            time.sleep(0.1)
+        ranks = _children(launcher.pid)
+        workers = set().union(*(_children(r) for r in ranks))
+        assert len(ranks) == 2 and all(_alive(p) for p in ranks), ranks
+        assert len(workers) >= 2, "the ranks never started their decoding workers"
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher only: the ranks run in sessions of their own
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in ranks | workers):
+            time.sleep(0.1)
+        assert not [p for p in ranks | workers if _alive(p)], "ranks or workers outlived their launcher"
+        assert not list(out.glob("manifest*")), "the ranks finished their shards"
+        assert len(list(out.glob("in/*.json"))) < total
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for pid in ranks | workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -7,6 +7,7 @@ The exit status is 1 when any input was rejected (listed in errors.csv and on st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from mcloss.cli._common import (
     EXIT_OK,
     EXIT_REJECTED,
+    EXIT_USAGE,
     add_checkpoint,
     add_device,
     checkpoint_path,
@@ -27,7 +29,7 @@ from mcloss.cli._common import (
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.distributed import DistContext, launched_by_torchrun
-from mcloss.core.errors import ParameterError
+from mcloss.core.errors import MclossError, ParameterError
 from mcloss.core.files import printable
 from mcloss.core.model import MCModel
 from mcloss.data.io import IMAGE_FORMATS
@@ -36,7 +38,9 @@ from mcloss.explainability.explanation import parse_maps
 from mcloss.explainability.export import (
     ExportConfig,
     ExportResult,
+    check_config,
     export,
+    hold_output,
     merge_shards,
     parse_shard,
 )
@@ -125,8 +129,11 @@ def _export(args: argparse.Namespace) -> int:
     if args.merge is not None:
         if args.input or args.out:
             raise ParameterError("--merge OUT takes no --input or --out")
-        with writing_to(args.merge, "--merge"):
-            return _report(merge_shards(args.merge), "merged")
+        with contextlib.ExitStack() as held:
+            if Path(args.merge).is_dir():  # else the merge says there is nothing to merge
+                _hold(held, args.merge, what="merge", flag="--merge")
+            with writing_to(args.merge, "--merge"):
+                return _report(merge_shards(args.merge, lock=False), "merged")
     if not args.input or not args.out:
         raise ParameterError("the following arguments are required: --input, --out (or --merge OUT)")
     style = Style(colormap=args.colormap, alpha=args.alpha, shared_scale=args.shared_scale, tile_height=args.tile_height)
@@ -150,28 +157,62 @@ def _export(args: argparse.Namespace) -> int:
         )  # fmt: skip
         model = load_checkpoint(ckpt, device)
         other = None if second is None else load_checkpoint(second, device)
+        check_config(model, config)  # an unusable option fails before the output folder is made
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             other = None if other is None else other.to(memory_format=torch.channels_last)
-        with writing_to(config.out):
-            result = _run(model, config, device, progress=not args.no_progress and ctx.is_main, compare=other)
-        code = _report(result, "exported" if not ctx.enabled else f"exported by rank {ctx.rank}")
-        if not ctx.enabled:
-            return code
-        ctx.barrier()  # every rank's shard files are written
-        if ctx.is_main:
+        with contextlib.ExitStack() as held:  # OUT is held until every rank's shard is merged
+            if ctx.enabled:
+                _hold_for_ranks(held, config, ctx)
+            else:
+                _hold(held, config.out, inputs=config.input, shard=config.shard)  # shards of a split run side by side
             with writing_to(config.out):
-                code = max(code, _report(merge_shards(config.out, ctx.world_size), "merged"))
-        return code
+                result = _run(model, config, device, progress=not args.no_progress and ctx.is_main, compare=other)
+            code = _report(result, "exported" if not ctx.enabled else f"exported by rank {ctx.rank}")
+            if not ctx.enabled:
+                return code
+            ctx.barrier()  # every rank's shard files are written
+            if ctx.is_main:
+                with writing_to(config.out):
+                    code = max(code, _report(merge_shards(config.out, ctx.world_size, lock=False), "merged"))
+            return code
     finally:
         ctx.close()
+
+
+def _hold(
+    held: contextlib.ExitStack, out: str, *, inputs: Sequence[str] = (), shard: tuple[int, int] = (0, 1),
+    what: str = "export", flag: str = "--out",
+) -> None:  # fmt: skip
+    """Hold the folder ``out`` until ``held`` closes (:func:`~mcloss.explainability.export.hold_output`); say
+    whose stale lock was taken over."""
+    with writing_to(out, flag):
+        lock = held.enter_context(hold_output(out, inputs=inputs, shard=shard, what=what))
+    for old in lock.taken_over:
+        say("export", f"{out}: took over the stale lock of {old.describe()}: it is no longer running")
+
+
+def _hold_for_ranks(held: contextlib.ExitStack, config: ExportConfig, ctx: DistContext) -> None:
+    """Under torchrun rank 0 holds OUT for every rank of this export; when it cannot (another live export
+    holds it), rank 0 says why and every rank stops."""
+    refusal = None
+    if ctx.is_main:
+        try:
+            _hold(held, config.out, inputs=config.input)
+        except MclossError as exc:
+            refusal = exc
+    if ctx.broadcast_object(refusal is not None):
+        if refusal is not None:
+            raise refusal
+        raise SystemExit(EXIT_USAGE)  # rank 0 says why, once
 
 
 def _run(
     model: MCModel, config: ExportConfig, device: torch.device, *, progress: bool, compare: MCModel | None = None
 ) -> ExportResult:
+    """The export of ``config`` (the caller holds OUT)."""
     with progress_bar("export", progress) as report:
-        return export(model, config, device=device, progress=report, compare_model=compare)
+        return export(model, config, device=device, progress=report, compare_model=compare, lock=False)
 
 
 def _report(result: ExportResult, verb: str) -> int:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mcloss.core.device import resolve_device
 from mcloss.core.errors import MclossError
+from mcloss.core.processes import die_with_parent
 
 __all__ = ["DistContext", "launched_by_torchrun"]
 
@@ -38,10 +39,16 @@ class DistContext:
 
     @classmethod
     def setup(cls, device_name: str = "auto") -> tuple[DistContext, torch.device]:
-        """Resolve the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
-        device = resolve_device(device_name)
+        """Resolve the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU).
+
+        A rank dies with its launcher (its parent, the torchrun agent), even when that is killed with SIGKILL,
+        instead of running on beside a re-run: see :func:`mcloss.core.processes.die_with_parent`. (A launcher
+        that died before this point holds the rendezvous store, so joining the group fails.)
+        """
         if not launched_by_torchrun():
-            return cls(), device
+            return cls(), resolve_device(device_name)
+        die_with_parent()
+        device = resolve_device(device_name)
         rank = int(os.environ["RANK"])
         world = int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -22,6 +22,7 @@ __all__ = [
     "ParameterError",
     "DatasetError",
     "OutputError",
+    "FolderBusyError",
     "UnknownClassError",
     "OutOfRangeError",
     "Progress",
@@ -67,6 +68,11 @@ class DatasetError(MclossError, ValueError):
 
 class OutputError(MclossError, OSError):
     """An output path cannot be written (or its folder made); the message names the path and the reason."""
+
+
+class FolderBusyError(OutputError):
+    """An output folder that another live process is writing (:mod:`mcloss.core.lock`); the message names the
+    folder and that process's pid."""
 
 
 class UnknownClassError(MclossError, KeyError):

@@ -25,6 +25,10 @@ The export is a small pipeline:
    ``manifest.shard-i-of-n.json`` etc., and :func:`merge_shards` (also ``mcloss export --merge OUT``) merges
    them.
 
+While it runs, an export holds ``out`` (:func:`hold_output`: a lock file naming its pid, removed at the end):
+a second export into a folder a live one holds is refused before it writes anything (the shards of one split
+may run side by side), and the lock of a killed export is taken over.
+
 When the checkpoint's card knows its classes' defining parts, each target's json entry says which they are
 and how much the maps prefer them: on the image itself when it lies inside a CUB-layout dataset with part
 keypoints or part masks (:func:`mcloss.data.annotations.image_annotations`), else the card's fresh-set
@@ -35,14 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import functools
 import hashlib
 import io
 import json
 import os
-import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -55,6 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
+from mcloss.core import processes
 from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress, check_callback
 from mcloss.core.files import (
     atomic_write_bytes,
@@ -65,6 +67,7 @@ from mcloss.core.files import (
     json_safe,
     printable,
 )
+from mcloss.core.lock import FolderLock, hold_folder
 from mcloss.core.model import model_guard
 from mcloss.core.provenance import versions
 from mcloss.data.annotations import PartAnnotations, image_annotations
@@ -92,17 +95,22 @@ __all__ = [
     "ExportConfig",
     "ExportPlan",
     "ExportResult",
+    "LOCK_STEM",
+    "check_config",
     "cpu_lanes",
     "MergeError",
     "die_with_parent",
     "export",
+    "hold_output",
     "merge_shards",
     "parse_shard",
     "plan_export",
     "shard_suffix",
 ]
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: The lock file a live export holds in its output folder: ``.mcloss-export.lock`` (shard i of n:
+#: ``.mcloss-export.shard-i-of-n.lock``), see :func:`hold_output`.
+LOCK_STEM = ".mcloss-export"
 #: Threads that draw, encode and write each batch's files while the model runs the next batch (OpenCV and
 #: zlib release the GIL).
 WRITER_THREADS = 2
@@ -311,9 +319,7 @@ def plan_export(
         ParameterError, UnknownClassError, OutOfRangeError: an unusable option (unknown map kind, target or
             class, a second model that does not match), before any work is done.
     """
-    maps, contrast = kinds.contrast_maps(parse_maps(config.maps), config.contrast)
-    target = check_target(model, str(config.target))  # an unknown class or a bad topK fails before any work
-    contrast = None if contrast is None else check_contrast(model, contrast)
+    maps, target, contrast = _checked_options(model, config)
     out = Path(config.out)
     _check_out_apart(out, config.input)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,6 +341,46 @@ def plan_export(
         bases=bases, records=records, todo=[f for f in files if not _current(records[f.key], wanted, f.source)],
         output=output, titles=titles, compare_sha256=compare_sha, card=model.card,
     )  # fmt: skip
+
+
+def check_config(model: MCModel, config: ExportConfig) -> None:
+    """Check ``config``'s map kinds, target and contrast against the model, before anything is made.
+
+    Raises:
+        ParameterError, UnknownClassError, OutOfRangeError: an unusable option.
+    """
+    _checked_options(model, config)
+
+
+def _checked_options(model: MCModel, config: ExportConfig) -> tuple[tuple[str, ...], int | str, int | str | None]:
+    """(maps, target, contrast) of ``config``, checked against the model."""
+    maps, contrast = kinds.contrast_maps(parse_maps(config.maps), config.contrast)
+    target = check_target(model, str(config.target))  # an unknown class or a bad topK fails before any work
+    return tuple(maps), target, None if contrast is None else check_contrast(model, contrast)
+
+
+def hold_output(
+    out: str | Path, *, inputs: Sequence[str] = (), shard: tuple[int, int] = (0, 1), what: str = "export"
+) -> contextlib.AbstractContextManager[FolderLock]:
+    """Hold the output folder ``out`` for one export (made if missing), while the ``with`` block runs.
+
+    The export's lock file (:data:`LOCK_STEM`, :mod:`mcloss.core.lock`) names this process; another export
+    into ``out`` is refused while it lives, except another shard of the same split (``shard``). A lock whose
+    holder died (killed) is taken over: :attr:`~mcloss.core.lock.FolderLock.taken_over` says whose it was.
+    The lock file is removed however the block ends; it is never an output, an input or a manifest entry.
+
+    Args:
+        out: the output folder.
+        inputs: the export's inputs: ``out`` may not be one of their folders (checked before it is made).
+        shard: (i, n): this process writes shard i of n; (0, 1) for a whole export or a merge.
+        what: what this process does there (``export`` or ``merge``), for the message another one gets.
+
+    Raises:
+        FolderBusyError: a live export or merge holds ``out`` (the message names its pid).
+        ParameterError: ``out`` is an input folder or holds one.
+    """
+    _check_out_apart(Path(out), inputs)
+    return hold_folder(out, stem=LOCK_STEM, shard=shard, what=what)
 
 
 def _check_compare(
@@ -482,6 +528,7 @@ def export(
     amp: bool | None = None,
     checkpoint_sha256: str | None = None,
     compare_model: MCModel | None = None,
+    lock: bool = True,
 ) -> ExportResult:
     """Export every input of ``config`` not already finished in ``config.out``; returns what was done.
 
@@ -494,12 +541,25 @@ def export(
         amp: bf16 autocast of the model (default: on for CUDA).
         checkpoint_sha256: the checkpoint file's sha256 when already known (else it is computed).
         compare_model: the MCModel of ``config.compare`` (on ``device``; same class names), or None.
+        lock: hold ``config.out`` for this export (shard) while it runs (:func:`hold_output`); False when the
+            caller holds it (torchrun: rank 0 holds it for every rank).
 
     Raises:
         ParameterError, UnknownClassError, OutOfRangeError: an unusable option (unknown map kind, target or
             class), before any work is done.
+        FolderBusyError: another live export holds ``config.out``, before anything is written.
     """
     check_callback(progress)
+    check_config(model, config)  # before the output folder is made
+    held = hold_output(config.out, inputs=config.input, shard=config.shard) if lock else contextlib.nullcontext()
+    with held:
+        return _export(model, config, device, progress, amp, checkpoint_sha256, compare_model)
+
+
+def _export(
+    model: MCModel, config: ExportConfig, device: torch.device, progress: Progress | None, amp: bool | None,
+    checkpoint_sha256: str | None, compare_model: MCModel | None,
+) -> ExportResult:  # fmt: skip
     plan = plan_export(model, config, checkpoint_sha256=checkpoint_sha256, compare_model=compare_model)
     _remove_stale_temps(plan)
     t0 = time.perf_counter()
@@ -776,7 +836,7 @@ class MergeError(MclossError, ValueError):
     """Shard files that cannot be merged; the message names the folder and the reason."""
 
 
-def merge_shards(out: str | Path, shards: int | None = None) -> ExportResult:
+def merge_shards(out: str | Path, shards: int | None = None, *, lock: bool = True) -> ExportResult:
     """Merge the ``manifest/index/errors.shard-i-of-n`` files of ``out`` into ``manifest.json``,
     ``index.csv`` and ``errors.csv``, as one process would have written them: rows in the order of the
     inputs (collected again from the manifest's ``input``), counts summed, each shard's device, counts and
@@ -789,11 +849,20 @@ def merge_shards(out: str | Path, shards: int | None = None) -> ExportResult:
     ``shards``: merge only the split into that many shards (what a torchrun export just wrote), ignoring
     shard files of other splits left by earlier runs; by default there must be exactly one split.
 
+    ``lock``: hold ``out`` while merging (:func:`hold_output`), so that no live export writes there; False when
+    the caller holds it.
+
     Raises:
         MergeError: no shards, shards of different splits or options, a missing, unreadable, truncated or
             edited shard, counts that disagree with the rows, a duplicated input, or an output outside ``out``.
+        FolderBusyError: a live export (or merge) holds ``out``.
     """
     out_dir = Path(out)
+    with hold_output(out_dir, what="merge") if lock and out_dir.is_dir() else contextlib.nullcontext():
+        return _merge(out_dir, shards)
+
+
+def _merge(out_dir: Path, shards: int | None) -> ExportResult:
     manifests = _shard_manifests(out_dir, shards)
     n = _check_shards(out_dir, manifests)
     first = manifests[(0, n)]
@@ -953,12 +1022,7 @@ def _read_csv(path: Path, data: bytes, header: list[str]) -> list[list[str]]:
 
 
 def die_with_parent(_worker_id: int = 0, *, parent: int | None = None) -> None:
-    """DataLoader ``worker_init_fn``: on Linux the worker gets SIGKILL when the export process ``parent``
-    (its pid, read before the fork) dies, even by SIGKILL, instead of lingering with its memory; elsewhere
-    torch's own parent check remains."""
-    parent = os.getppid() if parent is None else parent
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    """DataLoader ``worker_init_fn``: the worker gets SIGKILL when the export process ``parent`` (its pid, read
+    before the fork) dies, even by SIGKILL, instead of lingering with its memory
+    (:func:`mcloss.core.processes.die_with_parent`)."""
+    processes.die_with_parent(parent)
