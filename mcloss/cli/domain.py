@@ -8,12 +8,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, progress_bar, run, say, writing_to
+from mcloss.cli._common import (
+    add_checkpoint,
+    add_device,
+    checkpoint_path,
+    model_splits,
+    progress_bar,
+    run,
+    say,
+    writing_to,
+)
 from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.core.domain import DOMAIN_K, DOMAIN_QUANTILE
 from mcloss.core.errors import DatasetError, MclossError, ParameterError
-from mcloss.data.datasets import DATASET_KINDS, build_datasets, class_mismatch
+from mcloss.data.datasets import DATASET_KINDS
 from mcloss.data.files import collect_inputs
 from mcloss.evaluation.domain import DOMAIN_BANK, domain_auroc, fit_domain, image_scores, split_scores
 
@@ -58,10 +67,7 @@ def _domain(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     source = checkpoint_path(args.checkpoint)
     model = load_checkpoint(source, device)
-    train, test, class_names = build_datasets(args.data, args.dataset, model.transform, model.transform)
-    mismatch = class_mismatch(class_names, model.class_names)
-    if mismatch:
-        raise DatasetError(f"{args.data}: {mismatch}")
+    train, test = model_splits(model, args.data, args.dataset)
     try:
         with progress_bar("domain", sys.stderr.isatty(), leave=False) as progress:
             calibration = fit_domain(

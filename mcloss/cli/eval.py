@@ -10,12 +10,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, progress_bar, run, writing_to
+from mcloss.cli._common import (
+    add_checkpoint,
+    add_device,
+    checkpoint_path,
+    model_splits,
+    progress_bar,
+    run,
+    writing_to,
+)
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.core.errors import DatasetError, MclossError, ParameterError
 from mcloss.core.files import atomic_write_json
-from mcloss.data.datasets import DATASET_KINDS, build_datasets, class_mismatch
+from mcloss.data.datasets import DATASET_KINDS
 from mcloss.evaluation.classification import evaluate, format_report
 
 __all__ = ["build_parser", "main"]
@@ -59,10 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    _, test_ds, class_names = build_datasets(args.data, args.dataset, model.transform, model.transform, download=args.download)
-    mismatch = class_mismatch(class_names, model.class_names)
-    if mismatch:
-        raise DatasetError(f"{args.data}: {mismatch}")
+    _, test_ds = model_splits(model, args.data, args.dataset, download=args.download)
     loader = DataLoader(
         test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
