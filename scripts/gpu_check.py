@@ -159,7 +159,9 @@ def app_latency(device: torch.device, repeats: int, smoke: bool) -> dict:
 
 
 def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
-    """Milliseconds per montage for PNG and JPEG on the CPU and JPEG by torchvision on ``device``, batch of 16."""
+    """Milliseconds per montage for PNG and JPEG on the CPU and JPEG by torchvision on ``device``, batch of 16;
+    and per montage drawn and encoded as JPEG on the CPU against composed and encoded on ``device``
+    (:func:`~mcloss.explainability.render.device.device_montage_jpeg`), with the PSNRs against the CPU montage."""
     import io
 
     import torchvision
@@ -167,7 +169,8 @@ def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
     from mcloss.core.checkpoint import default_checkpoint, load_checkpoint
     from mcloss.data.io import DEFAULT_QUALITY, encode_image
     from mcloss.data.synth import class_definitions, instance_rng, render_bird
-    from mcloss.explainability.render import Style
+    from mcloss.explainability.render import Style, explanation_montage
+    from mcloss.explainability.render.device import device_montage, device_montage_jpeg
 
     checkpoint = default_checkpoint()
     if checkpoint.is_file() and not smoke:
@@ -176,10 +179,12 @@ def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
         torch.manual_seed(0)
         model = build_model("resnet18", 4, xi=2, img_size=32).to(device).eval()
     birds = class_definitions(12, "varied")
-    montages = []
+    montages, explained = [], []
     for i in range(2 if smoke else 16):
         image = render_bird(birds[i % len(birds)], 224, instance_rng(1, i), 1.6).image
-        montages.append(explain(model, Image.fromarray(image), "pred", device=device).montage(0, Style(), image=image))
+        exp = explain(model, Image.fromarray(image), "pred", device=device)
+        explained.append((image, exp))
+        montages.append(exp.montage(0, Style(), image=image))
     tensors = [torch.from_numpy(m).permute(2, 0, 1).contiguous() for m in montages]
 
     def timed(fn) -> float:
@@ -201,11 +206,28 @@ def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
         "png_cpu_ms": timed(lambda: [encode_image(m) for m in montages]),
         "jpg_cpu_ms": timed(lambda: [encode_image(m, "jpg", full_chroma=True) for m in montages]),
         "jpg_torchvision_ms": timed(on_device), "torchvision_device": str(device),
+        # the whole montage: drawn and encoded on the CPU, or composed and encoded on the device (issue 27)
+        "draw_jpg_cpu_ms": timed(
+            lambda: [encode_image(explanation_montage(i, e, 0, Style()), "jpg", full_chroma=True) for i, e in explained]
+        ),
+        "draw_jpg_device_ms": timed(
+            lambda: [device_montage_jpeg(i, e, 0, Style(), device=device, quality=DEFAULT_QUALITY) for i, e in explained]
+        ),
     }  # fmt: skip
+    report["draw_jpg_device_over_cpu"] = report["draw_jpg_device_ms"] / report["draw_jpg_cpu_ms"]
+    composed = [device_montage(i, e, 0, Style(), device=device).cpu().numpy() for i, e in explained]
+    report["device_montage_psnr_db"] = _min_psnr(composed, montages)
+    jpegs = [device_montage_jpeg(i, e, 0, Style(), device=device, quality=DEFAULT_QUALITY) for i, e in explained]
+    report["device_jpg_psnr_db"] = _min_psnr([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs], montages)
     decoded = [np.asarray(Image.open(io.BytesIO(bytes(b.cpu().numpy()))).convert("RGB")) for b in on_device()]
-    mse = [np.mean((d.astype(np.float64) - m.astype(np.float64)) ** 2) for d, m in zip(decoded, montages, strict=True)]
-    report["jpg_torchvision_psnr_db"] = float(min(10 * np.log10(255.0**2 / max(e, 1e-12)) for e in mse))
+    report["jpg_torchvision_psnr_db"] = _min_psnr(decoded, montages)
     return report
+
+
+def _min_psnr(pictures: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:
+    """The lowest PSNR (dB) of each picture against its reference."""
+    mse = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(pictures, references, strict=True)]
+    return float(min(10 * np.log10(255.0**2 / max(e, 1e-12)) for e in mse))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -187,6 +187,8 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     assert encoding["torchvision_device"] == "cpu" and encoding["montages"] == 2
     assert all(encoding[k] > 0 for k in ("png_cpu_ms", "jpg_cpu_ms", "jpg_torchvision_ms"))
     assert encoding["jpg_torchvision_psnr_db"] >= 30  # torchvision's JPEG is 4:2:0: a few dB under mcloss's 4:4:4
+    assert encoding["draw_jpg_cpu_ms"] > 0 and encoding["draw_jpg_device_ms"] > 0
+    assert encoding["device_montage_psnr_db"] >= 38 and encoding["device_jpg_psnr_db"] >= 35  # tiny random model
 
 
 def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):

@@ -14,6 +14,7 @@ from typing import IO
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mcloss.core.errors import MclossError, ParameterError, first_line
@@ -24,6 +25,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "ImageFormat",
     "encode_image",
+    "encode_jpeg_tensor",
     "encode_png",
     "image_format",
     "ImageLoadError",
@@ -234,6 +236,22 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = DEFAULT_QU
     """
     img = _checked_image(rgb)
     return check_encoding(fmt, quality).encode(img, quality, full_chroma)
+
+
+def encode_jpeg_tensor(rgb: torch.Tensor, quality: int = DEFAULT_QUALITY) -> bytes:
+    """A JPEG of an RGB uint8 [H, W, 3] tensor, 4:4:4 as montages are written, encoded where it lies.
+
+    On a CUDA device ``torchvision.io.encode_jpeg`` encodes it there (nvJPEG, 4:4:4) and only the bytes
+    come back; elsewhere :func:`encode_image` does (torchvision's CPU encoder subsamples chroma 4:2:0).
+    """
+    check_encoding("jpg", quality)
+    if rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.numel() == 0:
+        raise ParameterError(f"expected an RGB uint8 tensor [H, W, 3], got {rgb.dtype} {tuple(rgb.shape)}")
+    if rgb.device.type != "cuda":
+        return encode_image(rgb.cpu().numpy(), "jpg", quality=quality, full_chroma=True)
+    from torchvision.io import encode_jpeg
+
+    return bytes(encode_jpeg(rgb.permute(2, 0, 1).contiguous(), quality=quality).cpu().numpy())
 
 
 def check_encoding(fmt: str, quality: int) -> ImageFormat:

@@ -333,7 +333,7 @@ def plan_export(
     records = {f.key: _record(bases[f.key]) for f in files}
     output = OutputOptions(
         style=config.style, topk=config.topk, options=wanted, clean_temps=False, montage=config.montage,
-        montage_format=config.montage_format, quality=config.quality,
+        montage_format=config.montage_format, quality=config.quality, device=str(next(model.parameters()).device),
     )
     return ExportPlan(
         config=config, out=out, sha256=sha256, maps=maps, contrast=contrast, target=target, files=files,

@@ -12,7 +12,7 @@ import numpy as np
 from mcloss.core.errors import ParameterError
 from mcloss.core.transforms import Geometry
 
-__all__ = ["INTERPOLATIONS", "channel_peaks", "crop_mask", "to_original"]
+__all__ = ["INTERPOLATIONS", "channel_peaks", "crop_mask", "to_original", "view_to_map_affine"]
 
 #: Upsampling of maps onto the image: smooth, or the feature cells as blocks.
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
@@ -56,18 +56,25 @@ def to_original(
     src = np.ascontiguousarray(np.asarray(map_hw, dtype=np.float32))
     if src.ndim != 2:
         raise ParameterError(f"map_hw: expected a 2-D map, got shape {src.shape}", parameter="map_hw")
-    w0, h0 = geometry.original
-    w, h = size or (w0, h0)
-    affine = geometry.original_to_feature_affine(src.shape)
-    # output pixel u → original pixel (u + 0.5)·w0/w − 0.5, then the original→feature affine.
-    kx, ky = w0 / w, h0 / h
-    out_to_orig = np.array([[kx, 0.0, 0.5 * kx - 0.5], [0.0, ky, 0.5 * ky - 0.5], [0.0, 0.0, 1.0]])
-    m = affine @ out_to_orig
+    w, h = size or geometry.original
+    m = view_to_map_affine(geometry, src.shape, (w, h))
     warped = cv2.warpAffine(
         src, m, (int(w), int(h)), flags=INTERPOLATIONS[interpolation] | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
     )
     warped[~crop_mask(geometry, (w, h))] = 0.0
     return warped
+
+
+def view_to_map_affine(geometry: Geometry, map_hw: tuple[int, int], size: tuple[int, int] | None = None) -> np.ndarray:
+    """The 2×3 affine taking pixel indices of the original (or of it resized to ``size`` = (W, H)) to indices
+    of a map of shape ``map_hw`` on the input grid: what :func:`to_original` warps through (axis-aligned)."""
+    w0, h0 = geometry.original
+    w, h = size or (w0, h0)
+    affine = geometry.original_to_feature_affine(map_hw)
+    # output pixel u → original pixel (u + 0.5)·w0/w − 0.5, then the original→feature affine.
+    kx, ky = w0 / w, h0 / h
+    out_to_orig = np.array([[kx, 0.0, 0.5 * kx - 0.5], [0.0, ky, 0.5 * ky - 0.5], [0.0, 0.0, 1.0]])
+    return affine @ out_to_orig
 
 
 def channel_peaks(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -56,6 +56,7 @@ from mcloss.core.files import atomic_write_bytes, atomic_write_json
 from mcloss.data.io import DEFAULT_QUALITY, IMAGE_FORMATS, check_encoding, encode_image, image_format
 from mcloss.explainability import kinds
 from mcloss.explainability.render import Style, compare_montage, explanation_montage
+from mcloss.explainability.render.device import device_montage_jpeg
 
 if TYPE_CHECKING:
     from mcloss.explainability.defining import DefiningSummary
@@ -291,6 +292,8 @@ class OutputOptions:
         montage: False: no montage, only the npz and the json (``mcloss export --no-montage``).
         montage_format: ``png`` (lossless), ``jpg`` (4:4:4) or ``webp`` (:data:`mcloss.data.io.IMAGE_FORMATS`).
         quality: the lossy formats' quality, 1..100.
+        device: where the model runs; on a CUDA device, JPEG montages are composed and encoded there
+            (:func:`~mcloss.explainability.render.device.device_montage_jpeg`), elsewhere on the CPU.
     """
 
     style: Style = field(default_factory=Style)
@@ -300,9 +303,16 @@ class OutputOptions:
     montage: bool = True
     montage_format: str = "png"
     quality: int = DEFAULT_QUALITY
+    device: str | None = None
 
     def __post_init__(self) -> None:
         check_encoding(self.montage_format, self.quality)
+
+    @property
+    def montage_device(self) -> str | None:
+        """The CUDA device the montages are composed and encoded on (JPEG montages of a model there), or None."""
+        on_cuda = self.device is not None and str(self.device).startswith("cuda")
+        return str(self.device) if on_cuda and image_format(self.montage_format).name == "jpg" else None
 
     def encode(self, picture: np.ndarray) -> bytes:
         """A montage's bytes in this run's format."""
@@ -343,11 +353,18 @@ def write_explanation(
         record["compare"] = compare.record(output.topk)
         arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
     for rank in range(1, len(exp.groups) + 1) if output.montage else ():  # each target's montage
+        path = base.parent / montage_name(base.name, rank, output.montage_format)
+        if compare is None and output.montage_device is not None:
+            data = device_montage_jpeg(
+                view, exp, rank - 1, output.style, device=output.montage_device, quality=output.quality
+            )  # fmt: skip
+            atomic_write_bytes(path, data)
+            continue
         if compare is None:
             picture = explanation_montage(view, exp, rank - 1, output.style)
         else:
             picture = compare_montage(view, exp, compare.explanation, rank - 1, output.style, compare.titles)
-        atomic_write_bytes(base.parent / montage_name(base.name, rank, output.montage_format), output.encode(picture))
+        atomic_write_bytes(path, output.encode(picture))
     atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(arrays))
     atomic_write_json(base.parent / f"{base.name}.json", record)
     return record

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from mcloss.explainability.kinds import MapKind
 
 __all__ = [
+    "GUTTER",
+    "TITLE_HEIGHT",
     "header_text",
     "titled_tile",
     "montage",
@@ -44,7 +46,13 @@ __all__ = [
 ]
 
 
-def titled_tile(image: np.ndarray, title: str, *, title_height: int = 22) -> np.ndarray:
+#: Rows of each montage title strip (the header strip has 6 more).
+TITLE_HEIGHT = 22
+#: White columns between and around montage tiles (and rows under them).
+GUTTER = 4
+
+
+def titled_tile(image: np.ndarray, title: str, *, title_height: int = TITLE_HEIGHT) -> np.ndarray:
     """An image with a white title strip above it (text fitted to the image width)."""
     img = check_image(image)
     strip = blank_canvas(title_height, img.shape[1])
@@ -56,8 +64,8 @@ def montage(
     tiles: Sequence[tuple[np.ndarray, str] | tuple[np.ndarray, str, np.ndarray]],
     *,
     height: int = DEFAULT_TILE_HEIGHT,
-    gutter: int = 4,
-    title_height: int = 22,
+    gutter: int = GUTTER,
+    title_height: int = TITLE_HEIGHT,
     header: str | None = None,
 ) -> np.ndarray:
     """Lay titled tiles in one row: each image scaled to ``height`` keeping aspect (extreme shapes

@@ -22,6 +22,7 @@ __all__ = [
     "MONTAGE_MAX_PIXELS",
     "tile_box",
     "pad_to_aspect",
+    "aspect_padding",
     "letterbox",
     "montage_height",
     "thumbnail",
@@ -97,13 +98,20 @@ def pad_to_aspect(image: np.ndarray, rows: int | None = None) -> np.ndarray:
     """Pad (white, centred) so that width ÷ height lies in [1/MAX_TILE_ASPECT, MAX_TILE_ASPECT], and to at
     least ``rows`` rows; an image already inside is returned as is."""
     img = check_image(image)
-    h, w = img.shape[:2]
+    top, bottom, left, right = aspect_padding(img.shape[:2], rows)
+    if top == bottom == left == right == 0:
+        return img
+    return np.pad(img, ((top, bottom), (left, right), (0, 0)), constant_values=255)
+
+
+def aspect_padding(size_hw: tuple[int, int], rows: int | None = None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): the white rows and columns :func:`pad_to_aspect` adds to an image of
+    ``size_hw``."""
+    h, w = int(size_hw[0]), int(size_hw[1])
     want_h = max(h, rows or 0, int(np.ceil(w / MAX_TILE_ASPECT)))
     want_w = max(w, int(np.ceil(want_h / MAX_TILE_ASPECT)))
-    if (want_h, want_w) == (h, w):
-        return img
     top, left = (want_h - h) // 2, (want_w - w) // 2
-    return np.pad(img, ((top, want_h - h - top), (left, want_w - w - left), (0, 0)), constant_values=255)
+    return top, want_h - h - top, left, want_w - w - left
 
 
 def letterbox(image: np.ndarray, height: int) -> np.ndarray:
