@@ -2,18 +2,22 @@
 logic and no drawing here: every picture comes from :mod:`mcloss.explainability.render`.
 
 Everything in this module is pure (arrays and bytes in, arrays and bytes out) except the small file
-readers (:func:`load_gallery`, :func:`list_checkpoints`), so the app script stays a thin layout layer
-and the tests can call the same functions the app calls.
+readers (:func:`load_gallery`, :func:`list_checkpoints`) and the allocator setting (:func:`limit_heap_growth`),
+so the app script stays a thin layout layer and the tests can call the same functions the app calls.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import html
 import io
 import json
 import os
+import platform
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -111,6 +115,8 @@ __all__ = [
     "FINER_NOTE",
     "CONTRAST_NOTE",
     "GRADCAM_NOTE",
+    "MMAP_THRESHOLD",
+    "limit_heap_growth",
 ]
 
 #: Upload types offered by the file uploader (GIF and multi-page TIFF: first frame).
@@ -149,6 +155,39 @@ def list_checkpoints(default: Path, folder: Path | None = None) -> list[Path]:
     found = sorted(p for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
     default_resolved = default.resolve()
     return [default] + [p for p in found if p.resolve() != default_resolved]
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+#: Buffers from this size up (decoded images, tiles, PNGs, pickled explanations, activations) get memory maps of
+#: their own, returned to the system when freed: glibc's starting threshold, kept fixed. ``MCLOSS_APP_MMAP_KB``
+#: overrides it (0: leave glibc's own, sliding threshold).
+MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def limit_heap_growth() -> bool:
+    """Keep the server's heap from growing with every upload (once per process; glibc only): returns whether
+    it applied.
+
+    Streamlit runs each script run in a thread of its own, and glibc gives threads their own heaps; it also
+    raises its memory-map threshold to the largest buffer freed so far, so after the first image, image-sized
+    buffers come from those heaps and their freed space stays with the process (issue 26: +5 to +12 % RSS over
+    200 uploads, about 70 MB of free space held in the threads' heaps). A fixed threshold returns them, at the
+    cost of fresh pages for every large buffer (on a 2-core VM one explanation and its tiles took ~90 ms instead
+    of ~45 ms; an upload in the browser was no slower, see BENCHMARKS.md).
+    """
+    try:
+        threshold = int(os.environ.get("MCLOSS_APP_MMAP_KB", MMAP_THRESHOLD // 1024)) * 1024
+    except ValueError:
+        threshold = MMAP_THRESHOLD
+    if threshold <= 0 or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- model

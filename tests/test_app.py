@@ -232,6 +232,7 @@ def test_controls_rerender_without_running_the_model(env, explain_calls):
     cls = CLASSES.index(sel.options[-1].split("  ·")[0])  # the least probable class
     sel.set_value(cls).run()
     assert_clean(at)
+    assert not at.error, [e.value for e in at.error]  # its downloads too (they drew from the top-2 explanation)
     assert len(explain_calls) == n + 1 and explain_calls[-1] == [[cls]]
     assert as_shown(at.markdown[-1].value).startswith(f"#### {CLASSES[cls]} ") or any(
         as_shown(m.value).startswith(f"#### {CLASSES[cls]} ") for m in at.markdown
@@ -1084,3 +1085,51 @@ def test_a_checkpoint_without_statistics_says_the_check_is_unavailable(env):
     at = run_app()
     assert_clean(at)
     assert any(as_shown(c.value).startswith("Domain check unavailable") for c in at.caption)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def test_distinct_uploads_keep_no_earlier_explanation_alive(env, checkpoint, monkeypatch):
+    """Issue 26: the app's memory grew with every distinct upload. Each image had its own class-selector keys,
+    and Streamlit keeps every keyed widget's metadata for the session, with the ``format_func`` closure that holds
+    the image's explanation. One key per selector: after many uploads in one session (both views), no explanation
+    of an earlier upload is alive, and each new image's selectors still start at its own prediction and B. The app
+    also fixes glibc's mmap threshold, so freed image buffers leave the script threads' heaps."""
+    import gc
+    import platform
+
+    monkeypatch.delenv("MCLOSS_APP_MMAP_KB", raising=False)
+    view.limit_heap_growth.cache_clear()
+    model = mcloss.load_checkpoint(checkpoint)
+    sizes = [(101 + i, 77) for i in range(6)]  # an explanation's image size tells which upload it explains
+    at = AppTest.from_file(APP, default_timeout=60)
+    for i, size in enumerate(sizes):
+        img, _ = _picture(100 + i, size)
+        order = [int(c) for c in np.argsort(-mcloss.explain(model, Image.fromarray(img)).probs_fc, kind="stable")]
+        at.session_state["source"] = "Upload"
+        at.session_state["upload"] = {"name": f"up_{i}.png", "data": _encode(img, "PNG")}
+        at.session_state["view_mode"] = "Channel groups"
+        at.run()
+        assert_clean(at)
+        target = next(s.key for s in at.selectbox if s.key.startswith("target_"))
+        assert at.selectbox(key=target).value == order[0]  # the new image's prediction, not the last choice
+        at.selectbox(key=target).set_value(order[-1]).run()  # the user looks at another class
+        assert_clean(at)
+        assert not at.error, [e.value for e in at.error]
+        at.session_state["view_mode"] = "Why A, not B?"
+        at.run()
+        assert_clean(at)
+        a_key, b_key = _why_keys(at)
+        assert at.selectbox(key=a_key).value == order[0]
+        b = at.selectbox(key=b_key).value
+        assert b != order[0]
+        at.selectbox(key=a_key).set_value(b).run()  # A changes: B starts at A's closest class again
+        assert_clean(at)
+        assert at.selectbox(key=_why_keys(at)[1]).value not in (b, None)
+    gc.collect()
+    alive = sorted({sizes.index(o.image_size) for o in gc.get_objects() if type(o) is Explanation and o.image_size in sizes})
+    assert alive in ([], [len(sizes) - 1]), f"explanations of earlier uploads are still alive: uploads {alive}"
+    # the server's threads' heaps: image-sized buffers are returned when freed (a fixed mmap threshold, glibc)
+    assert view.limit_heap_growth.cache_info().misses == 1
+    assert view.limit_heap_growth() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
