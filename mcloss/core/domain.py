@@ -122,9 +122,13 @@ class DomainCheck(nn.Module):
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """[B] the score of each image from its F [B, K, h, w] (no gradient)."""
+        return self.vector_scores(domain_features(features.detach(), self.pool_share))
+
+    def vector_scores(self, vectors: torch.Tensor) -> torch.Tensor:
+        """[N] the score of each domain vector [N, K] (:func:`domain_features`): the cosine distance to its
+        ``k``-th nearest bank vector."""
         with torch.no_grad():
-            z = domain_features(features.detach(), self.pool_share).to(self.bank.device)
-            distance = 1.0 - z @ self.bank.T
+            distance = 1.0 - vectors.to(self.bank.device) @ self.bank.T
             return distance.topk(self.k, dim=1, largest=False).values[:, -1]
 
     def verdicts(self, features: torch.Tensor) -> list[DomainVerdict]:

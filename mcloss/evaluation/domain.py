@@ -48,45 +48,48 @@ def _vectors(
     return torch.cat(out)
 
 
+def _checked(model: MCModel) -> DomainCheck:
+    if model.domain is None:
+        raise ParameterError("the model has no domain check (domain statistics); fit one first", parameter="model")
+    return model.domain
+
+
+def _batch_scores(model: MCModel, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The domain scores of one batch of preprocessed images, from one forward pass."""
+    with model_guard(model, freeze=True), torch.no_grad(), autocast(device, enabled=device.type == "cuda"):
+        feats = model.forward_features(images.to(device))
+    return _checked(model).scores(feats.float()).cpu().numpy()
+
+
+def _joined(scores: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
 def split_scores(model: MCModel, dataset: Dataset, *, batch_size: int = 64, workers: int = 0,
                  device: torch.device | None = None) -> np.ndarray:  # fmt: skip
     """The domain score of every image of a dataset of ``(image tensor, label)`` (the model needs a check)."""
-    if model.domain is None:
-        raise ParameterError("the model has no domain check (domain statistics); fit one first", parameter="model")
+    _checked(model)
     dev = device or next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    scores = []
-    with model_guard(model, freeze=True), torch.no_grad():
-        for images, _ in loader:
-            with autocast(dev, enabled=dev.type == "cuda"):
-                feats = model.forward_features(images.to(dev))
-            scores.append(model.domain.scores(feats.float()).cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0)
+    return _joined([_batch_scores(model, images, dev) for images, _ in loader])
 
 
 def image_scores(model: MCModel, paths: Sequence[str | Path], *, batch_size: int = 32) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """The domain scores of image files (EXIF-rotated, read safely), and (file, reason) of those skipped."""
-    if model.domain is None:
-        raise ParameterError("the model has no domain check (domain statistics); fit one first", parameter="model")
+    _checked(model)
     dev = next(model.parameters()).device
     scores, skipped, batch = [], [], []
-
-    def flush() -> None:
-        if batch:
-            with model_guard(model, freeze=True), torch.no_grad(), autocast(dev, enabled=dev.type == "cuda"):
-                feats = model.forward_features(torch.stack(batch).to(dev))
-            scores.append(model.domain.scores(feats.float()).cpu().numpy())
-            batch.clear()
-
     for path in paths:
         try:
             batch.append(model.transform(load_image(path)))
         except ImageLoadError as exc:
             skipped.append((str(path), str(exc)))
         if len(batch) == batch_size:
-            flush()
-    flush()
-    return (np.concatenate(scores) if scores else np.zeros(0)), skipped
+            scores.append(_batch_scores(model, torch.stack(batch), dev))
+            batch.clear()
+    if batch:
+        scores.append(_batch_scores(model, torch.stack(batch), dev))
+    return _joined(scores), skipped
 
 
 def fit_domain(
@@ -143,7 +146,7 @@ def fit_domain(
     k = min(k, len(bank))
     check = DomainCheck(bank, float("inf"), k=k, pool_share=pool_share).to(dev)
     held = _vectors(model, DataLoader(held_out, batch_size=batch_size, num_workers=workers), dev, pool_share, None, total)
-    scores = (1.0 - held.to(dev) @ check.bank.T).topk(k, dim=1, largest=False).values[:, -1].cpu().numpy()
+    scores = check.vector_scores(held).cpu().numpy()
     threshold = float(np.quantile(scores, quantile, method="higher"))  # at least that share passes
     calibration = {
         "method": "deep kNN: cosine distance to the k-th nearest training vector (top-pooled, log1p, unit length)",
