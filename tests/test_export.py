@@ -297,7 +297,7 @@ def test_no_montage_writes_the_same_maps_and_json_without_pngs(tmp_path, checkpo
 def test_kill_and_rerun_ends_complete(tmp_path, checkpoint):
     src = tmp_path / "in"
     src.mkdir()
-    n = 16
+    n = 48  # enough that the run is still going when the third json lands, on a fast machine too
     for i in range(n):
         _rgb(60 + i, 50, i).save(src / f"img{i:02d}.png")
     out = tmp_path / "out"
@@ -307,7 +307,7 @@ def test_kill_and_rerun_ends_complete(tmp_path, checkpoint):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(out.glob("in/*.json"))) < 3:
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("in/img*.json")))

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--precision", choices=PRECISIONS, default="auto",
-        help="auto: bf16 autocast + channels_last on CUDA, fp32 on a CPU; or force fp32 / bf16",
+        help="auto: bf16 autocast + channels-last weights on CUDA, fp32 on a CPU; or force fp32 / bf16 "
+        "(batches run channels-last either way)",
     )  # fmt: skip
     p.add_argument(
         "--workers", type=int, default=0,

@@ -46,7 +46,6 @@ def evaluation_sums(
     """
     k = min(5, model.num_classes)
     sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
-    channels_last = device.type == "cuda"
     total = None
     if progress is not None and isinstance(batches, Sized):
         total = len(batches) if limit_batches is None else min(limit_batches, len(batches))
@@ -56,9 +55,7 @@ def evaluation_sums(
         for index, (images, targets) in enumerate(batches):
             if limit_batches is not None and index >= limit_batches:
                 break
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True)  # run channels-last by the model itself
             targets = targets.to(device, non_blocking=True)
             with autocast(device, amp):
                 features = model.forward_features(images)

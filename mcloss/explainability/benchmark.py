@@ -12,8 +12,9 @@ itself: ``export_batches`` batches of JPEGs of synthetic birds, decoded, explain
 PNG/NPZ/JSON to a temp dir, with the export's own overlap of model and writing (lanes on a CPU, writer threads
 beside the model on a GPU); random pixels would make the PNG encoder, not the export, the subject),
 ``export_jpg`` and ``export_webp`` (the same export with JPEG or WebP montages at the default quality) and
-``export_no_montage`` (the same export with ``--no-montage``: npz and json only). Precision ``auto`` is bf16 autocast + channels_last on CUDA and fp32 on a CPU; ``fp32`` and
-``bf16`` force one. On CUDA clocks are read after a synchronize.
+``export_no_montage`` (the same export with ``--no-montage``: npz and json only). Precision ``auto`` is bf16 autocast (with
+channels-last weights) on CUDA and fp32 on a CPU; ``fp32`` and ``bf16`` force one. Every path runs the backbone on
+channels-last batches, as every mcloss command does (:meth:`mcloss.core.model.MCModel.forward_features`). On CUDA clocks are read after a synchronize.
 """
 
 from __future__ import annotations

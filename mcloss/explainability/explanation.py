@@ -476,7 +476,6 @@ def explain_tensor(
     method: str = "fused",
     device: torch.device | str | None = None,
     amp: bool | None = None,
-    channels_last: bool | None = None,
     contrast: ContrastSpec | None = None,
 ) -> list[Explanation]:
     """Explain a preprocessed batch with one forward pass.
@@ -490,8 +489,8 @@ def explain_tensor(
         maps: which maps (see :func:`explain`).
         method: ``"fused"`` (gradients w.r.t. F from the same pass) or ``"captum"`` (Captum LayerGradCam).
         device: where to run (default: the model's device).
-        amp: bf16 autocast (default: on for CUDA).
-        channels_last: channels-last memory format (default: on for CUDA).
+        amp: bf16 autocast (default: on for CUDA). The backbone runs the batch channels-last
+            (:meth:`~mcloss.core.model.MCModel.forward_features`).
         contrast: the class each target is contrasted with (see :func:`explain`).
 
     Returns:
@@ -504,10 +503,7 @@ def explain_tensor(
         raise ParameterError(f"geometries: {len(geometries)} for a batch of {batch}", parameter="geometries")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     amp = dev.type == "cuda" if amp is None else amp
-    channels_last = dev.type == "cuda" if channels_last is None else channels_last
     x = x.to(dev, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     names, contrast = kinds.contrast_maps(parse_maps(maps), contrast)
     chosen = [kinds.get(name) for name in names]
     fused = any(k.needs_gradients and (method == "fused" or k.fused_only) for k in chosen)
