@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -24,7 +25,7 @@ from mcloss.cli._common import (
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
-from mcloss.core.errors import DatasetError, MclossError, ParameterError
+from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress
 from mcloss.core.files import atomic_write_json, atomic_write_text, json_safe
 from mcloss.core.model import MCModel
 from mcloss.evaluation.contrast import contrast_table, evaluate_contrast
@@ -32,6 +33,8 @@ from mcloss.evaluation.faithfulness import BASELINES
 from mcloss.evaluation.parts import check_arguments, evaluate_parts
 from mcloss.evaluation.parts_report import PartsResult, baseline_block, summary_table, write_outputs
 from mcloss.metrics.localization import SIZE_REFERENCES
+
+T = TypeVar("T")
 
 __all__ = ["build_parser", "main"]
 
@@ -159,26 +162,27 @@ def _check(args: argparse.Namespace, out: Path) -> None:
 
 def _evaluate(args: argparse.Namespace, model: MCModel, checkpoint: Path, device: torch.device) -> PartsResult:
     """:func:`evaluate_parts` of one checkpoint, with a progress bar; its errors name the data."""
-    try:
-        with progress_bar("parts", sys.stderr.isatty(), leave=False) as progress:
-            return evaluate_parts(
-                model, args.data, split=args.split, radius=args.radius, size_reference=args.size_reference,
-                topk_percent=args.topk_percent, steps=args.steps, baseline=args.deletion_fill,
-                faithfulness=not args.no_faithfulness, limit=args.limit, batch_size=args.batch_size,
-                perturbation_batch=args.perturbation_batch, device=device, seed=args.seed, progress=progress,
-            )  # fmt: skip
-    except MclossError as exc:
-        raise DatasetError(_naming_the_data(str(exc), args.data, checkpoint), parameter=exc.parameters) from exc
+    return _naming_errors(args, checkpoint, "parts", lambda progress: evaluate_parts(
+        model, args.data, split=args.split, radius=args.radius, size_reference=args.size_reference,
+        topk_percent=args.topk_percent, steps=args.steps, baseline=args.deletion_fill,
+        faithfulness=not args.no_faithfulness, limit=args.limit, batch_size=args.batch_size,
+        perturbation_batch=args.perturbation_batch, device=device, seed=args.seed, progress=progress,
+    ))  # fmt: skip
 
 
 def _contrast(args: argparse.Namespace, model: MCModel, checkpoint: Path, device: torch.device) -> dict:
     """:func:`evaluate_contrast` of one checkpoint, with a progress bar; its errors name the data."""
+    return _naming_errors(args, checkpoint, "contrast", lambda progress: evaluate_contrast(
+        model, args.data, split=args.split, radius=args.radius, size_reference=args.size_reference,
+        limit=args.limit, batch_size=args.batch_size, device=device, seed=args.seed, progress=progress,
+    ))  # fmt: skip
+
+
+def _naming_errors(args: argparse.Namespace, checkpoint: Path, label: str, run: Callable[[Progress], T]) -> T:
+    """``run(progress)`` under a progress bar titled ``label``; an mcloss error is raised again naming the data."""
     try:
-        with progress_bar("contrast", sys.stderr.isatty(), leave=False) as progress:
-            return evaluate_contrast(
-                model, args.data, split=args.split, radius=args.radius, size_reference=args.size_reference,
-                limit=args.limit, batch_size=args.batch_size, device=device, seed=args.seed, progress=progress,
-            )  # fmt: skip
+        with progress_bar(label, sys.stderr.isatty(), leave=False) as progress:
+            return run(progress)
     except MclossError as exc:
         raise DatasetError(_naming_the_data(str(exc), args.data, checkpoint), parameter=exc.parameters) from exc
 

@@ -31,7 +31,8 @@ import torch
 from mcloss.core.errors import DatasetError, Progress, check_callback
 from mcloss.core.model import MCModel, model_guard
 from mcloss.data.io import ImageLoadError, load_image
-from mcloss.evaluation.parts import _annotation, _Item, _open_dataset, _scorable_items, resolve_defining
+from mcloss.evaluation.annotated import AnnotatedItem, annotation, open_parts_dataset, scorable_items
+from mcloss.evaluation.parts import resolve_defining
 from mcloss.explainability.contrast import CONTRAST_DESIGNS, ccmp_difference
 from mcloss.explainability.defining import crop_regions
 from mcloss.explainability.explanation import explain
@@ -107,8 +108,8 @@ def evaluate_contrast(
         DatasetError: classes that do not match, no part annotations, no defining parts or no pair.
     """
     check_callback(progress)
-    dataset = _open_dataset(dataset_or_root, split)
-    items, part_names = _scorable_items(dataset, model, limit)
+    dataset = open_parts_dataset(dataset_or_root, split)
+    items, part_names = scorable_items(dataset, model, limit)
     by_label, _, source = resolve_defining(dataset, model, part_names, defining)
     pairs = contrast_pairs(by_label)
     if not pairs:
@@ -135,7 +136,7 @@ def evaluate_contrast(
     return _summary(pairs, scores, shares, kinds, model.class_names, part_names, source, skipped)
 
 
-def _score_chunk(model, chunk: Sequence[_Item], b: int, wanted, dataset, part_names, opts, dev, tally, designs) -> None:
+def _score_chunk(model, chunk: Sequence[AnnotatedItem], b: int, wanted, dataset, part_names, opts, dev, tally, designs) -> None:
     """Explain a chunk of images of classes paired with ``b`` (targets A and B, contrast B) and score each."""
     radius, size_reference, seed = opts
     scores, shares, skipped = tally
@@ -153,7 +154,7 @@ def _score_chunk(model, chunk: Sequence[_Item], b: int, wanted, dataset, part_na
     )  # fmt: skip
     for it, ex in zip(loaded, explanations, strict=True):
         shared, differing = wanted[it.label]
-        labels = _annotation(dataset, "part_labels", it)
+        labels = annotation(dataset, "part_labels", it)
         width, height = ex.image_size
         regions = crop_regions(labels, it.keypoints, ex.geometry, M.hit_radius(width, height, radius, size_reference))
         if regions is None:

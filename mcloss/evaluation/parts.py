@@ -43,7 +43,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,8 +51,8 @@ import torch
 from mcloss.core.errors import DatasetError, ParameterError, Progress, check_callback
 from mcloss.core.files import json_safe
 from mcloss.core.model import MCModel, model_guard
-from mcloss.data.datasets import class_mismatch
 from mcloss.data.io import ImageLoadError, load_image
+from mcloss.evaluation.annotated import AnnotatedItem, annotation, open_parts_dataset, scorable_items
 from mcloss.evaluation.faithfulness import BASELINES, baseline_input, perturbation_curves
 from mcloss.evaluation.parts_report import (
     METHOD_LABELS,
@@ -147,25 +146,7 @@ def score_group(
     }
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class _Item:
-    image_id: int
-    path: Path
-    label: int
-    keypoints: np.ndarray
-    record: Any = None
-
-
-def _items(dataset: Any) -> list[_Item]:
-    out = []
-    for rec in dataset.records:
-        parts = rec.parts
-        kps = np.zeros((0, 3)) if parts is None else np.asarray(parts, dtype=np.float64).reshape(-1, 3)
-        out.append(_Item(int(rec.image_id), Path(rec.path), int(rec.label), kps, rec))
-    return out
+# ------------------------------------------------------------------------------------------------ defining parts
 
 
 #: The maps compared with the defining parts: each channel of the true class, its CCMP map, Grad-CAM, random.
@@ -193,17 +174,6 @@ def resolve_defining(
     names = {str(k): [str(r) for r in v] for k, v in defining.items()}
     by_label = {label: defining_indices(names.get(name, []), part_names) for label, name in enumerate(model.class_names)}
     return by_label, names, source
-
-
-def _open_dataset(dataset_or_root: Any, split: str) -> Any:
-    if hasattr(dataset_or_root, "records"):
-        return dataset_or_root
-    from mcloss.data.cub import CUBDataset
-
-    root = Path(dataset_or_root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset directory not found")
-    return CUBDataset(root, split, with_parts=True)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -263,8 +233,8 @@ def evaluate_parts(
     """
     check_arguments(radius, size_reference, topk_percent, steps, baseline, limit, batch_size, seed)
     check_callback(progress)
-    dataset = _open_dataset(dataset_or_root, split)
-    items, part_names = _scorable_items(dataset, model, limit)
+    dataset = open_parts_dataset(dataset_or_root, split)
+    items, part_names = scorable_items(dataset, model, limit)
     defining_by_label, defining_names, defining_source = resolve_defining(dataset, model, part_names, defining)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
@@ -316,23 +286,6 @@ def check_arguments(
             raise ParameterError(f"{name} {rule}", parameter=name)
 
 
-def _scorable_items(dataset: Any, model: MCModel, limit: int | None) -> tuple[list[_Item], list[str]]:
-    """The images to score (the first ``limit``) and the part names; refuses other classes or no keypoints."""
-    mismatch = class_mismatch(getattr(dataset, "class_names", model.class_names), model.class_names)
-    if mismatch:
-        raise DatasetError(mismatch)
-    part_names = list(getattr(dataset, "part_names", []) or [])
-    items = _items(dataset)
-    if limit is not None:
-        items = items[:limit]
-    if not items:
-        raise DatasetError("no images to evaluate (empty split)")
-    num_parts = len(part_names) or max(len(it.keypoints) for it in items)
-    if num_parts == 0 or all(len(it.keypoints) == 0 for it in items):
-        raise DatasetError("the dataset has no part keypoints (parts/parts.txt, parts/part_locs.txt)")
-    return items, part_names or [f"part_{i}" for i in range(num_parts)]
-
-
 @dataclass(frozen=True)
 class _Options:
     """How each image is scored: :func:`evaluate_parts`'s arguments and the device."""
@@ -376,7 +329,7 @@ class _Tally:
             self.curves[method].append(pair)
         self._tick()
 
-    def skip(self, item: _Item, reason: Exception) -> None:
+    def skip(self, item: AnnotatedItem, reason: Exception) -> None:
         self.skipped.append({"image_id": item.image_id, "path": str(item.path), "reason": str(reason)})
         self._tick()
 
@@ -392,7 +345,7 @@ class _Tally:
 
 def _score_batch(
     model: MCModel,
-    chunk: Sequence[_Item],
+    chunk: Sequence[AnnotatedItem],
     dataset: Any,
     part_names: Sequence[str],
     defining_by_label: dict[int, list[int]],
@@ -419,7 +372,7 @@ def _score_batch(
 
 def _evaluate_one(
     model: MCModel,
-    item: _Item,
+    item: AnnotatedItem,
     image: Any,
     ex: Explanation,
     part_names: Sequence[str],
@@ -461,7 +414,7 @@ def _seen_box(ex: Explanation) -> tuple[float, float, float, float]:
     return max(0.0, corners[0, 0]), max(0.0, corners[0, 1]), min(width, corners[1, 0]), min(height, corners[1, 1])
 
 
-def _image_row(item: _Item, ex: Explanation, score: dict, part_names: Sequence[str], radius_px: float, visible: int) -> dict:
+def _image_row(item: AnnotatedItem, ex: Explanation, score: dict, part_names: Sequence[str], radius_px: float, visible: int) -> dict:
     """The per-image CSV columns of the predictions and the peak-based localization scores."""
     width, height = ex.image_size
     row: dict[str, Any] = {
@@ -629,17 +582,11 @@ _SIZE_TEXT = {"max": "max(width, height)", "sqrt-area": "sqrt(width · height)",
 # ------------------------------------------------------------------------------------- defining parts
 
 
-def _annotation(dataset: Any, reader: str, item: _Item) -> np.ndarray | None:
-    """``dataset.<reader>(record)`` (``part_labels`` or ``silhouette``) where the dataset has it, else None."""
-    read = getattr(dataset, reader, None)
-    return read(item.record) if callable(read) and item.record is not None else None
-
-
 def _score_defining(
     group: GroupMaps,
     maps: dict[str, np.ndarray | None],
     ex: Explanation,
-    item: _Item,
+    item: AnnotatedItem,
     defining: Sequence[int],
     num_parts: int,
     radius_px: float,
@@ -649,7 +596,7 @@ def _score_defining(
     """Every map of the true class against the class's defining parts (see the module docstring)."""
     if not defining:
         return {"scored": False}
-    labels = _annotation(dataset, "part_labels", item)
+    labels = annotation(dataset, "part_labels", item)
     try:
         regions = crop_regions(labels, item.keypoints, ex.geometry, radius_px)
     except ValueError as exc:
@@ -662,7 +609,7 @@ def _score_defining(
     is_def[list(defining)] = True
     if area[is_def].sum() == 0 or area[~is_def].sum() == 0:
         return {"scored": False}
-    silhouette = _annotation(dataset, "silhouette", item) if from_masks else None
+    silhouette = annotation(dataset, "silhouette", item) if from_masks else None
     target = np.isin(regions, np.flatnonzero(is_def) + 1)
     originals = {f"channels/{c}": to_original(m, ex.geometry) for c, m in enumerate(group.channels)}
     originals |= {kind: to_original(m, ex.geometry) for kind, m in maps.items() if m is not None}
