@@ -58,11 +58,14 @@ from mcloss.core.device import keep_tensors_in_heap
 took = keep_tensors_in_heap() if sys.argv[1] == "tuned" else None
 torch.set_num_threads(1)
 model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(16, 3, 224, 224)
+faults = []
 with torch.inference_mode():
     model(x), model(x)  # the stem's activations alone are 51 MB
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    model(x)
-print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    for _ in range(2):  # the fewer of two passes: one page-in by the system in one pass is not the allocator's
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, min(faults))
 """
 
 

