@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,9 +56,16 @@ GUTTER = 4
 def titled_tile(image: np.ndarray, title: str, *, title_height: int = TITLE_HEIGHT) -> np.ndarray:
     """An image with a white title strip above it (text fitted to the image width)."""
     img = check_image(image)
-    strip = blank_canvas(title_height, img.shape[1])
-    put_text(strip, title, (3, title_height - 7), title_height / 40.0, img.shape[1] - 6)
-    return np.concatenate([strip, img], axis=0)
+    return np.concatenate([_title_strip(title, img.shape[1], title_height), img], axis=0)
+
+
+@lru_cache(maxsize=512)
+def _title_strip(title: str, width: int, title_height: int) -> np.ndarray:
+    """The white strip of :func:`titled_tile` (cached, read-only: a montage's titles repeat from image to image)."""
+    strip = blank_canvas(title_height, width)
+    put_text(strip, title, (3, title_height - 7), title_height / 40.0, width - 6)
+    strip.setflags(write=False)
+    return strip
 
 
 def montage(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -26,14 +27,21 @@ def _ascii(text: str) -> str:
 
 def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int) -> None:
     """Draw text (RGB colour) in place, shrinking then shortening it with '..' to fit ``max_width``."""
-    thickness = 1
+    text, scale = _fitted(text, scale, max_width)
+    cv2.putText(img, text, org, _FONT, scale, _TEXT_RGB, 1, cv2.LINE_AA)
+
+
+@lru_cache(maxsize=4096)
+def _fitted(text: str, scale: float, max_width: int) -> tuple[str, float]:
+    """(text, scale) as :func:`put_text` draws them within ``max_width`` (cached: a montage's titles repeat from
+    image to image)."""
     text = _ascii(text)
-    (tw, _), _ = cv2.getTextSize(text, _FONT, scale, thickness)
+    (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)
     if tw > max_width and tw > 0:
         scale = max(0.3, scale * max_width / tw)
-    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > max_width:
+    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_width:
         text = text[:-3] + ".." if len(text) > 3 else text[:-1]
-    cv2.putText(img, text, org, _FONT, scale, _TEXT_RGB, thickness, cv2.LINE_AA)
+    return text, scale
 
 
 def composite_legend(
