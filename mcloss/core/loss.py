@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -55,19 +57,61 @@ def top_share_mean(values: torch.Tensor, share: float) -> torch.Tensor:
     return _top_mean(values, count)
 
 
+#: Inputs smaller than this (values) take ``torch.topk``: too small to time, and fast either way.
+_TIMED_SIZE = 1 << 17
+#: (row-count bucket, row length, count, dtype, torch threads) → the faster exact way on this machine.
+_FASTER_WAY: dict[tuple, Callable[[torch.Tensor, int], torch.Tensor]] = {}
+
+
 def _top_mean(values: torch.Tensor, count: int) -> torch.Tensor:
     """The mean of the ``count`` largest values of the last dimension, as ``topk(count).values.mean()``.
 
-    On the CPU without autograd, numpy's introselect picks the largest and only those are sorted, in topk's
-    order: the same mean bit for bit, about 6x faster than ``torch.topk``, which sorts as it selects (the domain
-    check's pooling of F: 3 against 19 ms for 16 images, one thread). Elsewhere ``torch.topk`` itself.
+    On the CPU without autograd there are two exact ways, :func:`_topk_mean` and :func:`_selected_mean`, and
+    which is faster depends on the CPU: on the domain check's pooling of F (576 rows of 3136, 45 % zeros), one
+    thread, a numpy selection took 3-6 ms against topk's 19 on one 2-core VM, and 12 against 19 on another,
+    where topk's 10 ms at 2 threads beat it (BENCHMARKS.md). Each shape is timed once per process, the two ways alternated, and the
+    faster is kept; both give the same mean bit for bit, so only the speed depends on the choice.
     """
     if values.device.type != "cpu" or values.requires_grad or values.dtype not in (torch.float32, torch.float64):
-        return values.topk(count, dim=-1).values.mean(dim=-1)
+        return _topk_mean(values, count)
     n = values.shape[-1]
-    rows = values.reshape(-1, n).numpy()
-    largest = torch.from_numpy(np.partition(rows, n - count, axis=1)[:, n - count :])
-    return largest.sort(dim=-1, descending=True).values.mean(dim=-1).reshape(values.shape[:-1])
+    rows = values.reshape(-1, n)
+    if rows.numel() < _TIMED_SIZE:
+        return _topk_mean(rows, count).reshape(values.shape[:-1])
+    key = (rows.shape[0].bit_length(), n, count, values.dtype, torch.get_num_threads())
+    way = _FASTER_WAY.get(key)
+    if way is None:
+        way = _FASTER_WAY[key] = _faster(rows, count)
+    return way(rows, count).reshape(values.shape[:-1])
+
+
+def _topk_mean(values: torch.Tensor, count: int) -> torch.Tensor:
+    return values.topk(count, dim=-1).values.mean(dim=-1)
+
+
+def _selected_mean(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """:func:`_topk_mean` of CPU rows [R, n] through numpy's selection, sorted back into topk's order so that the
+    mean adds the same values in the same order.
+
+    It selects the ``count`` smallest of the negated values: selecting the largest directly was 2-3x slower on
+    post-ReLU maps, whose many tied zeros then lie on the side the selection keeps partitioning.
+    """
+    a = rows.numpy()
+    if np.isnan(a).any():  # topk counts NaN as the largest; the negated selection would drop it
+        return _topk_mean(rows, count)
+    smallest = np.partition(np.negative(a), count - 1, axis=1)[:, :count]
+    return torch.from_numpy(smallest).sort(dim=-1).values.neg_().mean(dim=-1)
+
+
+def _faster(rows: torch.Tensor, count: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The faster of the two exact ways on ``rows``: the best of two alternated timings of each."""
+    best: dict[Callable[[torch.Tensor, int], torch.Tensor], float] = {}
+    for _ in range(2):
+        for way in (_topk_mean, _selected_mean):
+            start = time.perf_counter()
+            way(rows, count)
+            best[way] = min(best.get(way, math.inf), time.perf_counter() - start)
+    return min(best, key=best.__getitem__)
 
 
 def trained_pool_share(dis_topk: float, alpha: float) -> float:
