@@ -16,7 +16,7 @@ from mcloss.core.checkpoint import default_checkpoint
 from mcloss.core.errors import ParameterError
 from mcloss.data.io import DEFAULT_QUALITY, encode_image, encode_jpeg_tensor
 from mcloss.data.synth import class_definitions, instance_rng, render_bird
-from mcloss.explainability import outputs
+from mcloss.explainability import kinds, outputs
 from mcloss.explainability.outputs import OutputOptions, write_explanation
 from mcloss.explainability.render import Style, explanation_montage
 from mcloss.explainability.render.device import device_montage, device_montage_jpeg, drawn_on_device
@@ -59,6 +59,23 @@ def test_device_montage_matches_the_cpu_montage(model, picture, style):
     assert _psnr(dev.numpy(), cpu) >= 38.0  # measured ≈ 77 dB: rounding, and the peaks' antialiasing
     assert np.mean(dev.numpy() != cpu) < 0.01
 
+
+
+@pytest.mark.parametrize("size_wh", [(224, 224), (400, 60), (60, 400)], ids=["square", "wide", "tall"])
+def test_device_montage_matches_the_cpu_montage_for_every_kind(model, size_wh):
+    """Every map kind (Guided Grad-CAM's signed input-resolution map, the per-channel Grad-CAM, Finer-CAM and the
+    group contrast) and extreme aspect ratios, where the warp resamples hardest. Measured: 54-82 dB, the tiles
+    within 4 levels; only the part composite flips a few pixels whose strongest channels nearly tie."""
+    image = np.asarray(Image.fromarray(_sample()).resize(size_wh))
+    exp = mcloss.explain(model, Image.fromarray(image), "top2", maps=kinds.names(), contrast="auto")
+    for group in range(2):
+        assert set(exp.groups[group].maps) == set(kinds.names()) - {"channels"}
+        assert drawn_on_device(exp, group, Style())
+        cpu = explanation_montage(image, exp, group, Style())
+        dev = device_montage(image, exp, group, Style(), device="cpu").numpy()
+        assert dev.shape == cpu.shape
+        assert _psnr(dev, cpu) >= 45.0
+        assert np.mean(np.abs(dev.astype(int) - cpu).max(axis=2) > 4) < 1e-3
 
 def test_device_jpeg_decodes_within_38_db_of_the_png_montage(model):
     image = _bird()
