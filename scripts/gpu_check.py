@@ -50,6 +50,7 @@ EXPORT_WORKERS = 4
 GOALS = (
     ("channel_maps / forward_only", "channel_maps", "forward_only", 0.9),
     ("export_end_to_end / forward_only", "export_end_to_end", "forward_only", 0.5),
+    ("export_jpg / forward_only", "export_jpg", "forward_only", 0.7),  # issue 27: montages composed and encoded there
 )
 APP_LATENCY_GOAL_S = 0.1
 

@@ -179,6 +179,8 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
         assert set(row["images_per_s"]) == set(gpu_check.PATHS) and all(v > 0 for v in row["images_per_s"].values())
         ratio = row["images_per_s"]["export_end_to_end"] / row["images_per_s"]["forward_only"]
         assert row["goals"]["export_end_to_end / forward_only"]["ratio"] == pytest.approx(ratio)
+        jpg = row["images_per_s"]["export_jpg"] / row["images_per_s"]["forward_only"]
+        assert row["goals"]["export_jpg / forward_only"] == {"ratio": pytest.approx(jpg), "goal": 0.7, "met": jpg >= 0.7}
     training = report["training"]
     assert training["ok"] and training["epochs"] == [1, 2, 3] and training["exit_codes"] == [0, 0]
     latency = report["app_latency"]
