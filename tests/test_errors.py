@@ -6,6 +6,8 @@ import argparse
 import pickle
 
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 import mcloss.cli.synth as synth_cli
 import mcloss.cli.train as train_cli
@@ -19,7 +21,9 @@ from mcloss.core.errors import (
     OutputError,
     ParameterError,
     UnknownClassError,
+    first_line,
 )
+from mcloss.data.io import ImageLoadError
 
 SYNTH = ["synth", "--classes", "2", "--per-class", "2", "--size", "48"]
 
@@ -168,6 +172,42 @@ def test_train_names_the_flag_of_a_bad_setting_and_takes_debug(tmp_path, capsys,
     assert train_cli.main(["--data", "d", "--out", str(tmp_path / "o"), "--backbone", "resnet18", "--debug"]) == 0
     assert "--debug" in seen["config"].command
 
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        if index == 1:
+            try:
+                raise OSError("Truncated File Read")
+            except OSError as exc:  # a chained cause, as the image reader raises it
+                raise ImageLoadError("birds/b.jpg: corrupt or truncated image (Truncated File Read)") from exc
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_first_line_of_an_error_from_a_dataloader_worker_is_the_original_reason(workers):
+    with pytest.raises(ImageLoadError) as caught:
+        list(DataLoader(_Unreadable(), batch_size=1, num_workers=workers))
+    # torch re-raises a worker's error as "Caught ImageLoadError in DataLoader worker process 0." + traceback
+    assert str(caught.value).startswith("Caught ImageLoadError") == (workers > 0)
+    assert first_line(caught.value) == "birds/b.jpg: corrupt or truncated image (Truncated File Read)"
+    assert first_line(RuntimeError("Caught nothing in x.\nOriginal Traceback (most recent call last):\n")) == "Caught nothing in x."
+
+
+def test_train_names_a_corrupt_image_read_in_a_worker(tmp_path, capsys):
+    assert cli_main([*SYNTH, "--out", str(tmp_path / "d")]) == 0
+    bad = sorted((tmp_path / "d" / "images").rglob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:300])
+    capsys.readouterr()
+    out = tmp_path / "run"
+    argv = ["--data", str(tmp_path / "d"), "--out", str(out), "--backbone", "resnet18", "--xi", "2", "--img-size", "32",
+            "--epochs", "1", "--batch-size", "2", "--workers", "1", "--device", "cpu"]  # fmt: skip
+    assert train_cli.main(argv) == 2
+    assert _err(capsys) == f"mcloss train: error: {bad}: corrupt or truncated image (Truncated File Read)"
+    assert not out.exists()
 
 def test_an_unwritable_output_is_the_users_input_exit_2(tmp_path, capsys, monkeypatch):
     def full(job):

@@ -13,6 +13,7 @@ mention as the command's flag (``--lr must be > 0, got -1.0``), so the library n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 __all__ = [
@@ -32,9 +33,26 @@ __all__ = [
 Progress = Callable[[int, int], None]
 
 
+#: How torch re-raises an error from a DataLoader worker process (or its pin-memory thread): the same type,
+#: its message replaced by "Caught <Type> in <where>." and the original traceback, whose last line is
+#: "<module>.<Type>: <the original message>".
+_WRAPPED = re.compile(r"Caught (\w+) in [^\n]*\.\nOriginal Traceback \(most recent call last\):\n")
+
+
 def first_line(exc: BaseException, limit: int | None = 200) -> str:
-    """The first line of an exception's message (at most ``limit`` characters; None: all), or its type's name."""
+    """The first line of an exception's message (at most ``limit`` characters; None: all), or its type's name.
+
+    For an error torch re-raised from a DataLoader worker, the original error's message: the file and the
+    reason, where the re-raised message's first line says only in which worker it happened.
+    """
     text = str(exc).strip()
+    wrapped = _WRAPPED.match(text)
+    if wrapped is not None:
+        for line in reversed(text.splitlines()):
+            head, colon, message = line.partition(": ")
+            if colon and not line[:1].isspace() and head.rsplit(".", 1)[-1] == wrapped.group(1):
+                text = message.strip()
+                break
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
