@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 import mcloss
 from mcloss.cli import main as cli_main
+from mcloss.core.errors import DatasetError
 from mcloss.data.cub import CUBDataset
 from mcloss.data.synth import generate_dataset
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, patch_box, running_topk
@@ -128,6 +129,30 @@ def test_cli_writes_sheets_index_and_summary(tmp_path, capsys):
     assert text.count("- channel ") == 3 * len(names) and "Part consistency" in text
     assert cli_main([*argv, "--top", "0"]) == 2
     assert "--top must be >= 1" in capsys.readouterr().err
+
+
+def test_an_atlas_refuses_data_of_other_classes(tmp_path, capsys):
+    data = tmp_path / "birds"
+    generate_dataset(data, 3, 2, 48, 0)
+    names = CUBDataset(data, "test").class_names
+    out = tmp_path / "atlas"
+    for model_names, reason in (
+        ([*names, "Extra_Bird"], "its 3 classes do not match the checkpoint's 4 classes"),
+        ([names[0], "Other_Bird", names[2]], f"its classes do not match the checkpoint's (class 1 is {names[1]!r} in the data but 'Other_Bird' in the checkpoint)"),
+    ):  # fmt: skip
+        ckpt = tmp_path / "m.safetensors"
+        mcloss.save_checkpoint(tiny_model(len(model_names), img_size=48, last_stage=2, class_names=model_names), ckpt)
+        argv = ["atlas", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--workers", "0",
+                "--no-progress", "--device", "cpu"]  # fmt: skip
+        assert cli_main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"mcloss atlas: error: {data}: {reason}"
+        assert not out.exists()
+        inputs = AtlasInputs.from_cub(CUBDataset(data, "test"))
+        with pytest.raises(DatasetError, match=f"the atlas inputs: {reason[:20]}"):
+            build_atlas(mcloss.load_checkpoint(ckpt), inputs)
+    ds, model, inputs = _birds(tmp_path / "planted")  # inputs without class names: the labels must be the model's
+    with pytest.raises(DatasetError, match="the atlas inputs: labels outside the checkpoint's"):
+        build_atlas(model, AtlasInputs(inputs.paths, [model.num_classes] * len(inputs.paths), inputs.keypoints, inputs.part_names))
 
 
 def test_an_interrupt_inside_a_batch_resumes_without_duplicates(tmp_path):

@@ -50,11 +50,13 @@ def class_mismatch(data_names: Sequence[str], model_names: Sequence[str]) -> str
     if data_names == model_names:
         return None
     diff = next(
-        (f"class {i} is {x!r} in the data but {y!r} in the checkpoint"
+        (f" (class {i} is {x!r} in the data but {y!r} in the checkpoint)"
          for i, (x, y) in enumerate(zip(data_names, model_names, strict=False)) if x != y),
-        "different class counts",
+        "",
     )
-    return f"its {len(data_names)} classes do not match the checkpoint's {len(model_names)} classes ({diff})"
+    if len(data_names) == len(model_names):
+        return f"its classes do not match the checkpoint's{diff}"
+    return f"its {len(data_names)} classes do not match the checkpoint's {len(model_names)} classes{diff}"
 
 
 def image_only(transform: Callable | None) -> Callable | None:

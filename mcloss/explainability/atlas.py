@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from mcloss.core.errors import DatasetError, ParameterError, Progress, check_callback
 from mcloss.core.files import atomic_path, atomic_write_json, json_safe
 from mcloss.core.model import MCModel, model_guard
+from mcloss.data.datasets import class_mismatch
 from mcloss.data.defining import defining_parts, region_part_indices
 from mcloss.data.files import InputFile
 from mcloss.data.inputs import ImageFiles, collate_items
@@ -95,14 +96,16 @@ def patch_box(xy: Sequence[float], size: tuple[int, int], fraction: float) -> li
 
 @dataclass(frozen=True)
 class AtlasInputs:
-    """The images of an atlas: paths, labels, part keypoints ([P, 3] x, y, visible; or None), part names and
-    the classes' defining parts (class name → part or region names; None when the dataset does not say)."""
+    """The images of an atlas: paths, labels, part keypoints ([P, 3] x, y, visible; or None), part names,
+    the classes' defining parts (class name → part or region names; None when the dataset does not say) and
+    the dataset's class names (the model's must be the same; None: the labels are the model's classes)."""
 
     paths: list[str]
     labels: list[int]
     keypoints: list[np.ndarray | None]
     part_names: list[str]
     defining: dict[str, list[str]] | None = None
+    class_names: list[str] | None = None
 
     @classmethod
     def from_cub(cls, dataset) -> AtlasInputs:
@@ -111,7 +114,8 @@ class AtlasInputs:
         kps = [None if r.parts is None else np.asarray(r.parts, np.float64).reshape(-1, 3) for r in dataset.records]
         root = getattr(dataset, "root", None)
         return cls([str(r.path) for r in dataset.records], [int(r.label) for r in dataset.records], kps,
-                   list(dataset.part_names), None if root is None else defining_parts(root))  # fmt: skip
+                   list(dataset.part_names), None if root is None else defining_parts(root),
+                   list(dataset.class_names))  # fmt: skip
 
 
 def _options(
@@ -192,9 +196,14 @@ def build_atlas(
     Raises:
         UnknownClassError, OutOfRangeError: an unknown class.
         ParameterError: ``top`` < 1 or ``progress`` not callable.
-        DatasetError: no readable image.
+        DatasetError: the inputs' classes are not the model's, or no readable image.
     """
     check_callback(progress)
+    mismatch = None if inputs.class_names is None else class_mismatch(inputs.class_names, model.class_names)
+    if mismatch is None and not all(0 <= label < model.num_classes for label in inputs.labels):
+        mismatch = f"labels outside the checkpoint's {model.num_classes} classes"
+    if mismatch is not None:
+        raise DatasetError(f"the atlas inputs: {mismatch}")
     device = device or next(model.parameters()).device
     classes = list(range(model.num_classes)) if classes is None else [model.class_index(c) for c in classes]
     if top < 1:
