@@ -158,6 +158,20 @@ def test_domain_and_eval_commands(tmp_path, tiny_birds, capsys):
     assert eval_main(["--checkpoint", str(out), "--data", str(tiny_birds), "--workers", "0", "--ood", str(photos),
                       "--json", str(report)]) == 0  # fmt: skip
     assert 0 <= json.loads(report.read_text())["domain"]["auroc"] <= 1
+    # an unreadable image is skipped with one line naming it; an --ood that gives no file at all is refused
+    # before the evaluation, in one line, and no report is written
+    (photos / "empty.jpg").write_bytes(b"")
+    capsys.readouterr()
+    evaluated = ["--checkpoint", str(out), "--data", str(tiny_birds), "--workers", "0"]
+    assert eval_main([*evaluated, "--ood", str(photos)]) == 0
+    assert capsys.readouterr().err.strip() == f"mcloss eval: skipped {photos / 'empty.jpg'}: empty file"
+    missing, late = tmp_path / "missing", tmp_path / "late.json"
+    assert eval_main([*evaluated, "--ood", str(missing), "--json", str(late)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"mcloss eval: error: --ood: no out-of-domain image ({missing}: file not found)"
+    assert captured.out == "" and not late.exists()
+    assert domain_main([*argv, "--ood", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"mcloss domain: error: --ood: no out-of-domain image ({missing}: file not found)"
     assert domain_main([*argv[:4], "--out", str(tmp_path / "x.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
 

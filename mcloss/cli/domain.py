@@ -22,11 +22,12 @@ from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.core.domain import DOMAIN_K, DOMAIN_QUANTILE
 from mcloss.core.errors import DatasetError, MclossError, ParameterError
+from mcloss.core.files import printable
 from mcloss.data.datasets import DATASET_KINDS
 from mcloss.data.files import collect_inputs
 from mcloss.evaluation.domain import DOMAIN_BANK, domain_auroc, fit_domain, image_scores, split_scores
 
-__all__ = ["build_parser", "main", "ood_report"]
+__all__ = ["build_parser", "main", "ood_inputs", "ood_report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,7 @@ def _domain(args: argparse.Namespace) -> int:
     source = checkpoint_path(args.checkpoint)
     model = load_checkpoint(source, device)
     train, test = model_splits(model, args.data, args.dataset)
+    ood = ood_inputs("domain", args.ood) if args.ood else None
     try:
         with progress_bar("domain", sys.stderr.isatty(), leave=False) as progress:
             calibration = fit_domain(
@@ -82,25 +84,41 @@ def _domain(args: argparse.Namespace) -> int:
     print(f"domain check: threshold {check.threshold:.4f} (k = {check.k}, {calibration['bank_images']} "
           f"training images); {calibration['held_out_pass']:.1%} of {calibration['held_out_images']} held-out "
           "in-domain images pass")  # fmt: skip
-    if args.ood:
+    if ood is not None:
         inside = split_scores(model, test, batch_size=args.batch_size, workers=args.workers, device=device)
-        model.card["domain"]["ood"] = ood_report(model, inside, args.ood, "the test split")
+        model.card["domain"]["ood"] = ood_report("domain", model, inside, ood, args.ood, "the test split")
     with writing_to(args.out, "--out"):
         save_checkpoint(model, args.out)
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
 
-def ood_report(model, inside, ood: Sequence[str], inside_name: str) -> dict:
-    """Score the out-of-domain inputs, print the AUROC line and return its record (skipped files on stderr)."""
+def ood_inputs(command: str, ood: Sequence[str]) -> list[str]:
+    """The out-of-domain image files of ``--ood`` (folders, files, globs), collected before the long work:
+    an input that gives no file is a warning, and no file at all an error naming them."""
     found = collect_inputs(list(ood))
-    for source, reason in found.problems:
-        say("domain", f"{source}: {reason}")
-    outside, skipped = image_scores(model, [f.source for f in found.files])
-    for path, reason in skipped:
-        say("domain", f"skipped {path}: {reason}")
+    files, problems = [], list(found.problems)
+    for f in found.files:  # a path that names nothing is collected as a file
+        if Path(f.source).exists():
+            files.append(f.source)
+        else:
+            problems.append((f.source, "file not found"))
+    if not files:
+        reasons = "; ".join(f"{printable(source)}: {reason}" for source, reason in problems)
+        raise DatasetError(f"ood: no out-of-domain image ({reasons or 'no image files'})", parameter="ood")
+    for source, reason in problems:
+        say(command, f"--ood {printable(source)}: {reason}")
+    return files
+
+
+def ood_report(command: str, model, inside, files: Sequence[str], ood: Sequence[str], inside_name: str) -> dict:
+    """Score the out-of-domain ``files`` (of :func:`ood_inputs`), print the AUROC line and return its record
+    (skipped files on stderr)."""
+    outside, skipped = image_scores(model, files)
+    for _, reason in skipped:  # the reason names the file
+        say(command, f"skipped {printable(reason)}")
     if not len(outside):
-        raise DatasetError(f"{' '.join(ood)}: no readable out-of-domain image")
+        raise DatasetError("ood: no readable out-of-domain image", parameter="ood")
     result = domain_auroc(inside, outside, model.domain.threshold)
     lo, hi = result["auroc_ci"]
     print(f"AUROC of {len(outside)} out-of-domain images against {len(inside)} images of {inside_name}: "

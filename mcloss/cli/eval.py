@@ -68,6 +68,11 @@ def _eval(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     _, test_ds = model_splits(model, args.data, args.dataset, download=args.download)
+    ood_files = None
+    if args.ood:  # collected before the evaluation: an --ood that gives nothing is refused at once
+        from mcloss.cli.domain import ood_inputs
+
+        ood_files = ood_inputs("eval", args.ood)
     loader = DataLoader(
         test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
@@ -78,12 +83,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise DatasetError(f"{args.data}: {exc}") from exc
     print(format_report(result, args.checkpoint, model.num_classes))
     ood = None
-    if args.ood:
+    if ood_files is not None:
         from mcloss.cli.domain import ood_report
         from mcloss.evaluation.domain import split_scores
 
         inside = split_scores(model, test_ds, batch_size=args.batch_size, workers=args.workers, device=device)
-        ood = ood_report(model, inside, args.ood, "the test split")
+        ood = ood_report("eval", model, inside, ood_files, args.ood, "the test split")
     if args.json:
         payload = {
             "checkpoint": str(Path(args.checkpoint).resolve()),
