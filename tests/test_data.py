@@ -236,8 +236,12 @@ def test_detection_and_root_errors_name_the_path(tmp_path):
         build_datasets(missing)
     with pytest.raises(DatasetError, match="unknown dataset kind 'imagenet'"):
         build_datasets(empty, "imagenet")
-    with pytest.raises(DatasetError, match=rf"{empty}: not a CUB_200_2011-layout dataset \(missing images.txt"):
+    with pytest.raises(DatasetError) as caught:
         CUBDataset(empty)
+    lacks = "images.txt, classes.txt, image_class_labels.txt, train_test_split.txt, images/"
+    assert str(caught.value) == f"{empty}: not a CUB_200_2011-layout dataset (it lacks {lacks})"
+    with pytest.raises(DatasetError, match=rf"^{missing}: dataset directory not found$"):
+        CUBDataset(missing)
     (tmp_path / "fgvc-aircraft-2013b").mkdir()
     assert detect_dataset(tmp_path) == "aircraft"
 

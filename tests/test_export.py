@@ -220,6 +220,10 @@ def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
     assert cli_main(["export", "--input", "i.png", "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mcloss export: error: ") and "gone.safetensors: checkpoint not found" in err
+    assert cli_main(["export", "--checkpoint", str(tmp_path), "--input", "i.png", "--out", "o"]) == 2
+    assert capsys.readouterr().err.strip() == f"mcloss export: error: {tmp_path}: is a directory, not a checkpoint file"
+    assert cli_main(["export", "--merge", "gone"]) == 2
+    assert capsys.readouterr().err.strip() == "mcloss export: error: gone: folder not found"
     base = ["export", "--checkpoint", str(checkpoint), "--input", "i.png", "--out", "o", "--workers", "0"]
     assert cli_main([*base, "--maps", "channels,xray"]) == 2
     assert "xray" in capsys.readouterr().err

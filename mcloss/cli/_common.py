@@ -230,7 +230,8 @@ def checkpoint_path(given: str | None) -> Path:
             hint = f" (named by ${CHECKPOINT_ENV})"
         else:
             hint = f" (the default; set {CHECKPOINT_ENV}, train one, or pass --checkpoint)"
-        raise ParameterError(f"{path}: checkpoint not found{hint}")
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "checkpoint not found"
+        raise ParameterError(f"{path}: {what}{hint}")
     return path
 
 

@@ -185,11 +185,10 @@ class CUBDataset(Dataset):
             raise ParameterError(f"split must be 'train', 'test' or 'all', got {split!r}", parameter="split")
         found = find_cub_root(root)
         if found is None:
+            if not Path(root).is_dir():
+                raise DatasetError(f"{root}: dataset directory not found")
             missing = [name for name in (*CUB_FILES, "images/") if not (Path(root) / name.rstrip("/")).exists()]
-            raise DatasetError(
-                f"{root}: not a CUB_200_2011-layout dataset (missing {', '.join(missing)}; expected "
-                f"{', '.join(CUB_FILES)} and an images/ folder)"
-            )
+            raise DatasetError(f"{root}: not a CUB_200_2011-layout dataset (it lacks {', '.join(missing)})")
         self.root = found
         self.split = split
         self.transform = transform

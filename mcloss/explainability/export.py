@@ -903,6 +903,8 @@ def _shard_manifests(out_dir: Path, shards: int | None) -> dict[tuple[int, int],
     """The shard manifests in ``out_dir`` (of the split into ``shards``, or of any), by (i, n), each checked
     against the digest it was sealed with."""
     pattern = "manifest.shard-*-of-*.json" if shards is None else f"manifest.shard-*-of-{int(shards)}.json"
+    if not out_dir.is_dir():
+        raise MergeError(f"{out_dir}: folder not found")
     found = sorted(out_dir.glob(pattern))
     if not found:
         raise MergeError(f"{out_dir}: no manifest.shard-i-of-n.json files to merge")
