@@ -12,7 +12,7 @@ from conftest import tiny_model
 
 import mcloss
 from mcloss.cli import main as cli_main
-from mcloss.core.errors import DatasetError
+from mcloss.core.errors import DatasetError, UnknownClassError
 from mcloss.data.cub import CUBDataset
 from mcloss.data.synth import generate_dataset
 from mcloss.explainability.atlas import AtlasInputs, build_atlas, patch_box, running_topk
@@ -151,6 +151,8 @@ def test_an_atlas_refuses_data_of_other_classes(tmp_path, capsys):
         with pytest.raises(DatasetError, match=f"the atlas inputs: {reason[:20]}"):
             build_atlas(mcloss.load_checkpoint(ckpt), inputs)
     ds, model, inputs = _birds(tmp_path / "planted")  # inputs without class names: the labels must be the model's
+    with pytest.raises(UnknownClassError, match="^classes: unknown class 'Nope'$"):
+        build_atlas(model, inputs, classes=["Nope"])
     with pytest.raises(DatasetError, match="the atlas inputs: labels outside the checkpoint's"):
         build_atlas(model, AtlasInputs(inputs.paths, [model.num_classes] * len(inputs.paths), inputs.keypoints, inputs.part_names))
 

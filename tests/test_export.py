@@ -224,6 +224,12 @@ def test_cli_paths(tmp_path, checkpoint, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == f"mcloss export: error: {tmp_path}: is a directory, not a checkpoint file"
     assert cli_main(["export", "--merge", "gone"]) == 2
     assert capsys.readouterr().err.strip() == "mcloss export: error: gone: folder not found"
+    classes = mcloss.load_checkpoint(checkpoint).num_classes
+    for flag, value, reason in (("--target", "NoSuch", "unknown class 'NoSuch'"),
+                                ("--target", "99", f"class index 99 out of range [0, {classes})"),
+                                ("--contrast", "NoSuch", "unknown class 'NoSuch'")):  # fmt: skip
+        assert cli_main(["export", "--checkpoint", str(checkpoint), "--input", "i.png", "--out", "o", flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"mcloss export: error: {flag}: {reason}"
     base = ["export", "--checkpoint", str(checkpoint), "--input", "i.png", "--out", "o", "--workers", "0"]
     assert cli_main([*base, "--maps", "channels,xray"]) == 2
     assert "xray" in capsys.readouterr().err

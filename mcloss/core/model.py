@@ -269,16 +269,26 @@ class MCModel(nn.Module):
         start = sum(self.groups[:cls])
         return slice(start, start + self.groups[cls])
 
-    def class_index(self, cls: int | str) -> int:
-        """Resolve a class given by 0-based index, numeric string or name."""
-        if isinstance(cls, int):
-            self.group_slice(cls)
-            return cls
-        if cls in self.class_names:
-            return self.class_names.index(cls)
-        if cls.strip().lstrip("-").isdigit():
-            return self.class_index(int(cls))
-        raise UnknownClassError(f"unknown class {cls!r}")
+    def class_index(self, cls: int | str, parameter: str | None = None) -> int:
+        """Resolve a class given by 0-based index, numeric string or name.
+
+        Raises:
+            UnknownClassError, OutOfRangeError: no such class; with ``parameter`` (the argument that gave
+                ``cls``), the error names it: ``target: unknown class 'X'``.
+        """
+        try:
+            if isinstance(cls, int):
+                self.group_slice(cls)
+                return cls
+            if cls in self.class_names:
+                return self.class_names.index(cls)
+            if cls.strip().lstrip("-").isdigit():
+                return self.class_index(int(cls))
+            raise UnknownClassError(f"unknown class {cls!r}")
+        except (UnknownClassError, OutOfRangeError) as exc:
+            if parameter is None:
+                raise
+            raise type(exc)(f"{parameter}: {exc}", parameter=parameter) from None
 
 
 @contextlib.contextmanager

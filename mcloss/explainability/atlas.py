@@ -205,7 +205,7 @@ def build_atlas(
     if mismatch is not None:
         raise DatasetError(f"the atlas inputs: {mismatch}")
     device = device or next(model.parameters()).device
-    classes = list(range(model.num_classes)) if classes is None else [model.class_index(c) for c in classes]
+    classes = list(range(model.num_classes)) if classes is None else [model.class_index(c, "classes") for c in classes]
     if top < 1:
         raise ParameterError(f"top must be >= 1, got {top}", parameter="top")
     tracked = [ch for c in classes for ch in range(model.group_slice(c).start, model.group_slice(c).stop)]

@@ -93,7 +93,7 @@ def check_contrast(model: MCModel, spec: ContrastSpec) -> ContrastSpec:
         return AUTO
     if model.num_classes < 2:
         raise ParameterError("contrast: a model with one class has nothing to contrast with", parameter="contrast")
-    return model.class_index(int(spec) if isinstance(spec, (int, np.integer)) else str(spec).strip())
+    return model.class_index(int(spec) if isinstance(spec, (int, np.integer)) else str(spec).strip(), "contrast")
 
 
 def nearest_classes(logits: np.ndarray, target: int, k: int) -> list[int]:

@@ -35,7 +35,7 @@ def _parse(model: MCModel, spec: int | str) -> tuple[str, int]:
         ParameterError: ``topK`` with K outside [1, classes].
     """
     if isinstance(spec, (int, np.integer)):
-        return "class", model.class_index(int(spec))
+        return "class", model.class_index(int(spec), "target")
     s = str(spec).strip()
     if s.lower() in _KEYWORDS:
         return s.lower(), 0
@@ -45,7 +45,7 @@ def _parse(model: MCModel, spec: int | str) -> tuple[str, int]:
         if not 1 <= k <= model.num_classes:
             raise ParameterError(f"target {s!r}: k must be in [1, {model.num_classes}]", parameter="target")
         return "top", k
-    return "class", model.class_index(s)
+    return "class", model.class_index(s, "target")
 
 
 def check_target(model: MCModel, spec: int | str) -> int | str:
