@@ -326,12 +326,12 @@ _BUILT_IN_KINDS = (
         "Guided Grad-CAM of {name}", "guided_gradcam", extra_passes=True, at_input=True, signed=True,
     ),
     MapKind(
-        "finer", "Finer-CAM", _finer, "Finer {name} vs {versus}", "Finer-CAM · {name} vs {versus}",
+        "finer", "Finer-CAM", _finer, "Finer vs {versus}", "Finer-CAM · {name} vs {versus}",
         "Finer-CAM of {name} against {versus}", "finer", needs_gradients=True, fused_only=True, contrastive=True,
         peak=True,
     ),
     MapKind(
-        "contrast", "Group contrast", _contrast, "{name} vs {other}", "group contrast · {name} vs {other}",
+        "contrast", "Group contrast", _contrast, "groups vs {other}", "group contrast · {name} vs {other}",
         "group contrast of {name} against {other}", "contrast", contrastive=True, peak=True,
     ),
 )
