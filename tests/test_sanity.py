@@ -112,6 +112,24 @@ def test_cli_writes_every_output(tmp_path, capsys):
     assert "summary" not in capsys.readouterr().err
     assert cli_main(["sanity", "--checkpoint", str(ckpt), "--data", str(data), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+    # an earlier run is kept unless --overwrite; data of other classes is refused, before any work
+    again = ["sanity", "--checkpoint", str(ckpt), "--data", str(data), "--limit", "2", "--draws", "1", "--out", str(out)]
+    before = (out / "sanity.json").read_bytes()
+    assert cli_main(again) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mcloss sanity: error: --out {out}: already holds a sanity run; pass --overwrite or choose another --out"
+    )
+    assert (out / "sanity.json").read_bytes() == before
+    assert cli_main([*again, "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["limit"] == 2
+    capsys.readouterr()
+    other = tmp_path / "other.safetensors"
+    mcloss.save_checkpoint(tiny_model(3, img_size=32, class_names=[names[0], names[2], names[1]]), other)
+    fresh = tmp_path / "fresh"
+    assert cli_main(["sanity", "--checkpoint", str(other), "--data", str(data), "--out", str(fresh)]) == 2
+    reason = f"class 1 is {names[1]!r} in the data but {names[2]!r} in the checkpoint"
+    assert capsys.readouterr().err.strip() == f"mcloss sanity: error: {data}: its classes do not match the checkpoint's ({reason})"
+    assert not fresh.exists()
 
 
 def test_knockout_of_a_group_the_fc_head_never_reads_changes_nothing():

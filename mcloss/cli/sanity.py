@@ -22,9 +22,10 @@ from mcloss.cli._common import (
 )
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
-from mcloss.core.errors import DatasetError
+from mcloss.core.errors import DatasetError, ParameterError
 from mcloss.core.files import atomic_write_json
 from mcloss.data.cub import CUBDataset
+from mcloss.data.datasets import class_mismatch
 from mcloss.data.io import ImageLoadError
 from mcloss.evaluation.sanity import run_sanity
 from mcloss.evaluation.sanity_report import summary_markdown, write_sanity
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the re-initialization and the random choices")
     add_device(p)
     p.add_argument("--out", help="output directory (default runs/sanity-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier sanity run in --out")
     return p
 
 
@@ -60,20 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     check_at_least(("limit", args.limit, 1), ("batch_size", args.batch_size, 1), ("draws", args.draws, 1))
     out = Path(args.out) if args.out else Path("runs") / f"sanity-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "sanity.json").exists() and not args.overwrite:
+        raise ParameterError(f"--out {out}: already holds a sanity run; pass --overwrite or choose another --out")
     checkpoint = checkpoint_path(args.checkpoint)
     if not Path(args.data).is_dir():
         raise DatasetError(f"{args.data}: dataset directory not found")
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint, device)
-    records = CUBDataset(args.data, args.split).records
+    dataset = CUBDataset(args.data, args.split)
+    mismatch = class_mismatch(dataset.class_names, model.class_names)
+    if mismatch is not None:
+        raise DatasetError(f"{args.data}: {mismatch}")
+    records = dataset.records
     if not records:
         raise DatasetError(f"{args.data}: the {args.split} split has no images")
     count = min(args.limit, len(records))
     pick = sorted({round(i * (len(records) - 1) / max(1, count - 1)) for i in range(count)})
     inputs, targets = [], []
     for rec in (records[i] for i in pick):
-        if not 0 <= rec.label < model.num_classes:
-            raise DatasetError(f"{rec.path}: class {rec.label} is not a class of {checkpoint}")
         try:
             inputs.append(prepare(model.transform, rec.path, view=None).x)
         except ImageLoadError as exc:
