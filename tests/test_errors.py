@@ -209,6 +209,32 @@ def test_train_names_a_corrupt_image_read_in_a_worker(tmp_path, capsys):
     assert _err(capsys) == f"mcloss train: error: {bad}: corrupt or truncated image (Truncated File Read)"
     assert not out.exists()
 
+
+def test_every_command_with_a_bar_takes_no_progress(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from mcloss.cli import domain, parts
+    from mcloss.cli import eval as eval_cli
+    from mcloss.cli._common import show_progress
+
+    needed = {eval_cli: ["--checkpoint", "c", "--data", "d"], domain: ["--checkpoint", "c", "--data", "d", "--out", "o"],
+              parts: ["--data", "d"], train_cli: ["--out", "o"]}  # fmt: skip
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for module, argv in needed.items():
+        parser = module.build_parser()
+        assert show_progress(parser.parse_args(argv)) and not show_progress(parser.parse_args([*argv, "--no-progress"]))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not show_progress(eval_cli.build_parser().parse_args(needed[eval_cli]))
+    seen = {}
+
+    def fake_train(config, progress=None):
+        seen["config"], seen["progress"] = config, progress
+        return {"status": "complete", "rank": 0, "best_epoch": 0}
+
+    monkeypatch.setattr(train_cli, "train", fake_train)  # not a training setting: the config never sees it
+    assert train_cli.main(["--data", "d", "--out", str(tmp_path / "o"), "--backbone", "resnet18", "--no-progress"]) == 0
+    assert seen["progress"] is None and "--no-progress" in seen["config"].command
+
 def test_an_unwritable_output_is_the_users_input_exit_2(tmp_path, capsys, monkeypatch):
     def full(job):
         raise OSError(28, "No space left on device")

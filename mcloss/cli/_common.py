@@ -32,6 +32,7 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
     "add_checkpoint",
+    "add_no_progress",
     "check_at_least",
     "defaults_of",
     "debug_mode",
@@ -47,6 +48,7 @@ __all__ = [
     "naming_flags",
     "run",
     "say",
+    "show_progress",
     "writing_to",
 ]
 
@@ -206,6 +208,16 @@ def add_device(parser: argparse.ArgumentParser | argparse._ArgumentGroup, defaul
     parser.add_argument(
         "--device", default=default, help=f"auto, cpu or cuda (default {default or 'auto'}; auto picks CUDA when present)"
     )
+
+
+def add_no_progress(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--no-progress`` for a command whose bars are drawn only when stderr is a terminal (:func:`show_progress`)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: stderr is a terminal and ``--no-progress`` was not given."""
+    return sys.stderr.isatty() and not args.no_progress
 
 
 def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = False) -> None:

@@ -11,11 +11,13 @@ from pathlib import Path
 from mcloss.cli._common import (
     add_checkpoint,
     add_device,
+    add_no_progress,
     checkpoint_path,
     model_splits,
     progress_bar,
     run,
     say,
+    show_progress,
     writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint, save_checkpoint
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="the bank's sample")
     add_device(p)
+    add_no_progress(p)
     return p
 
 
@@ -71,7 +74,7 @@ def _domain(args: argparse.Namespace) -> int:
     train, test = model_splits(model, args.data, args.dataset)
     ood = ood_inputs("domain", args.ood) if args.ood else None
     try:
-        with progress_bar("domain", sys.stderr.isatty(), leave=False) as progress:
+        with progress_bar("domain", show_progress(args), leave=False) as progress:
             calibration = fit_domain(
                 model, train, test, k=args.k, quantile=args.quantile, bank_size=args.bank_size,
                 batch_size=args.batch_size, workers=args.workers, seed=args.seed, device=device, progress=progress,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,10 +12,12 @@ from torch.utils.data import DataLoader
 from mcloss.cli._common import (
     add_checkpoint,
     add_device,
+    add_no_progress,
     checkpoint_path,
     model_splits,
     progress_bar,
     run,
+    show_progress,
     writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     add_device(p)
+    add_no_progress(p)
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument(
@@ -77,7 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
         test_ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
     try:
-        with progress_bar("eval", sys.stderr.isatty(), unit="it", leave=False) as progress:
+        with progress_bar("eval", show_progress(args), unit="it", leave=False) as progress:
             result = evaluate(model, loader, device, amp=not args.no_amp, progress=progress)
     except MclossError as exc:  # an empty split, an unreadable image
         raise DatasetError(f"{args.data}: {exc}") from exc

@@ -14,6 +14,7 @@ import torch
 from mcloss.cli._common import (
     add_checkpoint,
     add_device,
+    add_no_progress,
     check_at_least,
     checkpoint_path,
     command_line,
@@ -21,6 +22,7 @@ from mcloss.cli._common import (
     progress_bar,
     run,
     say,
+    show_progress,
     writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--perturbation-batch", type=int, default=default["perturbation_batch"], help="most step images per forward pass"
     )
     add_device(p)
+    add_no_progress(p)
     p.add_argument("--out", help="output directory (default runs/parts-<timestamp>)")
     p.add_argument("--seed", type=int, default=default["seed"], help="seed of the random baselines")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier parts run in --out")
@@ -181,7 +184,7 @@ def _contrast(args: argparse.Namespace, model: MCModel, checkpoint: Path, device
 def _naming_errors(args: argparse.Namespace, checkpoint: Path, label: str, run: Callable[[Progress], T]) -> T:
     """``run(progress)`` under a progress bar titled ``label``; an mcloss error is raised again naming the data."""
     try:
-        with progress_bar(label, sys.stderr.isatty(), leave=False) as progress:
+        with progress_bar(label, show_progress(args), leave=False) as progress:
             return run(progress)
     except MclossError as exc:
         raise DatasetError(_naming_the_data(str(exc), args.data, checkpoint), parameter=exc.parameters) from exc

@@ -9,7 +9,17 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 
-from mcloss.cli._common import EXIT_INTERRUPTED, EXIT_OK, command_line, fail, progress_bars, run, say
+from mcloss.cli._common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_no_progress,
+    command_line,
+    fail,
+    progress_bars,
+    run,
+    say,
+    show_progress,
+)
 from mcloss.core.device import resolve_device
 from mcloss.core.errors import ParameterError
 from mcloss.core.transforms import NORMALIZATIONS
@@ -119,6 +129,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         "(AVX512-BF16, AMX), slower elsewhere; evaluation stays fp32 (default off)",
     )  # fmt: skip
     g.add_argument("--limit-batches", type=int, help="at most N train and N test batches per epoch (for tests)")
+    add_no_progress(g)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "recipe")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "recipe", "no_progress")}
     given["command"] = command
     try:
         if args.resume:
@@ -145,7 +156,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
             )
             config = make_config(recipe, out=args.out, **given)
         resolve_device(config.device)  # CUDA asked for but absent: fails before the run directory is touched
-        with _show_run_messages(), progress_bars(sys.stderr.isatty()) as bars:
+        with _show_run_messages(), progress_bars(show_progress(args)) as bars:
             summary = train(config, progress=bars)
     except KeyboardInterrupt:
         print(file=sys.stderr)
