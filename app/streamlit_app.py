@@ -245,6 +245,9 @@ def sidebar_input() -> dict | None:
     if gallery_error:
         st.sidebar.warning(f"Gallery unavailable: {gallery_error}")
     if source == "Gallery" and gallery:
+        # the uploader is not drawn here, so Streamlit drops its file: drop the bytes kept from it too, or the
+        # page would go on explaining an upload that an empty uploader no longer shows
+        st.session_state.pop("upload", None)
         i = st.sidebar.selectbox(
             "Sample (with ground-truth parts)",
             range(len(gallery.samples)),

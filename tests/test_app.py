@@ -325,6 +325,21 @@ def test_app_bomb_message_cites_the_app_limit(tmp_path):
     assert f"limit {view.MAX_PIXELS // 1_000_000} MP" in str(info.value)
 
 
+def test_an_upload_left_for_the_gallery_is_not_explained_on_return(env, gallery_dir):
+    img, _ = _picture(7)
+    at = run_app(**upload("kept.png", _encode(img, "PNG")))
+    assert_clean(at)
+    assert captions(at)[0] == "kept.png · 96×72 px"
+    at.session_state["source"] = "Gallery"
+    at.run()
+    assert_clean(at)
+    assert not captions(at)[0].startswith("kept.png")
+    at.session_state["source"] = "Upload"  # the uploader comes back empty: so does the page
+    at.run()
+    assert_clean(at)
+    assert not at.get("image") and any("Upload an image" in i.value for i in at.info)
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_upload_shows_one_error_and_the_app_recovers(env, name):
     at = run_app(**upload(name, _broken_bytes(name)))
