@@ -346,6 +346,9 @@ def test_messages_name_the_real_reason(tmp_path):
     with pytest.raises(ImageLoadError) as info:
         load_image(tmp_path / "bomb.png", max_pixels=40_000_000)
     assert "200 MP, limit 40 MP" in str(info.value) and "178956970" not in str(info.value)
+    Image.new("1", (8000, 5001)).save(tmp_path / "just_over.png")  # 40.008 MP: over the limit, if barely
+    with pytest.raises(ImageLoadError, match=r"\(8000×5001 = 40\.01 MP, limit 40 MP\)$"):
+        load_image(tmp_path / "just_over.png", max_pixels=40_000_000)
 
 
 def test_every_bad_flag_value_is_one_line_and_exit_2(tmp_path, checkpoint, capsys):

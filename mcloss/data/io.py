@@ -42,6 +42,17 @@ class ImageLoadError(MclossError, ValueError):
     """An input could not be decoded as an image; the message names the file and the reason."""
 
 
+def _megapixels(pixels: int, limit: int) -> str:
+    """``pixels`` in MP with as many decimals as it takes to read apart from ``limit`` in whole MP: an image
+    of 8000×5001 is "40.01 MP, limit 40 MP", not "40 MP, limit 40 MP"."""
+    shown = f"{limit / 1e6:.0f}"
+    for digits in range(7):
+        text = f"{pixels / 1e6:.{digits}f}"
+        if float(text) != float(shown):
+            return text
+    return text
+
+
 def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image to 8-bit RGB with its EXIF orientation applied.
 
@@ -64,7 +75,7 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageLoadError(
-                    f"{label}: image too large ({width}×{height} = {width * height / 1e6:.0f} MP, "
+                    f"{label}: image too large ({width}×{height} = {_megapixels(width * height, max_pixels)} MP, "
                     f"limit {max_pixels / 1e6:.0f} MP)"
                 )
             img.seek(0)
@@ -82,7 +93,7 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
         raise ImageLoadError(f"{label}: {_unidentified(source)}") from None
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)) / 1e6:.0f} MP, " if found else ""
+        size = f"{_megapixels(int(found.group(1)), max_pixels)} MP, " if found else ""
         raise ImageLoadError(
             f"{label}: image too large ({size}limit {max_pixels / 1e6:.0f} MP), refused as a possible decompression bomb"
         ) from None
