@@ -359,6 +359,7 @@ def compare_choices(first: Path | None) -> list[Path]:
 #: turn into links (``<``, ``>`` and ``&`` are HTML-escaped first).
 _MARKDOWN = re.compile(r"([\\`*_\[\]~$|:.@])")
 _WWW = re.compile(r"(?i)\bwww(?=\\\.)")
+_SCHEME_COLON = re.compile(r"\\:(?=\S)")
 
 
 def text(value: object) -> str:
@@ -367,8 +368,9 @@ def text(value: object) -> str:
     file names are data from files: a checkpoint's names must never become markup, links or requests."""
     line = _MARKDOWN.sub(r"\\\1", html.escape(" ".join(str(value).splitlines()), quote=True))
     # GFM finds bare URLs, www. names and e-mail addresses after escapes are resolved: a word joiner (U+2060,
-    # invisible) after each ``:``, ``@`` and ``www`` keeps them text
-    line = line.replace("\\:", "\\:\u2060").replace("\\@", "\\@\u2060")
+    # invisible) after each ``:`` that something follows (a URL's scheme; not "file.jpg: reason", which a copy
+    # of the message should take as it reads), ``@`` and ``www`` keeps them text
+    line = _SCHEME_COLON.sub("\\:\u2060", line).replace("\\@", "\\@\u2060")
     return _WWW.sub("\\g<0>\u2060", line)
 
 

@@ -325,6 +325,13 @@ def test_app_bomb_message_cites_the_app_limit(tmp_path):
     assert f"limit {view.MAX_PIXELS // 1_000_000} MP" in str(info.value)
 
 
+def test_text_keeps_urls_from_linking_and_messages_as_they_read():
+    message = "corrupt.jpg: corrupt or truncated image"
+    assert "\u2060" not in view.text(message) and as_shown(view.text(message)) == message  # copied as it reads
+    for url in ("http://127.0.0.1:9/x", "mailto:a", "a@b.com", "www.x.com"):  # a word joiner breaks each autolink
+        assert "\u2060" in view.text(url) and as_shown(view.text(url)) == url
+
+
 def test_an_upload_left_for_the_gallery_is_not_explained_on_return(env, gallery_dir):
     img, _ = _picture(7)
     at = run_app(**upload("kept.png", _encode(img, "PNG")))
