@@ -482,7 +482,6 @@ def downloads(
 ) -> None:
     """The montage (PNG, JPEG or WebP) and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
     stem = Path(source_name).stem
-    gi = expl.groups.index(groups[0])
     row = st.container(horizontal=True)
     chosen = row.segmented_control(
         "Montage format", tuple(IMAGE_FORMATS), default="png", key="montage_format", required=True,
@@ -491,8 +490,9 @@ def downloads(
     )  # fmt: skip
     fmt = IMAGE_FORMATS[chosen or "png"]
 
-    def montage() -> bytes:
-        return encode_image(expl.montage(gi, style, image=base), fmt.name, full_chroma=True)
+    def montage() -> bytes:  # one row per class shown (the top-2 compare, A and B): the page's groups
+        rows = [expl.montage(expl.groups.index(g), style, image=base) for g in groups]
+        return encode_image(render.stacked_rows(rows), fmt.name, full_chroma=True)
 
     def bundle() -> bytes:
         return view.export_zip(source_name, base, expl, groups, style, tiles, label=label, topk=TOPK, defining=defining)

@@ -132,7 +132,7 @@ DISPLAY_MAX_SIDE = render.VIEW_MAX_SIDE
 #: Rows of each tile of the downloaded montage.
 TILE_HEIGHT = 320
 MONTAGE_HELP = (
-    f"one row of tiles, {TILE_HEIGHT} px tall; an image beyond {render.MAX_TILE_ASPECT:g}:1 is letterboxed and a "
+    f"one row of tiles per class shown, {TILE_HEIGHT} px tall; an image beyond {render.MAX_TILE_ASPECT:g}:1 is letterboxed and a "
     f"montage over {render.MONTAGE_MAX_PIXELS / 1e6:g} MP gets shorter tiles"
 )
 COLORMAPS = (render.DEFAULT_COLORMAP, "viridis", "magma", "plasma", "turbo", "jet")

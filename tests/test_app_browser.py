@@ -264,6 +264,16 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     jpeg = Path(dl.value.path()).read_bytes()
     assert dl.value.suggested_filename == "second_bird_montage.jpg" and jpeg.startswith(b"\xff\xd8")
     assert Image.open(io.BytesIO(jpeg)).size == Image.open(io.BytesIO(montage)).size and len(jpeg) < len(montage)
+    pg.get_by_text("Compare the top-2 classes").click()  # the montage holds what the page shows: both classes
+    pg.wait_for_function("() => document.querySelectorAll('img[alt^=\"channel 1 of\"]').length === 2")
+    _wait_rerun_done(pg)
+    with pg.expect_download() as dl:
+        pg.get_by_role("button", name="Montage (JPG)").click()
+    width, height = Image.open(io.BytesIO(montage)).size
+    assert Image.open(dl.value.path()).size == (width, 2 * height + 6)
+    pg.get_by_text("Compare the top-2 classes").click()
+    pg.wait_for_function("() => document.querySelectorAll('img[alt^=\"channel 1 of\"]').length === 1")
+    _wait_rerun_done(pg)
     with pg.expect_download() as dl:
         pg.get_by_role("button", name="Everything (ZIP)").click()
     with zipfile.ZipFile(Path(dl.value.path())) as zf:

@@ -44,6 +44,7 @@ __all__ = [
     "montage_tiles",
     "explanation_montage",
     "compare_montage",
+    "stacked_rows",
 ]
 
 
@@ -230,7 +231,16 @@ def compare_montage(
     if a.target != b.target:
         raise ParameterError(f"compare_montage: targets {a.name!r} and {b.name!r} differ")
     style = common_style(style, a, b)
-    rows = [explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)]
+    return stacked_rows([explanation_montage(image, e, group, style, title=t) for e, t in zip((first, second), titles, strict=True)])
+
+
+def stacked_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Montages one above the other, left-aligned on white, 6 white rows apart (scaled down to the pixel cap)."""
+    if not rows:
+        raise ParameterError("stacked_rows: no montage to stack")
     width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return within_cap(np.concatenate([rows[0], blank_canvas(6, width), rows[1]], axis=0))
+    padded = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    parts = [padded[0]]
+    for r in padded[1:]:
+        parts += [blank_canvas(6, width), r]
+    return within_cap(np.concatenate(parts, axis=0))
