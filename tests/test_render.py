@@ -157,3 +157,25 @@ def test_montage_generic_and_figure(model):
     assert legend.shape == (54, 60, 3) and legend.dtype == np.uint8
     assert render.fit_view(_rgb(3000, 1000), 1024).shape == (341, 1024, 3)
     assert render.fit_view(_rgb(300, 100), 1024).shape == (100, 300, 3)
+
+
+def test_signed_maps_are_shown_by_a_high_percentile_not_their_sparse_maximum():
+    from mcloss.explainability.render.colour import SIGNED_CLIP_PERCENTILE, signed_scale
+
+    spiky = np.full((100, 100), 0.01, np.float32)
+    spiky[0, :10] = -5.0  # a few large gradients, as Guided Backprop gives
+    assert signed_scale(spiky) == pytest.approx(np.percentile(np.abs(spiky), SIGNED_CLIP_PERCENTILE)) == pytest.approx(0.01)
+    assert signed_scale(np.zeros((4, 4))) == 0.0
+    single = np.zeros((100, 100), np.float32)
+    single[3, 4] = -2.0  # the percentile is 0: the maximum scales it
+    assert signed_scale(single) == 2.0
+
+    # the sample's Guided Grad-CAM tile shows its gradients: 4.6 % of the pixels more than 20 levels from the
+    # image under the colormap's centre (by the maximum: 0.5 %)
+    image = np.asarray(Image.open(mcloss.default_checkpoint().parent / "samples" / "images" / "0001_Common_Bird.jpg").convert("RGB"))
+    model = mcloss.load_checkpoint(mcloss.default_checkpoint())
+    exp = explain(model, Image.fromarray(image), "pred", maps="channels,gradcam,guided")
+    thumb, _ = render.thumbnail(image, 224)
+    tile = render.map_tile(thumb, exp, exp.groups[0], mcloss.explainability.kinds.get("guided"), render.Style()).image
+    centre = render.overlay(thumb, np.zeros(thumb.shape[:2], np.float32), alpha=0.5, signed=True)
+    assert np.mean(np.abs(tile.astype(int) - centre).max(axis=2) > 20) > 0.03

@@ -21,6 +21,8 @@ __all__ = [
     "DIVERGING",
     "normalize_map",
     "normalize_group",
+    "SIGNED_CLIP_PERCENTILE",
+    "signed_scale",
     "colorize",
     "overlay",
     "draw_peaks",
@@ -65,6 +67,23 @@ def normalize_map(map_hw: np.ndarray, vmax: float | None = None, *, signed: bool
         return np.clip(m / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(m)
     scale = float(m.max()) if vmax is None else float(vmax)
     return np.clip(m / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(m)
+
+
+#: A signed map (Guided Grad-CAM) is shown scaled by this percentile of its absolute values, the few larger ones
+#: saturating: by its maximum, its sparse gradients left the tile almost blank (on the 24 gallery samples, 98.1-99.7 %
+#: of the pixels lay within a tenth of the maximum, the colormap's pale centre). Captum's ``visualize_image_attr``
+#: clips alike (its ``outlier_perc``, 2 %).
+SIGNED_CLIP_PERCENTILE = 99.5
+
+
+def signed_scale(map_hw: np.ndarray) -> float:
+    """The display scale of a signed map: :data:`SIGNED_CLIP_PERCENTILE` of its absolute values (its maximum
+    when that percentile is 0; 0 for an all-zero map)."""
+    magnitude = np.abs(np.asarray(map_hw, dtype=np.float32))
+    if magnitude.size == 0:
+        return 0.0
+    scale = float(np.percentile(magnitude, SIGNED_CLIP_PERCENTILE))
+    return scale if scale > 0 else float(magnitude.max())
 
 
 def normalize_group(maps: np.ndarray, *, shared: bool = False, vmax: float | None = None) -> np.ndarray:

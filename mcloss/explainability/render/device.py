@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mcloss.explainability.geometry import crop_mask, view_to_map_affine
-from mcloss.explainability.render.colour import DIVERGING, colormap_lut, draw_peaks, part_colors
+from mcloss.explainability.render.colour import DIVERGING, colormap_lut, draw_peaks, part_colors, signed_scale
 from mcloss.explainability.render.compose import (
     GUTTER,
     TITLE_HEIGHT,
@@ -142,7 +142,8 @@ def _kind_tiles(
     warped = _warp(values[None], explanation, size_hw, interpolation, view.device)[0]
     title = _tile(None, kind, gm).title
     if kind.signed:
-        return [(_overlay(view, warped, _lut(DIVERGING, view.device), style.alpha, None, signed=True), title, None)]
+        lut = _lut(DIVERGING, view.device)
+        return [(_overlay(view, warped, lut, style.alpha, signed_scale(values), signed=True), title, None)]
     img = _overlay(view, warped, _lut(style.colormap, view.device), style.alpha, None)
     if style.peaks and gm.map_peaks.get(kind.name) is not None:
         img = _draw_peaks(img, np.asarray(gm.map_peaks[kind.name])[None] * scale, None)

@@ -17,6 +17,7 @@ from mcloss.explainability.render.colour import (
     overlay,
     part_colors,
     part_composite,
+    signed_scale,
 )
 from mcloss.explainability.render.layout import (
     DEFAULT_TILE_HEIGHT,
@@ -203,7 +204,7 @@ def map_tile(view: np.ndarray, explanation: Explanation, group: GroupMaps, kind:
     m = group.maps[kind.name]
     warped = to_original(m, explanation.geometry, size) if kind.at_input else _to_view(m, explanation, size, style)
     if kind.signed:
-        return _tile(overlay(view, warped, alpha=style.alpha, signed=True), kind, group)
+        return _tile(overlay(view, warped, alpha=style.alpha, vmax=signed_scale(m), signed=True), kind, group)
     pk = None
     if style.peaks and group.map_peaks.get(kind.name) is not None:
         pk = np.asarray(group.map_peaks[kind.name])[None] * _view_scale(view, explanation)
