@@ -328,3 +328,14 @@ def test_parts_cli_contrast_writes_its_tables(tmp_path, combo_root, capsys):
     block = json.loads((out / "contrast.json").read_text())[str(ckpt)]
     assert set(block["methods"]) == set(CONTRAST_MAPS)
     assert (out / "contrast.md").read_text().startswith("## Contrastive maps: m.safetensors")
+
+
+def test_a_contrasts_short_label_and_its_description():
+    from mcloss.explainability.contrast import Contrast
+
+    named = Contrast((2,), ("Gamma",), auto=False)
+    assert named.label() == named.described() == "Gamma"
+    nearest = Contrast((2, 0, 3), ("Gamma", "Alpha", "Delta"), auto=True)
+    assert nearest.label() == "Gamma +2"  # the montage's tile title
+    assert nearest.described() == "Gamma and 2 more near classes"  # the app's caption and alternative text
+    assert Contrast((2, 0), ("Gamma", "Alpha"), auto=True).described() == "Gamma and 1 more near class"

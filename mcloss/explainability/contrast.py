@@ -78,9 +78,14 @@ class Contrast:
         return self.references[0]
 
     def label(self) -> str:
-        """``"B"``, or ``"B +2"`` when Finer-CAM has two more references."""
+        """``"B"``, or ``"B +2"`` when Finer-CAM has two more references (a tile's short title)."""
         extra = len(self.references) - 1
         return self.names[0] + (f" +{extra}" if extra else "")
+
+    def described(self) -> str:
+        """``"B"``, or ``"B and 2 more near classes"`` (captions and alternative text, where "+2" is unexplained)."""
+        extra = len(self.references) - 1
+        return self.names[0] + (f" and {extra} more near {'class' if extra == 1 else 'classes'}" if extra else "")
 
 
 def check_contrast(model: MCModel, spec: ContrastSpec) -> ContrastSpec:

@@ -127,7 +127,8 @@ class MapKind:
         needs_gradients: computed from gradients w.r.t. F (the pass keeps F's graph when the method is fused).
         fused_only: computed from this pass's gradients whatever the Grad-CAM method (Finer-CAM).
         contrastive: needs a class to contrast with (``explain(contrast=)``); its templates may use ``other``
-            (class B's name) and ``versus`` (B, with "+n" for Finer-CAM's further references).
+            (class B's name), ``versus`` (B, with "+n" for Finer-CAM's further references) and ``versus_all``
+            (B "and n more near classes").
         extra_passes: runs passes of its own through the input with hooks on the model (slower, and an export
             then explains one batch at a time).
         per_channel: one map per channel of the target's group.
@@ -326,8 +327,8 @@ _BUILT_IN_KINDS = (
         "Guided Grad-CAM of {name}", "guided_gradcam", extra_passes=True, at_input=True, signed=True,
     ),
     MapKind(
-        "finer", "Finer-CAM", _finer, "Finer vs {versus}", "Finer-CAM · {name} vs {versus}",
-        "Finer-CAM of {name} against {versus}", "finer", needs_gradients=True, fused_only=True, contrastive=True,
+        "finer", "Finer-CAM", _finer, "Finer vs {versus}", "Finer-CAM · {name} vs {versus_all}",
+        "Finer-CAM of {name} against {versus_all}", "finer", needs_gradients=True, fused_only=True, contrastive=True,
         peak=True,
     ),
     MapKind(

@@ -132,7 +132,7 @@ def _tile(image: np.ndarray, kind: MapKind, group: GroupMaps, **fields: object) 
     """A tile titled by ``kind``'s templates (see :class:`~mcloss.explainability.kinds.MapKind`)."""
     values = {"name": group.name, "prob": group.prob, "xi": len(group.channels), **fields}
     if group.versus is not None:
-        values |= {"other": group.versus.names[0], "versus": group.versus.label()}
+        values |= {"other": group.versus.names[0], "versus": group.versus.label(), "versus_all": group.versus.described()}
     return Tile(
         image,
         kind.title.format(**values),
