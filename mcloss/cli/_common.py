@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mcloss.core.checkpoint import CHECKPOINT_ENV, default_checkpoint
-from mcloss.core.errors import DatasetError, MclossError, OutputError, ParameterError, Progress, first_line
+from mcloss.core.errors import MclossError, OutputError, ParameterError, Progress, first_line
 
 __all__ = [
     "DEBUG_ENV",
@@ -267,12 +267,10 @@ def check_at_least(*checks: tuple[str, float, float]) -> None:
 def model_splits(model, data: str, dataset: str = "auto", *, download: bool = False) -> tuple[Any, Any]:
     """The (train, test) splits of ``data`` read with the model's eval transform; their classes must be the
     model's (else a DatasetError naming ``data``)."""
-    from mcloss.data.datasets import build_datasets, class_mismatch
+    from mcloss.data.datasets import build_datasets, check_classes
 
     train, test, class_names = build_datasets(data, dataset, model.transform, model.transform, download=download)
-    mismatch = class_mismatch(class_names, model.class_names)
-    if mismatch:
-        raise DatasetError(f"{data}: {mismatch}")
+    check_classes(data, class_names, model.class_names)
     return train, test
 
 

@@ -25,7 +25,7 @@ from mcloss.core.device import resolve_device
 from mcloss.core.errors import DatasetError, ParameterError
 from mcloss.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, printable
 from mcloss.data.cub import CUBDataset
-from mcloss.data.datasets import class_mismatch
+from mcloss.data.datasets import check_classes
 from mcloss.data.files import unique_file_stems
 from mcloss.data.io import encode_image
 from mcloss.evaluation.parts_report import coverage_markdown
@@ -116,9 +116,7 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint, device)
     inputs = AtlasInputs.from_cub(CUBDataset(args.data, args.split))
-    mismatch = class_mismatch(inputs.class_names, model.class_names)
-    if mismatch is not None:
-        raise DatasetError(f"{args.data}: {mismatch}")
+    check_classes(args.data, inputs.class_names, model.class_names)
     if not inputs.paths:
         raise DatasetError(f"{args.data}: the {args.split} split has no images")
     classes = None

@@ -25,7 +25,7 @@ from mcloss.core.device import resolve_device
 from mcloss.core.errors import DatasetError, ParameterError
 from mcloss.core.files import atomic_write_json
 from mcloss.data.cub import CUBDataset
-from mcloss.data.datasets import class_mismatch
+from mcloss.data.datasets import check_classes
 from mcloss.data.io import ImageLoadError
 from mcloss.evaluation.sanity import run_sanity
 from mcloss.evaluation.sanity_report import summary_markdown, write_sanity
@@ -70,9 +70,7 @@ def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     device = resolve_device(args.device)
     model = load_checkpoint(checkpoint, device)
     dataset = CUBDataset(args.data, args.split)
-    mismatch = class_mismatch(dataset.class_names, model.class_names)
-    if mismatch is not None:
-        raise DatasetError(f"{args.data}: {mismatch}")
+    check_classes(args.data, dataset.class_names, model.class_names)
     records = dataset.records
     if not records:
         raise DatasetError(f"{args.data}: the {args.split} split has no images")

@@ -22,6 +22,7 @@ __all__ = [
     "TORCHVISION_SPLITS",
     "DatasetError",
     "build_datasets",
+    "check_classes",
     "class_mismatch",
     "detect_dataset",
     "image_only",
@@ -57,6 +58,14 @@ def class_mismatch(data_names: Sequence[str], model_names: Sequence[str]) -> str
     if len(data_names) == len(model_names):
         return f"its classes do not match the checkpoint's{diff}"
     return f"its {len(data_names)} classes do not match the checkpoint's {len(model_names)} classes{diff}"
+
+
+def check_classes(label: object, data_names: Sequence[str], model_names: Sequence[str]) -> None:
+    """Raise a DatasetError ``"<label>: <why>"`` when a dataset's classes are not a checkpoint's
+    (:func:`class_mismatch`)."""
+    mismatch = class_mismatch(data_names, model_names)
+    if mismatch is not None:
+        raise DatasetError(f"{label}: {mismatch}")
 
 
 def image_only(transform: Callable | None) -> Callable | None:

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from mcloss.core.errors import DatasetError, ParameterError, Progress, check_callback
 from mcloss.core.files import atomic_path, atomic_write_json, json_safe
 from mcloss.core.model import MCModel, model_guard
-from mcloss.data.datasets import class_mismatch
+from mcloss.data.datasets import check_classes
 from mcloss.data.defining import defining_parts, region_part_indices
 from mcloss.data.files import InputFile
 from mcloss.data.inputs import ImageFiles, collate_items
@@ -199,11 +199,10 @@ def build_atlas(
         DatasetError: the inputs' classes are not the model's, or no readable image.
     """
     check_callback(progress)
-    mismatch = None if inputs.class_names is None else class_mismatch(inputs.class_names, model.class_names)
-    if mismatch is None and not all(0 <= label < model.num_classes for label in inputs.labels):
-        mismatch = f"labels outside the checkpoint's {model.num_classes} classes"
-    if mismatch is not None:
-        raise DatasetError(f"the atlas inputs: {mismatch}")
+    if inputs.class_names is not None:
+        check_classes("the atlas inputs", inputs.class_names, model.class_names)
+    if not all(0 <= label < model.num_classes for label in inputs.labels):
+        raise DatasetError(f"the atlas inputs: labels outside the checkpoint's {model.num_classes} classes")
     device = device or next(model.parameters()).device
     classes = list(range(model.num_classes)) if classes is None else [model.class_index(c, "classes") for c in classes]
     if top < 1:
