@@ -183,7 +183,7 @@ class _Unreadable(torch.utils.data.Dataset):
             try:
                 raise OSError("Truncated File Read")
             except OSError as exc:  # a chained cause, as the image reader raises it
-                raise ImageLoadError("birds/b.jpg: corrupt or truncated image (Truncated File Read)") from exc
+                raise ImageLoadError("birds/b.jpg: corrupt or truncated image: Truncated File Read") from exc
         return torch.zeros(1)
 
 
@@ -193,7 +193,7 @@ def test_first_line_of_an_error_from_a_dataloader_worker_is_the_original_reason(
         list(DataLoader(_Unreadable(), batch_size=1, num_workers=workers))
     # torch re-raises a worker's error as "Caught ImageLoadError in DataLoader worker process 0." + traceback
     assert str(caught.value).startswith("Caught ImageLoadError") == (workers > 0)
-    assert first_line(caught.value) == "birds/b.jpg: corrupt or truncated image (Truncated File Read)"
+    assert first_line(caught.value) == "birds/b.jpg: corrupt or truncated image: Truncated File Read"
     assert first_line(RuntimeError("Caught nothing in x.\nOriginal Traceback (most recent call last):\n")) == "Caught nothing in x."
 
 
@@ -206,7 +206,7 @@ def test_train_names_a_corrupt_image_read_in_a_worker(tmp_path, capsys):
     argv = ["--data", str(tmp_path / "d"), "--out", str(out), "--backbone", "resnet18", "--xi", "2", "--img-size", "32",
             "--epochs", "1", "--batch-size", "2", "--workers", "1", "--device", "cpu"]  # fmt: skip
     assert train_cli.main(argv) == 2
-    assert _err(capsys) == f"mcloss train: error: {bad}: corrupt or truncated image (Truncated File Read)"
+    assert _err(capsys) == f"mcloss train: error: {bad}: corrupt or truncated image: Truncated File Read"
     assert not out.exists()
 
 

@@ -98,7 +98,7 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
             f"{label}: image too large ({size}limit {max_pixels / 1e6:.0f} MP), refused as a possible decompression bomb"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"{label}: corrupt or truncated image ({first_line(exc, 160)})") from None
+        raise ImageLoadError(f"{label}: corrupt or truncated image: {first_line(exc, 160)}") from None
 
 
 _TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "floating-point", 4: "undefined"}
