@@ -380,7 +380,9 @@ def prediction_panel(expl: Explanation, class_names: list[str], base, title: str
         text = bars.mark_text(align="left", dx=3, fontSize=11).encode(
             text=alt.Text("probability:Q", format=".2f"), color=alt.value("#333")
         )
-        st.altair_chart((bars + text).properties(height=46 * len(order)), width="stretch")
+        # a step per bar (the heads are offsets within a class): Vega-Lite sizes a band scale by its step, and a fixed
+        # height here left 10 px per bar, under the 11 px labels
+        st.altair_chart((bars + text).properties(height=alt.Step(15)), width="stretch")
 
 
 def defining_view(
@@ -697,7 +699,7 @@ def why_view(inputs: Inputs, expl: Explanation, style: render.Style, options: di
     pictures, words = _tell_apart_parts(inputs, ex, ga, gb, options)
     maps = [kinds.get(k).tiles(inputs.base, ex, ga, style)[0] for k in ("gradcam", "finer", "contrast")]
     notes = (view.GRADCAM_NOTE, view.FINER_NOTE, view.CONTRAST_NOTE)
-    cols = st.columns(5 if pictures else [1, 1, 1, 2], gap="small")
+    cols = st.columns(len(maps) + len(pictures) if pictures else [1, 1, 1, 2], gap="small")
     for col, tile, note in zip(cols, maps, notes, strict=False):
         col.image(render.pad_to_aspect(tile.image), caption=tile.caption, width="stretch", alt=tile.alt)
         col.caption(note)

@@ -648,6 +648,23 @@ def test_keypoint_dots_sit_on_the_pixel_containing_the_point():
         assert (round(xs.mean()), round(ys.mean())) == (int(3.2 * factor), int(5.9 * factor))
 
 
+def test_keypoint_names_stay_whole_inside_the_image():
+    """A name beside a dot at the image's edge moves to the dot's other side instead of being cut."""
+    img = np.full((200, 200, 3), 235, np.uint8)
+
+    def ink(x: float, y: float) -> int:
+        """Dark pixels of the name beside a dot at (x, y): everything dark outside the dot."""
+        out = render.draw_keypoints(img, np.array([[x, y]]), np.array([True]), ["legs"], min_side=200)
+        dark = (out < 128).all(-1)
+        yy, xx = np.mgrid[:200, :200]
+        return int((dark & (np.hypot(xx - int(x), yy - int(y)) > 7)).sum())  # the dot: radius 4, ring 2
+
+    whole = ink(60.5, 100.5)
+    assert whole > 50
+    for x, y in ((196.5, 100.5), (100.5, 2.5), (195.5, 197.5)):  # right edge, top edge, bottom-right corner
+        assert ink(x, y) == whole, (x, y)
+
+
 @pytest.fixture
 def shown(monkeypatch) -> list[np.ndarray]:
     """Every image the app passes to ``st.image``, as an array, in order."""

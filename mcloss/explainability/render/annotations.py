@@ -29,7 +29,9 @@ def draw_keypoints(
 
     Images shorter than ``min_side`` are first enlarged by an integer factor (bicubic) so the labels stay
     legible; ``keypoints_xy`` are in the pixels of ``image`` (pixel i covers [i, i+1)); each dot is drawn
-    on the pixel containing its point, as :func:`mcloss.explainability.render.draw_peaks` does.
+    on the pixel containing its point, as :func:`mcloss.explainability.render.draw_peaks` does. A name goes
+    beside its dot (right, left, above or below) where it stays inside the image and covers the fewest other
+    dots and names.
     """
     out = np.ascontiguousarray(image)
     factor = max(1, int(np.ceil(min_side / max(1, min(out.shape[:2])))))
@@ -40,15 +42,18 @@ def draw_keypoints(
     r = max(4, min(out.shape[:2]) // 100)
     scale = max(0.45, min(out.shape[:2]) / 800.0)
     pts = np.asarray(keypoints_xy, dtype=np.float64).reshape(-1, 2) * factor
-    for (x, y), vis, name in zip(pts, visible, names, strict=True):
-        if not vis:
-            continue
-        p = (int(np.floor(x)), int(np.floor(y)))
-        cv2.circle(out, p, r + 2, (255, 255, 255), -1, cv2.LINE_AA)
-        cv2.circle(out, p, r, (20, 20, 20), -1, cv2.LINE_AA)
-        org = (p[0] + r + 5, p[1] + r // 2 + 4)
-        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 5, cv2.LINE_AA)
-        cv2.putText(out, name, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
+    shown = [
+        ((int(np.floor(x)), int(np.floor(y))), name) for (x, y), vis, name in zip(pts, visible, names, strict=True) if vis
+    ]
+    busy = np.zeros(out.shape[:2], bool)  # the dots, then each name placed: later names keep off them
+    for (x, y), _ in shown:
+        cv2.circle(out, (x, y), r + 2, (255, 255, 255), -1, cv2.LINE_AA)
+        cv2.circle(out, (x, y), r, (20, 20, 20), -1, cv2.LINE_AA)
+        busy[max(0, y - r - 2) : y + r + 3, max(0, x - r - 2) : x + r + 3] = True
+    nothing = np.zeros_like(busy)
+    for (x, y), name in shown:
+        if name:
+            halo_label(out, name, (x - r - 2, y - r - 2, x + r + 3, y + r + 3), busy, nothing, scale, 3)
     return out
 
 
