@@ -283,6 +283,7 @@ def sidebar_controls() -> tuple[render.Style, dict]:
         "Scale", ["per map", "shared group"], default="per map", key="scale", required=True,
         help="shared group: one maximum for the class's channels, so their strengths compare",
     )
+    scale_bar = st.sidebar.container()  # the colour scale under the scale it reads, drawn once the maps are chosen
     upsampling = st.sidebar.segmented_control(
         "Upsampling", ["bilinear", "nearest"], default="bilinear", key="upsampling", required=True,
         help="nearest shows the raw feature cells",
@@ -300,6 +301,7 @@ def sidebar_controls() -> tuple[render.Style, dict]:
             "Part hit radius (× image size)", 0.01, 1.0, DEFAULT_HIT_RADIUS, 0.01, key="radius",
             help="a channel peak hits a ground-truth part within this fraction of max(width, height)",
         )
+    scale_bar.markdown(view.colour_scales(colormap, scale == "shared group", maps), unsafe_allow_html=True)
     style = view.style_for(colormap, float(alpha), scale == "shared group", bool(peaks), upsampling == "nearest")
     return style, {"maps": maps, "method": method, "radius": float(radius)}
 

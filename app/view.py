@@ -590,6 +590,36 @@ def channel_parts(
 # --------------------------------------------------------------------------------------------- tiles
 
 
+def _gradient_css(colormap: str, stops: int = 17) -> str:
+    """A CSS linear gradient through ``stops`` entries of the colormap's lookup table, left to right as the
+    overlays map the bottom of their scale (0, or -s if signed) to its top."""
+    lut = render.colormap_lut(colormap)
+    at = np.linspace(0, 255, stops).round().astype(int)
+    colours = ", ".join(f"rgb({r},{g},{b}) {100 * i / 255:.1f}%" for i, (r, g, b) in zip(at, lut[at].tolist(), strict=True))
+    return f"linear-gradient(to right, {colours})"
+
+
+def colour_scales(colormap: str, shared_scale: bool, maps: Sequence[str]) -> str:
+    """HTML for the sidebar: a bar of the colormap with what its ends mean under the display controls, and
+    the diverging bar when a signed map (Guided Grad-CAM) is shown."""
+    reach = (
+        "the channel group's maximum for a class's channels, CCMP and parts; every other map to its own maximum"
+        if shared_scale
+        else "each map's own maximum"
+    )
+    bars = [(_gradient_css(colormap), f"Colour scale: 0 (left) to {reach} (right)")]
+    signed = [k.label for k in map(kinds.get, maps) if k.signed]
+    if signed:
+        scale = f"the {render.SIGNED_CLIP_PERCENTILE:g}th percentile of |map|"
+        bars.append((_gradient_css(render.DIVERGING), f"{' and '.join(signed)}: \u2212s through 0 to +s, s {scale}"))
+    return "".join(
+        f"<div role='img' aria-label='{html.escape(words, quote=True)}' style='height:10px;"
+        f"border-radius:2px;background:{css}'></div><div style='color:#888;font-size:0.8em;margin:2px 0 8px'>"
+        f"{html.escape(words)}</div>"
+        for css, words in bars
+    )
+
+
 def style_for(colormap: str, alpha: float, shared_scale: bool, peaks: bool, nearest: bool) -> render.Style:
     """The display controls as a :class:`mcloss.explainability.render.Style` (montage tiles of
     :data:`TILE_HEIGHT` rows)."""

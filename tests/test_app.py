@@ -261,6 +261,34 @@ def test_extra_maps_per_channel_and_guided_gradcam(env, explain_calls):
     assert len(explain_calls) == n + 2 and len(captions(at)) == 11
 
 
+def test_sidebar_colour_scale_follows_the_colormap_scale_and_signed_maps(env):
+    at = run_app()
+    assert_clean(at)
+
+    def bars() -> list[tuple[list[tuple[int, ...]], str]]:
+        """Each colour bar in the sidebar: its gradient's colours and its caption."""
+        found = []
+        for m in at.sidebar.markdown:
+            for css, words in re.findall(r"background:linear-gradient\((.*?)\)'></div><div[^>]*>([^<]*)<", m.value):
+                found.append(([tuple(map(int, c)) for c in re.findall(r"rgb\((\d+),(\d+),(\d+)\)", css)], html.unescape(words)))
+        return found
+
+    (colours, words), = bars()
+    lut = render.colormap_lut("inferno")
+    assert colours[0] == tuple(lut[0]) and colours[-1] == tuple(lut[255]) and len(colours) == 17
+    assert words == "Colour scale: 0 (left) to each map's own maximum (right)"
+    at.selectbox(key="colormap").set_value("viridis").run()
+    at.session_state["scale"] = "shared group"
+    at.session_state["map_guided"] = True
+    at.run()
+    assert_clean(at)
+    (colours, words), (signed, signed_words) = bars()
+    assert colours[-1] == tuple(render.colormap_lut("viridis")[255]) and "the channel group's maximum" in words
+    diverging = render.colormap_lut(render.DIVERGING)
+    assert signed[0] == tuple(diverging[0]) and signed[8] == tuple(diverging[128]) and signed[-1] == tuple(diverging[255])
+    assert signed_words == "Guided Grad-CAM: \u2212s through 0 to +s, s the 99.5th percentile of |map|"
+
+
 BROKEN = {
     "empty.png": (b"", "empty file"),
     "notes.png": (b"this is a text file, not a picture\n", "not a recognized image format"),
