@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transcribed as T
+from PIL import Image
 from safetensors import safe_open
 
 from mcloss.cli import main as cli
@@ -48,6 +49,9 @@ CASES = [
      [3] * 20, ([224, 224], None, 0.5)),
     ("official-resnet18", lambda: T.OfficialResNet("resnet18", 20, 3), 224, None, "official-resnet", "resnet18",
      [3] * 20, ([224, 224], None, 0.5)),
+    # ξ·C = 512, ResNet-18's own width: the script still rebuilds layer4 at stride 1 (F 14 × 14 at 224 px)
+    ("official-resnet18-512", lambda: T.OfficialResNet("resnet18", 128, 4), 224, None, "official-resnet", "resnet18",
+     [4] * 128, ([224, 224], None, 0.5)),
     ("official-resnet50", lambda: T.OfficialResNet("resnet50", 200), 448, None, "official-resnet", "resnet50",
      [10] * 152 + [11] * 48, ([600, 600], [448, 448], 0.5)),
     ("fgvclib-vgg16", lambda: T.FGVCLibMCL(20, 3), 224, None, "fgvclib-vgg16", "vgg16", [3] * 20,
@@ -220,6 +224,22 @@ def test_class_names_from_a_file_an_imagefolder_root_and_a_cub_root(tmp_path):
     T.OfficialResNet("resnet18", 4, 3).save(tmp_path / "w.pth")
     with pytest.raises(SourceError, match="the weights have 4 classes but 3 class names were given"):
         import_model(tmp_path / "w.pth", classes=read_class_list(root))
+    # the API reads a path as the CLI does, rather than taking a string's characters for names
+    (root / "011.Finch").mkdir()
+    assert import_model(tmp_path / "w.pth", classes=str(root)).class_names == ["Albatross", "Crow", "Wren", "Finch"]
+
+
+def test_class_names_files_as_editors_and_cub_write_them(tmp_path):
+    """A byte-order mark (Notepad, Excel) is not part of the first name; CUB's classes.txt given as a file reads as
+    its root does; numbered lines that are not an in-order index stay whole."""
+    (tmp_path / "bom.txt").write_bytes("alpha\nbeta\n".encode("utf-8-sig"))
+    assert read_class_list(tmp_path / "bom.txt") == ["alpha", "beta"]
+    (tmp_path / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 002.Laysan_Albatross\n3 003.Sooty_Albatross\n")
+    assert read_class_list(tmp_path / "classes.txt") == ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]
+    (tmp_path / "zero.txt").write_text("0 cat\n1 dog\n")
+    assert read_class_list(tmp_path / "zero.txt") == ["cat", "dog"]
+    (tmp_path / "cars.txt").write_text("2012 Tesla Model S\n2007 Chevrolet Malibu\n")  # years, not an index
+    assert read_class_list(tmp_path / "cars.txt") == ["2012 Tesla Model S", "2007 Chevrolet Malibu"]
 
 
 def test_kurumi_setting_is_read_and_checked(tmp_path):
@@ -291,6 +311,27 @@ def test_cli_import_writes_a_checkpoint_and_says_what_it_read(tmp_path, capsys):
     assert "not a fgvclib layout" in capsys.readouterr().err
     assert cli([*argv[:3], str(tmp_path / "x.pth"), *argv[4:]]) == 2
     assert "--out must be a .safetensors file" in capsys.readouterr().err
+
+
+def test_names_from_an_imagefolder_root_serve_eval_and_target_on_that_tree(tmp_path, capsys):
+    """The official scripts' workflow: class names from the ImageFolder tree the model was trained on
+    (``001.``-prefixed folders), then eval on that tree and a class named by its folder."""
+    root = tmp_path / "birds"
+    folders = ["001.Albatross", "002.Crow", "003.Wren", "004.Finch"]
+    for split in ("train", "test"):
+        for i, folder in enumerate(folders):
+            (root / split / folder).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (60 * i, 90, 200 - 40 * i)).save(root / split / folder / "a.png")
+    T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=7).save(tmp_path / "mc.pth")
+    out = tmp_path / "mc.safetensors"
+    assert cli(["import", str(tmp_path / "mc.pth"), "--out", str(out), "--classes", str(root / "train")]) == 0
+    assert load_checkpoint(out).class_names == ["Albatross", "Crow", "Wren", "Finch"]
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(out), "--data", str(root), "--no-progress", "--workers", "0"]) == 0, capsys.readouterr().err
+    assert cli(["export", "--checkpoint", str(out), "--input", str(root / "test" / "003.Wren" / "a.png"), "--out",
+                str(tmp_path / "exp"), "--target", "003.Wren", "--no-montage", "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    record = json.loads(next((tmp_path / "exp").rglob("a.png.json")).read_text())
+    assert record["target"]["name"] == "Wren"
 
 
 def test_an_imported_model_runs_every_command(tmp_path, capsys):

@@ -33,6 +33,7 @@ def test_interface(tiny):
     with pytest.raises(KeyError) as unknown:  # an UnknownClassError: a KeyError whose text is the message
         tiny.class_index("zebra")
     assert isinstance(unknown.value, UnknownClassError) and str(unknown.value) == "unknown class 'zebra'"
+    assert tiny.class_index("004.d") == 3  # an ImageFolder tree's name for the class a checkpoint calls 'd'
     with pytest.raises(IndexError) as outside:
         tiny.group_slice(4)
     assert isinstance(outside.value, OutOfRangeError)

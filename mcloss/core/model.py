@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ __all__ = [
     "vgg16_conv_index",
     "build_model",
     "check_class_names",
+    "clean_class_name",
+    "same_class_names",
     "load_backbone_weights",
     "model_guard",
     "ModelConfig",
@@ -147,6 +150,18 @@ class FCHead(Head):
 #: Characters a class name may not hold: C0/C1 controls, and the bidirectional overrides and isolates that make
 #: text display in another order than it reads.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def clean_class_name(name: str) -> str:
+    """``001.Black_footed_Albatross`` → ``Black_footed_Albatross``: CUB's and many ImageFolder trees' numeric
+    prefix dropped (names without one stay, stripped)."""
+    return re.sub(r"^\d+\.", "", name.strip())
+
+
+def same_class_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists name the same classes in the same order, a numeric ``001.`` prefix aside (an
+    ImageFolder tree keeps it in its folder names; mcloss's CUB reader and ``mcloss import`` drop it)."""
+    return len(a) == len(b) and all(x == y or clean_class_name(x) == clean_class_name(y) for x, y in zip(a, b, strict=True))
 
 
 def check_class_names(names: Sequence[str]) -> list[str]:
@@ -284,6 +299,9 @@ class MCModel(nn.Module):
                 return self.class_names.index(cls)
             if cls.strip().lstrip("-").isdigit():
                 return self.class_index(int(cls))
+            bare = [i for i, name in enumerate(self.class_names) if clean_class_name(name) == clean_class_name(cls)]
+            if len(bare) == 1:  # "001.Black_footed_Albatross" for "Black_footed_Albatross", or the other way
+                return bare[0]
             raise UnknownClassError(f"unknown class {cls!r}")
         except (UnknownClassError, OutOfRangeError) as exc:
             if parameter is None:

@@ -10,7 +10,6 @@ by ``mcloss synth``).
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mcloss.core.errors import DatasetError, ParameterError, first_line
+from mcloss.core.model import clean_class_name
 from mcloss.data.io import MAX_IMAGE_PIXELS, load_image
 
 __all__ = [
@@ -47,11 +47,6 @@ PART_MASKS_DIR = "part_masks"
 
 #: The files that make a directory a CUB_200_2011-layout dataset (parts and boxes are optional).
 CUB_FILES: tuple[str, ...] = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
-
-
-def clean_class_name(name: str) -> str:
-    """``001.Black_footed_Albatross`` → ``Black_footed_Albatross`` (names without a numeric prefix stay)."""
-    return re.sub(r"^\d+\.", "", name.strip())
 
 
 def is_cub_layout(root: str | os.PathLike) -> bool:

@@ -14,6 +14,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tv_datasets
 
 from mcloss.core.errors import DatasetError
+from mcloss.core.model import same_class_names
 from mcloss.data.cub import CUB_FILES, CUBDataset, find_cub_root
 from mcloss.data.io import load_image
 
@@ -48,11 +49,11 @@ _TORCHVISION_CLASSES: dict[str, tuple[str, str]] = {
 def class_mismatch(data_names: Sequence[str], model_names: Sequence[str]) -> str | None:
     """Why a dataset's classes do not match a checkpoint's (None when they match, in order)."""
     data_names, model_names = list(data_names), list(model_names)
-    if data_names == model_names:
+    if same_class_names(data_names, model_names):
         return None
     diff = next(
         (f" (class {i} is {x!r} in the data but {y!r} in the checkpoint)"
-         for i, (x, y) in enumerate(zip(data_names, model_names, strict=False)) if x != y),
+         for i, (x, y) in enumerate(zip(data_names, model_names, strict=False)) if not same_class_names([x], [y])),
         "",
     )
     if len(data_names) == len(model_names):

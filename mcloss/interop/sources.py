@@ -196,6 +196,9 @@ class Plan:
         pool_kernel: the fixed max-pool kernel before the source's head (2 for the VGG heads' 2 × 2 pool, 14 for
             the official ResNets' MaxPool2d(14)); mcloss's adaptive pool reads the same cells only when F is
             exactly kernel × grid. None: the source pools adaptively or globally (any size).
+        own_layer4: a ResNet trunk as wide as the backbone's own is the backbone's own layer4 (stride 2), its
+            channels split over the classes. False for the official ResNet-18 script, which rebuilds layer4 at
+            ξ·C planes and stride 1 whatever ξ·C is (the weights cannot tell the stride).
     """
 
     backbone: str
@@ -206,6 +209,7 @@ class Plan:
     head_pool: str = "max"
     head_act: str = "elu"
     pool_kernel: int | None = 2
+    own_layer4: bool = True
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,7 @@ def _official_resnet(src: SourceWeights, arch: str | None) -> Plan:
     bottleneck = name not in ("resnet18", "resnet34")
     # the official ResNet-50 script: Resize((600, 600)) + CenterCrop(448); ResNet-18 from scratch: 224 × 224
     preset = "official-crop" if bottleneck else "official"
-    return Plan(name, rules, preset=preset, default_size=448 if bottleneck else 224, pool_kernel=14)
+    return Plan(name, rules, preset=preset, default_size=448 if bottleneck else 224, pool_kernel=14, own_layer4=bottleneck)
 
 
 def _fgvclib_vgg(src: SourceWeights, arch: str | None) -> Plan:
@@ -502,7 +506,7 @@ def _kurumi_setting(src: SourceWeights, setting: str | os.PathLike | None) -> di
 def import_model(
     source: str | os.PathLike,
     *,
-    classes: Sequence[str] | None = None,
+    classes: Sequence[str] | str | os.PathLike | None = None,
     layout: str = "auto",
     arch: str | None = None,
     img_size: int | None = None,
@@ -513,7 +517,8 @@ def import_model(
 
     Args:
         source: the file (``.pth``, ``.pt``, ``.bin`` or ``.safetensors``).
-        classes: class names in the source's class order (default ``class_000``, …).
+        classes: class names in the source's class order (default ``class_000``, …), or where to read them
+            (:func:`read_class_list`: a names file, a CUB root or an ImageFolder root).
         layout: ``auto`` or a source (:data:`SOURCES`); ``auto`` recognises the layout from the keys.
         arch: the backbone, checked against the weights (``resnet50``, ``vgg16_bn``, …).
         img_size: the input side (default: the one the source's scripts evaluate at).
@@ -558,7 +563,7 @@ def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) -> tu
     of ξ = K / C, or K split over C as the official ResNet-50 splits its 2048 (torchvision CE models too)."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise SourceError(f"{label}: {num_classes} classes, outside the 1..{MAX_CLASSES} mcloss takes")
-    native = plan.backbone.startswith("resnet") and k == _native_width(plan.backbone)
+    native = plan.backbone.startswith("resnet") and plan.own_layer4 and k == _native_width(plan.backbone)
     if lay.source == "torchvision" or native:
         if k < num_classes:
             raise SourceError(f"{label}: {k} channels cannot give each of {num_classes} classes a group")
@@ -585,10 +590,10 @@ def _native_width(backbone: str) -> int:
     return 512 if backbone in ("resnet18", "resnet34") else 2048
 
 
-def _class_names(classes: Sequence[str] | None, num_classes: int, label: str) -> list[str] | None:
+def _class_names(classes: Sequence[str] | str | os.PathLike | None, num_classes: int, label: str) -> list[str] | None:
     if classes is None:
         return None
-    names = list(classes)
+    names = read_class_list(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
     if len(names) != num_classes:
         raise SourceError(f"{label}: the weights have {num_classes} classes but {len(names)} class names were given")
     return names
@@ -699,16 +704,24 @@ def read_class_list(spec: str | os.PathLike) -> list[str]:
 
 
 def parse_class_names(data: bytes, label: str) -> list[str]:
-    """Class names from the bytes of a text file, one per line (blank lines skipped).
+    """Class names from the bytes of a text file, one per line (blank lines skipped; a byte-order mark, as
+    Notepad and Excel write, dropped). A file of ``<id> <name>`` lines numbered 1, 2, … (or 0, 1, …) in order,
+    as CUB's ``classes.txt``, gives the names, their ``001.`` prefix dropped as the CUB reader drops it.
 
     Raises:
         SourceError: not UTF-8, no names, or a name twice; the message names ``label``.
     """
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise SourceError(f"{label}: not a UTF-8 text file of class names") from None
-    return _checked_names([line.strip() for line in text.splitlines() if line.strip()], label)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    rows = [line.split(maxsplit=1) for line in lines]
+    if all(len(row) == 2 and row[0].isdigit() for row in rows) and rows:
+        ids = [int(row[0]) for row in rows]
+        if ids in (list(range(1, len(ids) + 1)), list(range(len(ids)))):
+            lines = [clean_class_name(name) for _, name in rows]
+    return _checked_names(lines, label)
 
 
 def _checked_names(names: list[str], label: str) -> list[str]:
