@@ -2,6 +2,7 @@
 
 import io
 import re
+import warnings
 import zlib
 
 import cv2
@@ -144,3 +145,23 @@ def test_png_is_lossless_with_either_deflate(shape):
     for bad in (np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4), np.uint16), np.zeros((0, 5, 3), np.uint8)):
         with pytest.raises(ValueError, match="uint8 image"):
             encode_png(bad)
+
+
+def test_a_montage_longer_than_webp_holds_is_scaled_to_fit():
+    """WebP holds at most 16383 px a side: a wider montage is scaled down, not an export that stops."""
+    img = np.zeros((40, 20000, 3), np.uint8)
+    img[:, ::2] = (255, 128, 0)  # stripes average to half: an area filter, not a pick of every other column
+    back = np.asarray(Image.open(io.BytesIO(encode_image(img, "webp", quality=100))).convert("RGB"))
+    assert back.shape == (33, 16383, 3)
+    assert abs(float(back[..., 0].mean()) - 127.5) < 6
+    assert Image.open(io.BytesIO(encode_image(img, "jpg"))).size == (20000, 40)  # JPEG holds it as is
+
+
+def test_an_image_within_the_limit_loads_without_pillows_bomb_warning(tmp_path):
+    """Pillow warns from 89.5 MP; an export takes up to MAX_IMAGE_PIXELS, so stderr stays free of its warning."""
+    path = tmp_path / "wide.png"
+    Image.new("1", (9500, 9500)).save(path)  # 90.25 MP, a few KB on disk
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_image(path, max_pixels=100_000_000).size == (9500, 9500)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

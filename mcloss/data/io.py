@@ -7,6 +7,7 @@ import io
 import os
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,16 +72,18 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
     try:
         if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
             raise ImageLoadError(f"{label}: empty file")
-        with Image.open(source) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageLoadError(
-                    f"{label}: image too large ({width}×{height} = {_megapixels(width * height, max_pixels)} MP, "
-                    f"limit {max_pixels / 1e6:.0f} MP)"
-                )
-            img.seek(0)
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+        with warnings.catch_warnings():  # Pillow warns above 89 MP (on open, and on seeking a frame): the limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # here is max_pixels, checked below
+            with Image.open(source) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(
+                        f"{label}: image too large ({width}×{height} = {_megapixels(width * height, max_pixels)} MP, "
+                        f"limit {max_pixels / 1e6:.0f} MP)"
+                    )
+                img.seek(0)
+                img.load()
+                return _to_rgb(ImageOps.exif_transpose(img))
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -181,6 +184,7 @@ class ImageFormat:
         lossy: whether ``quality`` applies.
         encode: (image, quality, full_chroma) → bytes; image RGB [H, W, 3] or grayscale [H, W] uint8,
             C-contiguous; ``full_chroma`` asks a format that subsamples colour not to.
+        max_side: the longest side the format can hold (WebP 16383, JPEG 65535), or None.
     """
 
     name: str
@@ -188,6 +192,7 @@ class ImageFormat:
     mime: str
     lossy: bool
     encode: Callable[[np.ndarray, int, bool], bytes]
+    max_side: int | None = None
 
 
 #: The default quality of the lossy formats: a JPEG montage at 92 (4:4:4) stays above 38 dB PSNR of its PNG (39.3 dB
@@ -218,8 +223,8 @@ def _webp(img: np.ndarray, quality: int, full_chroma: bool) -> bytes:
 #: The formats of :func:`encode_image`, by name (``jpeg`` is ``jpg``).
 IMAGE_FORMATS: dict[str, ImageFormat] = {
     "png": ImageFormat("png", ".png", "image/png", False, lambda img, _q, _c: encode_png(img)),
-    "jpg": ImageFormat("jpg", ".jpg", "image/jpeg", True, _jpeg),
-    "webp": ImageFormat("webp", ".webp", "image/webp", True, _webp),
+    "jpg": ImageFormat("jpg", ".jpg", "image/jpeg", True, _jpeg, 65535),
+    "webp": ImageFormat("webp", ".webp", "image/webp", True, _webp, 16383),
 }
 
 
@@ -244,9 +249,17 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", *, quality: int = DEFAULT_QU
         fmt: ``"png"`` (lossless, :func:`encode_png`), ``"jpg"`` (or ``"jpeg"``) or ``"webp"``.
         quality: the lossy formats' quality, 1..100.
         full_chroma: JPEG without chroma subsampling (4:4:4), as montages are written.
+
+    An image longer than the format can hold (``ImageFormat.max_side``: a wide montage in WebP) is first
+    scaled down (area filter) to fit it.
     """
     img = _checked_image(rgb)
-    return check_encoding(fmt, quality).encode(img, quality, full_chroma)
+    form = check_encoding(fmt, quality)
+    if form.max_side is not None and max(img.shape[:2]) > form.max_side:
+        scale = form.max_side / max(img.shape[:2])
+        size = (min(form.max_side, max(1, round(img.shape[1] * scale))), min(form.max_side, max(1, round(img.shape[0] * scale))))
+        img = np.ascontiguousarray(cv2.resize(img, size, interpolation=cv2.INTER_AREA))
+    return form.encode(img, quality, full_chroma)
 
 
 def encode_jpeg_tensor(rgb: torch.Tensor, quality: int = DEFAULT_QUALITY) -> bytes:
@@ -258,7 +271,7 @@ def encode_jpeg_tensor(rgb: torch.Tensor, quality: int = DEFAULT_QUALITY) -> byt
     check_encoding("jpg", quality)
     if rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.numel() == 0:
         raise ParameterError(f"expected an RGB uint8 tensor [H, W, 3], got {rgb.dtype} {tuple(rgb.shape)}")
-    if rgb.device.type != "cuda":
+    if rgb.device.type != "cuda" or max(rgb.shape[:2]) > IMAGE_FORMATS["jpg"].max_side:
         return encode_image(rgb.cpu().numpy(), "jpg", quality=quality, full_chroma=True)
     from torchvision.io import encode_jpeg
 
