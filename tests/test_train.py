@@ -76,7 +76,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------- end to end
 
 
-def test_end_to_end_synth_train_resume_eval(tmp_path, capsys):
+def test_end_to_end_synth_train_resume_eval(tmp_path, capsys, monkeypatch):
     data, out, report = tmp_path / "birds", tmp_path / "run", tmp_path / "eval.json"
     assert cli_main(["synth", "--out", str(data), "--classes", "3", "--per-class", "6", "--size", "32", "--seed", "0"]) == 0
     assert cli_main(["train", "--data", str(data), "--epochs", "2", "--out", str(out), *TINY_ARGS]) == 0
@@ -119,11 +119,12 @@ def test_end_to_end_synth_train_resume_eval(tmp_path, capsys):
     assert best_card["epoch"] == first_best["epoch"]
 
     capsys.readouterr()
-    assert cli_main(["eval", "--checkpoint", str(out / "last.safetensors"), "--data", str(data), "--device", "cpu",
-                     "--workers", "0", "--json", str(report)]) == 0  # fmt: skip
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(out / "last.safetensors"))  # eval's default, as export's
+    assert cli_main(["eval", "--data", str(data), "--device", "cpu", "--workers", "0", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "FC" in printed and "MC" in printed and "top-1" in printed
     result = json.loads(report.read_text())
+    assert result["checkpoint"] == str((out / "last.safetensors").resolve())
     assert result["n"] == CLASSES * PER_CLASS // 2 and result["topk"] == 3
     # The run's own test metrics of the last epoch are reproduced exactly by a separate evaluation.
     assert result["fc"]["top1"] == pytest.approx(rows[2]["test_acc_fc"], abs=1e-8)

@@ -32,7 +32,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcloss eval", description="Top-1/top-5 of both heads (FC and MC) on a test split.")
-    add_checkpoint(p, required=True)
+    add_checkpoint(p)
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--dataset", default="auto", choices=list(DATASET_KINDS), help="dataset layout")
     p.add_argument("--download", action="store_true", help="download torchvision datasets that support it")
@@ -62,11 +62,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
         raise ParameterError("batch_size must be >= 1 and workers >= 0", parameter=("batch_size", "workers"))
     device = resolve_device(args.device)
-    model = load_checkpoint(checkpoint_path(args.checkpoint), device)
+    checkpoint = checkpoint_path(args.checkpoint)
+    model = load_checkpoint(checkpoint, device)
     if args.ood and model.domain is None:
-        raise ParameterError(
-            f"--ood: {args.checkpoint} has no domain check (domain check unavailable); add one with mcloss domain"
-        )
+        raise ParameterError(f"--ood: {checkpoint} has no domain check (domain check unavailable); add one with mcloss domain")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     _, test_ds = model_splits(model, args.data, args.dataset, download=args.download)
@@ -83,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
             result = evaluate(model, loader, device, amp=not args.no_amp, progress=progress)
     except MclossError as exc:  # an empty split, an unreadable image
         raise DatasetError(f"{args.data}: {exc}") from exc
-    print(format_report(result, args.checkpoint, model.num_classes))
+    print(format_report(result, str(checkpoint), model.num_classes))
     ood = None
     if ood_files is not None:
         from mcloss.cli.domain import ood_report
@@ -93,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
         ood = ood_report("eval", model, inside, ood_files, args.ood, "the test split")
     if args.json:
         payload = {
-            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "checkpoint": str(checkpoint.resolve()),
             "data": str(Path(args.data).resolve()),
             "dataset": args.dataset,
             "num_classes": model.num_classes,
