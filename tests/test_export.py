@@ -567,3 +567,40 @@ def test_explanation_save_writes_what_the_export_writes(tmp_path):
         torch.set_num_threads(before)
     for name in ("x.png.png", "x.png.r2.png", "x.png.npz", "x.png.json"):
         assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+def test_a_rerun_redoes_what_changed_on_disk_and_not_how_the_path_was_typed(tmp_path, checkpoint, capsys, monkeypatch):
+    """A re-run skips an image only while its json, its files and its input are as the earlier run left them:
+    a deleted montage or npz, or an input replaced by another picture, re-does that image and says why; the
+    same folder typed as an absolute path, or from another directory, is still the same input."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        _rgb(50 + i, 40, i).save(src / f"i{i}.png")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    args = ["--checkpoint", str(checkpoint), "--input", "in", "--out", str(out), "--workers", "0", "--no-progress",
+            "--tile-height", "32"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args[:3], str(src), *args[4:]]) == 0  # the same folder, typed as an absolute path
+    assert "0 exported, 4 already done" in capsys.readouterr().err
+    monkeypatch.chdir(src)
+    assert main([*args[:3], ".", *args[4:]]) == 0  # and from inside it
+    assert "0 exported, 4 already done" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+
+    (out / "in" / "i0.png.png").unlink()
+    (out / "in" / "i1.png.npz").unlink()
+    before = (out / "in" / "i2.png.json").read_text()
+    _rgb(90, 20, 7).save(src / "i2.png")  # another picture under the same name
+    os.utime(src / "i2.png", ns=(1, 1))  # a modification time no earlier run saw, whatever the clock's resolution
+    assert main(args) == 0
+    assert "3 exported (3 re-done: 1 from a changed input, 2 with files missing), 1 already done" in capsys.readouterr().err
+    for i in range(4):
+        _check_image_outputs(out / "in" / f"i{i}.png", (90, 20) if i == 2 else (50 + i, 40))
+    after = json.loads((out / "in" / "i2.png.json").read_text())
+    assert after["image_size"] == [90, 20] and json.loads(before)["image_size"] == [52, 40]
+    assert after["input"] == {"path": os.path.realpath(src / "i2.png"), "size": (src / "i2.png").stat().st_size, "mtime_ns": 1}
+    index = (out / "index.csv").read_text()
+    assert index.count("\n") == 5  # the header and every image, the re-done ones included

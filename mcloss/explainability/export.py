@@ -79,7 +79,13 @@ from mcloss.explainability import kinds
 from mcloss.explainability.contrast import check_contrast
 from mcloss.explainability.defining import defining_summaries, has_defining_parts
 from mcloss.explainability.explanation import explain, parse_maps, view_maker
-from mcloss.explainability.outputs import Comparison, OutputOptions, stale_temps, write_explanation
+from mcloss.explainability.outputs import (
+    Comparison,
+    OutputOptions,
+    input_stamp,
+    stale_temps,
+    write_explanation,
+)
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
@@ -224,10 +230,11 @@ class ExportResult:
         out: the output directory.
         inputs: inputs of this shard.
         written: images exported by this run.
-        redone: of ``written``, images an earlier run had finished with other options.
-        skipped: images already finished by an earlier run with the same options.
+        redone: images an earlier run had finished that this run exported again (see ``redone_because``).
+        skipped: images already finished by an earlier run with the same options, from the same input.
         errors: (file, reason) of every rejected input.
         manifest: the manifest path.
+        redone_because: ``redone`` by reason (:data:`STALE_REASONS`).
     """
 
     out: Path
@@ -237,6 +244,7 @@ class ExportResult:
     skipped: int
     errors: list[tuple[str, str]]
     manifest: Path
+    redone_because: dict[str, int] = field(default_factory=dict)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -265,7 +273,9 @@ class ExportPlan:
         problems: (input, reason) of every input that gave no file (shard 0 reports them; others none).
         bases: each input's output stem, by its key.
         records: the json an earlier run finished each input with, by its key (None: none, or unreadable).
+        stamps: each input file's real path, size and modification time, by its key (None: unreadable).
         todo: the inputs to export: those without a current record (see :attr:`skipped`, :attr:`redone`).
+        why: why each of ``todo`` is exported, by its key (:data:`STALE_REASONS`, or ``"absent"``), as planned.
         output: how every image's files are written; its ``options`` are recorded in each json.
         titles: the two checkpoints' file names with ``config.compare``, else None.
         compare_sha256: the second checkpoint's sha256 with ``config.compare``, else None.
@@ -282,7 +292,9 @@ class ExportPlan:
     problems: list[tuple[str, str]]
     bases: dict[str, Path]
     records: dict[str, dict | None]
+    stamps: dict[str, dict | None]
     todo: list[InputFile]
+    why: dict[str, str]
     output: OutputOptions
     titles: tuple[str, str] | None = None
     compare_sha256: str | None = None
@@ -300,8 +312,19 @@ class ExportPlan:
 
     @property
     def redone(self) -> int:
-        """Images to export that an earlier run had finished with other options."""
+        """Images to export that an earlier run had finished (with other options, from another input, or with
+        files missing since)."""
         return sum(self.records[f.key] is not None for f in self.todo)
+
+    @property
+    def redone_because(self) -> dict[str, int]:
+        """:attr:`redone` by reason (:data:`STALE_REASONS`), in that order."""
+        found = list(self.why.values())
+        return {reason: found.count(reason) for reason in STALE_REASONS if reason in found}
+
+    def stale(self, f: InputFile, record: dict | None) -> str | None:
+        """Why ``record`` does not stand for ``f`` (:func:`_stale`); None when it does."""
+        return _stale(record, self.wanted, self.stamps[f.key], self.bases[f.key], f.source)
 
     @property
     def knows_defining(self) -> bool:
@@ -331,6 +354,8 @@ def plan_export(
     files = found.files[shard_i::shard_n]
     bases = {f.key: output_path(out, f.key) for f in files}
     records = {f.key: _record(bases[f.key]) for f in files}
+    stamps = {f.key: input_stamp(f.source) for f in files}
+    why = {f.key: reason for f in files if (reason := _stale(records[f.key], wanted, stamps[f.key], bases[f.key], f.source))}
     output = OutputOptions(
         style=config.style, topk=config.topk, options=wanted, clean_temps=False, montage=config.montage,
         montage_format=config.montage_format, quality=config.quality, device=str(next(model.parameters()).device),
@@ -338,7 +363,7 @@ def plan_export(
     return ExportPlan(
         config=config, out=out, sha256=sha256, maps=maps, contrast=contrast, target=target, files=files,
         problems=list(found.problems) if shard_i == 0 else [],  # reported once, by shard 0
-        bases=bases, records=records, todo=[f for f in files if not _current(records[f.key], wanted, f.source)],
+        bases=bases, records=records, stamps=stamps, todo=[f for f in files if f.key in why], why=why,
         output=output, titles=titles, compare_sha256=compare_sha, card=model.card,
     )  # fmt: skip
 
@@ -444,9 +469,27 @@ def _record(base: Path) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _current(record: dict | None, options: dict, source: str) -> bool:
-    """An earlier record still stands: the same options, and made from this very input."""
-    return record is not None and record.get("options") == options and record.get("file") == source
+#: Why an earlier run's record of an image no longer stands, in the order they are checked and reported.
+STALE_REASONS: tuple[str, ...] = ("made with other options", "from a changed input", "with files missing")
+
+
+def _stale(record: dict | None, options: dict, stamp: dict | None, base: Path, source: str) -> str | None:
+    """Why an earlier record does not stand (one of :data:`STALE_REASONS`, or ``"absent"``); None when it does:
+    the same options, the same input file (by its stamp; by the path as typed for records written before
+    stamps), and every file it lists still there."""
+    if record is None:
+        return "absent"
+    if record.get("options") != options:
+        return STALE_REASONS[0]
+    same_input = record.get("input") == stamp if "input" in record else record.get("file") == source
+    if stamp is None or not same_input:
+        return STALE_REASONS[1]
+    outputs = record.get("outputs")
+    if not isinstance(outputs, list) or not all(
+        isinstance(name, str) and name == Path(name).name and (base.parent / name).is_file() for name in outputs
+    ):
+        return STALE_REASONS[2]
+    return None
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -651,6 +694,7 @@ def _write_image(*, job: _Job, plan: ExportPlan) -> dict:
         output=plan.output,
         defining=defining_summaries(plan.card, job.explanation, annotations),
         compare=job.compare,
+        input_stamp=plan.stamps[job.file.key],
     )
 
 
@@ -663,12 +707,15 @@ def _rewrite(
     output: OutputOptions,
     defining: Sequence[DefiningSummary | None] | None = None,
     compare: Comparison | None = None,
+    input_stamp: dict | None = None,
 ) -> dict:
     """Write an image's outputs; an earlier run's record (``old``) is removed first (the image is unfinished
     until the new json lands) and its files that the new outputs do not replace afterwards."""
     if old is not None:
         _json_path(base).unlink(missing_ok=True)
-    record = write_explanation(exp, base, view=view, output=output, defining=defining, compare=compare)
+    record = write_explanation(
+        exp, base, view=view, output=output, defining=defining, compare=compare, input_stamp=input_stamp
+    )
     if old is not None:
         stale = set(old.get("outputs", [])) - set(record["outputs"])
         for name in stale:
@@ -784,7 +831,7 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
     """Write this shard's index, errors and (last) manifest; what the run did."""
     errors = _in_input_order(tally.errors, {f.source: k for k, f in enumerate(plan.files)})  # writes finish out of order
     suffix = shard_suffix(*plan.config.shard)
-    rows = [_index_row(f, tally.records[f.key]) for f in plan.files if _current(tally.records[f.key], plan.wanted, f.source)]
+    rows = [_index_row(f, tally.records[f.key]) for f in plan.files if plan.stale(f, tally.records[f.key]) is None]
     digests = {}
     for name, text in ((f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows)), (f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))):
         data = text.encode("utf-8")
@@ -804,7 +851,9 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
         manifest = _sealed(manifest | {"files": digests})
     manifest_path = plan.out / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
-    return ExportResult(plan.out, len(plan.files), tally.written, plan.redone, plan.skipped, errors, manifest_path)
+    return ExportResult(
+        plan.out, len(plan.files), tally.written, plan.redone, plan.skipped, errors, manifest_path, plan.redone_because
+    )
 
 
 def _index_row(f: InputFile, rec: dict) -> list[str]:

@@ -319,6 +319,16 @@ class OutputOptions:
         return encode_image(picture, self.montage_format, quality=self.quality, full_chroma=True)
 
 
+def input_stamp(source: str | os.PathLike | None) -> dict | None:
+    """What tells a re-run that an input is the file an earlier run read: its real path (however the input was
+    typed, from wherever), size and modification time; None when it is not a readable file."""
+    try:
+        st = os.stat(source)
+    except (OSError, TypeError, ValueError):
+        return None
+    return {"path": os.path.realpath(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def write_explanation(
     exp: Explanation,
     base: Path,
@@ -327,6 +337,7 @@ def write_explanation(
     output: OutputOptions,
     defining: Sequence[DefiningSummary | None] | None = None,
     compare: Comparison | None = None,
+    input_stamp: dict | None = None,
 ) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
 
@@ -339,6 +350,8 @@ def write_explanation(
         compare: a second model's explanation of the same image and targets (``mcloss export --compare``):
             each montage shows both models, one above the other (:func:`compare_montage`), the npz adds its
             arrays prefixed ``compare_``, and the json its record under ``compare``.
+        input_stamp: the input file's real path, size and modification time, recorded under ``input``
+            (``mcloss export`` re-does an image whose input no longer matches it).
     """
     if output.montage and view is None:
         raise ParameterError("view: drawing the montages needs a view of the image", parameter="view")
@@ -346,6 +359,8 @@ def write_explanation(
         for tmp in stale_temps(base.parent, {base.name}):
             tmp.unlink(missing_ok=True)
     record = explanation_record(exp, output.topk, base.name, defining, output.montage, output.montage_format)
+    if input_stamp is not None:
+        record["input"] = input_stamp
     if output.options is not None:
         record["options"] = output.options
     arrays = explanation_arrays(exp)
