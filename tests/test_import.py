@@ -145,8 +145,13 @@ def test_a_named_source_that_does_not_fit_is_refused(tmp_path):
     T.FGVCLibMCL(4, 3).save(tmp_path / "fgvclib.pth")
     with pytest.raises(SourceError, match=r"fgvclib\.pth: not a kurumi layout \(keys begin backbone\.features"):
         import_model(tmp_path / "fgvclib.pth", layout="kurumi")
+    with pytest.raises(SourceError, match=r"fgvclib\.pth: not an official layout"):
+        import_model(tmp_path / "fgvclib.pth", layout="official")
     with pytest.raises(ParameterError, match="layout must be auto or one of"):
         import_model(tmp_path / "fgvclib.pth", layout="timm")
+    _write(tmp_path / "setting.txt", "eps:3\n")  # Kurumi233's file, given for another project's checkpoint
+    with pytest.raises(ParameterError, match=r"^setting: only Kurumi233 checkpoints come with a setting\.txt; .*fgvclib\.pth is fgvclib-vgg16$"):
+        import_model(tmp_path / "fgvclib.pth", setting=tmp_path / "setting.txt")
     with pytest.raises(SourceError, match="weights are a resnet18, not the resnet50 of --arch"):
         T.TorchvisionCE("resnet18", 4).save(tmp_path / "tv.pth")
         import_model(tmp_path / "tv.pth", arch="resnet50")
@@ -185,11 +190,14 @@ def test_a_pickled_model_is_refused_and_nothing_runs(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"", "empty or truncated"), (b"\x80\x02garbage" * 4, "not a readable PyTorch file"), (None, "no such file")],
+    [(b"", "empty or truncated"), (b"\x80\x02garbage" * 4, "not a readable PyTorch file"), (None, "no such file"),
+     ("dir", "is a directory, not a checkpoint file")],
 )
 def test_unreadable_sources_give_one_line_naming_the_file(tmp_path, content, reason):
     path = tmp_path / "src.pth"
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(SourceError, match=rf"src\.pth: {reason}"):
         read_source(path)

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=config["target"], help="pred | pred_mc | label | topK | class index or name")
     p.add_argument(
         "--maps", default=",".join(kinds.default_names()),
-        help=f"comma list of {','.join(kinds.names())} (default {','.join(kinds.default_names())})",
+        help=f"comma list of {','.join(kinds.names())} (default {','.join(kinds.default_names())}); "
+        f"not drawn in the montage (npz and json only): {', '.join(k.name for k in map(kinds.get, kinds.names()) if not k.in_montage)}",
     )  # fmt: skip
     p.add_argument(
         "--contrast", metavar="auto|CLASS",

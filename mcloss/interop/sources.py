@@ -110,6 +110,8 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
     """
     p = Path(path)
     label = str(path)
+    if p.is_dir():
+        raise SourceError(f"{label}: is a directory, not a checkpoint file")
     if not p.is_file():
         raise SourceError(f"{label}: no such file")
     size = p.stat().st_size
@@ -374,7 +376,7 @@ def detect_layout(src: SourceWeights, source: str = "auto") -> Layout:
         raise SourceError(f"{src.label}: fits two layouts, {names}; choose one with --from")
     if not fits:
         example = ", ".join(list(src.state)[:3])
-        within = "any known layout" if source == "auto" else f"a {source} layout"
+        within = "any known layout" if source == "auto" else f"{'an' if source[0] in 'aeiou' else 'a'} {source} layout"
         raise SourceError(f"{src.label}: not {within} (keys begin {example}); see mcloss import --help")
     return fits[0]
 
@@ -535,6 +537,8 @@ def import_model(
     mapped = _map_keys(src, plan, lay)
     k, widen = _trunk_width(plan.backbone, mapped, src.label)
     head, num_classes = _head_spec(mapped, k, plan, src.label)
+    if setting is not None and lay.source != "kurumi":
+        raise ParameterError(f"setting: only Kurumi233 checkpoints come with a setting.txt; {src.label} is {lay.name}", parameter="setting")
     kurumi = _kurumi_setting(src, setting) if lay.source == "kurumi" else {}
     size = _input_size(img_size, kurumi, plan, src, setting)
     xi, groups = _groups(lay, plan, k, num_classes, src.label)
