@@ -159,6 +159,25 @@ def test_montage_generic_and_figure(model):
     assert render.fit_view(_rgb(300, 100), 1024).shape == (100, 300, 3)
 
 
+def test_a_large_group_legend_fills_columns_and_leaves_the_tiles_their_height():
+    """ξ = 64 (a torchvision ResNet-18's 512 channels over 8 classes): the legend wraps into columns beside
+    each other instead of one column 64 rows long, so the montage neither turns into a white page nor shrinks
+    its tiles to stay under the pixel cap; a group of up to eight keeps its one column."""
+    labels = render.channel_labels(64)
+    legend = render.composite_legend(render.part_colors(64), labels, width=256)
+    cols = render.legend_columns(labels, 256)
+    assert cols == 3 and legend.shape == (18 * 22, 256, 3)
+    for i in (0, 21, 22, 63):  # column-major: each swatch at its column's left, its row's top
+        x, y = (i // 22) * (256 // 3) + 4, (i % 22) * 18 + 3
+        assert tuple(legend[y + 2, x + 2]) == tuple(render.part_colors(64)[i])
+    assert render.composite_legend(render.part_colors(8), render.channel_labels(8), width=256).shape == (144, 256, 3)
+    model = tiny_model(2, xi=64)
+    e = explain(model, Image.fromarray(_rgb(64, 64)), "pred")
+    picture = render.explanation_montage(e.view, e, 0, render.Style(tile_height=256))
+    assert picture.shape[0] < 256 + 22 * 18 + 120  # tile, legend rows, titles and header
+    assert (picture > 245).all(-1).mean() < 0.7
+
+
 def test_signed_maps_are_shown_by_a_high_percentile_not_their_sparse_maximum():
     from mcloss.explainability.render.colour import SIGNED_CLIP_PERCENTILE, signed_scale
 

@@ -13,6 +13,7 @@ from mcloss.core.errors import OutOfRangeError, ParameterError
 from mcloss.explainability import kinds
 from mcloss.explainability.render.layout import (
     DEFAULT_TILE_HEIGHT,
+    MAX_TILE_ASPECT,
     blank_canvas,
     check_image,
     fit_width,
@@ -21,7 +22,7 @@ from mcloss.explainability.render.layout import (
     thumbnail,
     within_cap,
 )
-from mcloss.explainability.render.text import put_text
+from mcloss.explainability.render.text import channel_labels, legend_columns, put_text
 from mcloss.explainability.render.tiles import Style, Tile, ccmp_tile, channel_tile
 
 if TYPE_CHECKING:
@@ -185,8 +186,11 @@ def explanation_tile_height(image: np.ndarray, explanation: Explanation, group: 
     """``style.tile_height``, lowered so that the target's montage stays within MONTAGE_MAX_PIXELS."""
     gm = explanation.groups[group]
     tiles = 1 + sum(k.tile_count(len(gm.channels)) for k in present_kinds(gm, montage=True))
-    legend = 18 * len(gm.channels)
-    return montage_height(np.asarray(image).shape[:2], tiles, style.tile_height, extra_rows=2 * 22 + 10 + legend)
+    labels = channel_labels(len(gm.channels))
+    h, w = np.asarray(image).shape[:2]
+    width = int(style.tile_height * min(max(w / h, 1 / MAX_TILE_ASPECT), MAX_TILE_ASPECT))  # the parts tile's, uncapped
+    legend = 18 * -(-len(labels) // legend_columns(labels, width))
+    return montage_height((h, w), tiles, style.tile_height, extra_rows=2 * 22 + 10 + legend)
 
 
 def montage_tiles(image: np.ndarray, explanation: Explanation, group: int, style: Style) -> list[Tile]:

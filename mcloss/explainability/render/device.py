@@ -30,7 +30,7 @@ from mcloss.explainability.render.compose import (
     present_kinds,
 )
 from mcloss.explainability.render.layout import aspect_padding, blank_canvas, pad_to_aspect, thumbnail
-from mcloss.explainability.render.text import composite_legend
+from mcloss.explainability.render.text import channel_labels, composite_legend
 from mcloss.explainability.render.tiles import (
     _BAR_ROWS,
     Style,
@@ -173,7 +173,7 @@ def _channel_group(
     if style.peaks:
         comp = _draw_peaks(comp, gm.peaks_xy * scale, colors)
     legend_width = pad_to_aspect(np.empty((*size_hw, 3), np.uint8)).shape[1]
-    legend = composite_legend(colors, [f"ch {i + 1}" for i in range(xi)], width=legend_width)
+    legend = composite_legend(colors, channel_labels(xi), width=legend_width)
     out.append((comp, "parts", legend))
     return out
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from mcloss.explainability.render.layout import blank_canvas
 
-__all__ = ["put_text", "composite_legend", "halo_label", "legend_strip"]
+__all__ = ["put_text", "channel_labels", "composite_legend", "halo_label", "legend_columns", "legend_strip", "LEGEND_ONE_COLUMN"]
 
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -44,19 +44,43 @@ def _fitted(text: str, scale: float, max_width: int) -> tuple[str, float]:
     return text, scale
 
 
+#: A legend of up to this many entries is one column; a longer one (a large class group) fills columns side by
+#: side, as many as its width holds, so that it stays about as tall as its tile.
+LEGEND_ONE_COLUMN = 8
+
+
+def channel_labels(count: int) -> list[str]:
+    """The part composite's legend labels: ``ch 1`` … ``ch <count>`` (1-based, as the tiles' titles)."""
+    return [f"ch {i + 1}" for i in range(count)]
+
+
+def legend_columns(labels: Sequence[str], width: int, row_height: int = 18) -> int:
+    """The columns :func:`composite_legend` lays ``labels`` out in at ``width``."""
+    n = len(labels)
+    if n <= LEGEND_ONE_COLUMN:
+        return 1
+    sw, scale = row_height - 6, row_height / 40.0
+    entry = 10 + sw + max(cv2.getTextSize(_ascii(t), _FONT, scale, 1)[0][0] for t in labels) + 8
+    return max(1, min(n, width // entry))
+
+
 def composite_legend(
     colors: np.ndarray, labels: Sequence[str], *, width: int, row_height: int = 18
 ) -> np.ndarray:
-    """A small legend strip [len·row_height, width, 3]: a colour swatch and a label per channel."""
+    """A small legend strip [rows·row_height, width, 3]: a colour swatch and a label per channel, down one
+    column, or down :func:`legend_columns` columns side by side for more than :data:`LEGEND_ONE_COLUMN`."""
     n = len(labels)
-    out = blank_canvas(max(1, n) * row_height, width)
+    cols = legend_columns(labels, width, row_height)
+    rows = -(-max(1, n) // cols)
+    col_w = width // cols
+    out = blank_canvas(rows * row_height, width)
     scale = row_height / 40.0
+    sw = row_height - 6
     for i, text in enumerate(labels):
-        y0 = i * row_height
-        sw = row_height - 6
+        x0, y0 = (i // rows) * col_w, (i % rows) * row_height
         c = tuple(int(v) for v in colors[i])
-        cv2.rectangle(out, (4, y0 + 3), (4 + sw, y0 + 3 + sw), c, -1)
-        put_text(out, text, (10 + sw, y0 + row_height - 5), scale, width - 14 - sw)
+        cv2.rectangle(out, (x0 + 4, y0 + 3), (x0 + 4 + sw, y0 + 3 + sw), c, -1)
+        put_text(out, text, (x0 + 10 + sw, y0 + row_height - 5), scale, col_w - 14 - sw)
     return out
 
 

@@ -25,7 +25,7 @@ from mcloss.explainability.render.layout import (
     MIN_TILE_HEIGHT,
     pad_to_aspect,
 )
-from mcloss.explainability.render.text import composite_legend
+from mcloss.explainability.render.text import channel_labels, composite_legend
 
 if TYPE_CHECKING:
     from mcloss.explainability.explanation import Explanation, GroupMaps
@@ -182,7 +182,7 @@ def _parts_tile(view: np.ndarray, explanation: Explanation, group: GroupMaps, st
     comp = part_composite(view, chans, colors=colors, shared_scale=style.shared_scale, vmax=_group_max(group, style))
     if style.peaks:
         comp = draw_peaks(comp, group.peaks_xy * _view_scale(view, explanation), colors)
-    labels = [f"ch {i + 1}" for i in range(len(group.channels))]
+    labels = channel_labels(len(group.channels))
     legend = composite_legend(colors, labels, width=pad_to_aspect(comp).shape[1])
     return Tile(comp, "parts", "parts: each channel in its colour", f"part composite of {group.name}", "parts", legend)
 
