@@ -198,3 +198,17 @@ def test_signed_maps_are_shown_by_a_high_percentile_not_their_sparse_maximum():
     tile = render.map_tile(thumb, exp, exp.groups[0], mcloss.explainability.kinds.get("guided"), render.Style()).image
     centre = render.overlay(thumb, np.zeros(thumb.shape[:2], np.float32), alpha=0.5, signed=True)
     assert np.mean(np.abs(tile.astype(int) - centre).max(axis=2) > 20) > 0.03
+
+
+def test_a_title_too_long_for_its_tile_keeps_its_number_and_its_size():
+    """A class name too long for a tile is shortened before the probability, not the probability cut off, and
+    the title shrinks at most to MIN_SHRINK so a row's titles stay alike."""
+    import cv2
+
+    from mcloss.explainability.render.text import MIN_SHRINK, _fitted
+
+    text, scale = _fitted("Grad-CAM Forked_Tail_Pink_Belly 0.30", 0.55, 150)
+    assert text.startswith("Grad-CAM Fork") and text.endswith(".. 0.30") and scale == pytest.approx(0.55 * MIN_SHRINK)
+    assert cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= 150
+    assert _fitted("Finer vs Teal_Beak_Pink_Belly +2", 0.55, 150)[0].endswith(".. +2")
+    assert _fitted("target x (FC 0.33)", 0.55, 500) == ("target x (FC 0.33)", 0.55)  # what fits stays as it is

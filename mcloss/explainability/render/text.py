@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
@@ -25,8 +26,16 @@ def _ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") or "?"
 
 
+#: Text too wide for its place is first drawn smaller, down to this share of its size (titles of one row stay
+#: alike), then shortened with '..'.
+MIN_SHRINK = 0.8
+#: A trailing number (a probability, a peak) that shortening keeps: "Grad-CAM Forked_Ta.. 0.30".
+_TRAILING_NUMBER = re.compile(r"\s[-+]?\d+(?:\.\d+)?$")
+
+
 def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int) -> None:
-    """Draw text (RGB colour) in place, shrinking then shortening it with '..' to fit ``max_width``."""
+    """Draw text (RGB colour) in place, shrinking it (to :data:`MIN_SHRINK` of ``scale``) then shortening it
+    with '..' before a trailing number, to fit ``max_width``."""
     text, scale = _fitted(text, scale, max_width)
     cv2.putText(img, text, org, _FONT, scale, _TEXT_RGB, 1, cv2.LINE_AA)
 
@@ -38,10 +47,17 @@ def _fitted(text: str, scale: float, max_width: int) -> tuple[str, float]:
     text = _ascii(text)
     (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)
     if tw > max_width and tw > 0:
-        scale = max(0.3, scale * max_width / tw)
-    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_width:
-        text = text[:-3] + ".." if len(text) > 3 else text[:-1]
-    return text, scale
+        scale = max(0.3, scale * max(MIN_SHRINK, max_width / tw))
+    found = _TRAILING_NUMBER.search(text)
+    head, tail = (text[: found.start()], text[found.start() :]) if found and found.start() > 1 else (text, "")
+    while len(head) > 1 and cv2.getTextSize(head + tail, _FONT, scale, 1)[0][0] > max_width:
+        head = head[:-3] + ".." if len(head) > 3 else head[:-1]
+    if cv2.getTextSize(head + tail, _FONT, scale, 1)[0][0] > max_width:  # not even the number fits: cut the end
+        text = head + tail
+        while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_width:
+            text = text[:-3] + ".." if len(text) > 3 else text[:-1]
+        return text, scale
+    return head + tail, scale
 
 
 #: A legend of up to this many entries is one column; a longer one (a large class group) fills columns side by
