@@ -120,6 +120,23 @@ def test_official_keys_with_and_without_the_dataparallel_infix(tmp_path):
             assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_what_training_scripts_save_beside_the_weights_is_read_not_run(tmp_path):
+    """numpy scalars (a best accuracy from np.mean) and the run's argparse.Namespace are plain values, read without
+    running code; the numbers go into the card. An object array or a class of the script stays refused."""
+    import argparse
+
+    import numpy as np
+
+    state = T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=4).state_dict()
+    torch.save({"state_dict": state, "best_acc": np.float64(0.7125), "epoch": np.int64(41),
+                "args": argparse.Namespace(lr=0.002, arch="resnet18")}, tmp_path / "run.pth")  # fmt: skip
+    model = import_model(tmp_path / "run.pth")
+    assert model.card["source"]["extras"] == {"best_acc": 0.7125, "epoch": 41}
+    torch.save({"state_dict": state, "names": np.array(["a", None], dtype=object)}, tmp_path / "objects.pth")
+    with pytest.raises(SourceError, match=r"objects\.pth: holds pickled Python objects"):
+        import_model(tmp_path / "objects.pth")
+
+
 def test_the_written_checkpoint_loads_as_an_ordinary_one(tmp_path):
     src = T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=2)
     src.save(tmp_path / "w.pth")

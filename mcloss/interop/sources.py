@@ -142,7 +142,8 @@ def _load(p: Path, label: str) -> object:
         except (SafetensorError, OSError, ValueError) as exc:
             raise SourceError(f"{label}: not a valid safetensors file ({first_line(exc)})") from None
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_plain_value_types()):
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:
@@ -155,9 +156,26 @@ def _load(p: Path, label: str) -> object:
         raise SourceError(f"{label}: not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})") from None
 
 
+def _plain_value_types() -> list:
+    """What training scripts save beside the weights and ``weights_only`` may rebuild without running code: numpy
+    scalars (``best_acc = np.float64(...)``: a dtype and raw bytes) and ``argparse.Namespace`` (the run's
+    arguments: an empty object whose attributes are themselves read under the same restrictions)."""
+    import argparse
+
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    numeric = [type(np.dtype(c)) for c in "?bhilqBHILQefdg"]  # the dtype classes (numpy 2) a scalar's dtype is built as
+    return [np.dtype, *dict.fromkeys(numeric), scalar, argparse.Namespace]
+
+
 def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(raw, dict):
         raise SourceError(f"{label}: holds a {type(raw).__name__}, not a state dict")
+    raw = {k: _plain(v) for k, v in raw.items()}
     for key in _WRAPPERS:
         if isinstance(raw.get(key), dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values()):
             extras = {str(k)[:80]: v[:200] if isinstance(v, str) else v for k, v in raw.items() if k != key and _is_scalar(v)}
@@ -178,6 +196,13 @@ def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _is_scalar(value: object) -> bool:
     return isinstance(value, str | int | float | bool) or value is None
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python number it holds (extras go into the card's JSON); anything else as is."""
+    import numpy as np
+
+    return value.item() if isinstance(value, np.generic) and value.dtype.kind in "biuf" else value
 
 
 # --------------------------------------------------------------------------------------------------- layouts
