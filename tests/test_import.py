@@ -292,12 +292,32 @@ def test_a_fixed_pool_refuses_another_input_size(tmp_path):
     with pytest.raises(SourceError, match=r"at 240 px F is 15 × 15, but the source's head max-pools 2 × 2 cells"):
         import_model(tmp_path / "vgg.pth", img_size=240)
     T.OfficialResNet("resnet50", 4).save(tmp_path / "r50.pth")
-    with pytest.raises(SourceError, match=r"F is 16 × 16.*needs F of 14 × 14"):
+    with pytest.raises(SourceError, match=r"F is 16 × 16.*needs F of 14 × 14; import at the source's input size \(img_size 448\)$"):
         import_model(tmp_path / "r50.pth", img_size=512)
     with pytest.raises(ParameterError, match=r"img_size must be in 16\.\.1024, got 2000"):
         import_model(tmp_path / "r50.pth", img_size=2000)
     model = import_model(tmp_path / "r50.pth")
     assert model.config["img_size"] == 448 and model.config["feature_hw"] == [14, 14]
+
+
+def test_a_lone_kurumi_checkpoint_trained_at_448_imports_at_448(tmp_path):
+    """Without its setting.txt a Kurumi233 ckpt.pth still says its input size: the head reads a 14 × 14 grid of
+    2 × 2 pools, so F is 28 × 28, at 448 px; the import takes that size (and says so) rather than refusing."""
+    src = T.Kurumi(4, 3)
+    src.metric.dense = T._dense(4 * 3 * 14 * 14, 4)
+    src = T.randomize(src, seed=11)
+    src.save(tmp_path / "ckpt.pth")
+    assert not (tmp_path / "setting.txt").exists()
+    model = import_model(tmp_path / "ckpt.pth")
+    assert model.config["img_size"] == 448 and model.config["feature_hw"] == [28, 28]
+    assert model.card["source"]["input_size"].startswith("448 px")
+    assert model.transform.to_dict()["crop"] == [448, 448]  # Kurumi233's 600 × 600 resize and 448 crop
+    x = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = src(x.contiguous(memory_format=torch.channels_last))[0]
+        assert ((model(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+    with pytest.raises(SourceError, match=r"import at the source's input size \(img_size 448\)$"):
+        import_model(tmp_path / "ckpt.pth", img_size=224)  # a size given is taken as given, or refused
 
 
 def test_a_tensor_that_claims_more_than_its_storage_is_refused(tmp_path):

@@ -156,12 +156,15 @@ def _load(p: Path, label: str) -> object:
         raise SourceError(f"{label}: not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})") from None
 
 
+class _RunArguments:
+    """Read in place of a training run's ``argparse.Namespace``: a plain object whose attributes are themselves
+    read under ``weights_only``'s restrictions (and never used)."""
+
+
 def _plain_value_types() -> list:
     """What training scripts save beside the weights and ``weights_only`` may rebuild without running code: numpy
-    scalars (``best_acc = np.float64(...)``: a dtype and raw bytes) and ``argparse.Namespace`` (the run's
-    arguments: an empty object whose attributes are themselves read under the same restrictions)."""
-    import argparse
-
+    scalars (``best_acc = np.float64(...)``: a dtype and raw bytes) and the run's ``argparse.Namespace`` (read as
+    :class:`_RunArguments`)."""
     import numpy as np
 
     try:
@@ -169,7 +172,7 @@ def _plain_value_types() -> list:
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
     numeric = [type(np.dtype(c)) for c in "?bhilqBHILQefdg"]  # the dtype classes (numpy 2) a scalar's dtype is built as
-    return [np.dtype, *dict.fromkeys(numeric), scalar, argparse.Namespace]
+    return [np.dtype, *dict.fromkeys(numeric), scalar, (_RunArguments, "argparse.Namespace")]
 
 
 def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -573,17 +576,28 @@ def import_model(
     preset = preset or plan.preset
     if preset not in TRANSFORM_PRESETS:
         raise ParameterError(f"preset must be one of {', '.join(TRANSFORM_PRESETS)}, got {preset!r}", parameter="preset")
-    transform, described = TRANSFORM_PRESETS[preset](size)
-    model = _build(
-        plan, lay, src, num_classes, xi, class_names=names, img_size=size, transform=transform, head=head,
-        vgg_widen=widen,
-    )
+    def build(side: int) -> tuple[MCModel, str]:
+        transform, described = TRANSFORM_PRESETS[preset](side)
+        built = _build(
+            plan, lay, src, num_classes, xi, class_names=names, img_size=side, transform=transform, head=head,
+            vgg_widen=widen,
+        )
+        return built, described
+
+    model, described = build(size)
+    implied = _implied_size(model, head, plan)
+    inferred = img_size is None and not kurumi.get("inp_size") and implied not in (None, size)
+    if inferred and MIN_IMG_SIZE <= implied <= MAX_IMG_SIZE:  # a lone Kurumi233 ckpt.pth trained at 448 px
+        size = implied
+        model, described = build(size)
     if model.groups != groups:
         raise SourceError(f"{src.label}: mcloss would split the channels differently from the source")
     _check_grid(model, head, plan, src.label)
     _load_mapped(model, mapped, src, lay)
     model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
     model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split=xi is None)
+    if inferred:
+        model.card["source"]["input_size"] = f"{size} px, the size its head's fixed {plan.pool_kernel} × {plan.pool_kernel} pool implies"
     return model.eval()
 
 
@@ -641,11 +655,25 @@ def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str) -> None:
     fh, fw = model.config["feature_hw"]
     k = plan.pool_kernel
     if k and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
+        size = model.config["img_size"]
+        implied = _implied_size(model, head, plan)
+        hint = f" (img_size {implied})" if implied else ""
         raise SourceError(
-            f"{label}: at {model.config['img_size']} px F is {fh} × {fw}, but the source's head max-pools "
+            f"{label}: at {size} px F is {fh} × {fw}, but the source's head max-pools "
             f"{k} × {k} cells into a {head.grid[0]} × {head.grid[1]} grid, which needs F of {k * head.grid[0]} × "
-            f"{k * head.grid[1]}; import at the source's input size"
+            f"{k * head.grid[1]}; import at the source's input size{hint}"
         )
+
+
+def _implied_size(model: MCModel, head: HeadSpec, plan: Plan) -> int | None:
+    """The input side at which F is exactly the source head's fixed pool kernel × its grid (the size the source
+    was trained at), from the stride ``model`` shows at its own size; None without a fixed pool."""
+    k, size = plan.pool_kernel, model.config["img_size"]
+    fh, fw = model.config["feature_hw"]
+    if not k or size % fh or size % fw:
+        return None
+    sides = {k * head.grid[0] * (size // fh), k * head.grid[1] * (size // fw)}
+    return sides.pop() if len(sides) == 1 else None
 
 
 def _input_size(img_size: int | None, setting: dict[str, str], plan: Plan, src: SourceWeights, path) -> int:
