@@ -147,3 +147,11 @@ def test_a_shard_without_a_digest_or_under_another_name_is_refused(out, capsys):
     _refused(out, capsys, f"{path}: has no digest")
     with pytest.raises(MergeError, match="has no digest"):
         merge_shards(out)
+
+
+def test_an_output_gone_since_the_shard_finished_is_refused(out, capsys):
+    """A later export into the folder replaced a shard's files (another format, say): merging its old index would
+    list files that are not there, so the merge refuses and says to export again."""
+    listed = _rows(out / "index.shard-0-of-2.csv")[1][1].split(";")
+    (out / listed[0]).unlink()
+    _refused(out, capsys, f"the index of shard 0 lists {listed[0]}, which is no longer there", "export again")

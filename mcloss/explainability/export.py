@@ -997,7 +997,7 @@ def _check_rows(
 ) -> None:
     """Shard ``i``'s counts agree with its (index, errors) rows; no input is listed twice (``listed``: input →
     where, over the shards so far; an input that gave no file, not in ``inputs``, may be rejected more than
-    once); every output lies inside the export."""
+    once); every output lies inside the export and is still there."""
     rows, failed = tables
     counts = manifest["counts"]
     if counts["ok"] + counts["skipped"] != len(rows) or counts["failed"] != len(failed):
@@ -1014,6 +1014,12 @@ def _check_rows(
             bad = next((o for o in row[1].split(";") if o and not _inside(o)), None) if kind == "index" else None
             if bad is not None:
                 raise MergeError(f"{out_dir}: {where} names an output outside the export ({printable(bad)!r})")
+            gone = next((o for o in row[1].split(";") if o and not (out_dir / o).is_file()), None) if kind == "index" else None
+            if gone is not None:
+                raise MergeError(
+                    f"{out_dir}: {where} lists {printable(gone)}, which is no longer there (a later export replaced "
+                    "it?); export again rather than merge"
+                )
 
 
 def _inside(rel: str) -> bool:
