@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -565,8 +566,11 @@ def test_explanation_save_writes_what_the_export_writes(tmp_path):
         exp.save(tmp_path / "saved" / "x.png", Style(tile_height=48), topk=3, options=options)
     finally:
         torch.set_num_threads(before)
-    for name in ("x.png.png", "x.png.r2.png", "x.png.npz", "x.png.json"):
+    for name in ("x.png.png", "x.png.r2.png", "x.png.npz"):
         assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+    exported = json.loads((tmp_path / "out" / "x.png.json").read_text())
+    assert exported.pop("input")["path"] == str(image.resolve())  # what an export re-run checks the input by
+    assert json.loads((tmp_path / "saved" / "x.png.json").read_text()) == exported
 
 
 def test_a_rerun_redoes_what_changed_on_disk_and_not_how_the_path_was_typed(tmp_path, checkpoint, capsys, monkeypatch):
@@ -604,3 +608,13 @@ def test_a_rerun_redoes_what_changed_on_disk_and_not_how_the_path_was_typed(tmp_
     assert after["input"] == {"path": os.path.realpath(src / "i2.png"), "size": (src / "i2.png").stat().st_size, "mtime_ns": 1}
     index = (out / "index.csv").read_text()
     assert index.count("\n") == 5  # the header and every image, the re-done ones included
+
+    moved = tmp_path / "job2"
+    shutil.copytree(src, moved / "in")  # the same files restaged elsewhere (copy2 keeps their times)
+    monkeypatch.chdir(moved)
+    assert main(args) == 0 and "0 exported, 4 already done" in capsys.readouterr().err
+    (moved / "in" / "i3.png").write_bytes(b"not a picture any more")  # changed, and now unreadable
+    assert main(args) == 1
+    assert "0 exported, 3 already done, 1 rejected" in capsys.readouterr().err  # rejected, not "re-done"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["redone"] == 0 and counts["ok"] == 0 and counts["failed"] == 1

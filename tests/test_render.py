@@ -212,3 +212,7 @@ def test_a_title_too_long_for_its_tile_keeps_its_number_and_its_size():
     assert cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= 150
     assert _fitted("Finer vs Teal_Beak_Pink_Belly +2", 0.55, 150)[0].endswith(".. +2")
     assert _fitted("target x (FC 0.33)", 0.55, 500) == ("target x (FC 0.33)", 0.55)  # what fits stays as it is
+    header = "target Rose_breasted_Grosbeak (FC 0.91, MC 0.88)   pred FC: Rose_breasted_Grosbeak 0.91   MC: Rose 0.88"
+    text, scale = _fitted(header, 0.55, 600, 0)  # a montage's header, a line of its own: smaller, but whole
+    assert text == header and scale < 0.55
+    assert cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= 600

@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
@@ -139,6 +140,10 @@ def _print_traceback(exc: BaseException) -> None:
     traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
+#: Pillow's DecompressionBombWarning, matched by its text (this module does not import Pillow).
+_PILLOW_BOMB_WARNING = r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels"
+
+
 def run(
     command: str,
     parser: argparse.ArgumentParser,
@@ -169,7 +174,9 @@ def run(
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     debug = bool(vars(args).pop("debug", False)) or debugging()
     try:
-        return int(body(args) or 0)
+        with warnings.catch_warnings():  # mcloss limits images itself (max_pixels, named in its own errors):
+            warnings.filterwarnings("ignore", message=_PILLOW_BOMB_WARNING)  # Pillow's from 89 MP is noise here
+            return int(body(args) or 0)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except MclossError as exc:

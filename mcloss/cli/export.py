@@ -220,7 +220,7 @@ def _report(result: ExportResult, verb: str) -> int:
     """Say what was done and list the rejected inputs; the exit code (1 when any input was rejected)."""
     reasons = result.redone_because
     because = next(iter(reasons)) if len(reasons) == 1 else ", ".join(f"{n} {why}" for why, n in reasons.items())
-    redone = f" ({result.redone} re-done: {because})" if result.redone else ""
+    redone = f" ({result.redone} re-done{': ' + because if because else ''})" if result.redone else ""
     say(
         "export",
         f"{result.written} {verb}{redone}, {result.skipped} already done, {len(result.errors)} rejected → {result.out}",

@@ -7,7 +7,6 @@ import io
 import os
 import re
 import struct
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,18 +71,16 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
     try:
         if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
             raise ImageLoadError(f"{label}: empty file")
-        with warnings.catch_warnings():  # Pillow warns above 89 MP (on open, and on seeking a frame): the limit
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # here is max_pixels, checked below
-            with Image.open(source) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageLoadError(
-                        f"{label}: image too large ({width}×{height} = {_megapixels(width * height, max_pixels)} MP, "
-                        f"limit {max_pixels / 1e6:.0f} MP)"
-                    )
-                img.seek(0)
-                img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
+        with Image.open(source) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    f"{label}: image too large ({width}×{height} = {_megapixels(width * height, max_pixels)} MP, "
+                    f"limit {max_pixels / 1e6:.0f} MP)"
+                )
+            img.seek(0)
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -184,7 +181,8 @@ class ImageFormat:
         lossy: whether ``quality`` applies.
         encode: (image, quality, full_chroma) → bytes; image RGB [H, W, 3] or grayscale [H, W] uint8,
             C-contiguous; ``full_chroma`` asks a format that subsamples colour not to.
-        max_side: the longest side the format can hold (WebP 16383, JPEG 65535), or None.
+        max_side: the longest side the format can hold (WebP 16383; JPEG 65535, of which libjpeg-turbo takes
+            65500), or None.
     """
 
     name: str
@@ -223,7 +221,7 @@ def _webp(img: np.ndarray, quality: int, full_chroma: bool) -> bytes:
 #: The formats of :func:`encode_image`, by name (``jpeg`` is ``jpg``).
 IMAGE_FORMATS: dict[str, ImageFormat] = {
     "png": ImageFormat("png", ".png", "image/png", False, lambda img, _q, _c: encode_png(img)),
-    "jpg": ImageFormat("jpg", ".jpg", "image/jpeg", True, _jpeg, 65535),
+    "jpg": ImageFormat("jpg", ".jpg", "image/jpeg", True, _jpeg, 65500),
     "webp": ImageFormat("webp", ".webp", "image/webp", True, _webp, 16383),
 }
 

@@ -303,24 +303,21 @@ class Explanation:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
         ``path`` is a stem: ``out/bird.jpg`` writes ``out/bird.jpg.png`` etc., as ``mcloss export`` does.
-        Every file is written atomically; the json records the input file (``input``: its real path, size and
-        modification time) when ``source`` is one. ``defining`` as for :meth:`record`; ``options`` (the settings
+        Every file is written atomically. ``defining`` as for :meth:`record`; ``options`` (the settings
         that made the outputs) goes into the json as ``options``; ``compare`` adds a second model
         (:class:`mcloss.explainability.outputs.Comparison`); ``clean_temps=False`` skips removing the temps a
         killed run left for these outputs (an export sweeps each folder once); ``montage=False`` writes no
         montage (no view is needed then); ``montage_format`` ``jpg`` or ``webp`` (at ``quality``) writes
         ``<path>.jpg`` / ``<path>.webp`` instead of the PNG. Returns the JSON record.
         """
-        from mcloss.explainability.outputs import OutputOptions, input_stamp, write_explanation
+        from mcloss.explainability.outputs import OutputOptions, write_explanation
 
         output = OutputOptions(
             style=style or render.Style(), topk=topk, options=options, clean_temps=clean_temps, montage=montage,
             montage_format=montage_format, quality=quality,
         )
         view = self._view(image) if montage else None
-        return write_explanation(
-            self, Path(path), view=view, output=output, defining=defining, compare=compare, input_stamp=input_stamp(self.source)
-        )
+        return write_explanation(self, Path(path), view=view, output=output, defining=defining, compare=compare)
 
 
 # ------------------------------------------------------------------------------------------- explain

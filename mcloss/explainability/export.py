@@ -230,7 +230,7 @@ class ExportResult:
         out: the output directory.
         inputs: inputs of this shard.
         written: images exported by this run.
-        redone: images an earlier run had finished that this run exported again (see ``redone_because``).
+        redone: of ``written``, images an earlier run had finished (see ``redone_because``).
         skipped: images already finished by an earlier run with the same options, from the same input.
         errors: (file, reason) of every rejected input.
         manifest: the manifest path.
@@ -274,7 +274,7 @@ class ExportPlan:
         bases: each input's output stem, by its key.
         records: the json an earlier run finished each input with, by its key (None: none, or unreadable).
         stamps: each input file's real path, size and modification time, by its key (None: unreadable).
-        todo: the inputs to export: those without a current record (see :attr:`skipped`, :attr:`redone`).
+        todo: the inputs to export: those without a current record (see :attr:`skipped`).
         why: why each of ``todo`` is exported, by its key (:data:`STALE_REASONS`, or ``"absent"``), as planned.
         output: how every image's files are written; its ``options`` are recorded in each json.
         titles: the two checkpoints' file names with ``config.compare``, else None.
@@ -309,18 +309,6 @@ class ExportPlan:
     def skipped(self) -> int:
         """Images an earlier run finished with the same options."""
         return len(self.files) - len(self.todo)
-
-    @property
-    def redone(self) -> int:
-        """Images to export that an earlier run had finished (with other options, from another input, or with
-        files missing since)."""
-        return sum(self.records[f.key] is not None for f in self.todo)
-
-    @property
-    def redone_because(self) -> dict[str, int]:
-        """:attr:`redone` by reason (:data:`STALE_REASONS`), in that order."""
-        found = list(self.why.values())
-        return {reason: found.count(reason) for reason in STALE_REASONS if reason in found}
 
     def stale(self, f: InputFile, record: dict | None) -> str | None:
         """Why ``record`` does not stand for ``f`` (:func:`_stale`); None when it does."""
@@ -475,14 +463,21 @@ STALE_REASONS: tuple[str, ...] = ("made with other options", "from a changed inp
 
 def _stale(record: dict | None, options: dict, stamp: dict | None, base: Path, source: str) -> str | None:
     """Why an earlier record does not stand (one of :data:`STALE_REASONS`, or ``"absent"``); None when it does:
-    the same options, the same input file (by its stamp; by the path as typed for records written before
-    stamps), and every file it lists still there."""
+    the same options, the same input file (its real path or the path as typed, with the same size and
+    modification time; the path as typed alone for records written before stamps), and every file it lists
+    still there."""
     if record is None:
         return "absent"
     if record.get("options") != options:
         return STALE_REASONS[0]
-    same_input = record.get("input") == stamp if "input" in record else record.get("file") == source
-    if stamp is None or not same_input:
+    was = record.get("input")
+    if isinstance(was, dict) and stamp is not None:  # the same file (by its real path, or as typed: a tree moved
+        same_input = (was.get("path") == stamp["path"] or record.get("file") == source) and all(  # with cp -a)
+            was.get(k) == stamp[k] for k in ("size", "mtime_ns")
+        )
+    else:
+        same_input = stamp is not None and record.get("file") == source  # a record from before stamps
+    if not same_input:
         return STALE_REASONS[1]
     outputs = record.get("outputs")
     if not isinstance(outputs, list) or not all(
@@ -510,7 +505,9 @@ class _Tally:
     records: dict[str, dict | None]
     errors: list[tuple[str, str]]
     progress: Progress | None = None
+    why: dict[str, str] = field(default_factory=dict)
     written: int = 0
+    redone: dict[str, int] = field(default_factory=dict)
     done: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -530,6 +527,9 @@ class _Tally:
             with self.lock:
                 self.records[f.key] = record
                 self.written += 1
+                reason = self.why.get(f.key)
+                if reason in STALE_REASONS:  # an earlier run had finished it: re-done, and why
+                    self.redone[reason] = self.redone.get(reason, 0) + 1
 
     def advance(self, count: int) -> None:
         """``count`` more inputs handled: report the progress."""
@@ -608,7 +608,7 @@ def _export(
     t0 = time.perf_counter()
     loader = _loader(plan, model.transform, device)
     lanes = cpu_lanes(device, plan.maps, config.method)
-    tally = _Tally(len(plan.todo), dict(plan.records), list(plan.problems), progress)
+    tally = _Tally(len(plan.todo), dict(plan.records), list(plan.problems), progress, dict(plan.why))
     run = _Run(plan, model, compare_model, device, amp, CPU_LANE_PASS if lanes > 1 else None, tally)
     tally.advance(0)
     if lanes > 1:
@@ -842,7 +842,7 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
         "versions": versions(),
         "options": plan.config.options(),
         "counts": {
-            "inputs": len(plan.files), "ok": tally.written, "redone": plan.redone, "failed": len(errors),
+            "inputs": len(plan.files), "ok": tally.written, "redone": sum(tally.redone.values()), "failed": len(errors),
             "skipped": plan.skipped,
         },  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
@@ -852,7 +852,8 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
     manifest_path = plan.out / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
     return ExportResult(
-        plan.out, len(plan.files), tally.written, plan.redone, plan.skipped, errors, manifest_path, plan.redone_because
+        plan.out, len(plan.files), tally.written, sum(tally.redone.values()), plan.skipped, errors, manifest_path,
+        {reason: tally.redone[reason] for reason in STALE_REASONS if reason in tally.redone},
     )
 
 

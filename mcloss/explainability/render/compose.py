@@ -106,7 +106,7 @@ def montage(
         x += c.shape[1] + gutter
     if header:
         strip = blank_canvas(title_height + 6, row.shape[1])
-        put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter)
+        put_text(strip, header, (gutter + 2, title_height - 2), (title_height + 4) / 40.0, row.shape[1] - 2 * gutter, min_shrink=0)
         row = np.concatenate([strip, row], axis=0)
     return within_cap(row)  # only a caller's huge height is scaled down here
 
@@ -188,9 +188,15 @@ def explanation_tile_height(image: np.ndarray, explanation: Explanation, group: 
     tiles = 1 + sum(k.tile_count(len(gm.channels)) for k in present_kinds(gm, montage=True))
     labels = channel_labels(len(gm.channels))
     h, w = np.asarray(image).shape[:2]
-    width = int(style.tile_height * min(max(w / h, 1 / MAX_TILE_ASPECT), MAX_TILE_ASPECT))  # the parts tile's, uncapped
-    legend = 18 * -(-len(labels) // legend_columns(labels, width))
-    return montage_height((h, w), tiles, style.tile_height, extra_rows=2 * 22 + 10 + legend)
+    aspect = min(max(w / h, 1 / MAX_TILE_ASPECT), MAX_TILE_ASPECT)
+    height = style.tile_height
+    for _ in range(16):  # a lower tile is narrower: its legend may need more rows, and the tile to be lower still
+        legend = 18 * -(-len(labels) // legend_columns(labels, int(height * aspect)))  # at the parts tile's width
+        lowered = montage_height((h, w), tiles, style.tile_height, extra_rows=2 * 22 + 10 + legend)
+        if lowered == height:
+            break
+        height = lowered
+    return height
 
 
 def montage_tiles(image: np.ndarray, explanation: Explanation, group: int, style: Style) -> list[Tile]:

@@ -33,21 +33,27 @@ MIN_SHRINK = 0.8
 _TRAILING_NUMBER = re.compile(r"\s[-+]?\d+(?:\.\d+)?$")
 
 
-def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int) -> None:
-    """Draw text (RGB colour) in place, shrinking it (to :data:`MIN_SHRINK` of ``scale``) then shortening it
-    with '..' before a trailing number, to fit ``max_width``."""
-    text, scale = _fitted(text, scale, max_width)
+def put_text(
+    img: np.ndarray, text: str, org: tuple[int, int], scale: float, max_width: int, *, min_shrink: float = MIN_SHRINK
+) -> None:
+    """Draw text (RGB colour) in place, shrinking it (to ``min_shrink`` of ``scale``, and never below 0.3) then
+    shortening it with '..' before a trailing number, to fit ``max_width``. A line of its own (a montage's
+    header) passes ``min_shrink=0``: smaller, but whole."""
+    text, scale = _fitted(text, scale, max_width, min_shrink)
     cv2.putText(img, text, org, _FONT, scale, _TEXT_RGB, 1, cv2.LINE_AA)
 
 
 @lru_cache(maxsize=4096)
-def _fitted(text: str, scale: float, max_width: int) -> tuple[str, float]:
+def _fitted(text: str, scale: float, max_width: int, min_shrink: float = MIN_SHRINK) -> tuple[str, float]:
     """(text, scale) as :func:`put_text` draws them within ``max_width`` (cached: a montage's titles repeat from
     image to image)."""
     text = _ascii(text)
     (tw, _), _ = cv2.getTextSize(text, _FONT, scale, 1)
     if tw > max_width and tw > 0:
-        scale = max(0.3, scale * max(MIN_SHRINK, max_width / tw))
+        floor = max(0.3, scale * min_shrink)
+        scale = max(floor, scale * max_width / tw)
+        while scale > floor and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_width:  # glyph widths round
+            scale = max(floor, scale * 0.97)
     found = _TRAILING_NUMBER.search(text)
     head, tail = (text[: found.start()], text[found.start() :]) if found and found.start() > 1 else (text, "")
     while len(head) > 1 and cv2.getTextSize(head + tail, _FONT, scale, 1)[0][0] > max_width:
