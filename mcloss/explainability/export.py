@@ -470,13 +470,12 @@ def _stale(record: dict | None, options: dict, stamp: dict | None, base: Path, s
         return "absent"
     if record.get("options") != options:
         return STALE_REASONS[0]
-    was = record.get("input")
-    if isinstance(was, dict) and stamp is not None:  # the same file (by its real path, or as typed: a tree moved
-        same_input = (was.get("path") == stamp["path"] or record.get("file") == source) and all(  # with cp -a)
-            was.get(k) == stamp[k] for k in ("size", "mtime_ns")
-        )
+    was, typed_alike = record.get("input"), record.get("file") == source
+    if isinstance(was, dict) and stamp is not None:  # by the path as typed too: a tree restaged with cp -a
+        unchanged = all(was.get(k) == stamp[k] for k in ("size", "mtime_ns"))
+        same_input = unchanged and (was.get("path") == stamp["path"] or typed_alike)
     else:
-        same_input = stamp is not None and record.get("file") == source  # a record from before stamps
+        same_input = stamp is not None and typed_alike  # a record from before stamps
     if not same_input:
         return STALE_REASONS[1]
     outputs = record.get("outputs")
