@@ -32,6 +32,7 @@ __all__ = [
     "build_model",
     "check_class_names",
     "clean_class_name",
+    "same_class_name",
     "same_class_names",
     "load_backbone_weights",
     "model_guard",
@@ -158,10 +159,15 @@ def clean_class_name(name: str) -> str:
     return re.sub(r"^\d+\.", "", name.strip())
 
 
+def same_class_name(a: str, b: str) -> bool:
+    """Whether two names name the same class, a numeric ``001.`` prefix aside (an ImageFolder tree keeps it in its
+    folder names; mcloss's CUB reader and ``mcloss import`` drop it)."""
+    return a == b or clean_class_name(a) == clean_class_name(b)
+
+
 def same_class_names(a: Sequence[str], b: Sequence[str]) -> bool:
-    """Whether two class lists name the same classes in the same order, a numeric ``001.`` prefix aside (an
-    ImageFolder tree keeps it in its folder names; mcloss's CUB reader and ``mcloss import`` drop it)."""
-    return len(a) == len(b) and all(x == y or clean_class_name(x) == clean_class_name(y) for x, y in zip(a, b, strict=True))
+    """Whether two class lists name the same classes in the same order (:func:`same_class_name`)."""
+    return len(a) == len(b) and all(same_class_name(x, y) for x, y in zip(a, b, strict=True))
 
 
 def check_class_names(names: Sequence[str]) -> list[str]:
@@ -299,7 +305,7 @@ class MCModel(nn.Module):
                 return self.class_names.index(cls)
             if cls.strip().lstrip("-").isdigit():
                 return self.class_index(int(cls))
-            bare = [i for i, name in enumerate(self.class_names) if clean_class_name(name) == clean_class_name(cls)]
+            bare = [i for i, name in enumerate(self.class_names) if same_class_name(name, cls)]
             if len(bare) == 1:  # "001.Black_footed_Albatross" for "Black_footed_Albatross", or the other way
                 return bare[0]
             raise UnknownClassError(f"unknown class {cls!r}")

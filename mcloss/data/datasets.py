@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tv_datasets
 
 from mcloss.core.errors import DatasetError
-from mcloss.core.model import same_class_names
+from mcloss.core.model import same_class_name, same_class_names
 from mcloss.data.cub import CUB_FILES, CUBDataset, find_cub_root
 from mcloss.data.io import load_image
 
@@ -53,7 +53,7 @@ def class_mismatch(data_names: Sequence[str], model_names: Sequence[str]) -> str
         return None
     diff = next(
         (f" (class {i} is {x!r} in the data but {y!r} in the checkpoint)"
-         for i, (x, y) in enumerate(zip(data_names, model_names, strict=False)) if not same_class_names([x], [y])),
+         for i, (x, y) in enumerate(zip(data_names, model_names, strict=False)) if not same_class_name(x, y)),
         "",
     )
     if len(data_names) == len(model_names):

@@ -56,14 +56,17 @@ def _fitted(text: str, scale: float, max_width: int, min_shrink: float = MIN_SHR
             scale = max(floor, scale * 0.97)
     found = _TRAILING_NUMBER.search(text)
     head, tail = (text[: found.start()], text[found.start() :]) if found and found.start() > 1 else (text, "")
+    text = _shortened(head, tail, scale, max_width)
+    if cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_width:  # not even the number fits: cut the end
+        text = _shortened(text, "", scale, max_width)
+    return text, scale
+
+
+def _shortened(head: str, tail: str, scale: float, max_width: int) -> str:
+    """``head`` cut short with '..' until ``head + tail`` fits ``max_width`` (or one character is left)."""
     while len(head) > 1 and cv2.getTextSize(head + tail, _FONT, scale, 1)[0][0] > max_width:
         head = head[:-3] + ".." if len(head) > 3 else head[:-1]
-    if cv2.getTextSize(head + tail, _FONT, scale, 1)[0][0] > max_width:  # not even the number fits: cut the end
-        text = head + tail
-        while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_width:
-            text = text[:-3] + ".." if len(text) > 3 else text[:-1]
-        return text, scale
-    return head + tail, scale
+    return head + tail
 
 
 #: A legend of up to this many entries is one column; a longer one (a large class group) fills columns side by
