@@ -228,7 +228,8 @@ class ExportResult:
 
     Attributes:
         out: the output directory.
-        inputs: inputs of this shard.
+        inputs: inputs of this shard: the image files it found, and each input that gave none (a dangling link,
+            an empty folder), so that ``written + skipped + len(errors) == inputs``.
         written: images exported by this run.
         redone: of ``written``, images an earlier run had finished (see ``redone_because``).
         skipped: images already finished by an earlier run with the same options, from the same input.
@@ -831,6 +832,7 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
     errors = _in_input_order(tally.errors, {f.source: k for k, f in enumerate(plan.files)})  # writes finish out of order
     suffix = shard_suffix(*plan.config.shard)
     rows = [_index_row(f, tally.records[f.key]) for f in plan.files if plan.stale(f, tally.records[f.key]) is None]
+    inputs = len(plan.files) + len(plan.problems)  # every row of index.csv and errors.csv
     digests = {}
     for name, text in ((f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows)), (f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))):
         data = text.encode("utf-8")
@@ -841,7 +843,7 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
         "versions": versions(),
         "options": plan.config.options(),
         "counts": {
-            "inputs": len(plan.files), "ok": tally.written, "redone": sum(tally.redone.values()), "failed": len(errors),
+            "inputs": inputs, "ok": tally.written, "redone": sum(tally.redone.values()), "failed": len(errors),
             "skipped": plan.skipped,
         },  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
@@ -851,7 +853,7 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
     manifest_path = plan.out / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
     return ExportResult(
-        plan.out, len(plan.files), tally.written, sum(tally.redone.values()), plan.skipped, errors, manifest_path,
+        plan.out, inputs, tally.written, sum(tally.redone.values()), plan.skipped, errors, manifest_path,
         {reason: tally.redone[reason] for reason in STALE_REASONS if reason in tally.redone},
     )
 
