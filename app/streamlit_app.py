@@ -110,13 +110,13 @@ def sidebar_model() -> view.LoadedModel | None:
     try:
         if choice == UPLOAD_CHOICE:
             up = st.sidebar.file_uploader(
-                "Checkpoint file (.safetensors, or a .pth / .pt state dict to import)",
-                type=["safetensors", "pth", "pt"], key="ckpt_upload", max_upload_size=view.MAX_CHECKPOINT_MB,
+                "Checkpoint file (.safetensors, or a .pth / .pt / .ckpt state dict to import)",
+                type=["safetensors", "pth", "pt", "ckpt"], key="ckpt_upload", max_upload_size=view.MAX_CHECKPOINT_MB,
             )  # fmt: skip
             if up is None:
                 st.sidebar.info(
                     f"Upload an mcloss `.safetensors` checkpoint, or a state dict saved by the official MC-Loss "
-                    f"scripts, FGVCLib, Kurumi233's code or torchvision (up to {view.MAX_CHECKPOINT_MB} MB; import a "
+                    f"scripts, FGVCLib, Kurumi233's code or torchvision, also inside a Lightning `.ckpt` (up to {view.MAX_CHECKPOINT_MB} MB; import a "
                     "larger file with `mcloss import` first, which leaves out FGVCLib's unused classifier)."
                 )
                 return None

@@ -230,7 +230,7 @@ def _validated(model: MCModel, label: str, key: str, device: torch.device, t0: f
 
 
 #: Uploads imported on the fly (another project's state dict) rather than loaded as mcloss checkpoints.
-IMPORT_SUFFIXES = (".pth", ".pt")
+IMPORT_SUFFIXES = (".pth", ".pt", ".ckpt")
 
 
 def load_uploaded(
@@ -239,7 +239,7 @@ def load_uploaded(
     """:func:`load_model` for uploaded bytes: they pass through a private temporary folder that is removed
     as soon as the model is loaded (or refused), so no uploaded checkpoint outlives the call.
 
-    A ``.pth`` or ``.pt`` upload is another project's state dict, imported on the fly
+    A ``.pth``, ``.pt`` or ``.ckpt`` upload is another project's state dict, imported on the fly
     (:func:`mcloss.interop.sources.import_model`, read with ``weights_only=True``, never unpickled), with
     ``names`` as its class names (default ``class_000``, …).
     """

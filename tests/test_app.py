@@ -346,6 +346,22 @@ def test_uploaded_checkpoint_leaves_no_file_behind(checkpoint, tmp_path, monkeyp
     assert not list(tmp_path.iterdir())
 
 
+def test_an_uploaded_lightning_ckpt_is_imported_with_its_name(tmp_path):
+    """A PyTorch Lightning ``.ckpt`` (a torchvision ResNet-18 under ``model.`` in its ``state_dict``) is imported
+    on the fly; the card names the uploaded file and the prefix taken off."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}, "epoch": 4}, buffer)
+    loaded = view.load_uploaded(buffer.getvalue(), "run.ckpt", "sha256:z", torch.device("cpu"), ["a", "b", "c"])
+    source = loaded.model.card["source"]
+    assert (source["file"], source["key_prefix"], source["layout"]) == ("run.ckpt", "model.", "torchvision")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), net(x), rtol=1e-5, atol=1e-4)
+
+
 def test_app_bomb_message_cites_the_app_limit(tmp_path):
     Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 MP, past Pillow's own guard
     with pytest.raises(ImageLoadError) as info:

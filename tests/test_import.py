@@ -120,6 +120,38 @@ def test_official_keys_with_and_without_the_dataparallel_infix(tmp_path):
             assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_keys_under_a_wrappers_prefix_import_and_the_prefix_is_recorded(tmp_path, capsys):
+    """A Lightning module's ``model.`` inside its ``state_dict`` (with DataParallel's ``module.`` under it), and a
+    ``{'net': state_dict, 'acc', 'epoch'}`` file's ``net.``; keys that fit nothing keep the message's example."""
+    tv = T.randomize(T.TorchvisionCE("resnet18", 6), seed=2)
+    official = T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=5)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tv_ref, official_ref = tv(x)[0], official(x)[0]
+    tv_state = tv.net.state_dict()
+    lightning = {
+        "state_dict": {f"model.module.{k}": v for k, v in official.state_dict().items()},
+        "epoch": 7, "global_step": 350, "pytorch-lightning_version": "2.4.0",
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.001}]}], "hyper_parameters": {"lr": 0.001},
+    }  # fmt: skip
+    torch.save(lightning, tmp_path / "lightning.ckpt")
+    torch.save({"net": tv_state, "acc": 81.25, "epoch": 30}, tmp_path / "net.pth")
+    for name, ref, prefix, layout in (("lightning.ckpt", official_ref, "model.", "official-resnet"),
+                                      ("net.pth", tv_ref, "net.", "torchvision")):  # fmt: skip
+        model = import_model(tmp_path / name)
+        assert model.card["source"]["key_prefix"] == prefix and model.card["source"]["layout"] == layout
+        with torch.no_grad():
+            assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-4)
+    assert import_model(tmp_path / "net.pth").card["source"]["extras"] == {"acc": 81.25, "epoch": 30}
+    _write(tmp_path / "names.txt", "a\nb\nc\nd\n")
+    argv = ["import", str(tmp_path / "lightning.ckpt"), "--out", str(tmp_path / "l.safetensors"), "--classes"]
+    assert cli([*argv, str(tmp_path / "names.txt")]) == 0
+    assert "imported lightning.ckpt (official-resnet, DataParallel keys, keys under 'model.') as resnet18" in capsys.readouterr().out
+    torch.save({f"model.{k}": v for k, v in tv_state.items() if not k.startswith("fc.")}, tmp_path / "trunk.pth")
+    with pytest.raises(SourceError, match=r"trunk\.pth: not any known layout \(keys begin model\.conv1\.weight"):
+        import_model(tmp_path / "trunk.pth")
+
+
 def test_what_training_scripts_save_beside_the_weights_is_read_not_run(tmp_path):
     """numpy scalars (a best accuracy from np.mean) and the run's argparse.Namespace are plain values, read without
     running code; the numbers go into the card. An object array or a class of the script stays refused."""

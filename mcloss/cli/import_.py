@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same logits and F. Files are read with safetensors or torch.load(weights_only=True); nothing is "
         f"unpickled. Layouts: {layouts}.",
     )
-    p.add_argument("source", help="the source checkpoint (.pth, .pt, .bin or .safetensors)")
+    p.add_argument("source", help="the source checkpoint (.pth, .pt, .ckpt, .bin or .safetensors)")
     p.add_argument("--out", required=True, help="the mcloss checkpoint to write (*.safetensors)")
     p.add_argument(
         "--classes", required=True,
@@ -55,8 +55,13 @@ def _import(args: argparse.Namespace) -> int:
     src = model.card["source"]
     groups = sorted(set(model.groups))
     xi = str(groups[0]) if len(groups) == 1 else "/".join(map(str, groups))
+    read_as = [src["layout"]]
+    if src["data_parallel_keys"]:
+        read_as.append("DataParallel keys")
+    if src["key_prefix"]:
+        read_as.append(f"keys under {src['key_prefix']!r}")
     print(
-        f"imported {src['file']} ({src['layout']}{', DataParallel keys' if src['data_parallel_keys'] else ''}) as "
+        f"imported {src['file']} ({', '.join(read_as)}) as "
         f"{model.config['backbone']}: {model.num_classes} classes x {xi} channels, F {model.config['feature_hw'][0]} x "
         f"{model.config['feature_hw'][1]}, head {'+'.join(model.config['head']['layers'])}; input "
         f"{model.card['transform_preset']}; wrote {args.out}"

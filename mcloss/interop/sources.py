@@ -30,7 +30,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ __all__ = [
     "parse_class_names",
     "read_class_list",
     "read_source",
+    "unwrap_keys",
 ]
 
 #: Most non-tensor entries of a file kept for the card (Kurumi233's ``acc`` and ``epoch``).
@@ -84,6 +85,8 @@ class SourceWeights:
         extras: the file's non-tensor top-level entries (e.g. Kurumi233's ``acc`` and ``epoch``).
         sha256: the file's digest.
         module_infix: whether keys carried ``module.`` (saved from a DataParallel model).
+        key_prefix: the wrapper's prefix removed from every key (``model.`` of a Lightning module, ``net.`` of a
+            ``{'net': state_dict, 'acc': …}`` file), where the keys fit a layout only without it.
     """
 
     path: Path
@@ -91,6 +94,7 @@ class SourceWeights:
     extras: dict = field(default_factory=dict)
     sha256: str = ""
     module_infix: bool = False
+    key_prefix: str = ""
 
     @property
     def label(self) -> str:
@@ -397,8 +401,7 @@ def detect_layout(src: SourceWeights, source: str = "auto") -> Layout:
     """
     if source != "auto" and source not in SOURCES:
         raise ParameterError(f"layout must be auto or one of {', '.join(SOURCES)}, got {source!r}", parameter="layout")
-    candidates = [lay for lay in LAYOUTS if source in ("auto", lay.source)]
-    fits = [lay for lay in candidates if lay.matches(src.state)]
+    fits = _fitting(src.state, source)
     if len(fits) > 1:
         names = " and ".join(lay.name for lay in fits)
         raise SourceError(f"{src.label}: fits two layouts, {names}; choose one with --from")
@@ -407,6 +410,27 @@ def detect_layout(src: SourceWeights, source: str = "auto") -> Layout:
         within = "any known layout" if source == "auto" else f"{'an' if source[0] in 'aeiou' else 'a'} {source} layout"
         raise SourceError(f"{src.label}: not {within} (keys begin {example}); see mcloss import --help")
     return fits[0]
+
+
+def _fitting(state: dict, source: str) -> list[Layout]:
+    return [lay for lay in LAYOUTS if source in ("auto", lay.source) and lay.matches(state)]
+
+
+def unwrap_keys(src: SourceWeights, source: str = "auto") -> SourceWeights:
+    """The source with a wrapper's prefix taken off its keys, where every key shares it and the keys fit a
+    layout only without it: a Lightning module's ``model.``, a ``{'net': state_dict, 'acc': …}`` file's ``net.``
+    (nested wrappers one segment at a time). No known layout keeps all its keys under one name, so a shared first
+    segment is always a wrapper's; a file that fits nothing either way keeps its keys, and its message shows them.
+    """
+    state, prefix = src.state, ""
+    while not _fitting(state, source):
+        first = {k.split(".", 1)[0] if "." in k else None for k in state}
+        if len(first) != 1 or None in first:
+            return src
+        (segment,) = first
+        prefix += f"{segment}."
+        state = {k[len(segment) + 1 :]: v for k, v in state.items()}
+    return replace(src, state=state, key_prefix=prefix) if prefix else src
 
 
 # --------------------------------------------------------------------------------------------------- mapping
@@ -546,7 +570,7 @@ def import_model(
     """Build an MCModel from another project's checkpoint, with the same logits and F as the source model.
 
     Args:
-        source: the file (``.pth``, ``.pt``, ``.bin`` or ``.safetensors``).
+        source: the file (``.pth``, ``.pt``, ``.ckpt``, ``.bin`` or ``.safetensors``).
         classes: class names in the source's class order (default ``class_000``, …), or where to read them
             (:func:`read_class_list`: a names file, a CUB root or an ImageFolder root).
         layout: ``auto`` or a source (:data:`SOURCES`); ``auto`` recognises the layout from the keys.
@@ -559,7 +583,7 @@ def import_model(
     Raises:
         SourceError: the file cannot be read or mapped; ParameterError: a bad argument.
     """
-    src = read_source(source)
+    src = unwrap_keys(read_source(source), layout)
     lay = detect_layout(src, layout)
     plan = lay.plan(src, arch)
     mapped = _map_keys(src, plan, lay)
@@ -719,6 +743,7 @@ def _card(src: SourceWeights, lay: Layout, plan: Plan, preset: str, setting: dic
             "file": src.path.name,
             "sha256": src.sha256,
             "data_parallel_keys": src.module_infix,
+            "key_prefix": src.key_prefix,
             "key_mapping": rules,
             "dropped": list(plan.dropped),
             "extras": src.extras,
