@@ -155,3 +155,18 @@ def test_an_output_gone_since_the_shard_finished_is_refused(out, capsys):
     listed = _rows(out / "index.shard-0-of-2.csv")[1][1].split(";")
     (out / listed[0]).unlink()
     _refused(out, capsys, f"the index of shard 0 lists {listed[0]}, which is no longer there", "export again")
+
+
+def test_outputs_rewritten_since_the_shard_finished_are_refused(out, capsys):
+    """A later export into the folder under other options rewrote the same file names: they are all there, but
+    their records hold the later options, so the merge refuses rather than index them as the shards'."""
+    options = json.loads((out / "manifest.shard-0-of-2.json").read_text())["options"]
+    args = ["--checkpoint", options["checkpoint"], "--input", *options["input"], "--out", str(out), "--workers", "0",
+            "--no-progress", "--tile-height", "32", "--maps", "channels,gradcam", "--no-montage"]  # fmt: skip
+    assert main(args) == 1  # text.png is rejected again
+    later = {name: (out / name).read_bytes() for name in ("manifest.json", "index.csv", "errors.csv")}
+    capsys.readouterr()
+    assert main(["--merge", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the index of shard 0 lists in/img0.png.json, which a later export rewrote with other options" in err, err
+    assert {name: (out / name).read_bytes() for name in later} == later  # the later export's own files stand

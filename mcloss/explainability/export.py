@@ -848,8 +848,8 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
         },  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if suffix:  # a shard, to be merged: sealed with the digests of its files and of its manifest
-        manifest = _sealed(manifest | {"files": digests})
+    if suffix:  # a shard, to be merged: sealed with the digests of its files, of its images' options and its own
+        manifest = _sealed(manifest | {"files": digests, "image_options": _digest(json_safe(plan.wanted))})
     manifest_path = plan.out / f"manifest{suffix}.json"
     atomic_write_json(manifest_path, manifest)
     return ExportResult(
@@ -1016,12 +1016,31 @@ def _check_rows(
             bad = next((o for o in row[1].split(";") if o and not _inside(o)), None) if kind == "index" else None
             if bad is not None:
                 raise MergeError(f"{out_dir}: {where} names an output outside the export ({printable(bad)!r})")
-            gone = next((o for o in row[1].split(";") if o and not (out_dir / o).is_file()), None) if kind == "index" else None
-            if gone is not None:
-                raise MergeError(
-                    f"{out_dir}: {where} lists {printable(gone)}, which is no longer there (a later export replaced "
-                    "it?); export again rather than merge"
-                )
+            if kind == "index":
+                _check_outputs(out_dir, row[1].split(";"), where, manifest.get("image_options"))
+
+
+def _check_outputs(out_dir: Path, outputs: list[str], where: str, options_digest: str | None) -> None:
+    """An index row's outputs are all there and its json (the last) still holds the options the shard recorded
+    (``options_digest``; None for shards written before it was recorded): a later export into the same folder
+    deletes or rewrites them under other options."""
+    gone = next((o for o in outputs if o and not (out_dir / o).is_file()), None)
+    if gone is not None:
+        raise MergeError(
+            f"{out_dir}: {where} lists {printable(gone)}, which is no longer there (a later export replaced it?); "
+            "export again rather than merge"
+        )
+    if options_digest is None or not outputs[-1].endswith(".json"):
+        return
+    try:
+        options = json.loads((out_dir / outputs[-1]).read_text(encoding="utf-8")).get("options")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MergeError(f"{out_dir / outputs[-1]}: unreadable image record ({type(exc).__name__})") from None
+    if _digest(json_safe(options)) != options_digest:
+        raise MergeError(
+            f"{out_dir}: {where} lists {printable(outputs[-1])}, which a later export rewrote with other options; "
+            "export again rather than merge"
+        )
 
 
 def _inside(rel: str) -> bool:
