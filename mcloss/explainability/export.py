@@ -1035,7 +1035,7 @@ def _check_outputs(out_dir: Path, outputs: list[str], where: str, options_digest
     try:
         options = json.loads((out_dir / outputs[-1]).read_text(encoding="utf-8")).get("options")
     except (OSError, ValueError, AttributeError) as exc:
-        raise MergeError(f"{out_dir / outputs[-1]}: unreadable image record ({type(exc).__name__})") from None
+        raise MergeError(f"{out_dir}: {printable(outputs[-1])}: unreadable image record ({type(exc).__name__})") from None
     if _digest(json_safe(options)) != options_digest:
         raise MergeError(
             f"{out_dir}: {where} lists {printable(outputs[-1])}, which a later export rewrote with other options; "
