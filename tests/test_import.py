@@ -152,6 +152,39 @@ def test_keys_under_a_wrappers_prefix_import_and_the_prefix_is_recorded(tmp_path
         import_model(tmp_path / "trunk.pth")
 
 
+def test_keys_beside_the_models_are_left_out_only_by_a_chosen_prefix(tmp_path, capsys):
+    """A Lightning module with an EMA copy (AveragedModel: ``module.`` and ``n_averaged``) and a loss's class
+    weights: nothing is left out unasked; the message names the prefixes that fit, and --prefix chooses."""
+    from torch.optim.swa_utils import AveragedModel
+
+    live, averaged = (T.randomize(T.TorchvisionCE("resnet18", 4), seed=s).net.eval() for s in (7, 8))
+    state = {f"model.{k}": v for k, v in live.state_dict().items()}
+    state |= {f"ema.{k}": v for k, v in AveragedModel(averaged).state_dict().items()}
+    state["criterion.weight"] = torch.ones(4)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "run.ckpt")
+    with pytest.raises(SourceError) as info:
+        import_model(tmp_path / "run.ckpt")
+    assert str(info.value) == (
+        f"{tmp_path / 'run.ckpt'}: the keys as saved fit no layout, but those under 'model.' and 'ema.' each fit one "
+        "(beside criterion.); choose the model's keys with mcloss import --prefix"
+    )
+    x = torch.randn(1, 3, 224, 224)
+    chosen = (("model.", "model.", live, ["ema.", "criterion."]), ("ema", "ema.", averaged, ["model.", "criterion.", "n_averaged"]))
+    for prefix, recorded, net, left_out in chosen:
+        model = import_model(tmp_path / "run.ckpt", prefix=prefix)
+        assert (model.card["source"]["key_prefix"], model.card["source"]["left_out_prefixes"]) == (recorded, left_out)
+        assert model.card["source"]["data_parallel_keys"] is (prefix == "ema")  # AveragedModel's module., not live's
+        with torch.no_grad():
+            assert torch.allclose(model(x), net(x), rtol=1e-5, atol=1e-4)
+    firsts = r"\(the keys' first segments: model\., ema\., criterion\.\)$"
+    with pytest.raises(SourceError, match=rf"run\.ckpt: no key begins 'loss\.' {firsts}"):
+        import_model(tmp_path / "run.ckpt", prefix="loss")
+    _write(tmp_path / "names.txt", "a\nb\nc\nd\n")
+    argv = ["import", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "m.safetensors"), "--classes"]
+    assert cli([*argv, str(tmp_path / "names.txt"), "--prefix", "model."]) == 0
+    assert "(torchvision, keys under 'model.', left out ema., criterion.) as resnet18" in capsys.readouterr().out
+
+
 def test_what_training_scripts_save_beside_the_weights_is_read_not_run(tmp_path):
     """numpy scalars (a best accuracy from np.mean) and the run's argparse.Namespace are plain values, read without
     running code; the numbers go into the card. An object array or a class of the script stays refused."""
@@ -167,6 +200,14 @@ def test_what_training_scripts_save_beside_the_weights_is_read_not_run(tmp_path)
     torch.save({"state_dict": state, "names": np.array(["a", None], dtype=object)}, tmp_path / "objects.pth")
     with pytest.raises(SourceError, match=r"objects\.pth: holds pickled Python objects"):
         import_model(tmp_path / "objects.pth")
+    # a Lightning .ckpt whose save_hyperparameters() kept a module: the weights are under 'state_dict'
+    torch.save({"state_dict": state, "hyper_parameters": {"loss": torch.nn.MSELoss()}}, tmp_path / "run.ckpt")
+    with pytest.raises(SourceError) as info:
+        import_model(tmp_path / "run.ckpt")
+    assert "holds pickled Python objects (torch.nn.modules.loss.MSELoss)" in str(info.value)
+    assert str(info.value).endswith(
+        f"torch.save(torch.load({str(tmp_path / 'run.ckpt')!r}, weights_only=False)['state_dict'], 'weights.pth')"
+    )
 
 
 def test_the_written_checkpoint_loads_as_an_ordinary_one(tmp_path):
@@ -235,6 +276,27 @@ def test_a_pickled_model_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(SourceError, match="payload.pth: holds pickled Python objects"):
         import_model(tmp_path / "payload.pth")
     assert not marker.exists()
+
+
+def test_a_torchscript_archive_is_refused_with_how_to_save_its_weights(tmp_path, capsys):
+    """torch.load refuses a TorchScript archive under weights_only (after a warning); mcloss says so in one line
+    that says how to save its weights, the command shows nothing else, and the weights saved that way import."""
+    net = T.randomize(T.TorchvisionCE("resnet18", 3), seed=6).net.eval()
+    x = torch.randn(1, 3, 224, 224)
+    torch.jit.trace(net, x).save(tmp_path / "traced.pt")
+    with pytest.raises(SourceError) as info:
+        import_model(tmp_path / "traced.pt")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'traced.pt'}: a TorchScript archive") and "\n" not in message
+    assert f"torch.save(torch.jit.load({str(tmp_path / 'traced.pt')!r}).state_dict(), 'weights.pth')" in message
+    _write(tmp_path / "names.txt", "a\nb\nc\n")
+    argv = ["import", str(tmp_path / "traced.pt"), "--out", str(tmp_path / "t.safetensors"), "--classes"]
+    assert cli([*argv, str(tmp_path / "names.txt")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a TorchScript archive" in err, err  # torch's warning is not shown
+    torch.save(torch.jit.load(tmp_path / "traced.pt").state_dict(), tmp_path / "weights.pth")
+    with torch.no_grad():
+        assert torch.allclose(import_model(tmp_path / "weights.pth")(x), net(x), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,8 @@ def _print_traceback(exc: BaseException) -> None:
 
 #: Pillow's DecompressionBombWarning, matched by its text (this module does not import Pillow).
 _PILLOW_BOMB_WARNING = r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels"
+#: torch.load's warning before it refuses a TorchScript archive under weights_only.
+_TORCHSCRIPT_WARNING = r"'torch.load' received a zip file that looks like a TorchScript archive"
 
 
 def run(
@@ -176,6 +178,7 @@ def run(
     try:
         with warnings.catch_warnings():  # mcloss limits images itself (max_pixels, named in its own errors):
             warnings.filterwarnings("ignore", message=_PILLOW_BOMB_WARNING)  # Pillow's from 89 MP is noise here
+            warnings.filterwarnings("ignore", message=_TORCHSCRIPT_WARNING)  # the import refuses it in one line
             return int(body(args) or 0)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

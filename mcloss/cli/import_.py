@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "official-crop = resize to N*600/448 square, centre crop N; kurumi-crop = resize to 600 x 600, "
                    "centre crop N, ImageNet normalization; kurumi = official at 224, else kurumi-crop; torchvision = shorter side N*256/224, centre crop N, ImageNet")
     p.add_argument("--setting", default=None, help="Kurumi233's setting.txt (default: the one beside SOURCE)")
+    p.add_argument("--prefix", default=None,
+                   help="read only the keys under this prefix, where the file holds more than the model (model., "
+                   "model_ema.); a prefix every key shares (Lightning's model., a {'net': ...} file's net.) is taken "
+                   "off without it")
     return p
 
 
@@ -50,7 +54,7 @@ def _import(args: argparse.Namespace) -> int:
     with writing_to(args.out):
         model = import_checkpoint(
             args.source, args.out, classes=names, layout=args.layout, arch=args.arch, img_size=args.img_size,
-            setting=args.setting, preset=args.preset,
+            setting=args.setting, preset=args.preset, prefix=args.prefix,
         )
     src = model.card["source"]
     groups = sorted(set(model.groups))
@@ -60,6 +64,8 @@ def _import(args: argparse.Namespace) -> int:
         read_as.append("DataParallel keys")
     if src["key_prefix"]:
         read_as.append(f"keys under {src['key_prefix']!r}")
+    if src["left_out_prefixes"]:
+        read_as.append(f"left out {', '.join(src['left_out_prefixes'])}")
     print(
         f"imported {src['file']} ({', '.join(read_as)}) as "
         f"{model.config['backbone']}: {model.num_classes} classes x {xi} channels, F {model.config['feature_hw'][0]} x "

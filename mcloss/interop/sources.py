@@ -63,6 +63,8 @@ __all__ = [
 MAX_EXTRAS = 16
 #: The ``--from`` choices besides ``auto``.
 SOURCES = ("official", "fgvclib", "kurumi", "torchvision")
+#: What torch.load says of a TorchScript archive under ``weights_only`` (it warns first, then refuses to read it).
+_TORCHSCRIPT_REFUSAL = "with TorchScript archives"
 #: Largest source file read (an official VGG16 state dict at 200 classes is about 120 MB, FGVCLib's about 0.6 GB).
 MAX_SOURCE_BYTES = 4 << 30
 
@@ -87,6 +89,8 @@ class SourceWeights:
         module_infix: whether keys carried ``module.`` (saved from a DataParallel model).
         key_prefix: the wrapper's prefix removed from every key (``model.`` of a Lightning module, ``net.`` of a
             ``{'net': state_dict, 'acc': …}`` file), where the keys fit a layout only without it.
+        left_out: the first segments (``model_ema.``, ``criterion.``) of keys left out by a chosen prefix.
+        infixed: the keys (as in ``state``) that carried ``module.``.
     """
 
     path: Path
@@ -95,6 +99,8 @@ class SourceWeights:
     sha256: str = ""
     module_infix: bool = False
     key_prefix: str = ""
+    left_out: list[str] = field(default_factory=list)
+    infixed: frozenset[str] = field(default=frozenset(), repr=False)
 
     @property
     def label(self) -> str:
@@ -129,11 +135,11 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
         # a view claims no more memory than its storage holds (a stride-0 view can claim terabytes)
         if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
             raise SourceError(f"{label}: tensor {key!r} claims more elements than its storage holds")
-    module_infix = any(_MODULE.search(k) for k in state)
+    infixed = frozenset(_MODULE.sub(r"\1", k) for k in state if _MODULE.search(k))
     normalized = {_MODULE.sub(r"\1", k): v for k, v in state.items()}
     if len(normalized) != len(state):
         raise SourceError(f"{label}: keys collide once DataParallel's 'module.' is removed")
-    return SourceWeights(p, normalized, extras, file_sha256(p), module_infix)
+    return SourceWeights(p, normalized, extras, file_sha256(p), bool(infixed), infixed=infixed)
 
 
 def _load(p: Path, label: str) -> object:
@@ -152,9 +158,21 @@ def _load(p: Path, label: str) -> object:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:
             raise SourceError(f"{label}: not a readable PyTorch file (corrupt, or not a checkpoint)") from None
+        resave = (
+            f"where you trust it, save its weights: torch.save(torch.load({label!r}, weights_only=False)['state_dict'], "
+            "'weights.pth')" if p.suffix == ".ckpt"  # Lightning: objects in hyper_parameters, weights under state_dict
+            else "re-save the weights from the script that trained it: torch.save(net.state_dict(), 'weights.pth')"
+        )  # fmt: skip
         raise SourceError(
             f"{label}: holds pickled Python objects ({found.group(1)}), not a state dict, and mcloss never unpickles "
-            "code; re-save the weights from the script that trained it: torch.save(net.state_dict(), 'weights.pth')"
+            f"code; {resave}"
+        ) from None
+    except RuntimeError as exc:
+        if _TORCHSCRIPT_REFUSAL not in str(exc):
+            raise SourceError(f"{label}: not a readable PyTorch file (RuntimeError: {first_line(exc, 120)})") from None
+        raise SourceError(
+            f"{label}: a TorchScript archive (torch.jit.save), which mcloss does not load; where you trust it, save "
+            f"its weights: torch.save(torch.jit.load({label!r}).state_dict(), 'weights.pth')"
         ) from None
     except Exception as exc:  # truncated zip, not a PyTorch file at all
         raise SourceError(f"{label}: not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})") from None
@@ -416,21 +434,81 @@ def _fitting(state: dict, source: str) -> list[Layout]:
     return [lay for lay in LAYOUTS if source in ("auto", lay.source) and lay.matches(state)]
 
 
-def unwrap_keys(src: SourceWeights, source: str = "auto") -> SourceWeights:
-    """The source with a wrapper's prefix taken off its keys, where every key shares it and the keys fit a
-    layout only without it: a Lightning module's ``model.``, a ``{'net': state_dict, 'acc': …}`` file's ``net.``
-    (nested wrappers one segment at a time). No known layout keeps all its keys under one name, so a shared first
-    segment is always a wrapper's; a file that fits nothing either way keeps its keys, and its message shows them.
+def unwrap_keys(src: SourceWeights, source: str = "auto", prefix: str | None = None) -> SourceWeights:
+    """The source with a wrapper's prefix taken off its keys.
+
+    Without ``prefix``, only a prefix that every key shares, and only where the keys fit a layout without it
+    and not with it: a Lightning module's ``model.``, a ``{'net': state_dict, 'acc': …}`` file's ``net.``
+    (nested wrappers one segment at a time). No known layout keeps all its keys under one name, so a shared
+    first segment is always a wrapper's. Keys beside the model's (an EMA copy, a loss's class weights) are
+    never left out unasked: the message names the prefixes whose keys fit, to choose with ``prefix``.
+
+    With ``prefix`` (``model.``, ``model_ema.``): the keys under it, the rest left out (their first segments
+    are recorded in :attr:`SourceWeights.left_out`).
+
+    Raises:
+        SourceError: no key under ``prefix``; or nothing fits as saved but the keys under some prefixes do.
     """
-    state, prefix = src.state, ""
+    if prefix:
+        prefix = prefix if prefix.endswith(".") else f"{prefix}."
+        under = {k[len(prefix) :]: v for k, v in src.state.items() if k.startswith(prefix)}
+        if not under:
+            firsts = ", ".join(_first_segments(src.state)[:6])
+            raise SourceError(f"{src.label}: no key begins {prefix!r} (the keys' first segments: {firsts})")
+        left_out = _first_segments({k: v for k, v in src.state.items() if not k.startswith(prefix)})
+        infix = any(k.startswith(prefix) for k in src.infixed)  # of the keys read, not of those left out
+        src = replace(src, state=under, key_prefix=prefix, left_out=left_out, module_infix=infix)
+    count = src.state.get(_AVERAGED_COUNT)
+    if count is not None and count.numel() == 1:  # an AveragedModel's (EMA, SWA) update count, not a weight
+        kept = {k: v for k, v in src.state.items() if k != _AVERAGED_COUNT}
+        src = replace(src, state=kept, left_out=[*src.left_out, _AVERAGED_COUNT])
+    state, shared = src.state, ""
     while not _fitting(state, source):
         first = {k.split(".", 1)[0] if "." in k else None for k in state}
         if len(first) != 1 or None in first:
+            _suggest_prefixes(src, source)
             return src
         (segment,) = first
-        prefix += f"{segment}."
+        shared += f"{segment}."
         state = {k[len(segment) + 1 :]: v for k, v in state.items()}
-    return replace(src, state=state, key_prefix=prefix) if prefix else src
+    return replace(src, state=state, key_prefix=src.key_prefix + shared) if shared else src
+
+
+#: The update count that torch.optim.swa_utils.AveragedModel (EMA and SWA weights) keeps beside ``module.``.
+_AVERAGED_COUNT = "n_averaged"
+
+
+def _first_segments(state: dict) -> list[str]:
+    """The keys' first segments, in order, each with its dot where keys go on (``model.``, ``n_averaged``)."""
+    return list(dict.fromkeys(k.split(".", 1)[0] + "." if "." in k else k for k in state))
+
+
+def _suggest_prefixes(src: SourceWeights, source: str) -> None:
+    """Raise, naming them, where keys under some prefixes fit a layout though the whole file does not."""
+    if src.key_prefix:
+        return  # a prefix was chosen: the layout's own message follows
+    fitting = _prefixes_that_fit(src.state, source, "")
+    if not fitting:
+        return
+    named = " and ".join(repr(f) for f in fitting[:4])
+    rest = [name for name in _first_segments(src.state) if not any(f.startswith(name) for f in fitting)]
+    beside = f" (beside {', '.join(rest[:4])})" if rest else ""
+    each = "each fit" if len(fitting) > 1 else "fit"
+    raise SourceError(
+        f"{src.label}: the keys as saved fit no layout, but those under {named} {each} one{beside}; choose the "
+        "model's keys with mcloss import --prefix"
+    )
+
+
+def _prefixes_that_fit(state: dict, source: str, prefix: str) -> list[str]:
+    if _fitting(state, source):
+        return [prefix]
+    groups: dict[str, dict] = {}
+    for key, value in state.items():
+        if "." in key:
+            segment, rest = key.split(".", 1)
+            groups.setdefault(segment, {})[rest] = value
+    return [found for segment, sub in groups.items() for found in _prefixes_that_fit(sub, source, f"{prefix}{segment}.")]
 
 
 # --------------------------------------------------------------------------------------------------- mapping
@@ -566,6 +644,7 @@ def import_model(
     img_size: int | None = None,
     setting: str | os.PathLike | None = None,
     preset: str | None = None,
+    prefix: str | None = None,
 ) -> MCModel:
     """Build an MCModel from another project's checkpoint, with the same logits and F as the source model.
 
@@ -579,11 +658,13 @@ def import_model(
         setting: Kurumi233's ``setting.txt`` (default: the one beside the checkpoint).
         preset: the input transform (:data:`TRANSFORM_PRESETS`; default: the one the source's scripts evaluate
             with). A model fine-tuned with other preprocessing than its project's default says so here.
+        prefix: read only the keys under this prefix (``model.``, ``model_ema.``), where the file holds more than
+            the model (:func:`unwrap_keys`); a prefix every key shares is taken off without it.
 
     Raises:
         SourceError: the file cannot be read or mapped; ParameterError: a bad argument.
     """
-    src = unwrap_keys(read_source(source), layout)
+    src = unwrap_keys(read_source(source), layout, prefix)
     lay = detect_layout(src, layout)
     plan = lay.plan(src, arch)
     mapped = _map_keys(src, plan, lay)
@@ -744,6 +825,7 @@ def _card(src: SourceWeights, lay: Layout, plan: Plan, preset: str, setting: dic
             "sha256": src.sha256,
             "data_parallel_keys": src.module_infix,
             "key_prefix": src.key_prefix,
+            "left_out_prefixes": src.left_out,
             "key_mapping": rules,
             "dropped": list(plan.dropped),
             "extras": src.extras,
