@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -169,10 +170,10 @@ def test_keys_beside_the_models_are_left_out_only_by_a_chosen_prefix(tmp_path, c
         "(beside criterion.); choose the model's keys with mcloss import --prefix"
     )
     x = torch.randn(1, 3, 224, 224)
-    chosen = (("model.", "model.", live, ["ema.", "criterion."]), ("ema", "ema.", averaged, ["model.", "criterion.", "n_averaged"]))
+    chosen = (("model.", "model.", live, ["ema.", "criterion."]), ("ema", "ema.", averaged, ["model.", "criterion.", "ema.n_averaged"]))
     for prefix, recorded, net, left_out in chosen:
         model = import_model(tmp_path / "run.ckpt", prefix=prefix)
-        assert (model.card["source"]["key_prefix"], model.card["source"]["left_out_prefixes"]) == (recorded, left_out)
+        assert (model.card["source"]["key_prefix"], model.card["source"]["left_out"]) == (recorded, left_out)
         assert model.card["source"]["data_parallel_keys"] is (prefix == "ema")  # AveragedModel's module., not live's
         with torch.no_grad():
             assert torch.allclose(model(x), net(x), rtol=1e-5, atol=1e-4)
@@ -183,6 +184,34 @@ def test_keys_beside_the_models_are_left_out_only_by_a_chosen_prefix(tmp_path, c
     argv = ["import", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "m.safetensors"), "--classes"]
     assert cli([*argv, str(tmp_path / "names.txt"), "--prefix", "model."]) == 0
     assert "(torchvision, keys under 'model.', left out ema., criterion.) as resnet18" in capsys.readouterr().out
+
+
+def test_what_lies_beside_the_model_is_named_never_taken_as_it(tmp_path):
+    """A backbone beside a head of the user's own is refused without a suggestion (the backbone's unused fc is
+    not the head); a nested prefix is chosen and what it leaves out is named to its depth; timm's
+    state_dict_ema beside state_dict and an AveragedModel's count under a shared prefix are named too."""
+    from torch.optim.swa_utils import AveragedModel
+
+    net = T.randomize(T.TorchvisionCE("resnet18", 4), seed=9).net.eval()
+    weights = net.state_dict()
+    composite = {f"model.backbone.{k}": v for k, v in weights.items()} | {"model.head.weight": torch.ones(4, 512)}
+    torch.save({"state_dict": composite}, tmp_path / "composite.ckpt")
+    with pytest.raises(SourceError, match=r"composite\.ckpt: not any known layout \(keys begin model\.backbone\."):
+        import_model(tmp_path / "composite.ckpt")
+    nested = {f"model.net.{k}": v for k, v in weights.items()} | {"model.criterion.weight": torch.ones(4)}
+    torch.save({"state_dict": nested}, tmp_path / "nested.ckpt")
+    with pytest.raises(SourceError, match=r"under 'model\.net\.' fit one \(beside model\.criterion\.\); choose"):
+        import_model(tmp_path / "nested.ckpt")
+    model = import_model(tmp_path / "nested.ckpt", prefix="model.net")
+    assert (model.card["source"]["key_prefix"], model.card["source"]["left_out"]) == ("model.net.", ["model.criterion."])
+    torch.save({"state_dict": weights, "state_dict_ema": weights, "epoch": 3}, tmp_path / "timm.pth")
+    assert import_model(tmp_path / "timm.pth").card["source"]["left_out"] == ["state_dict_ema"]
+    torch.save({"net": AveragedModel(net).state_dict()}, tmp_path / "swa.pth")
+    model = import_model(tmp_path / "swa.pth")
+    assert (model.card["source"]["key_prefix"], model.card["source"]["left_out"]) == ("net.", ["net.n_averaged"])
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net(x), rtol=1e-5, atol=1e-4)
 
 
 def test_what_training_scripts_save_beside_the_weights_is_read_not_run(tmp_path):
@@ -289,6 +318,10 @@ def test_a_torchscript_archive_is_refused_with_how_to_save_its_weights(tmp_path,
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'traced.pt'}: a TorchScript archive") and "\n" not in message
     assert f"torch.save(torch.jit.load({str(tmp_path / 'traced.pt')!r}).state_dict(), 'weights.pth')" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # python -W error: torch's warning is raised before its refusal
+        with pytest.raises(SourceError, match=r"traced\.pt: a TorchScript archive"):
+            import_model(tmp_path / "traced.pt")
     _write(tmp_path / "names.txt", "a\nb\nc\n")
     argv = ["import", str(tmp_path / "traced.pt"), "--out", str(tmp_path / "t.safetensors"), "--classes"]
     assert cli([*argv, str(tmp_path / "names.txt")]) == 2

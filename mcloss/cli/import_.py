@@ -64,8 +64,8 @@ def _import(args: argparse.Namespace) -> int:
         read_as.append("DataParallel keys")
     if src["key_prefix"]:
         read_as.append(f"keys under {src['key_prefix']!r}")
-    if src["left_out_prefixes"]:
-        read_as.append(f"left out {', '.join(src['left_out_prefixes'])}")
+    if src["left_out"]:
+        read_as.append(f"left out {', '.join(src['left_out'])}")
     print(
         f"imported {src['file']} ({', '.join(read_as)}) as "
         f"{model.config['backbone']}: {model.num_classes} classes x {xi} channels, F {model.config['feature_hw'][0]} x "

@@ -37,7 +37,7 @@ import torch
 
 from mcloss.core.checkpoint import MAX_CLASSES, MAX_IMG_SIZE, MIN_IMG_SIZE
 from mcloss.core.errors import MclossError, ParameterError, first_line
-from mcloss.core.files import file_sha256
+from mcloss.core.files import file_sha256, printable
 from mcloss.core.groups import split_channels
 from mcloss.core.model import VGG_WIDEN, HeadSpec, MCModel, build_model, check_class_names, vgg16_conv_index
 from mcloss.core.transforms import NORMALIZATIONS, EvalTransform
@@ -63,8 +63,9 @@ __all__ = [
 MAX_EXTRAS = 16
 #: The ``--from`` choices besides ``auto``.
 SOURCES = ("official", "fgvclib", "kurumi", "torchvision")
-#: What torch.load says of a TorchScript archive under ``weights_only`` (it warns first, then refuses to read it).
-_TORCHSCRIPT_REFUSAL = "with TorchScript archives"
+#: What torch.load says of a TorchScript archive under ``weights_only``: it warns ("… looks like a TorchScript
+#: archive …"), then refuses to read it ("… with TorchScript archives …").
+_TORCHSCRIPT = "TorchScript archive"
 #: Largest source file read (an official VGG16 state dict at 200 classes is about 120 MB, FGVCLib's about 0.6 GB).
 MAX_SOURCE_BYTES = 4 << 30
 
@@ -89,7 +90,8 @@ class SourceWeights:
         module_infix: whether keys carried ``module.`` (saved from a DataParallel model).
         key_prefix: the wrapper's prefix removed from every key (``model.`` of a Lightning module, ``net.`` of a
             ``{'net': state_dict, 'acc': …}`` file), where the keys fit a layout only without it.
-        left_out: the first segments (``model_ema.``, ``criterion.``) of keys left out by a chosen prefix.
+        left_out: what was not read: state dicts beside the wrapper's (``state_dict_ema``), the keys a chosen
+            prefix leaves out (``model_ema.``, ``criterion.``), an ``AveragedModel``'s ``n_averaged``.
         infixed: the keys (as in ``state``) that carried ``module.``.
     """
 
@@ -130,7 +132,7 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
     if size > MAX_SOURCE_BYTES:
         raise SourceError(f"{label}: {size / 2**30:.1f} GiB, more than the {MAX_SOURCE_BYTES >> 30} GiB a model file may be")
     raw = _load(p, label)
-    state, extras = _flatten(raw, label)
+    state, extras, beside = _flatten(raw, label)
     for key, tensor in state.items():
         # a view claims no more memory than its storage holds (a stride-0 view can claim terabytes)
         if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
@@ -139,7 +141,7 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
     normalized = {_MODULE.sub(r"\1", k): v for k, v in state.items()}
     if len(normalized) != len(state):
         raise SourceError(f"{label}: keys collide once DataParallel's 'module.' is removed")
-    return SourceWeights(p, normalized, extras, file_sha256(p), bool(infixed), infixed=infixed)
+    return SourceWeights(p, normalized, extras, file_sha256(p), bool(infixed), left_out=beside, infixed=infixed)
 
 
 def _load(p: Path, label: str) -> object:
@@ -167,14 +169,12 @@ def _load(p: Path, label: str) -> object:
             f"{label}: holds pickled Python objects ({found.group(1)}), not a state dict, and mcloss never unpickles "
             f"code; {resave}"
         ) from None
-    except RuntimeError as exc:
-        if _TORCHSCRIPT_REFUSAL not in str(exc):
-            raise SourceError(f"{label}: not a readable PyTorch file (RuntimeError: {first_line(exc, 120)})") from None
-        raise SourceError(
-            f"{label}: a TorchScript archive (torch.jit.save), which mcloss does not load; where you trust it, save "
-            f"its weights: torch.save(torch.jit.load({label!r}).state_dict(), 'weights.pth')"
-        ) from None
-    except Exception as exc:  # truncated zip, not a PyTorch file at all
+    except Exception as exc:  # truncated zip, not a PyTorch file at all, a TorchScript archive
+        if _TORCHSCRIPT in str(exc):  # torch's refusal, or its warning before it where warnings are errors
+            raise SourceError(
+                f"{label}: a TorchScript archive (torch.jit.save), which mcloss does not load; where you trust it, "
+                f"save its weights: torch.save(torch.jit.load({label!r}).state_dict(), 'weights.pth')"
+            ) from None
         raise SourceError(f"{label}: not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})") from None
 
 
@@ -197,14 +197,18 @@ def _plain_value_types() -> list:
     return [np.dtype, *dict.fromkeys(numeric), scalar, (_RunArguments, "argparse.Namespace")]
 
 
-def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """The file's tensors (a wrapper's whole state dict, else every tensor and dict of tensors, the dicts' keys
+    prefixed), its scalar entries, and the other state dicts beside a wrapper's (timm's ``state_dict_ema``)."""
     if not isinstance(raw, dict):
         raise SourceError(f"{label}: holds a {type(raw).__name__}, not a state dict")
     raw = {k: _plain(v) for k, v in raw.items()}
+    tensor_dicts = [k for k, v in raw.items() if isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())]
     for key in _WRAPPERS:
-        if isinstance(raw.get(key), dict) and all(isinstance(v, torch.Tensor) for v in raw[key].values()):
+        if key in tensor_dicts:
             extras = {str(k)[:80]: v[:200] if isinstance(v, str) else v for k, v in raw.items() if k != key and _is_scalar(v)}
-            return dict(raw[key]), dict(list(extras.items())[:MAX_EXTRAS])
+            beside = [str(k)[:80] for k in tensor_dicts if k != key and raw[k]]
+            return dict(raw[key]), dict(list(extras.items())[:MAX_EXTRAS]), beside
     state: dict[str, torch.Tensor] = {}
     extras = {}
     for key, value in raw.items():
@@ -216,7 +220,7 @@ def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict]:
             extras[str(key)[:80]] = value[:200] if isinstance(value, str) else value
     if not state:
         raise SourceError(f"{label}: holds no tensors (keys: {', '.join(map(str, list(raw)[:6]))})")
-    return state, extras
+    return state, extras, []
 
 
 def _is_scalar(value: object) -> bool:
@@ -439,76 +443,96 @@ def unwrap_keys(src: SourceWeights, source: str = "auto", prefix: str | None = N
 
     Without ``prefix``, only a prefix that every key shares, and only where the keys fit a layout without it
     and not with it: a Lightning module's ``model.``, a ``{'net': state_dict, 'acc': …}`` file's ``net.``
-    (nested wrappers one segment at a time). No known layout keeps all its keys under one name, so a shared
-    first segment is always a wrapper's. Keys beside the model's (an EMA copy, a loss's class weights) are
-    never left out unasked: the message names the prefixes whose keys fit, to choose with ``prefix``.
+    (nested wrappers one segment at a time, at most :data:`MAX_WRAPPER_DEPTH`). No known layout keeps all its
+    keys under one name, so a shared first segment is always a wrapper's. Keys beside the model's (an EMA
+    copy, a loss's class weights) are never left out unasked: the message names the prefixes whose keys fit,
+    to choose with ``prefix``, unless a layer's weights lie beside them (a head of the user's own beside a
+    torchvision backbone is not a model mcloss can import, and its backbone's unused fc is not its head).
 
-    With ``prefix`` (``model.``, ``model_ema.``): the keys under it, the rest left out (their first segments
-    are recorded in :attr:`SourceWeights.left_out`).
+    With ``prefix`` (``model.``, ``model_ema.``): the keys under it, the rest left out (recorded in
+    :attr:`SourceWeights.left_out`, named to the prefix's depth). An ``AveragedModel``'s update count
+    (``n_averaged``) is left out either way.
 
     Raises:
         SourceError: no key under ``prefix``; or nothing fits as saved but the keys under some prefixes do.
     """
     if prefix:
-        prefix = prefix if prefix.endswith(".") else f"{prefix}."
+        prefix = _MODULE.sub(r"\1", prefix if prefix.endswith(".") else f"{prefix}.")  # as the keys were read
         under = {k[len(prefix) :]: v for k, v in src.state.items() if k.startswith(prefix)}
         if not under:
-            firsts = ", ".join(_first_segments(src.state)[:6])
-            raise SourceError(f"{src.label}: no key begins {prefix!r} (the keys' first segments: {firsts})")
-        left_out = _first_segments({k: v for k, v in src.state.items() if not k.startswith(prefix)})
+            firsts = ", ".join(printable(name) for name in _segments(src.state, 1)[:6])
+            raise SourceError(f"{src.label}: no key begins {printable(prefix)!r} (the keys' first segments: {firsts})")
+        left_out = _segments([k for k in src.state if not k.startswith(prefix)], prefix.count("."))
         infix = any(k.startswith(prefix) for k in src.infixed)  # of the keys read, not of those left out
-        src = replace(src, state=under, key_prefix=prefix, left_out=left_out, module_infix=infix)
-    count = src.state.get(_AVERAGED_COUNT)
-    if count is not None and count.numel() == 1:  # an AveragedModel's (EMA, SWA) update count, not a weight
-        kept = {k: v for k, v in src.state.items() if k != _AVERAGED_COUNT}
-        src = replace(src, state=kept, left_out=[*src.left_out, _AVERAGED_COUNT])
+        src = replace(src, state=under, key_prefix=prefix, left_out=[*src.left_out, *left_out], module_infix=infix)
     state, shared = src.state, ""
-    while not _fitting(state, source):
+    while not _fitting(state, source) and shared.count(".") < MAX_WRAPPER_DEPTH:
         first = {k.split(".", 1)[0] if "." in k else None for k in state}
         if len(first) != 1 or None in first:
-            _suggest_prefixes(src, source)
-            return src
+            break
         (segment,) = first
         shared += f"{segment}."
         state = {k[len(segment) + 1 :]: v for k, v in state.items()}
-    return replace(src, state=state, key_prefix=src.key_prefix + shared) if shared else src
+    if not _fitting(state, source):
+        _suggest_prefixes(src, source)
+        return src
+    src = replace(src, state=state, key_prefix=src.key_prefix + shared) if shared else src
+    count = src.state.get(_AVERAGED_COUNT)
+    if count is not None and count.numel() == 1:  # an AveragedModel's (EMA, SWA) update count, not a weight
+        kept = {k: v for k, v in src.state.items() if k != _AVERAGED_COUNT}
+        src = replace(src, state=kept, left_out=[*src.left_out, src.key_prefix + _AVERAGED_COUNT])
+    return src
 
 
 #: The update count that torch.optim.swa_utils.AveragedModel (EMA and SWA weights) keeps beside ``module.``.
 _AVERAGED_COUNT = "n_averaged"
+#: Deepest wrapper prefix looked for (Lightning's ``model.`` + torch.compile's ``_orig_mod.`` is two).
+MAX_WRAPPER_DEPTH = 4
 
 
-def _first_segments(state: dict) -> list[str]:
-    """The keys' first segments, in order, each with its dot where keys go on (``model.``, ``n_averaged``)."""
-    return list(dict.fromkeys(k.split(".", 1)[0] + "." if "." in k else k for k in state))
+def _segments(keys, depth: int) -> list[str]:
+    """The keys' first ``depth`` segments, in order, with a dot where keys go on (``model.head.``, ``n_averaged``)."""
+    out = []
+    for key in keys:
+        parts = key.split(".", depth)
+        out.append(".".join(parts[:depth]) + "." if len(parts) > depth else key)
+    return list(dict.fromkeys(out))
 
 
 def _suggest_prefixes(src: SourceWeights, source: str) -> None:
-    """Raise, naming them, where keys under some prefixes fit a layout though the whole file does not."""
+    """Raise, naming them, where keys under some prefixes fit a layout though the whole file does not and
+    nothing beside them is a layer's weight (only then are they plainly the model, and the rest not)."""
     if src.key_prefix:
         return  # a prefix was chosen: the layout's own message follows
-    fitting = _prefixes_that_fit(src.state, source, "")
+    fitting = _prefixes_that_fit(src.state, source, "", 0)
     if not fitting:
         return
-    named = " and ".join(repr(f) for f in fitting[:4])
-    rest = [name for name in _first_segments(src.state) if not any(f.startswith(name) for f in fitting)]
-    beside = f" (beside {', '.join(rest[:4])})" if rest else ""
-    each = "each fit" if len(fitting) > 1 else "fit"
+    beside = [k for k in src.state if not k.startswith(tuple(fitting))]
+    if any(src.state[k].dim() >= 2 for k in beside):  # a head (or another network) beside what fits
+        return
+    named = " and ".join(repr(printable(f)) for f in fitting[:4])
+    depth = max(f.count(".") for f in fitting)
+    rest = ", ".join(printable(name) for name in _segments(beside, depth)[:4])
+    layout = "no layout" if source == "auto" else f"no {source} layout"
     raise SourceError(
-        f"{src.label}: the keys as saved fit no layout, but those under {named} {each} one{beside}; choose the "
-        "model's keys with mcloss import --prefix"
+        f"{src.label}: the keys as saved fit {layout}, but those under {named} {'each fit' if len(fitting) > 1 else 'fit'} "
+        f"one{f' (beside {rest})' if rest else ''}; choose the model's keys with mcloss import --prefix"
     )
 
 
-def _prefixes_that_fit(state: dict, source: str, prefix: str) -> list[str]:
+def _prefixes_that_fit(state: dict, source: str, prefix: str, depth: int) -> list[str]:
     if _fitting(state, source):
         return [prefix]
+    if depth == MAX_WRAPPER_DEPTH:
+        return []
     groups: dict[str, dict] = {}
     for key, value in state.items():
         if "." in key:
             segment, rest = key.split(".", 1)
             groups.setdefault(segment, {})[rest] = value
-    return [found for segment, sub in groups.items() for found in _prefixes_that_fit(sub, source, f"{prefix}{segment}.")]
+    return [
+        found for segment, sub in groups.items() for found in _prefixes_that_fit(sub, source, f"{prefix}{segment}.", depth + 1)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- mapping
@@ -825,7 +849,7 @@ def _card(src: SourceWeights, lay: Layout, plan: Plan, preset: str, setting: dic
             "sha256": src.sha256,
             "data_parallel_keys": src.module_infix,
             "key_prefix": src.key_prefix,
-            "left_out_prefixes": src.left_out,
+            "left_out": src.left_out,
             "key_mapping": rules,
             "dropped": list(plan.dropped),
             "extras": src.extras,
