@@ -88,10 +88,12 @@ def _file_key(path: Path) -> str:
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
-def _load_uploaded(key: str, label: str, _data: bytes, names: tuple[str, ...] | None) -> view.LoadedModel:
-    """Load (or import) uploaded checkpoint bytes once per content hash and names (``key``); no copy stays on
-    disk."""
-    return view.load_uploaded(_data, label, key, resolve_device("auto"), names)
+def _load_uploaded(
+    key: str, label: str, _data: bytes, names: tuple[str, ...] | None, prefix: str | None
+) -> view.LoadedModel:
+    """Load (or import) uploaded checkpoint bytes once per content hash, names and key prefix (``key``); no
+    copy stays on disk."""
+    return view.load_uploaded(_data, label, key, resolve_device("auto"), names, prefix)
 
 
 def sidebar_model() -> view.LoadedModel | None:
@@ -123,12 +125,12 @@ def sidebar_model() -> view.LoadedModel | None:
             too_large = view.upload_error(up.name, up.size, view.MAX_CHECKPOINT_MB)
             if too_large:
                 raise CheckpointError(too_large)
-            names = _uploaded_names() if Path(up.name).suffix.lower() in view.IMPORT_SUFFIXES else None
+            names, prefix = _import_options() if Path(up.name).suffix.lower() in view.IMPORT_SUFFIXES else (None, None)
             data = up.getvalue()
             digest = hashlib.sha256(data).hexdigest()
-            key = f"sha256:{digest}:{hashlib.sha256(repr(names).encode()).hexdigest()[:16]}"
+            key = f"sha256:{digest}:{hashlib.sha256(repr((names, prefix)).encode()).hexdigest()[:16]}"
             with st.spinner(f"Loading {view.text(up.name)}…"):
-                return _described(_load_uploaded(key, up.name, data, names))
+                return _described(_load_uploaded(key, up.name, data, names, prefix))
         else:
             p = Path(choice)
             if not p.is_file():
@@ -148,18 +150,24 @@ def sidebar_model() -> view.LoadedModel | None:
         return None
 
 
-def _uploaded_names() -> tuple[str, ...] | None:
-    """The optional class-names file that goes with an imported state dict (None: ``class_000``, …)."""
+def _import_options() -> tuple[tuple[str, ...] | None, str | None]:
+    """What goes with an imported state dict: the optional class-names file (None: ``class_000``, …) and the
+    optional key prefix (None: the keys as saved, or a prefix they all share)."""
     up = st.sidebar.file_uploader(
         "Class names (optional: a text file, one per line, in the source's class order)", type=["txt"],
         key="names_upload", max_upload_size=1,
     )  # fmt: skip
+    prefix = st.sidebar.text_input(
+        "Key prefix (optional)", key="prefix_upload", placeholder="e.g. model_ema.",
+        help="As `mcloss import --prefix`: read only the keys under this prefix, where the file holds more than "
+        "the model (an EMA copy, a loss's weights); the message says which prefixes fit.",
+    ).strip() or None  # fmt: skip
     if up is None:
-        return None
+        return None, prefix
     too_large = view.upload_error(up.name, up.size, 1)
     if too_large:
         raise CheckpointError(too_large)
-    return tuple(view.read_names(up.getvalue(), up.name))
+    return tuple(view.read_names(up.getvalue(), up.name)), prefix
 
 
 def sidebar_compare(first: view.LoadedModel | None) -> view.LoadedModel | None:

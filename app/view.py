@@ -234,14 +234,16 @@ IMPORT_SUFFIXES = (".pth", ".pt", ".ckpt")
 
 
 def load_uploaded(
-    data: bytes, label: str, key: str, device: torch.device, names: Sequence[str] | None = None
+    data: bytes, label: str, key: str, device: torch.device, names: Sequence[str] | None = None,
+    prefix: str | None = None,
 ) -> LoadedModel:
     """:func:`load_model` for uploaded bytes: they pass through a private temporary folder that is removed
     as soon as the model is loaded (or refused), so no uploaded checkpoint outlives the call.
 
     A ``.pth``, ``.pt`` or ``.ckpt`` upload is another project's state dict, imported on the fly
     (:func:`mcloss.interop.sources.import_model`, read with ``weights_only=True``, never unpickled), with
-    ``names`` as its class names (default ``class_000``, …).
+    ``names`` as its class names (default ``class_000``, …) and ``prefix`` as its key prefix
+    (:func:`mcloss.interop.sources.unwrap_keys`).
     """
     t0 = time.perf_counter()
     suffix = Path(label).suffix.lower()
@@ -253,7 +255,7 @@ def load_uploaded(
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
         try:
-            model = import_model(path, classes=names)
+            model = import_model(path, classes=names, prefix=prefix)
         except MclossError as exc:
             raise CheckpointError(str(exc).replace(str(path), label)) from None
     model.card["source"]["file"] = Path(label).name  # the uploaded name, not the temporary copy's

@@ -360,6 +360,17 @@ def test_an_uploaded_lightning_ckpt_is_imported_with_its_name(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), net(x), rtol=1e-5, atol=1e-4)
+    # with an EMA copy beside the model: refused, naming both prefixes and the upload, until a prefix is given
+    ema = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    state = {f"model.{k}": v for k, v in net.state_dict().items()} | {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state}, buffer)
+    with pytest.raises(mcloss.CheckpointError, match=r"^run\.ckpt: .* under 'model\.' and 'ema\.' each fit one; choose"):
+        view.load_uploaded(buffer.getvalue(), "run.ckpt", "sha256:e", torch.device("cpu"), ["a", "b", "c"])
+    loaded = view.load_uploaded(buffer.getvalue(), "run.ckpt", "sha256:f", torch.device("cpu"), None, "ema.")
+    assert loaded.model.card["source"]["left_out"] == ["model."]
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), ema(x), rtol=1e-5, atol=1e-4)
 
 
 def test_app_bomb_message_cites_the_app_limit(tmp_path):

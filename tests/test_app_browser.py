@@ -364,6 +364,23 @@ def test_browser_imports_a_state_dict_with_its_class_names(page, server, tmp_pat
     pg.screenshot(path=str(ARTIFACTS / "app_imported.png"), full_page=True)
     _no_traceback(pg)
 
+    # a Lightning .ckpt with an EMA copy beside the model: the message names both, the key prefix chooses
+    live, averaged = (T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=s).state_dict() for s in (10, 11))
+    run = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in live.items()} | {f"ema.{k}": v for k, v in averaged.items()}}, run)
+    ckpt_input.set_input_files(str(run))
+    alert.wait_for(state="visible")
+    assert "run.ckpt: the keys as saved fit no layout, but those under 'model.' and 'ema.' each fit one" in alert.inner_text().replace(
+        "\u2060", ""
+    )
+    prefix = sidebar.get_by_role("textbox", name="Key prefix (optional)")
+    prefix.fill("ema.")
+    prefix.press("Enter")
+    alert.wait_for(state="detached")
+    sidebar.get_by_text("imported from official-resnet (run.ckpt)").wait_for(state="visible")
+    _wait_overlays(pg)
+    _no_traceback(pg)
+
 
 HOSTILE_NAMES = [
     "<iframe src='http://127.0.0.1:9/iframe'></iframe>",

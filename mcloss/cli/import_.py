@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from mcloss.cli._common import run, writing_to
+from mcloss.core.files import printable
 from mcloss.interop.sources import LAYOUTS, SOURCES, TRANSFORM_PRESETS, import_checkpoint, read_class_list
 
 __all__ = ["build_parser", "main"]
@@ -63,9 +64,9 @@ def _import(args: argparse.Namespace) -> int:
     if src["data_parallel_keys"]:
         read_as.append("DataParallel keys")
     if src["key_prefix"]:
-        read_as.append(f"keys under {src['key_prefix']!r}")
+        read_as.append(f"keys under {printable(src['key_prefix'])!r}")
     if src["left_out"]:
-        read_as.append(f"left out {', '.join(src['left_out'])}")
+        read_as.append(f"left out {', '.join(map(printable, src['left_out']))}")
     print(
         f"imported {src['file']} ({', '.join(read_as)}) as "
         f"{model.config['backbone']}: {model.num_classes} classes x {xi} channels, F {model.config['feature_hw'][0]} x "
