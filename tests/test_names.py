@@ -19,6 +19,8 @@ from mcloss.interop.sources import SourceError, read_class_list
     ("names", "reason"),
     [
         (["Crow"] * 4, "'Crow' appears twice"),
+        (["001.Crow", "002.Wren", "003.Crow", "004.Gull"], "'001.Crow' and '003.Crow' are one name once the numeric prefix"),
+        (["Crow", "Wren", "3.Crow", "Gull"], "'Crow' and '3.Crow' are one name once the numeric prefix"),
         (["Crow", "Wren\x07", "Dove", "Gull"], "holds the control character U\\+0007"),
         (["Crow", "Wren", "evil\u202etxt.exe", "Gull"], "holds the control character U\\+202E"),
         (["Crow", "", "Dove", "Gull"], "must be a non-empty string"),

@@ -176,19 +176,25 @@ def check_class_names(names: Sequence[str]) -> list[str]:
     Names are data from files (a checkpoint's metadata, a names file): shown as text, used in file names.
 
     Raises:
-        ParameterError: a name that is not a string, is empty, holds a control character, or appears twice.
+        ParameterError: a name that is not a string, is empty, holds a control character, or appears twice (also
+            as ``001.Crow`` and ``002.Crow``, which :func:`same_class_name` would take for one class).
     """
     out = list(names)
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # clean name -> the index of the name it came from
     for i, name in enumerate(out):
         if not isinstance(name, str) or not name.strip():
             raise ParameterError(f"class_names: name {i} must be a non-empty string, got {name!r}", parameter="class_names")
         bad = next((c for c in name if unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS), None)
         if bad is not None:
             raise ParameterError(f"class_names: name {i} {name!r} holds the control character U+{ord(bad):04X}", parameter="class_names")
-        if name in seen:
+        first = seen.setdefault(clean_class_name(name), i)
+        if first != i and out[first] == name:
             raise ParameterError(f"class_names: {name!r} appears twice", parameter="class_names")
-        seen.add(name)
+        if first != i:  # names are matched with the prefix aside
+            raise ParameterError(
+                f"class_names: {out[first]!r} and {name!r} are one name once the numeric prefix is dropped",
+                parameter="class_names",
+            )
     return out
 
 
