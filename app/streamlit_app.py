@@ -158,7 +158,7 @@ def _import_options() -> tuple[tuple[str, ...] | None, str | None]:
         key="names_upload", max_upload_size=1,
     )  # fmt: skip
     prefix = st.sidebar.text_input(
-        "Key prefix (optional)", key="prefix_upload", placeholder="e.g. model_ema.",
+        "Key prefix (optional)", key="prefix_upload", placeholder="e.g. model_ema.", max_chars=200,
         help="As `mcloss import --prefix`: read only the keys under this prefix, where the file holds more than "
         "the model (an EMA copy, a loss's weights); the message says which prefixes fit.",
     ).strip() or None  # fmt: skip

@@ -257,7 +257,8 @@ def load_uploaded(
         try:
             model = import_model(path, classes=names, prefix=prefix)
         except MclossError as exc:
-            raise CheckpointError(str(exc).replace(str(path), label)) from None
+            said = str(exc).replace(str(path), label).replace("mcloss import --prefix", "the Key prefix field")
+            raise CheckpointError(said) from None
     model.card["source"]["file"] = Path(label).name  # the uploaded name, not the temporary copy's
     return _validated(model.to(device), label, key, device, t0)
 

@@ -365,7 +365,7 @@ def test_an_uploaded_lightning_ckpt_is_imported_with_its_name(tmp_path):
     state = {f"model.{k}": v for k, v in net.state_dict().items()} | {f"ema.{k}": v for k, v in ema.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"state_dict": state}, buffer)
-    with pytest.raises(mcloss.CheckpointError, match=r"^run\.ckpt: .* under 'model\.' and 'ema\.' each fit one; choose"):
+    with pytest.raises(mcloss.CheckpointError, match=r"^run\.ckpt: .* under 'model\.' and 'ema\.' each fit one; choose the model's keys with the Key prefix field$"):
         view.load_uploaded(buffer.getvalue(), "run.ckpt", "sha256:e", torch.device("cpu"), ["a", "b", "c"])
     loaded = view.load_uploaded(buffer.getvalue(), "run.ckpt", "sha256:f", torch.device("cpu"), None, "ema.")
     assert loaded.model.card["source"]["left_out"] == ["model."]

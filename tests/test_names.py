@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import mcloss
 from mcloss.core.checkpoint import CheckpointError, load_checkpoint
 from mcloss.core.errors import ParameterError
+from mcloss.core.model import clean_class_name
 from mcloss.data.files import unique_file_stems
 from mcloss.interop.sources import SourceError, read_class_list
 
@@ -19,8 +20,8 @@ from mcloss.interop.sources import SourceError, read_class_list
     ("names", "reason"),
     [
         (["Crow"] * 4, "'Crow' appears twice"),
-        (["001.Crow", "002.Wren", "003.Crow", "004.Gull"], "'001.Crow' and '003.Crow' are one name once the numeric prefix"),
-        (["Crow", "Wren", "3.Crow", "Gull"], "'Crow' and '3.Crow' are one name once the numeric prefix"),
+        (["001.Crow", "002.Wren", "003.Crow", "004.Gull"], r"'001.Crow' and '003.Crow' are the same name \(a numeric prefix"),
+        (["Crow", "Wren", "3.Crow", "Gull"], r"'Crow' and '3.Crow' are the same name \(a numeric prefix and spaces aside\)"),
         (["Crow", "Wren\x07", "Dove", "Gull"], "holds the control character U\\+0007"),
         (["Crow", "Wren", "evil\u202etxt.exe", "Gull"], "holds the control character U\\+202E"),
         (["Crow", "", "Dove", "Gull"], "must be a non-empty string"),
@@ -39,6 +40,12 @@ def test_a_checkpoint_with_bad_class_names_is_refused_naming_the_file(tmp_path, 
         load_checkpoint(bad)
     with pytest.raises(ParameterError, match=reason):
         mcloss.build_model("resnet18", 4, xi=2, img_size=32, class_names=names)
+
+
+def test_names_that_are_numbers_are_names_not_prefixes():
+    """Bins of a regression-like tree (0.5/, 1.5/) stay distinct classes; a 001. prefix before a word is dropped."""
+    assert mcloss.build_model("resnet18", 3, xi=2, img_size=32, class_names=["0.5", "1.5", "2.5"]).class_names == ["0.5", "1.5", "2.5"]
+    assert [clean_class_name(n) for n in ("1.5", "10.25.3", "001.Crow", "2012 Tesla Model S")] == ["1.5", "10.25.3", "Crow", "2012 Tesla Model S"]
 
 
 def test_a_names_file_with_a_control_character_is_refused(tmp_path):

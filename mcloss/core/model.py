@@ -155,8 +155,8 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 
 def clean_class_name(name: str) -> str:
     """``001.Black_footed_Albatross`` → ``Black_footed_Albatross``: CUB's and many ImageFolder trees' numeric
-    prefix dropped (names without one stay, stripped)."""
-    return re.sub(r"^\d+\.", "", name.strip())
+    prefix dropped (names without one stay, stripped; a name that is a number, ``1.5``, stays whole)."""
+    return re.sub(r"^\d+\.(?![\d.]*$)", "", name.strip())
 
 
 def same_class_name(a: str, b: str) -> bool:
@@ -192,7 +192,7 @@ def check_class_names(names: Sequence[str]) -> list[str]:
             raise ParameterError(f"class_names: {name!r} appears twice", parameter="class_names")
         if first != i:  # names are matched with the prefix aside
             raise ParameterError(
-                f"class_names: {out[first]!r} and {name!r} are one name once the numeric prefix is dropped",
+                f"class_names: {out[first]!r} and {name!r} are the same name (a numeric prefix and spaces aside)",
                 parameter="class_names",
             )
     return out
