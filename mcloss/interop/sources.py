@@ -87,22 +87,31 @@ class SourceWeights:
         state: key → tensor.
         extras: the file's non-tensor top-level entries (e.g. Kurumi233's ``acc`` and ``epoch``).
         sha256: the file's digest.
-        module_infix: whether keys carried ``module.`` (saved from a DataParallel model).
         key_prefix: the wrapper's prefix removed from every key (``model.`` of a Lightning module, ``net.`` of a
             ``{'net': state_dict, 'acc': …}`` file), where the keys fit a layout only without it.
         left_out: what was not read: state dicts beside the wrapper's (``state_dict_ema``), the keys a chosen
             prefix leaves out (``model_ema.``, ``criterion.``), an ``AveragedModel``'s ``n_averaged``.
-        infixed: the keys (as in ``state``) that carried ``module.``.
+        infixed: the keys of ``state`` that carried ``module.`` (saved from a DataParallel model).
     """
 
     path: Path
     state: dict[str, torch.Tensor]
     extras: dict = field(default_factory=dict)
     sha256: str = ""
-    module_infix: bool = False
     key_prefix: str = ""
     left_out: list[str] = field(default_factory=list)
     infixed: frozenset[str] = field(default=frozenset(), repr=False)
+
+    @property
+    def module_infix(self) -> bool:
+        """Whether the keys read carried ``module.`` (saved from a DataParallel model)."""
+        return bool(self.infixed)
+
+    def under(self, prefix: str) -> SourceWeights:
+        """The keys under ``prefix``, without it (``prefix`` added to :attr:`key_prefix`)."""
+        state = {k[len(prefix) :]: v for k, v in self.state.items() if k.startswith(prefix)}
+        infixed = frozenset(k[len(prefix) :] for k in self.infixed if k.startswith(prefix))
+        return replace(self, state=state, key_prefix=self.key_prefix + prefix, infixed=infixed)
 
     @property
     def label(self) -> str:
@@ -141,7 +150,7 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
     normalized = {_MODULE.sub(r"\1", k): v for k, v in state.items()}
     if len(normalized) != len(state):
         raise SourceError(f"{label}: keys collide once DataParallel's 'module.' is removed")
-    return SourceWeights(p, normalized, extras, file_sha256(p), bool(infixed), left_out=beside, infixed=infixed)
+    return SourceWeights(p, normalized, extras, file_sha256(p), left_out=beside, infixed=infixed)
 
 
 def _load(p: Path, label: str) -> object:
@@ -443,7 +452,7 @@ def unwrap_keys(src: SourceWeights, source: str = "auto", prefix: str | None = N
 
     Without ``prefix``, only a prefix that every key shares, and only where the keys fit a layout without it
     and not with it: a Lightning module's ``model.``, a ``{'net': state_dict, 'acc': …}`` file's ``net.``
-    (nested wrappers one segment at a time, at most :data:`MAX_WRAPPER_DEPTH`). No known layout keeps all its
+    (nested wrappers too, at most :data:`MAX_WRAPPER_DEPTH` segments). No known layout keeps all its
     keys under one name, so a shared first segment is always a wrapper's. Keys beside the model's (an EMA
     copy, a loss's class weights) are never left out unasked: the message names the prefixes whose keys fit,
     to choose with ``prefix``, unless a layer's weights lie beside them (a head of the user's own beside a
@@ -458,25 +467,18 @@ def unwrap_keys(src: SourceWeights, source: str = "auto", prefix: str | None = N
     """
     if prefix:
         prefix = _MODULE.sub(r"\1", prefix if prefix.endswith(".") else f"{prefix}.")  # as the keys were read
-        under = {k[len(prefix) :]: v for k, v in src.state.items() if k.startswith(prefix)}
-        if not under:
+        chosen = src.under(prefix)
+        if not chosen.state:
             firsts = ", ".join(printable(name) for name in _segments(src.state, 1)[:6])
             raise SourceError(f"{src.label}: no key begins {printable(prefix)!r} (the keys' first segments: {firsts})")
         left_out = _segments([k for k in src.state if not k.startswith(prefix)], prefix.count("."))
-        infix = any(k.startswith(prefix) for k in src.infixed)  # of the keys read, not of those left out
-        src = replace(src, state=under, key_prefix=prefix, left_out=[*src.left_out, *left_out], module_infix=infix)
-    state, shared = src.state, ""
-    while not _fitting(state, source) and shared.count(".") < MAX_WRAPPER_DEPTH:
-        first = {k.split(".", 1)[0] if "." in k else None for k in state}
-        if len(first) != 1 or None in first:
-            break
-        (segment,) = first
-        shared += f"{segment}."
-        state = {k[len(segment) + 1 :]: v for k, v in state.items()}
-    if not _fitting(state, source):
-        _suggest_prefixes(src, source)
+        src = replace(chosen, left_out=[*src.left_out, *left_out])
+    fitting = _prefixes_that_fit(src.state, source, "", 0)  # [""] where the keys fit as saved
+    if len(fitting) != 1 or not all(k.startswith(fitting[0]) for k in src.state):
+        if fitting and not src.key_prefix:  # a chosen prefix gets the layout's own message
+            _suggest_prefixes(src, source, fitting)
         return src
-    src = replace(src, state=state, key_prefix=src.key_prefix + shared) if shared else src
+    src = src.under(fitting[0]) if fitting[0] else src
     count = src.state.get(_AVERAGED_COUNT)
     if count is not None and count.numel() == 1:  # an AveragedModel's (EMA, SWA) update count, not a weight
         kept = {k: v for k, v in src.state.items() if k != _AVERAGED_COUNT}
@@ -499,14 +501,10 @@ def _segments(keys, depth: int) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _suggest_prefixes(src: SourceWeights, source: str) -> None:
-    """Raise, naming them, where keys under some prefixes fit a layout though the whole file does not and
-    nothing beside them is a layer's weight (only then are they plainly the model, and the rest not)."""
-    if src.key_prefix:
-        return  # a prefix was chosen: the layout's own message follows
-    fitting = _prefixes_that_fit(src.state, source, "", 0)
-    if not fitting:
-        return
+def _suggest_prefixes(src: SourceWeights, source: str, fitting: list[str]) -> None:
+    """Raise, naming them, where the keys under the ``fitting`` prefixes fit a layout though the whole file
+    does not and nothing beside them is a layer's weight (only then are they plainly the model, and the rest
+    not)."""
     beside = [k for k in src.state if not k.startswith(tuple(fitting))]
     if any(src.state[k].dim() >= 2 for k in beside):  # a head (or another network) beside what fits
         return
@@ -521,6 +519,8 @@ def _suggest_prefixes(src: SourceWeights, source: str) -> None:
 
 
 def _prefixes_that_fit(state: dict, source: str, prefix: str, depth: int) -> list[str]:
+    """The prefixes (``prefix`` and below, at most :data:`MAX_WRAPPER_DEPTH` segments deep) whose keys fit a
+    layout; the shallowest of each branch."""
     if _fitting(state, source):
         return [prefix]
     if depth == MAX_WRAPPER_DEPTH:
