@@ -6,6 +6,9 @@ On a GPU (the sizes the issue asks for):
   in fp32 and in bf16 + channels_last;
 - a 2-epoch MC-Loss training run on synthetic birds with bf16 autocast, then ``--resume`` to a third epoch;
 - app-style latency: one uploaded image explained for its top-2 classes (the app's call), median of repeats;
+- the export's steady state: the marginal milliseconds per image of ``export`` (no montage, JPEG and PNG
+  montages) from an export of one batch and one of many, beside the forward's; the bench's export paths time
+  whole exports of a few batches, so on a GPU their fixed cost (worker start-up, the plan) weighs in;
 - montage encoding (issue 27): a batch of 16 real montages encoded as PNG and as JPEG on the CPU (mcloss's
   encoders), and as JPEG by ``torchvision.io.encode_jpeg`` on the device (nvJPEG on CUDA: the montages are
   uploaded, encoded there, and only the bytes come back), with each JPEG's PSNR against the PNG.
@@ -80,7 +83,7 @@ def bench_models(device: torch.device, models: Sequence[tuple], repeats: int, wa
     """Every benchmark path for each model, in fp32 and in bf16 + channels_last, with the goal ratios."""
     rows = []
     for backbone, size, classes, xi, batch in models:
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):  # bf16 autocasts on CUDA only
             torch.manual_seed(0)
             model = build_model(backbone, classes, xi=xi, img_size=size)
             report = run_benchmark(
@@ -157,6 +160,65 @@ def app_latency(device: torch.device, repeats: int, smoke: bool) -> dict:
     median = statistics.median(times)
     return {"model": source, "image": [640, 480], "median_s": median, "times_s": times, "goal_s": APP_LATENCY_GOAL_S,
             "met": median <= APP_LATENCY_GOAL_S}  # fmt: skip
+
+
+def steady_export(device: torch.device, work: Path, smoke: bool) -> dict:
+    """Milliseconds per image of the export once running, per montage choice, against the forward's.
+
+    Each choice exports one batch and then every image (``(all - one batch) / (images - batch)``: the export's
+    fixed cost cancels), into fresh folders, with the benchmarks' ResNet-18.
+    """
+    from mcloss.core.device import autocast
+    from mcloss.explainability.export import ExportConfig, export
+
+    classes, per_class, size, batch = (2, 4, 32, 4) if smoke else (16, 32, 224, 32)
+    generate_dataset(work / "birds", classes, per_class, size, 0)
+    images = sorted((work / "birds" / "images").rglob("*.jpg"))
+    one = work / "one-batch"
+    one.mkdir()
+    for f in images[:batch]:
+        (one / f.name).write_bytes(f.read_bytes())
+    torch.manual_seed(0)
+    backbone, side, n_classes, xi, _ = SMOKE_MODELS[0] if smoke else FULL_MODELS[0]
+    model = build_model(backbone, n_classes, xi=xi, img_size=side).to(device).eval()
+    amp = device.type == "cuda"
+    x = torch.randn(batch, 3, side, side, device=device)
+
+    def forward():
+        with torch.inference_mode(), autocast(device, enabled=amp):
+            model(x)
+
+    for _ in range(3):
+        forward()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        forward()
+    _sync(device)
+    forward_ms = (time.perf_counter() - t0) * 1000 / (20 * batch)
+    workers = EXPORT_WORKERS if device.type == "cuda" else 0
+
+    def seconds(folder: Path, options: dict) -> tuple[float, int]:
+        config = ExportConfig(
+            checkpoint="gpu-check", input=[str(folder)], out=tempfile.mkdtemp(dir=work), batch_size=batch,
+            workers=workers, device=str(device), **options,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        result = export(model, config, device=device, amp=amp, checkpoint_sha256="gpu-check")
+        elapsed = time.perf_counter() - t0
+        if result.errors:
+            raise RuntimeError(f"the steady-state export failed: {result.errors[0]}")
+        return elapsed, result.written
+
+    report: dict = {"images": len(images), "batch_size": batch, "workers": workers, "forward_ms": forward_ms}
+    choices = {"no_montage": {"montage": False}, "jpg": {"montage_format": "jpg"}, "png": {"montage_format": "png"}}
+    seconds(one, choices["jpg"])  # a warm-up: the first export's one-off costs would shrink the difference
+    for name, options in choices.items():
+        one_s, one_n = seconds(one, options)
+        all_s, all_n = seconds(work / "birds" / "images", options)
+        ms = (all_s - one_s) * 1000 / (all_n - one_n)
+        report[name] = {"one_batch_s": one_s, "all_s": all_s, "ms_per_image": ms, "over_forward": forward_ms / ms}
+    return report
 
 
 def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
@@ -241,16 +303,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     repeats = args.repeats or (1 if args.smoke else 10)
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": args.smoke, "device": device_record(device)}
-    report["bench"] = bench_models(device, SMOKE_MODELS if args.smoke else FULL_MODELS, repeats, 0 if args.smoke else 2)
+
+    def stage(name: str, measure) -> None:
+        """One part of the report, saved as soon as it is measured: a run cut short keeps what it finished."""
+        t0 = time.perf_counter()
+        report[name] = measure()
+        report.setdefault("stage_seconds", {})[name] = time.perf_counter() - t0
+        atomic_write_json(args.out, report)
+        print(f"{name}: {report['stage_seconds'][name]:.1f} s", file=sys.stderr, flush=True)
+
+    stage("bench", lambda: bench_models(device, SMOKE_MODELS if args.smoke else FULL_MODELS, repeats, 0 if args.smoke else 2))
     with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
-        report["training"] = train_and_resume(device, Path(tmp), args.smoke)
-    report["app_latency"] = app_latency(device, 3 if args.smoke else 20, args.smoke)
-    report["montage_encoding"] = montage_encoding(device, 1 if args.smoke else 10, args.smoke)
-    atomic_write_json(args.out, report)
+        stage("training", lambda: train_and_resume(device, Path(tmp), args.smoke))
+    stage("app_latency", lambda: app_latency(device, 3 if args.smoke else 20, args.smoke))
+    with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
+        stage("steady_export", lambda: steady_export(device, Path(tmp), args.smoke))
+    stage("montage_encoding", lambda: montage_encoding(device, 1 if args.smoke else 10, args.smoke))
     print(json.dumps({
         "device": report["device"]["name"],
         "bench": [{k: r[k] for k in ("backbone", "precision", "images_per_s")} for r in report["bench"]],
         "training_ok": report["training"]["ok"], "app_latency_s": report["app_latency"]["median_s"],
+        "steady_export": report["steady_export"],
         "montage_encoding": report["montage_encoding"],
     }, indent=1))  # fmt: skip
     return 0 if report["training"]["ok"] else 1

@@ -27,10 +27,10 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     assert main(["--backbone", "resnet18", "--json", "x.json", "--paths", "nope"]) == 2
 
 
-def test_bench_export_path_is_the_real_export_and_precision_is_recorded(tmp_path):
+def test_bench_export_path_is_the_real_export_and_precision_is_recorded(tmp_path, capsys):
     out = tmp_path / "e.json"
     code = main(["--backbone", "resnet18", "--img-size", "32", "--classes", "2", "--device", "cpu", "--json", str(out),
-                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--workers", "0", "--precision", "bf16",
+                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--workers", "0", "--precision", "fp32",
                  "--export-batches", "3", "--paths", "forward_only,export_end_to_end,export_no_montage"])  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
@@ -38,10 +38,13 @@ def test_bench_export_path_is_the_real_export_and_precision_is_recorded(tmp_path
     assert export["images"] == 6 and report["paths"]["forward_only"]["images"] == 2  # 3 batches of 2 birds
     assert abs(export["images_per_s"] - 6 / export["median_s"]) < 1e-9
     assert report["paths"]["export_no_montage"]["images"] == 6
-    assert report["precision"] == "bf16" and report["setup"]["bf16"] and not report["channels_last"]  # CPU
+    assert report["precision"] == "fp32" and not report["setup"]["bf16"] and not report["channels_last"]  # CPU
     assert set(report["ratios"]) == {"export_end_to_end / forward_only", "export_no_montage / forward_only"}
     assert report["ratios"]["export_end_to_end / forward_only"]["goal"] == 0.7
     assert main(["--backbone", "resnet18", "--json", str(out), "--precision", "fp16"]) == 2
+    # explain and export autocast on CUDA only: a CPU run asked for bf16 would be fp32 under a bf16 label
+    assert main(["--backbone", "resnet18", "--device", "cpu", "--json", str(out), "--precision", "bf16"]) == 2
+    assert "bf16 runs on CUDA only; on cpu the paths run fp32" in capsys.readouterr().err
 
 
 def test_bench_export_paths_draw_montages_only_with_them(tmp_path, monkeypatch):

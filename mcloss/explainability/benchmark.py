@@ -127,7 +127,8 @@ def _paths(
     def pytorch_grad_cam():
         from pytorch_grad_cam import GradCAM
 
-        with autocast(device, enabled=amp), GradCAM(model, [model.feature_layer]) as cam:
+        # always fp32: pytorch-grad-cam reads the logits and activations into numpy, which has no bfloat16
+        with GradCAM(model, [model.feature_layer]) as cam:
             return cam(x, targets=None)  # None: the predicted class
 
     folder = str(jpegs[0].parent)
@@ -193,6 +194,8 @@ def run_benchmark(
         raise ParameterError(f"export_batches must be >= 1, got {export_batches}", parameter="export_batches")
     if precision not in PRECISIONS:
         raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", parameter="precision")
+    if precision == "bf16" and device.type != "cuda":  # explain and export autocast on CUDA only: it would run fp32
+        raise ParameterError(f"bf16 runs on CUDA only; on {device.type} the paths run fp32", parameter="precision")
     amp = device.type == "cuda" if precision == "auto" else precision == "bf16"
     channels_last = amp and device.type == "cuda"
     model = model.to(device).eval()
