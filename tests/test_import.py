@@ -174,7 +174,9 @@ def test_keys_beside_the_models_are_left_out_only_by_a_chosen_prefix(tmp_path, c
     for prefix, recorded, net, left_out in chosen:
         model = import_model(tmp_path / "run.ckpt", prefix=prefix)
         assert (model.card["source"]["key_prefix"], model.card["source"]["left_out"]) == (recorded, left_out)
-        assert model.card["source"]["data_parallel_keys"] is (prefix == "ema")  # AveragedModel's module., not live's
+        # the EMA's module. is its AveragedModel's, not DataParallel's
+        assert not model.card["source"]["data_parallel_keys"]
+        assert model.card["source"]["averaged_model"] is (prefix == "ema")
         with torch.no_grad():
             assert torch.allclose(model(x), net(x), rtol=1e-5, atol=1e-4)
     firsts = r"\(the keys' first segments: model\., ema\., criterion\.\)$"
@@ -184,6 +186,9 @@ def test_keys_beside_the_models_are_left_out_only_by_a_chosen_prefix(tmp_path, c
     argv = ["import", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "m.safetensors"), "--classes"]
     assert cli([*argv, str(tmp_path / "names.txt"), "--prefix", "model."]) == 0
     assert "(torchvision, keys under 'model.', left out ema., criterion.) as resnet18" in capsys.readouterr().out
+    assert cli([*argv, str(tmp_path / "names.txt"), "--prefix", "ema."]) == 0
+    summary = "(torchvision, AveragedModel keys, keys under 'ema.', left out model., criterion., ema.n_averaged) as"
+    assert summary in capsys.readouterr().out
 
 
 def test_what_lies_beside_the_model_is_named_never_taken_as_it(tmp_path):
@@ -209,6 +214,7 @@ def test_what_lies_beside_the_model_is_named_never_taken_as_it(tmp_path):
     torch.save({"net": AveragedModel(net).state_dict()}, tmp_path / "swa.pth")
     model = import_model(tmp_path / "swa.pth")
     assert (model.card["source"]["key_prefix"], model.card["source"]["left_out"]) == ("net.", ["net.n_averaged"])
+    assert model.card["source"]["averaged_model"] and not model.card["source"]["data_parallel_keys"]
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(model(x), net(x), rtol=1e-5, atol=1e-4)

@@ -63,6 +63,8 @@ def _import(args: argparse.Namespace) -> int:
     read_as = [src["layout"]]
     if src["data_parallel_keys"]:
         read_as.append("DataParallel keys")
+    if src.get("averaged_model"):
+        read_as.append("AveragedModel keys")
     if src["key_prefix"]:
         read_as.append(f"keys under {printable(src['key_prefix'])!r}")
     if src["left_out"]:

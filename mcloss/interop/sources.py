@@ -91,7 +91,10 @@ class SourceWeights:
             ``{'net': state_dict, 'acc': …}`` file), where the keys fit a layout only without it.
         left_out: what was not read: state dicts beside the wrapper's (``state_dict_ema``), the keys a chosen
             prefix leaves out (``model_ema.``, ``criterion.``), an ``AveragedModel``'s ``n_averaged``.
-        infixed: the keys of ``state`` that carried ``module.`` (saved from a DataParallel model).
+        infixed: the keys of ``state`` that carried ``module.`` (saved from a DataParallel model, or an
+            ``AveragedModel``'s).
+        averaged: the keys read are an ``AveragedModel``'s (EMA or SWA weights: ``module.`` and ``n_averaged``),
+            so their ``module.`` is its, not DataParallel's.
     """
 
     path: Path
@@ -101,11 +104,12 @@ class SourceWeights:
     key_prefix: str = ""
     left_out: list[str] = field(default_factory=list)
     infixed: frozenset[str] = field(default=frozenset(), repr=False)
+    averaged: bool = False
 
     @property
     def module_infix(self) -> bool:
-        """Whether the keys read carried ``module.`` (saved from a DataParallel model)."""
-        return bool(self.infixed)
+        """Whether the keys read carried DataParallel's ``module.`` (not an ``AveragedModel``'s)."""
+        return bool(self.infixed) and not self.averaged
 
     def under(self, prefix: str) -> SourceWeights:
         """The keys under ``prefix``, without it (``prefix`` added to :attr:`key_prefix`)."""
@@ -482,7 +486,9 @@ def unwrap_keys(src: SourceWeights, source: str = "auto", prefix: str | None = N
     count = src.state.get(_AVERAGED_COUNT)
     if count is not None and count.numel() == 1:  # an AveragedModel's (EMA, SWA) update count, not a weight
         kept = {k: v for k, v in src.state.items() if k != _AVERAGED_COUNT}
-        src = replace(src, state=kept, left_out=[*src.left_out, src.key_prefix + _AVERAGED_COUNT])
+        src = replace(
+            src, state=kept, left_out=[*src.left_out, src.key_prefix + _AVERAGED_COUNT], averaged=bool(src.infixed)
+        )
     return src
 
 
@@ -848,6 +854,7 @@ def _card(src: SourceWeights, lay: Layout, plan: Plan, preset: str, setting: dic
             "file": src.path.name,
             "sha256": src.sha256,
             "data_parallel_keys": src.module_infix,
+            "averaged_model": src.averaged,
             "key_prefix": src.key_prefix,
             "left_out": src.left_out,
             "key_mapping": rules,
