@@ -40,7 +40,7 @@ from mcloss.core.files import atomic_write_json
 from mcloss.core.model import build_model
 from mcloss.core.provenance import versions
 from mcloss.data.synth import generate_dataset
-from mcloss.explainability.benchmark import PATHS, run_benchmark
+from mcloss.explainability.benchmark import EXPORTS, PATHS, run_benchmark
 from mcloss.explainability.explanation import explain
 from mcloss.training.run_dir import read_metrics
 
@@ -80,20 +80,27 @@ def device_record(device: torch.device) -> dict:
 
 
 def bench_models(device: torch.device, models: Sequence[tuple], repeats: int, warmup: int) -> list[dict]:
-    """Every benchmark path for each model, in fp32 and in bf16 + channels_last, with the goal ratios."""
+    """Every benchmark path for each model in fp32, and in bf16 + channels_last all but the export paths, with
+    the goal ratios.
+
+    The export paths cost most of the time here (on an H200 about 85 s a row against a few for the rest), and
+    their speed is the host's: 77 images/s for JPEG montages in fp32 and in bf16 alike (2026-12-04).
+    """
     rows = []
     for backbone, size, classes, xi, batch in models:
         for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):  # bf16 autocasts on CUDA only
             torch.manual_seed(0)
             model = build_model(backbone, classes, xi=xi, img_size=size)
             report = run_benchmark(
-                model, device, batch_size=batch, repeats=repeats, warmup=warmup, paths=PATHS, precision=precision,
+                model, device, batch_size=batch, repeats=repeats, warmup=warmup, precision=precision,
+                paths=PATHS if precision == "fp32" else tuple(p for p in PATHS if p not in EXPORTS),
                 workers=EXPORT_WORKERS if device.type == "cuda" else 0,
-            )
+            )  # fmt: skip
             paths = report["paths"]
             goals = {
                 label: {"ratio": paths[num]["images_per_s"] / paths[den]["images_per_s"], "goal": goal}
                 for label, num, den, goal in GOALS
+                if num in paths
             }
             for g in goals.values():
                 g["met"] = g["ratio"] >= g["goal"]
