@@ -1,9 +1,9 @@
-"""Check the CUDA path and measure it: one JSON with the benchmark, an AMP training run with resume, and the
-app's single-image latency.
+"""Check the CUDA path and measure it: one JSON with the benchmark, an AMP training run with resume, the
+app's single-image latency, the export's per-image cost and the montage encoders.
 
 On a GPU (the sizes the issue asks for):
 - ``mcloss bench`` paths for ResNet-18 at 224 px and ResNet-50 at 448 px (200 classes, the official ξ split),
-  in fp32 and in bf16 + channels_last;
+  in fp32 and in bf16 + channels_last (the export paths in fp32 only);
 - a 2-epoch MC-Loss training run on synthetic birds with bf16 autocast, then ``--resume`` to a third epoch;
 - app-style latency: one uploaded image explained for its top-2 classes (the app's call), median of repeats;
 - the export's steady state: the marginal milliseconds per image of ``export`` (no montage, JPEG and PNG
