@@ -40,7 +40,7 @@ from mcloss.core.files import atomic_write_json
 from mcloss.core.model import build_model
 from mcloss.core.provenance import versions
 from mcloss.data.synth import generate_dataset
-from mcloss.explainability.benchmark import EXPORTS, PATHS, run_benchmark
+from mcloss.explainability.benchmark import EXPORTS, PATHS, run_benchmark, time_path
 from mcloss.explainability.explanation import explain
 from mcloss.training.run_dir import read_metrics
 
@@ -195,14 +195,7 @@ def steady_export(device: torch.device, work: Path, smoke: bool) -> dict:
         with torch.inference_mode(), autocast(device, enabled=amp):
             model(x)
 
-    for _ in range(3):
-        forward()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        forward()
-    _sync(device)
-    forward_ms = (time.perf_counter() - t0) * 1000 / (20 * batch)
+    forward_ms = statistics.median(time_path(forward, device, warmup=3, repeats=20)) * 1000 / batch  # as the bench's
     workers = EXPORT_WORKERS if device.type == "cuda" else 0
 
     def seconds(folder: Path, options: dict) -> tuple[float, int]:
