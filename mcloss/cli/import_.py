@@ -63,7 +63,7 @@ def _import(args: argparse.Namespace) -> int:
     read_as = [src["layout"]]
     if src["data_parallel_keys"]:
         read_as.append("DataParallel keys")
-    if src.get("averaged_model"):
+    if src["averaged_model"]:
         read_as.append("AveragedModel keys")
     if src["key_prefix"]:
         read_as.append(f"keys under {printable(src['key_prefix'])!r}")

@@ -197,7 +197,7 @@ def run_benchmark(
     if precision == "bf16" and device.type != "cuda":  # explain and export autocast on CUDA only: it would run fp32
         raise ParameterError(f"bf16 runs on CUDA only; on {device.type} the paths run fp32", parameter="precision")
     amp = device.type == "cuda" if precision == "auto" else precision == "bf16"
-    channels_last = amp and device.type == "cuda"
+    channels_last = amp  # amp is on only on CUDA: bf16 elsewhere is refused above
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
