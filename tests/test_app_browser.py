@@ -171,6 +171,16 @@ def _wait_rerun_done(pg) -> None:
     pg.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
 
 
+def _only_button(pg, name: str):
+    """The one button named ``name``, once a changed layout's stale copy of it has left the DOM (it can stay a
+    moment after the status widget has gone)."""
+    from playwright.sync_api import expect
+
+    button = pg.get_by_role("button", name=name)  # visible ones only, as the click's own lookup
+    expect(button).to_have_count(1, timeout=30_000)
+    return button
+
+
 def _wait_overlays(pg) -> None:
     pg.locator('img[alt^="Grad-CAM of"]').first.wait_for(state="visible")
     pg.locator('img[alt^="channel 1 of"]').first.wait_for(state="visible")
@@ -268,14 +278,14 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     pg.wait_for_function("() => document.querySelectorAll('img[alt^=\"channel 1 of\"]').length === 2")
     _wait_rerun_done(pg)
     with pg.expect_download() as dl:
-        pg.get_by_role("button", name="Montage (JPG)").click()
+        _only_button(pg, "Montage (JPG)").click()
     width, height = Image.open(io.BytesIO(montage)).size
     assert Image.open(dl.value.path()).size == (width, 2 * height + 6)
     pg.get_by_text("Compare the top-2 classes").click()
     pg.wait_for_function("() => document.querySelectorAll('img[alt^=\"channel 1 of\"]').length === 1")
     _wait_rerun_done(pg)
     with pg.expect_download() as dl:
-        pg.get_by_role("button", name="Everything (ZIP)").click()
+        _only_button(pg, "Everything (ZIP)").click()
     with zipfile.ZipFile(Path(dl.value.path())) as zf:
         names = set(zf.namelist())
         record = json.loads(zf.read("export/second_bird.png.json"))
