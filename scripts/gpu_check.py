@@ -9,6 +9,8 @@ On a GPU (the sizes the issue asks for):
 - the export's steady state: the marginal milliseconds per image of ``export`` (no montage, JPEG and PNG
   montages) from an export of one batch and one of many, beside the forward's; the bench's export paths time
   whole exports of a few batches, so on a GPU their fixed cost (worker start-up, the plan) weighs in;
+- the host's share of an explain call: ``channel_maps`` (5 ms over the forward on the first H200 run, for 32
+  images or 16) beside the same call after a stored forward (scripts/explain_overhead.py);
 - montage encoding (issue 27): a batch of 16 real montages encoded as PNG and as JPEG on the CPU (mcloss's
   encoders), and as JPEG by ``torchvision.io.encode_jpeg`` on the device (nvJPEG on CUDA: the montages are
   uploaded, encoded there, and only the bytes come back), with each JPEG's PSNR against the PNG.
@@ -287,6 +289,16 @@ def montage_encoding(device: torch.device, repeats: int, smoke: bool) -> dict:
     return report
 
 
+def explain_host(device: torch.device, smoke: bool) -> list[dict]:
+    """``channel_maps`` against ``forward_only`` and the host's share of the call (scripts/explain_overhead.py)
+    for the first bench model in fp32, at batches of 1, 32 and 128: whether the gap is the host's work."""
+    from explain_overhead import overhead
+
+    backbone, side, classes, xi, _ = (SMOKE_MODELS if smoke else FULL_MODELS)[0]
+    model = build_model(backbone, classes, xi=xi, img_size=side)
+    return overhead(model, device, (1, 2) if smoke else (1, 32, 128), 1 if smoke else 20)
+
+
 def _min_psnr(pictures: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:
     """The lowest PSNR (dB) of each picture against its reference."""
     mse = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(pictures, references, strict=True)]
@@ -319,12 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
         stage("steady_export", lambda: steady_export(device, Path(tmp), args.smoke))
     stage("montage_encoding", lambda: montage_encoding(device, 1 if args.smoke else 10, args.smoke))
+    stage("explain_overhead", lambda: explain_host(device, args.smoke))
     print(json.dumps({
         "device": report["device"]["name"],
         "bench": [{k: r[k] for k in ("backbone", "precision", "images_per_s")} for r in report["bench"]],
         "training_ok": report["training"]["ok"], "app_latency_s": report["app_latency"]["median_s"],
         "steady_export": report["steady_export"],
-        "montage_encoding": report["montage_encoding"],
+        "montage_encoding": report["montage_encoding"], "explain_overhead": report["explain_overhead"],
     }, indent=1))  # fmt: skip
     return 0 if report["training"]["ok"] else 1
 

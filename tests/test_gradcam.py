@@ -166,6 +166,19 @@ def test_model_guard_restores_mode_and_flags_and_leaves_hooks_to_their_owner():
     assert hooks_left(model) == 0
 
 
+def test_model_guard_restores_a_mix_of_modes_module_by_module():
+    model = _model()  # in eval mode
+    model.head.train()  # one part training, the rest not
+    modes = [m.training for m in model.modules()]
+    with model_guard(model, freeze=True):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == modes and not model.training and model.head.training
+    model.eval()
+    with model_guard(model):  # nothing to change: nothing changes
+        assert not any(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+
+
 def test_no_hook_survives_any_explain_path(random_images):
     model = _model()
     for method in ("fused", "captum"):

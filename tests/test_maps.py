@@ -248,6 +248,22 @@ def test_any_aspect_ratio(size):
     assert g.gradcam.shape == e.feature_hw and (g.gradcam >= 0).all()
 
 
+def test_peaks_of_a_batch_belong_to_each_image_and_rank():
+    """Uneven groups, several targets per image, a geometry per image: each group's peaks are its own channels'
+    argmax cells, mapped through its own image's geometry (explain computes them for the batch at once)."""
+    model = tiny_model(5, xi=None)  # groups of 102 and 103 channels
+    geos = [model.transform.geometry(w, h) for w, h in [(64, 64), (100, 64), (64, 300), (640, 480)]]
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ex = explain_tensor(model, x, geos, ["pred", "top2", 3, [4, 0, 2, 1]], maps=("channels",))
+    assert [len(e.groups) for e in ex] == [1, 2, 1, 4]
+    for e, geo in zip(ex, geos, strict=True):
+        for g in e.groups:
+            cells, values = channel_peaks(g.channels)
+            assert len(g.channels) == model.groups[g.target]
+            assert np.array_equal(g.peaks_feature, cells) and np.array_equal(g.peak_values, values)
+            assert np.array_equal(g.peaks_xy, geo.feature_to_original(cells, e.feature_hw))
+
+
 def test_images_of_different_input_shapes_keep_order():
     model = _model(transform=EvalTransform(64))  # shorter side 64, no crop: inputs differ in shape
     images = [_image(64, 96, 0), _image(64, 64, 1), _image(96, 64, 2)]
@@ -314,3 +330,7 @@ def test_group_maps_hold_every_kind_as_an_attribute():
         GroupMaps(0, "a", ch, ch.max(0), np.zeros((3, 2), int), np.zeros((3, 2)), ch.max((1, 2)), xray=cam)
     with pytest.raises(AttributeError):
         gm.guided_peak_xy  # noqa: B018 - Guided Grad-CAM keeps no peak
+    # a field is set as itself without asking the kind table: no kind may take a field's name
+    from mcloss.explainability import kinds
+
+    assert {f.name for f in dataclasses.fields(GroupMaps)} - {kinds.CHANNELS} <= kinds.RESERVED

@@ -197,6 +197,10 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     assert encoding["jpg_torchvision_psnr_db"] >= 30  # torchvision's JPEG is 4:2:0: a few dB under mcloss's 4:4:4
     assert encoding["draw_jpg_cpu_ms"] > 0 and encoding["draw_jpg_device_ms"] > 0
     assert encoding["device_montage_psnr_db"] >= 38 and encoding["device_jpg_psnr_db"] >= 35  # tiny random model
+    assert [r["batch"] for r in report["explain_overhead"]] == [1, 2]
+    for row in report["explain_overhead"]:
+        assert all(row[f"{path}_s"] > 0 for path in ("forward_only", "channel_maps", "after_forward"))
+        assert row["after_forward_per_image_s"] == pytest.approx(row["after_forward_s"] / row["batch"])
 
 
 def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):

@@ -332,17 +332,22 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = Fals
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        if eval_mode:
+        # each step only where something changes: nn.Module's setattr is slow, and on a GPU this guard's cost
+        # is the host's, once per batch
+        if eval_mode and any(mode for _, mode in modes):
             model.eval()
         if freeze:
-            for p, _ in flags:
-                p.requires_grad_(False)
+            for p, flag in flags:
+                if flag:
+                    p.requires_grad_(False)
         yield
     finally:
         for m, mode in modes:
-            m.training = mode
+            if m.training != mode:
+                m.training = mode
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 # ----------------------------------------------------------------------------------------------- builders

@@ -13,6 +13,7 @@ from torchvision.transforms import functional as TF
 
 __all__ = [
     "Geometry",
+    "features_to_original",
     "EvalTransform",
     "TrainTransform",
     "NORMALIZATIONS",
@@ -56,10 +57,7 @@ class Geometry:
 
     def feature_to_original(self, points: np.ndarray, feature_hw: tuple[int, int]) -> np.ndarray:
         """Map [N, 2] (x, y) feature-cell indices to the original-image position of the cell centres."""
-        fh, fw = feature_hw
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        inp = np.stack([(pts[:, 0] + 0.5) * self.crop[2] / fw, (pts[:, 1] + 0.5) * self.crop[3] / fh], axis=1)
-        return self.to_original(inp)
+        return features_to_original(points, [self], feature_hw)
 
     def original_to_feature_affine(self, feature_hw: tuple[int, int]) -> np.ndarray:
         """The 2×3 affine taking original pixel indices to feature pixel indices (for cv2 WARP_INVERSE_MAP)."""
@@ -70,6 +68,20 @@ class Geometry:
         bx = 0.5 * ax - self.crop[0] * fw / self.crop[2] - 0.5
         by = 0.5 * ay - self.crop[1] * fh / self.crop[3] - 0.5
         return np.array([[ax, 0.0, bx], [0.0, ay, by]], dtype=np.float64)
+
+
+def features_to_original(points: np.ndarray, geometries: Sequence[Geometry], feature_hw: tuple[int, int]) -> np.ndarray:
+    """:meth:`Geometry.feature_to_original` of [N, 2] points, point i through ``geometries[i]`` (one geometry:
+    all through it), in one pass: the same float64 operations, so the same values to the bit."""
+    fh, fw = feature_hw
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    original = np.array([g.original for g in geometries], dtype=np.float64)
+    resized = np.array([g.resized for g in geometries], dtype=np.float64)
+    crop = np.array([g.crop for g in geometries], dtype=np.float64)
+    inp_x = (pts[:, 0] + 0.5) * crop[:, 2] / fw
+    inp_y = (pts[:, 1] + 0.5) * crop[:, 3] / fh
+    sx, sy = resized[:, 0] / original[:, 0], resized[:, 1] / original[:, 1]
+    return np.stack([(inp_x + crop[:, 0]) / sx, (inp_y + crop[:, 1]) / sy], axis=1)
 
 
 def _resized_size(size: int | Sequence[int], width: int, height: int) -> tuple[int, int]:
