@@ -12,6 +12,7 @@ The code is device-agnostic: on CPU tensors it runs too (the tests compare it wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -93,12 +94,12 @@ def device_montage(
     width = GUTTER + len(tiles) * (left + w + right + GUTTER)
     if chrome.shape[1] != width or chrome.shape[0] < y + h:  # scaled down to the pixel cap: the CPU draws it
         return torch.from_numpy(explanation_montage(image, explanation, group, style, title=title)).to(device)
-    canvas = torch.full(chrome.shape, 255, dtype=torch.uint8, device=device)
-    canvas[:y] = torch.from_numpy(chrome[:y]).to(device)
-    canvas[y + h :] = torch.from_numpy(chrome[y + h :]).to(device)
-    for i, (tile, _, _) in enumerate(tiles):
-        x = GUTTER + i * (left + w + right + GUTTER) + left
-        canvas[y : y + h, x : x + w] = tile
+    # the chrome's tile band is background (white tiles, gutters and letterbox), what the tiles are drawn over
+    canvas = torch.from_numpy(np.ascontiguousarray(chrome)).to(device)
+    step, row = left + w + right + GUTTER, chrome.shape[1] * 3
+    # every tile in one copy, through a strided view of the canvas: tile i at row y, column GUTTER + left + i·step
+    start = canvas.storage_offset() + y * row + (GUTTER + left) * 3
+    canvas.as_strided((len(tiles), h, w, 3), (step * 3, row, 3, 1), start).copy_(torch.stack([t for t, _, _ in tiles]))
     return canvas
 
 
@@ -132,12 +133,8 @@ def _kind_tiles(
     if kind.per_channel:
         maps = _warp(values, explanation, size_hw, style.interpolation, view.device)
         vmax = float(values.max()) if style.shared_scale else None
-        colors = part_colors(len(maps))
-        lut = _lut(style.colormap, view.device)
-        return [
-            (_with_bar(_overlay(view, m, lut, style.alpha, vmax), colors[i]), _tile(None, kind, gm, channel=i + 1).title, None)
-            for i, m in enumerate(maps)
-        ]  # fmt: skip
+        imgs = _with_bars(_overlay(view, maps, _lut(style.colormap, view.device), style.alpha, vmax), len(maps))
+        return [(imgs[i], _tile(None, kind, gm, channel=i + 1).title, None) for i in range(len(maps))]
     interpolation = "bilinear" if kind.at_input else style.interpolation
     warped = _warp(values[None], explanation, size_hw, interpolation, view.device)[0]
     title = _tile(None, kind, gm).title
@@ -146,7 +143,7 @@ def _kind_tiles(
         return [(_overlay(view, warped, lut, style.alpha, signed_scale(values), signed=True), title, None)]
     img = _overlay(view, warped, _lut(style.colormap, view.device), style.alpha, None)
     if style.peaks and gm.map_peaks.get(kind.name) is not None:
-        img = _draw_peaks(img, np.asarray(gm.map_peaks[kind.name])[None] * scale, None)
+        img = _draw_peaks(img[None], np.asarray(gm.map_peaks[kind.name])[None] * scale, None)[0]
     return [(img, title, None)]
 
 
@@ -157,30 +154,41 @@ def _channel_group(
     """The channels kind: the ξ channel overlays, CCMP and the part composite (with its legend)."""
     xi = len(gm.channels)
     maps = _warp(np.concatenate([gm.channels, gm.ccmp[None]]), explanation, size_hw, style.interpolation, view.device)
-    chans, ccmp = maps[:xi], maps[xi]
     colors = part_colors(xi)
-    lut = _lut(style.colormap, view.device)
     vmax = _group_max(gm, style)
-    out = []
-    for i in range(xi):
-        img = _overlay(view, chans[i], lut, style.alpha, vmax)
-        if style.peaks:
-            img = _draw_peaks(img, gm.peaks_xy[i : i + 1] * scale, None)
-        title = _tile(None, kind, gm, channel=i + 1, peak=f"{gm.peak_values[i]:.3g}").title
-        out.append((_with_bar(img, colors[i]), title, None))
-    out.append((_overlay(view, ccmp, lut, style.alpha, vmax), f"CCMP {gm.name}", None))
-    comp = _part_composite(view, chans, colors, shared=style.shared_scale, vmax=vmax)
+    imgs = _overlay(view, maps, _lut(style.colormap, view.device), style.alpha, vmax)  # the ξ channels, then CCMP
+    if style.peaks:  # channel i's own peak on its tile
+        imgs = _draw_peaks(imgs, gm.peaks_xy * scale, None, tiles=range(xi))
+    imgs = _with_bars(imgs, xi)
+    out = [
+        (imgs[i], _tile(None, kind, gm, channel=i + 1, peak=f"{gm.peak_values[i]:.3g}").title, None) for i in range(xi)
+    ]
+    out.append((imgs[xi], f"CCMP {gm.name}", None))
+    comp = _part_composite(view, maps[:xi], colors, shared=style.shared_scale, vmax=vmax)
     if style.peaks:
-        comp = _draw_peaks(comp, gm.peaks_xy * scale, colors)
+        comp = _draw_peaks(comp[None], gm.peaks_xy * scale, colors)[0]
     legend_width = pad_to_aspect(np.empty((*size_hw, 3), np.uint8)).shape[1]
     legend = composite_legend(colors, channel_labels(xi), width=legend_width)
     out.append((comp, "parts", legend))
     return out
 
 
-def _with_bar(image: torch.Tensor, color: np.ndarray) -> torch.Tensor:
-    image[:_BAR_ROWS] = torch.as_tensor(color, dtype=torch.uint8, device=image.device)
-    return image
+def _with_bars(images: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` of [N, H, W, 3] tiles with their channel's colour bar on top (the CPU's :func:`_tile`)."""
+    images[:n, :_BAR_ROWS] = _part_colors(n, images.device)[:, None, None]
+    return images
+
+
+@lru_cache(maxsize=32)
+def _part_colors(n: int, device: torch.device) -> torch.Tensor:
+    """[n, 3] uint8 :func:`part_colors` on ``device``."""
+    return torch.from_numpy(part_colors(n)).to(device)
+
+
+@lru_cache(maxsize=8)
+def _grey_weights(device: torch.device) -> torch.Tensor:
+    """The luma weights of :func:`part_composite`'s grey, on ``device``."""
+    return torch.tensor([0.299, 0.587, 0.114], device=device)
 
 
 # ------------------------------------------------------------------------------------------ pixels
@@ -238,8 +246,9 @@ def _normalize(maps: torch.Tensor, vmax: float | None, *, signed: bool = False, 
 def _overlay(
     view: torch.Tensor, warped: torch.Tensor, lut: torch.Tensor, alpha: float, vmax: float | None, *, signed: bool = False
 ) -> torch.Tensor:
-    """:func:`overlay` without contour or peaks: ``(1 − alpha)·view + alpha·colour``, rounded."""
-    norm = _normalize(warped, vmax, signed=signed)
+    """:func:`overlay` without contour or peaks: ``(1 − alpha)·view + alpha·colour``, rounded. ``warped``:
+    one map [H, W], or [N, H, W] maps drawn at once (without ``vmax``, each by its own maximum, as one alone)."""
+    norm = _normalize(warped, vmax, signed=signed, each=warped.dim() == 3)
     t = (norm + 1.0) * 0.5 if signed else norm
     heat = lut[torch.round(t.clamp(0.0, 1.0) * 255.0).long()]
     out = view.float() * (1.0 - alpha) + heat.float() * alpha
@@ -255,7 +264,7 @@ def _part_composite(
     strength = norm.amax(dim=0)
     winner = norm.argmax(dim=0)  # the first on ties, as the CPU's
     img = view.float()
-    grey = torch.round(img @ torch.tensor([0.299, 0.587, 0.114], device=view.device))
+    grey = torch.round(img @ _grey_weights(view.device))
     base = img * (0.8 * (1.0 - desaturate)) + (grey * (0.8 * desaturate) + 0.2 * 255.0 * 0.5)[..., None]
     cols = torch.from_numpy(np.asarray(colors, np.float32)).to(view.device)[winner]
     out = (cols - base) * (alpha * strength**gamma)[..., None] + base + 0.5
@@ -274,20 +283,24 @@ def _peak_patch(radius: int, color: tuple[int, int, int] | None, device: torch.d
     return torch.from_numpy((white - black) / 255.0).to(device), torch.from_numpy(black).to(device)
 
 
-def _draw_peaks(image: torch.Tensor, peaks_xy: np.ndarray, colors: np.ndarray | None) -> torch.Tensor:
-    """:func:`draw_peaks` on a tensor (default size), each mark pasted from its cached patch."""
-    h, w = image.shape[:2]
+def _draw_peaks(
+    images: torch.Tensor, peaks_xy: np.ndarray, colors: np.ndarray | None, tiles: Sequence[int] | None = None
+) -> torch.Tensor:
+    """:func:`draw_peaks` on [N, H, W, 3] tiles (default size), each mark pasted from its cached patch: every
+    peak on tile 0, or peak i on tile ``tiles[i]``."""
+    h, w = images.shape[1:3]
     radius = max(4, min(h, w) // 28)
-    out = image.float()
+    half = radius + 5
+    out = images.float()
     for i, (x, y) in enumerate(np.asarray(peaks_xy, dtype=np.float64).reshape(-1, 2)):
         color = None if colors is None else tuple(int(v) for v in colors[i % len(colors)])
-        gain, offset = _peak_patch(radius, color, image.device)
-        half = radius + 5
+        gain, offset = _peak_patch(radius, color, images.device)
         px, py = int(np.floor(x)), int(np.floor(y))
         x0, y0, x1, y1 = max(0, px - half), max(0, py - half), min(w, px + half + 1), min(h, py + half + 1)
         if x0 >= x1 or y0 >= y1:
             continue
         g = gain[y0 - py + half : y1 - py + half, x0 - px + half : x1 - px + half]
         o = offset[y0 - py + half : y1 - py + half, x0 - px + half : x1 - px + half]
-        out[y0:y1, x0:x1] = torch.round(out[y0:y1, x0:x1] * g + o)
+        tile = out[0 if tiles is None else tiles[i]]
+        tile[y0:y1, x0:x1] = torch.round(tile[y0:y1, x0:x1] * g + o)
     return out.clamp(0, 255).to(torch.uint8)
