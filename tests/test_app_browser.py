@@ -167,8 +167,15 @@ def _no_traceback(pg) -> None:
 
 
 def _wait_rerun_done(pg) -> None:
-    """Stale elements of the previous run stay in the DOM until the rerun finishes: wait for it."""
-    pg.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+    """Stale elements of the previous run stay in the DOM until the rerun finishes: wait for it.
+
+    The app's own run state, not only the status widget, which a short run may not show: a download button
+    clicked while the run that replaces it is still going asks for a file id the server has dropped
+    ("Deferred file … not found" in the server log), and no download comes."""
+    pg.wait_for_function(
+        "() => document.querySelector('[data-testid=\"stApp\"]')?.dataset.testScriptState === 'notRunning'"
+        " && !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+    )
 
 
 def _only_button(pg, name: str):

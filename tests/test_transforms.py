@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from mcloss.core.errors import ParameterError
 from mcloss.core.transforms import EvalTransform, TrainTransform, features_to_original
 
 
@@ -51,6 +52,8 @@ def test_points_through_their_own_geometries_map_as_each_geometry_alone():
     assert together.dtype == np.float64 and together.shape == (12, 2)
     assert np.array_equal(together, alone)
     assert len({tuple(r) for r in together}) > len(geos)  # the geometries differ: a row taken from another image shows
+    with pytest.raises(ParameterError, match="geometries: 5 for 12 points"):
+        features_to_original(pts, geos, (4, 4))
 
 
 def test_feature_cells_map_to_original_cell_centres():

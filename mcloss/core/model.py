@@ -326,6 +326,9 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = Fals
     """Run a block in eval mode (and, with ``freeze``, with every parameter's ``requires_grad`` off); restore
     each module's mode and each parameter's flag afterwards, also when the block raises.
 
+    A model whose modules are all in eval mode already is left as it is: ``model.eval()`` is not called, so a
+    module's own ``train()`` override does not run (it would have nothing to switch).
+
     Hooks are not this guard's business: the code that adds one removes it in its own ``finally``
     (Captum does; mcloss itself adds none).
     """

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from mcloss.core.errors import ParameterError
+
 __all__ = [
     "Geometry",
     "features_to_original",
@@ -75,6 +77,8 @@ def features_to_original(points: np.ndarray, geometries: Sequence[Geometry], fea
     all through it), in one pass: the same float64 operations, so the same values to the bit."""
     fh, fw = feature_hw
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if len(geometries) not in (1, len(pts)):
+        raise ParameterError(f"geometries: {len(geometries)} for {len(pts)} points (one, or one per point)", parameter="geometries")
     original = np.array([g.original for g in geometries], dtype=np.float64)
     resized = np.array([g.resized for g in geometries], dtype=np.float64)
     crop = np.array([g.crop for g in geometries], dtype=np.float64)

@@ -605,8 +605,8 @@ def _group_maps(
     :func:`_group_peaks`) in original pixels."""
     b, r, t = key
     chans = np.ascontiguousarray(host[kinds.CHANNELS][b, r], dtype=np.float32)
-    cells, xy, values = peaks[b, r]
-    gm = GroupMaps(t, model.class_names[t], chans, chans.max(axis=0), cells, xy, values)
+    cells, cells_xy, values = peaks[b, r]
+    gm = GroupMaps(t, model.class_names[t], chans, chans.max(axis=0), cells, cells_xy, values)
     for name, maps in host.items():
         if name == kinds.CHANNELS:
             continue

@@ -158,7 +158,7 @@ def _channel_group(
     vmax = _group_max(gm, style)
     imgs = _overlay(view, maps, _lut(style.colormap, view.device), style.alpha, vmax)  # the ξ channels, then CCMP
     if style.peaks:  # channel i's own peak on its tile
-        imgs = _draw_peaks(imgs, gm.peaks_xy * scale, None, tiles=range(xi))
+        imgs = _draw_peaks(imgs, gm.peaks_xy[:xi] * scale, None, tiles=range(xi))
     imgs = _with_bars(imgs, xi)
     out = [
         (imgs[i], _tile(None, kind, gm, channel=i + 1, peak=f"{gm.peak_values[i]:.3g}").title, None) for i in range(xi)
