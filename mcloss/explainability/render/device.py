@@ -164,7 +164,7 @@ def _channel_group(
         (imgs[i], _tile(None, kind, gm, channel=i + 1, peak=f"{gm.peak_values[i]:.3g}").title, None) for i in range(xi)
     ]
     out.append((imgs[xi], f"CCMP {gm.name}", None))
-    comp = _part_composite(view, maps[:xi], colors, shared=style.shared_scale, vmax=vmax)
+    comp = _part_composite(view, maps[:xi], _part_colors(xi, view.device), shared=style.shared_scale, vmax=vmax)
     if style.peaks:
         comp = _draw_peaks(comp[None], gm.peaks_xy * scale, colors)[0]
     legend_width = pad_to_aspect(np.empty((*size_hw, 3), np.uint8)).shape[1]
@@ -256,17 +256,18 @@ def _overlay(
 
 
 def _part_composite(
-    view: torch.Tensor, chans: torch.Tensor, colors: np.ndarray, *, shared: bool, vmax: float | None,
+    view: torch.Tensor, chans: torch.Tensor, colors: torch.Tensor, *, shared: bool, vmax: float | None,
     alpha: float = 0.85, desaturate: float = 0.75, gamma: float = 0.75,
 ) -> torch.Tensor:  # fmt: skip
-    """:func:`part_composite` with its defaults: the strongest channel's colour over a dimmed grey image."""
+    """:func:`part_composite` with its defaults: the strongest channel's colour over a dimmed grey image
+    (``colors``: [ξ, 3] uint8 on the view's device)."""
     norm = _normalize(chans, vmax if shared else None, each=not shared)
     strength = norm.amax(dim=0)
     winner = norm.argmax(dim=0)  # the first on ties, as the CPU's
     img = view.float()
     grey = torch.round(img @ _grey_weights(view.device))
     base = img * (0.8 * (1.0 - desaturate)) + (grey * (0.8 * desaturate) + 0.2 * 255.0 * 0.5)[..., None]
-    cols = torch.from_numpy(np.asarray(colors, np.float32)).to(view.device)[winner]
+    cols = colors.float()[winner]
     out = (cols - base) * (alpha * strength**gamma)[..., None] + base + 0.5
     return out.clamp(0, 255).to(torch.uint8)
 
