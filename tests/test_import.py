@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 import transcribed as T
 from PIL import Image
 from safetensors import safe_open
 
 from mcloss.cli import main as cli
-from mcloss.core.checkpoint import DIGEST_KEY, load_checkpoint, weights_digest
+from mcloss.core.checkpoint import DIGEST_KEY, load_checkpoint, rewrite_card, weights_digest
 from mcloss.core.errors import ParameterError
 from mcloss.core.groups import split_channels
 from mcloss.interop.sources import SourceError, import_checkpoint, import_model, read_class_list, read_source
@@ -67,6 +69,8 @@ CASES = [
      split_channels(2048, 20), (256, [224, 224], 0.485)),
     ("torchvision-resnet34", lambda: T.TorchvisionCE("resnet34", 7), 224, None, "torchvision", "resnet34",
      split_channels(512, 7), (256, [224, 224], 0.485)),
+    ("torchvision-resnet18-dropout-head", lambda: T.TorchvisionCE("resnet18", 5, dropout=0.3), 224, None,
+     "torchvision", "resnet18", split_channels(512, 5), (256, [224, 224], 0.485)),
     ("torchvision-vgg16_bn", lambda: T.TorchvisionCE("vgg16_bn", 20), 224, None, "torchvision", "vgg16_bn",
      split_channels(512, 20), (256, [224, 224], 0.485)),
 ]
@@ -422,7 +426,7 @@ def test_a_fixed_pool_refuses_another_input_size(tmp_path):
     """The source's head max-pools fixed cells (2 × 2 before VGG's 7 × 7 grid, 14 × 14 in the official ResNets):
     at another size mcloss's adaptive pool would read other cells, so the import refuses instead of differing."""
     T.OfficialVGG(4, 3).save(tmp_path / "vgg.pth")
-    with pytest.raises(SourceError, match=r"at 240 px F is 15 × 15, but the source's head max-pools 2 × 2 cells"):
+    with pytest.raises(SourceError, match=r"at 240 px \(as given\) F is 15 × 15, but the source's head max-pools 2 × 2 cells"):
         import_model(tmp_path / "vgg.pth", img_size=240)
     T.OfficialResNet("resnet50", 4).save(tmp_path / "r50.pth")
     with pytest.raises(SourceError, match=r"F is 16 × 16.*needs F of 14 × 14; import at the source's input size \(img_size 448\)$"):
@@ -468,10 +472,83 @@ def test_kurumi_pretrained_vgg_is_refused_by_name_and_resnet_groups_are_noted(tm
     with pytest.raises(SourceError, match="Kurumi233's pretrained vgg16bn .* is not a layout mcloss builds"):
         import_model(tmp_path / "ckpt.pth")
     T.Kurumi(4, pretrained="resnet18", metric="linear").save(tmp_path / "ckpt.pth", {"pretrained": 1, "inp_size": "x"})
-    with pytest.raises(SourceError, match=r"setting\.txt: inp_size must be an integer, got 'x'"):
+    with pytest.raises(SourceError, match=r"setting\.txt: inp_size must be an integer in 16\.\.1024, got 'x'"):
+        import_model(tmp_path / "ckpt.pth")
+    _write(tmp_path / "setting.txt", "pretrained:1\ninp_size:2048\n")  # out of range: setting.txt is named, not --img-size
+    with pytest.raises(SourceError, match=r"setting\.txt: inp_size must be an integer in 16\.\.1024, got '2048'"):
         import_model(tmp_path / "ckpt.pth")
     model = import_model(tmp_path / "ckpt.pth", img_size=224)
     assert model.groups == [128] * 4 and "assumed" in model.card["source"]["groups"]
+
+
+def _official_state() -> dict:
+    return T.OfficialVGG(4, 3).state_dict()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        # a key where the layout shifts a layer number, with a name in its place
+        (lambda: _official_state() | {"features_2.scale": torch.zeros(1)},
+         r"key 'features_2\.scale' has no place in layout official-vgg16"),
+        (lambda: {"state_dict": {0: torch.zeros(1)}}, r"not any known layout \(keys begin 0\)"),
+        (lambda: _official_state() | {"extra": torch.zeros(2, 2).to_sparse()}, r"tensor 'extra' is sparse_coo, not a dense"),
+        # a head edited by hand: its class count cannot be read
+        (lambda: _official_state() | {"classifier.4.weight": torch.zeros(7, 512)},
+         r"layer 'classifier\.4' has a weight of \[7, 512\] but a bias of \[4\]"),
+    ],
+    ids=["named-layer", "int-keys", "sparse", "head-bias"],
+)
+def test_malformed_sources_give_one_line_naming_the_file(tmp_path, capsys, make, reason):
+    torch.save(make(), tmp_path / "bad.pth")
+    names = _write(tmp_path / "names.txt", "a\nb\nc\nd\n")
+    out = tmp_path / "out.safetensors"
+    assert cli(["import", str(tmp_path / "bad.pth"), "--out", str(out), "--classes", str(names)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(rf"bad\.pth: .*{reason}", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "names.txt"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("arch", "said"),
+    [("vgg11", r"a torchvision VGG11 \(8 convolutions\)"), ("vgg19_bn", r"a torchvision VGG19-BN \(16 convolutions\)"),
+     ("wide_resnet50_2", r"a ResNeXt or wide ResNet \(layer1\.0\.conv2 is \[128, 128, 3, 3\]"),
+     ("resnext50_32x4d", r"a ResNeXt or wide ResNet \(layer1\.0\.conv2 is \[128, 4, 3, 3\]")],
+)
+def test_torchvision_architectures_mcloss_does_not_build_are_named(tmp_path, arch, said):
+    """Their keys are torchvision's: the refusal names the architecture, not a key that fails to fit. Only the
+    shapes the check reads are real (the rest are 1-element tensors of the same rank, to keep the file small)."""
+    with torch.device("meta"):
+        state = torchvision.models.get_model(arch, weights=None).state_dict()
+    state = {k: torch.zeros(tuple(v.shape) if k == "layer1.0.conv2.weight" else [1] * v.dim()) for k, v in state.items()}
+    torch.save(state, tmp_path / "tv.pth")
+    with pytest.raises(SourceError, match=rf"tv\.pth: {said}"):
+        import_model(tmp_path / "tv.pth")
+
+
+def test_a_state_dict_nested_in_two_wrappers_imports_as_the_flat_one(tmp_path):
+    src = T.randomize(T.OfficialResNet("resnet18", 4, 3), seed=2)
+    torch.save(src.state_dict(), tmp_path / "flat.pth")
+    torch.save({"model": {"state_dict": src.state_dict(), "epoch": 9}, "acc": 0.5}, tmp_path / "nested.pth")
+    flat, nested = import_model(tmp_path / "flat.pth"), import_model(tmp_path / "nested.pth")
+    for (k, a), (_, b) in zip(flat.state_dict().items(), nested.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert nested.card["source"]["extras"] == {"epoch": 9}
+
+
+def test_nan_and_infinite_numbers_beside_the_weights_keep_the_card_strict_json(tmp_path):
+    state = T.OfficialResNet("resnet18", 4, 3).state_dict()
+    torch.save({"state_dict": state, "best_loss": float("nan"), "lr": float("inf"), "acc": 0.5}, tmp_path / "ckpt.pth")
+    out = tmp_path / "out.safetensors"
+    import_checkpoint(tmp_path / "ckpt.pth", out)
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    card = json.loads(_raw_metadata(out)["card"], parse_constant=refuse)
+    assert card["source"]["extras"] == {"best_loss": "nan", "lr": "inf", "acc": 0.5}
+    rewrite_card(out, card)  # the card of an imported checkpoint can be edited and written back
+    assert load_checkpoint(out).card["source"]["extras"]["best_loss"] == "nan"
 
 
 def test_cli_import_writes_a_checkpoint_and_says_what_it_read(tmp_path, capsys):

@@ -189,11 +189,13 @@ class Kurumi(nn.Module):
 class TorchvisionCE(nn.Module):
     """A torchvision classifier fine-tuned with its own head (``fc`` or ``classifier[6]`` replaced)."""
 
-    def __init__(self, arch: str = "resnet50", classes: int = 200) -> None:
+    def __init__(self, arch: str = "resnet50", classes: int = 200, *, dropout: float | None = None) -> None:
         super().__init__()
         self.net = torchvision.models.get_model(arch, weights=None)
         if arch.startswith("resnet"):
             self.net.fc = nn.Linear(self.net.fc.in_features, classes)
+            if dropout is not None:  # the common fine-tuning head: fc = Sequential(Dropout, Linear)
+                self.net.fc = nn.Sequential(nn.Dropout(dropout), self.net.fc)
         else:
             self.net.classifier[6] = nn.Linear(4096, classes)
         self.arch = arch

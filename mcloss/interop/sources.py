@@ -147,6 +147,9 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
     raw = _load(p, label)
     state, extras, beside = _flatten(raw, label)
     for key, tensor in state.items():
+        if tensor.layout != torch.strided or tensor.is_quantized:  # sparse, quantized: no model's plain weights
+            kind = "quantized" if tensor.is_quantized else str(tensor.layout).removeprefix("torch.")
+            raise SourceError(f"{label}: tensor {key!r} is {kind}, not a dense weight")
         # a view claims no more memory than its storage holds (a stride-0 view can claim terabytes)
         if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
             raise SourceError(f"{label}: tensor {key!r} claims more elements than its storage holds")
@@ -210,9 +213,10 @@ def _plain_value_types() -> list:
     return [np.dtype, *dict.fromkeys(numeric), scalar, (_RunArguments, "argparse.Namespace")]
 
 
-def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+def _flatten(raw: object, label: str, depth: int = 0) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """The file's tensors (a wrapper's whole state dict, else every tensor and dict of tensors, the dicts' keys
-    prefixed), its scalar entries, and the other state dicts beside a wrapper's (timm's ``state_dict_ema``)."""
+    prefixed), its scalar entries, and the other state dicts beside a wrapper's (timm's ``state_dict_ema``).
+    A file with no tensors of its own is read inside its one wrapper (``{'model': {'state_dict': …}}``)."""
     if not isinstance(raw, dict):
         raise SourceError(f"{label}: holds a {type(raw).__name__}, not a state dict")
     raw = {k: _plain(v) for k, v in raw.items()}
@@ -221,7 +225,7 @@ def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict, li
         if key in tensor_dicts:
             extras = {str(k)[:80]: v[:200] if isinstance(v, str) else v for k, v in raw.items() if k != key and _is_scalar(v)}
             beside = [str(k)[:80] for k in tensor_dicts if k != key and raw[k]]
-            return dict(raw[key]), dict(list(extras.items())[:MAX_EXTRAS]), beside
+            return {str(k): v for k, v in raw[key].items()}, dict(list(extras.items())[:MAX_EXTRAS]), beside
     state: dict[str, torch.Tensor] = {}
     extras = {}
     for key, value in raw.items():
@@ -231,6 +235,9 @@ def _flatten(raw: object, label: str) -> tuple[dict[str, torch.Tensor], dict, li
             state |= {f"{key}.{k}": v for k, v in value.items()}
         elif _is_scalar(value) and len(extras) < MAX_EXTRAS:
             extras[str(key)[:80]] = value[:200] if isinstance(value, str) else value
+    inner = [k for k in _WRAPPERS if isinstance(raw.get(k), dict)]
+    if not state and len(inner) == 1 and depth < 2:
+        return _flatten(raw[inner[0]], label, depth + 1)
     if not state:
         raise SourceError(f"{label}: holds no tensors (keys: {', '.join(map(str, list(raw)[:6]))})")
     return state, extras, []
@@ -241,10 +248,13 @@ def _is_scalar(value: object) -> bool:
 
 
 def _plain(value: object) -> object:
-    """A numpy scalar as the Python number it holds (extras go into the card's JSON); anything else as is."""
+    """A numpy scalar as the Python number it holds, a NaN or infinity as its name (extras go into the card's
+    JSON, which has neither); anything else as is."""
     import numpy as np
 
-    return value.item() if isinstance(value, np.generic) and value.dtype.kind in "biuf" else value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        value = value.item()
+    return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # --------------------------------------------------------------------------------------------------- layouts
@@ -376,13 +386,39 @@ def _kurumi(src: SourceWeights, arch: str | None) -> Plan:
 
 
 def _torchvision(src: SourceWeights, arch: str | None) -> Plan:
-    if "fc.weight" in src.state:
+    if "conv1.weight" in src.state:
         stages = {f"features.{3 + int(k[5])}.{k[7:]}": 0 for k in src.state if re.match(r"layer[1-4]\.", k)}
         name = _resnet_arch(stages, "features.", src.label, arch)
-        rules = (*_RESNET_RULES, ("fc.", "head.classifier.0.", 0))
+        conv2 = src.state.get("layer1.0.conv2.weight")
+        if name not in ("resnet18", "resnet34") and conv2 is not None and tuple(conv2.shape[:2]) != (64, 64):
+            raise SourceError(
+                f"{src.label}: a ResNeXt or wide ResNet (layer1.0.conv2 is {list(conv2.shape)}, a {name}'s is "
+                "[64, 64, 3, 3]); mcloss imports torchvision's plain ResNets and VGG16"
+            )
+        rules = (*_RESNET_RULES, (_resnet_fc(src), "head.classifier.0.", 0))
         return Plan(name, rules, preset="torchvision", head_pool="avg", pool_kernel=None)
-    name = _vgg_arch(src, arch, "vgg16_bn" if "features.1.running_mean" in src.state else "vgg16")
+    convs = sum(1 for k, v in src.state.items() if re.fullmatch(r"features\.\d+\.weight", k) and v.dim() == 4)
+    bn = "features.1.running_mean" in src.state
+    if convs != 13:
+        found = {8: "VGG11", 10: "VGG13", 16: "VGG19"}.get(convs, "VGG")
+        raise SourceError(
+            f"{src.label}: a torchvision {found}{'-BN' if bn else ''} ({convs} convolutions); mcloss imports VGG16 "
+            "(13) and torchvision's plain ResNets"
+        )
+    name = _vgg_arch(src, arch, "vgg16_bn" if bn else "vgg16")
     return Plan(name, (("features.", "features.", 0), ("classifier.", "head.classifier.", 0)), preset="torchvision")
+
+
+def _resnet_fc(src: SourceWeights) -> str:
+    """The prefix of a torchvision ResNet's head Linear: ``fc.``, or ``fc.<i>.`` where fine-tuning made ``fc`` a
+    Sequential around one Linear (``Sequential(Dropout, Linear)``; its layers without weights are taken as
+    Dropout, the identity at evaluation)."""
+    owners = sorted({k.rsplit(".", 1)[0] for k in src.state if k.startswith("fc.")})
+    weight = src.state.get(f"{owners[0]}.weight") if len(owners) == 1 else None
+    if weight is None or weight.dim() != 2:
+        held = ", ".join(owners[:4]) or "nothing"
+        raise SourceError(f"{src.label}: its fc holds {held}, not one Linear layer, the only head mcloss imports")
+    return f"{owners[0]}."
 
 
 def _vgg_arch(src: SourceWeights, arch: str | None, name: str) -> str:
@@ -421,7 +457,7 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
     Layout(
         "torchvision", "torchvision", "a torchvision ResNet or VGG16 classifier with its own head (a CE model)",
-        lambda s: _has(s, "conv1.weight", "layer4.0.conv1.weight", "fc.weight")
+        lambda s: _has(s, "conv1.weight", "layer4.0.conv1.weight") and _any_prefix(s, "fc.")
         or _has(s, "features.0.weight", "classifier.0.weight", "classifier.6.weight"),
         _torchvision,
     ),
@@ -554,12 +590,30 @@ def _map_keys(src: SourceWeights, plan: Plan, layout: Layout) -> dict[str, torch
                 rest = key[len(prefix) :]
                 if shift:
                     index, _, tail = rest.partition(".")
+                    if not index.isdigit():  # no layer number where the layout has one
+                        raise _no_place(src, key, layout)
                     rest = f"{int(index) + shift}.{tail}"
                 mapped[target + rest] = tensor
                 break
         else:
-            raise SourceError(f"{src.label}: key {key!r} has no place in layout {layout.name}")
+            raise _no_place(src, key, layout)
     return mapped
+
+
+def _check_biases(src: SourceWeights) -> None:
+    """Every layer's bias as long as its weight's first axis (a file whose head was edited by hand can disagree,
+    and the class count read from it would be wrong)."""
+    for key, bias in src.state.items():
+        weight = src.state.get(key.removesuffix("bias") + "weight") if key.endswith(".bias") else None
+        if weight is not None and bias.dim() == 1 and weight.dim() >= 1 and weight.shape[0] != bias.shape[0]:
+            raise SourceError(
+                f"{src.label}: layer {key.removesuffix('.bias')!r} has a weight of {list(weight.shape)} but a bias of "
+                f"{list(bias.shape)}"
+            )
+
+
+def _no_place(src: SourceWeights, key: str, layout: Layout) -> SourceError:
+    return SourceError(f"{src.label}: key {key!r} has no place in layout {layout.name}")
 
 
 def _trunk_width(backbone: str, mapped: dict[str, torch.Tensor], label: str) -> tuple[int, list[str] | None]:
@@ -696,6 +750,7 @@ def import_model(
     """
     src = unwrap_keys(read_source(source), layout, prefix)
     lay = detect_layout(src, layout)
+    _check_biases(src)
     plan = lay.plan(src, arch)
     mapped = _map_keys(src, plan, lay)
     k, widen = _trunk_width(plan.backbone, mapped, src.label)
@@ -727,7 +782,8 @@ def import_model(
         model, described = build(size)
     if model.groups != groups:
         raise SourceError(f"{src.label}: mcloss would split the channels differently from the source")
-    _check_grid(model, head, plan, src.label)
+    origin = "as given" if img_size is not None else "setting.txt's inp_size" if kurumi.get("inp_size") else "the layout's default"
+    _check_grid(model, head, plan, src.label, origin)
     _load_mapped(model, mapped, src, lay)
     model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
     model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split=xi is None)
@@ -784,9 +840,10 @@ def _build(plan: Plan, lay: Layout, src: SourceWeights, num_classes: int, xi: in
         raise SourceError(f"{src.label}: cannot build the {lay.name} model ({exc})") from None
 
 
-def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str) -> None:
+def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str, origin: str) -> None:
     """A source whose head max-pools with a fixed kernel reads the same cells as mcloss's adaptive pool only when
-    F is exactly kernel × grid (the source's own input size); refuse any other size rather than differ."""
+    F is exactly kernel × grid (the source's own input size); refuse any other size rather than differ.
+    ``origin``: where the input size came from, for the message."""
     fh, fw = model.config["feature_hw"]
     k = plan.pool_kernel
     if k and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
@@ -794,7 +851,7 @@ def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str) -> None:
         implied = _implied_size(model, head, plan)
         hint = f" (img_size {implied})" if implied else ""
         raise SourceError(
-            f"{label}: at {size} px F is {fh} × {fw}, but the source's head max-pools "
+            f"{label}: at {size} px ({origin}) F is {fh} × {fw}, but the source's head max-pools "
             f"{k} × {k} cells into a {head.grid[0]} × {head.grid[1]} grid, which needs F of {k * head.grid[0]} × "
             f"{k * head.grid[1]}; import at the source's input size{hint}"
         )
@@ -815,9 +872,9 @@ def _input_size(img_size: int | None, setting: dict[str, str], plan: Plan, src: 
     """The input side: given, else Kurumi233's ``inp_size``, else the layout's; within mcloss's bounds."""
     if img_size is None and setting.get("inp_size"):
         value = setting["inp_size"]
-        if not value.isdigit():
+        if not value.isdigit() or not MIN_IMG_SIZE <= int(value) <= MAX_IMG_SIZE:
             where = path or src.path.with_name("setting.txt")
-            raise SourceError(f"{where}: inp_size must be an integer, got {value!r}")
+            raise SourceError(f"{where}: inp_size must be an integer in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}, got {value!r}")
         img_size = int(value)
     size = plan.default_size if img_size is None else int(img_size)
     if not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
