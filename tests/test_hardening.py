@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_model
 from PIL import Image
 from safetensors import safe_open
@@ -138,6 +139,91 @@ def test_rerun_with_other_options_redoes_those_outputs(tmp_path, checkpoint, cap
     assert _manifest(out)["counts"]["redone"] == 3
     with open(out / "index.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+def _outputs_agree_with_records(out: Path) -> list[str]:
+    """Every image json's listed outputs exist; returns the montages they list."""
+    listed = []
+    for rec_path in out.rglob("*.json"):
+        if rec_path.name.startswith("manifest"):
+            continue
+        for name in json.loads(rec_path.read_text())["outputs"]:
+            assert (rec_path.parent / name).is_file(), f"{rec_path.name} lists {name}, which is gone"
+            listed += [name] if not name.endswith((".npz", ".json")) else []
+    return listed
+
+
+def test_an_interrupted_rerun_in_another_format_loses_no_finished_image(tmp_path, checkpoint):
+    """The old montages of an image to redo stay until its new json lands: an interrupt mid-way leaves every
+    image either as it was or redone, each json naming files that exist, and no summary of the last run."""
+    from mcloss.explainability.export import ExportConfig, export
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        _rgb(50 + i, 40, i).save(src / f"i{i}.png")
+    out = tmp_path / "out"
+    model = mcloss.load_checkpoint(checkpoint)
+
+    def run(fmt: str, progress=None):
+        config = ExportConfig(
+            checkpoint=str(checkpoint), input=[str(src)], out=str(out), batch_size=1, workers=0, montage_format=fmt,
+            style=render.Style(tile_height=48),
+        )  # fmt: skip
+        return export(model, config, device=torch.device("cpu"), progress=progress)
+
+    run("png")
+    assert sorted(_outputs_agree_with_records(out)) == [f"i{i}.png.png" for i in range(6)]
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("jpg", interrupt)
+    montages = _outputs_agree_with_records(out)
+    assert len(montages) == 6 and any(m.endswith(".png") for m in montages) and any(m.endswith(".jpg") for m in montages)
+    assert not any((out / n).exists() for n in ("manifest.json", "index.csv", "errors.csv"))  # they described the last run
+    assert run("jpg").written == 6 - sum(m.endswith(".jpg") for m in montages)
+    assert sorted(_outputs_agree_with_records(out)) == [f"i{i}.png.jpg" for i in range(6)]
+    assert not list(out.rglob("*.png.png")) and _manifest(out)["counts"]["ok"] + _manifest(out)["counts"]["skipped"] == 6
+
+
+def test_a_rerun_that_cannot_read_a_changed_input_keeps_its_finished_outputs(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        _rgb(50 + i, 40, i).save(src / f"i{i}.png")
+    out = tmp_path / "out"
+    assert _export(checkpoint, "--input", str(src), "--out", str(out)) == 0
+    before = sorted(p.name for p in (out / "in").iterdir())
+    (src / "i1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert _export(checkpoint, "--input", str(src), "--out", str(out)) == 1
+    assert "i1.png" in next(iter(_errors(out))) and sorted(p.name for p in (out / "in").iterdir()) == before
+    _outputs_agree_with_records(out)
+
+
+def test_a_write_that_fails_midway_leaves_none_of_that_images_files(tmp_path, checkpoint, monkeypatch):
+    """A full disk after the montage: the image is a row of errors.csv, and its montage goes with it."""
+    from mcloss.explainability import outputs
+
+    real = outputs.atomic_write_bytes
+
+    def full_disk(path, data):
+        if Path(path).name == "i1.png.npz":
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(outputs, "atomic_write_bytes", full_disk)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        _rgb(50 + i, 40, i).save(src / f"i{i}.png")
+    out = tmp_path / "out"
+    assert _export(checkpoint, "--input", str(src), "--out", str(out), "--target", "top2") == 1
+    assert "No space left on device" in _errors(out)[str(src / "i1.png")]
+    assert sorted(p.name for p in (out / "in").glob("i1*")) == []
+    assert sorted(_outputs_agree_with_records(out)) == ["i0.png.png", "i0.png.r2.png", "i2.png.png", "i2.png.r2.png"]
 
 
 # ------------------------------------------------------------------------------------------ killed exports
@@ -295,6 +381,37 @@ def test_inputs_that_give_nothing_are_rows_of_errors_csv(tmp_path, checkpoint, m
     assert (out / "in" / "good.png.json").is_file()
     # every row of index.csv and errors.csv is an input: the counts add up
     assert _manifest(out)["counts"] == {"inputs": 6, "ok": 1, "redone": 0, "failed": 5, "skipped": 0}
+
+
+def test_a_glob_reports_the_image_names_that_are_no_files_as_a_folder_does(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in"
+    (src / "x.png").mkdir(parents=True)  # a folder with an image name: not an input of a glob, and no error
+    _rgb(40, 30).save(src / "good.png")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "loop.png").symlink_to(src / "loop.png")
+    os.mkfifo(src / "pipe.png")
+    out = tmp_path / "out"
+    assert _export(checkpoint, "--input", str(src / "*.png"), "--out", str(out)) == 1
+    assert _errors(out) == {
+        str(src / "gone.png"): f"{src / 'gone.png'}: dangling symbolic link",
+        str(src / "loop.png"): f"{src / 'loop.png'}: symbolic link loop",
+        str(src / "pipe.png"): f"{src / 'pipe.png'}: not a regular file",
+    }
+    assert _manifest(out)["counts"] == {"inputs": 4, "ok": 1, "redone": 0, "failed": 3, "skipped": 0}
+    # named one by one, they say the same, not what decoding them would
+    named = [str(src / n) for n in ("loop.png", "pipe.png", "gone.png")]
+    assert _export(checkpoint, "--input", *named, "--out", str(tmp_path / "named")) == 1
+    assert sorted(_errors(tmp_path / "named").values()) == sorted(_errors(out).values())
+
+
+def test_a_rejected_name_with_a_newline_is_one_line_on_stderr(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "two\nlines.png").write_bytes(b"not an image")
+    _rgb(40, 30).save(src / "good.png")
+    assert _export(checkpoint, "--input", str(src), "--out", str(tmp_path / "out")) == 1
+    rejected = [line for line in capsys.readouterr().err.splitlines() if "lines.png" in line]
+    assert len(rejected) == 1 and rejected[0].startswith("  rejected: ") and "two\\nlines.png" in rejected[0]
 
 
 def test_out_inside_input_is_never_read_back(tmp_path, checkpoint):
@@ -475,6 +592,9 @@ def test_an_export_into_its_own_input_folder_is_refused(tmp_path, capsys):
     for out in (src, tmp_path):
         assert export_main(["--input", str(src), "--out", str(out), "--no-progress"]) == 2
         assert f"--out {out} is the input folder {src} or holds it" in capsys.readouterr().err
+        pattern = str(src / "*.png")  # a glob searches its folder as a folder input does
+        assert export_main(["--input", pattern, "--out", str(out), "--no-progress"]) == 2
+        assert f"--out {out} is the input folder {pattern} or holds it" in capsys.readouterr().err
     assert sorted(p.name for p in src.iterdir()) == ["good.png"] and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     assert export_main(["--input", str(src), "--out", str(src / "out"), "--no-progress"]) == 0  # inside it: fine
 

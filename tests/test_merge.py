@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,26 @@ def test_outputs_rewritten_since_the_shard_finished_are_refused(out, capsys):
     err = capsys.readouterr().err.strip()
     assert "the index of shard 0 lists in/img0.png.json, which a later export rewrote with other options" in err, err
     assert {name: (out / name).read_bytes() for name in later} == later  # the later export's own files stand
+
+
+def test_a_merge_orders_the_rows_as_one_process_wherever_it_runs(tmp_path, monkeypatch):
+    """Shards of an input typed relative to where they ran, merged from another folder, with a file name that is
+    not UTF-8: index.csv lists the rows in the order one process writes them."""
+    checkpoint = tmp_path / "tiny.safetensors"
+    mcloss.save_checkpoint(tiny_model(4, class_names=["ant", "bee", "cat", "dog"]), checkpoint)
+    work = tmp_path / "work"
+    (work / "in").mkdir(parents=True)
+    for i, name in enumerate([b"c.png", b"a\xff.png", b"b.png", b"d.png", b"e.png"]):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+        with open(os.path.join(os.fsencode(work / "in"), name), "wb") as f:
+            f.write(buf.getvalue())
+    monkeypatch.chdir(work)
+    args = ["--checkpoint", str(checkpoint), "--input", "in", "--workers", "0", "--no-progress", "--no-montage"]
+    assert main([*args, "--out", "single"]) == 0
+    for i in range(2):
+        assert main([*args, "--out", "sharded", "--shard", f"{i}/2"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["--merge", str(work / "sharded")]) == 0
+    single, merged = (_rows(work / name / "index.csv") for name in ("single", "sharded"))
+    assert [r[0] for r in merged] == [r[0] for r in single] and len(single) == 6

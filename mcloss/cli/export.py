@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,6 +217,9 @@ def _run(
         return export(model, config, device=device, progress=report, compare_model=compare, lock=False)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _report(result: ExportResult, verb: str) -> int:
     """Say what was done and list the rejected inputs; the exit code (1 when any input was rejected)."""
     reasons = result.redone_because
@@ -225,6 +229,6 @@ def _report(result: ExportResult, verb: str) -> int:
         "export",
         f"{result.written} {verb}{redone}, {result.skipped} already done, {len(result.errors)} rejected → {result.out}",
     )
-    for _source, reason in result.errors:
-        print(f"  rejected: {printable(reason)}", file=sys.stderr)
+    for _source, reason in result.errors:  # one line each, whatever a file name holds (a newline, an escape)
+        print(f"  rejected: {_CONTROL.sub(lambda m: repr(m.group())[1:-1], printable(reason))}", file=sys.stderr)
     return EXIT_REJECTED if result.errors else EXIT_OK

@@ -3,6 +3,7 @@ each with a unique, safe output stem."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -89,16 +90,26 @@ def _walk_images(root: Path, exclude: Path | None, problems: list[tuple[str, str
                 continue
             if path.is_file():
                 found.append(path)
-            elif path.is_symlink() and not path.exists():
-                problems.append((str(path), f"{path}: dangling symbolic link"))
             else:
-                problems.append((str(path), f"{path}: not a regular file"))
+                problems.append((str(path), _irregular(path)))
     return sorted(found)
+
+
+def _irregular(path: Path) -> str:
+    """Why ``path``, which is not a regular file, gives no image: a symbolic link loop, a dangling symbolic link,
+    or another kind of file (a FIFO, a socket, a device)."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: symbolic link loop"
+        return f"{path}: dangling symbolic link" if path.is_symlink() else f"{path}: {exc.strerror}"
+    return f"{path}: not a regular file"
 
 
 def _same_or_inside(path: Path, folder: Path) -> bool:
     try:
-        return os.path.commonpath([path.resolve(), folder]) == str(folder)
+        return os.path.commonpath([os.path.realpath(path), folder]) == str(folder)  # (Path.resolve raises on a link loop)
     except ValueError:  # different drives
         return False
 
@@ -128,14 +139,20 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None =
             if not images:
                 problems.append((raw, f"{raw}: no image files found in this folder"))
             found += [(str(p), _key_for(prefix + list(p.relative_to(root).parts))) for p in images]
-        elif not os.path.exists(raw) and glob.has_magic(raw):
-            matches = [m for m in sorted(glob.glob(raw, recursive=True)) if os.path.isfile(m)]
-            kept = [m for m in matches if not excluded(Path(m))]
-            if not kept:
-                problems.append((raw, f"{raw}: no file matches this pattern" + (" outside the output folder" if matches else "")))
+        elif not os.path.lexists(raw) and glob.has_magic(raw):
+            every = sorted(glob.glob(raw, recursive=True))
+            matches = [m for m in every if not excluded(Path(m))]
+            kept = [m for m in matches if os.path.isfile(m)]
+            # image names that are no regular file, as a folder's walk reports them (folders are not inputs here)
+            odd = [m for m in matches if not os.path.isfile(m) and not os.path.isdir(m) and Path(m).suffix.lower() in IMAGE_EXTENSIONS]
+            problems += [(m, _irregular(Path(m))) for m in odd]
+            if not kept and not odd:
+                problems.append((raw, f"{raw}: no file matches this pattern" + (" outside the output folder" if every else "")))
             found += [(m, _key_for([Path(m).name])) for m in kept]
-        elif os.path.exists(raw) and excluded(Path(raw)):
+        elif os.path.lexists(raw) and excluded(Path(raw)):
             problems.append((raw, f"{raw}: is inside the output folder, not an input"))
+        elif os.path.lexists(raw) and not os.path.isfile(raw):  # named as it is: a link loop, a dangling link, a FIFO
+            problems.append((raw, _irregular(Path(raw))))
         else:
             found.append((raw, _key_for([Path(raw).name])))
     out: list[InputFile] = []

@@ -40,8 +40,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import threading
@@ -428,20 +430,26 @@ def _check_out_apart(out: Path, inputs: Sequence[str]) -> None:
     target = out.resolve()
     for given in inputs:
         folder = Path(given)
+        if not os.path.lexists(given) and glob.has_magic(given):  # a pattern: the folder it searches
+            folder = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), folder.parts))
         if folder.is_dir() and (folder.resolve() == target or target in folder.resolve().parents):
             raise ParameterError(f"out {out} is the input folder {given} or holds it; choose another folder", parameter="out")
 
 
 def _remove_stale_temps(plan: ExportPlan) -> None:
     """Remove the temps a killed run left for the outputs to export, and the montages (any format) of the
-    images to write again, which a killed run left unfinished or an earlier run made with other options (another
-    format, fewer targets): one listing per output folder."""
-    by_folder: dict[Path, set[str]] = {}
+    images to export that have no record: a killed run left them unfinished, and the new outputs might not
+    write over them. The outputs of an image with a record stay until its new json lands (:func:`_rewrite`),
+    so that an interrupted re-run loses nothing. One listing per output folder."""
+    by_folder: dict[Path, tuple[set[str], set[str]]] = {}
     for f in plan.todo:
         base = plan.bases[f.key]
-        by_folder.setdefault(base.parent, set()).add(base.name)
-    for folder, stems in by_folder.items():
-        for tmp in stale_temps(folder, stems, stems):
+        stems, unfinished = by_folder.setdefault(base.parent, (set(), set()))
+        stems.add(base.name)
+        if plan.records[f.key] is None:
+            unfinished.add(base.name)
+    for folder, (stems, unfinished) in by_folder.items():
+        for tmp in stale_temps(folder, stems, unfinished):
             tmp.unlink(missing_ok=True)
 
 
@@ -605,6 +613,9 @@ def _export(
 ) -> ExportResult:  # fmt: skip
     plan = plan_export(model, config, checkpoint_sha256=checkpoint_sha256, compare_model=compare_model)
     _remove_stale_temps(plan)
+    if plan.todo:  # the last run's summary no longer holds once an image is rewritten; this run's is written last
+        for name in _summary_names(config.shard):
+            (plan.out / name).unlink(missing_ok=True)
     t0 = time.perf_counter()
     loader = _loader(plan, model.transform, device)
     lanes = cpu_lanes(device, plan.maps, config.method)
@@ -831,10 +842,11 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
     """Write this shard's index, errors and (last) manifest; what the run did."""
     errors = _in_input_order(tally.errors, {f.source: k for k, f in enumerate(plan.files)})  # writes finish out of order
     suffix = shard_suffix(*plan.config.shard)
+    index_name, errors_name, manifest_name = _summary_names(plan.config.shard)
     rows = [_index_row(f, tally.records[f.key]) for f in plan.files if plan.stale(f, tally.records[f.key]) is None]
     inputs = len(plan.files) + len(plan.problems)  # every row of index.csv and errors.csv
     digests = {}
-    for name, text in ((f"index{suffix}.csv", csv_text(_INDEX_HEADER, rows)), (f"errors{suffix}.csv", csv_text(_ERRORS_HEADER, errors))):
+    for name, text in ((index_name, csv_text(_INDEX_HEADER, rows)), (errors_name, csv_text(_ERRORS_HEADER, errors))):
         data = text.encode("utf-8")
         atomic_write_bytes(plan.out / name, data)
         digests[name] = hashlib.sha256(data).hexdigest()
@@ -848,9 +860,11 @@ def _finish(plan: ExportPlan, tally: _Tally, t0: float) -> ExportResult:
         },  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if suffix:  # a shard, to be merged: sealed with the digests of its files, of its images' options and its own
-        manifest = _sealed(manifest | {"files": digests, "image_options": _digest(json_safe(plan.wanted))})
-    manifest_path = plan.out / f"manifest{suffix}.json"
+    if suffix:  # a shard, to be merged: sealed with the digests of its files, of its images' options and its own;
+        # the folder it ran in, which its relative inputs are relative to, orders the merge from anywhere
+        extra = {"files": digests, "image_options": _digest(json_safe(plan.wanted)), "cwd": os.getcwd()}
+        manifest = _sealed(manifest | extra)
+    manifest_path = plan.out / manifest_name
     atomic_write_json(manifest_path, manifest)
     return ExportResult(
         plan.out, inputs, tally.written, sum(tally.redone.values()), plan.skipped, errors, manifest_path,
@@ -873,6 +887,12 @@ def _in_input_order(errors: list, position: dict[str, int]) -> list:
     return [e for e in errors if e[0] not in position] + sorted(
         (e for e in errors if e[0] in position), key=lambda e: position[e[0]]
     )
+
+
+def _summary_names(shard: tuple[int, int]) -> tuple[str, str, str]:
+    """A shard's index, errors and manifest file names."""
+    suffix = shard_suffix(*shard)
+    return f"index{suffix}.csv", f"errors{suffix}.csv", f"manifest{suffix}.json"
 
 
 def shard_suffix(i: int, n: int) -> str:
@@ -917,7 +937,7 @@ def _merge(out_dir: Path, shards: int | None) -> ExportResult:
     manifests = _shard_manifests(out_dir, shards)
     n = _check_shards(out_dir, manifests)
     first = manifests[(0, n)]
-    order = {f.source: k for k, f in enumerate(collect_inputs(first["options"]["input"], exclude=out_dir).files)}
+    order = _input_order(first["options"]["input"], first.get("cwd"), out_dir)
     index, errors, listed = [], [], {}
     for i in range(n):
         rows, failed = (_shard_rows(out_dir, manifests[(i, n)], i, n, kind) for kind in ("index", "errors"))
@@ -937,6 +957,18 @@ def _merge(out_dir: Path, shards: int | None) -> ExportResult:
         out_dir, totals.get("inputs", 0), totals.get("ok", 0), totals.get("redone", 0), totals.get("skipped", 0),
         [(r[0], r[1]) for r in errors], out_dir / "manifest.json",
     )  # fmt: skip
+
+
+def _input_order(inputs: Sequence[str], cwd: str | None, out_dir: Path) -> dict[str, int]:
+    """Each input file's position in the export, keyed as the shards' rows name it (its path as typed, printable),
+    the inputs collected again from the folder the export ran in (``cwd``; None: this process's)."""
+    order: dict[str, int] = {}
+    for raw in inputs:
+        joined = raw if cwd is None or os.path.isabs(raw) else os.path.join(cwd, raw)
+        typed = len(joined) - len(raw) if joined != raw else 0  # the folder put in front, taken off again
+        for f in collect_inputs([joined], exclude=out_dir).files:
+            order.setdefault(printable(f.source[typed:]), len(order))
+    return order
 
 
 def _digest(obj: dict) -> str:

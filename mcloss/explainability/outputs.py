@@ -367,19 +367,29 @@ def write_explanation(
     if compare is not None:
         record["compare"] = compare.record(output.topk)
         arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
-    for rank in range(1, len(exp.groups) + 1) if output.montage else ():  # each target's montage
-        path = base.parent / montage_name(base.name, rank, output.montage_format)
-        if compare is None and output.montage_device is not None:
-            data = device_montage_jpeg(
-                view, exp, rank - 1, output.style, device=output.montage_device, quality=output.quality
-            )  # fmt: skip
-            atomic_write_bytes(path, data)
-            continue
-        if compare is None:
-            picture = explanation_montage(view, exp, rank - 1, output.style)
-        else:
-            picture = compare_montage(view, exp, compare.explanation, rank - 1, output.style, compare.titles)
-        atomic_write_bytes(path, output.encode(picture))
-    atomic_write_bytes(base.parent / f"{base.name}.npz", _npz_bytes(arrays))
-    atomic_write_json(base.parent / f"{base.name}.json", record)
+    written: list[Path] = []
+    json_path = base.parent / f"{base.name}.json"
+    try:  # a write that fails (a full disk, a denied folder, an interrupt) takes this call's files with it
+        for rank in range(1, len(exp.groups) + 1) if output.montage else ():  # each target's montage
+            path = base.parent / montage_name(base.name, rank, output.montage_format)
+            written.append(path)
+            atomic_write_bytes(path, _montage_bytes(exp, rank - 1, view, output, compare))
+        written.append(base.parent / f"{base.name}.npz")
+        atomic_write_bytes(written[-1], _npz_bytes(arrays))
+        atomic_write_json(json_path, record)
+    except BaseException:
+        if not json_path.exists():  # (an interrupt just after the json landed leaves the finished image whole)
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
     return record
+
+
+def _montage_bytes(exp: Explanation, group: int, view: np.ndarray, output: OutputOptions, compare: Comparison | None) -> bytes:
+    """One target's montage, encoded (composed and encoded on the model's GPU where :attr:`OutputOptions.montage_device`
+    says so)."""
+    if compare is None and output.montage_device is not None:
+        return device_montage_jpeg(view, exp, group, output.style, device=output.montage_device, quality=output.quality)
+    if compare is None:
+        return output.encode(explanation_montage(view, exp, group, output.style))
+    return output.encode(compare_montage(view, exp, compare.explanation, group, output.style, compare.titles))
