@@ -11,6 +11,8 @@ On a GPU (the sizes the issue asks for):
   whole exports of a few batches, so on a GPU their fixed cost (worker start-up, the plan) weighs in;
 - the host's share of an explain call: ``channel_maps`` (5 ms over the forward on the first H200 run, for 32
   images or 16) beside the same call after a stored forward (scripts/explain_overhead.py);
+- the export's writes over threads and over processes (scripts/writer_scaling.py): how far the GPU export's
+  writer threads can go on the machine's cores;
 - montage encoding (issue 27): a batch of 16 real montages encoded as PNG and as JPEG on the CPU (mcloss's
   encoders), and as JPEG by ``torchvision.io.encode_jpeg`` on the device (nvJPEG on CUDA: the montages are
   uploaded, encoded there, and only the bytes come back), with each JPEG's PSNR against the PNG.
@@ -299,6 +301,17 @@ def explain_host(device: torch.device, smoke: bool) -> list[dict]:
     return overhead(model, device, (1, 2) if smoke else (1, 32, 128), 1 if smoke else 20)
 
 
+def writer_scaling(smoke: bool) -> dict:
+    """The export's per-image writes over threads and over processes on this machine's CPUs
+    (scripts/writer_scaling.py): whether a GPU export's writers, threads now, should be processes."""
+    from writer_scaling import _cpus, scaling
+
+    counts = (2,) if smoke else sorted({2, 4, 8, max(2, min(14, _cpus() - 2))})
+    with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
+        rows = scaling(4 if smoke else 64, counts, ("jpg", "png"), 1 if smoke else 3, Path(tmp))
+    return {"cpus": _cpus(), "rows": rows}
+
+
 def _min_psnr(pictures: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:
     """The lowest PSNR (dB) of each picture against its reference."""
     mse = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(pictures, references, strict=True)]
@@ -332,12 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage("steady_export", lambda: steady_export(device, Path(tmp), args.smoke))
     stage("montage_encoding", lambda: montage_encoding(device, 1 if args.smoke else 10, args.smoke))
     stage("explain_overhead", lambda: explain_host(device, args.smoke))
+    stage("writer_scaling", lambda: writer_scaling(args.smoke))
     print(json.dumps({
         "device": report["device"]["name"],
         "bench": [{k: r[k] for k in ("backbone", "precision", "images_per_s")} for r in report["bench"]],
         "training_ok": report["training"]["ok"], "app_latency_s": report["app_latency"]["median_s"],
         "steady_export": report["steady_export"],
         "montage_encoding": report["montage_encoding"], "explain_overhead": report["explain_overhead"],
+        "writer_scaling": report["writer_scaling"],
     }, indent=1))  # fmt: skip
     return 0 if report["training"]["ok"] else 1
 

@@ -201,6 +201,12 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     for row in report["explain_overhead"]:
         assert all(row[f"{path}_s"] > 0 for path in ("forward_only", "channel_maps", "after_forward"))
         assert row["after_forward_per_image_s"] == pytest.approx(row["after_forward_s"] / row["batch"])
+    writers = report["writer_scaling"]
+    assert [(r["format"], r["way"], r["count"]) for r in writers["rows"]] == [
+        (f, way, n) for f in ("jpg", "png") for way, n in (("threads", 1), ("threads", 2), ("processes", 2))
+    ]
+    assert all(r["ms_per_image"] > 0 for r in writers["rows"]) and writers["cpus"] >= 1
+    assert [r["speedup"] for r in writers["rows"] if r["count"] == 1] == [1.0, 1.0]
 
 
 def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):
