@@ -613,8 +613,8 @@ def _export(
 ) -> ExportResult:  # fmt: skip
     plan = plan_export(model, config, checkpoint_sha256=checkpoint_sha256, compare_model=compare_model)
     _remove_stale_temps(plan)
-    if plan.todo:  # the last run's summary no longer holds once an image is rewritten; this run's is written last
-        for name in _summary_names(config.shard):
+    if plan.todo:  # the last run's summary (and a merge's) no longer holds once an image is rewritten
+        for name in {*_summary_names(config.shard), *_summary_names((0, 1))}:
             (plan.out / name).unlink(missing_ok=True)
     t0 = time.perf_counter()
     loader = _loader(plan, model.transform, device)
