@@ -214,6 +214,18 @@ def test_image_folder_errors(tmp_path):
         build_datasets(root2, "imagefolder")
 
 
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """Jupyter's checkpoints folder and macOS's ``._x`` files in a tree: a hidden class would shift every label."""
+    root = _image_folder(tmp_path / "folders", {"train": {"crow": 2, "finch": 1}, "test": {"finch": 1}})
+    for hidden in (root / "train" / ".ipynb_checkpoints", root / "train" / "crow" / ".thumbs", root / "test" / ".cache"):
+        hidden.mkdir()
+        _dot_image(24, 20, [(3, 5)]).save(hidden / "x.png")
+    (root / "train" / "crow" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    train, test, names = build_datasets(root, "imagefolder", TrainTransform((16, 16), (16, 16)), EvalTransform((16, 16)))
+    assert names == ["crow", "finch"] and len(train) == 3 and len(test) == 1
+    assert [train[i][1] for i in range(3)] == [0, 0, 1] and test[0][1] == 1
+
+
 # ---------------------------------------------------------------------------------------- auto-detection
 
 
@@ -340,6 +352,43 @@ def test_real_fgvc_aircraft_reader_on_its_disk_format(tmp_path):
     assert names == variants
     assert [train[i][1] for i in range(3)] == [0, 2, 2] and [test[i][1] for i in range(2)] == [1, 2]
     assert train[0][0].shape == (3, 16, 16)
+
+
+def test_a_malformed_torchvision_split_is_one_error_naming_it(tmp_path):
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    (data / "images").mkdir(parents=True)
+    _write(data / "variants.txt", "707-320\n")
+    for split in ("trainval", "test"):
+        _write(data / f"images_variant_{split}.txt", "0001 Boeing 999\n")  # a variant variants.txt lacks
+    _dot_image(30, 20, [(5, 5)]).save(data / "images" / "0001.jpg")
+    with pytest.raises(DatasetError, match=r"FGVCAircraft split 'trainval' is malformed \(KeyError: 'Boeing 999'\)"):
+        build_datasets(tmp_path, "aircraft")
+    (data / "variants.txt").unlink()
+    with pytest.raises(DatasetError, match=r"variants\.txt: FGVCAircraft split 'trainval' is malformed \(FileNotFoundError"):
+        build_datasets(tmp_path, "aircraft")
+
+
+def test_cub_files_that_disagree_or_images_that_are_gone_are_refused(synth_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "cut"
+    shutil.copytree(synth_root, root)
+    lines = (root / "images.txt").read_text().splitlines()
+    (root / "images.txt").write_text("\n".join(lines[:6]) + "\n")  # cut short: 6 of 12 images
+    with pytest.raises(DatasetError, match=r"image_class_labels\.txt: image id 7 is not in images\.txt \(6 such ids\)"):
+        CUBDataset(root)
+    (root / "images.txt").write_text("\n".join([*lines[:-1], "12 ../../outside.jpg"]) + "\n")
+    with pytest.raises(DatasetError, match=r"images\.txt: image 12's path '\.\./\.\./outside\.jpg' leaves images/"):
+        CUBDataset(root, "all")
+    (root / "images.txt").write_text("\n".join(lines) + "\n")
+    gone = root / "images" / lines[-1].split(maxsplit=1)[1]
+    gone.unlink()
+    with pytest.raises(DatasetError, match=rf"{gone}: image file not found \(listed in .*images\.txt\)"):
+        build_datasets(root, "cub")
+    classes = (root / "classes.txt").read_text().splitlines()
+    (root / "classes.txt").write_text("\n".join([classes[0], classes[1].split()[0] + " 009.Common_Bird", *classes[2:]]) + "\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt: class name 'Common_Bird' appears twice \(without its number\)"):
+        CUBDataset(root)
 
 
 def test_missing_torchvision_dataset_says_how_to_get_it(tmp_path):

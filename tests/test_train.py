@@ -452,6 +452,42 @@ def test_pretrained_backbone_gets_a_tenth_of_the_lr(tmp_path):
 # -------------------------------------------------------------------------------------------- refusals
 
 
+def test_a_run_whose_data_was_typed_relative_resumes_from_anywhere(synth_data, tmp_path, monkeypatch, capsys):
+    shutil.copytree(synth_data, tmp_path / "birds")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", "birds", "--out", "run", "--epochs", "1", "--limit-batches", "1", *TINY_ARGS]
+    assert cli_main(args) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0, capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == [1, 2]
+
+
+def test_a_class_without_training_images_is_refused_before_training(synth_data, tmp_path, capsys):
+    data = tmp_path / "birds"
+    shutil.copytree(synth_data, data)
+    labels = dict(line.split() for line in (data / "image_class_labels.txt").read_text().splitlines())
+    split = [line.split() for line in (data / "train_test_split.txt").read_text().splitlines()]
+    (data / "train_test_split.txt").write_text("".join(f"{i} {0 if labels[i] == '2' else f}\n" for i, f in split))
+    out = tmp_path / "run"
+    assert cli_main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 2
+    assert "has no training image (1 such classes)" in capsys.readouterr().err
+    assert not out.exists()  # refused before the run directory was made, and the lock's folder went with it
+
+
+def test_a_second_training_into_a_live_runs_directory_is_refused(synth_data, tmp_path, capsys):
+    from mcloss.core.lock import hold_folder
+    from mcloss.training.loop import RUN_LOCK_STEM
+
+    out = tmp_path / "run"
+    with hold_folder(out, stem=RUN_LOCK_STEM, what="training", command="mcloss train (the first)"):
+        assert cli_main(["train", "--data", str(synth_data), "--out", str(out), "--epochs", "1", *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out}: in use by a live" in err and str(os.getpid()) in err, err
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 def test_resume_refuses_a_missing_directory(tmp_path, capsys):
     assert cli_main(["train", "--out", str(tmp_path / "nope"), "--resume"]) == 2
     err = capsys.readouterr().err

@@ -127,6 +127,9 @@ def _read_classes(root: Path) -> tuple[list[str], dict[int, int]]:
         raise DatasetError(f"{path}: duplicate class ids")
     order = sorted(range(len(rows)), key=lambda i: ids[i])
     names = [clean_class_name(rows[i][1]) for i in order]
+    twice = next((n for k, n in enumerate(names) if n in names[:k]), None)
+    if twice is not None:  # "001.Common_Bird" and "002.Common_Bird" are one name once the numbers go
+        raise DatasetError(f"{path}: class name {twice!r} appears twice (without its number)")
     return names, {ids[i]: label for label, i in enumerate(order)}
 
 
@@ -221,6 +224,10 @@ class CUBDataset(Dataset):
             if boxes_path.is_file()
             else None
         )
+        for table, path in ((labels, labels_path), (splits, split_path)):
+            unknown = sorted(set(table) - set(images))
+            if unknown:  # images.txt cut short, or another dataset's file beside it
+                raise DatasetError(f"{path}: image id {unknown[0]} is not in images.txt ({len(unknown)} such ids)")
         parts = self._read_part_locs(set(images))
 
         records = []
@@ -243,10 +250,13 @@ class CUBDataset(Dataset):
                     raise DatasetError(f"{boxes_path}: no entry for image id {image_id}")
                 x, y, w, h = (_float(v, boxes_path, "box coordinate") for v in boxes[image_id])
                 bbox = (x, y, w, h)
+            relative = images[image_id][0].strip()
+            if Path(relative).is_absolute() or ".." in Path(relative).parts:
+                raise DatasetError(f"{root / 'images.txt'}: image {image_id}'s path {relative!r} leaves images/")
             records.append(
                 CUBRecord(
                     image_id=image_id,
-                    path=root / "images" / images[image_id][0].strip(),
+                    path=root / "images" / relative,
                     label=self._label_of_class[class_id],
                     is_train=is_train,
                     bbox=bbox,

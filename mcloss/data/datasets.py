@@ -3,6 +3,7 @@ torchvision's FGVC-Aircraft, Stanford Cars and Flowers102 with their official sp
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tv_datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from mcloss.core.errors import DatasetError
 from mcloss.core.model import same_class_name, same_class_names
@@ -93,16 +95,33 @@ def _load(path: str | os.PathLike) -> Image.Image:
 
 
 class _ImageFolder(tv_datasets.ImageFolder):
-    """ImageFolder loading through :func:`mcloss.data.io.load_image`, optionally with a fixed class mapping."""
+    """ImageFolder loading through :func:`mcloss.data.io.load_image`, optionally with a fixed class mapping.
+    Hidden folders and files (``.ipynb_checkpoints/``, macOS's ``._x.jpg``) are neither classes nor images."""
 
     def __init__(self, root: Path, transform: Callable | None, class_to_idx: dict[str, int] | None = None) -> None:
         self._fixed = class_to_idx
-        super().__init__(str(root), transform=transform, loader=_load, allow_empty=class_to_idx is not None)
+        super().__init__(
+            str(root), transform=transform, loader=_load, allow_empty=class_to_idx is not None,
+            is_valid_file=functools.partial(_visible_image, root=root),
+        )  # fmt: skip
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         if self._fixed is None:
-            return super().find_classes(directory)
+            classes = _class_folders(Path(directory))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
         return sorted(self._fixed, key=self._fixed.__getitem__), dict(self._fixed)
+
+
+def _class_folders(directory: Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted (torchvision's order), hidden ones left out."""
+    return sorted(d.name for d in os.scandir(directory) if d.is_dir() and not d.name.startswith("."))
+
+
+def _visible_image(path: str, root: Path) -> bool:
+    relative = Path(path).relative_to(root)
+    return not any(part.startswith(".") for part in relative.parts) and relative.suffix.lower() in IMG_EXTENSIONS
 
 
 def _image_folders(root: Path, train_transform: Callable | None, eval_transform: Callable | None) -> tuple[Dataset, Dataset, list[str]]:
@@ -113,7 +132,7 @@ def _image_folders(root: Path, train_transform: Callable | None, eval_transform:
         train = _ImageFolder(root / "train", image_only(train_transform))
     except FileNotFoundError as exc:
         raise DatasetError(f"{root / 'train'}: {exc}") from None
-    test_classes = sorted(d.name for d in os.scandir(root / "test") if d.is_dir())
+    test_classes = _class_folders(root / "test")
     unknown = [c for c in test_classes if c not in train.class_to_idx]
     if unknown:
         raise DatasetError(f"{root / 'test'}: classes not in {root / 'train'}: {', '.join(unknown[:5])}")
@@ -132,17 +151,21 @@ def _torchvision_split(kind: str, root: Path, split: str | tuple[str, ...], tran
     splits = (split,) if isinstance(split, str) else split
     parts = []
     for one in splits:
-        kwargs: dict[str, Any] = {"split": one, "transform": transform, "download": download, "loader": _load}
+        fetch = download and kind != "cars"  # Stanford Cars' download address is gone; torchvision refuses it
+        kwargs: dict[str, Any] = {"split": one, "transform": transform, "download": fetch, "loader": _load}
         if kind == "aircraft":
             kwargs["annotation_level"] = "variant"
         try:
             parts.append(cls(str(root), **kwargs))
         except RuntimeError as exc:
-            hint = "" if download else "; pass download=True to fetch it"
+            hint = "" if fetch or kind == "cars" else "; pass download=True to fetch it"
             raise DatasetError(
                 f"{root}: {cls_name} split {one!r} not found (expected {root / folder}/...{hint}): {exc}",
-                parameter=() if download else "download",
+                parameter=() if fetch or kind == "cars" else "download",
             ) from None
+        except (OSError, KeyError, ValueError, IndexError) as exc:  # a file of the split missing or malformed
+            where = getattr(exc, "filename", None) or root / folder
+            raise DatasetError(f"{where}: {cls_name} split {one!r} is malformed ({type(exc).__name__}: {exc})") from None
     return parts[0] if len(parts) == 1 else _Concat(parts)
 
 
@@ -231,6 +254,9 @@ def build_datasets(
     if kind == "cub":
         train_ds = CUBDataset(root, "train", image_only(train_transform))
         test_ds = CUBDataset(root, "test", image_only(eval_transform))
+        gone = next((r.path for r in (*train_ds.records, *test_ds.records) if not r.path.is_file()), None)
+        if gone is not None:  # found now, not at the end of an epoch
+            raise DatasetError(f"{gone}: image file not found (listed in {train_ds.root / 'images.txt'})")
         return train_ds, test_ds, list(train_ds.class_names)
     if kind == "imagefolder":
         return _image_folders(root, train_transform, eval_transform)

@@ -217,8 +217,11 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any] | None = None) 
         RunDirError: ``out`` is missing or not an mcloss run.
         TrainError: an override changes a setting that a resumed run must keep.
     """
-    saved = read_run_config(out)["config"]
+    run = read_run_config(out)
+    saved = run["config"]
     values = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}
+    if isinstance(run.get("data_root"), str) and not Path(str(saved.get("data", ""))).is_absolute():
+        values["data"] = run["data_root"]  # typed relative to where the run started: resumable from anywhere
     for key, value in (overrides or {}).items():
         if value is None or key in ("out", "resume"):
             continue

@@ -7,9 +7,10 @@ Messages for people go to the ``mcloss.training`` logger, on rank 0 only: one IN
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 from mcloss.core.device import autocast
 from mcloss.core.distributed import DistContext
 from mcloss.core.errors import Progress, check_callback
+from mcloss.core.lock import hold_folder
 from mcloss.core.loss import MCLoss
 from mcloss.core.model import MCModel
 from mcloss.evaluation.classification import evaluation_sums, summarize_sums
@@ -357,7 +359,30 @@ def train(
     check_callback(progress)
     ctx, device = DistContext.setup(config.device)
     try:
-        with InterruptGuard() as guard:
+        with _hold_run_dir(Path(config.out), not ctx.enabled), InterruptGuard() as guard:
             return _Run(config, ctx, device, guard, on_batch_end, on_epoch_end, progress).run()
     finally:
         ctx.close()
+
+
+#: The lock file stem of a training run's directory (:mod:`mcloss.core.lock`).
+RUN_LOCK_STEM = ".mcloss-train"
+
+
+@contextlib.contextmanager
+def _hold_run_dir(out: Path, hold: bool) -> Iterator[None]:
+    """Hold the run directory for this training while the block runs, so that a second training into it is
+    refused (one line naming the first's pid) instead of mixing its files in; a directory made for the lock and
+    left empty (the run failed before its first epoch) is removed again. Under torchrun (``hold`` False) the
+    launcher's ranks share the directory and nothing is held."""
+    if not hold:
+        yield
+        return
+    made = not out.exists()
+    try:
+        with hold_folder(out, stem=RUN_LOCK_STEM, what="training"):
+            yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when nothing was written

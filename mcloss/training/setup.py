@@ -98,6 +98,13 @@ def load_datasets(config: TrainConfig, ctx: DistContext) -> tuple[Any, Any, list
         raise TrainError(f"data {config.data}: the training split is empty", parameter="data")
     if len(test_ds) == 0:
         raise TrainError(f"data {config.data}: the test split is empty", parameter="data")
+    labels = getattr(train_ds, "labels", None) or getattr(train_ds, "targets", None)  # CUB, ImageFolder: read for free
+    unseen = sorted(set(range(len(class_names))) - set(labels or range(len(class_names))))
+    if unseen:  # a class the model could never learn (all its images marked test, or none at all)
+        raise TrainError(
+            f"data {config.data}: class {class_names[unseen[0]]!r} has no training image ({len(unseen)} such classes)",
+            parameter="data",
+        )
     return train_ds, test_ds, list(class_names)
 
 
