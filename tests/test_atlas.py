@@ -82,6 +82,13 @@ def test_atlas_labels_a_planted_channel_with_its_part(tmp_path):
     # stability counts the pairs whose clean peak hits a part: channel 0 on the 3 images of class a, kept
     assert summary["stability"] == {"pairs": 3, "stable": 3, "share": 1.0} and summary["consistency"]["channels"] == 3
     assert summary["images"] == 6 and summary["has_parts"]
+    # a class named twice (by name and by index) is counted once
+    twice = build_atlas(model, inputs, classes=["a", 0], top=4, batch_size=4, noise=0.5)
+    assert twice["consistency"] == summary["consistency"] and twice["stability"] == summary["stability"]
+    # channels whose class has no image to score measure nothing: not "0 of 3"
+    only_b = AtlasInputs(paths[1::2], labels[1::2], kps[1::2], ["beak", "tail"])
+    none = build_atlas(model, only_b, classes=["a"], top=2, batch_size=4, noise=None)["consistency"]
+    assert none["share"] is None and none["consistent_channels"] is None and none["measured"] == 0 and none["channels"] == 3
 
 
 def _birds(tmp_path):
@@ -207,12 +214,12 @@ def test_an_atlas_without_keypoints_says_so_instead_of_counting(tmp_path, capsys
     assert index["stability"]["share"] is None
     text = (out / "summary.md").read_text()
     for shown in (text, said):
-        assert "no keypoints" in shown and "of 9 channels" not in shown and "Part consistency:" not in shown
+        assert "no keypoints" in shown and "measured channels" not in shown and "Part consistency:" not in shown
     # with the keypoints, the count is given and "no keypoints" is not
     generate_dataset(data, 3, 4, 48, 0)
     assert cli_main(argv) == 0
     text = (out / "summary.md").read_text()
-    assert "no keypoints" not in text and "of 9 channels" in text and json.loads((out / "atlas.json").read_text())["has_parts"]
+    assert "no keypoints" not in text and "of 9 measured channels" in text and json.loads((out / "atlas.json").read_text())["has_parts"]
 
 
 def test_an_atlas_lists_its_skipped_images_on_stderr_and_in_the_summary(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import mcloss
 import mcloss.cli.synth as synth_cli
 import mcloss.cli.train as train_cli
 import mcloss.data.synth.writing as writing
@@ -243,6 +244,46 @@ def test_an_unwritable_output_is_the_users_input_exit_2(tmp_path, capsys, monkey
     assert cli_main([*SYNTH, "--out", str(tmp_path / "o")]) == 2
     err = _err(capsys)
     assert err == f"mcloss synth: error: --out {tmp_path / 'o'}: cannot write the dataset ([Errno 28] No space left on device)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["bench", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["bench", "--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+        (["bench", "--threads", "0"], "--threads must be >= 1, got 0"),
+        (["bench", "--backbone", "resnet18", "--classes", "0"], "--classes must be >= 1, got 0"),
+        (["sanity", "--data", "d", "--seed", "99999999999999999999"], "argument --seed: must be an integer in 0..4294967295"),
+        (["domain", "--checkpoint", "c", "--data", "d", "--out", "o.safetensors", "--seed", "-1"], "argument --seed: must be"),
+        (["train", "--data", "d", "--seed", "5000000000"], "argument --seed: must be an integer in 0..4294967295"),
+        (["atlas", "--data", "d", "--noise", "nan"], "argument --noise: must be a finite number, got nan"),
+        (["atlas", "--data", "d", "--radius", "inf"], "argument --radius: must be a finite number, got inf"),
+        (["parts", "--data", "d", "--radius", "inf"], "argument --radius: must be a finite number, got inf"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v[:1] + v[-2:]),
+)
+def test_values_no_run_can_use_are_refused_in_one_line(tmp_path, capsys, argv, said):
+    """Each used to crash (exit 1: a StatisticsError, a ZeroDivisionError, numpy's seed overflow) or to run
+    and report numbers that mean nothing (a NaN noise, an infinite hit radius)."""
+    if argv[0] == "bench":
+        argv = [*argv, "--json", str(tmp_path / "b.json")]
+    assert cli_main(argv) == 2
+    err = _err(capsys)
+    assert len(err.splitlines()) == 1 and said in err, err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    checkpoint = str(mcloss.default_checkpoint())
+    for argv, said in (
+        (["bench", "--json", str(tmp_path / "afile" / "x.json")], f"--json {tmp_path / 'afile' / 'x.json'}: {tmp_path / 'afile'} is a file"),
+        (["sanity", "--data", str(tmp_path), "--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'}: is a file, not a folder"),
+        (["domain", "--checkpoint", checkpoint, "--data", str(tmp_path), "--out", str(tmp_path / "folder.safetensors")],
+         "is a folder, not a file"),
+    ):
+        assert cli_main(argv) == 2, argv
+        assert said in _err(capsys)
 
 
 def test_progress_bars_start_a_bar_per_pass(capsys):

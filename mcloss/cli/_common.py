@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import math
 import os
 import re
 import shlex
@@ -35,6 +36,10 @@ __all__ = [
     "add_checkpoint",
     "add_no_progress",
     "check_at_least",
+    "check_output",
+    "finite_float",
+    "seed_value",
+    "SEED_MAX",
     "defaults_of",
     "debug_mode",
     "debugging",
@@ -268,10 +273,52 @@ def defaults_of(function: Callable[..., Any]) -> dict[str, Any]:
 
 
 def check_at_least(*checks: tuple[str, float, float]) -> None:
-    """Raise a ParameterError naming the first ``(parameter, value, least)`` whose value is below its least."""
+    """Raise a ParameterError naming the first ``(parameter, value, least)`` whose value is below its least (or
+    not a finite number: NaN passes every comparison)."""
     for name, value, least in checks:
-        if value < least:
+        if not math.isfinite(value) or value < least:
             raise ParameterError(f"{name} must be >= {least}, got {value}", parameter=name)
+
+
+#: The largest seed every generator mcloss seeds takes (numpy's legacy one stops at 2**32 - 1).
+SEED_MAX = 2**32 - 1
+
+
+def seed_value(text: str) -> int:
+    """argparse type of a ``--seed``: an integer in 0..:data:`SEED_MAX`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type of a number that must be finite (``nan`` and ``inf`` parse as floats)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def check_output(path: str | os.PathLike, flag: str, *, folder: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: a ``folder`` that is a file, a file that is a
+    folder, or one under a file or a folder this process may not write into."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        raise OutputError(f"{flag} {path}: {'is a file, not a folder' if folder else 'is a folder, not a file'}")
+    above = target.parent if not target.exists() or not folder else target
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise OutputError(f"{flag} {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: {above} is not writable")
 
 
 def model_splits(model, data: str, dataset: str = "auto", *, download: bool = False) -> tuple[Any, Any]:

@@ -15,6 +15,7 @@ from mcloss.cli._common import (
     checkpoint_path,
     command_line,
     defaults_of,
+    finite_float,
     progress_bar,
     run,
     say,
@@ -51,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=default["batch_size"])
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (0 = in process)")
     p.add_argument(
-        "--noise", type=float, default=default["noise"], help="std of the Gaussian input noise for stability"
+        "--noise", type=finite_float, default=default["noise"], help="std of the Gaussian input noise for stability"
     )
     p.add_argument("--no-stability", action="store_true", help="skip the noisy second pass")
     p.add_argument(
-        "--radius", type=float, default=default["radius"], help="hit radius as a fraction of max(width, height)"
+        "--radius", type=finite_float, default=default["radius"], help="hit radius as a fraction of max(width, height)"
     )
     p.add_argument(
         "--patch", type=float, default=default["patch"], help="patch side as a fraction of max(width, height)"
@@ -84,9 +85,11 @@ def summary_markdown(summary: dict, title: str) -> str:
         lines += ["- Part consistency and stability: no keypoints (no image has a visible part keypoint; a CUB "
                   "layout keeps them in parts/part_locs.txt), so neither was measured.", ""]  # fmt: skip
     else:
-        share = "–" if c["share"] is None else f"{c['share']:.3f}"
-        lines.append(f"- Part consistency: {c['consistent_channels']} of {c['channels']} channels ({share}) hit one part "
-                     f"in ≥ {c['threshold']:.0%} of their class's images where it is visible.")  # fmt: skip
+        if c["share"] is None:
+            lines.append(f"- Part consistency: not measured (none of the {c['channels']} channels' classes has a scored image).")
+        else:
+            lines.append(f"- Part consistency: {c['consistent_channels']} of {c['measured']} measured channels ({c['share']:.3f}) hit "
+                         f"one part in ≥ {c['threshold']:.0%} of their class's images where it is visible.")  # fmt: skip
         if s["share"] is not None:
             lines.append(f"- Stability: {s['stable']} of {s['pairs']} (channel, image) pairs ({s['share']:.3f}) keep "
                          "their hit part under input noise.")  # fmt: skip

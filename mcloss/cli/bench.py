@@ -8,7 +8,15 @@ from collections.abc import Sequence
 
 import torch
 
-from mcloss.cli._common import add_checkpoint, add_device, checkpoint_path, run, writing_to
+from mcloss.cli._common import (
+    add_checkpoint,
+    add_device,
+    check_at_least,
+    check_output,
+    checkpoint_path,
+    run,
+    writing_to,
+)
 from mcloss.core.checkpoint import load_checkpoint
 from mcloss.core.device import resolve_device
 from mcloss.core.errors import ParameterError
@@ -61,6 +69,12 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = sorted(set(paths) - set(PATHS))
     if unknown:
         raise ParameterError(f"paths: unknown {', '.join(unknown)} (choose from {', '.join(PATHS)})", parameter="paths")
+    check_at_least(
+        ("batch_size", args.batch_size, 1), ("repeats", args.repeats, 1), ("warmup", args.warmup, 0),
+        ("workers", args.workers, 0), ("export_batches", args.export_batches, 1), ("classes", args.classes, 1),
+        ("xi", args.xi, 1), ("threads", 1 if args.threads is None else args.threads, 1),
+    )  # fmt: skip
+    check_output(args.json, "--json", folder=False)  # before the benchmark runs, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

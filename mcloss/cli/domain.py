@@ -12,11 +12,14 @@ from mcloss.cli._common import (
     add_checkpoint,
     add_device,
     add_no_progress,
+    check_output,
     checkpoint_path,
+    finite_float,
     model_splits,
     progress_bar,
     run,
     say,
+    seed_value,
     show_progress,
     writing_to,
 )
@@ -44,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="auto", choices=list(DATASET_KINDS), help="dataset layout")
     p.add_argument("--out", required=True, help="the checkpoint to write (may be --checkpoint itself)")
     p.add_argument("--k", type=int, default=DOMAIN_K, help=f"the neighbour whose distance is the score (default {DOMAIN_K})")
-    p.add_argument("--quantile", type=float, default=DOMAIN_QUANTILE, help="share of the test split that passes")
+    p.add_argument("--quantile", type=finite_float, default=DOMAIN_QUANTILE, help="share of the test split that passes")
     p.add_argument("--bank-size", type=int, default=DOMAIN_BANK, help="most training images kept (seeded sample)")
     p.add_argument("--ood", metavar="DIR", nargs="+", help="out-of-domain images (folders, files, globs): report the AUROC")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0, help="the bank's sample")
+    p.add_argument("--seed", type=seed_value, default=0, help="the bank's sample")
     add_device(p)
     add_no_progress(p)
     return p
@@ -68,6 +71,7 @@ def _domain(args: argparse.Namespace) -> int:
         raise ParameterError("batch_size must be >= 1 and workers >= 0", parameter=("batch_size", "workers"))
     if Path(args.out).suffix != ".safetensors":
         raise ParameterError(f"--out {args.out}: must end in .safetensors")
+    check_output(args.out, "--out", folder=False)  # before the fit, not after it
     device = resolve_device(args.device)
     source = checkpoint_path(args.checkpoint)
     model = load_checkpoint(source, device)

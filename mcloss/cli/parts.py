@@ -19,9 +19,11 @@ from mcloss.cli._common import (
     checkpoint_path,
     command_line,
     defaults_of,
+    finite_float,
     progress_bar,
     run,
     say,
+    seed_value,
     show_progress,
     writing_to,
 )
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CUB-layout dataset root with parts/part_locs.txt")
     p.add_argument("--split", default=default["split"], choices=["test", "train", "all"])
     p.add_argument(
-        "--radius", type=float, default=default["radius"],
+        "--radius", type=finite_float, default=default["radius"],
         help=f"hit radius as a fraction of the image size (default {default['radius']})",
     )  # fmt: skip
     p.add_argument(
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(p)
     add_no_progress(p)
     p.add_argument("--out", help="output directory (default runs/parts-<timestamp>)")
-    p.add_argument("--seed", type=int, default=default["seed"], help="seed of the random baselines")
+    p.add_argument("--seed", type=seed_value, default=default["seed"], help="seed of the random baselines")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier parts run in --out")
     return p
 

@@ -14,10 +14,12 @@ from mcloss.cli._common import (
     add_checkpoint,
     add_device,
     check_at_least,
+    check_output,
     checkpoint_path,
     command_line,
     run,
     say,
+    seed_value,
     writing_to,
 )
 from mcloss.core.checkpoint import load_checkpoint
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=64, help="images, spread evenly over the split (default 64)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--draws", type=int, default=5, help="random knockout draws per image (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the re-initialization and the random choices")
+    p.add_argument("--seed", type=seed_value, default=0, help="seeds the re-initialization and the random choices")
     add_device(p)
     p.add_argument("--out", help="output directory (default runs/sanity-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier sanity run in --out")
@@ -64,6 +66,7 @@ def _sanity(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"sanity-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "sanity.json").exists() and not args.overwrite:
         raise ParameterError(f"--out {out}: already holds a sanity run; pass --overwrite or choose another --out")
+    check_output(out, "--out", folder=True)  # before the checks run, not after them
     checkpoint = checkpoint_path(args.checkpoint)
     if not Path(args.data).is_dir():
         raise DatasetError(f"{args.data}: dataset directory not found")

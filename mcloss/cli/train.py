@@ -18,6 +18,7 @@ from mcloss.cli._common import (
     progress_bars,
     run,
     say,
+    seed_value,
     show_progress,
 )
 from mcloss.core.device import resolve_device
@@ -118,7 +119,7 @@ def _optimization_options(p: argparse.ArgumentParser) -> None:
 def _run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--seed", type=seed_value, help="random seed (default 0)")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")

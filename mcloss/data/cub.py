@@ -285,6 +285,8 @@ class CUBDataset(Dataset):
                 raise DatasetError(f"{path}: part id {pid} outside 1..{num_parts} (image {iid})")
             if iid not in image_ids:
                 raise DatasetError(f"{path}: image id {iid} is not in images.txt")
+            if not (np.isfinite(x) and np.isfinite(y)):  # a NaN would match every distance test it meets
+                raise DatasetError(f"{path}: part {pid} of image {iid} is at ({x}, {y}), not a finite position")
             arr = out.setdefault(iid, np.zeros((num_parts, 3), np.float32))
             arr[pid - 1] = (x, y, 1.0 if visible > 0 else 0.0)
         return out

@@ -204,7 +204,8 @@ def build_atlas(
     if not all(0 <= label < model.num_classes for label in inputs.labels):
         raise DatasetError(f"the atlas inputs: labels outside the checkpoint's {model.num_classes} classes")
     device = device or next(model.parameters()).device
-    classes = list(range(model.num_classes)) if classes is None else [model.class_index(c, "classes") for c in classes]
+    named = range(model.num_classes) if classes is None else (model.class_index(c, "classes") for c in classes)
+    classes = list(dict.fromkeys(named))  # a class named twice (by index and by name) is one class
     if top < 1:
         raise ParameterError(f"top must be >= 1, got {top}", parameter="top")
     tracked = [ch for c in classes for ch in range(model.group_slice(c).start, model.group_slice(c).stop)]
@@ -286,7 +287,7 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     names = inputs.part_names
     has_parts = bool(names) and any(k is not None and len(k) and (k[:, 2] > 0).any() for k in inputs.keypoints)
     out_classes = {}
-    consistent = 0
+    consistent = measured = 0
     stable_pairs = stable = 0
     for c in classes:
         s = model.group_slice(c)
@@ -315,6 +316,7 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
             row["consistency"] = {"part": None if best_part is None else names[best_part], "share": share,
                                   "consistent": share is not None and share >= CONSISTENT}  # fmt: skip
             consistent += bool(row["consistency"]["consistent"])
+            measured += share is not None  # a channel whose class has no scored image measures nothing
             for i, cell in own:
                 noisy = meta["noisy"].get(str(i))
                 if noisy is None:
@@ -329,8 +331,9 @@ def _summarize(model, inputs, classes, tracked, running, meta, radius, patch, to
     return {
         "images": len(meta["sizes"]), "skipped": meta["skipped"], "top": top, "feature_hw": [fh, fw],
         "classes": out_classes,
-        "consistency": {"threshold": CONSISTENT, "consistent_channels": consistent if has_parts else None,
-                        "channels": len(tracked), "share": consistent / len(tracked) if tracked and has_parts else None},
+        "consistency": {"threshold": CONSISTENT, "consistent_channels": consistent if has_parts and measured else None,
+                        "channels": len(tracked), "measured": measured if has_parts else None,
+                        "share": consistent / measured if has_parts and measured else None},
         "stability": {"pairs": stable_pairs, "stable": stable, "share": stable / stable_pairs if stable_pairs else None},
         "has_parts": has_parts,
         "coverage": _coverage(model, inputs, classes, meta, radius),
