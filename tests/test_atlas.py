@@ -263,3 +263,12 @@ def test_an_interrupted_atlas_resumes_to_exactly_the_uninterrupted_result(tmp_pa
     # the seed is what a state must match: another seed starts afresh and draws other noise
     other = build_atlas(model, inputs, top=3, batch_size=4, noise=0.5, state=state, seed=1)
     assert json.loads(state.with_suffix(".json").read_text())["noisy"] != noisy and other["images"] == whole["images"]
+
+
+def test_a_rerun_for_fewer_classes_leaves_no_sheet_of_the_others(tmp_path, capsys):
+    data, out, argv = _cli_birds(tmp_path)
+    assert cli_main(argv) == 0
+    assert len(list((out / "sheets").glob("*.png"))) == 3
+    assert cli_main([*argv, "--classes", "0"]) == 0
+    index = json.loads((out / "atlas.json").read_text())
+    assert [p.stem for p in (out / "sheets").glob("*.png")] == list(index["classes"]) and len(index["classes"]) == 1

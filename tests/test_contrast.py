@@ -328,6 +328,8 @@ def test_parts_cli_contrast_writes_its_tables(tmp_path, combo_root, capsys):
     block = json.loads((out / "contrast.json").read_text())[str(ckpt)]
     assert set(block["methods"]) == set(CONTRAST_MAPS)
     assert (out / "contrast.md").read_text().startswith("## Contrastive maps: m.safetensors")
+    assert parts_main([*argv[:-1], "--device", "cpu", "--overwrite"]) == 0  # without --contrast: the old tables go
+    assert not (out / "contrast.json").exists() and not (out / "contrast.md").exists()
 
 
 def test_a_contrasts_short_label_and_its_description():

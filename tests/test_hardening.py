@@ -645,3 +645,45 @@ def test_torchrun_ranks_die_with_their_launcher(tmp_path, checkpoint):
         for pid in ranks | workers:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------ the API
+
+
+def test_targets_that_are_no_spec_are_a_parameter_error(checkpoint):
+    from mcloss.core.errors import ParameterError
+
+    model = mcloss.load_checkpoint(checkpoint)
+    for target in (1.5, [1.5], None, [None], {"a": 1}):
+        with pytest.raises(ParameterError, match=r"target must be a class index or name, a spec such as 'pred'"):
+            mcloss.explain(model, _rgb(40, 30), target)
+
+
+def test_a_pil_image_in_any_mode_is_read_as_its_file_would_be(tmp_path, checkpoint):
+    """An image the caller opened is converted as :func:`mcloss.load_image` converts files (alpha on white)."""
+    model = mcloss.load_checkpoint(checkpoint)
+    rgb = _rgb(40, 30)
+    for mode in ("L", "P", "LA", "RGBA", "CMYK", "I;16", "F"):
+        image = rgb.convert("L").convert(mode) if mode in ("I;16", "F") else rgb.convert(mode)
+        image.save(tmp_path / f"{mode.replace(';', '')}.tiff")
+        from_file = mcloss.explain(model, tmp_path / f"{mode.replace(';', '')}.tiff")
+        opened = mcloss.explain(model, image)
+        np.testing.assert_array_equal(opened.groups[0].channels, from_file.groups[0].channels, err_msg=mode)
+
+
+def test_save_refuses_a_folder_and_replaces_an_earlier_saves_files(tmp_path, checkpoint):
+    from mcloss.core.errors import OutputError, ParameterError
+
+    model = mcloss.load_checkpoint(checkpoint)
+    image = _rgb(40, 30)
+    mcloss.explain(model, image, "top3").save(tmp_path / "b.jpg", image=image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jpg.json", "b.jpg.npz", "b.jpg.png", "b.jpg.r2.png", "b.jpg.r3.png"]
+    one = mcloss.explain(model, image, "pred")
+    one.save(tmp_path / "b.jpg", image=image, montage_format="jpg")  # one target, another format: the rest go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jpg.jpg", "b.jpg.json", "b.jpg.npz"]
+    for path in ("", f"{tmp_path}/", tmp_path):
+        with pytest.raises(ParameterError, match="is a folder or empty, not an output stem"):
+            one.save(path, image=image)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=rf"{tmp_path / 'afile' / 'x.jpg'}: cannot write the explanation"):
+        one.save(tmp_path / "afile" / "x.jpg", image=image)

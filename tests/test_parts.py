@@ -529,6 +529,9 @@ def test_cli_baseline_checkpoint_joins_the_defining_table(tmp_path, tiny_checkpo
     assert (out / "baseline" / "summary.json").is_file()
     with (out / "per_image.csv").open() as f:
         assert all(float(r["mass_ratio_ccmp"]) > 0 for r in csv.DictReader(f))
+    # over it without the baseline: its files, whose numbers are not this run's, go
+    assert parts_main([*argv[:-4], "--device", "cpu", "--overwrite"]) == 0
+    assert not (out / "baseline").exists() and "baseline" not in json.loads((out / "summary.json").read_text())
 
 
 def test_cli_old_baseline_values_point_to_the_new_flag(tmp_path, checkpoint, capsys):

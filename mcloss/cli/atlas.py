@@ -145,8 +145,13 @@ def _atlas(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         say("atlas", f"skipped {printable(summary['skipped'][k])}")
     text = summary_markdown(summary, checkpoint.name)
     with writing_to(out):
+        sheets = []
         for name, stem in zip(summary["classes"], unique_file_stems(summary["classes"]), strict=True):
-            atomic_write_bytes(out / "sheets" / f"{stem}.png", encode_image(contact_sheet(summary, name)))
+            sheets.append(out / "sheets" / f"{stem}.png")
+            atomic_write_bytes(sheets[-1], encode_image(contact_sheet(summary, name)))
+        for old in (out / "sheets").glob("*.png"):  # an earlier run's classes that this one did not draw
+            if old not in sheets:
+                old.unlink()
         atomic_write_json(out / "atlas.json", summary)
         atomic_write_text(out / "summary.md", text)
     print(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -140,6 +141,11 @@ def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         if contrasts:
             atomic_write_json(out / "contrast.json", {str(path): json_safe(block) for (path, _), block in zip(models, contrasts, strict=True)})
             atomic_write_text(out / "contrast.md", _contrast_markdown(models, contrasts))
+        else:  # an earlier run's (--overwrite): its numbers are not this run's
+            for name in ("contrast.json", "contrast.md"):
+                (out / name).unlink(missing_ok=True)
+        if baseline is None and (out / "baseline" / "summary.json").is_file():
+            shutil.rmtree(out / "baseline")
     print(summary_table(result.summary))
     if contrasts:
         print("\n" + _contrast_markdown(models, contrasts))

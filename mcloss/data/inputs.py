@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from mcloss.core.transforms import EvalTransform, Geometry
 from mcloss.data.files import InputFile
-from mcloss.data.io import ImageLoadError, load_image
+from mcloss.data.io import ImageLoadError, load_image, to_rgb
 
 __all__ = ["ImageFiles", "PreparedImage", "ViewMaker", "collate_items", "prepare_image"]
 
@@ -54,6 +54,8 @@ def prepare_image(
     if not isinstance(image, Image.Image):
         source = os.fspath(image)
         image = load_image(image)
+    elif image.mode != "RGB":  # an image the caller opened: read as its file would be
+        image = to_rgb(image)
     geo = transform.geometry(*image.size)
     x = transform.apply(image, geo)
     kept = None if view is None else view(np.asarray(image))

@@ -31,6 +31,7 @@ __all__ = [
     "ImageLoadError",
     "load_image",
     "MAX_IMAGE_PIXELS",
+    "to_rgb",
 ]
 
 
@@ -80,7 +81,7 @@ def load_image(source: str | os.PathLike | IO[bytes], name: str | None = None, *
                 )
             img.seek(0)
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -150,8 +151,9 @@ def _tiff_samples(head: bytes) -> str | None:
     return f"{samples} × {kind}" if samples > 1 else kind
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, as :func:`load_image` reads files (alpha composited on white, 16-bit and float
+    modes scaled); an RGB image is copied."""
     if img.mode == "RGB":
         return img.copy()
     if img.mode == "P":

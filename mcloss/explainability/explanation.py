@@ -29,7 +29,7 @@ from PIL import Image
 
 from mcloss.core.device import autocast
 from mcloss.core.domain import DomainVerdict
-from mcloss.core.errors import ParameterError
+from mcloss.core.errors import OutputError, ParameterError
 from mcloss.core.model import model_guard
 from mcloss.core.transforms import Geometry, features_to_original
 from mcloss.data.inputs import PreparedImage, ViewMaker, prepare_image
@@ -39,7 +39,7 @@ from mcloss.explainability.contrast import Contrast, ContrastSpec, check_contras
 from mcloss.explainability.geometry import channel_peaks
 from mcloss.explainability.gradcam import GRADCAM_METHODS
 from mcloss.explainability.kinds import ExplainPass, parse_maps
-from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets
+from mcloss.explainability.targets import TargetSpec, per_image, resolve_targets, spec_error
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -313,16 +313,34 @@ class Explanation:
         (:class:`mcloss.explainability.outputs.Comparison`); ``clean_temps=False`` skips removing the temps a
         killed run left for these outputs (an export sweeps each folder once); ``montage=False`` writes no
         montage (no view is needed then); ``montage_format`` ``jpg`` or ``webp`` (at ``quality``) writes
-        ``<path>.jpg`` / ``<path>.webp`` instead of the PNG. Returns the JSON record.
-        """
-        from mcloss.explainability.outputs import OutputOptions, write_explanation
+        ``<path>.jpg`` / ``<path>.webp`` instead of the PNG. A save over an earlier one removes the files of the
+        earlier that this one does not write (its other targets' montages, another format). Returns the JSON
+        record.
 
+        Raises:
+            ParameterError: ``path`` is empty or a folder; OutputError: the files cannot be written.
+        """
+        from mcloss.explainability.outputs import OutputOptions, read_record, rewrite_explanation
+
+        text = os.fspath(path)
+        if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
+            raise ParameterError(
+                f"path {text!r}: is a folder or empty, not an output stem ('out/bird.jpg' writes out/bird.jpg.png, "
+                ".npz and .json)",
+                parameter="path",
+            )
         output = OutputOptions(
             style=style or render.Style(), topk=topk, options=options, clean_temps=clean_temps, montage=montage,
             montage_format=montage_format, quality=quality,
         )
         view = self._view(image) if montage else None
-        return write_explanation(self, Path(path), view=view, output=output, defining=defining, compare=compare)
+        base = Path(text)
+        try:  # an earlier save's files that these outputs do not replace (more targets, another format) go
+            return rewrite_explanation(
+                self, base=base, old=read_record(base), view=view, output=output, defining=defining, compare=compare
+            )
+        except OSError as exc:
+            raise OutputError(f"{text}: cannot write the explanation ({exc})") from None
 
 
 # ------------------------------------------------------------------------------------------- explain
@@ -430,6 +448,8 @@ def explain(
     """
     single, items = _as_items(images)
     scalar = (str, int, np.integer)
+    if not isinstance(targets, (*scalar, list, tuple)):
+        raise spec_error(targets)
     if single and not isinstance(targets, scalar) and all(isinstance(s, scalar) for s in targets):
         targets = [list(targets)]  # several targets for the one image
     if single and labels is not None and not isinstance(labels, (list, tuple)):

@@ -15,7 +15,7 @@ The export is a small pipeline:
 2. **Explain** a batch: images are decoded in DataLoader workers (:class:`mcloss.data.inputs.ImageFiles`)
    and explained with :func:`mcloss.explainability.explanation.explain` (one forward pass per batch of
    same-shape inputs).
-3. **Write** each image's files (:func:`mcloss.explainability.outputs.write_explanation`, with the run's one
+3. **Write** each image's files (:func:`mcloss.explainability.outputs.rewrite_explanation`, with the run's one
    :class:`~mcloss.explainability.outputs.OutputOptions`). On a GPU a small thread pool draws, encodes and
    writes a batch's files while the model runs the next one; on a CPU two lanes each explain a batch with
    half of torch's threads and then write it (:func:`cpu_lanes`).
@@ -85,18 +85,16 @@ from mcloss.explainability.outputs import (
     Comparison,
     OutputOptions,
     input_stamp,
+    read_record,
+    rewrite_explanation,
     stale_temps,
-    write_explanation,
 )
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from mcloss.core.model import MCModel
     from mcloss.core.transforms import EvalTransform
-    from mcloss.explainability.defining import DefiningSummary
     from mcloss.explainability.explanation import Explanation
 
 __all__ = [
@@ -344,7 +342,7 @@ def plan_export(
     found = collect_inputs(config.input, exclude=out)
     files = found.files[shard_i::shard_n]
     bases = {f.key: output_path(out, f.key) for f in files}
-    records = {f.key: _record(bases[f.key]) for f in files}
+    records = {f.key: read_record(bases[f.key]) for f in files}
     stamps = {f.key: input_stamp(f.source) for f in files}
     why = {f.key: reason for f in files if (reason := _stale(records[f.key], wanted, stamps[f.key], bases[f.key], f.source))}
     output = OutputOptions(
@@ -439,7 +437,7 @@ def _check_out_apart(out: Path, inputs: Sequence[str]) -> None:
 def _remove_stale_temps(plan: ExportPlan) -> None:
     """Remove the temps a killed run left for the outputs to export, and the montages (any format) of the
     images to export that have no record: a killed run left them unfinished, and the new outputs might not
-    write over them. The outputs of an image with a record stay until its new json lands (:func:`_rewrite`),
+    write over them. The outputs of an image with a record stay until its new json lands (:func:`rewrite_explanation`),
     so that an interrupted re-run loses nothing. One listing per output folder."""
     by_folder: dict[Path, tuple[set[str], set[str]]] = {}
     for f in plan.todo:
@@ -451,19 +449,6 @@ def _remove_stale_temps(plan: ExportPlan) -> None:
     for folder, (stems, unfinished) in by_folder.items():
         for tmp in stale_temps(folder, stems, unfinished):
             tmp.unlink(missing_ok=True)
-
-
-def _json_path(base: Path) -> Path:
-    return base.with_name(base.name + ".json")
-
-
-def _record(base: Path) -> dict | None:
-    """The json an earlier run finished this image with; None when absent or unreadable (then re-done)."""
-    try:
-        rec = json.loads(_json_path(base).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 #: Why an earlier run's record of an image no longer stands, in the order they are checked and reported.
@@ -697,7 +682,7 @@ def _usable(f: InputFile, item: PreparedImage | str, target: int | str, num_clas
 def _write_image(*, job: _Job, plan: ExportPlan) -> dict:
     """One image's defining-part figures (its annotations read here, off the model's thread) and files."""
     annotations = _annotations(job.file.source) if plan.knows_defining else None
-    return _rewrite(
+    return rewrite_explanation(
         job.explanation,
         base=plan.bases[job.file.key],
         old=plan.records[job.file.key],
@@ -707,32 +692,6 @@ def _write_image(*, job: _Job, plan: ExportPlan) -> dict:
         compare=job.compare,
         input_stamp=plan.stamps[job.file.key],
     )
-
-
-def _rewrite(
-    exp: Explanation,
-    *,
-    base: Path,
-    old: dict | None,
-    view: np.ndarray | None,
-    output: OutputOptions,
-    defining: Sequence[DefiningSummary | None] | None = None,
-    compare: Comparison | None = None,
-    input_stamp: dict | None = None,
-) -> dict:
-    """Write an image's outputs; an earlier run's record (``old``) is removed first (the image is unfinished
-    until the new json lands) and its files that the new outputs do not replace afterwards."""
-    if old is not None:
-        _json_path(base).unlink(missing_ok=True)
-    record = write_explanation(
-        exp, base, view=view, output=output, defining=defining, compare=compare, input_stamp=input_stamp
-    )
-    if old is not None:
-        stale = set(old.get("outputs", [])) - set(record["outputs"])
-        for name in stale:
-            if isinstance(name, str) and name == Path(name).name and name.startswith(base.name):
-                (base.parent / name).unlink(missing_ok=True)
-    return record
 
 
 def _annotations(source: str) -> PartAnnotations | None:

@@ -42,6 +42,7 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -68,6 +69,8 @@ __all__ = [
     "explanation_arrays",
     "explanation_record",
     "montage_name",
+    "read_record",
+    "rewrite_explanation",
     "stale_temps",
     "write_explanation",
 ]
@@ -382,6 +385,42 @@ def write_explanation(
             for path in written:
                 path.unlink(missing_ok=True)
         raise
+    return record
+
+
+def read_record(base: Path) -> dict | None:
+    """The json an earlier run finished ``base``'s outputs with; None when absent or unreadable."""
+    try:
+        rec = json.loads(base.with_name(base.name + ".json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def rewrite_explanation(
+    exp: Explanation,
+    *,
+    base: Path,
+    old: dict | None,
+    view: np.ndarray | None,
+    output: OutputOptions,
+    defining: Sequence[DefiningSummary | None] | None = None,
+    compare: Comparison | None = None,
+    input_stamp: dict | None = None,
+) -> dict:
+    """:func:`write_explanation` over an earlier run's outputs: their record (``old``, :func:`read_record`) is
+    removed first (the outputs are unfinished until the new json lands), and afterwards the files it listed
+    that the new outputs do not replace (another format, fewer targets)."""
+    if old is not None:
+        base.with_name(base.name + ".json").unlink(missing_ok=True)
+    record = write_explanation(
+        exp, base, view=view, output=output, defining=defining, compare=compare, input_stamp=input_stamp
+    )
+    if old is not None:
+        stale = set(old.get("outputs", [])) - set(record["outputs"])
+        for name in stale:
+            if isinstance(name, str) and name == Path(name).name and name.startswith(base.name):
+                (base.parent / name).unlink(missing_ok=True)
     return record
 
 

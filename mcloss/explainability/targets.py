@@ -20,7 +20,7 @@ from mcloss.core.errors import ParameterError
 if TYPE_CHECKING:
     from mcloss.core.model import MCModel
 
-__all__ = ["TargetSpec", "check_target", "per_image", "resolve_targets"]
+__all__ = ["TargetSpec", "check_target", "per_image", "resolve_targets", "spec_error"]
 
 TargetSpec = int | str | Sequence[int | str]
 _TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
@@ -86,7 +86,9 @@ def resolve_targets(
         raise ParameterError(f"labels: {len(labels)} labels for {batch} images", parameter="labels")
     out = []
     for b, item in enumerate(per_image(spec, batch)):
-        items = [item] if isinstance(item, (str, int, np.integer)) else list(item)
+        items = [item] if isinstance(item, (str, int, np.integer)) else list(item) if isinstance(item, (list, tuple)) else None
+        if items is None or not all(isinstance(one, (str, int, np.integer)) for one in items):
+            raise spec_error(item)
         resolved: list[int] = []
         for one in items:
             for t in _one_target(model, one, probs_fc[b], probs_mc[b], labels[b]):
@@ -98,10 +100,20 @@ def resolve_targets(
     return out
 
 
+def spec_error(value: object) -> ParameterError:
+    """The error of a target that is not a spec (a class index or name, ``pred``, ``topK``, …) or a list of them."""
+    return ParameterError(
+        f"target must be a class index or name, a spec such as 'pred' or 'top3', or a list of them; got {value!r}",
+        parameter="target",
+    )
+
+
 def per_image(targets: TargetSpec | Sequence[TargetSpec], batch: int) -> list:
     """One target spec per image: a single spec is repeated, a list must have one entry per image."""
     if isinstance(targets, (str, int, np.integer)):
         return [targets] * batch
+    if not isinstance(targets, (list, tuple)):
+        raise spec_error(targets)
     targets = list(targets)
     if len(targets) != batch:
         raise ParameterError(f"targets: {len(targets)} per-image targets for {batch} images", parameter="targets")
