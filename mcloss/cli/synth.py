@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mcloss.cli._common import run, seed_value
+from mcloss.cli._common import run
 from mcloss.data.synth import DESIGNS, generate_dataset
 from mcloss.data.synth.design import JPEG_QUALITY
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, required=True, help="number of classes N (>= 2)")
     p.add_argument("--per-class", type=int, required=True, help="images per class M")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    p.add_argument("--seed", type=seed_value, default=0, help="instance seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="instance seed (default 0)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="share of each class in the test split (default 0.5)")
     p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help=f"JPEG quality (default {JPEG_QUALITY})")
     p.add_argument("--workers", type=int, default=1, help="rendering threads (default 1; output is identical)")
