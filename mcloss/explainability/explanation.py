@@ -320,7 +320,7 @@ class Explanation:
         Raises:
             ParameterError: ``path`` is empty or a folder; OutputError: the files cannot be written.
         """
-        from mcloss.explainability.outputs import OutputOptions, read_record, rewrite_explanation
+        from mcloss.explainability.outputs import OutputOptions, read_record, write_explanation
 
         text = os.fspath(path)
         if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
@@ -336,8 +336,8 @@ class Explanation:
         view = self._view(image) if montage else None
         base = Path(text)
         try:  # an earlier save's files that these outputs do not replace (more targets, another format) go
-            return rewrite_explanation(
-                self, base=base, old=read_record(base), view=view, output=output, defining=defining, compare=compare
+            return write_explanation(
+                self, base, view=view, output=output, defining=defining, compare=compare, old=read_record(base)
             )
         except OSError as exc:
             raise OutputError(f"{text}: cannot write the explanation ({exc})") from None

@@ -15,7 +15,7 @@ The export is a small pipeline:
 2. **Explain** a batch: images are decoded in DataLoader workers (:class:`mcloss.data.inputs.ImageFiles`)
    and explained with :func:`mcloss.explainability.explanation.explain` (one forward pass per batch of
    same-shape inputs).
-3. **Write** each image's files (:func:`mcloss.explainability.outputs.rewrite_explanation`, with the run's one
+3. **Write** each image's files (:func:`mcloss.explainability.outputs.write_explanation`, with the run's one
    :class:`~mcloss.explainability.outputs.OutputOptions`). On a GPU a small thread pool draws, encodes and
    writes a batch's files while the model runs the next one; on a CPU two lanes each explain a batch with
    half of torch's threads and then write it (:func:`cpu_lanes`).
@@ -86,8 +86,8 @@ from mcloss.explainability.outputs import (
     OutputOptions,
     input_stamp,
     read_record,
-    rewrite_explanation,
     stale_temps,
+    write_explanation,
 )
 from mcloss.explainability.render import Style
 from mcloss.explainability.targets import check_target
@@ -437,7 +437,7 @@ def _check_out_apart(out: Path, inputs: Sequence[str]) -> None:
 def _remove_stale_temps(plan: ExportPlan) -> None:
     """Remove the temps a killed run left for the outputs to export, and the montages (any format) of the
     images to export that have no record: a killed run left them unfinished, and the new outputs might not
-    write over them. The outputs of an image with a record stay until its new json lands (:func:`rewrite_explanation`),
+    write over them. The outputs of an image with a record stay until its new json lands (:func:`write_explanation`),
     so that an interrupted re-run loses nothing. One listing per output folder."""
     by_folder: dict[Path, tuple[set[str], set[str]]] = {}
     for f in plan.todo:
@@ -682,7 +682,7 @@ def _usable(f: InputFile, item: PreparedImage | str, target: int | str, num_clas
 def _write_image(*, job: _Job, plan: ExportPlan) -> dict:
     """One image's defining-part figures (its annotations read here, off the model's thread) and files."""
     annotations = _annotations(job.file.source) if plan.knows_defining else None
-    return rewrite_explanation(
+    return write_explanation(
         job.explanation,
         base=plan.bases[job.file.key],
         old=plan.records[job.file.key],

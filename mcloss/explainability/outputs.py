@@ -70,7 +70,6 @@ __all__ = [
     "explanation_record",
     "montage_name",
     "read_record",
-    "rewrite_explanation",
     "stale_temps",
     "write_explanation",
 ]
@@ -341,8 +340,13 @@ def write_explanation(
     defining: Sequence[DefiningSummary | None] | None = None,
     compare: Comparison | None = None,
     input_stamp: dict | None = None,
+    old: dict | None = None,
 ) -> dict:
     """Write ``<base>.png`` (+ ``.r<r>.png``), ``<base>.npz`` and, last, ``<base>.json``; return the record.
+
+    Over an earlier run's outputs (``old``: their record, :func:`read_record`), that record is removed first (the
+    outputs are unfinished until the new json lands), and afterwards the files it listed that the new outputs do
+    not replace (another format, fewer targets).
 
     Args:
         exp: the explanation (its ``source`` is the json's ``file``).
@@ -356,11 +360,14 @@ def write_explanation(
         input_stamp: the input file's real path, size and modification time, recorded under ``input``
             (``mcloss export`` re-does an image whose input no longer matches it).
     """
+    json_path = base.parent / f"{base.name}.json"
     if output.montage and view is None:
         raise ParameterError("view: drawing the montages needs a view of the image", parameter="view")
     if output.clean_temps:
         for tmp in stale_temps(base.parent, {base.name}):
             tmp.unlink(missing_ok=True)
+    if old is not None:
+        json_path.unlink(missing_ok=True)
     record = explanation_record(exp, output.topk, base.name, defining, output.montage, output.montage_format)
     if input_stamp is not None:
         record["input"] = input_stamp
@@ -371,7 +378,6 @@ def write_explanation(
         record["compare"] = compare.record(output.topk)
         arrays |= {f"compare_{k}": v for k, v in explanation_arrays(compare.explanation).items()}
     written: list[Path] = []
-    json_path = base.parent / f"{base.name}.json"
     try:  # a write that fails (a full disk, a denied folder, an interrupt) takes this call's files with it
         for rank in range(1, len(exp.groups) + 1) if output.montage else ():  # each target's montage
             path = base.parent / montage_name(base.name, rank, output.montage_format)
@@ -385,6 +391,9 @@ def write_explanation(
             for path in written:
                 path.unlink(missing_ok=True)
         raise
+    for name in set(old.get("outputs", [])) - set(record["outputs"]) if old is not None else ():
+        if isinstance(name, str) and name == Path(name).name and name.startswith(base.name):
+            (base.parent / name).unlink(missing_ok=True)
     return record
 
 
@@ -395,33 +404,6 @@ def read_record(base: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return rec if isinstance(rec, dict) else None
-
-
-def rewrite_explanation(
-    exp: Explanation,
-    *,
-    base: Path,
-    old: dict | None,
-    view: np.ndarray | None,
-    output: OutputOptions,
-    defining: Sequence[DefiningSummary | None] | None = None,
-    compare: Comparison | None = None,
-    input_stamp: dict | None = None,
-) -> dict:
-    """:func:`write_explanation` over an earlier run's outputs: their record (``old``, :func:`read_record`) is
-    removed first (the outputs are unfinished until the new json lands), and afterwards the files it listed
-    that the new outputs do not replace (another format, fewer targets)."""
-    if old is not None:
-        base.with_name(base.name + ".json").unlink(missing_ok=True)
-    record = write_explanation(
-        exp, base, view=view, output=output, defining=defining, compare=compare, input_stamp=input_stamp
-    )
-    if old is not None:
-        stale = set(old.get("outputs", [])) - set(record["outputs"])
-        for name in stale:
-            if isinstance(name, str) and name == Path(name).name and name.startswith(base.name):
-                (base.parent / name).unlink(missing_ok=True)
-    return record
 
 
 def _montage_bytes(exp: Explanation, group: int, view: np.ndarray, output: OutputOptions, compare: Comparison | None) -> bytes:
