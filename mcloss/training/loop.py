@@ -19,8 +19,8 @@ from torch import nn
 
 from mcloss.core.device import autocast
 from mcloss.core.distributed import DistContext
-from mcloss.core.errors import Progress, check_callback
-from mcloss.core.lock import hold_folder
+from mcloss.core.errors import OutputError, Progress, check_callback
+from mcloss.core.lock import acquire_folder
 from mcloss.core.loss import MCLoss
 from mcloss.core.model import MCModel
 from mcloss.evaluation.classification import evaluation_sums, summarize_sums
@@ -380,9 +380,13 @@ def _hold_run_dir(out: Path, hold: bool) -> Iterator[None]:
         return
     made = not out.exists()
     try:
-        with hold_folder(out, stem=RUN_LOCK_STEM, what="training"):
-            yield
+        lock = acquire_folder(out, stem=RUN_LOCK_STEM, what="training")
+    except OSError as exc:  # a file in its place, a folder this process may not write
+        raise OutputError(f"out {out}: cannot hold the run directory ({exc})", parameter="out") from None
+    try:
+        yield
     finally:
+        lock.release()
         if made:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when nothing was written
