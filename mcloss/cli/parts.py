@@ -17,6 +17,7 @@ from mcloss.cli._common import (
     add_device,
     add_no_progress,
     check_at_least,
+    check_output,
     checkpoint_path,
     command_line,
     defaults_of,
@@ -155,8 +156,7 @@ def _parts(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def _check(args: argparse.Namespace, out: Path) -> None:
     """Refuse unusable options before any checkpoint is read."""
-    if out.exists() and not out.is_dir():
-        raise ParameterError(f"--out {out}: exists and is not a directory")
+    check_output(out, "--out", folder=True)
     if (out / "summary.json").exists() and not args.overwrite:
         raise ParameterError(f"--out {out}: already holds a parts run; pass --overwrite or choose another --out")
     if args.baseline in BASELINES and not Path(args.baseline).exists():
