@@ -151,17 +151,18 @@ def _torchvision_split(kind: str, root: Path, split: str | tuple[str, ...], tran
     splits = (split,) if isinstance(split, str) else split
     parts = []
     for one in splits:
-        fetch = download and kind != "cars"  # Stanford Cars' download address is gone; torchvision refuses it
-        kwargs: dict[str, Any] = {"split": one, "transform": transform, "download": fetch, "loader": _load}
+        fetchable = kind != "cars"  # Stanford Cars' download address is gone; torchvision refuses it
+        kwargs: dict[str, Any] = {"split": one, "transform": transform, "download": download and fetchable, "loader": _load}
         if kind == "aircraft":
             kwargs["annotation_level"] = "variant"
         try:
             parts.append(cls(str(root), **kwargs))
         except RuntimeError as exc:
-            hint = "" if fetch or kind == "cars" else "; pass download=True to fetch it"
+            suggest = fetchable and not download
+            hint = "; pass download=True to fetch it" if suggest else ""
             raise DatasetError(
                 f"{root}: {cls_name} split {one!r} not found (expected {root / folder}/...{hint}): {exc}",
-                parameter=() if fetch or kind == "cars" else "download",
+                parameter="download" if suggest else (),
             ) from None
         except (OSError, KeyError, ValueError, IndexError) as exc:  # a file of the split missing or malformed
             where = getattr(exc, "filename", None) or root / folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ __all__ = [
     "Inputs",
     "collect_inputs",
     "output_path",
+    "pattern_folder",
     "sanitize_component",
     "unique_file_stems",
 ]
@@ -107,6 +109,14 @@ def _irregular(path: Path) -> str:
     return f"{path}: not a regular file"
 
 
+def pattern_folder(raw: str) -> Path | None:
+    """The folder a glob input searches (its parts before the first wildcard; ``.`` for ``*.jpg``), or None for
+    an input that is not a pattern (a path that exists is taken as it is, wildcards and all)."""
+    if os.path.lexists(raw) or not glob.has_magic(raw):
+        return None
+    return Path(*itertools.takewhile(lambda part: not glob.has_magic(part), Path(raw).parts))
+
+
 def _same_or_inside(path: Path, folder: Path) -> bool:
     try:
         return os.path.commonpath([os.path.realpath(path), folder]) == str(folder)  # (Path.resolve raises on a link loop)
@@ -139,7 +149,7 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | os.PathLike | None =
             if not images:
                 problems.append((raw, f"{raw}: no image files found in this folder"))
             found += [(str(p), _key_for(prefix + list(p.relative_to(root).parts))) for p in images]
-        elif not os.path.lexists(raw) and glob.has_magic(raw):
+        elif pattern_folder(raw) is not None:
             every = sorted(glob.glob(raw, recursive=True))
             matches = [m for m in every if not excluded(Path(m))]
             kept = [m for m in matches if os.path.isfile(m)]

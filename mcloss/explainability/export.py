@@ -40,10 +40,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import glob
 import hashlib
 import io
-import itertools
 import json
 import os
 import threading
@@ -74,7 +72,7 @@ from mcloss.core.model import model_guard
 from mcloss.core.provenance import versions
 from mcloss.data.annotations import PartAnnotations, image_annotations
 from mcloss.data.cub import cub_label
-from mcloss.data.files import InputFile, collect_inputs, output_path
+from mcloss.data.files import InputFile, collect_inputs, output_path, pattern_folder
 from mcloss.data.inputs import ImageFiles, PreparedImage, collate_items
 from mcloss.data.io import DEFAULT_QUALITY, check_encoding
 from mcloss.explainability import kinds
@@ -427,9 +425,7 @@ def _check_out_apart(out: Path, inputs: Sequence[str]) -> None:
     """
     target = out.resolve()
     for given in inputs:
-        folder = Path(given)
-        if not os.path.lexists(given) and glob.has_magic(given):  # a pattern: the folder it searches
-            folder = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), folder.parts))
+        folder = pattern_folder(given) or Path(given)  # a pattern: the folder it searches
         if folder.is_dir() and (folder.resolve() == target or target in folder.resolve().parents):
             raise ParameterError(f"out {out} is the input folder {given} or holds it; choose another folder", parameter="out")
 
