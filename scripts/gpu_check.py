@@ -182,9 +182,9 @@ def steady_export(device: torch.device, work: Path, smoke: bool) -> dict:
     fixed cost cancels), into fresh folders, with the benchmarks' ResNet-18.
     """
     from mcloss.core.device import autocast
-    from mcloss.explainability.export import ExportConfig, export
+    from mcloss.explainability.export import ExportConfig, export, writer_processes
 
-    classes, per_class, size, batch = (2, 4, 32, 4) if smoke else (16, 32, 224, 32)
+    classes, per_class, size, batch = (2, 4, 32, 4) if smoke else (32, 32, 224, 32)
     generate_dataset(work / "birds", classes, per_class, size, 0)
     images = sorted((work / "birds" / "images").rglob("*.jpg"))
     one = work / "one-batch"
@@ -216,8 +216,17 @@ def steady_export(device: torch.device, work: Path, smoke: bool) -> dict:
             raise RuntimeError(f"the steady-state export failed: {result.errors[0]}")
         return elapsed, result.written
 
-    report: dict = {"images": len(images), "batch_size": batch, "workers": workers, "forward_ms": forward_ms}
-    choices = {"no_montage": {"montage": False}, "jpg": {"montage_format": "jpg"}, "png": {"montage_format": "png"}}
+    writers = writer_processes(ExportConfig(checkpoint="c", input=[], out="o", workers=workers), device)
+    report: dict = {
+        "images": len(images), "batch_size": batch, "workers": workers, "forward_ms": forward_ms,
+        "writer_processes": writers,
+    }  # fmt: skip
+    # the export's own writers (processes where it starts them) and writer threads (writers=0), one after the other
+    choices = {
+        f"{name}{way}": {**options, **extra}
+        for name, options in (("no_montage", {"montage": False}), ("jpg", {"montage_format": "jpg"}), ("png", {}))
+        for way, extra in (("", {}), ("_threads", {"writers": 0}))
+    }  # fmt: skip
     seconds(one, choices["jpg"])  # a warm-up: the first export's one-off costs would shrink the difference
     for name, options in choices.items():
         one_s, one_n = seconds(one, options)

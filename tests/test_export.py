@@ -494,6 +494,101 @@ def test_cpu_export_in_lanes_writes_what_one_lane_writes(tmp_path, two_threads):
     _same_outputs(tmp_path / "one", tmp_path / "lanes")  # the images, their records and index.csv
 
 
+def test_writer_processes_write_what_writer_threads_write(tmp_path):
+    from dataclasses import replace
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one lane: the export's writers run beside one model thread, as on a GPU
+    try:
+        model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
+        src = _lane_inputs(tmp_path / "in")
+        (src / "deep").mkdir()
+        _rgb(50, 40, 11).save(src / "deep" / "late.png")
+        # the folder the last image's files go in is a file: its write fails in whichever writer has it
+        (tmp_path / "procs" / "in").mkdir(parents=True)
+        (tmp_path / "procs" / "in" / "deep").write_text("in the way")
+        config = replace(_export_config(src, tmp_path / "threads"), writers=0)
+        threads = export(model, config, device=torch.device("cpu"), checkpoint_sha256="x")
+        seen = []
+        procs = export(model, replace(config, out=str(tmp_path / "procs"), writers=2), device=torch.device("cpu"),
+                       checkpoint_sha256="x", progress=lambda done, total: seen.append(done))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert (threads.written, len(threads.errors)) == (10, 1) and (procs.written, len(procs.errors)) == (9, 2)
+    late = [reason for file, reason in procs.errors if file.endswith("late.png")]
+    assert len(late) == 1 and "cannot write outputs" in late[0]  # the writer's OSError rejects that image only
+    (tmp_path / "threads" / "in" / "deep" / "late.png.png").unlink()  # the one image the processes could not write
+    for name in ("late.png.json", "late.png.npz"):
+        (tmp_path / "threads" / "in" / "deep" / name).unlink()
+    for name in ("index.csv", "errors.csv"):
+        (tmp_path / "threads" / name).unlink()
+        (tmp_path / "procs" / name).unlink()
+    _same_outputs(tmp_path / "threads", tmp_path / "procs")  # montages, npz and json records alike
+    manifest = json.loads((tmp_path / "procs" / "manifest.json").read_text())
+    assert manifest["options"]["writers"] == 2 and seen[-1] == 11
+
+
+def test_a_killed_writer_process_is_one_error_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from mcloss.core.errors import OutputError
+    from mcloss.explainability import export as export_module
+
+    write = export_module.write_explanation
+
+    def killed_on_img4(exp, *args, **kwargs):  # the writers are forked: they inherit this
+        if exp.source.endswith("img4.png"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(exp, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "write_explanation", killed_on_img4)
+    model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
+    src, out = _lane_inputs(tmp_path / "in"), tmp_path / "out"
+    config = replace(_export_config(src, out), method="captum", writers=2)  # Captum's hooks: one lane
+    with pytest.raises(OutputError, match="a writer process died") as caught:
+        export(model, config, device=torch.device("cpu"), checkpoint_sha256="x")
+    assert len(str(caught.value).splitlines()) == 1 and str(out) in str(caught.value)
+    finished = sorted((out / "in").glob("*.json"))
+    for path in finished:  # what was finished is whole
+        stem = path.name.removesuffix(".json")
+        assert path.with_name(f"{stem}.png").is_file() and path.with_name(f"{stem}.npz").is_file()
+    assert not (out / "in" / "img4.png.json").exists() and not (out / ".mcloss-export.lock").exists()
+    monkeypatch.setattr(export_module, "write_explanation", write)
+    again = export(model, config, device=torch.device("cpu"), checkpoint_sha256="x")
+    assert (again.skipped, again.written) == (len(finished), 9 - len(finished))
+
+
+def test_writer_processes_take_the_cpus_the_model_and_decoders_leave(monkeypatch, capsys):
+    from dataclasses import replace
+
+    from mcloss.core.errors import ParameterError
+    from mcloss.explainability import export as export_module
+    from mcloss.explainability.export import writer_processes
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    config = ExportConfig(checkpoint="c", input=["i"], out="o", workers=4)
+    monkeypatch.setattr(export_module, "_usable_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(export_module.sys, "platform", "linux")
+    assert writer_processes(config, cuda) == 11  # the H200 node: 16 - the model's thread - 4 decoders
+    assert writer_processes(config, cpu) == 0  # a CPU export's cores are the model's
+    assert writer_processes(replace(config, workers=12), cuda) == 3
+    assert writer_processes(replace(config, workers=13), cuda) == 0  # 2 free: threads do as well
+    assert writer_processes(replace(config, writers=5), cpu) == 5 and writer_processes(replace(config, writers=0), cuda) == 0
+    monkeypatch.setattr(export_module, "_usable_cpus", lambda: 64)
+    assert writer_processes(config, cuda) == export_module.MOST_WRITER_PROCESSES
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's ranks on one node share its CPUs
+    assert writer_processes(replace(config, workers=2), cuda) == 5
+    monkeypatch.setattr(export_module.sys, "platform", "darwin")  # no fork: threads unless told
+    assert writer_processes(config, cuda) == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ParameterError, match="writers must be an integer >= 0"):
+            replace(config, writers=bad)
+    assert main(["--input", "x", "--out", "y", "--writers", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--writers must be an integer >= 0" in err
+
+
 def test_a_failing_lane_stops_the_export_and_keeps_what_was_written(tmp_path, two_threads, monkeypatch):
     from mcloss.explainability import export as export_module
 

@@ -37,6 +37,9 @@ from mcloss.data.io import IMAGE_FORMATS
 from mcloss.explainability import kinds
 from mcloss.explainability.explanation import parse_maps
 from mcloss.explainability.export import (
+    MIN_WRITER_PROCESSES,
+    MOST_WRITER_PROCESSES,
+    WRITER_THREADS,
     ExportConfig,
     ExportResult,
     check_config,
@@ -92,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=config["topk"], help="entries in the json's topk list")
     p.add_argument("--batch-size", type=int, default=config["batch_size"])
     p.add_argument("--workers", type=int, default=config["workers"], help="DataLoader decoding workers (0 = in process)")
+    p.add_argument(
+        "--writers", type=int, default=config["writers"],
+        help="processes that draw and write the files while the model runs the next batch (on a GPU; on a CPU "
+        f"only where batches are explained one at a time); 0: {WRITER_THREADS} threads. Default: on a GPU under Linux, the CPUs left by the model and the "
+        f"--workers, at most {MOST_WRITER_PROCESSES}, when at least {MIN_WRITER_PROCESSES} are; else threads",
+    )  # fmt: skip
     add_device(p)
     p.add_argument(
         "--shard", default="/".join(map(str, config["shard"])),
@@ -155,7 +164,7 @@ def _export(args: argparse.Namespace) -> int:
             style=style, topk=args.topk, batch_size=args.batch_size, workers=args.workers, device=str(device),
             shard=shard, method=args.method, compare=None if second is None else str(second),
             montage=not args.no_montage, montage_format=args.montage_format, quality=args.quality,
-            contrast=args.contrast,
+            contrast=args.contrast, writers=args.writers,
         )  # fmt: skip
         model = load_checkpoint(ckpt, device)
         other = None if second is None else load_checkpoint(second, device)

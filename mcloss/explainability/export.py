@@ -16,9 +16,10 @@ The export is a small pipeline:
    and explained with :func:`mcloss.explainability.explanation.explain` (one forward pass per batch of
    same-shape inputs).
 3. **Write** each image's files (:func:`mcloss.explainability.outputs.write_explanation`, with the run's one
-   :class:`~mcloss.explainability.outputs.OutputOptions`). On a GPU a small thread pool draws, encodes and
-   writes a batch's files while the model runs the next one; on a CPU two lanes each explain a batch with
-   half of torch's threads and then write it (:func:`cpu_lanes`).
+   :class:`~mcloss.explainability.outputs.OutputOptions`). On a GPU writer processes (or, with few free
+   CPUs, two threads: :func:`writer_processes`) draw, encode and write a batch's files while the model runs
+   the next one; on a CPU two lanes each explain a batch with half of torch's threads and then write it
+   (:func:`cpu_lanes`).
 4. **Finish**: ``manifest.json`` (checkpoint + sha256, versions, options, counts), ``index.csv`` (one row
    per finished image) and ``errors.csv`` (file, reason for each rejected input). With a shard ``i/n``
    (``shard``; under torchrun each rank exports its share) those three are named
@@ -39,25 +40,39 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
+import cv2
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from mcloss.core import processes
-from mcloss.core.errors import DatasetError, MclossError, ParameterError, Progress, check_callback
+from mcloss.core.errors import (
+    DatasetError,
+    MclossError,
+    OutputError,
+    ParameterError,
+    Progress,
+    check_callback,
+)
 from mcloss.core.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -110,14 +125,23 @@ __all__ = [
     "parse_shard",
     "plan_export",
     "shard_suffix",
+    "writer_processes",
 ]
 
 #: The lock file a live export holds in its output folder: ``.mcloss-export.lock`` (shard i of n:
 #: ``.mcloss-export.shard-i-of-n.lock``), see :func:`hold_output`.
 LOCK_STEM = ".mcloss-export"
-#: Threads that draw, encode and write each batch's files while the model runs the next batch (OpenCV and
-#: zlib release the GIL).
+#: Threads that draw, encode and write each batch's files while the model runs the next batch, where no
+#: writer processes do (:func:`writer_processes`). OpenCV and zlib release the GIL, but the rest of a write
+#: holds it: on 16 cores, 2 threads wrote 1.45× (JPEG) to 1.79× (PNG) as fast as one, and 4 to 14 no faster
+#: than 1.5× to 2.3× (``benchmarks/h200-2026-12-04-writers``).
 WRITER_THREADS = 2
+#: Most writer processes an export starts by itself. On the H200 node's 16 cores they wrote 4.7× (JPEG) to
+#: 5.9× (PNG) as fast as one thread at 8 processes and 5.4× to 8.0× at 14, the most measured.
+MOST_WRITER_PROCESSES = 14
+#: Fewest free CPUs for which an export starts writer processes by itself: at 2, processes wrote little
+#: faster than :data:`WRITER_THREADS` threads (1.42× against 1.45× for JPEG, 2.05× against 1.79× for PNG).
+MIN_WRITER_PROCESSES = 3
 #: Batches a CPU export explains at once (see :func:`cpu_lanes`).
 CPU_LANES = 2
 #: Most images per forward pass in a CPU lane. A ResNet-18 pass over 16 images at 224 px allocates activations
@@ -152,6 +176,9 @@ class ExportConfig:
         quality: the lossy formats' quality, 1..100 (recorded only for them).
         contrast: ``"auto"`` or a class (name or index): each target is also explained against that class
             (Finer-CAM and the group contrast, :mod:`mcloss.explainability.contrast`); None: no contrast.
+        writers: processes that draw and write the files beside the model's thread (a GPU export, or a CPU
+            export in one lane: :func:`cpu_lanes`); 0: :data:`WRITER_THREADS` threads in this process; None:
+            chosen by :func:`writer_processes`. They change no file.
     """
 
     checkpoint: str
@@ -171,11 +198,13 @@ class ExportConfig:
     montage_format: str = "png"
     quality: int = DEFAULT_QUALITY
     contrast: str | None = None
+    writers: int | None = None
 
     def __post_init__(self) -> None:
         check_encoding(self.montage_format, self.quality)
-        for name, value, low in (("topk", self.topk, 0), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
-            if not isinstance(value, int) or value < low:
+        counts = [("topk", self.topk, 0), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)]
+        for name, value, low in counts + ([] if self.writers is None else [("writers", self.writers, 0)]):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}", parameter=name)
 
     def output_options(self, checkpoint_sha256: str, compare_sha256: str | None = None) -> dict:
@@ -193,6 +222,7 @@ class ExportConfig:
             **self._shaping(),
             "batch_size": self.batch_size,
             "workers": self.workers,
+            "writers": self.writers,
             "device": self.device,
             "shard": list(self.shard),
             "compare": self.compare,
@@ -675,19 +705,67 @@ def _usable(f: InputFile, item: PreparedImage | str, target: int | str, num_clas
 # ------------------------------------------------------------------------------------------- write
 
 
-def _write_image(*, job: _Job, plan: ExportPlan) -> dict:
-    """One image's defining-part figures (its annotations read here, off the model's thread) and files."""
-    annotations = _annotations(job.file.source) if plan.knows_defining else None
-    return write_explanation(
-        job.explanation,
-        base=plan.bases[job.file.key],
-        old=plan.records[job.file.key],
-        view=job.image.view if plan.output.montage else None,
-        output=plan.output,
-        defining=defining_summaries(plan.card, job.explanation, annotations),
-        compare=job.compare,
-        input_stamp=plan.stamps[job.file.key],
-    )
+@dataclass(frozen=True)
+class _Shared:
+    """What every image's write of one export shares (a writer process gets it once, when it starts)."""
+
+    output: OutputOptions
+    card: dict
+    defining: bool  # the card knows its classes' defining parts: each json reports them
+
+
+@dataclass(frozen=True)
+class _Files:
+    """One image's files to write and what they are drawn from: all a writer process is sent for an image."""
+
+    source: str
+    explanation: Explanation
+    base: Path
+    old: dict | None
+    view: np.ndarray | None
+    compare: Comparison | None
+    stamp: dict | None
+
+    @classmethod
+    def of(cls, job: _Job, plan: ExportPlan) -> _Files:
+        key = job.file.key
+        view = job.image.view if plan.output.montage else None
+        return cls(job.file.source, job.explanation, plan.bases[key], plan.records[key], view, job.compare, plan.stamps[key])
+
+    def write(self, shared: _Shared | None = None) -> dict:
+        """Write the image's defining-part figures (its annotations read here, off the model's thread) and
+        files; its json record. ``shared``: the export's (None: this writer process's)."""
+        shared = shared or _process_shared
+        annotations = _annotations(self.source) if shared.defining else None
+        return write_explanation(
+            self.explanation,
+            base=self.base,
+            old=self.old,
+            view=self.view,
+            output=shared.output,
+            defining=defining_summaries(shared.card, self.explanation, annotations),
+            compare=self.compare,
+            input_stamp=self.stamp,
+        )
+
+
+def _shared(plan: ExportPlan) -> _Shared:
+    return _Shared(plan.output, plan.card, plan.knows_defining)
+
+
+#: A writer process's :class:`_Shared` (set when it starts, :func:`_start_writer`).
+_process_shared: _Shared | None = None
+
+
+def _start_writer(shared: _Shared, parent: int) -> None:
+    """A writer process's start: it dies with the export (``parent``), leaves interrupts to the export, which
+    lets the writes it handed out finish, and draws with one thread."""
+    global _process_shared
+    processes.die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    _process_shared = shared
 
 
 def _annotations(source: str) -> PartAnnotations | None:
@@ -698,22 +776,70 @@ def _annotations(source: str) -> PartAnnotations | None:
         return None
 
 
+def writer_processes(config: ExportConfig, device: torch.device) -> int:
+    """How many processes write the files of an export that runs one model thread; 0: :data:`WRITER_THREADS`
+    threads in the export's process.
+
+    ``config.writers`` when set. Else, on a GPU under Linux: the CPUs this process may use (its share of them
+    under torchrun) less one for the model's thread and one per decoding worker, at most
+    :data:`MOST_WRITER_PROCESSES`, when at least :data:`MIN_WRITER_PROCESSES` are free. A write holds the GIL
+    for much of its time, so threads cannot use many cores (:data:`WRITER_THREADS`); processes can. On a CPU
+    the model's threads take the cores (:func:`cpu_lanes`), and elsewhere than Linux a process would start by
+    importing mcloss anew (no ``fork``), so an export uses threads there unless told otherwise.
+    """
+    if config.writers is not None:
+        return config.writers
+    if device.type == "cpu" or not sys.platform.startswith("linux"):
+        return 0
+    free = _usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1 - config.workers
+    return min(free, MOST_WRITER_PROCESSES) if free >= MIN_WRITER_PROCESSES else 0
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _writer_pool(run: _Run) -> Executor:
+    """The export's writers: :func:`writer_processes` processes, started (forked where Linux allows) before
+    the decoding workers and drawing on the CPU; or :data:`WRITER_THREADS` threads in this process."""
+    count = writer_processes(run.plan.config, run.device)
+    if count == 0:
+        return ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="mcloss-export-write")
+    # a process draws every montage on the CPU: a device montage's host work would hold its GIL as in a thread
+    shared = dataclasses.replace(_shared(run.plan), output=dataclasses.replace(run.plan.output, device=None))
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    pool = ProcessPoolExecutor(count, mp_context=context, initializer=_start_writer, initargs=(shared, os.getpid()))
+    pool.submit(os.getpid)  # forks every writer now, while this process runs no other thread of the export's
+    return pool
+
+
 def _export_with_writers(run: _Run, loader: DataLoader) -> None:
-    """One model thread; :data:`WRITER_THREADS` draw, encode and write each batch's files while it runs the
-    next batch. The pool is left only when every write has finished (or failed), even if the loop raises."""
+    """One model thread; writers (:func:`_writer_pool`) draw, encode and write each batch's files while it
+    runs the next batch. The pool is left only when every write has finished (or failed), even if the loop
+    raises."""
     pending: deque[tuple[InputFile, Future]] = deque()
     most = 2 * max(1, run.plan.config.batch_size)
-    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="mcloss-export-write") as pool:
-        for items in loader:
-            for job in _explained(items, run):  # written while the next batch runs
-                pending.append((job.file, pool.submit(_write_image, job=job, plan=run.plan)))
-            while len(pending) > most:
+    shared = _shared(run.plan)
+    with _writer_pool(run) as pool:
+        processes_write = isinstance(pool, ProcessPoolExecutor)
+        try:
+            for items in loader:
+                for job in _explained(items, run):  # written while the next batch runs
+                    files = _Files.of(job, run.plan)
+                    pending.append((job.file, pool.submit(files.write) if processes_write else pool.submit(files.write, shared)))
+                while len(pending) > most:
+                    f, future = pending.popleft()
+                    run.tally.settle(f, future.result)
+                run.tally.advance(len(items))
+            while pending:
                 f, future = pending.popleft()
                 run.tally.settle(f, future.result)
-            run.tally.advance(len(items))
-        while pending:
-            f, future = pending.popleft()
-            run.tally.settle(f, future.result)
+        except BrokenProcessPool as exc:  # a writer was killed (out of memory?): the images not finished stay to do
+            raise OutputError(
+                f"{run.plan.out}: a writer process died ({exc}); {run.tally.written} images were written, "
+                "run the export again to finish the others"
+            ) from exc
 
 
 def cpu_lanes(device: torch.device, maps: Sequence[str], method: str) -> int:
@@ -756,7 +882,7 @@ def _lane(lanes: _Lanes, run: _Run) -> None:
     try:
         while (items := lanes.next_batch()) is not None:
             for job in _explained(items, run):
-                run.tally.settle(job.file, functools.partial(_write_image, job=job, plan=run.plan))
+                run.tally.settle(job.file, functools.partial(_Files.of(job, run.plan).write, _shared(run.plan)))
             run.tally.advance(len(items))
     finally:
         lanes.ended.set()  # at the end, or on a failure: the other lanes take no other batch
