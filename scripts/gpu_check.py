@@ -7,19 +7,21 @@ On a GPU (the sizes the issue asks for):
 - a 2-epoch MC-Loss training run on synthetic birds with bf16 autocast, then ``--resume`` to a third epoch;
 - app-style latency: one uploaded image explained for its top-2 classes (the app's call), median of repeats;
 - the export's steady state: the marginal milliseconds per image of ``export`` (no montage, JPEG and PNG
-  montages) from an export of one batch and one of many, beside the forward's; the bench's export paths time
+  montages; its own writer processes, then two writer threads) from an export of one batch and one of many,
+  beside the forward's; the bench's export paths time
   whole exports of a few batches, so on a GPU their fixed cost (worker start-up, the plan) weighs in;
 - the host's share of an explain call: ``channel_maps`` (5 ms over the forward on the first H200 run, for 32
   images or 16) beside the same call after a stored forward (scripts/explain_overhead.py);
-- the export's writes over threads and over processes (scripts/writer_scaling.py): how far the GPU export's
-  writer threads can go on the machine's cores;
+- the export's writes over threads and over processes (scripts/writer_scaling.py): how far writer threads and
+  writer processes go on the machine's cores;
 - montage encoding (issue 27): a batch of 16 real montages encoded as PNG and as JPEG on the CPU (mcloss's
   encoders), and as JPEG by ``torchvision.io.encode_jpeg`` on the device (nvJPEG on CUDA: the montages are
   uploaded, encoded there, and only the bytes come back), with each JPEG's PSNR against the PNG.
 
 ``--smoke`` runs the same code at tiny sizes on whatever device there is (the test suite runs it on the
 CPU). Clocks are read after ``torch.cuda.synchronize``. Run from the repository root:
-``python scripts/gpu_check.py --out runs/gpu_check.json``.
+``python scripts/gpu_check.py --out runs/gpu_check.json`` (``--stages steady_export,writer_scaling`` runs only
+those parts: a lent GPU's minutes are few, and the bench alone takes six of them).
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ def app_latency(device: torch.device, repeats: int, smoke: bool) -> dict:
             "met": median <= APP_LATENCY_GOAL_S}  # fmt: skip
 
 
-def steady_export(device: torch.device, work: Path, smoke: bool) -> dict:
+def steady_export(device: torch.device, work: Path, smoke: bool, decoders: int = EXPORT_WORKERS) -> dict:
     """Milliseconds per image of the export once running, per montage choice, against the forward's.
 
     Each choice exports one batch and then every image (``(all - one batch) / (images - batch)``: the export's
@@ -202,7 +204,7 @@ def steady_export(device: torch.device, work: Path, smoke: bool) -> dict:
             model(x)
 
     forward_ms = statistics.median(time_path(forward, device, warmup=3, repeats=20)) * 1000 / batch  # as the bench's
-    workers = EXPORT_WORKERS if device.type == "cuda" else 0
+    workers = decoders if device.type == "cuda" else 0
 
     def seconds(folder: Path, options: dict) -> tuple[float, int]:
         config = ExportConfig(
@@ -314,7 +316,7 @@ def explain_host(device: torch.device, smoke: bool) -> list[dict]:
 
 def writer_scaling(smoke: bool) -> dict:
     """The export's per-image writes over threads and over processes on this machine's CPUs
-    (scripts/writer_scaling.py): whether a GPU export's writers, threads now, should be processes."""
+    (scripts/writer_scaling.py): how many writer processes a GPU export should start on such a node."""
     from writer_scaling import _cpus, scaling
 
     counts = (2,) if smoke else sorted({2, 4, 8, max(2, min(14, _cpus() - 2))})
@@ -335,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (what the test suite runs on a CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per path (default 10, smoke 1)")
+    p.add_argument(
+        "--export-workers", type=int, default=EXPORT_WORKERS, help="decoding workers of the steady export on a GPU"
+    )
     p.add_argument(
         "--stages", default=",".join(STAGES), help=f"comma-separated stages to run, in this order: {','.join(STAGES)}"
     )
@@ -361,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage("training", lambda: train_and_resume(device, Path(tmp), args.smoke))
     stage("app_latency", lambda: app_latency(device, 3 if args.smoke else 20, args.smoke))
     with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
-        stage("steady_export", lambda: steady_export(device, Path(tmp), args.smoke))
+        stage("steady_export", lambda: steady_export(device, Path(tmp), args.smoke, args.export_workers))
     stage("montage_encoding", lambda: montage_encoding(device, 1 if args.smoke else 10, args.smoke))
     stage("explain_overhead", lambda: explain_host(device, args.smoke))
     stage("writer_scaling", lambda: writer_scaling(args.smoke))

@@ -4,10 +4,11 @@ montage, encode it, write it, the npz and the json) of explanations made beforeh
     python scripts/writer_scaling.py                          # 64 images; 1, 2 and all CPUs; JPEG and PNG
     python scripts/writer_scaling.py --counts 1,2,4,8 --json runs/writers.json
 
-A GPU export draws and writes each batch's files in ``WRITER_THREADS`` threads beside the model's thread. On the
-first H200 run (16 cores) PNG montages cost 12.3 ms an image once the export was running, about one image's whole
-write on that CPU: its two writers hardly ran in parallel. This shows how much of a write holds the GIL: threads
-are capped by that share (Amdahl), processes are not. Each count runs both ways, alternated over the rounds, into
+A GPU export used to draw and write each batch's files in ``WRITER_THREADS`` threads beside the model's thread. On
+the first H200 run (16 cores) PNG montages cost 12.3 ms an image once the export was running, about one image's
+whole write on that CPU: its two writers hardly ran in parallel. This shows how much of a write holds the GIL:
+threads are capped by that share (Amdahl), processes are not. Its numbers on the H200 are why a GPU export now
+writes in processes (``mcloss.explainability.export.writer_processes``). Each count runs both ways, alternated over the rounds, into
 fresh folders; the numbers are median milliseconds per image over the rounds and the speed-up over one thread.
 """
 

@@ -59,7 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -178,7 +177,8 @@ class ExportConfig:
             (Finer-CAM and the group contrast, :mod:`mcloss.explainability.contrast`); None: no contrast.
         writers: processes that draw and write the files beside the model's thread (a GPU export, or a CPU
             export in one lane: :func:`cpu_lanes`); 0: :data:`WRITER_THREADS` threads in this process; None:
-            chosen by :func:`writer_processes`. They change no file.
+            chosen by :func:`writer_processes`. Processes draw every montage on the CPU, so a CUDA model's JPEG
+            montages, which threads compose and encode on the GPU, differ in their bytes; no other file does.
     """
 
     checkpoint: str
@@ -758,13 +758,13 @@ _process_shared: _Shared | None = None
 
 
 def _start_writer(shared: _Shared, parent: int) -> None:
-    """A writer process's start: it dies with the export (``parent``), leaves interrupts to the export, which
-    lets the writes it handed out finish, and draws with one thread."""
+    """A writer process's start: it dies with the export (``parent``) and leaves interrupts to the export, which
+    lets the writes it handed out finish. It touches no thread pool: the export's process may have had torch's
+    OpenMP threads running when it forked, and ``torch.set_num_threads`` then hangs in the child (it did in
+    the test suite). A write uses no torch (it draws with NumPy and OpenCV)."""
     global _process_shared
     processes.die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
     _process_shared = shared
 
 
