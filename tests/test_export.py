@@ -579,6 +579,8 @@ def test_writer_processes_take_the_cpus_the_model_and_decoders_leave(monkeypatch
     assert writer_processes(config, cuda) == export_module.MOST_WRITER_PROCESSES
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's ranks on one node share its CPUs
     assert writer_processes(replace(config, workers=2), cuda) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "eight")  # not torchrun's: the node's CPUs are this process's
+    assert writer_processes(replace(config, workers=2), cuda) == 14
     monkeypatch.setattr(export_module.sys, "platform", "darwin")  # no fork: threads unless told
     assert writer_processes(config, cuda) == 0
     for bad in (-1, 1.5, True):

@@ -791,13 +791,19 @@ def writer_processes(config: ExportConfig, device: torch.device) -> int:
         return config.writers
     if device.type == "cpu" or not sys.platform.startswith("linux"):
         return 0
-    free = _usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1 - config.workers
+    free = _usable_cpus() // _ranks_on_this_node() - 1 - config.workers
     return min(free, MOST_WRITER_PROCESSES) if free >= MIN_WRITER_PROCESSES else 0
 
 
 def _usable_cpus() -> int:
     """The CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _ranks_on_this_node() -> int:
+    """The processes torchrun started on this node (``LOCAL_WORLD_SIZE``), which share its CPUs; 1 elsewhere."""
+    text = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return max(1, int(text)) if text.strip().isdigit() else 1
 
 
 def _writer_pool(run: _Run) -> Executor:
@@ -1180,7 +1186,7 @@ def _check_shards(out_dir: Path, manifests: dict[tuple[int, int], dict]) -> int:
 
 def _agreeing(manifest: dict) -> dict:
     """A shard manifest's options that must agree between shards."""
-    return {k: v for k, v in manifest["options"].items() if k not in ("shard", "device", "workers", "batch_size")}
+    return {k: v for k, v in manifest["options"].items() if k not in ("shard", "device", "workers", "writers", "batch_size")}
 
 
 def _merged_manifest(manifests: dict[tuple[int, int], dict], n: int) -> dict:
