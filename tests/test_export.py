@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -643,6 +644,38 @@ def test_inputs_live_in_the_data_layer_and_travel_to_workers(tmp_path):
     assert inputs.collate_items([(0, item)]) == [(0, item)]
     with pytest.raises(ValueError, match="view must be"):
         view_maker("wide")
+
+
+def test_a_workers_batch_arrives_whole_with_its_tensors_in_one_block_per_shape(tmp_path):
+    from multiprocessing import reduction
+
+    from torch.utils.data import DataLoader
+
+    from mcloss.data.inputs import ImageFiles, collate_items
+    from mcloss.explainability.explanation import prepare, view_maker
+
+    for i, (w, h) in enumerate([(60, 30), (30, 60), (40, 40), (50, 20)]):
+        _rgb(w, h, i).save(tmp_path / f"i{i}.png")
+    (tmp_path / "i9.png").write_text("not an image")
+    model = tiny_model(4)
+    files = collect_inputs([str(tmp_path)]).files
+    dataset = ImageFiles(files, model.transform, view_maker("height", 24))
+    # what a worker sends: the batch pickled as the DataLoader's queues pickle it, one block per shape
+    sent = reduction.ForkingPickler.dumps(collate_items([dataset[k] for k in range(len(files))]))
+    received = pickle.loads(sent)
+    assert type(received) is list and [k for k, _ in received] == list(range(len(files)))
+    loader = DataLoader(dataset, batch_size=len(files), num_workers=1, collate_fn=collate_items)
+    (from_worker,) = list(loader)
+    for (k, item), (j, got) in zip(received, from_worker, strict=True):
+        assert k == j
+        if isinstance(item, str):
+            assert got == item and "i9.png" in got
+            continue
+        same = prepare(model, files[k].source, view="height", view_size=24)
+        assert torch.equal(got.x, same.x) and got.geometry == same.geometry and np.array_equal(got.view, same.view)
+        assert torch.equal(item.x, same.x) and got.source == same.source
+    stacks = {got.x.untyped_storage().data_ptr() for _, got in from_worker if not isinstance(got, str)}
+    assert len(stacks) == 1  # every image of the batch shares one block (the model's input size is fixed)
 
 
 def test_explanation_save_writes_what_the_export_writes(tmp_path):

@@ -187,7 +187,8 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     assert len(latency["times_s"]) == 3 and latency["median_s"] == pytest.approx(sorted(latency["times_s"])[1])
     steady = report["steady_export"]
     assert steady["images"] == 8 and steady["batch_size"] == 4 and steady["forward_ms"] > 0
-    for choice in ("no_montage", "jpg", "png"):
+    assert steady["writer_processes"] == 0  # on a CPU the export's own writers are threads
+    for choice in ("no_montage", "jpg", "png", "no_montage_threads", "jpg_threads", "png_threads"):
         row = steady[choice]
         assert row["all_s"] > 0 and row["ms_per_image"] == pytest.approx((row["all_s"] - row["one_batch_s"]) * 1000 / 4)
         assert row["over_forward"] == pytest.approx(steady["forward_ms"] / row["ms_per_image"])
@@ -207,6 +208,31 @@ def test_gpu_check_runs_as_a_cpu_smoke(tmp_path):
     ]
     assert all(r["ms_per_image"] > 0 for r in writers["rows"]) and writers["cpus"] >= 1
     assert [r["speedup"] for r in writers["rows"] if r["count"] == 1] == [1.0, 1.0]
+
+
+def test_gpu_check_runs_only_the_stages_asked_for(tmp_path, capsys):
+    import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--smoke", "--device", "cpu", "--out", str(out), "--stages", "app_latency"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"started", "smoke", "device", "app_latency", "stage_seconds"}
+    assert set(report["stage_seconds"]) == {"app_latency"} and len(report["app_latency"]["times_s"]) == 3
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(out), "--stages", "bench,warp"])
+    assert "unknown stage(s) warp" in capsys.readouterr().err
+
+
+def test_export_profile_reports_the_model_threads_time(tmp_path, capsys):
+    import export_profile
+
+    out = tmp_path / "profile.txt"
+    args = ["--device", "cpu", "--images", "8", "--size", "32", "--batch-size", "4", "--workers", "0", "--top", "5"]
+    assert export_profile.main([*args, "--montage-format", "jpg", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert report.startswith("8 images, cpu, batch 4, 0 decoders, no writer processes, jpg montages")
+    assert "--- by tottime" in report and "--- by cumulative" in report and "export.py" in report
+    assert report == capsys.readouterr().out
 
 
 def test_gradcam_groups_weights_rebuild_the_exports_gradcam(birds):
@@ -265,3 +291,13 @@ def test_contrast_designs_scores_every_design_beside_the_maps(tmp_path):
     # the chosen design is the contrast map kind, and the "difference" design is the baseline row
     assert methods["design_channels"]["mass_ratio"] == pytest.approx(methods["contrast"]["mass_ratio"])
     assert methods["design_difference"]["mass_ratio"] == pytest.approx(methods["difference"]["mass_ratio"])
+
+
+def test_loader_handover_times_both_batch_forms(capsys):
+    import loader_handover
+
+    assert loader_handover.main(["--images", "8", "--size", "32", "--batch-size", "4", "--workers", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("8 images at 32 px, batches of 4, 1 workers, median of 1 rounds")
+    assert [line.split(":")[0].strip() for line in out[1:]] == ["one block per batch", "one block per image"]
+    assert all("ms per image, of which the main process's CPU" in line for line in out[1:])
