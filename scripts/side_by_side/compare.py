@@ -19,8 +19,9 @@ What is compared, and how (after "normalization", see below):
 Normalization (each applied to both sides, so that only genuinely volatile things are ignored):
   * the roots: A's and B's source tree (TREE in log/meta.env) become ``<TREE>``, their OUT roots ``<OUT>``;
   * JSON keys (anywhere in a document, also in safetensors metadata and resume.pt): the values of ``seconds``,
-    ``time_s`` (wall-clock timings), ``created`` (a date), ``run_id`` (a random uuid per training run) and
-    ``versions`` (library versions, platform) become "<volatile>" (the key itself must be on both sides);
+    ``time_s`` (wall-clock timings), ``created`` (a date), ``run_id`` (a random uuid per training run),
+    ``versions`` (library versions, platform) and ``mtime_ns`` (an export json's input stamp: each side makes
+    its synthetic inputs anew) become "<volatile>" (the key itself must be on both sides);
     ISO dates inside strings become ``<DATE>`` (config.json's ``resumes[].time``);
   * atlas-state.json ``options.inputs`` (a sha256 over the absolute image paths): recomputed from the dataset
     and replaced by a marker when it matches on a side;
@@ -51,7 +52,7 @@ import zipfile
 from pathlib import Path
 
 #: keys whose values are volatile: the value is replaced by "<volatile>" (the key must still be on both sides)
-VOLATILE_KEYS = frozenset({"seconds", "time_s", "created", "run_id", "versions"})
+VOLATILE_KEYS = frozenset({"seconds", "time_s", "created", "run_id", "versions", "mtime_ns"})
 #: a wall-clock date anywhere in a JSON string (e.g. config.json's resumes[].time)
 ISO_DATE = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?")
 VOLATILE_COLUMNS = frozenset({"time_s", "seconds"})
