@@ -529,34 +529,145 @@ def test_writer_processes_write_what_writer_threads_write(tmp_path):
     assert manifest["options"]["writers"] == 2 and seen[-1] == 11
 
 
-def test_a_killed_writer_process_is_one_error_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
+def test_a_killed_writer_process_is_one_error_and_a_rerun_finishes(tmp_path):
+    import multiprocessing
     from dataclasses import replace
 
     from mcloss.core.errors import OutputError
-    from mcloss.explainability import export as export_module
 
-    write = export_module.write_explanation
-
-    def killed_on_img4(exp, *args, **kwargs):  # the writers are forked: they inherit this
-        if exp.source.endswith("img4.png"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return write(exp, *args, **kwargs)
-
-    monkeypatch.setattr(export_module, "write_explanation", killed_on_img4)
     model = tiny_model(4, class_names=["ant", "bee", "cat", "dog"])
     src, out = _lane_inputs(tmp_path / "in"), tmp_path / "out"
     config = replace(_export_config(src, out), method="captum", writers=2)  # Captum's hooks: one lane
+    killed = []
+
+    def kill_a_writer(done: int, total: int) -> None:  # as the system's OOM killer would, once the writes run
+        if done and not killed and (writers := multiprocessing.active_children()):
+            killed.append(writers[0].pid)
+            os.kill(writers[0].pid, signal.SIGKILL)
+
     with pytest.raises(OutputError, match="a writer process died") as caught:
-        export(model, config, device=torch.device("cpu"), checkpoint_sha256="x")
-    assert len(str(caught.value).splitlines()) == 1 and str(out) in str(caught.value)
+        export(model, config, device=torch.device("cpu"), checkpoint_sha256="x", progress=kill_a_writer)
+    assert killed and len(str(caught.value).splitlines()) == 1 and str(out) in str(caught.value)
+    assert "run the export again" in str(caught.value)
     finished = sorted((out / "in").glob("*.json"))
     for path in finished:  # what was finished is whole
         stem = path.name.removesuffix(".json")
         assert path.with_name(f"{stem}.png").is_file() and path.with_name(f"{stem}.npz").is_file()
-    assert not (out / "in" / "img4.png.json").exists() and not (out / ".mcloss-export.lock").exists()
-    monkeypatch.setattr(export_module, "write_explanation", write)
+    assert len(finished) < 9 and not (out / ".mcloss-export.lock").exists()
     again = export(model, config, device=torch.device("cpu"), checkpoint_sha256="x")
     assert (again.skipped, again.written) == (len(finished), 9 - len(finished))
+
+
+def test_a_writers_error_that_cannot_travel_comes_back_named(tmp_path, monkeypatch):
+    from mcloss.explainability import export as export_module
+
+    class DrawError(Exception):  # rebuilt from its message alone, it would break the pool as a dead writer does
+        def __init__(self, kind: str, reason: str) -> None:
+            super().__init__(f"cannot draw {kind}: {reason}")
+
+    def failing(*args, **kwargs):
+        raise DrawError("gradcam", "map is all NaN")
+
+    from mcloss.explainability.explanation import explain, prepare
+
+    model = tiny_model(4)
+    _rgb(40, 30).save(tmp_path / "a.png")
+    config = _export_config(tmp_path / "a.png", tmp_path / "out")
+    plan = export_module.plan_export(model, config, checkpoint_sha256="x")
+    prepared = prepare(model, tmp_path / "a.png", view="height", view_size=48)
+    job = export_module._Job(plan.todo[0], prepared, explain(model, prepared))
+    files = export_module._Files.of(job, plan)
+    monkeypatch.setattr(export_module, "_process_shared", export_module._shared(plan))  # as in a writer process
+    monkeypatch.setattr(export_module, "write_explanation", failing)
+    with pytest.raises(RuntimeError, match="DrawError: cannot draw gradcam: map is all NaN") as caught:
+        export_module._write_in_process(files)
+    assert isinstance(caught.value.__cause__, DrawError)
+    monkeypatch.setattr(export_module, "write_explanation", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):  # one that travels comes back as itself (and rejects one image)
+        export_module._write_in_process(files)
+
+
+def test_writers_start_clean_while_another_thread_holds_a_lock(tmp_path):
+    """The writers are forked while another thread holds the CUB index's lock, which a writer takes to read an
+    image's part annotations: inherited held, it would hang them for good; a forked child makes it anew."""
+    import threading
+    from dataclasses import replace
+
+    from test_defining_explain import _checkpoint, _cub
+
+    from mcloss.data import cub
+
+    root = _cub(tmp_path / "cub")
+    model = mcloss.load_checkpoint(_checkpoint(tmp_path, {"defining_parts": {"Green_Wing": ["wing"], "Plain": []}}))
+    config = replace(_export_config(root / "images", tmp_path / "out"), target="top2", method="captum", writers=2)
+    held, release, results = threading.Event(), threading.Event(), []
+
+    def hold_the_index_lock() -> None:
+        with cub._INDEX_LOCK:
+            held.set()
+            release.wait(60)
+
+    def run_export() -> None:
+        results.append(export(model, config, device=torch.device("cpu"), checkpoint_sha256="x"))
+
+    holder = threading.Thread(target=hold_the_index_lock, daemon=True)
+    holder.start()
+    held.wait(10)
+    exporter = threading.Thread(target=run_export, daemon=True)  # the writers start while the lock is held
+    exporter.start()
+    time.sleep(3)
+    release.set()
+    exporter.join(120)
+    assert not exporter.is_alive(), "the export hung: a writer inherited a held lock"
+    assert results[0].written == 2 and not results[0].errors
+    record = json.loads((tmp_path / "out" / "images" / "001.Green_Wing" / "a.png.json").read_text())
+    green = next(t for t in record["targets"] if t["name"] == "Green_Wing")
+    assert green["defining_mass_ratio"]["source"] == "image"  # the writer read the image's annotations
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_export_takes_its_writer_processes_along(tmp_path, checkpoint):
+    from test_processes import _running
+
+    src = _lane_inputs(tmp_path / "in")
+    for i in range(9, 40):
+        _rgb(48, 40, i).save(src / f"img{i}.png")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "mcloss", "export", "--checkpoint", str(checkpoint), "--input", str(src),
+            "--out", str(out), "--batch-size", "1", "--workers", "0", "--tile-height", "48", "--no-progress",
+            "--method", "captum", "--writers", "2"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(out.rglob("*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    family = _descendants(proc.pid)
+    assert len(family) >= 2  # the two writers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while (alive := [p for p in family if _running(p)]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive
+    assert subprocess.run(args, capture_output=True).returncode == 1  # a re-run finishes (text.png is rejected)
+    assert len(list((out / "in").glob("*.json"))) == 40
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, grandchildren...), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def test_writer_processes_take_the_cpus_the_model_and_decoders_leave(monkeypatch, capsys):
@@ -647,6 +758,8 @@ def test_inputs_live_in_the_data_layer_and_travel_to_workers(tmp_path):
 
 
 def test_a_workers_batch_arrives_whole_with_its_tensors_in_one_block_per_shape(tmp_path):
+    import copy
+    from dataclasses import replace
     from multiprocessing import reduction
 
     from torch.utils.data import DataLoader
@@ -676,6 +789,15 @@ def test_a_workers_batch_arrives_whole_with_its_tensors_in_one_block_per_shape(t
         assert torch.equal(item.x, same.x) and got.source == same.source
     stacks = {got.x.untyped_storage().data_ptr() for _, got in from_worker if not isinstance(got, str)}
     assert len(stacks) == 1  # every image of the batch shares one block (the model's input size is fixed)
+    # a batch decoded in process is copied by the DataLoader's memory pinning: a plain copy, nothing stacked
+    batch = collate_items([dataset[k] for k in range(len(files))])
+    assert all(a is b for a, b in zip(copy.copy(batch), batch, strict=True))
+    # images of one shape in two dtypes keep their dtypes and values
+    one = batch[0][1]
+    mixed = collate_items([(0, one), (1, replace(one, x=one.x.double() / 3))])
+    back = pickle.loads(reduction.ForkingPickler.dumps(mixed))
+    assert back[1][1].x.dtype == torch.float64 and torch.equal(back[1][1].x, one.x.double() / 3)
+    assert back[0][1].x.dtype == torch.float32 and torch.equal(back[0][1].x, one.x)
 
 
 def test_explanation_save_writes_what_the_export_writes(tmp_path):

@@ -1,5 +1,6 @@
 """A child process that dies with its parent: DataLoader decoding workers with their export, torchrun ranks
-with their launcher.
+with their launcher; and one that dies with a process that is not its parent (:func:`die_with`: an export's
+writer processes, forked by a fork server that outlives the export).
 
 On Linux the kernel delivers SIGKILL to the child when its parent dies, even by SIGKILL (the parent-death
 signal of ``prctl``); elsewhere, or where that request fails, a daemon thread polls the parent's pid.
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
 import threading
 import time
 
-__all__ = ["WATCH_INTERVAL", "die_with_parent"]
+__all__ = ["WATCH_INTERVAL", "die_with", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Seconds between two looks at the parent's pid, where the parent is watched by a thread.
@@ -39,6 +41,37 @@ def die_with_parent(parent: int | None = None, *, watch: bool = False) -> None:
         _die()
     if not signalled:
         threading.Thread(target=_watch, args=(parent,), name="mcloss-parent-watch", daemon=True).start()
+
+
+def die_with(pid: int) -> None:
+    """Make this process die (SIGKILL) as soon as the process ``pid`` ends, whatever this process's parent.
+
+    A daemon thread waits for it: on a Linux pid file descriptor (woken the moment it ends, zombie or not),
+    elsewhere by looking every :data:`WATCH_INTERVAL` seconds. A ``pid`` already gone ends this process at
+    once, from that thread.
+    """
+    threading.Thread(target=_wait_for, args=(pid,), name="mcloss-process-watch", daemon=True).start()
+
+
+def _wait_for(pid: int) -> None:
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, or already gone
+        while _exists(pid):
+            time.sleep(WATCH_INTERVAL)
+    else:
+        select.select([handle], [], [])  # readable once the process has ended
+    _die()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 def _request_death_signal() -> bool:

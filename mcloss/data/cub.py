@@ -494,6 +494,18 @@ _INDEX_BY_ROOT: dict[Path, tuple[CUBDataset, dict[Path, CUBRecord]] | DatasetErr
 _INDEX_LOCK = threading.Lock()
 
 
+def _new_index_lock() -> None:
+    """A forked child's own lock: another thread may have held the parent's at the fork, and the child would
+    inherit it held for good (an export's writer processes read part annotations through it). An index is
+    stored whole once read, so the child's copy of ``_INDEX_BY_ROOT`` is never half-built."""
+    global _INDEX_LOCK
+    _INDEX_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_index_lock)
+
+
 def _index(root: Path) -> tuple[CUBDataset, dict[Path, CUBRecord]] | DatasetError | None:
     if not is_cub_layout(root):
         return None

@@ -90,39 +90,45 @@ class ImageFiles(Dataset):
 def collate_items(items: list) -> list:
     """DataLoader ``collate_fn`` that keeps a batch as the list of its items.
 
-    From a worker the list travels packed (:class:`_Items`): the images' tensors in one block per shape, so the
-    batch's images share one file descriptor on their way instead of one each.
+    From a worker the list travels packed (:class:`_Items`): the images' tensors in one block per shape and
+    dtype, so the batch's images share one file descriptor on their way instead of one each. There each ``x``
+    is a view of its block, which it keeps alive: ``x.clone()`` keeps one image apart.
     """
     return _Items(items)
 
 
 class _Items(list):
     """A batch's ``(index, PreparedImage | str)`` items, which pickle with the images' ``x`` stacked: one
-    tensor, so one shared-memory block, per input shape. A DataLoader worker hands every tensor it sends over by
-    its own file descriptor, and on the H200 node taking them back cost the export's process 1.8 ms an image
-    (``benchmarks/h200-2026-12-04-writers/profile_no_montage.txt``), while its model ran 0.07 ms. Unpickled,
-    it is a plain list again, each ``x`` a view of its stack."""
+    tensor, so one shared-memory block, per shape and dtype. A DataLoader worker hands every tensor it sends
+    over by its own file descriptor, and on the H200 node taking them back cost the export's process 1.8 ms an
+    image (``benchmarks/h200-2026-12-04-writers/profile_no_montage.txt``), while its model ran 0.07 ms.
+    Unpickled, it is a plain list again, each ``x`` a view of its stack. A copy (``copy.copy``, as the
+    DataLoader's memory pinning makes of a batch decoded in process) is a plain shallow copy."""
+
+    def __copy__(self) -> _Items:
+        return _Items(self)
 
     def __reduce__(self) -> tuple:
-        groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        groups: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
         bare, rows = [], []
         for index, item in self:
             if isinstance(item, PreparedImage):
-                group = groups.setdefault(tuple(item.x.shape), [])
-                rows.append((tuple(item.x.shape), len(group)))
+                key = (tuple(item.x.shape), item.x.dtype)
+                group = groups.setdefault(key, [])
+                rows.append((key, len(group)))
                 group.append(item.x)
                 item = PreparedImage(None, item.geometry, item.view, item.source)  # type: ignore[arg-type]
             else:
                 rows.append(None)
             bare.append((index, item))
         stacks = {}
-        for shape, xs in groups.items():  # stacked straight into shared memory: pickling it copies nothing more
-            stacks[shape] = torch.stack(xs, out=torch.empty((len(xs), *shape), dtype=xs[0].dtype).share_memory_())
+        for (shape, dtype), xs in groups.items():  # straight into shared memory: pickling copies nothing more
+            stacks[shape, dtype] = torch.stack(xs, out=torch.empty((len(xs), *shape), dtype=dtype).share_memory_())
         return _unpack_items, (bare, rows, stacks)
 
 
-def _unpack_items(bare: list, rows: list, stacks: dict[tuple[int, ...], torch.Tensor]) -> list:
-    """The items of a pickled :class:`_Items`: each image's ``x`` a view of its shape's stack."""
+def _unpack_items(bare: list, rows: list, stacks: dict) -> list:
+    """The items of a pickled :class:`_Items`: each image's ``x`` a view of its stack."""
     return [
         (index, item if row is None else PreparedImage(stacks[row[0]][row[1]], item.geometry, item.view, item.source))
         for (index, item), row in zip(bare, rows, strict=True)

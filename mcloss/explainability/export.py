@@ -47,6 +47,7 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -757,15 +758,34 @@ def _shared(plan: ExportPlan) -> _Shared:
 _process_shared: _Shared | None = None
 
 
-def _start_writer(shared: _Shared, parent: int) -> None:
-    """A writer process's start: it dies with the export (``parent``) and leaves interrupts to the export, which
-    lets the writes it handed out finish. It touches no thread pool: the export's process may have had torch's
-    OpenMP threads running when it forked, and ``torch.set_num_threads`` then hangs in the child (it did in
-    the test suite). A write uses no torch (it draws with NumPy and OpenCV)."""
+def _start_writer(shared: _Shared, export_pid: int) -> None:
+    """A writer process's start: it dies with the export (``export_pid``) and leaves interrupts to the export,
+    which lets the writes it handed out finish.
+
+    It touches no thread pool. A writer is forked from the export's process, where other threads may hold
+    locks at that moment; a child inherits them locked. ``torch.set_num_threads`` hung a writer so (torch's
+    OpenMP pool, in the test suite), and a write uses no torch. mcloss's own locks are made anew in a forked
+    child (:func:`os.register_at_fork`). A fork server would avoid the rest, but it makes every writer import
+    the program's ``__main__`` script again, running a script without a ``__main__`` guard once per writer.
+    """
     global _process_shared
-    processes.die_with_parent(parent)
+    processes.die_with(export_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _process_shared = shared
+
+
+def _write_in_process(files: _Files) -> dict:
+    """A writer process's write of one image. An exception that could not come back whole (its class is not
+    rebuilt from its arguments, which would break the pool as if the writer had died) comes back as a
+    RuntimeError naming it, with its traceback."""
+    try:
+        return files.write(_process_shared)
+    except Exception as exc:
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - whatever stops it from travelling
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def _annotations(source: str) -> PartAnnotations | None:
@@ -784,8 +804,8 @@ def writer_processes(config: ExportConfig, device: torch.device) -> int:
     under torchrun) less one for the model's thread and one per decoding worker, at most
     :data:`MOST_WRITER_PROCESSES`, when at least :data:`MIN_WRITER_PROCESSES` are free. A write holds the GIL
     for much of its time, so threads cannot use many cores (:data:`WRITER_THREADS`); processes can. On a CPU
-    the model's threads take the cores (:func:`cpu_lanes`), and elsewhere than Linux a process would start by
-    importing mcloss anew (no ``fork``), so an export uses threads there unless told otherwise.
+    the model's threads take the cores (:func:`cpu_lanes`); elsewhere than Linux the gain is not measured. There
+    an export uses threads unless told otherwise.
     """
     if config.writers is not None:
         return config.writers
@@ -807,8 +827,8 @@ def _ranks_on_this_node() -> int:
 
 
 def _writer_pool(run: _Run) -> Executor:
-    """The export's writers: :func:`writer_processes` processes, started (forked where Linux allows) before
-    the decoding workers and drawing on the CPU; or :data:`WRITER_THREADS` threads in this process."""
+    """The export's writers: :func:`writer_processes` processes drawing on the CPU, or :data:`WRITER_THREADS`
+    threads in this process."""
     count = writer_processes(run.plan.config, run.device)
     if count == 0:
         return ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="mcloss-export-write")
@@ -816,7 +836,7 @@ def _writer_pool(run: _Run) -> Executor:
     shared = dataclasses.replace(_shared(run.plan), output=dataclasses.replace(run.plan.output, device=None))
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
     pool = ProcessPoolExecutor(count, mp_context=context, initializer=_start_writer, initargs=(shared, os.getpid()))
-    pool.submit(os.getpid)  # forks every writer now, while this process runs no other thread of the export's
+    pool.submit(os.getpid)  # forks every writer now, before the decoding workers and the first batch
     return pool
 
 
@@ -833,7 +853,8 @@ def _export_with_writers(run: _Run, loader: DataLoader) -> None:
             for items in loader:
                 for job in _explained(items, run):  # written while the next batch runs
                     files = _Files.of(job, run.plan)
-                    pending.append((job.file, pool.submit(files.write) if processes_write else pool.submit(files.write, shared)))
+                    write = pool.submit(_write_in_process, files) if processes_write else pool.submit(files.write, shared)
+                    pending.append((job.file, write))
                 while len(pending) > most:
                     f, future = pending.popleft()
                     run.tally.settle(f, future.result)
@@ -843,8 +864,8 @@ def _export_with_writers(run: _Run, loader: DataLoader) -> None:
                 run.tally.settle(f, future.result)
         except BrokenProcessPool as exc:  # a writer was killed (out of memory?): the images not finished stay to do
             raise OutputError(
-                f"{run.plan.out}: a writer process died ({exc}); {run.tally.written} images were written, "
-                "run the export again to finish the others"
+                f"{run.plan.out}: a writer process died ({exc}); the images it had not finished are not written: "
+                "run the export again to finish them"
             ) from exc
 
 
