@@ -733,10 +733,9 @@ class _Files:
         view = job.image.view if plan.output.montage else None
         return cls(job.file.source, job.explanation, plan.bases[key], plan.records[key], view, job.compare, plan.stamps[key])
 
-    def write(self, shared: _Shared | None = None) -> dict:
+    def write(self, shared: _Shared) -> dict:
         """Write the image's defining-part figures (its annotations read here, off the model's thread) and
-        files; its json record. ``shared``: the export's (None: this writer process's)."""
-        shared = shared or _process_shared
+        files with the export's ``shared`` settings; its json record."""
         annotations = _annotations(self.source) if shared.defining else None
         return write_explanation(
             self.explanation,
