@@ -36,6 +36,13 @@ from mcloss.data.synth import generate_dataset  # noqa: E402
 from mcloss.explainability.export import ExportConfig, export, writer_processes  # noqa: E402
 
 
+def synthetic_birds(root: Path, images: int, size: int) -> Path:
+    """About ``images`` synthetic birds of ``size`` px under ``root`` (32 per class from 64); their images folder."""
+    per_class = 32 if images >= 64 else max(1, images // 2)
+    generate_dataset(root, max(2, images // per_class), per_class, size, 0)
+    return root / "images"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -54,9 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = build_model("resnet18", 200, xi=3, img_size=args.size).to(device).eval()
     with tempfile.TemporaryDirectory(prefix="mcloss-export-profile-") as tmp:
         work = Path(tmp)
-        per_class = 32 if args.images >= 64 else max(1, args.images // 2)
-        generate_dataset(work / "birds", max(2, args.images // per_class), per_class, args.size, 0)
-        images = work / "birds" / "images"
+        images = synthetic_birds(work / "birds", args.images, args.size)
         one = work / "one-batch"
         one.mkdir()
         for f in sorted(images.rglob("*.jpg"))[: args.batch_size]:

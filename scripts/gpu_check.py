@@ -317,12 +317,14 @@ def explain_host(device: torch.device, smoke: bool) -> list[dict]:
 def writer_scaling(smoke: bool) -> dict:
     """The export's per-image writes over threads and over processes on this machine's CPUs
     (scripts/writer_scaling.py): how many writer processes a GPU export should start on such a node."""
-    from writer_scaling import _cpus, scaling
+    from writer_scaling import scaling
 
-    counts = (2,) if smoke else sorted({2, 4, 8, max(2, min(14, _cpus() - 2))})
+    from mcloss.core.processes import usable_cpus
+
+    counts = (2,) if smoke else sorted({2, 4, 8, max(2, min(14, usable_cpus() - 2))})
     with tempfile.TemporaryDirectory(prefix="mcloss-gpu-check-") as tmp:
         rows = scaling(4 if smoke else 64, counts, ("jpg", "png"), 1 if smoke else 3, Path(tmp))
-    return {"cpus": _cpus(), "rows": rows}
+    return {"cpus": usable_cpus(), "rows": rows}
 
 
 def _min_psnr(pictures: Sequence[np.ndarray], references: Sequence[np.ndarray]) -> float:

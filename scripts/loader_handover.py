@@ -30,8 +30,10 @@ sys.path.insert(0, str(REPO))
 from mcloss.core.model import build_model  # noqa: E402
 from mcloss.data.files import collect_inputs  # noqa: E402
 from mcloss.data.inputs import ImageFiles, collate_items  # noqa: E402
-from mcloss.data.synth import generate_dataset  # noqa: E402
 from mcloss.explainability.explanation import view_maker  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))
+from export_profile import synthetic_birds  # noqa: E402
 
 
 def plain_list(items: list) -> list:
@@ -49,9 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = build_model("resnet18", 200, xi=3, img_size=args.size)
     with tempfile.TemporaryDirectory(prefix="mcloss-loader-") as tmp:
-        per_class = 32 if args.images >= 64 else max(1, args.images // 2)
-        generate_dataset(Path(tmp) / "birds", max(2, args.images // per_class), per_class, args.size, 0)
-        files = collect_inputs([str(Path(tmp) / "birds" / "images")]).files
+        files = collect_inputs([str(synthetic_birds(Path(tmp) / "birds", args.images, args.size))]).files
         dataset = ImageFiles(files, model.transform, view_maker("height", 160))
         times: dict[str, list[float]] = {"one block per batch": [], "one block per image": []}
         cpu: dict[str, list[float]] = {name: [] for name in times}

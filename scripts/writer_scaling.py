@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from mcloss.core.checkpoint import default_checkpoint, load_checkpoint  # noqa: E402
 from mcloss.core.files import atomic_write_json  # noqa: E402
+from mcloss.core.processes import usable_cpus  # noqa: E402
 from mcloss.data.inputs import prepare_image  # noqa: E402
 from mcloss.explainability.explanation import Explanation, explain, view_maker  # noqa: E402
 from mcloss.explainability.outputs import OutputOptions, write_explanation  # noqa: E402
@@ -43,10 +43,6 @@ SAMPLES = REPO / "checkpoints" / "samples" / "images"
 def _write(job: tuple[Explanation, object, str, str]) -> None:
     exp, view, base, fmt = job
     write_explanation(exp, Path(base), view=view, output=OutputOptions(montage_format=fmt, clean_temps=False))
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def scaling(images: int, counts: Sequence[int], formats: Sequence[str], rounds: int, work: Path) -> list[dict]:
@@ -94,16 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
-    counts = [int(c) for c in args.counts.split(",")] if args.counts else sorted({2, _cpus()})
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else sorted({2, usable_cpus()})
     torch.set_num_threads(1)  # the writes use no torch; the explanations are made once, before any timing
     with tempfile.TemporaryDirectory(prefix="mcloss-writers-") as tmp:
         rows = scaling(args.images, counts, args.formats.split(","), args.rounds, Path(tmp))
-    print(f"{args.images} images, {_cpus()} CPUs, median of {args.rounds} rounds")
+    print(f"{args.images} images, {usable_cpus()} CPUs, median of {args.rounds} rounds")
     print(f"{'format':>6} {'way':>9} {'count':>5} {'ms/image':>9} {'speed-up':>8}")
     for r in rows:
         print(f"{r['format']:>6} {r['way']:>9} {r['count']:>5} {r['ms_per_image']:>9.2f} {r['speedup']:>7.2f}x")
     if args.json:
-        atomic_write_json(args.json, {"cpus": _cpus(), "images": args.images, "rows": rows})
+        atomic_write_json(args.json, {"cpus": usable_cpus(), "images": args.images, "rows": rows})
     return 0
 
 

@@ -679,7 +679,7 @@ def test_writer_processes_take_the_cpus_the_model_and_decoders_leave(monkeypatch
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     config = ExportConfig(checkpoint="c", input=["i"], out="o", workers=4)
-    monkeypatch.setattr(export_module, "_usable_cpus", lambda: 16)
+    monkeypatch.setattr(export_module.processes, "usable_cpus", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(export_module.sys, "platform", "linux")
     assert writer_processes(config, cuda) == 11  # the H200 node: 16 - the model's thread - 4 decoders
@@ -687,7 +687,7 @@ def test_writer_processes_take_the_cpus_the_model_and_decoders_leave(monkeypatch
     assert writer_processes(replace(config, workers=12), cuda) == 3
     assert writer_processes(replace(config, workers=13), cuda) == 0  # 2 free: threads do as well
     assert writer_processes(replace(config, writers=5), cpu) == 5 and writer_processes(replace(config, writers=0), cuda) == 0
-    monkeypatch.setattr(export_module, "_usable_cpus", lambda: 64)
+    monkeypatch.setattr(export_module.processes, "usable_cpus", lambda: 64)
     assert writer_processes(config, cuda) == export_module.MOST_WRITER_PROCESSES
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's ranks on one node share its CPUs
     assert writer_processes(replace(config, workers=2), cuda) == 5

@@ -1,6 +1,7 @@
 """A child process that dies with its parent: DataLoader decoding workers with their export, torchrun ranks
-with their launcher; and one that dies with a process that is not its parent (:func:`die_with`: an export's
-writer processes, forked by a fork server that outlives the export).
+with their launcher; and one that dies with a given process (:func:`die_with`: an export's writer processes,
+forked by whichever thread runs the export, while the kernel's parent-death signal follows the forking thread,
+not the process). Also the CPUs this process may use (:func:`usable_cpus`).
 
 On Linux the kernel delivers SIGKILL to the child when its parent dies, even by SIGKILL (the parent-death
 signal of ``prctl``); elsewhere, or where that request fails, a daemon thread polls the parent's pid.
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 
-__all__ = ["WATCH_INTERVAL", "die_with", "die_with_parent"]
+__all__ = ["WATCH_INTERVAL", "die_with", "die_with_parent", "usable_cpus"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Seconds between two looks at the parent's pid, where the parent is watched by a thread.
@@ -72,6 +73,11 @@ def _exists(pid: int) -> bool:
     except PermissionError:  # someone else's process: it exists
         return True
     return True
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system tells it, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _request_death_signal() -> bool:

@@ -810,13 +810,8 @@ def writer_processes(config: ExportConfig, device: torch.device) -> int:
         return config.writers
     if device.type == "cpu" or not sys.platform.startswith("linux"):
         return 0
-    free = _usable_cpus() // _ranks_on_this_node() - 1 - config.workers
+    free = processes.usable_cpus() // _ranks_on_this_node() - 1 - config.workers
     return min(free, MOST_WRITER_PROCESSES) if free >= MIN_WRITER_PROCESSES else 0
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _ranks_on_this_node() -> int:
@@ -905,10 +900,11 @@ def _lane(lanes: _Lanes, run: _Run) -> None:
     """Take batches until none is left: explain each with this thread's share of torch's threads, then write
     its files."""
     torch.set_num_threads(max(1, lanes.threads // lanes.count))  # this thread's OpenMP team
+    shared = _shared(run.plan)
     try:
         while (items := lanes.next_batch()) is not None:
             for job in _explained(items, run):
-                run.tally.settle(job.file, functools.partial(_Files.of(job, run.plan).write, _shared(run.plan)))
+                run.tally.settle(job.file, functools.partial(_Files.of(job, run.plan).write, shared))
             run.tally.advance(len(items))
     finally:
         lanes.ended.set()  # at the end, or on a failure: the other lanes take no other batch
