@@ -212,6 +212,8 @@ def _described(loaded: view.LoadedModel) -> view.LoadedModel:
             f"imported from {view.text(source.get('layout'))} ({view.text(source.get('file'))}) · no training record · "
             f"input {view.text(m.card.get('transform_preset', '?'))}"
         )
+        for said in source.get("assumed") or []:
+            st.sidebar.warning(f"Assumed: {view.text(said)}")
     return loaded
 
 

@@ -472,6 +472,23 @@ def test_bad_checkpoint_shows_error(env, monkeypatch, tmp_path):
     assert not at.get("image")
 
 
+def test_what_an_imported_checkpoint_assumed_is_a_sidebar_warning(env, monkeypatch, tmp_path):
+    """A Kurumi233 ResNet imported without its setting.txt is read at 448 px on trust: the sidebar says so beside
+    the import's caption, as ``mcloss import`` does."""
+    import transcribed as T
+
+    from mcloss.interop.sources import import_checkpoint
+
+    T.randomize(T.Kurumi(4, pretrained="resnet18"), seed=3).save(tmp_path / "ckpt.pth")
+    import_checkpoint(tmp_path / "ckpt.pth", tmp_path / "kurumi.safetensors")
+    monkeypatch.setenv("MCLOSS_CHECKPOINT", str(tmp_path / "kurumi.safetensors"))
+    at = run_app()
+    assert_clean(at)
+    warned = [as_shown(w.value) for w in at.sidebar.warning]
+    assert [w for w in warned if w.startswith("Assumed: input 448 px: no setting.txt says inp_size")], warned
+    assert any("imported from kurumi (ckpt.pth)" in as_shown(c.value) for c in at.sidebar.caption)
+
+
 def test_missing_checkpoint_names_the_path(env, monkeypatch, tmp_path):
     missing = tmp_path / "nowhere.safetensors"
     monkeypatch.setenv("MCLOSS_CHECKPOINT", str(missing))

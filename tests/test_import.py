@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import re
 import subprocess
 import sys
@@ -345,16 +347,44 @@ def test_a_torchscript_archive_is_refused_with_how_to_save_its_weights(tmp_path,
 @pytest.mark.parametrize(
     ("content", "reason"),
     [(b"", "empty or truncated"), (b"\x80\x02garbage" * 4, "not a readable PyTorch file"), (None, "no such file"),
-     ("dir", "is a directory, not a checkpoint file")],
+     ("dir", "is a directory, not a checkpoint file"),
+     (b"hello, this is not a checkpoint\n", r"not a PyTorch file \(it begins with neither a zip archive's nor a pickle's"),
+     (pickle.dumps({"w": [1.0, 2.0]}, protocol=4), r"a plain pickle \(pickle\.dump\), not a file torch\.save wrote"),
+     (pickle.dumps({"run": os.system}, protocol=4), r"a plain pickle \(pickle\.dump\)")],
+    ids=["empty", "garbage", "missing", "dir", "text", "plain-pickle", "plain-pickle-with-code"],
 )
 def test_unreadable_sources_give_one_line_naming_the_file(tmp_path, content, reason):
+    """One reason each, and nothing else: torch's warning on a pickle protocol it did not write is not shown."""
     path = tmp_path / "src.pth"
     if content == "dir":
         path.mkdir()
     elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(SourceError, match=rf"src\.pth: {reason}"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SourceError, match=rf"src\.pth: {reason}"):
+        warnings.simplefilter("always")
         read_source(path)
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_an_mcloss_checkpoint_given_to_import_is_named_as_one(tmp_path):
+    out = tmp_path / "m.safetensors"
+    T.OfficialVGG(4, 3).save(tmp_path / "w.pth")
+    import_checkpoint(tmp_path / "w.pth", out)
+    with pytest.raises(SourceError, match=r"m\.safetensors: already an mcloss checkpoint \(mcloss/1\); use it as it is"):
+        import_model(out)
+
+
+def test_class_names_are_read_from_a_pipe(tmp_path):
+    """``--classes <(cut -d' ' -f2 classes.txt)``: a pipe, not a regular file, read as one (and bounded)."""
+    r, w = os.pipe()
+    os.write(w, b"Crow\nWren\n")
+    os.close(w)
+    try:
+        assert read_class_list(f"/dev/fd/{r}") == ["Crow", "Wren"]
+    finally:
+        os.close(r)
+    with pytest.raises(SourceError, match=r"/dev/zero: more than 16 MiB, not a list of class names"):
+        read_class_list("/dev/zero")
 
 
 def test_truncated_and_tensorless_files(tmp_path):
@@ -435,6 +465,13 @@ def test_a_fixed_pool_refuses_another_input_size(tmp_path):
         import_model(tmp_path / "r50.pth", img_size=2000)
     model = import_model(tmp_path / "r50.pth")
     assert model.config["img_size"] == 448 and model.config["feature_hw"] == [14, 14]
+    # torchvision's VGG runs at any size (an adaptive average after its last max-pool): the refusal says so, not
+    # that 448 px is other than the source's size
+    T.TorchvisionCE("vgg16", 4).save(tmp_path / "tv_vgg.pth")
+    with pytest.raises(SourceError, match=r"tv_vgg\.pth: at 448 px \(as given\) torchvision's VGG averages its max-pooled "
+                       r"14 × 14 cells down to 7 × 7, a head mcloss does not build; mcloss reads a torchvision VGG16 at "
+                       r"224 px \(img_size 224\)"):
+        import_model(tmp_path / "tv_vgg.pth", img_size=448)
 
 
 def test_a_lone_kurumi_checkpoint_trained_at_448_imports_at_448(tmp_path):
@@ -479,6 +516,51 @@ def test_kurumi_pretrained_vgg_is_refused_by_name_and_resnet_groups_are_noted(tm
         import_model(tmp_path / "ckpt.pth")
     model = import_model(tmp_path / "ckpt.pth", img_size=224)
     assert model.groups == [128] * 4 and "assumed" in model.card["source"]["groups"]
+
+
+def test_an_official_file_of_other_than_200_classes_says_which_groups_it_assumed(tmp_path, capsys):
+    """The official scripts train 200 groups (3 channels each in 600; ``[10] * 152 + [11] * 48`` in a
+    ResNet-50's 2048) whatever classes_num is. A file of another class count at that width may come from a script
+    left so, which the weights cannot tell: the import says the groups it read are assumed, on the card and on the
+    command line. A width the script's Mask would not multiply (60 channels) means its groups were changed to match:
+    nothing is assumed. With only classes_num changed to 196 the 600 channels cannot be read, and the refusal says why."""
+    T.OfficialVGG(100, 6).save(tmp_path / "vgg100.pth")  # 600 channels
+    names = _write(tmp_path / "names.txt", "\n".join(f"c{i}" for i in range(100)))
+    out = tmp_path / "vgg100.safetensors"
+    assert cli(["import", str(tmp_path / "vgg100.pth"), "--out", str(out), "--classes", str(names)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "100 classes x 6 channels" in lines[0] and len(lines) == 2
+    assert re.fullmatch(
+        r"assumed: the official script trains 200 groups of 3 channels \(cnum = 3\) whatever classes_num is; this file "
+        r"has 100 classes, read as 100 groups of 6 channels, one per class: right only if .*", lines[1]
+    )
+    assert load_checkpoint(out).card["source"]["assumed"] == [lines[1].removeprefix("assumed: ")]
+    T.OfficialVGG(20, 3).save(tmp_path / "vgg20.pth")
+    T.OfficialResNet("resnet50", 200).save(tmp_path / "r50_200.pth")
+    for name in ("vgg20.pth", "r50_200.pth"):
+        assert "assumed" not in import_model(tmp_path / name).card["source"], name
+    T.OfficialResNet("resnet50", 196).save(tmp_path / "r50_196.pth")
+    (said,) = import_model(tmp_path / "r50_196.pth").card["source"]["assumed"]
+    assert said.startswith("the official script trains 200 groups ([10] * 152 + [11] * 48) whatever classes_num is; "
+                           "this file has 196 classes, read as 196 groups of 10/11 channels"), said
+    T.OfficialVGG(196, width=600).save(tmp_path / "vgg196.pth")
+    with pytest.raises(SourceError, match=r"vgg196\.pth: 600 channels do not split into 196 equal class groups \(an "
+                       r"official script run with only classes_num changed trains 200 groups of 3 channels \(cnum = 3\) "
+                       r"and leaves 4 of them to no class, which mcloss does not read\)$"):
+        import_model(tmp_path / "vgg196.pth")
+
+
+def test_a_lone_kurumi_resnet_says_its_input_size_is_assumed(tmp_path):
+    """A Kurumi233 ResNet pools globally, so its weights do not tell the size it was trained at: without a
+    setting.txt (or --img-size) the import takes the README's 448 and says so; with one, nothing is assumed."""
+    T.Kurumi(4, pretrained="resnet18").save(tmp_path / "ckpt.pth")
+    model = import_model(tmp_path / "ckpt.pth")
+    (said,) = model.card["source"]["assumed"]
+    assert model.config["img_size"] == 448 and said.startswith("input 448 px: no setting.txt says inp_size"), said
+    assert "assumed" not in import_model(tmp_path / "ckpt.pth", img_size=224).card["source"]
+    _write(tmp_path / "setting.txt", "pretrained:1\ninp_size:224\n")
+    model = import_model(tmp_path / "ckpt.pth")
+    assert model.config["img_size"] == 224 and "assumed" not in model.card["source"]
 
 
 def _official_state() -> dict:

@@ -64,9 +64,9 @@ class OfficialVGG(nn.Module):
     """PRIS-CV ``model_bn`` on VGG16-BN; ``early`` is the first scripts' variant: ``net = VGG('VGG16').features``
     kept whole as ``self.features`` (one Sequential), with only conv5_3 widened."""
 
-    def __init__(self, classes: int = 200, xi: int = 3, *, early: bool = False) -> None:
+    def __init__(self, classes: int = 200, xi: int = 3, *, early: bool = False, width: int | None = None) -> None:
         super().__init__()
-        k = classes * xi
+        k = width or classes * xi  # width: the script run with only classes_num changed keeps its 600
         conv4_3 = 512 if early else k
         cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, conv4_3, "M", 512, 512, k]
         layers = [*_vgg_layers(cfg, True), nn.AvgPool2d(1, 1)]

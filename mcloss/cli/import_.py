@@ -75,4 +75,6 @@ def _import(args: argparse.Namespace) -> int:
         f"{model.config['feature_hw'][1]}, head {'+'.join(model.config['head']['layers'])}; input "
         f"{model.card['transform_preset']}; wrote {args.out}"
     )
+    for said in src.get("assumed", []):
+        print(f"assumed: {said}")
     return 0

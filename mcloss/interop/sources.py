@@ -28,14 +28,16 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import pickletools
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from mcloss.core.checkpoint import MAX_CLASSES, MAX_IMG_SIZE, MIN_IMG_SIZE
+from mcloss.core.checkpoint import FORMAT, MAX_CLASSES, MAX_IMG_SIZE, MIN_IMG_SIZE
 from mcloss.core.errors import MclossError, ParameterError, first_line
 from mcloss.core.files import file_sha256, printable
 from mcloss.core.groups import split_channels
@@ -162,20 +164,27 @@ def read_source(path: str | os.PathLike) -> SourceWeights:
 
 def _load(p: Path, label: str) -> object:
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(p))
+            with safe_open(str(p), framework="pt") as f:
+                ours = (f.metadata() or {}).get("format") == FORMAT
+            state = None if ours else load_file(str(p))
         except (SafetensorError, OSError, ValueError) as exc:
             raise SourceError(f"{label}: not a valid safetensors file ({first_line(exc)})") from None
+        if ours:
+            raise SourceError(f"{label}: already an mcloss checkpoint ({FORMAT}); use it as it is, no import needed")
+        return state
     try:
-        with torch.serialization.safe_globals(_plain_value_types()):
+        with torch.serialization.safe_globals(_plain_value_types()), warnings.catch_warnings():
+            # torch's note on a pickle protocol it did not write: the file is refused or read all the same
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found is None:
-            raise SourceError(f"{label}: not a readable PyTorch file (corrupt, or not a checkpoint)") from None
+            raise SourceError(f"{label}: {_not_torch_saved(p) or 'not a readable PyTorch file (corrupt, or not a checkpoint)'}") from None
         resave = (
             f"where you trust it, save its weights: torch.save(torch.load({label!r}, weights_only=False)['state_dict'], "
             "'weights.pth')" if p.suffix == ".ckpt"  # Lightning: objects in hyper_parameters, weights under state_dict
@@ -191,7 +200,35 @@ def _load(p: Path, label: str) -> object:
                 f"{label}: a TorchScript archive (torch.jit.save), which mcloss does not load; where you trust it, "
                 f"save its weights: torch.save(torch.jit.load({label!r}).state_dict(), 'weights.pth')"
             ) from None
-        raise SourceError(f"{label}: not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})") from None
+        reason = _not_torch_saved(p) or f"not a readable PyTorch file ({type(exc).__name__}: {first_line(exc, 120)})"
+        raise SourceError(f"{label}: {reason}") from None
+
+
+#: torch.save's older format begins with its magic number, pickled (``LONG1``, 10 bytes, little-endian).
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _not_torch_saved(p: Path) -> str | None:
+    """Why a file torch.load refused is not one torch.save wrote, where its bytes say so: a plain pickle
+    (``pickle.dump``: a whole, well-formed pickle stream that is neither format of torch.save's, found by walking
+    its opcodes, which runs nothing), or no pickle or zip archive at all. None: it looks like torch.save's (then
+    it is corrupt or truncated)."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(32)
+            if head.startswith(b"PK") or _LEGACY_MAGIC in head:
+                return None
+            if not head.startswith(b"\x80"):
+                return "not a PyTorch file (it begins with neither a zip archive's nor a pickle's bytes)"
+            f.seek(0)
+            for _ in pickletools.genops(f):
+                pass
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError):
+        return None
+    return (
+        "a plain pickle (pickle.dump), not a file torch.save wrote, and mcloss never unpickles; re-save the weights "
+        "from the script that made it: torch.save(net.state_dict(), 'weights.pth')"
+    )
 
 
 class _RunArguments:
@@ -783,13 +820,51 @@ def import_model(
     if model.groups != groups:
         raise SourceError(f"{src.label}: mcloss would split the channels differently from the source")
     origin = "as given" if img_size is not None else "setting.txt's inp_size" if kurumi.get("inp_size") else "the layout's default"
-    _check_grid(model, head, plan, src.label, origin)
+    _check_grid(model, head, plan, src.label, origin, torchvision=lay.source == "torchvision")
     _load_mapped(model, mapped, src, lay)
     model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
     model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split=xi is None)
     if inferred:
         model.card["source"]["input_size"] = f"{size} px, the size its head's fixed {plan.pool_kernel} × {plan.pool_kernel} pool implies"
+    assumed = _assumed(lay, plan, k, groups, size, given=img_size is not None or bool(kurumi.get("inp_size")) or inferred)
+    if assumed:
+        model.card["source"]["assumed"] = assumed
     return model.eval()
+
+
+#: The class count the official scripts' supervisor is written for: its Mask and groups cover 200 classes whatever
+#: ``classes_num`` the head is built with.
+OFFICIAL_CLASSES = 200
+#: The official scripts' groups: VGG16 and ResNet-18 from scratch, 200 groups of cnum = 3 in 600 channels;
+#: MC_ResNet50.py, ``[10] * 152 + [11] * 48`` over 2048.
+_OFFICIAL_GROUPS = {"cnum": "200 groups of 3 channels (cnum = 3)", "split": "200 groups ([10] * 152 + [11] * 48)"}
+
+
+def _official_groups(plan: Plan) -> str:
+    return _OFFICIAL_GROUPS["split" if plan.own_layer4 and plan.backbone.startswith("resnet") else "cnum"]
+
+
+def _assumed(lay: Layout, plan: Plan, k: int, groups: list[int], size: int, *, given: bool) -> list[str]:
+    """What the import took on trust because the file cannot tell it, one sentence each (the card's
+    ``source.assumed``; ``mcloss import`` and the app show them). An official file of other than 200 classes
+    whose F is still the script's width (600 channels; 2048 for the ResNet-50) may come from a script whose
+    groups were left as they were (its Mask multiplies exactly that width): its groups are then not one per class."""
+    said = []
+    script_width = 2048 if _official_groups(plan) == _OFFICIAL_GROUPS["split"] else 600
+    if lay.source == "official" and len(groups) != OFFICIAL_CLASSES and k == script_width:
+        sizes = sorted(set(groups))
+        read = f"{len(groups)} groups of {'/'.join(map(str, sizes))} channels"
+        said.append(
+            f"the official script trains {_official_groups(plan)} whatever classes_num is; this file has "
+            f"{len(groups)} classes, read as {read}, one per class: right only if the script's groups were changed "
+            "to match (with classes_num alone changed, its maps and MC head are not these)"
+        )
+    if lay.source == "kurumi" and not given and plan.pool_kernel is None:
+        said.append(
+            f"input {size} px: no setting.txt says inp_size, and a ResNet's global pool reads any size; Kurumi233's "
+            "README trains ResNet-50 at 448 (its train.py defaults to 224); give --img-size or --setting if yours differs"
+        )
+    return said
 
 
 def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) -> tuple[int | None, list[int]]:
@@ -803,7 +878,13 @@ def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) -> tu
             raise SourceError(f"{label}: {k} channels cannot give each of {num_classes} classes a group")
         return None, split_channels(k, num_classes)
     if k % num_classes:
-        raise SourceError(f"{label}: {k} channels do not split into {num_classes} equal class groups")
+        lazy = ""
+        if lay.source == "official" and num_classes < OFFICIAL_CLASSES and k == 600:
+            lazy = (
+                f" (an official script run with only classes_num changed trains {_official_groups(plan)} and leaves "
+                f"{OFFICIAL_CLASSES - num_classes} of them to no class, which mcloss does not read)"
+            )
+        raise SourceError(f"{label}: {k} channels do not split into {num_classes} equal class groups{lazy}")
     return k // num_classes, [k // num_classes] * num_classes
 
 
@@ -840,12 +921,19 @@ def _build(plan: Plan, lay: Layout, src: SourceWeights, num_classes: int, xi: in
         raise SourceError(f"{src.label}: cannot build the {lay.name} model ({exc})") from None
 
 
-def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str, origin: str) -> None:
+def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str, origin: str, *, torchvision: bool = False) -> None:
     """A source whose head max-pools with a fixed kernel reads the same cells as mcloss's adaptive pool only when
     F is exactly kernel × grid (the source's own input size); refuse any other size rather than differ.
-    ``origin``: where the input size came from, for the message."""
+    ``origin``: where the input size came from, for the message. ``torchvision``: torchvision's VGG, which runs at
+    any size (an adaptive average to 7 × 7 after its last max-pool) but is the head mcloss builds only at 224 px."""
     fh, fw = model.config["feature_hw"]
     k = plan.pool_kernel
+    if k and torchvision and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
+        raise SourceError(
+            f"{label}: at {model.config['img_size']} px ({origin}) torchvision's VGG averages its max-pooled "
+            f"{fh // k} × {fw // k} cells down to {head.grid[0]} × {head.grid[1]}, a head mcloss does not build; mcloss "
+            f"reads a torchvision VGG16 at 224 px (img_size 224), where that average changes nothing"
+        )
     if k and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
         size = model.config["img_size"]
         implied = _implied_size(model, head, plan)
@@ -928,6 +1016,10 @@ def _card(src: SourceWeights, lay: Layout, plan: Plan, preset: str, setting: dic
 # ----------------------------------------------------------------------------------------------- class names
 
 
+#: Largest class-names file read.
+MAX_NAMES_BYTES = 16 << 20
+
+
 def read_class_list(spec: str | os.PathLike) -> list[str]:
     """Class names in a source's class order, from a text file (one per line), a CUB root (``classes.txt``), or
     an ImageFolder root (its sorted sub-folder names, the order torchvision's ImageFolder and the official
@@ -945,11 +1037,15 @@ def read_class_list(spec: str | os.PathLike) -> list[str]:
         else:
             folders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
             names = [clean_class_name(n) for n in folders]
-    elif path.is_file():
+    elif path.exists():  # a file, or a pipe (``--classes <(cut -d' ' -f2 classes.txt)``)
         try:
-            return parse_class_names(path.read_bytes(), label)
+            with path.open("rb") as f:
+                data = f.read(MAX_NAMES_BYTES + 1)
         except OSError as exc:
             raise SourceError(f"{label}: cannot read the class names ({first_line(exc)})") from None
+        if len(data) > MAX_NAMES_BYTES:
+            raise SourceError(f"{label}: more than {MAX_NAMES_BYTES >> 20} MiB, not a list of class names")
+        return parse_class_names(data, label)
     else:
         raise SourceError(f"{label}: no such class-names file or folder")
     return _checked_names(names, label)
