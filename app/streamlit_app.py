@@ -45,6 +45,7 @@ from mcloss.explainability.defining import (  # noqa: E402
 )
 from mcloss.explainability.explanation import Explanation, GroupMaps  # noqa: E402
 from mcloss.explainability.gradcam import GRADCAM_METHODS  # noqa: E402
+from mcloss.explainability.outputs import Comparison  # noqa: E402
 from mcloss.metrics.localization import DEFAULT_HIT_RADIUS, hit_radius  # noqa: E402
 
 if TYPE_CHECKING:
@@ -351,13 +352,13 @@ def show_tiles(tiles: list[render.Tile], ncols: int | None = None) -> None:
     """A row of images with captions (an image beyond 4:1 either way letterboxed, as in the montage)."""
     cols = st.columns(ncols or len(tiles), gap="small")
     for col, t in zip(cols, tiles, strict=False):
-        col.image(render.pad_to_aspect(t.image), caption=t.caption, width="stretch", alt=t.alt)
+        col.image(render.pad_to_aspect(t.image), caption=view.text(t.caption), width="stretch", alt=t.alt)
 
 
 def prediction_panel(expl: Explanation, class_names: list[str], base, title: str, label: int | None) -> None:
     """Original image beside the top-k of both heads and their agreement."""
     left, right = st.columns([4, 7], gap="large")
-    left.image(render.pad_to_aspect(base), caption=title, width="stretch", alt="input image")
+    left.image(render.pad_to_aspect(base), caption=view.text(title), width="stretch", alt="input image")
     with right:
         agree, sentence = view.agreement(expl, class_names)
         level, note = view.domain_note(expl)
@@ -419,7 +420,7 @@ def defining_view(
     caption = view.defining_caption(summary, from_masks, radius_px)
     alt = f"defining parts of {summary.class_name} marked on the image"
     left, right = st.columns([2, max(2, ncols - 2)], gap="medium")
-    left.image(picture, caption=caption, width="stretch", alt=alt)
+    left.image(picture, caption=view.text(caption), width="stretch", alt=alt)
     right.markdown(view.defining_note(summary))
     if note:
         right.caption(note)
@@ -481,20 +482,27 @@ def atlas_panel(loaded: view.LoadedModel, gallery: view.Gallery, group: GroupMap
         st.caption("No gallery image is of a class of this checkpoint.")
         return
     sheet, line = result
-    st.image(sheet, caption=line, width="stretch", alt=f"atlas of {group.name}")
+    st.image(sheet, caption=view.text(line), width="stretch", alt=f"atlas of {group.name}")
 
 
-def compare_row(second: view.LoadedModel, expl: Explanation, group: GroupMaps, base, style: render.Style) -> None:
-    """The second model's group of the same class, drawn as the first's (one scale with "shared group")."""
+def compare_row(second: view.LoadedModel, expl: Explanation, group: GroupMaps, base, style: render.Style) -> list[render.Tile]:
+    """The second model's group of the same class, drawn as the first's (one scale with "shared group"); returns
+    its tiles (for the downloads)."""
     st.markdown(view.compare_heading(second.label, expl, group), unsafe_allow_html=True)
-    show_tiles(render.group_tiles(base, expl, group, style))
+    tiles = render.group_tiles(base, expl, group, style)
+    show_tiles(tiles)
+    return tiles
 
 
 def downloads(
-    source_name: str, base, expl: Explanation, groups: list[GroupMaps], tiles: dict, style: render.Style,
-    label: int | None, defining: list[DefiningSummary | None] | None = None,
+    inputs: Inputs, expl: Explanation, groups: list[GroupMaps], tiles: dict, style: render.Style, options: dict,
+    *, maps: tuple[str, ...], defining: list[DefiningSummary | None] | None = None, contrast: str | None = None,
+    compare: Comparison | None = None,
 ) -> None:
-    """The montage (PNG, JPEG or WebP) and a ZIP of overlays, raw maps and the export JSON (both built on click)."""
+    """The montage (PNG, JPEG or WebP) and a ZIP of overlays, raw maps and the export JSON (both built on click);
+    with ``compare`` (the second model's explanation of the shown classes), both models in each, as
+    ``mcloss export --compare`` writes them."""
+    source_name, base, label = inputs.name, inputs.base, inputs.label
     stem = Path(source_name).stem
     row = st.container(horizontal=True)
     chosen = row.segmented_control(
@@ -505,11 +513,22 @@ def downloads(
     fmt = IMAGE_FORMATS[chosen or "png"]
 
     def montage() -> bytes:  # one row per class shown (the top-2 compare, A and B): the page's groups
-        rows = [expl.montage(expl.groups.index(g), style, image=base) for g in groups]
+        if compare is None:
+            rows = [expl.montage(expl.groups.index(g), style, image=base) for g in groups]
+        else:
+            shown = expl.with_groups(groups)
+            rows = [render.compare_montage(base, shown, compare.explanation, i, style, compare.titles) for i in range(len(groups))]
         return encode_image(render.stacked_rows(rows), fmt.name, full_chroma=True)
 
     def bundle() -> bytes:
-        return view.export_zip(source_name, base, expl, groups, style, tiles, label=label, topk=TOPK, defining=defining)
+        record = view.download_record(
+            inputs.loaded, style, maps=maps, method=options["method"], topk=TOPK, contrast=contrast, compare=compare
+        )
+        made_from = {"name": source_name, "size": inputs.size, "sha256": inputs.digest}
+        return view.export_zip(
+            source_name, base, expl, groups, style, tiles, label=label, topk=TOPK, defining=defining, options=record,
+            input=made_from, compare=compare,
+        )
 
     row.download_button(
         f"Montage ({fmt.name.upper()})", montage, file_name=f"{stem}_montage{fmt.suffix}", mime=fmt.mime,
@@ -518,7 +537,8 @@ def downloads(
     row.download_button(
         "Everything (ZIP)", bundle, file_name=f"{stem}_mcloss.zip", mime="application/zip",
         icon=":material/folder_zip:", on_click="ignore", key="dl_zip",
-        help="every overlay (PNG), plus the montage, raw maps (NPZ) and JSON exactly as `mcloss export` writes them",
+        help="every overlay (PNG), plus the montage, raw maps (NPZ) and JSON as `mcloss export` writes them, the "
+        "JSON recording the checkpoint's sha256, the image's and the settings that made them",
     )
 
 
@@ -559,7 +579,7 @@ def explain_and_show(
         label_visibility="collapsed",
         help="Channel groups: what a class's channels see. Why A, not B?: what tells two classes apart.",
     )  # fmt: skip
-    inputs = Inputs(loaded, digest, image, base, name, label, sample, gallery)
+    inputs = Inputs(loaded, digest, len(data), image, base, name, label, sample, gallery)
     if mode == WHY_VIEW:
         secs += why_view(inputs, expl, style, options)
     else:
@@ -595,6 +615,7 @@ class Inputs:
 
     loaded: view.LoadedModel
     digest: str  # sha256 of the image bytes (the caches' key)
+    size: int  # of the image bytes
     image: Image.Image  # decoded, EXIF orientation applied
     base: np.ndarray  # its display copy (RGB uint8)
     name: str
@@ -636,7 +657,7 @@ def groups_view(inputs: Inputs, expl: Explanation, style: render.Style, options:
     annotations, note = None, None
     if sample is not None and gallery is not None and has_defining_parts(model.card):
         annotations, note = view.sample_annotations(sample, gallery.part_names, expl.image_size)
-    all_tiles, summaries = {}, []
+    all_tiles, summaries, pairs = {}, [], []
     for rank, g in enumerate(groups):
         role = "prediction" if g.target == expl.prediction else ("runner-up" if compare and rank else "selected")
         drops = _knockout(loaded.key, digest, g.target, _loaded=loaded, _image=image)
@@ -657,11 +678,16 @@ def groups_view(inputs: Inputs, expl: Explanation, style: render.Style, options:
             (summary, annotations, note),
         )
         if pair is not None:
-            compare_row(second, pair[0], pair[1], base, shown_style)
+            all_tiles[f"{g.name} ({Path(second.label).stem})"] = compare_row(second, pair[0], pair[1], base, shown_style)
+            pairs.append(pair)
         if gallery is not None:
             atlas_panel(loaded, gallery, g)
     st.divider()
-    downloads(name, base, held, groups, all_tiles, style, label, summaries)
+    compare = None
+    if pairs:  # the second model's groups, in the shown order, as one explanation
+        both = pairs[0][0].with_groups([p[1] for p in pairs], label=label, source=name)
+        compare = Comparison(both, (loaded.label, second.label), second.sha256)
+    downloads(inputs, held, groups, all_tiles, style, options, maps=options["maps"], defining=summaries, compare=compare)
     return secs
 
 
@@ -713,10 +739,10 @@ def why_view(inputs: Inputs, expl: Explanation, style: render.Style, options: di
     notes = (view.GRADCAM_NOTE, view.FINER_NOTE, view.CONTRAST_NOTE)
     cols = st.columns(len(maps) + len(pictures) if pictures else [1, 1, 1, 2], gap="small")
     for col, tile, note in zip(cols, maps, notes, strict=False):
-        col.image(render.pad_to_aspect(tile.image), caption=tile.caption, width="stretch", alt=tile.alt)
+        col.image(render.pad_to_aspect(tile.image), caption=view.text(tile.caption), width="stretch", alt=tile.alt)
         col.caption(note)
     for col, tile in zip(cols[3:], pictures, strict=False):
-        col.image(tile.image, caption=tile.caption, width="stretch", alt=tile.alt)
+        col.image(tile.image, caption=view.text(tile.caption), width="stretch", alt=tile.alt)
     (st.container() if pictures else cols[3]).markdown("\n\n".join(words))
 
     group_style = render.common_style(style, ga, gb)  # "shared group": both groups on one scale
@@ -733,7 +759,7 @@ def why_view(inputs: Inputs, expl: Explanation, style: render.Style, options: di
         show_tiles(tiles)
         all_tiles[g.name] = tiles + all_tiles[g.name]
     st.divider()
-    downloads(inputs.name, inputs.base, ex, [ga, gb], all_tiles, style, inputs.label)
+    downloads(inputs, ex, [ga, gb], all_tiles, style, options, maps=view.WHY_MAPS, contrast=gb.name)
     return secs
 
 

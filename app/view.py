@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import html
 import io
 import json
@@ -32,6 +33,7 @@ from PIL import Image
 
 from mcloss.core.checkpoint import CheckpointError, default_checkpoint, load_checkpoint, project_checkpoints
 from mcloss.core.errors import DatasetError, MclossError
+from mcloss.core.files import file_sha256
 from mcloss.core.model import MCModel
 from mcloss.data.annotations import PartAnnotations
 from mcloss.data.cub import read_label_map
@@ -50,6 +52,7 @@ from mcloss.explainability.defining import (
 )
 from mcloss.explainability.explanation import Explanation, GroupMaps, explain, prepare
 from mcloss.explainability.geometry import to_original
+from mcloss.explainability.outputs import Comparison
 from mcloss.interop.sources import import_model, parse_class_names
 from mcloss.metrics import localization as metrics
 from mcloss.metrics import mass
@@ -203,6 +206,7 @@ class LoadedModel:
     key: str
     label: str
     load_s: float
+    sha256: str | None = None  # of the checkpoint file (or the uploaded bytes), for the downloads' record
 
 
 def load_model(path: str, label: str, key: str, device: torch.device) -> LoadedModel:
@@ -217,16 +221,16 @@ def load_model(path: str, label: str, key: str, device: torch.device) -> LoadedM
         model = load_checkpoint(path, device=device)
     except CheckpointError as exc:
         raise CheckpointError(str(exc).replace(str(path), label)) from None
-    return _validated(model, label, key, device, t0)
+    return _validated(model, label, key, device, t0, file_sha256(Path(path)))
 
 
-def _validated(model: MCModel, label: str, key: str, device: torch.device, t0: float) -> LoadedModel:
+def _validated(model: MCModel, label: str, key: str, device: torch.device, t0: float, sha256: str) -> LoadedModel:
     size = int(model.config.get("img_size", 224))
     try:
         explain(model, Image.new("RGB", (size, size), (128, 128, 128)), "pred", device=device)
     except Exception as exc:  # loads but cannot run
         raise CheckpointError(f"{label}: the model does not run ({type(exc).__name__}: {exc})") from None
-    return LoadedModel(model, threading.Lock(), device, key, label, time.perf_counter() - t0)
+    return LoadedModel(model, threading.Lock(), device, key, label, time.perf_counter() - t0, sha256)
 
 
 #: Uploads imported on the fly (another project's state dict) rather than loaded as mcloss checkpoints.
@@ -260,7 +264,7 @@ def load_uploaded(
             said = str(exc).replace(str(path), label).replace("mcloss import --prefix", "the Key prefix field")
             raise CheckpointError(said) from None
     model.card["source"]["file"] = Path(label).name  # the uploaded name, not the temporary copy's
-    return _validated(model.to(device), label, key, device, t0)
+    return _validated(model.to(device), label, key, device, t0, hashlib.sha256(data).hexdigest())
 
 
 def read_names(data: bytes, label: str) -> list[str]:
@@ -728,8 +732,9 @@ def parts_contrast_note(pc: PartsContrast) -> str:
 
 
 def parts_caption(pc: PartsContrast, how: str) -> str:
-    """The plain-text caption (image captions are not Markdown) of the picture of the parts that tell A from B
-    (orange) and the parts they share (blue); ``how``: where the regions come from."""
+    """The caption (plain text: the app escapes every image caption with :func:`text`, as Streamlit renders them
+    as Markdown) of the picture of the parts that tell A from B (orange) and the parts they share (blue); ``how``:
+    where the regions come from."""
     shared, apart = _parts_lists(pc, str)
     return f"tell apart (orange): {apart} · shared (blue): {shared} · regions from the {how}"
 
@@ -819,6 +824,38 @@ def domain_note(explanation: Explanation) -> tuple[str, str]:
     )
 
 
+def download_record(
+    loaded: LoadedModel,
+    style: render.Style,
+    *,
+    maps: Sequence[str],
+    method: str,
+    topk: int,
+    contrast: str | None = None,
+    compare: Comparison | None = None,
+) -> dict:
+    """The ``options`` the app's ZIP records in its json: what made the files, under the keys ``mcloss export``
+    records them by where they mean the same (the checkpoint's sha256, the maps, the drawing settings, topk,
+    method), plus the checkpoint's name, the drawing settings only the app offers, and ``made_by``."""
+    extra = {} if compare is None else {"compare": compare.titles[1], "compare_sha256": compare.sha256}
+    return {
+        "made_by": "mcloss app",
+        "checkpoint": loaded.label,
+        "checkpoint_sha256": loaded.sha256,
+        **extra,
+        "maps": list(maps),
+        **({} if contrast is None else {"contrast": contrast}),
+        "colormap": style.colormap,
+        "alpha": style.alpha,
+        "shared_scale": style.shared_scale,
+        "tile_height": style.tile_height,
+        "interpolation": style.interpolation,
+        "peaks": style.peaks,
+        "topk": topk,
+        "method": method,
+    }
+
+
 def export_zip(
     name: str,
     base: np.ndarray,
@@ -830,15 +867,20 @@ def export_zip(
     label: int | None = None,
     topk: int = 5,
     defining: Sequence[DefiningSummary | None] | None = None,
+    options: dict | None = None,
+    input: dict | None = None,  # noqa: A002 (the json's key)
+    compare: Comparison | None = None,
 ) -> bytes:
-    """A ZIP of every shown overlay (``overlays/*.png``) plus exactly what ``mcloss export`` writes for the
-    shown classes (``export/<name>.png|.npz|.json``, via :meth:`mcloss.Explanation.save`); ``defining``: the
-    shown classes' defining-part summaries, one per group, for the json."""
+    """A ZIP of every shown overlay (``overlays/*.png``) plus what ``mcloss export`` writes for the shown
+    classes (``export/<name>.png|.npz|.json``, via :meth:`mcloss.Explanation.save`); ``defining``: the shown
+    classes' defining-part summaries, one per group, for the json; ``options`` and ``input``: the json's record of
+    what made the files (:func:`download_record`) and of the image; ``compare``: the second model, as
+    ``mcloss export --compare`` writes it (both models in each montage, its maps and record beside)."""
     shown = explanation.with_groups(groups, label=label, source=name)
     stem = sanitize_component(name)
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory(prefix="mcloss-app-") as tmp, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        shown.save(Path(tmp) / stem, style, topk=topk, image=base, defining=defining)
+        shown.save(Path(tmp) / stem, style, topk=topk, image=base, defining=defining, options=options, input=input, compare=compare)
         for f in sorted(Path(tmp).iterdir()):
             zf.write(f, f"export/{f.name}")
         for cls, cls_tiles in tiles.items():

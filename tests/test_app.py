@@ -30,6 +30,7 @@ from mcloss.data.io import ImageLoadError
 from mcloss.explainability import kinds, render
 from mcloss.explainability.explanation import Explanation, GroupMaps
 from mcloss.explainability.geometry import channel_peaks
+from mcloss.explainability.outputs import Comparison
 from mcloss.metrics import localization as metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +147,11 @@ def run_app(**state) -> AppTest:
 
 
 def captions(at: AppTest) -> list[str]:
+    """The image captions as shown (Streamlit renders them as Markdown; the app escapes them with view.text)."""
+    return [as_shown(c) for c in raw_captions(at)]
+
+
+def raw_captions(at: AppTest) -> list[str]:
     return [c for img in at.get("image") for c in img.captions]
 
 
@@ -385,6 +391,18 @@ def test_text_keeps_urls_from_linking_and_messages_as_they_read():
     assert "\u2060" not in view.text(message) and as_shown(view.text(message)) == message  # copied as it reads
     for url in ("http://127.0.0.1:9/x", "mailto:a", "a@b.com", "www.x.com"):  # a word joiner breaks each autolink
         assert "\u2060" in view.text(url) and as_shown(view.text(url)) == url
+
+
+def test_file_and_class_names_in_image_captions_stay_text(env):
+    """Streamlit renders image captions as Markdown: an upload's name (data from the user's disk) must not become
+    a link, LaTeX or colour there, as it does not in headings."""
+    img, _ = _picture(7)
+    name = "[click me](https:example.com) $x^2$ :red[on].png"
+    at = run_app(**upload(name, _encode(img, "PNG")))
+    assert_clean(at)
+    shown = raw_captions(at)[0]
+    assert "[click me](" not in shown and "$x^2$" not in shown and ":red[" not in shown, shown
+    assert captions(at)[0] == f"{name} · 96×72 px"
 
 
 def test_an_upload_left_for_the_gallery_is_not_explained_on_return(env, gallery_dir):
@@ -671,6 +689,24 @@ def test_export_zip_holds_overlays_and_export_outputs(checkpoint):
     np.testing.assert_array_equal(arrays["gradcam"], groups[0].gradcam)
     overlay = np.asarray(Image.open(io.BytesIO(zf.read(f"overlays/{slug}_ch1.png"))))
     np.testing.assert_array_equal(overlay, tiles[slug][0].image)
+    assert "options" not in record and "compare" not in record
+    # with the app's record of what made it and a second model: as mcloss export --compare writes them
+    torch.manual_seed(5)
+    twin = mcloss.build_model("resnet18", len(CLASSES), xi=3, img_size=64, class_names=CLASSES).eval()
+    other = mcloss.explain(twin, image, groups[0].target)
+    compare = Comparison(other, ("tiny.safetensors", "twin.safetensors"), "ab" * 32)
+    loaded = view.LoadedModel(model, threading.Lock(), torch.device("cpu"), "k", "tiny.safetensors", 0.0, "cd" * 32)
+    options = view.download_record(loaded, style, maps=("channels", "gradcam"), method="fused", topk=5, compare=compare)
+    made_from = {"name": "x.png", "size": 123, "sha256": "ef" * 32}
+    data = view.export_zip("x.png", img, expl, groups, style, tiles, label=2, options=options, input=made_from, compare=compare)
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    record = json.loads(zf.read("export/x.png.json"))
+    assert record["options"]["checkpoint_sha256"] == "cd" * 32 and record["options"]["compare_sha256"] == "ab" * 32
+    assert record["options"]["made_by"] == "mcloss app" and record["options"]["colormap"] == "viridis"
+    assert record["input"] == made_from and record["compare"]["checkpoint"] == "twin.safetensors"
+    montage = np.asarray(Image.open(io.BytesIO(zf.read("export/x.png.png"))))
+    shown = expl.with_groups(groups, label=2, source="x.png")
+    np.testing.assert_array_equal(montage, render.compare_montage(img, shown, other, 0, style, compare.titles))
 
 
 def test_concurrent_explanations_are_serialized(checkpoint):

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import mcloss
+from mcloss.core.files import file_sha256
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -299,6 +300,11 @@ def test_browser_gallery_upload_error_and_recovery(page, app_env, tmp_path):
     assert {"export/second_bird.png.png", "export/second_bird.png.npz"} <= names
     assert any(n.startswith("overlays/") and n.endswith("_gradcam.png") for n in names)
     assert record["file"] == "second_bird.png" and record["image_size"] == [200, 200]
+    # what made the files: the checkpoint's sha256 under export's key, the image's bytes, the drawing settings
+    options = record["options"]
+    assert options["made_by"] == "mcloss app" and options["checkpoint_sha256"] == file_sha256(Path(app_env["MCLOSS_CHECKPOINT"]))
+    assert {"maps", "colormap", "alpha", "shared_scale", "tile_height", "topk", "method"} <= set(options)
+    assert record["input"]["name"] == "second_bird.png" and len(record["input"]["sha256"]) == 64
     _no_traceback(pg)
 
     # 5. an uploaded checkpoint: a broken one gets a sidebar error, a good one works
@@ -330,6 +336,22 @@ def test_browser_compare_view_and_atlas(page, server):
     pg.wait_for_function("() => document.querySelectorAll('img[alt^=\"channel 1 of\"]').length === 2")
     assert pg.get_by_text("its top-3:").count() >= 1
     pg.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)
+    # the downloads hold what the page shows: both models, as mcloss export --compare writes them
+    with pg.expect_download() as dl:
+        _only_button(pg, "Montage (PNG)").click()
+    montage = Image.open(dl.value.path())
+    with pg.expect_download() as dl:
+        _only_button(pg, "Everything (ZIP)").click()
+    with zipfile.ZipFile(Path(dl.value.path())) as zf:
+        names = set(zf.namelist())
+        (json_name,) = [n for n in names if n.startswith("export/") and n.endswith(".json")]
+        record = json.loads(zf.read(json_name))
+        one = Image.open(io.BytesIO(zf.read(json_name.removesuffix(".json") + ".png")))
+        arrays = np.load(io.BytesIO(zf.read(json_name.removesuffix(".json") + ".npz")))
+    assert montage.size == one.size  # the same two-model montage as the export's
+    assert record["compare"]["checkpoint"] and record["options"]["compare_sha256"] == record["compare"]["sha256"]
+    assert "compare_channels" in arrays.files
+    assert sum(n.startswith("overlays/") and n.endswith("_ch1.png") for n in names) == 2  # both models' channel 1
     pg.get_by_text("Atlas: where").first.click()
     pg.locator('img[alt^="atlas of"]').first.wait_for(state="visible")
     _wait_rerun_done(pg)

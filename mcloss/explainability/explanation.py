@@ -304,6 +304,7 @@ class Explanation:
         montage: bool = True,
         montage_format: str = "png",
         quality: int = DEFAULT_QUALITY,
+        input: dict | None = None,  # noqa: A002 (the json's key)
     ) -> dict:
         """Write ``<path>.png`` (one montage per target), ``<path>.npz`` (raw maps) and, last, ``<path>.json``.
 
@@ -314,8 +315,9 @@ class Explanation:
         killed run left for these outputs (an export sweeps each folder once); ``montage=False`` writes no
         montage (no view is needed then); ``montage_format`` ``jpg`` or ``webp`` (at ``quality``) writes
         ``<path>.jpg`` / ``<path>.webp`` instead of the PNG. A save over an earlier one removes the files of the
-        earlier that this one does not write (its other targets' montages, another format). Returns the JSON
-        record.
+        earlier that this one does not write (its other targets' montages, another format). ``input``: what the
+        json records of the input under ``input`` (``mcloss export``: its path, size and modification time).
+        Returns the JSON record.
 
         Raises:
             ParameterError: ``path`` is empty or a folder; OutputError: the files cannot be written.
@@ -337,7 +339,8 @@ class Explanation:
         base = Path(text)
         try:  # an earlier save's files that these outputs do not replace (more targets, another format) go
             return write_explanation(
-                self, base, view=view, output=output, defining=defining, compare=compare, old=read_record(base)
+                self, base, view=view, output=output, defining=defining, compare=compare, input_stamp=input,
+                old=read_record(base),
             )
         except OSError as exc:
             raise OutputError(f"{text}: cannot write the explanation ({exc})") from None
