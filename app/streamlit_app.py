@@ -513,10 +513,10 @@ def downloads(
     fmt = IMAGE_FORMATS[chosen or "png"]
 
     def montage() -> bytes:  # one row per class shown (the top-2 compare, A and B): the page's groups
+        shown = expl.with_groups(groups)
         if compare is None:
-            rows = [expl.montage(expl.groups.index(g), style, image=base) for g in groups]
+            rows = [shown.montage(i, style, image=base) for i in range(len(groups))]
         else:
-            shown = expl.with_groups(groups)
             rows = [render.compare_montage(base, shown, compare.explanation, i, style, compare.titles) for i in range(len(groups))]
         return encode_image(render.stacked_rows(rows), fmt.name, full_chroma=True)
 
@@ -759,7 +759,7 @@ def why_view(inputs: Inputs, expl: Explanation, style: render.Style, options: di
         show_tiles(tiles)
         all_tiles[g.name] = tiles + all_tiles[g.name]
     st.divider()
-    downloads(inputs, ex, [ga, gb], all_tiles, style, options, maps=view.WHY_MAPS, contrast=gb.name)
+    downloads(inputs, ex, [ga, view.without_contrast(gb)], all_tiles, style, options, maps=view.WHY_MAPS, contrast=gb.name)
     return secs
 
 

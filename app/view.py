@@ -610,7 +610,8 @@ def colour_scales(colormap: str, shared_scale: bool, maps: Sequence[str]) -> str
     """HTML for the sidebar: a bar of the colormap with what its ends mean under the display controls, and
     the diverging bar when a signed map (Guided Grad-CAM) is shown."""
     reach = (
-        "the channel group's maximum for a class's channels, CCMP and parts; every other map to its own maximum"
+        "the channel group's maximum for a class's channels, CCMP and parts; one maximum for its per-channel "
+        "Grad-CAM; every other map to its own maximum"
         if shared_scale
         else "each map's own maximum"
     )
@@ -821,6 +822,18 @@ def domain_note(explanation: Explanation) -> tuple[str, str]:
     return "warning", (
         f"**This image looks unlike anything the model was trained on** ({numbers}: 95 % of held-out training-domain "
         "images score below it). Its prediction and maps describe how the model reacts to it, not a class it knows."
+    )
+
+
+def without_contrast(group: GroupMaps) -> GroupMaps:
+    """``group`` without its contrastive maps: the "Why A, not B?" view contrasts A with B only, so its downloads
+    draw B's row without the maps an explanation with ``contrast=B`` gives B (against classes the page never names)."""
+    drop = {k.name for k in kinds.kinds() if k.contrastive}
+    return dataclasses.replace(
+        group,
+        maps={k: v for k, v in group.maps.items() if k not in drop},
+        map_peaks={k: v for k, v in group.map_peaks.items() if k not in drop},
+        versus=None,
     )
 
 

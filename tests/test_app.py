@@ -709,6 +709,23 @@ def test_export_zip_holds_overlays_and_export_outputs(checkpoint):
     np.testing.assert_array_equal(montage, render.compare_montage(img, shown, other, 0, style, compare.titles))
 
 
+def test_why_downloads_draw_b_without_contrasts_the_page_never_names(checkpoint):
+    """Explained with ``contrast=B``, B's own Finer-CAM and group contrast are against other classes (A and the
+    nearest): the why view's downloads draw B's row without them, and leave the explanation as it was."""
+    model = mcloss.load_checkpoint(checkpoint)
+    img, _ = _picture(2)
+    ex = mcloss.explain(model, Image.fromarray(img), [0, 1], maps=view.WHY_MAPS, contrast=1)
+    ga, gb = ex.groups
+    assert gb.finer is not None and gb.versus is not None
+    plain = view.without_contrast(gb)
+    assert plain.finer is None and plain.contrast is None and plain.versus is None and "finer" not in plain.map_peaks
+    assert plain.gradcam is not None and np.array_equal(plain.channels, gb.channels)
+    assert gb.finer is not None and ga.finer is not None  # nothing shared was changed
+    style = view.style_for("viridis", 0.5, False, True, False)
+    with_all, without = (ex.with_groups([g]).montage(0, style, image=img) for g in (gb, plain))
+    assert without.shape[1] < with_all.shape[1]  # two tiles fewer
+
+
 def test_concurrent_explanations_are_serialized(checkpoint):
     """Without the lock, interleaved calls leave parameters frozen (or fail in BatchNorm): checked here."""
     model = mcloss.load_checkpoint(checkpoint)

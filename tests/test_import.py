@@ -550,6 +550,26 @@ def test_an_official_file_of_other_than_200_classes_says_which_groups_it_assumed
         import_model(tmp_path / "vgg196.pth")
 
 
+def test_the_official_scripts_ce_baselines(tmp_path):
+    """The scripts' cross-entropy baselines keep the backbone's own 512 channels, which 200 classes do not divide.
+    The VGG16 one imports as a CE model (the same logits, its channels split for display, the card saying so); the
+    ResNet-18 one keeps layer4 at stride 1, which mcloss does not build for a split, and is refused saying so."""
+    src = T.randomize(T.OfficialVGG(200, width=512), seed=4).eval()
+    src.save(tmp_path / "vgg_ce.pth")
+    model = import_model(tmp_path / "vgg_ce.pth")
+    assert model.card["loss"] == "ce" and model.groups == split_channels(512, 200)
+    assert "cross-entropy baseline" in model.card["source"]["groups"] and "assumed" not in model.card["source"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        logits, f = src(x)
+        assert torch.allclose(model(x), logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max()))
+        assert torch.allclose(model.forward_features(x), f, rtol=1e-4, atol=1e-4 * float(f.abs().max()))
+    T.OfficialResNet("resnet18", 200, width=512).save(tmp_path / "r18_ce.pth")
+    with pytest.raises(SourceError, match=r"r18_ce\.pth: 512 channels over 200 classes, the official ResNet-18 script's "
+                       r"cross-entropy baseline \(layer4 at its own 512 planes but stride 1\)"):
+        import_model(tmp_path / "r18_ce.pth")
+
+
 def test_a_lone_kurumi_resnet_says_its_input_size_is_assumed(tmp_path):
     """A Kurumi233 ResNet pools globally, so its weights do not tell the size it was trained at: without a
     setting.txt (or --img-size) the import takes the README's 448 and says so; with one, nothing is assumed."""

@@ -102,10 +102,10 @@ def _official_resnet18(planes: int) -> tv_resnet.ResNet:
 class OfficialResNet(nn.Module):
     """PRIS-CV ``model_bn`` on a ResNet: ``features`` = children[:-2], MaxPool2d(14), BN1d head."""
 
-    def __init__(self, arch: str = "resnet18", classes: int = 200, xi: int = 3) -> None:
+    def __init__(self, arch: str = "resnet18", classes: int = 200, xi: int = 3, *, width: int | None = None) -> None:
         super().__init__()
-        net = _official_resnet18(classes * xi) if arch == "resnet18" else torchvision.models.resnet50(weights=None)
-        width = classes * xi if arch == "resnet18" else 2048
+        width = (width or classes * xi) if arch == "resnet18" else 2048  # width: the script's CE baseline keeps 512
+        net = _official_resnet18(width) if arch == "resnet18" else torchvision.models.resnet50(weights=None)
         self.features = nn.Sequential(*list(net.children())[:-2])
         self.max = nn.MaxPool2d(14, 14)
         self.classifier = _dense(width, classes)

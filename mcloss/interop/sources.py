@@ -796,7 +796,8 @@ def import_model(
         raise ParameterError(f"setting: only Kurumi233 checkpoints come with a setting.txt; {src.label} is {lay.name}", parameter="setting")
     kurumi = _kurumi_setting(src, setting) if lay.source == "kurumi" else {}
     size = _input_size(img_size, kurumi, plan, src, setting)
-    xi, groups = _groups(lay, plan, k, num_classes, src.label)
+    baseline = _ce_baseline(lay, plan, k, num_classes, src.label)
+    xi, groups = _groups(lay, plan, k, num_classes, src.label, split=baseline)
     if kurumi.get("eps") and xi is not None and kurumi["eps"].isdigit() and int(kurumi["eps"]) != xi:
         raise SourceError(f"{src.label}: setting.txt says eps {kurumi['eps']} but the weights have {xi} channels per class")
     names = _class_names(classes, num_classes, src.label)
@@ -824,6 +825,12 @@ def import_model(
     _load_mapped(model, mapped, src, lay)
     model.card = _card(src, lay, plan, f"{preset}: {described}", kurumi)
     model.card["source"]["groups"] = _groups_note(lay, k, num_classes, split=xi is None)
+    if baseline:
+        model.card["loss"] = "ce"
+        model.card["source"]["groups"] += (
+            "; the official script's cross-entropy baseline (its VGG16's own 512 channels): no class owned channels in "
+            "training, so the split is for display only, as for any CE model"
+        )
     if inferred:
         model.card["source"]["input_size"] = f"{size} px, the size its head's fixed {plan.pool_kernel} × {plan.pool_kernel} pool implies"
     assumed = _assumed(lay, plan, k, groups, size, given=img_size is not None or bool(kurumi.get("inp_size")) or inferred)
@@ -867,13 +874,33 @@ def _assumed(lay: Layout, plan: Plan, k: int, groups: list[int], size: int, *, g
     return said
 
 
-def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) -> tuple[int | None, list[int]]:
+def _ce_baseline(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) -> bool:
+    """Whether an official file is its script's cross-entropy baseline: F at the backbone's own 512 channels (the
+    scripts say to keep the vanilla width for it), which do not split evenly over the classes (CUB's 200).
+
+    Raises:
+        SourceError: the official ResNet-18 script's baseline, whose layer4 it keeps at stride 1, which mcloss
+            does not build for a split of a ResNet's own channels.
+    """
+    if lay.source != "official" or k != _native_width(plan.backbone) or k % num_classes == 0:
+        return False
+    if plan.backbone.startswith("resnet") and not plan.own_layer4:
+        raise SourceError(
+            f"{label}: {k} channels over {num_classes} classes, the official ResNet-18 script's cross-entropy baseline "
+            "(layer4 at its own 512 planes but stride 1); mcloss splits a ResNet's own channels only at its own "
+            "stride 2, which would read other features, so it does not import it"
+        )
+    return True
+
+
+def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str, *, split: bool = False) -> tuple[int | None, list[int]]:
     """ξ (None for a split of the backbone's own channels) and the group sizes: the official consecutive groups
-    of ξ = K / C, or K split over C as the official ResNet-50 splits its 2048 (torchvision CE models too)."""
+    of ξ = K / C, or K split over C as the official ResNet-50 splits its 2048 (torchvision CE models and the
+    official scripts' CE baselines, ``split``, too)."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise SourceError(f"{label}: {num_classes} classes, outside the 1..{MAX_CLASSES} mcloss takes")
     native = plan.backbone.startswith("resnet") and plan.own_layer4 and k == _native_width(plan.backbone)
-    if lay.source == "torchvision" or native:
+    if lay.source == "torchvision" or native or split:
         if k < num_classes:
             raise SourceError(f"{label}: {k} channels cannot give each of {num_classes} classes a group")
         return None, split_channels(k, num_classes)
@@ -902,7 +929,7 @@ def _groups_note(lay: Layout, k: int, num_classes: int, *, split: bool) -> str:
 
 
 def _native_width(backbone: str) -> int:
-    return 512 if backbone in ("resnet18", "resnet34") else 2048
+    return 512 if backbone in ("resnet18", "resnet34") or backbone.startswith("vgg") else 2048
 
 
 def _class_names(classes: Sequence[str] | str | os.PathLike | None, num_classes: int, label: str) -> list[str] | None:
