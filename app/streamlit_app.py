@@ -213,7 +213,8 @@ def _described(loaded: view.LoadedModel) -> view.LoadedModel:
             f"imported from {view.text(source.get('layout'))} ({view.text(source.get('file'))}) · no training record · "
             f"input {view.text(m.card.get('transform_preset', '?'))}"
         )
-        for said in source.get("assumed") or []:
+        assumed = source.get("assumed")  # the card is the file's metadata: read, never trusted to be well formed
+        for said in assumed if isinstance(assumed, list) else []:
             st.sidebar.warning(f"Assumed: {view.text(said)}")
     return loaded
 

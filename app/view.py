@@ -264,6 +264,11 @@ def load_uploaded(
             said = str(exc).replace(str(path), label).replace("mcloss import --prefix", "the Key prefix field")
             raise CheckpointError(said) from None
     model.card["source"]["file"] = Path(label).name  # the uploaded name, not the temporary copy's
+    if "assumed" in model.card["source"]:  # the upload has no setting.txt beside it and no --img-size
+        model.card["source"]["assumed"] = [
+            said.replace("give --img-size or --setting", "import it with mcloss import --img-size (or --setting) and upload the .safetensors")
+            for said in model.card["source"]["assumed"]
+        ]
     return _validated(model.to(device), label, key, device, t0, hashlib.sha256(data).hexdigest())
 
 

@@ -505,6 +505,10 @@ def test_what_an_imported_checkpoint_assumed_is_a_sidebar_warning(env, monkeypat
     warned = [as_shown(w.value) for w in at.sidebar.warning]
     assert [w for w in warned if w.startswith("Assumed: input 448 px: no setting.txt says inp_size")], warned
     assert any("imported from kurumi (ckpt.pth)" in as_shown(c.value) for c in at.sidebar.caption)
+    # uploaded, the file has no setting.txt beside it: the way out is the command line
+    loaded = view.load_uploaded((tmp_path / "ckpt.pth").read_bytes(), "ckpt.pth", "sha256:k", torch.device("cpu"))
+    (said,) = loaded.model.card["source"]["assumed"]
+    assert said.endswith("import it with mcloss import --img-size (or --setting) and upload the .safetensors if yours differs")
 
 
 def test_missing_checkpoint_names_the_path(env, monkeypatch, tmp_path):

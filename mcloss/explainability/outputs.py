@@ -30,7 +30,8 @@ For a stem ``<base>`` (e.g. ``out/birds/a.jpg``):
   shows both models.
   ``mcloss export`` adds ``options``: the settings that made the outputs (checkpoint sha256, target,
   maps, style, topk, method; ``montage: false`` and no style under ``--no-montage``); a re-run re-does an
-  image whose options differ.
+  image whose options differ; and ``input`` {path, size, mtime_ns}. The app's ZIP records under ``options``
+  the same keys where they mean the same, with ``made_by: "mcloss app"``, and ``input`` {name, size, sha256}.
   ``defining_parts`` lists the parts the checkpoint's card says define the target class ([] when it
   says none, or nothing about its classes); ``defining_mass_ratio`` {ccmp, channels, source} is the mass
   per area on those parts ÷ on the other parts of the CCMP map and the geometric mean over the channels
