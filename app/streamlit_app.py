@@ -503,7 +503,7 @@ def downloads(
     """The montage (PNG, JPEG or WebP) and a ZIP of overlays, raw maps and the export JSON (both built on click);
     with ``compare`` (the second model's explanation of the shown classes), both models in each, as
     ``mcloss export --compare`` writes them."""
-    source_name, base, label = inputs.name, inputs.base, inputs.label
+    source_name, base, label = inputs.name, inputs.view, inputs.label
     stem = Path(source_name).stem
     row = st.container(horizontal=True)
     chosen = row.segmented_control(
@@ -552,7 +552,8 @@ def explain_and_show(
         raise ImageLoadError(source["error"])
     data, name = source["data"], source["name"]
     digest = hashlib.sha256(data).hexdigest()
-    image, base = _decoded(digest, name, data)
+    image, view_copy = _decoded(digest, name, data)
+    base = view.page_image(view_copy)
     model = loaded.model
     names = list(model.class_names)
     opts = (options["method"], options["maps"])
@@ -580,7 +581,7 @@ def explain_and_show(
         label_visibility="collapsed",
         help="Channel groups: what a class's channels see. Why A, not B?: what tells two classes apart.",
     )  # fmt: skip
-    inputs = Inputs(loaded, digest, len(data), image, base, name, label, sample, gallery)
+    inputs = Inputs(loaded, digest, len(data), image, base, view_copy, name, label, sample, gallery)
     if mode == WHY_VIEW:
         secs += why_view(inputs, expl, style, options)
     else:
@@ -618,7 +619,8 @@ class Inputs:
     digest: str  # sha256 of the image bytes (the caches' key)
     size: int  # of the image bytes
     image: Image.Image  # decoded, EXIF orientation applied
-    base: np.ndarray  # its display copy (RGB uint8)
+    base: np.ndarray  # the copy the page draws on (RGB uint8; :func:`view.page_image`)
+    view: np.ndarray  # the copy the downloads draw on, as mcloss export draws on the image (the display copy)
     name: str
     label: int | None  # the gallery sample's class, if it is one of the model's
     sample: view.Sample | None

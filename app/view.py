@@ -523,6 +523,21 @@ def display_image(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> np.nd
     return render.fit_view(np.asarray(image.convert("RGB")), max_side)
 
 
+#: The page draws an image whose shorter side is under this many pixels on a copy enlarged by whole pixels, so
+#: that its maps, peak rings and marks have room (a 1 × 1 upload drew each map as one pixel under a ring).
+PAGE_MIN_SIDE = 160
+
+
+def page_image(view: np.ndarray, min_side: int = PAGE_MIN_SIDE, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """The copy the page draws on: ``view`` with each pixel repeated n × n (nearest: the image's own pixels, as
+    blocks) for the smallest n that brings its shorter side to ``min_side``, its longer side staying within
+    ``max_side``; ``view`` itself when it is large enough. The downloads draw on ``view``, as ``mcloss export``
+    draws on the image."""
+    h, w = view.shape[:2]
+    n = min(-(-min_side // min(h, w)), max_side // max(h, w))
+    return view if n <= 1 else np.repeat(np.repeat(view, n, axis=0), n, axis=1)
+
+
 # ---------------------------------------------------------------------------------------------- maps
 
 

@@ -596,6 +596,22 @@ def test_decode_broken_raises_one_line(name):
     assert text.startswith(f"{name}: ") and BROKEN[name][1] in text and "\n" not in text
 
 
+def test_small_images_are_drawn_on_the_page_on_whole_pixel_blocks():
+    """A tiny upload's maps and rings need room on the page: the page copy repeats each pixel n × n; a large
+    enough image is drawn as it is."""
+    one = np.array([[[10, 200, 30]]], dtype=np.uint8)
+    page = view.page_image(one)
+    assert page.shape == (view.PAGE_MIN_SIDE, view.PAGE_MIN_SIDE, 3) and (page == one).all()
+    small = np.random.default_rng(0).integers(0, 256, (48, 60, 3), dtype=np.uint8)
+    page = view.page_image(small)
+    assert page.shape == (192, 240, 3)
+    np.testing.assert_array_equal(page[::4, ::4], small)
+    strip = np.zeros((10, 400, 3), dtype=np.uint8)  # the long side stays within the display's
+    assert view.page_image(strip).shape == (20, 800, 3)
+    big = np.zeros((200, 300, 3), dtype=np.uint8)
+    assert view.page_image(big) is big
+
+
 def test_display_image_downscales_huge_inputs():
     big = Image.new("RGB", (3000, 1000), (1, 2, 3))
     arr = view.display_image(big)
@@ -859,7 +875,7 @@ def test_compare_view_draws_the_second_model_on_one_scale(twin_env, tmp_path, ga
     image = mcloss.load_image(gallery_dir / "bird_0.png")
     ea = mcloss.explain(first, image, "top2")
     eb = mcloss.explain(twin, image, ea.prediction)
-    base = view.display_image(image)
+    base = view.page_image(view.display_image(image))
     style = render.common_style(view.style_for("inferno", 0.5, True, True, False), ea.groups[0], eb.groups[0])
     assert style.group_max == max(float(ea.groups[0].channels.max()), float(eb.groups[0].channels.max()))
     want = [t.image for t in render.group_tiles(base, ea, ea.groups[0], style)]
@@ -903,7 +919,7 @@ def test_app_shows_exactly_the_tiles_render_draws(env, checkpoint, gallery_dir, 
     image = mcloss.load_image(gallery_dir / "bird_0.png")
     expl = mcloss.explain(model, image, [["top2"]])
     style = view.style_for("viridis", 0.3, True, True, True)
-    want = render.group_tiles(view.display_image(image), expl, expl.groups[0], style)
+    want = render.group_tiles(view.page_image(view.display_image(image)), expl, expl.groups[0], style)
     got = shown[-len(want):]  # after the prediction panel's original
     assert len(shown) == len(want) + 1
     for g, w in zip(got, want, strict=True):
@@ -1163,7 +1179,7 @@ def test_why_a_not_b_view_on_the_shipped_default(shipped_env, explain_calls, sho
     # the maps are the kinds' own tiles of that one explanation (one rendering path)
     ex = mcloss.explain(model, image, [pred, auto], contrast=auto, maps=view.WHY_MAPS)
     style = view.style_for("inferno", 0.5, False, True, False)
-    base = view.display_image(image)
+    base = view.page_image(view.display_image(image))
     want = [kinds.get(k).tiles(base, ex, ex.groups[0], style)[0].image for k in ("gradcam", "finer", "contrast")]
     for got, w in zip(shown[1:4], want, strict=True):
         assert got.shape == w.shape and np.abs(got.astype(int) - w).max() <= 1
