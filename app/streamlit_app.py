@@ -514,12 +514,8 @@ def downloads(
     fmt = IMAGE_FORMATS[chosen or "png"]
 
     def montage() -> bytes:  # one row per class shown (the top-2 compare, A and B): the page's groups
-        shown = expl.with_groups(groups)
-        if compare is None:
-            rows = [shown.montage(i, style, image=base) for i in range(len(groups))]
-        else:
-            rows = [render.compare_montage(base, shown, compare.explanation, i, style, compare.titles) for i in range(len(groups))]
-        return encode_image(render.stacked_rows(rows), fmt.name, full_chroma=True)
+        picture = view.download_montage(source_name, base, expl, groups, style, label=label, compare=compare)
+        return encode_image(picture, fmt.name, full_chroma=True)
 
     def bundle() -> bytes:
         record = view.download_record(

@@ -889,6 +889,26 @@ def download_record(
     }
 
 
+def download_montage(
+    name: str,
+    base: np.ndarray,
+    explanation: Explanation,
+    groups: Sequence[GroupMaps],
+    style: render.Style,
+    *,
+    label: int | None = None,
+    compare: Comparison | None = None,
+) -> np.ndarray:
+    """The montage download: one row per shown class (with ``compare``, both models' rows, as ``mcloss export
+    --compare`` draws them), each the montage :func:`export_zip` writes for it, header and label included."""
+    shown = explanation.with_groups(groups, label=label, source=name)
+    if compare is None:
+        rows = [shown.montage(i, style, image=base) for i in range(len(groups))]
+    else:
+        rows = [render.compare_montage(base, shown, compare.explanation, i, style, compare.titles) for i in range(len(groups))]
+    return render.stacked_rows(rows)
+
+
 def export_zip(
     name: str,
     base: np.ndarray,

@@ -727,6 +727,11 @@ def test_export_zip_holds_overlays_and_export_outputs(checkpoint):
     montage = np.asarray(Image.open(io.BytesIO(zf.read("export/x.png.png"))))
     shown = expl.with_groups(groups, label=2, source="x.png")
     np.testing.assert_array_equal(montage, render.compare_montage(img, shown, other, 0, style, compare.titles))
+    # the Montage button's picture is the ZIP's, header and label included
+    np.testing.assert_array_equal(montage, view.download_montage("x.png", img, expl, groups, style, label=2, compare=compare))
+    alone = np.asarray(Image.open(io.BytesIO(zipfile.ZipFile(io.BytesIO(
+        view.export_zip("x.png", img, expl, groups, style, tiles, label=2))).read("export/x.png.png"))))
+    np.testing.assert_array_equal(alone, view.download_montage("x.png", img, expl, groups, style, label=2))
 
 
 def test_why_downloads_draw_b_without_contrasts_the_page_never_names(checkpoint):
