@@ -25,6 +25,8 @@ Normalization (each applied to both sides, so that only genuinely volatile thing
     ISO dates inside strings become ``<DATE>`` (config.json's ``resumes[].time``);
   * atlas-state.json ``options.inputs`` (a sha256 over the absolute image paths): recomputed from the dataset
     and replaced by a marker when it matches on a side;
+  * an export manifest's ``digest`` (a sha256 over the rest, timings included): recomputed and replaced by a
+    marker when it matches on a side;
   * safetensors metadata: key order ignored (the format does not keep it);
   * CSV columns: ``time_s``, ``seconds``;
   * text: the synth summary's ``in X s (N images/s)`` and the training log's per-epoch ``  X.Xs``;
@@ -164,6 +166,7 @@ def cmp_json(pa, pb, ra, rb, limit):
         return [f"not valid JSON on one side ({exc}); compared as text"] + cmp_text(pa, pb, ra, rb, limit)
     if pa.name == "atlas-state.json":
         a, b = atlas_inputs_digest(a, pa), atlas_inputs_digest(b, pb)
+    a, b = sealed_digest(a), sealed_digest(b)
     diffs = data_diff(norm_data(a, ra), norm_data(b, rb), limit=limit)
     if not diffs and json_layout(pa) != json_layout(pb):
         diffs = ["same data, other layout (indentation, separators or line breaks)"]
@@ -174,6 +177,21 @@ def json_layout(p: Path) -> str:
     """A JSON file's text with every string and number literal blanked: its layout."""
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', p.read_text())
     return re.sub(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?", "0", text)
+
+
+def sealed_digest(doc: object) -> object:
+    """An export manifest's ``digest`` is the sha256 of the rest of the document (its canonical JSON), which holds
+    volatile fields (``seconds``), so it differs between any two runs. Recompute it; when it matches, replace it by
+    a marker, else leave it (and it shows as a difference)."""
+    import hashlib
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("digest"), str):
+        return doc
+    rest = {k: v for k, v in doc.items() if k != "digest"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    if hashlib.sha256(canonical).hexdigest() != doc["digest"]:
+        return doc
+    return rest | {"digest": "<sha256 of the rest: recomputed, matches>"}
 
 
 def atlas_inputs_digest(state: dict, path: Path) -> dict:
