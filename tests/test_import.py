@@ -538,7 +538,8 @@ def test_an_official_file_of_other_than_200_classes_says_which_groups_it_assumed
     T.OfficialVGG(20, 3).save(tmp_path / "vgg20.pth")
     T.OfficialResNet("resnet50", 200).save(tmp_path / "r50_200.pth")
     for name in ("vgg20.pth", "r50_200.pth"):
-        assert "assumed" not in import_model(tmp_path / name).card["source"], name
+        card = import_model(tmp_path / name).card
+        assert "assumed" not in card["source"] and card["loss"] == "mc", name
     T.OfficialResNet("resnet50", 196).save(tmp_path / "r50_196.pth")
     (said,) = import_model(tmp_path / "r50_196.pth").card["source"]["assumed"]
     assert said.startswith("the official script trains 200 groups ([10] * 152 + [11] * 48) whatever classes_num is; "

@@ -882,7 +882,8 @@ def _ce_baseline(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) 
         SourceError: the official ResNet-18 script's baseline, whose layer4 it keeps at stride 1, which mcloss
             does not build for a split of a ResNet's own channels.
     """
-    if lay.source != "official" or k != _native_width(plan.backbone) or k % num_classes == 0:
+    mc_split = plan.backbone.startswith("resnet") and plan.own_layer4  # the ResNet-50 script: MC on its own 2048
+    if lay.source != "official" or mc_split or k != _native_width(plan.backbone) or k % num_classes == 0:
         return False
     if plan.backbone.startswith("resnet") and not plan.own_layer4:
         raise SourceError(
