@@ -348,10 +348,16 @@ def test_a_torchscript_archive_is_refused_with_how_to_save_its_weights(tmp_path,
     ("content", "reason"),
     [(b"", "empty or truncated"), (b"\x80\x02garbage" * 4, "not a readable PyTorch file"), (None, "no such file"),
      ("dir", "is a directory, not a checkpoint file"),
-     (b"hello, this is not a checkpoint\n", r"not a PyTorch file \(it begins with neither a zip archive's nor a pickle's"),
+     (b"hello, this is not a checkpoint\n", r"not a PyTorch file \(neither torch\.save's zip archive nor its older format\)"),
+     (pickle.dumps({"w": [1.0, 2.0]}, protocol=0), r"a plain pickle \(pickle\.dump\)"),
+     # a 75-byte file declaring 2**40 bytes: refused in one line (reading the declared length failed once)
+     (b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x" * 64, "not a readable PyTorch file"),
+     # megabytes of opcodes torch refuses at once: told a plain pickle from a bounded probe
+     (b"\x80\x04" + b"N" * (3 << 20) + b".", r"a plain pickle \(pickle\.dump\)"),
      (pickle.dumps({"w": [1.0, 2.0]}, protocol=4), r"a plain pickle \(pickle\.dump\), not a file torch\.save wrote"),
      (pickle.dumps({"run": os.system}, protocol=4), r"a plain pickle \(pickle\.dump\)")],
-    ids=["empty", "garbage", "missing", "dir", "text", "plain-pickle", "plain-pickle-with-code"],
+    ids=["empty", "garbage", "missing", "dir", "text", "protocol-0", "huge-length", "long-stream", "plain-pickle",
+         "plain-pickle-with-code"],
 )
 def test_unreadable_sources_give_one_line_naming_the_file(tmp_path, content, reason):
     """One reason each, and nothing else: torch's warning on a pickle protocol it did not write is not shown."""
@@ -468,8 +474,8 @@ def test_a_fixed_pool_refuses_another_input_size(tmp_path):
     # torchvision's VGG runs at any size (an adaptive average after its last max-pool): the refusal says so, not
     # that 448 px is other than the source's size
     T.TorchvisionCE("vgg16", 4).save(tmp_path / "tv_vgg.pth")
-    with pytest.raises(SourceError, match=r"tv_vgg\.pth: at 448 px \(as given\) torchvision's VGG averages its max-pooled "
-                       r"14 × 14 cells down to 7 × 7, a head mcloss does not build; mcloss reads a torchvision VGG16 at "
+    with pytest.raises(SourceError, match=r"tv_vgg\.pth: at 448 px \(as given\) torchvision's VGG pools its max-pooled "
+                       r"14 × 14 cells adaptively to 7 × 7, a head mcloss does not build; mcloss reads a torchvision VGG16 at "
                        r"224 px \(img_size 224\)"):
         import_model(tmp_path / "tv_vgg.pth", img_size=448)
 
@@ -566,8 +572,8 @@ def test_the_official_scripts_ce_baselines(tmp_path):
         assert torch.allclose(model(x), logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max()))
         assert torch.allclose(model.forward_features(x), f, rtol=1e-4, atol=1e-4 * float(f.abs().max()))
     T.OfficialResNet("resnet18", 200, width=512).save(tmp_path / "r18_ce.pth")
-    with pytest.raises(SourceError, match=r"r18_ce\.pth: 512 channels over 200 classes, the official ResNet-18 script's "
-                       r"cross-entropy baseline \(layer4 at its own 512 planes but stride 1\)"):
+    with pytest.raises(SourceError, match=r"r18_ce\.pth: 512 channels over 200 classes, an official script's cross-entropy "
+                       r"baseline on resnet18 \(layer4 at its own 512 planes but stride 1\)"):
         import_model(tmp_path / "r18_ce.pth")
 
 

@@ -25,6 +25,7 @@ Layouts (``--from`` source in brackets):
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -206,29 +207,40 @@ def _load(p: Path, label: str) -> object:
 
 #: torch.save's older format begins with its magic number, pickled (``LONG1``, 10 bytes, little-endian).
 _LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+#: The bytes of a refused file that :func:`_not_torch_saved` reads to tell a plain pickle (bounded time and memory).
+PICKLE_PROBE_BYTES = 1 << 20
 
 
 def _not_torch_saved(p: Path) -> str | None:
-    """Why a file torch.load refused is not one torch.save wrote, where its bytes say so: a plain pickle
-    (``pickle.dump``: a whole, well-formed pickle stream that is neither format of torch.save's, found by walking
-    its opcodes, which runs nothing), or no pickle or zip archive at all. None: it looks like torch.save's (then
-    it is corrupt or truncated)."""
+    """Why a file torch.load refused is not one torch.save wrote, where its bytes say so, or None (it looks like
+    torch.save's, and is corrupt or truncated). A plain pickle (``pickle.dump``, any protocol) is found by walking
+    the opcodes of its first :data:`PICKLE_PROBE_BYTES` (which runs nothing): they end in STOP, or run on well
+    formed to the end of that probe in a longer file."""
     try:
+        size = p.stat().st_size
         with p.open("rb") as f:
-            head = f.read(32)
-            if head.startswith(b"PK") or _LEGACY_MAGIC in head:
-                return None
-            if not head.startswith(b"\x80"):
-                return "not a PyTorch file (it begins with neither a zip archive's nor a pickle's bytes)"
-            f.seek(0)
-            for _ in pickletools.genops(f):
-                pass
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError):
+            probe = f.read(PICKLE_PROBE_BYTES)
+    except OSError:
         return None
-    return (
-        "a plain pickle (pickle.dump), not a file torch.save wrote, and mcloss never unpickles; re-save the weights "
-        "from the script that made it: torch.save(net.state_dict(), 'weights.pth')"
-    )
+    if probe.startswith(b"PK") or _LEGACY_MAGIC in probe[:32]:
+        return None
+    stream = io.BytesIO(probe)
+    try:
+        for op, _, _ in pickletools.genops(stream):
+            if op.name == "STOP":
+                return _PLAIN_PICKLE
+    except Exception:  # a malformed opcode, a length past the probe's end, or the probe's end inside one
+        if size > len(probe) and stream.tell() >= len(probe) - 16:
+            return _PLAIN_PICKLE
+    if not probe.startswith(b"\x80"):
+        return "not a PyTorch file (neither torch.save's zip archive nor its older format)"
+    return None
+
+
+_PLAIN_PICKLE = (
+    "a plain pickle (pickle.dump), not a file torch.save wrote, and mcloss never unpickles; re-save the weights "
+    "from the script that made it: torch.save(net.state_dict(), 'weights.pth')"
+)
 
 
 class _RunArguments:
@@ -887,8 +899,8 @@ def _ce_baseline(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) 
         return False
     if plan.backbone.startswith("resnet") and not plan.own_layer4:
         raise SourceError(
-            f"{label}: {k} channels over {num_classes} classes, the official ResNet-18 script's cross-entropy baseline "
-            "(layer4 at its own 512 planes but stride 1); mcloss splits a ResNet's own channels only at its own "
+            f"{label}: {k} channels over {num_classes} classes, an official script's cross-entropy baseline on "
+            f"{plan.backbone} (layer4 at its own {k} planes but stride 1); mcloss splits a ResNet's own channels only at its own "
             "stride 2, which would read other features, so it does not import it"
         )
     return True
@@ -958,8 +970,8 @@ def _check_grid(model: MCModel, head: HeadSpec, plan: Plan, label: str, origin: 
     k = plan.pool_kernel
     if k and torchvision and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
         raise SourceError(
-            f"{label}: at {model.config['img_size']} px ({origin}) torchvision's VGG averages its max-pooled "
-            f"{fh // k} × {fw // k} cells down to {head.grid[0]} × {head.grid[1]}, a head mcloss does not build; mcloss "
+            f"{label}: at {model.config['img_size']} px ({origin}) torchvision's VGG pools its max-pooled "
+            f"{fh // k} × {fw // k} cells adaptively to {head.grid[0]} × {head.grid[1]}, a head mcloss does not build; mcloss "
             f"reads a torchvision VGG16 at 224 px (img_size 224), where that average changes nothing"
         )
     if k and (fh, fw) != (k * head.grid[0], k * head.grid[1]):
