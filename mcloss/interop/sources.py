@@ -339,6 +339,12 @@ class Plan:
     pool_kernel: int | None = 2
     own_layer4: bool = True
 
+    @property
+    def resnet_own_layer4(self) -> bool:
+        """A ResNet that keeps its backbone's own layer4 (stride 2), whose own channels are split over the classes
+        when F is that wide (the official ResNet-50 script's MC model)."""
+        return self.backbone.startswith("resnet") and self.own_layer4
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -860,7 +866,7 @@ _OFFICIAL_GROUPS = {"cnum": "200 groups of 3 channels (cnum = 3)", "split": "200
 
 
 def _official_groups(plan: Plan) -> str:
-    return _OFFICIAL_GROUPS["split" if plan.own_layer4 and plan.backbone.startswith("resnet") else "cnum"]
+    return _OFFICIAL_GROUPS["split" if plan.resnet_own_layer4 else "cnum"]
 
 
 def _assumed(lay: Layout, plan: Plan, k: int, groups: list[int], size: int, *, given: bool) -> list[str]:
@@ -869,7 +875,7 @@ def _assumed(lay: Layout, plan: Plan, k: int, groups: list[int], size: int, *, g
     whose F is still the script's width (600 channels; 2048 for the ResNet-50) may come from a script whose
     groups were left as they were (its Mask multiplies exactly that width): its groups are then not one per class."""
     said = []
-    script_width = 2048 if _official_groups(plan) == _OFFICIAL_GROUPS["split"] else 600
+    script_width = 2048 if plan.resnet_own_layer4 else 600
     if lay.source == "official" and len(groups) != OFFICIAL_CLASSES and k == script_width:
         sizes = sorted(set(groups))
         read = f"{len(groups)} groups of {'/'.join(map(str, sizes))} channels"
@@ -894,8 +900,8 @@ def _ce_baseline(lay: Layout, plan: Plan, k: int, num_classes: int, label: str) 
         SourceError: the official ResNet-18 script's baseline, whose layer4 it keeps at stride 1, which mcloss
             does not build for a split of a ResNet's own channels.
     """
-    mc_split = plan.backbone.startswith("resnet") and plan.own_layer4  # the ResNet-50 script: MC on its own 2048
-    if lay.source != "official" or mc_split or k != _native_width(plan.backbone) or k % num_classes == 0:
+    # the ResNet-50 script's MC model splits its own 2048 channels: never a baseline
+    if lay.source != "official" or plan.resnet_own_layer4 or k != _native_width(plan.backbone) or k % num_classes == 0:
         return False
     if plan.backbone.startswith("resnet") and not plan.own_layer4:
         raise SourceError(
@@ -912,7 +918,7 @@ def _groups(lay: Layout, plan: Plan, k: int, num_classes: int, label: str, *, sp
     official scripts' CE baselines, ``split``, too)."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise SourceError(f"{label}: {num_classes} classes, outside the 1..{MAX_CLASSES} mcloss takes")
-    native = plan.backbone.startswith("resnet") and plan.own_layer4 and k == _native_width(plan.backbone)
+    native = plan.resnet_own_layer4 and k == _native_width(plan.backbone)
     if lay.source == "torchvision" or native or split:
         if k < num_classes:
             raise SourceError(f"{label}: {k} channels cannot give each of {num_classes} classes a group")
